@@ -1,0 +1,151 @@
+"""Benchmark one EMA update: emakit vs timm ModelEmaV2/V3 vs torch AveragedModel vs roofline.
+
+An EMA update must read the EMA and the model and write the EMA, so its floor is
+``3 x float-state bytes / copy bandwidth``; copy bandwidth is measured here with a
+``dst.copy_(src)`` of a buffer as large as the state (2 x bytes moved per copy).
+Implementations are timed in one process, interleaved round by round (this machine is
+noisy), and the median is reported.
+
+    python bench/ema_update.py                  # resnet18 + resnet50, prints a table
+    python bench/ema_update.py --rounds 30 --models resnet50 --multi 3
+
+Writes bench/results/ema_update.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from emakit import ModelEMA
+
+
+def float_state_bytes(model: nn.Module) -> int:
+    """Bytes of the floating-point parameters and buffers (what an EMA averages)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors if t.is_floating_point())
+
+
+def copy_bandwidth(nbytes: int, device: torch.device, repeats: int = 7) -> float:
+    """Bytes/s of an in-memory copy (read + write counted) of a buffer of ``nbytes``."""
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_updaters(model: nn.Module, decay: float, device: torch.device, multi: int) -> dict[str, Callable[[], None]]:
+    """One zero-argument callable per implementation, each doing one EMA update of ``model``."""
+    from timm.utils import ModelEmaV2, ModelEmaV3
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ours = ModelEMA(model, decay=decay)
+    v2 = ModelEmaV2(model, decay=decay)
+    v3 = ModelEmaV3(model, decay=decay)
+    avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    step = {"n": 0}
+
+    def v3_update() -> None:
+        step["n"] += 1
+        v3.update(model, step=step["n"] + 1)  # step>1 so V3 averages rather than copies
+
+    updaters = {
+        "emakit": lambda: ours.update(model),
+        "timm ModelEmaV3": v3_update,
+        "timm ModelEmaV2": lambda: v2.update(model),
+        "AveragedModel (EMA)": lambda: avg.update_parameters(model),
+    }
+    if multi > 1:
+        several = [ModelEMA(model, decay=decay) for _ in range(multi)]
+        updaters[f"emakit x{multi} separate"] = lambda: [e.update(model) for e in several]
+    return updaters
+
+
+def bench_model(name: str, device: torch.device, rounds: int, multi: int) -> list[dict]:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).to(device)
+    nbytes = float_state_bytes(model)
+    updaters = make_updaters(model, 0.9998, device, multi)
+    for fn in updaters.values():  # warm-up: allocators, first-call caches
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in updaters}
+    for _ in range(rounds):
+        for label, fn in updaters.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[label].append(time.perf_counter() - t0)
+    bandwidth = copy_bandwidth(nbytes, device)
+    roofline = 3 * nbytes / bandwidth
+    ref = statistics.median(times["timm ModelEmaV3"])
+    rows = []
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({
+            "model": name, "impl": label, "median_ms": med * 1e3, "min_ms": min(ts) * 1e3,
+            "vs_timm_v3": med / ref, "roofline_ms": roofline * 1e3, "pct_of_roofline": 100 * roofline / med,
+            "float_state_MB": nbytes / 1e6, "copy_GBps": bandwidth / 1e9, "rounds": rounds,
+        })
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'model':<10} {'implementation':<22} {'median ms':>10} {'x timm V3':>10} {'% roofline':>11}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['model']:<10} {r['impl']:<22} {r['median_ms']:>10.2f} {r['vs_timm_v3']:>10.2f} {r['pct_of_roofline']:>10.0f}%")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        r = next(x for x in rows if x["model"] == model)
+        print(f"{model}: {r['float_state_MB']:.1f} MB float state, copy bandwidth {r['copy_GBps']:.1f} GB/s, "
+              f"roofline {r['roofline_ms']:.2f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet18,resnet50", help="timm model names (default: resnet18,resnet50)")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default: 20)")
+    parser.add_argument("--device", default="cpu", help="device (default: cpu)")
+    parser.add_argument("--multi", type=int, default=0, help="also time N separate emakit EMAs (default: 0 = off)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ema_update.json"),
+                        help="JSON results path (default: bench/results/ema_update.json)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = []
+    for name in args.models.split(","):
+        rows += bench_model(name, device, args.rounds, args.multi)
+    print_table(rows)
+    machine = {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
