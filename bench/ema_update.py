@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from emakit import ModelEMA
+from emakit import ModelEMA, MultiEMA
 
 
 def float_state_bytes(model: nn.Module) -> int:
@@ -75,8 +75,11 @@ def make_updaters(model: nn.Module, decay: float, device: torch.device, multi: i
         "AveragedModel (EMA)": lambda: avg.update_parameters(model),
     }
     if multi > 1:
-        several = [ModelEMA(model, decay=decay) for _ in range(multi)]
+        decays = [decay ** (1 + i) for i in range(multi)]
+        several = [ModelEMA(model, decay=d) for d in decays]
+        fused = MultiEMA(model, decays=decays)
         updaters[f"emakit x{multi} separate"] = lambda: [e.update(model) for e in several]
+        updaters[f"emakit MultiEMA x{multi}"] = lambda: fused.update(model)
     return updaters
 
 
@@ -128,7 +131,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet18,resnet50", help="timm model names (default: resnet18,resnet50)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default: 20)")
     parser.add_argument("--device", default="cpu", help="device (default: cpu)")
-    parser.add_argument("--multi", type=int, default=0, help="also time N separate emakit EMAs (default: 0 = off)")
+    parser.add_argument("--multi", type=int, default=0, help="also time N EMAs: N separate ModelEMA vs one MultiEMA (default: 0 = off)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ema_update.json"),
                         help="JSON results path (default: bench/results/ema_update.json)")
     args = parser.parse_args()

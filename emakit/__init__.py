@@ -3,7 +3,7 @@
 ``import emakit`` imports nothing beyond torch. The trainer lives in ``emakit.training``
 (needs timm, torchvision, yaml, tqdm); checkpoint I/O in ``emakit.checkpoint``.
 """
-from .ema import ModelEMA, unwrap_model
+from .ema import ModelEMA, MultiEMA, unwrap_model
 from .schedules import (
     available_schedules,
     decay_to_half_life,
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ModelEMA",
+    "MultiEMA",
     "unwrap_model",
     "register_schedule",
     "available_schedules",

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import schedules as _sched
 
-__all__ = ["ModelEMA", "unwrap_model"]
+__all__ = ["ModelEMA", "MultiEMA", "unwrap_model"]
 
 _log = logging.getLogger(__name__)
 _DEFAULT_DECAY = 0.9999
@@ -402,3 +402,89 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype!r} must be a floating dtype: float32, bfloat16 or float16")
     return dtype
+
+
+def _fused_lerp(model_list: list[Tensor], ema_lists: list[list[Tensor]], weights: list[float]) -> None:
+    """Lerp k EMAs toward the same model tensors in one ``_foreach_lerp_`` call with per-tensor
+    (ScalarList) weights. The lists are interleaved tensor by tensor, so each model tensor is
+    still in cache when the next EMA reads it: measured 0.84x the time of k separate updates
+    for 3 EMAs of resnet50 on CPU (splitting tensors into cache-sized chunks was slower)."""
+    dst = [el[j] for j in range(len(model_list)) for el in ema_lists]
+    src = [m for m in model_list for _ in ema_lists]
+    torch._foreach_lerp_(dst, src, weights * len(model_list))
+
+
+class MultiEMA(nn.Module):
+    """Several EMAs of one model with different time constants, updated in one pass.
+
+    All EMAs share every setting but the time constant (``decays`` or ``half_lives``), so
+    they average on the same steps; :meth:`update` reads the model once for all of them.
+    ``ema[i]`` is the i-th :class:`ModelEMA` (``ema[0]`` is the "main" one).
+
+    Args:
+        model: the model to average (plain, wrapped or compiled).
+        decays: per-EMA target decays, e.g. ``(0.999, 0.9998, 0.9999)``.
+        half_lives: per-EMA half-lives instead of decays, e.g. ``("1000ba", "0.5ep")``.
+        **kwargs: any other :class:`ModelEMA` argument, shared by all EMAs.
+    """
+
+    def __init__(self, model: nn.Module, *, decays: Sequence[float] | None = None,
+                 half_lives: Sequence[str] | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        if (decays is None) == (half_lives is None):
+            raise ValueError("give MultiEMA either decays=[...] or half_lives=[...], exactly one")
+        values = list(decays if decays is not None else half_lives)
+        if not values:
+            raise ValueError("MultiEMA needs at least one decay or half-life")
+        key = "decay" if decays is not None else "half_life"
+        self.emas = nn.ModuleList(ModelEMA(model, **{key: v}, **kwargs) for v in values)
+        self._fused_ok = True
+
+    def __len__(self) -> int:
+        return len(self.emas)
+
+    def __getitem__(self, index: int) -> ModelEMA:
+        return self.emas[index]
+
+    def __iter__(self) -> Iterator[ModelEMA]:
+        return iter(self.emas)
+
+    def _try_fused(self, model_list: list[Tensor], ema_lists: list[list[Tensor]], weights: list[float]) -> bool:
+        if not self._fused_ok:
+            return False
+        try:
+            _fused_lerp(model_list, ema_lists, weights)
+            return True
+        except (TypeError, RuntimeError):  # an older torch without the ScalarList overload
+            _log.info("fused multi-EMA lerp unavailable in torch %s; updating EMAs one by one", torch.__version__)
+            self._fused_ok = False
+            return False
+
+    @property
+    def num_updates(self) -> int:
+        """Update calls so far (the same for every EMA)."""
+        return self.emas[0].num_updates
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Count one optimizer step for every EMA and average the model into all that are due."""
+        first = self.emas[0]
+        n = first.num_updates + 1
+        due = n <= first.update_after_step or (n - first.update_after_step) % first.update_every == 0
+        if not due or n <= first.update_after_step:
+            for ema in self.emas:
+                ema.update(model)
+            return
+        if any(e._swapped for e in self.emas):
+            raise RuntimeError("update() inside swapped_into(): the EMA holds the model's weights until the block ends")
+        plans = [ema._plan(model) for ema in self.emas]
+        weights = [1.0 - ema.decay_at(n) for ema in self.emas]
+        for key, (_, model_list) in plans[0].groups.items():
+            ema_lists = [plan.groups[key][0] for plan in plans]
+            if not (key[0] == key[2] and key[1] == key[3] and self._try_fused(model_list, ema_lists, weights)):
+                for ema_list, w in zip(ema_lists, weights):
+                    _lerp_group(key, ema_list, model_list, w)
+        for plan in plans:
+            _copy_pairs(*plan.copy_pairs)
+        for ema in self.emas:
+            ema.num_updates = n

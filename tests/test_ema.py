@@ -374,3 +374,38 @@ def test_builtin_schedule_cannot_be_replaced():
 
 def test_half_life_to_decay_formula():
     assert half_life_to_decay(100.0, interval=4) == pytest.approx(0.5 ** 0.04)
+
+
+# ---------------------------------------------------------------- several EMAs in one pass
+
+@pytest.mark.parametrize("extra", [{}, {"schedule": "warmup", "update_every": 2, "update_after_step": 3}])
+def test_multi_ema_equals_separate_single_emas(extra):
+    from emakit import MultiEMA
+
+    decays = (0.5, 0.9, 0.99)
+    model = small_net()
+    multi = MultiEMA(model, decays=decays, **extra)
+    singles = [ModelEMA(model, decay=d, **extra) for d in decays]
+
+    def step(_):
+        multi.update(model)
+        for s in singles:
+            s.update(model)
+
+    train_steps(model, 12, step)
+    assert multi._fused_ok
+    for fused, single in zip(multi, singles):
+        assert fused.num_updates == single.num_updates == 12
+        for k, v in single.module.state_dict().items():
+            assert torch.equal(fused.module.state_dict()[k], v), k
+
+
+def test_multi_ema_with_half_lives_and_bad_arguments():
+    from emakit import MultiEMA
+
+    multi = MultiEMA(nn.Linear(2, 2), half_lives=["100ba", "1000ba"])
+    assert [e.decay for e in multi] == pytest.approx([0.5 ** (1 / 100), 0.5 ** (1 / 1000)])
+    with pytest.raises(ValueError, match="either decays"):
+        MultiEMA(nn.Linear(2, 2), decays=[0.9], half_lives=["10ba"])
+    with pytest.raises(ValueError, match=r"decay=1\.2 is outside"):
+        MultiEMA(nn.Linear(2, 2), decays=[0.9, 1.2])

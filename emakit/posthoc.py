@@ -1,0 +1,748 @@
+"""Power-function EMA and post-hoc EMA reconstruction (Karras et al. 2024, EDM2).
+
+"Analyzing and Improving the Training Dynamics of Diffusion Models" (EDM2), Section 3 and
+Appendix C, lets the EMA length be chosen *after* training:
+
+1. During training, track a couple of *power-function* EMA profiles (``PowerEMA``, default
+   relative widths sigma_rel = 0.05 and 0.10) and save their weights every few steps
+   (``SnapshotWriter``, fp16 by default, one file per snapshot and profile).
+2. Afterwards, any other profile is approximated as a linear combination of the stored
+   snapshots; the coefficients come from a least-squares fit of the *response functions*
+   (``solve_posthoc_coefficients``), which only depend on (step, sigma_rel) of each
+   snapshot, and the weights are combined by streaming the files (``reconstruct``).
+
+Vocabulary
+----------
+* ``step`` (t): number of EMA updates so far, 1-based; the first update copies the model.
+* ``gamma``: exponent of the power-function profile. At step t the power EMA is the
+  average of the past weights theta_tau with density p_t(tau) = (gamma+1) tau^gamma /
+  t^(gamma+1) on [0, t] (EDM2 Eq. 121/108).
+* ``sigma_rel``: standard deviation of that density divided by t (EDM2 Eq. 123); it is
+  the "EMA length" that does not depend on the training length.
+
+Mapping to the classic EMA
+--------------------------
+A classic EMA with per-update decay beta weighs the weights of age k (in updates) by
+(1-beta) beta^k: a geometric profile whose standard deviation is sqrt(beta) / (1-beta)
+updates. ``decay_to_sigma_rel(beta, t)`` divides that by t; ``sigma_rel_to_decay``
+inverts it in closed form. This matches the *width* (std) of the two profiles, which is
+EDM2's definition of EMA length; the shapes differ (exponential vs power function).
+The formula assumes the EMA has run long enough that the part of the geometric profile
+cut off by the start of training is negligible (beta^t << 1); for an EMA whose time
+constant is comparable to t the real (truncated) profile is narrower than the formula says.
+
+Snapshot folder layout
+----------------------
+``<dir>/posthoc-<step:09d>-s<sigma_rel:.6f>.pt``, each a ``torch.save`` of a plain dict
+(loadable with ``weights_only=True``)::
+
+    {"format": "emakit.posthoc", "version": 1, "step": int, "sigma_rel": float,
+     "gamma": float, "dtype": "float16", "state_dict": {name: tensor}}
+
+The folder alone is enough to reconstruct. Its size is linear in the number of snapshot
+steps (``estimate_footprint``); ``SnapshotWriter(max_snapshots=N)`` bounds it by thinning
+old snapshots (every other one is dropped and the interval doubles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .ema import unwrap_model
+# One definition of the half-life <-> decay formulas for the package (Composer's convention:
+# decay = 0.5 ** (1 / half_life), half_life = ln 0.5 / ln decay, in updates); re-exported here.
+from .schedules import decay_to_half_life, half_life_to_decay
+
+__all__ = [
+    "SIGMA_REL_MAX",
+    "sigma_rel_to_gamma",
+    "gamma_to_sigma_rel",
+    "power_beta",
+    "decay_to_sigma_rel",
+    "sigma_rel_to_decay",
+    "decay_to_half_life",
+    "half_life_to_decay",
+    "half_life_to_sigma_rel",
+    "sigma_rel_to_half_life",
+    "power_function_correlation",
+    "solve_posthoc_coefficients",
+    "PowerEMA",
+    "SnapshotInfo",
+    "Footprint",
+    "SnapshotWriter",
+    "estimate_footprint",
+    "snapshot_count",
+    "list_snapshots",
+    "reconstruct",
+    "reconstruct_many",
+]
+
+_logger = logging.getLogger(__name__)
+
+# gamma = 0 is the uniform average of all past weights, the widest profile we accept:
+# sigma_rel(0) = sqrt(1 / (2^2 * 3)) = 1/sqrt(12) ~ 0.2887 (EDM2 caps it at 0.289).
+# Wider values need gamma < 0: those profiles weigh *early* weights more than recent ones,
+# sigma_rel(gamma) is no longer one-to-one below gamma = (sqrt(5) - 3) / 2 ~ -0.382
+# (maximum sigma_rel ~ 0.3003), and the closed-form inner product below needs
+# gamma_a + gamma_b + 1 > 0. None of that is a moving average worth reconstructing.
+SIGMA_REL_MAX: float = 1.0 / math.sqrt(12.0)
+
+_FORMAT = "emakit.posthoc"
+_VERSION = 1
+_FILE_RE = re.compile(r"posthoc-(\d+)-s(\d+\.\d+)\.pt")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# --------------------------------------------------------------------------------------
+# sigma_rel <-> gamma <-> decay <-> half-life
+# --------------------------------------------------------------------------------------
+
+
+def _check_sigma_rel(sigma_rel: float, name: str = "sigma_rel") -> float:
+    s = float(sigma_rel)
+    # A relative tolerance lets the exact uniform average 1/sqrt(12) round-trip.
+    if not (math.isfinite(s) and 0.0 < s <= SIGMA_REL_MAX * (1.0 + 1e-9)):
+        raise ValueError(
+            f"{name} must be in (0, {SIGMA_REL_MAX:.4f}] (the uniform average), got {sigma_rel!r}"
+        )
+    return s
+
+
+def _check_gamma(gamma: float, name: str = "gamma") -> float:
+    g = float(gamma)
+    if not (math.isfinite(g) and g >= 0.0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {gamma!r}")
+    return g
+
+
+def _check_step(step: int, name: str = "step") -> int:
+    if isinstance(step, bool) or int(step) != step or int(step) < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {step!r}")
+    return int(step)
+
+
+def _check_decay(decay: float, name: str = "decay") -> float:
+    d = float(decay)
+    if not (0.0 < d < 1.0):
+        raise ValueError(f"{name} must be in (0, 1), got {decay!r}")
+    return d
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """Relative standard deviation of the power-function profile with exponent ``gamma``.
+
+    sigma_rel = sqrt((gamma+1) / ((gamma+2)^2 (gamma+3)))  (EDM2 Eq. 123).
+    ``gamma`` must be >= 0 (0 = uniform average, sigma_rel = 1/sqrt(12)).
+    """
+    g = _check_gamma(gamma)
+    return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """Exponent ``gamma`` >= 0 of the power-function profile with relative std ``sigma_rel``.
+
+    Squaring Eq. 123 and clearing denominators gives the cubic (EDM2 Eq. 126)
+    gamma^3 + 7 gamma^2 + (16 - s^-2) gamma + (12 - s^-2) = 0; its largest real root is
+    the one on the branch where sigma_rel decreases with gamma. Valid range:
+    0 < sigma_rel <= 1/sqrt(12) (``SIGMA_REL_MAX``).
+    """
+    s = _check_sigma_rel(sigma_rel)
+    inv = s ** -2.0
+    # The other two roots are real negative or a complex pair with real part
+    # -(7 + gamma)/2 < 0 (the roots sum to -7), so the largest real part is the one we want.
+    g = float(np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv]).real.max())
+    # Newton polish in float64: np.roots goes through an eigenvalue solve, whose error
+    # grows with gamma (large gamma = tiny sigma_rel).
+    for _ in range(3):
+        f = ((g + 7.0) * g + 16.0 - inv) * g + 12.0 - inv
+        df = (3.0 * g + 14.0) * g + 16.0 - inv
+        if df == 0.0:
+            break
+        g -= f / df
+    return max(g, 0.0)
+
+
+def power_beta(step: int, gamma: float) -> float:
+    """Per-update decay of the power EMA at update number ``step`` (1-based).
+
+    beta_t = (1 - 1/t)^(gamma+1)  (EDM2 Eq. 127 with one update per step). beta_1 = 0, so
+    the first update copies the model. Unrolled, the EMA at step t weighs the weights of
+    step tau by (tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1): the integral of the
+    continuous profile (gamma+1) x^gamma / t^(gamma+1) over (tau-1, tau].
+    """
+    t = _check_step(step)
+    g = _check_gamma(gamma)
+    return (1.0 - 1.0 / t) ** (g + 1.0)
+
+
+def decay_to_sigma_rel(decay: float, step: int) -> float:
+    """sigma_rel of a classic EMA with per-update ``decay``, measured at update ``step``.
+
+    The classic EMA weighs age k by (1-decay) decay^k, a geometric profile with standard
+    deviation sqrt(decay) / (1 - decay) updates, so sigma_rel = sqrt(decay) / ((1-decay) t).
+    Example: decay 0.9998 -> std ~5000 updates -> sigma_rel 0.05 at step 100_000.
+    Assumes decay^step << 1 (see the module docstring). The result may exceed
+    ``SIGMA_REL_MAX`` when the EMA is long for the run; such a width has no
+    power-function equivalent.
+    """
+    d = _check_decay(decay)
+    t = _check_step(step)
+    return math.sqrt(d) / (1.0 - d) / t
+
+
+def sigma_rel_to_decay(sigma_rel: float, step: int) -> float:
+    """Per-update decay of the classic EMA whose relative std at ``step`` is ``sigma_rel``.
+
+    Inverse of ``decay_to_sigma_rel``: with sigma = sigma_rel * t updates and u = sqrt(decay),
+    sqrt(decay)/(1-decay) = sigma is the quadratic sigma u^2 + u - sigma = 0, whose
+    positive root is u = 2 sigma / (1 + sqrt(1 + 4 sigma^2)); decay = u^2.
+    """
+    s = float(sigma_rel)
+    if not (math.isfinite(s) and s > 0.0):
+        raise ValueError(f"sigma_rel must be a finite number > 0, got {sigma_rel!r}")
+    sigma = s * _check_step(step)
+    u = 2.0 * sigma / (1.0 + math.sqrt(1.0 + 4.0 * sigma * sigma))
+    return u * u
+
+
+def half_life_to_sigma_rel(half_life: float, step: int) -> float:
+    """sigma_rel at ``step`` of a classic EMA with the given half-life (in updates)."""
+    return decay_to_sigma_rel(half_life_to_decay(half_life), step)
+
+
+def sigma_rel_to_half_life(sigma_rel: float, step: int) -> float:
+    """Half-life (in updates) of the classic EMA matching ``sigma_rel`` at ``step``."""
+    return decay_to_half_life(sigma_rel_to_decay(sigma_rel, step))
+
+
+# --------------------------------------------------------------------------------------
+# Least-squares reconstruction coefficients (EDM2 Appendix C.3, Algorithm 3)
+# --------------------------------------------------------------------------------------
+
+
+def power_function_correlation(
+    a_step: np.ndarray | float, a_gamma: np.ndarray | float,
+    b_step: np.ndarray | float, b_gamma: np.ndarray | float,
+) -> np.ndarray:
+    """Inner product over [0, inf) of two power-function responses (broadcasting).
+
+    With p_i(tau) = (g_i+1) tau^g_i / t_i^(g_i+1) on [0, t_i], and t_a <= t_b,
+    integral p_a p_b dtau = (g_a+1)(g_b+1) / ((g_a+g_b+1) t_b) * (t_a/t_b)^g_b  (EDM2 Eq. 151);
+    the other order swaps the roles. Float64 throughout.
+    """
+    ta, ga, tb, gb = (np.asarray(x, dtype=np.float64) for x in (a_step, a_gamma, b_step, b_gamma))
+    t_lo, t_hi = np.minimum(ta, tb), np.maximum(ta, tb)
+    g_hi = np.where(ta <= tb, gb, ga)  # exponent of the profile that runs to the later step
+    return (ga + 1.0) * (gb + 1.0) / ((ga + gb + 1.0) * t_hi) * (t_lo / t_hi) ** g_hi
+
+
+def solve_posthoc_coefficients(
+    in_steps: Sequence[int], in_sigma_rels: Sequence[float] | float,
+    out_steps: Sequence[int] | int, out_sigma_rels: Sequence[float] | float,
+) -> np.ndarray:
+    """Least-squares coefficients that combine stored profiles into requested ones.
+
+    Snapshot i is the power EMA with relative width ``in_sigma_rels[i]`` at step
+    ``in_steps[i]``; its response p_i is a density on [0, in_steps[i]]. For each output
+    profile q_j the coefficients x_j minimise || sum_i x_ij p_i - q_j ||^2 in L2[0, inf),
+    i.e. solve A x_j = b_j with A_ik = <p_i, p_k> and b_ij = <p_i, q_j> in closed form
+    (``power_function_correlation``), using ``numpy.linalg.lstsq`` in float64 so that
+    near-duplicate snapshots do not break the solve. Each column is then rescaled to sum
+    to 1, so the reconstructed response integrates to 1 like every EMA (EDM2 Algorithm 3).
+
+    Scalars broadcast against the sequences. Returns an array of shape [n_in, n_out].
+    """
+    ts_in, sr_in = np.broadcast_arrays(np.asarray(in_steps, np.float64).reshape(-1),
+                                       np.asarray(in_sigma_rels, np.float64).reshape(-1))
+    ts_out, sr_out = np.broadcast_arrays(np.asarray(out_steps, np.float64).reshape(-1),
+                                         np.asarray(out_sigma_rels, np.float64).reshape(-1))
+    if ts_in.size == 0:
+        raise ValueError("in_steps must hold at least one snapshot step")
+    if ts_out.size == 0:
+        raise ValueError("out_steps must hold at least one step")
+    for name, ts in (("in_steps", ts_in), ("out_steps", ts_out)):
+        if not np.all(np.isfinite(ts) & (ts > 0)):
+            raise ValueError(f"{name} must be positive steps, got {ts.tolist()}")
+    g_in = np.array([sigma_rel_to_gamma(_check_sigma_rel(s, "in_sigma_rels")) for s in sr_in])
+    g_out = np.array([sigma_rel_to_gamma(_check_sigma_rel(s, "out_sigma_rels")) for s in sr_out])
+    col = lambda x: x.reshape(-1, 1)  # noqa: E731
+    row = lambda x: x.reshape(1, -1)  # noqa: E731
+    gram = power_function_correlation(col(ts_in), col(g_in), row(ts_in), row(g_in))
+    rhs = power_function_correlation(col(ts_in), col(g_in), row(ts_out), row(g_out))
+    coefs = np.linalg.lstsq(gram, rhs, rcond=None)[0]
+    return coefs / coefs.sum(axis=0, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------
+# Tracking power EMAs during training
+# --------------------------------------------------------------------------------------
+
+
+def _live_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs in ``state_dict`` order and naming, without running its hooks.
+
+    Parameters and persistent buffers of every submodule, like ``nn.Module.state_dict``;
+    the tensors are the live ones (detached views), so no copy of the model is made.
+    """
+    out = []
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        pre = prefix + "." if prefix else ""
+        for name, p in mod._parameters.items():
+            if p is not None:
+                out.append((pre + name, p.detach()))
+        for name, b in mod._buffers.items():
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                out.append((pre + name, b))
+    return out
+
+
+class PowerEMA:
+    """Several power-function EMAs of one model, updated together (EDM2 Section 3.1).
+
+    ``update(model)`` counts steps itself and applies, for each profile, the per-update
+    decay beta_t = (1 - 1/t)^(gamma+1) (``power_beta``): the first update copies the model,
+    and at step t the EMA weighs past weights in proportion to the integral of tau^gamma
+    over each step. Float tensors are averaged in ``dtype`` (fp32 by default, even for a
+    bf16/fp16 model, since (1-beta) * delta underflows in half precision) with one fused
+    ``torch._foreach_lerp_`` per (device, dtype) group and profile; non-float buffers
+    (``num_batches_tracked``) are copied. DDP ``.module`` and compiled ``._orig_mod``
+    wrappers are unwrapped; keys carry no wrapper prefix.
+
+    Args:
+        model: the model to track (any wrapping).
+        sigma_rels: relative widths of the tracked profiles, each in (0, 1/sqrt(12)].
+        dtype: storage/accumulation dtype for float tensors.
+        device: where the EMA weights live (default: next to the model's tensors).
+    """
+
+    def __init__(self, model: nn.Module, sigma_rels: Sequence[float] = (0.05, 0.10), *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        if isinstance(sigma_rels, (int, float)):
+            sigma_rels = (sigma_rels,)
+        self.sigma_rels: tuple[float, ...] = tuple(
+            _check_sigma_rel(s, "sigma_rels") for s in sigma_rels)
+        if not self.sigma_rels:
+            raise ValueError("sigma_rels must name at least one profile")
+        if len({f"{s:.6f}" for s in self.sigma_rels}) != len(self.sigma_rels):
+            raise ValueError(f"sigma_rels must be distinct (to 6 decimals), got {list(self.sigma_rels)}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        self.gammas: tuple[float, ...] = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
+        self.dtype = dtype
+        self.step = 0
+        live = _live_state(unwrap_model(model))
+        self.keys: list[str] = [k for k, _ in live]
+        self._is_float = [t.is_floating_point() for _, t in live]
+        dev = None if device is None else torch.device(device)
+
+        def clone(t: torch.Tensor) -> torch.Tensor:
+            d = dtype if t.is_floating_point() else t.dtype
+            return t.detach().to(device=dev or t.device, dtype=d, copy=True)
+
+        # profiles[k][i]: profile k's copy of state tensor i.
+        self.profiles: list[list[torch.Tensor]] = [[clone(t) for _, t in live] for _ in self.sigma_rels]
+        # Float tensors grouped by (device, dtype) of the EMA copy, so each group is one
+        # fused kernel launch per profile.
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, t in enumerate(self.profiles[0]):
+            if self._is_float[i]:
+                groups.setdefault((t.device, t.dtype), []).append(i)
+        self._groups = list(groups.values())
+        self._other = [i for i, f in enumerate(self._is_float) if not f]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Advance every profile by one step towards ``model``'s current weights."""
+        live = _live_state(unwrap_model(model))
+        if len(live) != len(self.keys):
+            raise ValueError(
+                f"model has {len(live)} state tensors but the PowerEMA tracks {len(self.keys)}; "
+                "pass the same architecture it was built from")
+        src = [t for _, t in live]
+        self.step += 1
+        betas = [power_beta(self.step, gamma) for gamma in self.gammas]
+        ref = self.profiles[0]
+        for idx in self._groups:
+            # .to() is a no-op unless the EMA keeps another dtype/device than the model;
+            # converted once and shared by every profile.
+            new = [src[i].to(device=ref[i].device, dtype=ref[i].dtype) for i in idx]
+            for ema, beta in zip(self.profiles, betas):
+                dst = [ema[i] for i in idx]
+                if beta == 0.0:
+                    torch._foreach_copy_(dst, new)
+                else:
+                    torch._foreach_lerp_(dst, new, 1.0 - beta)
+        for ema in self.profiles:
+            for i in self._other:
+                ema[i].copy_(src[i])
+
+    def profile_state_dict(self, index: int) -> dict[str, torch.Tensor]:
+        """Profile ``index``'s current weights as a ``state_dict`` (shares storage)."""
+        return dict(zip(self.keys, self.profiles[index]))
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module, index: int = 0) -> None:
+        """Write profile ``index``'s weights into ``model`` in place (any wrapping)."""
+        unwrap_model(model).load_state_dict(self.profile_state_dict(index))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain types and tensors only, so it loads with ``torch.load(weights_only=True)``."""
+        return {
+            "step": self.step,
+            "sigma_rels": list(self.sigma_rels),
+            "profiles": [self.profile_state_dict(k) for k in range(len(self.sigma_rels))],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output exactly (step counter and every profile)."""
+        got = [float(s) for s in state["sigma_rels"]]
+        if got != list(self.sigma_rels):
+            raise ValueError(f"state sigma_rels {got} do not match this PowerEMA's {list(self.sigma_rels)}")
+        for k, saved in enumerate(state["profiles"]):
+            if list(saved.keys()) != self.keys:
+                raise ValueError(f"state profile {k} has different keys than the tracked model")
+            for dst, t in zip(self.profiles[k], saved.values()):
+                dst.copy_(t)
+        self.step = int(state["step"])
+
+
+# --------------------------------------------------------------------------------------
+# Snapshots on disk
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotInfo:
+    """One snapshot file: its path, step and profile width (as encoded in the name)."""
+
+    path: str
+    step: int
+    sigma_rel: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+    """Disk use of a snapshot folder: ``n_snapshots`` steps x ``files_per_snapshot`` files."""
+
+    bytes_per_file: int
+    files_per_snapshot: int
+    n_snapshots: int
+
+    @property
+    def bytes_per_snapshot(self) -> int:
+        """Bytes written at one snapshot step (all profiles)."""
+        return self.bytes_per_file * self.files_per_snapshot
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the whole folder."""
+        return self.bytes_per_snapshot * self.n_snapshots
+
+    def __str__(self) -> str:
+        return (f"{self.n_snapshots} snapshots x {self.files_per_snapshot} profiles x "
+                f"{_human(self.bytes_per_file)} = {_human(self.total_bytes)}")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _snapshot_name(step: int, sigma_rel: float) -> str:
+    return f"posthoc-{step:09d}-s{sigma_rel:.6f}.pt"
+
+
+# torch.save writes a zip: per tensor, a storage record aligned to 64 bytes plus local and
+# central-directory headers (~200 bytes) and the key in the pickle; the
+# fixed part is the pickle frame, metadata and zip trailer. Measured on torch 2.4-2.15;
+# the test checks the estimate against bytes on disk.
+_BYTES_PER_TENSOR = 260
+_BYTES_FIXED = 1000
+
+
+def _file_bytes(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> int:
+    total = _BYTES_FIXED
+    for name, t in tensors:
+        size = t.element_size() if not t.is_floating_point() else torch.empty((), dtype=dtype).element_size()
+        total += t.numel() * size + _BYTES_PER_TENSOR + len(name)
+    return total
+
+
+def estimate_footprint(model: nn.Module | PowerEMA, n_snapshots: int, n_profiles: int = 2,
+                       dtype: torch.dtype = torch.float16) -> Footprint:
+    """Projected disk use of ``n_snapshots`` snapshot steps of ``n_profiles`` profiles.
+
+    Each file holds every state tensor (float ones cast to ``dtype``) plus a small,
+    estimated torch.save overhead; the total is linear in ``n_snapshots``
+    (see ``snapshot_count`` for the count a training run produces).
+    """
+    if isinstance(n_snapshots, bool) or int(n_snapshots) != n_snapshots or n_snapshots < 0:
+        raise ValueError(f"n_snapshots must be an integer >= 0, got {n_snapshots!r}")
+    if isinstance(n_profiles, bool) or int(n_profiles) != n_profiles or n_profiles < 1:
+        raise ValueError(f"n_profiles must be an integer >= 1, got {n_profiles!r}")
+    if isinstance(model, PowerEMA):
+        live = list(zip(model.keys, model.profiles[0]))
+    else:
+        live = _live_state(unwrap_model(model))
+    return Footprint(_file_bytes(live, dtype), int(n_profiles), int(n_snapshots))
+
+
+def snapshot_count(total_steps: int, every: int, max_snapshots: int | None = None) -> int:
+    """Snapshot steps kept in the folder after ``total_steps`` updates.
+
+    Without a cap: total_steps // every. With ``max_snapshots``, the writer doubles its
+    interval (dropping every other snapshot) whenever the count would exceed the cap, so
+    the folder always holds the multiples of every * 2^k up to the current step, with k
+    the smallest integer giving at most ``max_snapshots`` of them.
+    """
+    every = _check_step(every, "every")
+    n = int(total_steps) // every
+    if max_snapshots is not None:
+        while n > max_snapshots:
+            every *= 2
+            n = int(total_steps) // every
+    return n
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temp file in the same folder, fsync, then os.replace (atomic)."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class SnapshotWriter:
+    """Saves every profile of a ``PowerEMA`` every ``every`` steps into ``folder``.
+
+    One file per (step, profile), written atomically, named
+    ``posthoc-<step:09d>-s<sigma_rel:.6f>.pt``. Float tensors are stored in ``dtype``
+    (fp16 by default, as EDM2 does; ``torch.float32`` for exact storage).
+
+    The folder grows linearly with the number of snapshots (``footprint``). With
+    ``max_snapshots`` it stays bounded: when a new snapshot step would exceed the cap,
+    every other stored step is deleted and the interval doubles, so the snapshots keep
+    covering the whole run at a coarser spacing (reconstruction only needs coverage; EDM2
+    uses a few hundred). Call ``maybe_save(ema)`` after each ``ema.update``.
+    """
+
+    def __init__(self, folder: str | os.PathLike, every: int, *, dtype: torch.dtype = torch.float16,
+                 max_snapshots: int | None = None) -> None:
+        self.folder = os.fspath(folder)
+        self.every = _check_step(every, "every")
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
+        if max_snapshots is not None and (isinstance(max_snapshots, bool) or int(max_snapshots) < 2):
+            raise ValueError(f"max_snapshots must be None or an integer >= 2, got {max_snapshots!r}")
+        self.dtype = dtype
+        self.max_snapshots = max_snapshots
+        self.bytes_per_file: int | None = None  # measured after the first save
+        os.makedirs(self.folder, exist_ok=True)
+        # Resume: an earlier thinning may have doubled the interval already.
+        steps = sorted({s.step for s in list_snapshots(self.folder, missing_ok=True)})
+        while steps and max_snapshots is not None and len(steps) > 1 and all(
+                s % (2 * self.every) == 0 for s in steps):
+            self.every *= 2
+
+    def maybe_save(self, ema: PowerEMA) -> list[str]:
+        """Save ``ema``'s profiles if its step is a multiple of the interval; return paths."""
+        if ema.step == 0 or ema.step % self.every:
+            return []
+        return self.save(ema)
+
+    @torch.no_grad()
+    def save(self, ema: PowerEMA) -> list[str]:
+        """Save every profile of ``ema`` at its current step now (then thin if capped)."""
+        if ema.step < 1:
+            raise ValueError("ema.step must be >= 1 to save a snapshot (call ema.update first)")
+        paths = []
+        dtype_name = next(k for k, v in _DTYPES.items() if v == self.dtype)
+        for k, (sigma_rel, gamma) in enumerate(zip(ema.sigma_rels, ema.gammas)):
+            state = {}
+            for key, t in zip(ema.keys, ema.profiles[k]):
+                t = t.detach().to("cpu")
+                state[key] = t.to(self.dtype) if t.is_floating_point() else t.clone()
+                if self.dtype != torch.float32 and not torch.isfinite(state[key]).all() \
+                        and torch.isfinite(t).all():
+                    _logger.warning("post-hoc snapshot: %s overflows %s; store float32 instead",
+                                    key, dtype_name)
+            payload = {"format": _FORMAT, "version": _VERSION, "step": int(ema.step),
+                       "sigma_rel": float(sigma_rel), "gamma": float(gamma),
+                       "dtype": dtype_name, "state_dict": state}
+            path = os.path.join(self.folder, _snapshot_name(ema.step, sigma_rel))
+            _atomic_save(payload, path)
+            self.bytes_per_file = os.path.getsize(path)
+            paths.append(path)
+        self._thin()
+        return paths
+
+    def _thin(self) -> None:
+        if self.max_snapshots is None:
+            return
+        snaps = list_snapshots(self.folder, missing_ok=True)
+        while len({s.step for s in snaps}) > self.max_snapshots:
+            self.every *= 2
+            for s in snaps:
+                if s.step % self.every:
+                    os.remove(s.path)
+            snaps = [s for s in snaps if s.step % self.every == 0]
+            _logger.info("post-hoc snapshots thinned: interval now %d steps", self.every)
+
+    def prune_after(self, step: int) -> int:
+        """Delete snapshots newer than ``step`` (e.g. left by a crashed run before resume)."""
+        removed = 0
+        for s in list_snapshots(self.folder, missing_ok=True):
+            if s.step > step:
+                os.remove(s.path)
+                removed += 1
+        return removed
+
+    def disk_usage(self) -> int:
+        """Bytes currently taken by the snapshot files in the folder."""
+        return sum(os.path.getsize(s.path) for s in list_snapshots(self.folder, missing_ok=True))
+
+    def footprint(self, ema: PowerEMA, total_steps: int) -> Footprint:
+        """Projected folder size at the end of a ``total_steps``-update run.
+
+        Uses the measured file size once a snapshot was written, else the estimate.
+        """
+        n = snapshot_count(total_steps, self.every, self.max_snapshots)
+        est = estimate_footprint(ema, n, len(ema.sigma_rels), self.dtype)
+        if self.bytes_per_file is None:
+            return est
+        return dataclasses.replace(est, bytes_per_file=self.bytes_per_file)
+
+
+def list_snapshots(snapshot_dir: str | os.PathLike, *, missing_ok: bool = False) -> list[SnapshotInfo]:
+    """Snapshot files in ``snapshot_dir``, sorted by (step, sigma_rel).
+
+    Raises ``ValueError`` if the folder does not exist (unless ``missing_ok``).
+    """
+    folder = os.fspath(snapshot_dir)
+    if not os.path.isdir(folder):
+        if missing_ok:
+            return []
+        raise ValueError(f"snapshot_dir {folder!r} is not a directory")
+    found = []
+    with os.scandir(folder) as it:
+        for e in it:
+            m = _FILE_RE.fullmatch(e.name)
+            if m and e.is_file():
+                found.append(SnapshotInfo(e.path, int(m.group(1)), float(m.group(2))))
+    return sorted(found, key=lambda s: (s.step, s.sigma_rel))
+
+
+# --------------------------------------------------------------------------------------
+# Reconstruction
+# --------------------------------------------------------------------------------------
+
+
+def _load(path: str, mmap: bool = False) -> dict[str, Any]:
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    if not isinstance(obj, dict) or obj.get("format") != _FORMAT:
+        raise ValueError(f"snapshot file {path!r} is not an emakit post-hoc snapshot")
+    return obj
+
+
+def _select_inputs(snapshot_dir: str | os.PathLike, step: int | None) -> tuple[list[SnapshotInfo], int]:
+    snaps = list_snapshots(snapshot_dir)
+    if not snaps:
+        raise ValueError(f"snapshot_dir {os.fspath(snapshot_dir)!r} holds no post-hoc snapshots "
+                         "(files named posthoc-<step>-s<sigma_rel>.pt)")
+    steps = sorted({s.step for s in snaps})
+    if step is None:
+        step = steps[-1]
+    step = _check_step(step)
+    if step > steps[-1]:
+        raise ValueError(f"step={step} is beyond the last snapshot step {steps[-1]} "
+                         f"in {os.fspath(snapshot_dir)!r}")
+    if step not in steps:
+        # Between snapshots the training trajectory was not recorded; a profile ending
+        # there would be extrapolated, not reconstructed.
+        lower = max(s for s in steps if s < step) if steps[0] < step else None
+        upper = min(s for s in steps if s > step)
+        near = ", ".join(str(s) for s in (lower, upper) if s is not None)
+        raise ValueError(f"step={step} is not a snapshot step; nearest: {near}")
+    # Later snapshots average weights from after `step`, so they cannot be used.
+    return [s for s in snaps if s.step <= step], step
+
+
+@torch.no_grad()
+def reconstruct_many(snapshot_dir: str | os.PathLike, sigma_rels: Sequence[float],
+                     step: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Post-hoc EMAs for several ``sigma_rels`` at ``step`` in one pass over the files.
+
+    Memory: one fp32 model per requested profile plus one snapshot. Float tensors are
+    accumulated in fp32 on CPU; non-float tensors come from the last snapshot used.
+    ``step`` defaults to the last snapshot step and must be one of the snapshot steps.
+    """
+    sigma_rels = [_check_sigma_rel(s, "sigma_rel") for s in sigma_rels]
+    if not sigma_rels:
+        raise ValueError("sigma_rel must name at least one profile")
+    inputs, step = _select_inputs(snapshot_dir, step)
+    # First pass reads only metadata (mmap: tensor data is not read) for the exact widths.
+    meta = []
+    for s in inputs:
+        obj = _load(s.path, mmap=True)
+        meta.append((int(obj["step"]), float(obj["sigma_rel"])))
+        del obj
+    coefs = solve_posthoc_coefficients([m[0] for m in meta], [m[1] for m in meta],
+                                       step, sigma_rels)
+    spread = float(np.abs(coefs).sum(axis=0).max())
+    if spread > 1e3:
+        # Large alternating coefficients amplify storage rounding (fp16) in the result.
+        _logger.warning("post-hoc reconstruction is ill-conditioned (sum |coef| = %.3g); "
+                        "snapshots may be too dense or the requested sigma_rel too small", spread)
+    outs: list[dict[str, torch.Tensor]] = []
+    keys: list[str] | None = None
+    for i, s in enumerate(inputs):
+        sd = _load(s.path)["state_dict"]
+        if keys is None:
+            keys = list(sd.keys())
+            outs = [{k: torch.zeros(t.shape, dtype=torch.float32) if t.is_floating_point() else t.clone()
+                     for k, t in sd.items()} for _ in sigma_rels]
+        elif list(sd.keys()) != keys:
+            raise ValueError(f"snapshot {s.path!r} holds other tensors than the first snapshot")
+        for j, out in enumerate(outs):
+            c = float(coefs[i, j])
+            for k, t in sd.items():
+                if t.is_floating_point():
+                    out[k].add_(t.to(torch.float32), alpha=c)
+                else:
+                    out[k].copy_(t)  # the last (latest) snapshot's value wins
+        del sd
+    return outs
+
+
+def reconstruct(snapshot_dir: str | os.PathLike, sigma_rel: float,
+                step: int | None = None) -> dict[str, torch.Tensor]:
+    """Post-hoc EMA with relative width ``sigma_rel`` at ``step`` as an fp32 ``state_dict``.
+
+    Streams the snapshots of ``snapshot_dir`` with step <= ``step`` one at a time
+    (memory: one fp32 model plus one snapshot) and combines them with
+    ``solve_posthoc_coefficients``. ``step`` defaults to the last snapshot step.
+    """
+    return reconstruct_many(snapshot_dir, [sigma_rel], step)[0]
