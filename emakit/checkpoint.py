@@ -1,0 +1,729 @@
+"""Checkpoint files: atomic writes, safe reads, and the formats other trainers write.
+
+A checkpoint is one dict of tensors and plain Python types, so it loads with
+``torch.load(..., weights_only=True)``::
+
+    epoch, arch, version, state_dict, state_dict_ema, ema, optimizer, scheduler,
+    amp_scaler, args (plain dict), metric, metrics
+
+The weight keys are timm's, so ``timm.models.load_checkpoint(model, path, use_ema=True)``
+reads our files. Reading accepts timm's files (``args`` pickled as an
+``argparse.Namespace``), SuperGradients' (``net`` / ``ema_net``), torchvision references'
+(``model`` / ``model_ema`` with ``module.`` prefixes and ``n_averaged``), bare state dicts
+and ``.safetensors`` files. Loading never runs code from the file: a pickle that needs any
+global beyond torch's allowlist and ``argparse.Namespace`` is refused.
+
+Every write goes to a temporary file in the target folder, is flushed and fsynced, and
+then ``os.replace``-d over the target, so a crash at any instant leaves either the old
+file or the new one, never a torn one.
+
+Only torch and the standard library are imported here; safetensors is imported inside
+the functions that need it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import secrets
+import shutil
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointSaver",
+    "check_state_dict_compat",
+    "describe_format",
+    "extract_state_dict",
+    "load_checkpoint",
+    "load_state_dict_strict",
+    "save_checkpoint",
+    "save_safetensors",
+    "strip_prefixes",
+]
+
+_log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Wrapper prefixes: DistributedDataParallel/DataParallel/AveragedModel add "module.",
+# torch.compile adds "_orig_mod."; they nest in either order (compile(DDP) or DDP(compile)).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+# Where each known format keeps its weights, in the order we look. A value of None counts
+# as absent (SuperGradients writes ema_net=None when EMA is off).
+_RAW_KEYS = ("state_dict", "net", "model")  # ours/timm, SuperGradients, torchvision refs
+_EMA_KEYS = ("state_dict_ema", "ema_net", "model_ema")  # same order
+_EMA_EXTRA_KEY = "state_dict_ema_{}"  # extra EMAs (issue 5): state_dict_ema_1, ...
+
+# Types that torch.load(weights_only=True) rebuilds without an allowlist (checked on torch
+# 2.15; not re-checked on 2.4). Exact types, not isinstance: a
+# str-Enum or a defaultdict pickles as its own class and would be refused on load.
+_PLAIN_LEAVES = (int, float, bool, str, bytes, type(None), torch.Size, torch.dtype, torch.device)
+_PLAIN_CONTAINERS = (dict, OrderedDict, list, tuple)
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+_CHECKPOINT_EXT = ".pth.tar"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written, read or used; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- writing
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _reserve_temp(path: str) -> str:
+    """Create an empty, uniquely named temp file next to ``path`` and return its name.
+
+    Created with mode 0o666 so the umask applies as it would to a plain ``open(path, "wb")``
+    (``tempfile.mkstemp`` would leave a 0600 checkpoint behind)."""
+    folder, name = os.path.split(path)
+    while True:
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+    """Run ``write(tmp_path)``, fsync the result, then ``os.replace`` it onto ``path``.
+
+    On any exception (KeyboardInterrupt included) the temp file is removed and whatever was
+    at ``path`` before is untouched."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = _reserve_temp(path)
+    try:
+        write(tmp)
+        # Reopen rather than fsync a handle the writer may have replaced (safetensors opens
+        # the path itself); fsync needs a writable descriptor on Windows.
+        with open(tmp, "r+b") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _find_unplain(obj: Any, where: str) -> tuple[str, Any] | None:
+    """Return (key path, object) of the first value that weights_only loading would refuse."""
+    kind = type(obj)
+    if kind in _PLAIN_TENSORS or kind in _PLAIN_LEAVES:
+        return None
+    if kind in _PLAIN_CONTAINERS and isinstance(obj, dict):
+        for key, value in obj.items():
+            if type(key) not in _PLAIN_LEAVES:
+                return f"{where} (key {key!r})", key
+            found = _find_unplain(value, f"{where}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    if kind in _PLAIN_CONTAINERS:  # list or tuple
+        for i, value in enumerate(obj):
+            found = _find_unplain(value, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    return where, obj
+
+
+def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
+    """Write ``state`` to ``path`` with ``torch.save``, atomically.
+
+    ``state`` may hold only tensors and plain Python types (int, float, bool, str, bytes,
+    None, list, tuple, dict, torch.Size/dtype/device), so that ``torch.load(path,
+    weights_only=True)`` reads it back; anything else (an ``argparse.Namespace``, a
+    ``pathlib.Path``, a numpy scalar, a module) raises :class:`CheckpointError` naming its
+    key path before anything is written. Missing parent folders are created.
+    """
+    if type(state) not in (dict, OrderedDict):
+        raise CheckpointError(f"cannot save a {type(state).__name__} as a checkpoint; pass a dict")
+    found = _find_unplain(state, "state")
+    if found is not None:
+        where, obj = found
+        kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        raise CheckpointError(
+            f"cannot save checkpoint {os.fspath(path)}: {where} is a {kind}, which torch.load(weights_only=True) "
+            "refuses; convert it to tensors or plain types (int, float, bool, str, list, tuple, dict) before saving"
+        )
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _as_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """safetensors metadata must be str -> str; non-str values are stored as JSON."""
+    if metadata is None:
+        return None
+    out = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"safetensors metadata keys must be str, got {key!r}; convert it with str()")
+        if isinstance(value, str):
+            out[key] = value
+        else:
+            try:
+                out[key] = json.dumps(value)
+            except TypeError:
+                raise CheckpointError(
+                    f"safetensors metadata {key!r} is a {type(value).__name__}; pass a str or a JSON-serialisable value"
+                ) from None
+    return out
+
+
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, Any] | None = None
+) -> None:
+    """Write a state dict as a ``.safetensors`` file, atomically.
+
+    Every tensor is copied to its own contiguous CPU storage first: safetensors refuses
+    tensors that share memory (tied weights, views) and non-contiguous ones. ``metadata``
+    values that are not str are stored as JSON text.
+    """
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise CheckpointError("writing .safetensors needs the safetensors package; pip install safetensors") from None
+    tensors = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"safetensors holds only str -> tensor entries, but {key!r} is a {type(value).__name__}; "
+                "drop it or store it in metadata"
+            )
+        # clone() gives each tensor its own storage sized to the tensor, so views of a
+        # larger buffer and tied weights are written (and read back) independently.
+        tensors[key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
+    meta = _as_metadata(metadata)
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+# --------------------------------------------------------------------------- reading
+@contextlib.contextmanager
+def _namespace_allowed() -> Iterator[None]:
+    """Let weights_only unpickling rebuild ``argparse.Namespace`` (timm/torchvision ``args``).
+
+    torch >= 2.5 scopes the allowlist to a context manager; torch 2.4 only has the
+    process-wide ``add_safe_globals``, so there the allowance outlives the call. A
+    Namespace only receives attributes from the pickle, it runs no code of its own.
+    """
+    serialization = torch.serialization
+    if hasattr(serialization, "safe_globals"):
+        with serialization.safe_globals([argparse.Namespace]):
+            yield
+    else:
+        if hasattr(serialization, "add_safe_globals"):
+            serialization.add_safe_globals([argparse.Namespace])
+        yield
+
+
+# How torch words a refused global, across versions: 2.4-2.15 say "GLOBAL mod.name",
+# older ones "Unsupported class mod.name" or "unrecognized function `name`".
+_REFUSED_RES = (
+    re.compile(r"GLOBAL ([\w.]+)"),
+    re.compile(r"Unsupported class ([\w.]+)"),
+    re.compile(r"unrecognized function `?([\w.]+)"),
+)
+
+
+def _refused_global(error: BaseException) -> str | None:
+    """The global a weights_only load refused, or "" if the refusal names none; None if the
+    error is not about code at all (then the file is damaged or not a checkpoint)."""
+    text = str(error)
+    for pattern in _REFUSED_RES:
+        match = pattern.search(text)
+        if match:
+            return match.group(1)
+    if "Can only build" in text:  # BUILD on an object outside the allowlist
+        return ""
+    return None
+
+
+def _is_damage(error: BaseException) -> bool:
+    """Errors torch.load raises for a truncated, corrupt or non-torch file (checked on 2.15)."""
+    # torch's weights_only unpickler is pure Python: garbage bytes surface as whatever
+    # lookup or stack operation they break (KeyError for an unknown opcode, IndexError for
+    # popping an empty stack, ...).
+    if isinstance(error, (EOFError, pickle.UnpicklingError, LookupError, ValueError, TypeError,
+                          AttributeError, struct.error, OverflowError)):
+        return True
+    if isinstance(error, OSError) and not isinstance(error, (FileNotFoundError, PermissionError)):
+        return True  # seek past the end of a truncated zip
+    if isinstance(error, RuntimeError):
+        # The zip reader and the legacy loader report bad bytes as RuntimeError ("failed
+        # finding central directory", "Invalid magic number", "Expected hasRecord(...)");
+        # the RuntimeErrors that are not about the bytes concern map_location or mmap.
+        return not re.search(r"device|CUDA|mmap", str(error))
+    return False
+
+
+def _damage_reason(error: BaseException) -> str:
+    """A few words on what torch tripped over; its own messages run to paragraphs."""
+    if isinstance(error, EOFError):
+        return "the data ends early"
+    if isinstance(error, (LookupError, struct.error)):
+        return "unrecognised data"
+    text = str(error)
+    match = re.search(
+        r"Unsupported operand \d+|[Ii]nvalid load key[^\n]*|PytorchStreamReader[^.]*|Invalid magic number", text
+    )
+    if match:
+        return match.group(0).strip()
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return first[:120]
+
+
+def _torch_load(path: str, map_location: Any, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` with Namespace allowed and errors made readable."""
+    kwargs: dict[str, Any] = {"map_location": map_location, "weights_only": True}
+    if mmap:
+        kwargs["mmap"] = True
+    try:
+        with _namespace_allowed():
+            return torch.load(path, **kwargs)
+    except Exception as error:
+        refused = _refused_global(error) if isinstance(error, pickle.UnpicklingError) else None
+        if refused is not None:
+            what = f" ({refused})" if refused else ""
+            raise CheckpointError(
+                f"refusing to load {path}: it asks to import or run code{what} that is not plain tensor data, "
+                "and loading it would execute that code; re-save the weights from trusted code with "
+                "tensors and plain types only"
+            ) from None
+        if _is_damage(error):
+            raise CheckpointError(
+                f"cannot read {path}: the file is truncated, corrupt or not a torch checkpoint "
+                f"({_damage_reason(error)}); "
+                "re-copy it or pick another checkpoint"
+            ) from None
+        raise
+
+
+def _load_safetensors(path: str, map_location: Any) -> dict[str, Any]:
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"reading {path} needs the safetensors package; pip install safetensors") from None
+    device = str(map_location) if map_location is not None else "cpu"
+    try:
+        state_dict = load_file(path, device=device)
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    except Exception as error:  # safetensors raises its own SafetensorError for a bad header
+        if not type(error).__name__.startswith("Safetensor"):
+            raise
+        raise CheckpointError(
+            f"cannot read {path}: the file is truncated or not a safetensors file ({error}); "
+            "re-copy it or pick another checkpoint"
+        ) from None
+    return {"state_dict": state_dict, "format": "safetensors", "metadata": metadata}
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint file into a dict, without ever running code from it.
+
+    ``.safetensors`` files come back as ``{"state_dict": tensors, "format": "safetensors",
+    "metadata": {str: str}}``. Pickled files are loaded with ``weights_only=True``;
+    ``argparse.Namespace`` is the one extra type allowed, and an ``args`` Namespace is
+    returned as a plain dict. A bare state dict comes back as it is (see
+    :func:`extract_state_dict`). Raises :class:`CheckpointError` for a missing, truncated
+    or corrupt file and for a pickle that wants to import or run code.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}; check the path")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass a file such as {path}/last.pth.tar")
+    if path.lower().endswith(".safetensors"):
+        return _load_safetensors(path, map_location)
+    ckpt = _torch_load(path, map_location)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(ckpt).__name__}, not a dict of weights; save a state dict or a checkpoint dict"
+        )
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        ckpt = dict(ckpt)
+        ckpt["args"] = vars(ckpt["args"]).copy()
+    return ckpt
+
+
+# --------------------------------------------------------------------------- state dicts
+def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop leading ``module.`` / ``_orig_mod.`` wrapper prefixes, repeated, in any order.
+
+    Raises :class:`CheckpointError` if two keys become the same after stripping.
+    """
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        clean = key
+        while clean.startswith(_WRAPPER_PREFIXES):
+            clean = clean[clean.index(".") + 1:]
+        if clean in out:
+            raise CheckpointError(
+                f"state dict has both {key!r} and another key that is {clean!r} without its wrapper prefix; "
+                "the file mixes wrapped and unwrapped weights, re-save it from the bare model"
+            )
+        out[clean] = value
+    return out
+
+
+def _is_bare_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _drop_averaged_model_counter(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """torch.optim.swa_utils.AveragedModel (torchvision's ExponentialMovingAverage) stores the
+    model under ``module.`` plus its own ``n_averaged`` counter, which is not a model weight."""
+    if "n_averaged" in state_dict and all(k.startswith("module.") for k in state_dict if k != "n_averaged"):
+        return {k: v for k, v in state_dict.items() if k != "n_averaged"}
+    return state_dict
+
+
+def _key_list(keys: Any, limit: int = 12) -> str:
+    keys = [str(k) for k in keys]
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+_WEIGHTS_RE = re.compile(r"^(raw|ema)(?::(\d+))?$")
+
+
+def _parse_weights(weights: str) -> int | None:
+    """None for raw weights, N for EMA number N (0 = the main EMA)."""
+    match = _WEIGHTS_RE.match(str(weights))
+    if match is None or (match.group(1) == "raw" and match.group(2) is not None):
+        raise CheckpointError(f"unknown weights {weights!r}; use 'raw', 'ema', or 'ema:N' (N = 0, 1, ...)")
+    if match.group(1) == "raw":
+        return None
+    return int(match.group(2) or 0)
+
+
+def _present(ckpt: Mapping[str, Any], key: str) -> bool:
+    return ckpt.get(key) is not None
+
+
+def extract_state_dict(ckpt: Mapping[str, Any], weights: str = "raw", source: str | None = None) -> dict[str, Any]:
+    """Pick one set of model weights out of a loaded checkpoint and strip wrapper prefixes.
+
+    ``weights``: ``"raw"`` (the trained weights), ``"ema"`` / ``"ema:0"`` (the main EMA) or
+    ``"ema:N"`` (extra EMA N, ``state_dict_ema_N``). Knows ours/timm's (``state_dict``,
+    ``state_dict_ema``), SuperGradients' (``net``, ``ema_net``), torchvision references'
+    (``model``, ``model_ema``; its ``n_averaged`` counter is dropped) and bare state dicts,
+    whose tensors count as the raw weights. Asking for EMA weights a file does not have is
+    a :class:`CheckpointError` listing its keys, never a silent fallback. ``source`` (a
+    file name) only improves error messages.
+    """
+    ema_index = _parse_weights(weights)
+    name = source or "the checkpoint"
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{name} holds a {type(ckpt).__name__}, not a dict of weights")
+
+    if _is_bare_state_dict(ckpt):
+        # Every value is a tensor: the file is the weights themselves (a parameter that
+        # happens to be called "model" must not be mistaken for a format key).
+        key = None
+        if ema_index is not None:
+            raise CheckpointError(
+                f"{name} is a bare state dict with no EMA weights (keys: {_key_list(ckpt)}); "
+                "evaluate its weights with --weights raw"
+            )
+    elif ema_index is None:
+        key = next((k for k in _RAW_KEYS if _present(ckpt, k)), None)
+        if key is None:
+            has_ema = any(_present(ckpt, k) for k in _EMA_KEYS) or any(k.startswith("state_dict_ema_") for k in ckpt)
+            hint = "; it has EMA weights, use --weights ema" if has_ema else ""
+            raise CheckpointError(
+                f"{name} has no model weights (looked for {', '.join(_RAW_KEYS)}; top-level keys: "
+                f"{_key_list(ckpt)}){hint}"
+            )
+    else:
+        candidates = _EMA_KEYS if ema_index == 0 else (_EMA_EXTRA_KEY.format(ema_index),)
+        key = next((k for k in candidates if _present(ckpt, k)), None)
+        if key is None:
+            raise CheckpointError(
+                f"{name} has no EMA weights for {weights!r} (looked for {', '.join(candidates)}; "
+                f"top-level keys: {_key_list(ckpt)}); evaluate the raw weights with --weights raw"
+            )
+
+    state_dict = ckpt if key is None else ckpt[key]
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(
+            f"{name}[{key!r}] is a {type(state_dict).__name__}, not a state dict; re-save it with model.state_dict()"
+        )
+    return strip_prefixes(_drop_averaged_model_counter(state_dict))
+
+
+def describe_format(ckpt: Mapping[str, Any]) -> str:
+    """Name the format a loaded checkpoint is in: "emakit", "timm", "supergradients",
+    "torchvision", "bare state_dict", "safetensors", or "unknown"."""
+    if not isinstance(ckpt, Mapping):
+        return "unknown"
+    if ckpt.get("format") == "safetensors":
+        return "safetensors"
+    if _present(ckpt, "state_dict") or _present(ckpt, "state_dict_ema"):
+        # Our files carry the EMA's own counter/config next to timm's weight keys.
+        return "emakit" if isinstance(ckpt.get("ema"), Mapping) else "timm"
+    if _present(ckpt, "net") or _present(ckpt, "ema_net"):
+        return "supergradients"
+    if _present(ckpt, "model") or _present(ckpt, "model_ema"):
+        return "torchvision"
+    if _is_bare_state_dict(ckpt):
+        return "bare state_dict"
+    return "unknown"
+
+
+def check_state_dict_compat(model: nn.Module, state_dict: Mapping[str, Any], max_listed: int = 5) -> None:
+    """Raise :class:`CheckpointError` unless ``state_dict`` has exactly ``model``'s keys and
+    shapes; the message names the first missing, unexpected and mismatched keys.
+
+    ``model`` is the bare module (unwrap DDP / compile first); ``state_dict`` is unprefixed.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} (checkpoint {list(v.shape)} vs model {list(expected[k].shape)})"
+        for k, v in state_dict.items()
+        if k in expected and isinstance(v, torch.Tensor) and isinstance(expected[k], torch.Tensor)
+        and v.shape != expected[k].shape
+    ]
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        if keys:
+            problems.append(f"{len(keys)} {label}: {_key_list(keys, max_listed)}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint does not fit {type(model).__name__}: {'; '.join(problems)}; check --model and --num-classes"
+        )
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
+    """``model.load_state_dict(state_dict, strict=True)`` with a readable error on mismatch."""
+    check_state_dict_compat(model, state_dict)
+    model.load_state_dict(state_dict, strict=True)
+
+
+# --------------------------------------------------------------------------- saver
+def _replace_with_link(src: str, dst: str) -> None:
+    """Make ``dst`` a copy of ``src`` atomically: hard link (no bytes copied) under a temp
+    name, then ``os.replace``. Safe because every write we do replaces a file with a new
+    inode, never rewrites one in place, so linked names never change under each other."""
+    folder, name = os.path.split(dst)
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.link(src, tmp)
+    except (OSError, NotImplementedError):  # no hard links here (some network/FAT filesystems)
+        _atomic_write(dst, lambda t: shutil.copyfile(src, t))
+        return
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+@dataclass(frozen=True)
+class _HistoryEntry:
+    epoch: int
+    metric: float | None
+
+
+def _as_metric(metric: Any) -> float | None:
+    """A float for ranking, or None. NaN (a diverged eval) cannot be ranked: kept by recency."""
+    if metric is None:
+        return None
+    value = float(metric)
+    if math.isnan(value):
+        _log.warning("metric is NaN; this checkpoint is kept by recency only and cannot become the best")
+        return None
+    return value
+
+
+class CheckpointSaver:
+    """Keeps ``last.pth.tar``, ``model_best.pth.tar`` and the best ``max_history``
+    ``checkpoint-<epoch>.pth.tar`` files in ``output_dir``, like timm's CheckpointSaver.
+
+    Ranked checkpoints (a metric given) are kept best first, ties going to the earlier
+    epoch; unranked ones (metric None or NaN) follow, newest first, so with no metric the
+    history is the last ``max_history`` epochs. ``decreasing=True`` when lower is better
+    (a loss). ``max_history=0`` keeps no numbered files, only ``last`` and ``model_best``.
+
+    A new saver starts with an empty history and leaves files already in the folder alone,
+    except that saving epoch N replaces (or, if not kept, removes) an old
+    ``checkpoint-N.pth.tar``. Call :meth:`restore` after resuming into the same folder so
+    ranking, pruning and the best metric carry on from the files on disk.
+    """
+
+    def __init__(self, output_dir: PathLike, *, max_history: int = 10, decreasing: bool = False) -> None:
+        if max_history < 0:
+            raise CheckpointError(f"max_history={max_history} must be >= 0 (--checkpoint-hist)")
+        self.output_dir = os.fspath(output_dir)
+        self.max_history = int(max_history)
+        self.decreasing = bool(decreasing)
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
+        self._history: list[_HistoryEntry] = []  # best first, unranked last
+        os.makedirs(self.output_dir, exist_ok=True)
+
+    # -- paths
+    @property
+    def last_path(self) -> str:
+        """Path of ``last.pth.tar`` (written on every save)."""
+        return os.path.join(self.output_dir, "last" + _CHECKPOINT_EXT)
+
+    @property
+    def best_path(self) -> str:
+        """Path of ``model_best.pth.tar``."""
+        return os.path.join(self.output_dir, "model_best" + _CHECKPOINT_EXT)
+
+    def history_path(self, epoch: int) -> str:
+        """Path of the numbered checkpoint for ``epoch``."""
+        return os.path.join(self.output_dir, f"checkpoint-{epoch}{_CHECKPOINT_EXT}")
+
+    @property
+    def history(self) -> list[tuple[int, float | None]]:
+        """Kept numbered checkpoints as (epoch, metric), best first, unranked last."""
+        return [(e.epoch, e.metric) for e in self._history]
+
+    # -- ranking
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.decreasing else a > b
+
+    def _rank_key(self, entry: _HistoryEntry) -> tuple:
+        if entry.metric is None:
+            return (1, -entry.epoch)
+        return (0, entry.metric if self.decreasing else -entry.metric, entry.epoch)
+
+    def _prune(self, candidates: list[_HistoryEntry]) -> tuple[list[_HistoryEntry], list[_HistoryEntry]]:
+        ranked = sorted(candidates, key=self._rank_key)
+        return ranked[: self.max_history], ranked[self.max_history:]
+
+    def _remove(self, epoch: int) -> None:
+        try:
+            os.remove(self.history_path(epoch))
+        except FileNotFoundError:
+            pass
+        except OSError as error:  # a stuck file must not stop training
+            _log.error("could not delete %s: %s", self.history_path(epoch), error)
+
+    # -- saving
+    def save(self, state: Mapping[str, Any], epoch: int, metric: float | None) -> tuple[float | None, int | None]:
+        """Write ``state`` as ``last.pth.tar``; link it as ``checkpoint-<epoch>.pth.tar`` if it
+        ranks among the best ``max_history`` (pruning the one it displaces) and as
+        ``model_best.pth.tar`` if ``metric`` beats the best so far. Returns (best_metric, best_epoch).
+
+        The file gets ``epoch`` and ``metric`` set to these arguments (the values it is
+        ranked by), so :meth:`restore` can read them back.
+        """
+        epoch = int(epoch)
+        if epoch < 0:
+            raise CheckpointError(f"epoch={epoch} must be >= 0")
+        value = _as_metric(metric)
+        stored = dict(state)
+        stored["epoch"] = epoch
+        stored["metric"] = None if metric is None else float(metric)
+        save_checkpoint(stored, self.last_path)
+
+        # A resumed run may reach an epoch it already saved once: the new file replaces it.
+        candidates = [e for e in self._history if e.epoch != epoch] + [_HistoryEntry(epoch, value)]
+        kept, dropped = self._prune(candidates)
+        if any(e.epoch == epoch for e in kept):
+            _replace_with_link(self.last_path, self.history_path(epoch))
+        else:
+            self._remove(epoch)  # a stale file for this epoch must not pass for this run's
+        for entry in dropped:
+            if entry.epoch != epoch:
+                self._remove(entry.epoch)
+        self._history = kept
+        _log.info("checkpoint history (epoch, metric): %s", self.history)
+
+        if value is not None and (self.best_metric is None or self._better(value, self.best_metric)):
+            self.best_metric, self.best_epoch = value, epoch
+            _replace_with_link(self.last_path, self.best_path)
+        return self.best_metric, self.best_epoch
+
+    # -- resuming
+    def _read_meta(self, path: str) -> tuple[int | None, float | None] | None:
+        """(epoch, metric) stored in a checkpoint, reading only its pickle (tensors are
+        memory-mapped, never read); None if the file cannot be read."""
+        try:
+            ckpt = _torch_load(path, "cpu", mmap=True)
+        except (CheckpointError, RuntimeError, OSError) as error:
+            _log.warning("ignoring %s while restoring checkpoint history: %s", path, error)
+            return None
+        if not isinstance(ckpt, dict):
+            return None
+        epoch = ckpt.get("epoch")
+        return (int(epoch) if isinstance(epoch, int) else None), _as_metric(ckpt.get("metric"))
+
+    def restore(self, up_to_epoch: int | None = None) -> tuple[float | None, int | None]:
+        """Rebuild history and best metric from the files in ``output_dir`` (call on resume).
+
+        Files for epochs after ``up_to_epoch`` (the epoch being resumed from) are left out:
+        they belong to a run that was abandoned; a later :meth:`save` of the same epoch
+        replaces or removes them. The best comes from ``model_best.pth.tar`` when it is
+        from an epoch <= ``up_to_epoch``, else from the best numbered checkpoint (which
+        is then re-linked as ``model_best.pth.tar``). Returns (best_metric, best_epoch).
+        """
+        pattern = re.compile(r"^checkpoint-(\d+)" + re.escape(_CHECKPOINT_EXT) + "$")
+        entries = []
+        for name in sorted(os.listdir(self.output_dir)):
+            match = pattern.match(name)
+            if not match:
+                continue
+            epoch = int(match.group(1))
+            if up_to_epoch is not None and epoch > up_to_epoch:
+                continue
+            meta = self._read_meta(os.path.join(self.output_dir, name))
+            if meta is not None:
+                entries.append(_HistoryEntry(epoch, meta[1]))
+        kept, dropped = self._prune(entries)
+        for entry in dropped:  # --checkpoint-hist may be smaller than in the earlier run
+            self._remove(entry.epoch)
+        self._history = kept
+
+        self.best_metric = self.best_epoch = None
+        best_meta = self._read_meta(self.best_path) if os.path.exists(self.best_path) else None
+        if best_meta is not None and best_meta[0] is not None and best_meta[1] is not None:
+            if up_to_epoch is None or best_meta[0] <= up_to_epoch:
+                self.best_epoch, self.best_metric = best_meta
+        top = self._history[0] if self._history and self._history[0].metric is not None else None
+        if top is not None and (self.best_metric is None or self._better(top.metric, self.best_metric)):
+            self.best_metric, self.best_epoch = top.metric, top.epoch
+            _replace_with_link(self.history_path(top.epoch), self.best_path)
+        _log.info(
+            "restored %d checkpoints from %s, best metric %s (epoch %s)",
+            len(self._history), self.output_dir, self.best_metric, self.best_epoch,
+        )
+        return self.best_metric, self.best_epoch
