@@ -1,13 +1,48 @@
-"""validate.py: evaluate checkpoints (raw and EMA weights). Not implemented yet (issue 4)."""
+#!/usr/bin/env python3
+"""Evaluate the raw and EMA weights of checkpoints (timm's validate.py flags).
+
+    python validate.py --checkpoint output/<run>/last.pth.tar --use-ema      # embedded digits val split
+    python validate.py ../imagenette2-320 --checkpoint output/<run>/model_best.pth.tar --weights both
+    python validate.py DATA --checkpoint output/<run>/ --results-file results.csv   # every checkpoint in it
+    python validate.py --checkpoint output/<run>/last.pth.tar --export-ema model_ema.safetensors
+    python validate.py --checkpoint output/<run>/last.pth.tar --posthoc-sigma-rel 0.02,0.05,0.08,0.15 \\
+        --posthoc-save best_ema.safetensors                                 # post-hoc EMA sweep
+    torchrun --standalone --nproc_per_node=2 validate.py DATA --checkpoint CKPT --weights both
+
+Prints a table per checkpoint and one JSON result line per weight set on stdout.
+Exit status: 0 done, 2 bad input or checkpoint (one line on stderr).
+"""
 from __future__ import annotations
 
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Placeholder until issue 4 lands: says so and exits non-zero."""
-    print("validate.py: not implemented yet (issue 4)", file=sys.stderr)
-    return 2
+    """Parse -> build -> run; returns the process exit status."""
+    from emakit.checkpoint import CheckpointError
+    from emakit.training import UsageError
+    from emakit.training.data import one_line_error
+    from emakit.training.distributed import init_distributed, shutdown_distributed
+    from emakit.training.run import configure_logging
+    from emakit.training.validation import parse_args, report_lines, run
+
+    logs, dist = configure_logging(), None
+    try:
+        args = parse_args(argv)
+        dist = init_distributed(args.device)
+        report = run(args, dist)
+        if dist.is_main:
+            print("\n".join(report_lines(report)), flush=True)
+        return 0
+    except (UsageError, CheckpointError) as e:
+        print(f"validate.py: error: {one_line_error(str(e))}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    finally:
+        if dist is not None:
+            shutdown_distributed(dist)
+        logs.close()
 
 
 if __name__ == "__main__":

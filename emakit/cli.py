@@ -1,0 +1,318 @@
+"""The ``emakit`` command: export weights, post-hoc EMA, plots.
+
+    emakit export output/<run>/last.pth.tar --weights ema -o model_ema.safetensors
+    emakit posthoc output/<run>/posthoc --sigma-rel 0.08 -o ema_s008.safetensors --checkpoint output/<run>/last.pth.tar
+    emakit posthoc output/<run>/posthoc --sigma-rel 0.02,0.05,0.08,0.15 --checkpoint output/<run>/last.pth.tar \\
+        [--data DIR] [-o best.pth.tar] [-- validate.py flags]        # sweep: evaluate each, keep the best
+    emakit posthoc --equivalent --decay 0.9998 --step 20000          # -> sigma_rel and half-life
+    emakit posthoc --equivalent --sigma-rel 0.05 --step 20000        # -> decay and half-life
+    emakit plot output/<run>/summary.csv                            # -> output/<run>/summary.png
+
+Also ``python -m emakit``. Exit status: 0 done, 2 bad input (one line on stderr).
+Everything heavy (timm, safetensors, matplotlib) is imported inside the commands, so
+``import emakit`` stays torch-only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+__all__ = ["main", "build_parser", "equivalent_ema"]
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Raise instead of printing usage and calling ``sys.exit(2)``."""
+        raise CliError(f"{message} (see {self.prog} --help)")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write one weight set of a checkpoint alone (safetensors or .pth)",
+                       description="Write one weight set of a checkpoint, unprefixed and atomically. A "
+                                   ".safetensors file loads with timm.create_model(NAME, pretrained=True, "
+                                   "pretrained_cfg_overlay=dict(file=FILE, num_classes=N), num_classes=N).")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (ours, timm, SuperGradients, torchvision)")
+    p.add_argument("--weights", default="ema", metavar="SET", help="raw, ema or ema:N (default: ema)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="output: .safetensors, or any other name for a torch.save'd bare state dict (required)")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="timm model name recorded in the metadata (default: None = the checkpoint's)")
+    p.add_argument("--num-classes", type=int, default=None, metavar="N",
+                   help="class count recorded in the metadata (default: None = the checkpoint's)")
+
+
+def _add_posthoc(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("posthoc", help="post-hoc EMA: reconstruct, sweep, or convert sigma_rel/decay/half-life",
+                       description="Reconstruct the EMA of any length from post-hoc snapshots (EDM2). One "
+                                   "--sigma-rel with -o: write those weights. Several (or --evaluate): run "
+                                   "validate.py's sweep; validate.py flags go after --, e.g. -- -b 128 "
+                                   "--img-size 64. --equivalent: "
+                                   "convert between sigma_rel, decay and half-life at --step.")
+    p.add_argument("snapshot_dir", nargs="?", default=None, metavar="DIR",
+                   help="snapshot folder (default: None = <--checkpoint folder>/posthoc)")
+    p.add_argument("--sigma-rel", default=None, metavar="S[,S...]",
+                   help="relative EMA length(s), e.g. 0.05 or 0.02,0.05,0.1 (default: None)")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="reconstruct at this snapshot step; with --equivalent: the update count the "
+                        "conversion is for (default: None = the last snapshot step)")
+    p.add_argument("-o", "--output", default=None, metavar="FILE",
+                   help="write the (best) weights: .safetensors, or .pth.tar/.pth/.pt checkpoint with "
+                        "them as state_dict_ema (default: None)")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="the run's checkpoint: model name, args and raw weights for the output (default: None)")
+    p.add_argument("--model", default=None, metavar="MODEL", help="timm model name (default: None = the checkpoint's)")
+    p.add_argument("--num-classes", type=int, default=None, metavar="N",
+                   help="class count (default: None = the checkpoint's or the classifier shape)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="sweep data, validate.py's DIR (default: None = embedded digits)")
+    p.add_argument("--evaluate", action="store_true", default=False,
+                   help="evaluate even a single --sigma-rel (default: False)")
+    p.add_argument("--equivalent", action="store_true", default=False,
+                   help="only convert: give --step and one of --decay, --sigma-rel, --half-life (default: False)")
+    p.add_argument("--decay", type=float, default=None, metavar="D", help="classic per-update decay (default: None)")
+    p.add_argument("--half-life", default=None, metavar="H",
+                   help="half-life in updates, e.g. 3466 or 3466ba (default: None)")
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="PNG of raw vs EMA top-1 and loss per epoch from summary.csv",
+                       description="Plot top-1 and loss per epoch of the raw weights and every EMA.")
+    p.add_argument("summary_csv", metavar="CSV", help="output/<run>/summary.csv")
+    p.add_argument("-o", "--output", default=None, metavar="FILE.png",
+                   help="image path (default: None = summary.png beside the CSV)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``emakit`` parser with its ``export``, ``posthoc`` and ``plot`` subcommands."""
+    parser = _Parser(prog="emakit", description="emakit tools: export weights, post-hoc EMA, plots.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in (_add_export, _add_posthoc, _add_plot):
+        add(sub)
+    return parser
+
+
+# --------------------------------------------------------------------------- export
+def _cmd_export(args: argparse.Namespace) -> list[str]:
+    from emakit.checkpoint import load_checkpoint
+    from emakit.training.validation import (export_weights, resolve_arch, resolve_num_classes, select_weights,
+                                            timm_load_hint)
+
+    ckpt = load_checkpoint(args.checkpoint)
+    state_dict, label = select_weights(ckpt, args.weights, args.checkpoint)
+    arch = resolve_arch(ckpt, args.checkpoint, args.model)
+    num_classes = resolve_num_classes(ckpt, state_dict, arch, args.checkpoint, args.num_classes)
+    export_weights(state_dict, args.output, arch=arch, num_classes=num_classes, weights=label,
+                   source=args.checkpoint, train_args=ckpt.get("args") if isinstance(ckpt.get("args"), dict) else None)
+    lines = [f"wrote {args.output}: {label} weights of {args.checkpoint} ({arch}, {num_classes} classes, "
+             f"{len(state_dict)} tensors)"]
+    if args.output.lower().endswith(".safetensors"):
+        lines.append(f"load it with: {timm_load_hint(arch, args.output, num_classes)}")
+    return lines
+
+
+# --------------------------------------------------------------------------- posthoc
+def _half_life_updates(text: str) -> float:
+    """``3466`` or ``3466ba`` -> 3466.0 updates; epochs/images need the trainer's context."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    from emakit.schedules import parse_half_life
+
+    try:
+        parsed = parse_half_life(text)
+    except ValueError as e:
+        raise CliError(f"--half-life {text}: {e}") from None
+    if parsed.unit != "ba":
+        raise CliError(f"--half-life {text}: give it in updates (e.g. 3466 or 3466ba); "
+                       "epochs and images depend on the run's batch size")
+    return parsed.value
+
+
+def equivalent_ema(step: int, *, decay: float | None = None, sigma_rel: float | None = None,
+                   half_life: float | None = None) -> dict[str, float]:
+    """The same EMA length as decay, sigma_rel and half-life (updates) at update ``step``.
+
+    sigma_rel = sqrt(decay) / ((1 - decay) * step) (equal standard deviation of the two
+    averaging profiles, EDM2's definition of length); half_life = ln 0.5 / ln decay.
+    Exactly one of ``decay``, ``sigma_rel``, ``half_life`` is given.
+    """
+    from emakit import posthoc
+
+    if sum(v is not None for v in (decay, sigma_rel, half_life)) != 1:
+        raise CliError("--equivalent needs exactly one of --decay, --sigma-rel, --half-life")
+    try:
+        if half_life is not None:
+            decay = posthoc.half_life_to_decay(half_life)
+        if decay is not None:
+            sigma_rel = posthoc.decay_to_sigma_rel(decay, step)
+        else:
+            decay = posthoc.sigma_rel_to_decay(sigma_rel, step)
+        return {"step": step, "decay": decay, "sigma_rel": sigma_rel,
+                "half_life": posthoc.decay_to_half_life(decay)}
+    except ValueError as e:
+        raise CliError(f"--equivalent: {e}") from None
+
+
+def _equivalent_lines(args: argparse.Namespace) -> list[str]:
+    from emakit.posthoc import SIGMA_REL_MAX
+
+    if args.step is None:
+        raise CliError("--equivalent needs --step N: the number of EMA updates the conversion is for")
+    sigma = None
+    if args.sigma_rel is not None:
+        try:
+            sigma = float(args.sigma_rel)
+        except ValueError:
+            raise CliError(f"--sigma-rel {args.sigma_rel}: give one number with --equivalent") from None
+    half = _half_life_updates(args.half_life) if args.half_life is not None else None
+    eq = equivalent_ema(args.step, decay=args.decay, sigma_rel=sigma, half_life=half)
+    lines = [f"at step {eq['step']}: decay {eq['decay']:.8g} = sigma_rel {eq['sigma_rel']:.6g} "
+             f"= half-life {eq['half_life']:.6g} updates"]
+    if eq["sigma_rel"] > SIGMA_REL_MAX:
+        lines.append(f"note: sigma_rel > {SIGMA_REL_MAX:.4f}: no power-function EMA is this long, "
+                     "post-hoc reconstruction cannot produce it")
+    if math.log10(max(eq["decay"], 1e-300)) * eq["step"] > -2:  # decay**step > 1%
+        lines.append(f"note: decay**step = {eq['decay'] ** eq['step']:.3g}: the EMA still remembers its start "
+                     "at this step, so its real length is shorter than sigma_rel says")
+    lines.append(json.dumps(eq))
+    return lines
+
+
+def _posthoc_single(args: argparse.Namespace, sigma_rel: float) -> list[str]:
+    from emakit.checkpoint import load_checkpoint
+    from emakit.training.validation import (reconstruct_profiles, resolve_arch, resolve_num_classes,
+                                            resolve_posthoc_dir, save_posthoc_weights)
+
+    snapshot_dir = resolve_posthoc_dir(args.snapshot_dir, args.checkpoint)
+    reference = load_checkpoint(args.checkpoint) if args.checkpoint else {}
+    (state_dict,), step = reconstruct_profiles(snapshot_dir, [sigma_rel], args.step)
+    arch = num_classes = None
+    if reference or args.model:
+        arch = resolve_arch(reference, args.checkpoint or snapshot_dir, args.model)
+        num_classes = resolve_num_classes(reference, state_dict, arch, args.checkpoint or snapshot_dir,
+                                          args.num_classes)
+    save_posthoc_weights(args.output, state_dict, sigma_rel=sigma_rel, step=step, arch=arch,
+                         num_classes=num_classes, snapshot_dir=snapshot_dir, reference=reference or None)
+    eq = equivalent_ema(step, sigma_rel=sigma_rel)
+    return [f"wrote {args.output}: post-hoc EMA sigma_rel {sigma_rel:g} at step {step} "
+            f"(~ decay {eq['decay']:.6g}, half-life {eq['half_life']:.1f} updates)"]
+
+
+def _posthoc_sweep_argv(args: argparse.Namespace, extra: Sequence[str]) -> list[str]:
+    argv = ([args.data] if args.data else []) + ["--posthoc-sigma-rel", args.sigma_rel]
+    for flag, value in (("--posthoc-dir", args.snapshot_dir), ("--posthoc-step", args.step),
+                        ("--posthoc-save", args.output), ("--checkpoint", args.checkpoint),
+                        ("--model", args.model), ("--num-classes", args.num_classes)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv + list(extra)
+
+
+def _cmd_posthoc(args: argparse.Namespace, extra: Sequence[str]) -> list[str]:
+    if args.equivalent:
+        if extra:
+            raise CliError(f"emakit posthoc --equivalent: unrecognized arguments: {' '.join(extra)}")
+        return _equivalent_lines(args)
+    if args.decay is not None or args.half_life is not None:
+        raise CliError("--decay and --half-life are conversions: add --equivalent")
+    if not args.sigma_rel:
+        raise CliError("emakit posthoc needs --sigma-rel (or --equivalent)")
+    from emakit.training.validation import parse_sigma_rels
+
+    sigma_rels = parse_sigma_rels(args.sigma_rel)
+    if len(sigma_rels) > 1 or args.evaluate or extra:
+        return _run_validate(_posthoc_sweep_argv(args, extra))
+    if not args.output:
+        raise CliError("one --sigma-rel without --evaluate writes weights: add -o FILE (or --evaluate)")
+    if not args.snapshot_dir and not args.checkpoint:
+        raise CliError("give the snapshot folder DIR (or --checkpoint, whose folder holds posthoc/)")
+    return _posthoc_single(args, sigma_rels[0])
+
+
+def _run_validate(argv: list[str]) -> list[str]:
+    from emakit.training.distributed import init_distributed, shutdown_distributed
+    from emakit.training.validation import parse_args, report_lines, run
+
+    args = parse_args(argv, prog="emakit posthoc")
+    dist = init_distributed(args.device)
+    try:
+        report = run(args, dist)
+    finally:
+        shutdown_distributed(dist)
+    return report_lines(report) if dist.is_main else []
+
+
+# --------------------------------------------------------------------------- plot
+def _cmd_plot(args: argparse.Namespace) -> list[str]:
+    import os
+
+    from emakit.training.plots import plot_summary
+
+    if not os.path.isfile(args.summary_csv):
+        raise CliError(f"{args.summary_csv}: no such file (give output/<run>/summary.csv)")
+    try:
+        out = plot_summary(args.summary_csv, args.output)
+    except (ValueError, KeyError) as e:
+        raise CliError(f"{args.summary_csv}: not a training summary ({e})") from None
+    return [f"wrote {out}"] if out is not None else ["matplotlib is not installed: no plot written "
+                                                     "(pip install matplotlib)"]
+
+
+# --------------------------------------------------------------------------- main
+def _dispatch(argv: Sequence[str] | None) -> list[str]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" goes to validate.py (posthoc sweeps); split it off before
+    # parsing, so a value such as "-b 128" is never taken for the snapshot folder.
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        raise CliError("give a command: export, posthoc or plot (see emakit --help)")
+    if args.command == "posthoc":
+        return _cmd_posthoc(args, extra)
+    if extra:
+        raise CliError(f"emakit {args.command} takes no arguments after --: {' '.join(extra)}")
+    return _cmd_export(args) if args.command == "export" else _cmd_plot(args)
+
+
+def _one_line(message: str) -> str:
+    """The message's last line (a DataLoader worker error carries a traceback before it)."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else message
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``emakit`` command; returns the exit status (2 with one line on stderr on bad input)."""
+    from emakit.checkpoint import CheckpointError
+
+    usage_errors: tuple[type[BaseException], ...] = (CliError, CheckpointError)
+    try:
+        from emakit.training import UsageError
+
+        usage_errors += (UsageError,)
+        from emakit.training.run import configure_logging
+
+        logs = configure_logging()
+    except ImportError:  # torch-only install: export of safetensors/plots still need extras
+        logs = None
+    try:
+        for line in _dispatch(argv):
+            print(line)
+        return 0
+    except usage_errors as e:
+        print(f"emakit: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    finally:
+        if logs is not None:
+            logs.close()

@@ -1,0 +1,917 @@
+"""The work behind ``validate.py``: evaluate the raw and EMA weights of saved checkpoints.
+
+Flags are timm's ``validate.py`` flags where timm has the feature (``--checkpoint``,
+``--use-ema``, ``-b``, ``--img-size``, ``--crop-pct``, ``--amp``, ``--results-file``, ...).
+Beyond timm:
+
+- ``--weights raw|ema|both|ema:N`` picks the weight sets; ``both`` scores the trained and
+  the EMA weights of each checkpoint in one run and prints them side by side;
+- the model name, class count and eval transform (image size, crop, mean, std,
+  interpolation) default to what the checkpoint's training arguments used, so the numbers
+  are exactly the ones ``train.py`` logged for that epoch (same val split, same transform,
+  same ``evaluate``), also under torchrun, where every sample is counted once;
+- ``--export-ema FILE.safetensors`` writes the EMA weights alone for
+  ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=FILE, num_classes=N))``;
+- ``--posthoc-sigma-rel 0.02,0.05,...`` reconstructs post-hoc EMAs (EDM2, ``emakit.posthoc``)
+  from the run's snapshot folder, evaluates each, marks the best, plots the sweep and can
+  save the chosen weights (``--posthoc-save``).
+
+Nothing here prints: :func:`report_lines` gives the CLI the lines to print.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import torch
+from torch import nn
+
+from emakit.checkpoint import (CheckpointError, check_state_dict_compat, extract_state_dict, load_checkpoint,
+                               save_checkpoint, save_safetensors, strip_prefixes)
+
+from . import UsageError
+from .data import IMG_EXTENSIONS, AugmentConfig, ImageListDataset, build_eval_loader, build_transforms, \
+    load_digits_splits
+from .distributed import DistInfo
+from .engine import AmpSettings, evaluate
+
+__all__ = [
+    "CHECKPOINT_EXTENSIONS", "RESULT_FIELDS", "ResultRecord", "SweepRow", "ValidationReport", "EvalSetup",
+    "build_parser", "parse_args", "find_checkpoints", "resolve_arch", "resolve_num_classes", "select_weights",
+    "build_model", "load_weights", "load_eval_dataset", "eval_data_config", "evaluate_weights",
+    "write_results", "export_weights", "timm_load_hint", "resolve_posthoc_dir", "reconstruct_profiles",
+    "posthoc_equivalents", "pick_best", "save_posthoc_weights", "write_sweep_outputs", "run",
+    "report_lines", "format_results_table", "format_sweep_table",
+]
+
+_log = logging.getLogger(__name__)
+
+CHECKPOINT_EXTENSIONS = (".pth.tar", ".pth", ".pt", ".safetensors")
+# The JSON result line and the results file, in this order (timm's validate.py fields plus
+# weights, loss and samples); param_count is in millions, as timm reports it.
+RESULT_FIELDS = ("model", "checkpoint", "weights", "top1", "top1_err", "top5", "top5_err", "loss",
+                 "param_count", "img_size", "crop_pct", "interpolation", "samples", "epoch")
+POSTHOC_FIELDS = ("sigma_rel", "posthoc_step", "decay_equiv", "half_life_equiv")
+_WEIGHTS_RE = re.compile(r"^(raw|ema|both|ema:\d+)$")
+_SAVE_SUFFIXES = (".safetensors",) + tuple(e for e in CHECKPOINT_EXTENSIONS if e != ".safetensors")
+# Where classifiers live in timm models whose pretrained cfg does not say (last resort).
+_CLASSIFIER_NAMES = ("fc", "head.fc", "head", "classifier", "last_linear", "head.l")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ``UsageError`` (one line, exit 2 in the CLI) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise instead of printing usage and calling ``sys.exit(2)``."""
+        raise UsageError(message)
+
+
+# =========================================================================== arguments
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", nargs="?", default=None, metavar="DIR",
+                        help="ImageFolder root with val/ or validation/ class folders, or a split folder "
+                             "itself; omitted: the embedded digits val split train.py uses (default: None)")
+    g = parser.add_argument_group("Dataset parameters")
+    g.add_argument("--split", default=None, metavar="NAME",
+                   help="split folder under DIR (default: None = the checkpoint's --val-split, else val/ or "
+                        "validation/; for the embedded digits: val, or train)")
+    g.add_argument("--img-size", type=int, default=None, metavar="N",
+                   help="image size (default: None = the checkpoint's training --img-size, else model default)")
+    g.add_argument("--crop-pct", type=float, default=None, metavar="PCT",
+                   help="center-crop fraction (default: None = the checkpoint's training --crop-pct, "
+                        "else model default)")
+    g.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN",
+                   help="normalisation mean (default: None = the checkpoint's training --mean, else model default)")
+    g.add_argument("--std", type=float, nargs="+", default=None, metavar="STD",
+                   help="normalisation std (default: None = the checkpoint's training --std, else model default)")
+    g.add_argument("--interpolation", default=None, metavar="NAME",
+                   help="resize interpolation (default: None = the checkpoint's training --interpolation, "
+                        "else model default)")
+    g.add_argument("-b", "--batch-size", type=int, default=256, metavar="N",
+                   help="batch size per process; does not change the results (default: 256)")
+    g.add_argument("-j", "--workers", type=int, default=0, metavar="N",
+                   help="data loader worker processes per rank (default: 0 = main process, as train.py; timm: 4)")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Model and weights")
+    g.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="checkpoint file, or a folder: every *.pth.tar, *.pth, *.pt, *.safetensors in it "
+                        "(default: None; required unless --posthoc-dir and --model are given)")
+    g.add_argument("--model", default=None, metavar="MODEL",
+                   help="timm model name (default: None = the checkpoint's training --model / arch)")
+    g.add_argument("--num-classes", type=int, default=None, metavar="N",
+                   help="number of classes (default: None = the checkpoint's, from its args or classifier shape)")
+    g.add_argument("--weights", default=None, metavar="SET",
+                   help="weights to evaluate: raw, ema, both (raw and EMA side by side) or ema:N "
+                        "(extra EMA N) (default: None = raw, or ema with --use-ema)")
+    g.add_argument("--use-ema", action="store_true", default=False,
+                   help="evaluate the EMA weights, as timm's flag: same as --weights ema; an error if the "
+                        "file has none (default: False)")
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Runtime")
+    g.add_argument("--device", default=None, metavar="DEV",
+                   help="device (default: None = cuda if available, else cpu; cuda:<local rank> under torchrun)")
+    g.add_argument("--amp", action="store_true", default=False,
+                   help="evaluate under torch.autocast (default: False)")
+    g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
+                   help="autocast dtype with --amp (default: float16)")
+    g.add_argument("--channels-last", action="store_true", default=False,
+                   help="use the channels_last memory layout (default: False)")
+    g.add_argument("--no-progress", action="store_true", default=False,
+                   help="no tqdm progress bar (default: False; bars only on rank 0 and a TTY)")
+
+
+def _add_output_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Outputs")
+    g.add_argument("--results-file", default=None, metavar="FILE",
+                   help="write every result record to FILE (default: None)")
+    g.add_argument("--results-format", default=None, choices=["csv", "json"],
+                   help="format of --results-file and of the post-hoc sweep table (default: None = json "
+                        "if FILE ends in .json, else csv)")
+    g.add_argument("--export-ema", default=None, metavar="FILE.safetensors",
+                   help="write the checkpoint's EMA weights (the --weights ema:N one if given) alone, "
+                        "unprefixed, atomically, loadable by timm's pretrained_cfg_overlay (default: None)")
+
+
+def _add_posthoc_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Post-hoc EMA (EDM2): choose the EMA length after training")
+    g.add_argument("--posthoc-sigma-rel", default=None, metavar="S[,S...]",
+                   help="reconstruct and evaluate these relative EMA lengths sigma_rel, e.g. 0.02,0.05,0.08,0.15, "
+                        "instead of the checkpoint's weights (default: None = no sweep)")
+    g.add_argument("--posthoc-dir", default=None, metavar="DIR",
+                   help="snapshot folder (default: None = <checkpoint folder>/posthoc)")
+    g.add_argument("--posthoc-step", type=int, default=None, metavar="N",
+                   help="reconstruct the EMA at this snapshot step (default: None = the last snapshot step)")
+    g.add_argument("--posthoc-save", default=None, metavar="PATH",
+                   help="save the best sigma_rel's weights (the only one if one is given): .safetensors, or a "
+                        "checkpoint (.pth.tar/.pth/.pt) with them as state_dict_ema (default: None)")
+
+
+def build_parser(prog: str = "validate.py") -> argparse.ArgumentParser:
+    """The ``validate.py`` parser: timm's flag names, grouped, every default in its help."""
+    parser = _Parser(prog=prog, description="Evaluate the raw and EMA weights of checkpoints "
+                                            "(and post-hoc EMA reconstructions).")
+    for add in (_add_data_args, _add_model_args, _add_run_args, _add_output_args, _add_posthoc_args):
+        add(parser)
+    return parser
+
+
+def parse_sigma_rels(text: str) -> list[float]:
+    """``"0.02,0.05"`` -> [0.02, 0.05]; each must lie in (0, 1/sqrt(12)] (EDM2's range)."""
+    from emakit.posthoc import SIGMA_REL_MAX
+
+    values = []
+    for part in str(text).split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise UsageError(f"--posthoc-sigma-rel: {part.strip()!r} is not a number (e.g. 0.02,0.05,0.1)") from None
+        if not (0.0 < value <= SIGMA_REL_MAX):
+            raise UsageError(f"--posthoc-sigma-rel {value:g} is outside (0, {SIGMA_REL_MAX:.4f}]: "
+                             "no power-function EMA has that length")
+        values.append(value)
+    if len({f"{v:.6f}" for v in values}) != len(values):
+        raise UsageError(f"--posthoc-sigma-rel lists a value twice: {text}")
+    return values
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.use_ema and args.weights not in (None, "ema"):
+        raise UsageError(f"--use-ema conflicts with --weights {args.weights}; give one of them")
+    args.weights = args.weights or ("ema" if args.use_ema else "raw")
+    if not _WEIGHTS_RE.match(args.weights):
+        raise UsageError(f"--weights {args.weights!r}: use raw, ema, both or ema:N")
+    for name in ("batch_size", "img_size", "num_classes", "posthoc_step"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
+        raise UsageError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if args.results_format is None:
+        args.results_format = "json" if (args.results_file or "").lower().endswith(".json") else "csv"
+    if args.export_ema and not args.export_ema.lower().endswith(".safetensors"):
+        raise UsageError(f"--export-ema {args.export_ema}: the file name must end in .safetensors")
+    _check_posthoc_args(args)
+
+
+def _check_posthoc_args(args: argparse.Namespace) -> None:
+    args.posthoc_sigma_rels = parse_sigma_rels(args.posthoc_sigma_rel) if args.posthoc_sigma_rel else []
+    if not args.posthoc_sigma_rels:
+        for flag in ("posthoc_dir", "posthoc_step", "posthoc_save"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} needs --posthoc-sigma-rel")
+        if not args.checkpoint:
+            raise UsageError("--checkpoint is required: a checkpoint file or a run folder")
+        return
+    if args.export_ema:
+        raise UsageError("--export-ema exports a checkpoint's EMA; with --posthoc-sigma-rel use --posthoc-save")
+    if args.posthoc_save and not args.posthoc_save.lower().endswith(_SAVE_SUFFIXES):
+        raise UsageError(f"--posthoc-save {args.posthoc_save}: end the name in {', '.join(_SAVE_SUFFIXES)}")
+    if not args.checkpoint and not (args.posthoc_dir and args.model):
+        raise UsageError("--posthoc-sigma-rel needs --checkpoint (the run's checkpoint), or --posthoc-dir and --model")
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str = "validate.py") -> argparse.Namespace:
+    """Parse and check ``argv``; raises ``UsageError`` for bad flags or combinations.
+
+    Adds ``posthoc_sigma_rels`` (list of floats) and resolves ``weights`` / ``results_format``.
+    """
+    args = build_parser(prog).parse_args(argv)
+    _check_args(args)
+    return args
+
+
+# =========================================================================== checkpoints
+def _natural_key(name: str) -> list[Any]:
+    """checkpoint-2 before checkpoint-10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def find_checkpoints(path: str) -> list[str]:
+    """``[path]`` for a file; for a folder every checkpoint file directly in it, in natural order."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}; check the path")
+    if not os.path.isdir(path):
+        return [path]
+    names = [e.name for e in os.scandir(path) if e.is_file() and not e.name.startswith(".")
+             and e.name.lower().endswith(CHECKPOINT_EXTENSIONS)]
+    if not names:
+        raise UsageError(f"{path} holds no checkpoint files ({', '.join('*' + e for e in CHECKPOINT_EXTENSIONS)})")
+    return [os.path.join(path, n) for n in sorted(names, key=_natural_key)]
+
+
+def _train_args(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The training arguments: the ``args`` dict, or for our exported ``.safetensors`` the
+    eval-transform subset stored as JSON in the metadata."""
+    args = ckpt.get("args")
+    if isinstance(args, Mapping):
+        return dict(args)
+    try:
+        stored = json.loads(_metadata(ckpt).get("args", "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _export_args(train_args: Mapping[str, Any], arch: str | None, num_classes: int | None) -> str:
+    """What a validate run of an exported file needs to reproduce the eval transform, as JSON."""
+    keep = {k: train_args[k] for k in _DATA_KEYS + ("in_chans", "input_size") if train_args.get(k) is not None}
+    keep.update({k: v for k, v in (("model", arch), ("num_classes", num_classes)) if v})
+    return json.dumps(keep)
+
+
+def _metadata(ckpt: Mapping[str, Any]) -> dict[str, str]:
+    meta = ckpt.get("metadata") if ckpt.get("format") == "safetensors" else None
+    return dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def resolve_arch(ckpt: Mapping[str, Any], source: str, model_flag: str | None) -> str:
+    """The timm model name: ``--model``, else the training ``args['model']``, the ``arch`` entry,
+    or safetensors metadata ``arch`` (the first that timm knows; timm's own files store the
+    class name, e.g. ``resnet``, as ``arch``)."""
+    import timm
+
+    if model_flag:
+        _check_model_name(model_flag)
+        return model_flag
+    found = [("args.model", _train_args(ckpt).get("model")), ("arch", ckpt.get("arch")),
+             ("metadata arch", _metadata(ckpt).get("arch"))]
+    for _, name in found:
+        if isinstance(name, str) and name and timm.is_model(name):
+            return name
+    seen = ", ".join(f"{where}={name!r}" for where, name in found if name) or "no model name"
+    raise UsageError(f"cannot tell which timm model {source} holds ({seen}); pass --model NAME")
+
+
+def _check_model_name(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UsageError(f"unknown model {name!r}: {hint}list names with "
+                         "python -c \"import timm; print(timm.list_models('*resnet*'))\"")
+
+
+def _classifier_outputs(arch: str, state_dict: Mapping[str, Any]) -> int | None:
+    """Rows of the classifier weight, located by the model's pretrained cfg ``classifier``."""
+    from timm.models import get_pretrained_cfg_value
+
+    try:
+        names = get_pretrained_cfg_value(arch, "classifier")
+    except (RuntimeError, KeyError, ValueError):
+        names = None
+    names = [names] if isinstance(names, str) else list(names or [])
+    for name in names + [n for n in _CLASSIFIER_NAMES if n not in names]:
+        weight = state_dict.get(f"{name}.weight")
+        if isinstance(weight, torch.Tensor) and weight.ndim >= 2:
+            return int(weight.shape[0])
+    return None
+
+
+def resolve_num_classes(ckpt: Mapping[str, Any], state_dict: Mapping[str, Any], arch: str, source: str,
+                        flag: int | None) -> int:
+    """``--num-classes``, else the training ``args['num_classes']``, safetensors metadata, or
+    the classifier weight's shape."""
+    if flag:
+        return int(flag)
+    stored = _train_args(ckpt).get("num_classes")
+    if isinstance(stored, int) and not isinstance(stored, bool) and stored > 0:
+        return stored
+    meta = _metadata(ckpt).get("num_classes", "")
+    if meta.isdigit() and int(meta) > 0:
+        return int(meta)
+    found = _classifier_outputs(arch, state_dict)
+    if found is None:
+        raise UsageError(f"cannot tell the number of classes of {source} (no args.num_classes, no classifier "
+                         "weight found); pass --num-classes N")
+    return found
+
+
+def select_weights(ckpt: Mapping[str, Any], weights: str, source: str) -> tuple[dict[str, Any], str]:
+    """(unprefixed state dict, label) of one weight set: ``raw``, ``ema`` or ``ema:N``.
+
+    A ``.safetensors`` file holds one weight set; its metadata ``weights`` (``ema`` for files
+    from ``--export-ema``) is the label, and ``--weights ema`` is accepted for such a file.
+    Missing EMA weights are a :class:`CheckpointError` listing the keys found (no fallback).
+    """
+    stored = _metadata(ckpt).get("weights", "")
+    if ckpt.get("format") == "safetensors" and stored:
+        if weights == "raw" or weights == stored or {weights, stored} <= {"ema", "ema:0"}:
+            return strip_prefixes(ckpt["state_dict"]), stored
+        raise CheckpointError(f"{source} holds only its {stored!r} weights, not {weights!r}; "
+                              "evaluate it with --weights raw")
+    return extract_state_dict(ckpt, weights, source=source), weights
+
+
+def _weight_sets(weights: str) -> list[str]:
+    return ["raw", "ema"] if weights == "both" else [weights]
+
+
+# =========================================================================== model
+def build_model(arch: str, num_classes: int, *, device: torch.device, channels_last: bool = False,
+                in_chans: int | None = None) -> nn.Module:
+    """A fresh ``timm.create_model(arch, num_classes=...)`` in eval mode on ``device``."""
+    import timm
+
+    _check_model_name(arch)
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if in_chans:
+        kwargs["in_chans"] = in_chans
+    model = timm.create_model(arch, **kwargs)
+    model.to(device=device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, Any], source: str, label: str) -> None:
+    """Strict load with an error naming the file, the weight set and the first mismatching keys."""
+    try:
+        check_state_dict_compat(model, state_dict)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source} ({label} weights): {e}") from None
+    model.load_state_dict(state_dict, strict=True)
+
+
+# =========================================================================== data
+def _class_folders(folder: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _image_files(class_dir: str) -> list[str]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames.sort()
+        files += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+    return files
+
+
+def _locate_split(root: str, split: str | None, train_split: str, val_split: str | None) -> tuple[str, str]:
+    """(split folder to evaluate, folder whose class folders define the label indices).
+
+    Labels come from the train split's class folders when it exists, as in train.py."""
+    if split:
+        path = os.path.join(root, split)
+        if not os.path.isdir(path):
+            raise UsageError(f"{root} has no split folder {split}/")
+    else:
+        names = [n for n in (val_split, "val", "validation") if n]
+        path = next((os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))), None)
+        if path is None:
+            if os.path.isdir(os.path.join(root, train_split)):
+                raise UsageError(f"{root} has {train_split}/ but no val/ or validation/; pass --split NAME")
+            # DIR is a split folder itself: labels from the train split beside it, if any.
+            sibling = os.path.join(os.path.dirname(os.path.abspath(root)), train_split)
+            same = os.path.abspath(root) == sibling
+            return root, sibling if os.path.isdir(sibling) and not same else root
+    train_dir = os.path.join(root, train_split)
+    return path, train_dir if os.path.isdir(train_dir) else path
+
+
+def _scan_image_folder(split_dir: str, class_dir: str) -> ImageListDataset:
+    classes = _class_folders(class_dir)
+    if not classes:
+        raise UsageError(f"{split_dir} has no class folders: expected {split_dir}/<class name>/<image files>")
+    index = {c: i for i, c in enumerate(classes)}
+    present = _class_folders(split_dir)
+    unknown = [c for c in present if c not in index]
+    if unknown:
+        raise UsageError(f"{split_dir} has class folders that {class_dir} lacks: {', '.join(unknown[:5])}")
+    paths, targets = [], []
+    for c in present:
+        files = _image_files(os.path.join(split_dir, c))
+        paths += files
+        targets += [index[c]] * len(files)
+    if not paths:
+        raise UsageError(f"{split_dir} has class folders but no image files ({', '.join(IMG_EXTENSIONS)})")
+    return ImageListDataset(paths, targets)
+
+
+def load_eval_dataset(data: str | None, split: str | None,
+                      train_args: Mapping[str, Any]) -> tuple[ImageListDataset, str]:
+    """(dataset, description) to evaluate on, labelled as train.py labelled it.
+
+    ``data`` None: the embedded digits split train.py validates on (``split`` ``train`` for
+    its training split). Otherwise an ImageFolder root (``split``, the checkpoint's
+    ``val_split``, ``val/`` or ``validation/``) or a split folder itself; label indices come
+    from the sorted class folders of the train split beside it when there is one.
+    """
+    if data is None:
+        if train_args.get("data"):
+            _log.warning("the checkpoint was trained on %s; evaluating on the embedded digits dataset "
+                         "(pass DIR to use the training data)", train_args["data"])
+        if split not in (None, "val", "validation", "train"):
+            raise UsageError(f"--split {split}: the embedded digits dataset has train and val splits")
+        splits = load_digits_splits()
+        dataset = splits.train if split == "train" else splits.val
+        return dataset, f"embedded digits, {'train' if split == 'train' else 'val'} split, {len(dataset)} images"
+    if not os.path.isdir(data):
+        raise UsageError(f"data folder {data} does not exist or is not a folder")
+    split_dir, class_dir = _locate_split(data, split, str(train_args.get("train_split") or "train"),
+                                         train_args.get("val_split"))
+    dataset = _scan_image_folder(split_dir, class_dir)
+    return dataset, f"ImageFolder {split_dir}: {len(dataset)} images, labels from {class_dir}"
+
+
+_DATA_KEYS = ("img_size", "crop_pct", "mean", "std", "interpolation")
+
+
+def eval_data_config(model: nn.Module, train_args: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """timm ``resolve_data_config`` of the training args' image size, crop, mean, std and
+    interpolation (train.py resolves exactly these), each replaced by its flag when given."""
+    from timm.data import resolve_data_config
+
+    settings = {k: train_args.get(k) for k in _DATA_KEYS if train_args.get(k) not in (None, "")}
+    if "img_size" not in overrides and isinstance(train_args.get("input_size"), (list, tuple)):
+        settings["input_size"] = tuple(train_args["input_size"])  # timm's own checkpoints
+    settings.update({k: v for k, v in overrides.items() if v not in (None, "")})
+    return resolve_data_config(settings, model=model)
+
+
+# =========================================================================== evaluation
+@dataclass
+class EvalSetup:
+    """What every evaluation of a run shares: the dataset, this process and the runtime settings."""
+
+    dataset: ImageListDataset
+    description: str
+    dist: DistInfo
+    batch_size: int
+    workers: int = 0
+    amp: AmpSettings = field(default_factory=AmpSettings)
+    channels_last: bool = False
+    progress: bool = False
+    data_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ResultRecord:
+    """One evaluated weight set (a row of the results file, the JSON result line)."""
+
+    model: str
+    checkpoint: str
+    weights: str
+    top1: float
+    top5: float
+    loss: float
+    param_count: float
+    img_size: int
+    crop_pct: float
+    interpolation: str
+    samples: int
+    epoch: int | None = None
+    posthoc: dict[str, float] | None = None  # sigma_rel, posthoc_step, decay_equiv, half_life_equiv
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict in ``RESULT_FIELDS`` order (plus the post-hoc fields for a sweep row)."""
+        values = {**vars(self), "top1_err": 100.0 - self.top1, "top5_err": 100.0 - self.top5}
+        out = {k: values[k] for k in RESULT_FIELDS}
+        out.update(self.posthoc or {})
+        return out
+
+
+def evaluate_weights(model: nn.Module, setup: EvalSetup, train_args: Mapping[str, Any],
+                     label: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """(metrics, data config): ``model`` scored on ``setup.dataset`` with the eval transform
+    resolved from ``train_args`` and the flags, by train.py's ``evaluate`` (exact under torchrun)."""
+    data_config = eval_data_config(model, train_args, setup.data_overrides)
+    _, setup.dataset.transform = build_transforms(data_config, AugmentConfig())
+    loader = build_eval_loader(setup.dataset, setup.batch_size, setup.dist, workers=setup.workers,
+                               pin_memory=setup.dist.device.type == "cuda")
+    metrics = evaluate(model, loader, nn.CrossEntropyLoss(), device=setup.dist.device, amp=setup.amp,
+                       channels_last=setup.channels_last, dist=setup.dist, log_suffix=f" ({label})",
+                       progress=setup.progress)
+    return metrics, data_config
+
+
+def _make_record(model_name: str, source: str, label: str, model: nn.Module, metrics: Mapping[str, float],
+                 data_config: Mapping[str, Any], epoch: Any = None) -> ResultRecord:
+    params = sum(p.numel() for p in model.parameters())
+    return ResultRecord(model=model_name, checkpoint=source, weights=label, top1=metrics["top1"],
+                        top5=metrics["top5"], loss=metrics["loss"], param_count=round(params / 1e6, 2),
+                        img_size=int(data_config["input_size"][-1]), crop_pct=float(data_config["crop_pct"]),
+                        interpolation=str(data_config["interpolation"]), samples=int(metrics["samples"]),
+                        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None)
+
+
+def _check_labels(dataset: ImageListDataset, num_classes: int, source: str) -> None:
+    top = max(dataset.targets, default=-1)
+    if top >= num_classes:
+        raise UsageError(f"the data has labels up to {top} but {source} has {num_classes} outputs; "
+                         "evaluate it on the data it was trained on (or pass --num-classes)")
+
+
+# =========================================================================== outputs
+def _write_text_atomic(path: str, text: str) -> None:
+    """Write a temp file beside ``path``, fsync, ``os.replace``: never a half-written results file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _table_text(rows: Sequence[Mapping[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(list(rows), indent=2) + "\n"
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+    return buf.getvalue()
+
+
+def write_results(records: Sequence[ResultRecord], path: str, fmt: str) -> None:
+    """All records as CSV (one row each, ``RESULT_FIELDS`` columns) or a JSON list, atomically."""
+    _write_text_atomic(path, _table_text([r.as_dict() for r in records], fmt))
+
+
+def export_weights(state_dict: Mapping[str, torch.Tensor], path: str, *, arch: str | None,
+                   num_classes: int | None, weights: str, source: str,
+                   train_args: Mapping[str, Any] | None = None) -> None:
+    """Write one weight set alone, unprefixed, atomically: ``.safetensors`` (metadata arch,
+    num_classes, weights, source, and ``args``: the eval-transform settings as JSON, so that
+    validate.py scores the file as the checkpoint) or, for any other name, a bare state
+    dict ``torch.save``."""
+    tensors = dict(strip_prefixes(state_dict))
+    meta = {"format": "pt", "weights": weights, "source": os.path.basename(source),
+            "args": _export_args(train_args or {}, arch, num_classes)}
+    if arch:
+        meta["arch"] = arch
+    if num_classes:
+        meta["num_classes"] = str(int(num_classes))
+    if path.lower().endswith(".safetensors"):
+        save_safetensors(tensors, path, metadata=meta)
+    else:
+        save_checkpoint(tensors, path)
+
+
+def timm_load_hint(arch: str, path: str, num_classes: int) -> str:
+    """The timm call that loads an exported file with every weight, classifier included.
+
+    ``num_classes`` must also be in the overlay: timm drops the classifier weights when the
+    model's ``num_classes`` differs from the pretrained cfg's (its default 1000)."""
+    return (f"timm.create_model({arch!r}, pretrained=True, pretrained_cfg_overlay=dict(file={path!r}, "
+            f"num_classes={num_classes}), num_classes={num_classes})")
+
+
+# =========================================================================== post-hoc
+def resolve_posthoc_dir(flag: str | None, checkpoint: str | None) -> str:
+    """``--posthoc-dir``, else ``posthoc/`` in the checkpoint's folder (or in the folder given)."""
+    if flag:
+        return flag
+    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
+    return os.path.join(folder, "posthoc")
+
+
+def reconstruct_profiles(snapshot_dir: str, sigma_rels: Sequence[float],
+                         step: int | None) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """(state dicts, step): ``reconstruct_many`` (one pass over the files) at ``step``
+    (default: the last snapshot step); a bad folder or step is a ``UsageError``."""
+    from emakit.posthoc import list_snapshots, reconstruct_many
+
+    if not os.path.isdir(snapshot_dir):
+        raise UsageError(f"post-hoc EMA: no snapshot folder {snapshot_dir}; train with --model-ema-posthoc "
+                         "or pass --posthoc-dir")
+    try:
+        snaps = list_snapshots(snapshot_dir)
+        if not snaps:
+            raise ValueError(f"{snapshot_dir} holds no post-hoc snapshots (posthoc-<step>-s<sigma_rel>.pt); "
+                             "train with --model-ema-posthoc or pass --posthoc-dir")
+        used = step if step is not None else max(s.step for s in snaps)
+        return reconstruct_many(snapshot_dir, sigma_rels, used), used
+    except ValueError as e:
+        raise UsageError(f"post-hoc EMA: {' '.join(str(e).split())}") from None
+
+
+def posthoc_equivalents(sigma_rel: float, step: int) -> dict[str, float]:
+    """The classic EMA of the same width at ``step``: per-update decay and half-life (updates)."""
+    from emakit.posthoc import sigma_rel_to_decay, sigma_rel_to_half_life
+
+    return {"sigma_rel": sigma_rel, "posthoc_step": step, "decay_equiv": sigma_rel_to_decay(sigma_rel, step),
+            "half_life_equiv": sigma_rel_to_half_life(sigma_rel, step)}
+
+
+@dataclass
+class SweepRow:
+    """One reconstructed sigma_rel and its evaluation."""
+
+    sigma_rel: float
+    step: int
+    decay: float
+    half_life: float
+    record: ResultRecord
+
+
+def pick_best(rows: Sequence[SweepRow]) -> int:
+    """Index of the highest top-1; ties go to the lower loss, then the shorter EMA."""
+    return min(range(len(rows)), key=lambda i: (-rows[i].record.top1, rows[i].record.loss, rows[i].sigma_rel))
+
+
+def save_posthoc_weights(path: str, state_dict: Mapping[str, torch.Tensor], *, sigma_rel: float, step: int,
+                         arch: str | None, num_classes: int | None, snapshot_dir: str,
+                         reference: Mapping[str, Any] | None = None) -> None:
+    """Save reconstructed weights: ``.safetensors`` alone (metadata says post-hoc, sigma_rel,
+    step), or a checkpoint in our schema with them as ``state_dict_ema`` (timm's
+    ``--use-ema`` key) plus the reference checkpoint's raw weights, epoch and args."""
+    info = {"sigma_rel": float(sigma_rel), "step": int(step), "snapshot_dir": os.path.abspath(snapshot_dir),
+            **{k: v for k, v in posthoc_equivalents(sigma_rel, step).items() if k.endswith("_equiv")}}
+    if path.lower().endswith(".safetensors"):
+        meta = {"format": "pt", "weights": "ema", "posthoc": json.dumps(info),
+                "args": _export_args(_train_args(reference or {}), arch, num_classes)}
+        meta.update({k: str(v) for k, v in (("arch", arch), ("num_classes", num_classes)) if v})
+        save_safetensors(strip_prefixes(state_dict), path, metadata=meta)
+        return
+    ref = reference or {}
+    state: dict[str, Any] = {"arch": arch, "epoch": ref.get("epoch"), "version": ref.get("version"),
+                             "state_dict_ema": dict(state_dict), "args": _train_args(ref), "posthoc": info}
+    if ref.get("state_dict") is not None:
+        state["state_dict"] = strip_prefixes(ref["state_dict"])
+    save_checkpoint(state, path)
+
+
+def write_sweep_outputs(rows: Sequence[SweepRow], best: int, out_dir: str, fmt: str) -> list[str]:
+    """``posthoc_sweep.{csv,json}`` and ``posthoc_sweep.png`` (top-1 vs sigma_rel, best marked;
+    skipped with a notice without matplotlib) in ``out_dir``; returns the paths written."""
+    from .plots import plot_sweep
+
+    table = os.path.join(out_dir, f"posthoc_sweep.{fmt}")
+    _write_text_atomic(table, _table_text([{**r.record.as_dict(), "best": i == best}
+                                           for i, r in enumerate(rows)], fmt))
+    written = [table]
+    step = rows[0].step
+    png = plot_sweep([r.sigma_rel for r in rows], [r.record.top1 for r in rows],
+                     os.path.join(out_dir, "posthoc_sweep.png"), best_index=best,
+                     title=f"post-hoc EMA sweep at step {step}")
+    if png is not None:
+        written.append(str(png))
+    return written
+
+
+# =========================================================================== run
+@dataclass
+class ValidationReport:
+    """What a validate run produced; :func:`report_lines` renders it."""
+
+    records: list[ResultRecord] = field(default_factory=list)
+    sweep: list[SweepRow] = field(default_factory=list)
+    best: int | None = None
+    written: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    description: str = ""
+
+
+def _make_setup(args: argparse.Namespace, dist: DistInfo, train_args: Mapping[str, Any]) -> EvalSetup:
+    dataset, description = load_eval_dataset(args.data, args.split, train_args)
+    if dist.is_main:
+        _log.info("data: %s", description)
+    dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
+    overrides = {k: getattr(args, k) for k in _DATA_KEYS if getattr(args, k) is not None}
+    return EvalSetup(dataset=dataset, description=description, dist=dist, batch_size=args.batch_size,
+                     workers=args.workers, amp=AmpSettings(enabled=args.amp, dtype=dtype),
+                     channels_last=args.channels_last, progress=dist.is_main and not args.no_progress,
+                     data_overrides=overrides)
+
+
+class _ModelSlot:
+    """Keeps one built model and rebuilds only when (arch, classes, channels) change."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.model: nn.Module | None = None
+
+    def get(self, arch: str, num_classes: int, in_chans: int | None, setup: EvalSetup) -> nn.Module:
+        """The model for (arch, num_classes, in_chans), built on ``setup``'s device if new."""
+        key = (arch, num_classes, in_chans)
+        if key != self.key or self.model is None:
+            self.model = None  # free the old one first
+            self.model = build_model(arch, num_classes, device=setup.dist.device,
+                                     channels_last=setup.channels_last, in_chans=in_chans)
+            self.key = key
+        return self.model
+
+
+def _in_chans(train_args: Mapping[str, Any]) -> int | None:
+    value = train_args.get("in_chans")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _evaluate_checkpoint(path: str, args: argparse.Namespace, dist: DistInfo, slot: _ModelSlot,
+                         setup: EvalSetup | None, report: ValidationReport) -> EvalSetup:
+    """Evaluate the ``--weights`` sets of one file (and export its EMA if asked); the eval
+    setup is built from the first checkpoint's training args and reused."""
+    ckpt = load_checkpoint(path)
+    # Every requested weight set is extracted before anything runs: a missing EMA fails fast.
+    chosen = [select_weights(ckpt, w, path) for w in _weight_sets(args.weights)]
+    arch = resolve_arch(ckpt, path, args.model)
+    num_classes = resolve_num_classes(ckpt, chosen[0][0], arch, path, args.num_classes)
+    train_args = _train_args(ckpt)
+    setup = setup or _make_setup(args, dist, train_args)
+    model = slot.get(arch, num_classes, _in_chans(train_args), setup)
+    for state_dict, label in chosen:
+        load_weights(model, state_dict, path, label)
+        _check_labels(setup.dataset, num_classes, path)
+        metrics, data_config = evaluate_weights(model, setup, train_args, label)
+        report.records.append(_make_record(arch, path, label, model, metrics, data_config, ckpt.get("epoch")))
+    if args.export_ema:
+        _export_ema(ckpt, path, args, arch, num_classes, setup.dist, report)
+    return setup
+
+
+def _export_ema(ckpt: Mapping[str, Any], path: str, args: argparse.Namespace, arch: str, num_classes: int,
+                dist: DistInfo, report: ValidationReport) -> None:
+    which = args.weights if re.fullmatch(r"ema:[1-9]\d*", args.weights) else "ema"
+    state_dict, label = select_weights(ckpt, which, path)
+    if dist.is_main:
+        export_weights(state_dict, args.export_ema, arch=arch, num_classes=num_classes, weights=label, source=path,
+                       train_args=_train_args(ckpt))
+        report.written.append(args.export_ema)
+        report.notes.append(f"load it with: {timm_load_hint(arch, args.export_ema, num_classes)}")
+
+
+def run_checkpoints(args: argparse.Namespace, dist: DistInfo) -> ValidationReport:
+    """Evaluate the ``--weights`` sets of every checkpoint of ``--checkpoint``."""
+    paths = find_checkpoints(args.checkpoint)
+    if args.export_ema and len(paths) != 1:
+        raise UsageError(f"--export-ema needs one checkpoint file; {args.checkpoint} holds {len(paths)}")
+    report, slot, setup = ValidationReport(), _ModelSlot(), None
+    for path in paths:
+        setup = _evaluate_checkpoint(path, args, dist, slot, setup, report)
+    report.description = setup.description if setup else ""
+    return report
+
+
+def _reference_checkpoint(checkpoint: str | None) -> tuple[str | None, dict[str, Any]]:
+    """The checkpoint that describes a post-hoc run (model, args): the file given, or in a
+    folder ``last.pth.tar``, else its last checkpoint in natural order."""
+    if not checkpoint:
+        return None, {}
+    paths = find_checkpoints(checkpoint)
+    last = [p for p in paths if os.path.basename(p) == "last.pth.tar"]
+    path = (last or paths)[-1]
+    return path, load_checkpoint(path)
+
+
+def run_posthoc(args: argparse.Namespace, dist: DistInfo) -> ValidationReport:
+    """Reconstruct every ``--posthoc-sigma-rel``, evaluate each, pick the best, write the
+    sweep table and PNG and (``--posthoc-save``) the chosen weights."""
+    ref_path, ref = _reference_checkpoint(args.checkpoint)
+    snapshot_dir = resolve_posthoc_dir(args.posthoc_dir, args.checkpoint)
+    source = ref_path or snapshot_dir
+    arch = resolve_arch(ref, source, args.model)
+    state_dicts, step = reconstruct_profiles(snapshot_dir, args.posthoc_sigma_rels, args.posthoc_step)
+    num_classes = resolve_num_classes(ref, state_dicts[0], arch, source, args.num_classes)
+    train_args = _train_args(ref)
+    setup = _make_setup(args, dist, train_args)
+    model = build_model(arch, num_classes, device=dist.device, channels_last=args.channels_last,
+                        in_chans=_in_chans(train_args))
+    report = ValidationReport(description=setup.description)
+    for sigma_rel, state_dict in zip(args.posthoc_sigma_rels, state_dicts):
+        label = f"posthoc:{sigma_rel:g}"
+        load_weights(model, state_dict, snapshot_dir, label)
+        _check_labels(setup.dataset, num_classes, source)
+        metrics, data_config = evaluate_weights(model, setup, train_args, label)
+        record = _make_record(arch, snapshot_dir, label, model, metrics, data_config, ref.get("epoch"))
+        record.posthoc = posthoc_equivalents(sigma_rel, step)
+        report.records.append(record)
+        report.sweep.append(SweepRow(sigma_rel, step, record.posthoc["decay_equiv"],
+                                     record.posthoc["half_life_equiv"], record))
+    report.best = pick_best(report.sweep)
+    if dist.is_main:
+        out_dir = os.path.dirname(os.path.abspath(args.results_file)) if args.results_file \
+            else os.path.dirname(os.path.abspath(snapshot_dir))
+        report.written += write_sweep_outputs(report.sweep, report.best, out_dir, args.results_format)
+        if args.posthoc_save:
+            best = report.sweep[report.best]
+            save_posthoc_weights(args.posthoc_save, state_dicts[report.best], sigma_rel=best.sigma_rel,
+                                 step=step, arch=arch, num_classes=num_classes, snapshot_dir=snapshot_dir,
+                                 reference=ref or None)
+            report.written.append(args.posthoc_save)
+    return report
+
+
+def run(args: argparse.Namespace, dist: DistInfo) -> ValidationReport:
+    """Run what ``args`` asks (checkpoint evaluation or a post-hoc sweep); rank 0 writes the
+    results file and any exported weights. Raises ``UsageError`` / ``CheckpointError``."""
+    report = run_posthoc(args, dist) if args.posthoc_sigma_rels else run_checkpoints(args, dist)
+    if args.results_file and dist.is_main:
+        write_results(report.records, args.results_file, args.results_format)
+        report.written.insert(0, args.results_file)
+    return report
+
+
+# =========================================================================== rendering
+def _fmt(value: float, spec: str) -> str:
+    return "nan" if isinstance(value, float) and math.isnan(value) else format(value, spec)
+
+
+def format_results_table(records: Sequence[ResultRecord]) -> str:
+    """Per checkpoint, its weight sets side by side (top-1, top-5, loss, samples), with an
+    ``ema-raw`` column when both were evaluated."""
+    blocks: list[str] = []
+    by_ckpt: dict[str, list[ResultRecord]] = {}
+    for r in records:
+        by_ckpt.setdefault(r.checkpoint, []).append(r)
+    for path, recs in by_ckpt.items():
+        epoch = f", epoch {recs[0].epoch}" if recs[0].epoch is not None else ""
+        labels = [r.weights for r in recs]
+        pair = ("raw" in labels and "ema" in labels)
+        head = f"{'':<8}" + "".join(f"{w:>12}" for w in labels) + (f"{'ema-raw':>12}" if pair else "")
+        lines = [f"{path} ({recs[0].model}{epoch}, {recs[0].samples} samples)", head]
+        for name, spec in (("top1", "12.3f"), ("top5", "12.3f"), ("loss", "12.4f")):
+            row = f"{name:<8}" + "".join(_fmt(getattr(r, name), spec) for r in recs)
+            if pair:
+                delta = getattr(recs[labels.index("ema")], name) - getattr(recs[labels.index("raw")], name)
+                row += _fmt(delta, "+12.3f" if name != "loss" else "+12.4f")
+            lines.append(row)
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def format_sweep_table(rows: Sequence[SweepRow], best: int) -> str:
+    """sigma_rel, the equivalent classic decay and half-life at the step, top-1/top-5/loss; best marked."""
+    lines = [f"post-hoc EMA sweep at step {rows[0].step} (decay and half-life: the classic EMA of equal width)",
+             f"{'sigma_rel':>10} {'~decay':>10} {'~half-life':>11} {'top1':>8} {'top5':>8} {'loss':>8}"]
+    for i, r in enumerate(rows):
+        mark = "  <- best" if i == best else ""
+        lines.append(f"{r.sigma_rel:>10.4f} {r.decay:>10.6f} {r.half_life:>11.1f} {_fmt(r.record.top1, '8.3f')} "
+                     f"{_fmt(r.record.top5, '8.3f')} {_fmt(r.record.loss, '8.4f')}{mark}")
+    return "\n".join(lines)
+
+
+def report_lines(report: ValidationReport) -> list[str]:
+    """What the CLI prints: the tables, one JSON result line per weight set, files written."""
+    lines = [format_sweep_table(report.sweep, report.best)] if report.sweep else \
+        [format_results_table(report.records)]
+    lines += [json.dumps(r.as_dict()) for r in report.records]
+    lines += [f"wrote {p}" for p in report.written] + report.notes
+    return lines
