@@ -1,0 +1,354 @@
+"""Command-line flags of ``train.py``: argparse groups, ``--config`` YAML presets, the dump.
+
+Flag names follow timm's ``train.py`` where timm has the feature. The defaults are the
+embedded-dataset preset (``configs/digits.yaml``), so ``python train.py`` with no argument
+is a short CPU run on scikit-learn's digits; where that makes a default differ from timm's,
+the help says so. Precedence: parser default < ``--config`` YAML < command line. A YAML key
+that is not a flag's dest, or a value of the wrong type, is an error naming the key.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import yaml
+
+from . import UsageError
+
+__all__ = ["build_parser", "parse_args", "load_yaml_defaults", "args_to_yaml", "resolve_ema_decay"]
+
+DEFAULT_EMA_DECAY = 0.9998  # timm's --model-ema-decay default
+_NOT_YAML_KEYS = {"config", "help"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ``UsageError`` (one line, exit 2 in the CLI) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", nargs="?", default=None, metavar="DIR",
+                        help="ImageFolder root with train/ and val/ (or validation/) class folders; "
+                             "omitted: the embedded digits dataset (default: None)")
+    g = parser.add_argument_group("Dataset parameters")
+    g.add_argument("--train-split", default="train", metavar="NAME", help="train split folder (default: train)")
+    g.add_argument("--val-split", default=None, metavar="NAME",
+                   help="validation split folder (default: None = val/ or validation/, whichever exists)")
+    g.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode every image before training and skip unreadable ones with a warning, "
+                        "instead of stopping with an error naming the file (default: False)")
+    g.add_argument("--num-classes", type=int, default=None, metavar="N",
+                   help="number of classes (default: None = number of class folders in the data)")
+    g.add_argument("--img-size", type=int, default=32, metavar="N",
+                   help="image size (default: 32; timm: None = model default)")
+    g.add_argument("--crop-pct", type=float, default=1.0, metavar="PCT",
+                   help="validation center-crop fraction (default: 1.0; timm: None = model default)")
+    g.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN",
+                   help="normalisation mean (default: None = model default)")
+    g.add_argument("--std", type=float, nargs="+", default=None, metavar="STD",
+                   help="normalisation std (default: None = model default)")
+    g.add_argument("--interpolation", default="", metavar="NAME",
+                   help="resize interpolation for validation (default: '' = model default)")
+    g.add_argument("-b", "--batch-size", type=int, default=64, metavar="N",
+                   help="batch size per process (default: 64; timm: 128)")
+    g.add_argument("-vb", "--validation-batch-size", type=int, default=None, metavar="N",
+                   help="validation batch size (default: None = --batch-size)")
+    g.add_argument("-j", "--workers", type=int, default=0, metavar="N",
+                   help="data loader worker processes per rank (default: 0 = load in the main "
+                        "process, fastest for the in-memory digits; timm: 4)")
+    g.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=False,
+                   help="pin CPU memory in the data loaders (default: False)")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Model parameters")
+    g.add_argument("--model", default="resnet18", metavar="MODEL",
+                   help="timm model name (default: resnet18; timm: resnet50)")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
+                   help="start from pretrained weights in the local file --pretrained-path; "
+                        "nothing is ever downloaded (default: False)")
+    g.add_argument("--pretrained-path", default=None, metavar="FILE",
+                   help="local weights file for --pretrained (.pth/.safetensors) (default: None)")
+    g.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout rate (default: 0.0)")
+    g.add_argument("--drop-path", type=float, default=None, metavar="PCT",
+                   help="drop-path rate (default: None)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="use the channels_last memory layout (default: False)")
+    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model with BACKEND (default: None; bare flag: inductor)")
+    g.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
+                   help="micro-batches per optimizer step (default: 1)")
+    g.add_argument("--resume", default="", metavar="PATH",
+                   help="resume model, EMA, optimizer, scheduler and scaler from this checkpoint (default: '')")
+    g.add_argument("--no-resume-opt", action="store_true", default=False,
+                   help="on --resume, do not restore optimizer/scheduler/scaler state (default: False)")
+
+
+def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Optimizer parameters")
+    g.add_argument("--opt", default="sgd", metavar="OPTIMIZER", help="timm optimizer name (default: sgd)")
+    g.add_argument("--opt-eps", type=float, default=None, metavar="EPS", help="optimizer epsilon (default: None)")
+    g.add_argument("--opt-betas", type=float, nargs="+", default=None, metavar="BETA",
+                   help="optimizer betas (default: None)")
+    g.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
+    g.add_argument("--weight-decay", type=float, default=5e-5, metavar="WD",
+                   help="weight decay (default: 5e-5; timm: 2e-5)")
+    g.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+                   help="clip gradients at this norm/value (default: None = no clipping)")
+    g.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"],
+                   help="gradient clipping mode (default: norm)")
+    g.add_argument("--layer-decay", type=float, default=None, metavar="RATE",
+                   help="layer-wise learning-rate decay (default: None)")
+
+
+def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Learning rate schedule parameters")
+    g.add_argument("--sched", default="cosine", metavar="SCHEDULER", help="timm LR scheduler (default: cosine)")
+    g.add_argument("--sched-on-updates", action=argparse.BooleanOptionalAction, default=False,
+                   help="step the LR schedule every optimizer update instead of every epoch (default: False)")
+    g.add_argument("--lr", type=float, default=None, metavar="LR",
+                   help="learning rate (default: None = lr-base * global batch / lr-base-size)")
+    g.add_argument("--lr-base", type=float, default=0.8, metavar="LR",
+                   help="base learning rate at --lr-base-size images per step (default: 0.8; timm: 0.1)")
+    g.add_argument("--lr-base-size", type=int, default=256, metavar="N",
+                   help="batch size of --lr-base (default: 256)")
+    g.add_argument("--lr-base-scale", default="", choices=["", "linear", "sqrt"],
+                   help="lr scaling with batch size (default: '' = sqrt for ada*/lamb, else linear)")
+    g.add_argument("--warmup-lr", type=float, default=1e-5, metavar="LR", help="warmup start lr (default: 1e-5)")
+    g.add_argument("--min-lr", type=float, default=0.0, metavar="LR", help="lr floor (default: 0.0)")
+    g.add_argument("--epochs", type=int, default=10, metavar="N",
+                   help="epochs to train (default: 10; timm: 300)")
+    g.add_argument("--warmup-epochs", type=int, default=0, metavar="N",
+                   help="lr warmup epochs (default: 0; timm: 5)")
+    g.add_argument("--warmup-prefix", action=argparse.BooleanOptionalAction, default=False,
+                   help="exclude warmup from the decay schedule (default: False)")
+    g.add_argument("--cooldown-epochs", type=int, default=0, metavar="N", help="cooldown epochs (default: 0)")
+    g.add_argument("--decay-epochs", type=float, default=90, metavar="N", help="step-decay interval (default: 90)")
+    g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], metavar="EPOCH",
+                   help="multistep decay epochs (default: 90 180 270)")
+    g.add_argument("--decay-rate", type=float, default=0.1, metavar="RATE", help="lr decay rate (default: 0.1)")
+    g.add_argument("--patience-epochs", type=int, default=10, metavar="N",
+                   help="plateau scheduler patience (default: 10)")
+
+
+def _add_augment_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Augmentation and regularization parameters")
+    g.add_argument("--no-aug", action="store_true", default=False,
+                   help="disable all training augmentation (default: False)")
+    g.add_argument("--scale", type=float, nargs="+", default=[0.5, 1.0], metavar="PCT",
+                   help="random-resized-crop scale range (default: 0.5 1.0; timm: 0.08 1.0)")
+    g.add_argument("--ratio", type=float, nargs="+", default=[3.0 / 4.0, 4.0 / 3.0], metavar="RATIO",
+                   help="random-resized-crop aspect ratio range (default: 0.75 1.33)")
+    g.add_argument("--hflip", type=float, default=0.0,
+                   help="horizontal flip probability (default: 0.0, digits are not mirror-symmetric; timm: 0.5)")
+    g.add_argument("--vflip", type=float, default=0.0, help="vertical flip probability (default: 0.0)")
+    g.add_argument("--color-jitter", type=float, default=0.4, metavar="PCT", help="color jitter (default: 0.4)")
+    g.add_argument("--aa", default=None, metavar="NAME", help="AutoAugment policy, e.g. rand-m9-mstd0.5 (default: None)")
+    g.add_argument("--reprob", type=float, default=0.0, metavar="PCT", help="random erase probability (default: 0.0)")
+    g.add_argument("--remode", default="pixel", help="random erase mode (default: pixel)")
+    g.add_argument("--recount", type=int, default=1, help="random erase count (default: 1)")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, on if > 0 (default: 0.0)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, on if > 0 (default: 0.0)")
+    g.add_argument("--cutmix-minmax", type=float, nargs="+", default=None, help="cutmix min/max ratio (default: None)")
+    g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup/cutmix per batch (default: 1.0)")
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5,
+                   help="probability of cutmix instead of mixup when both are on (default: 0.5)")
+    g.add_argument("--mixup-mode", default="batch", choices=["batch", "pair", "elem"],
+                   help="mixup/cutmix granularity (default: batch)")
+    g.add_argument("--mixup-off-epoch", type=int, default=0, metavar="N",
+                   help="turn mixup off from this epoch, 0 = never (default: 0)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
+    g.add_argument("--train-interpolation", default="random",
+                   help="training resize interpolation (default: random)")
+    g.add_argument("--dist-bn", default="reduce", choices=["reduce", "broadcast", ""],
+                   help="sync BatchNorm buffers across ranks before each evaluation, raw and EMA "
+                        "(default: reduce; '' = off)")
+
+
+def _add_ema_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Model exponential moving average parameters")
+    g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="track an EMA of the weights and validate it every epoch "
+                        "(default: True, --no-model-ema to turn off; timm: False)")
+    g.add_argument("--model-ema-decay", type=float, default=None, metavar="DECAY",
+                   help=f"per-step EMA decay (default: None = {DEFAULT_EMA_DECAY} unless "
+                        "--model-ema-half-life is given)")
+    g.add_argument("--model-ema-warmup", action=argparse.BooleanOptionalAction, default=False,
+                   help="timm's EMA warmup: same as --model-ema-schedule warmup (default: False)")
+    g.add_argument("--model-ema-force-cpu", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the EMA on the CPU; unlike timm it is still validated (default: False)")
+    g.add_argument("--model-ema-half-life", default="0.5ep", metavar="TIME",
+                   help="EMA half-life instead of a decay: '2000ba' (steps), '0.5ep' (epochs), "
+                        "'1.2Mimg' (images); ignored when --model-ema-decay is given (default: 0.5ep)")
+    g.add_argument("--model-ema-schedule", default="constant", metavar="NAME",
+                   help="decay schedule: constant, warmup, threshold, exp (default: constant)")
+    g.add_argument("--model-ema-every", type=int, default=1, metavar="K",
+                   help="average every K optimizer steps with decay**K (default: 1)")
+    g.add_argument("--model-ema-after", type=int, default=0, metavar="N",
+                   help="copy instead of average for the first N optimizer steps (default: 0)")
+    g.add_argument("--model-ema-dtype", default=None, metavar="DTYPE",
+                   help="EMA dtype, e.g. float32 master weights under bf16 AMP (default: None = model's)")
+    g.add_argument("--model-ema-buffers", default="average", choices=["average", "copy"],
+                   help="average float buffers (BatchNorm statistics) or copy them (default: average)")
+
+
+def _add_misc_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Miscellaneous parameters")
+    g.add_argument("--seed", type=int, default=42, metavar="S", help="random seed (default: 42)")
+    g.add_argument("--log-interval", type=int, default=50, metavar="N",
+                   help="optimizer steps between training log lines (default: 50)")
+    g.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
+                   help="number of best epoch checkpoints to keep (default: 10)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision with torch.autocast (default: False)")
+    g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
+                   help="autocast dtype; float16 uses a gradient scaler (default: float16)")
+    g.add_argument("--device", default=None, metavar="DEV",
+                   help="device (default: None = cuda if available, else cpu; cuda:<local rank> under torchrun)")
+    g.add_argument("--output", default="./output", metavar="PATH",
+                   help="parent folder of the run folder (default: ./output)")
+    g.add_argument("--experiment", default="", metavar="NAME",
+                   help="run folder name (default: '' = YYYYMMDD-HHMMSS-<model>-<img size>, or the "
+                        "resumed checkpoint's folder with --resume)")
+    g.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"],
+                   help="metric that picks model_best, on the EMA when it is on (default: top1)")
+    g.add_argument("--no-progress", action="store_true", default=False,
+                   help="no tqdm progress bars (default: False; bars only on rank 0 and a TTY)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``train.py`` parser (no ``--config``; see :func:`parse_args`)."""
+    parser = _Parser(prog="train.py", description="Train a timm image classifier with an EMA of its weights.")
+    parser.add_argument("-c", "--config", default="", metavar="FILE.yaml",
+                        help="YAML file of flag dests (e.g. model_ema_decay: 0.9999) used as defaults; "
+                             "the command line still wins (default: '')")
+    for add in (_add_data_args, _add_model_args, _add_optimizer_args, _add_schedule_args,
+                _add_augment_args, _add_ema_args, _add_misc_args):
+        add(parser)
+    return parser
+
+
+def _bool_action(action: argparse.Action) -> bool:
+    return isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                               argparse.BooleanOptionalAction))
+
+
+def _check_scalar(key: str, action: argparse.Action, value: Any) -> Any:
+    kind = action.type or str
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UsageError(f"config key {key!r}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise UsageError(f"config key {key!r}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"config key {key!r}: expected a number, got {value!r}")
+        value = float(value)
+    if kind is str and not isinstance(value, str):
+        raise UsageError(f"config key {key!r}: expected a string, got {value!r}")
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(repr(c) for c in action.choices)
+        raise UsageError(f"config key {key!r}: {value!r} is not one of {choices}")
+    return value
+
+
+def _check_value(key: str, action: argparse.Action, value: Any) -> Any:
+    """The YAML value converted to what the command line would give, or ``UsageError``."""
+    if value is None:
+        if action.default is None or action.nargs == "?":
+            return None
+        raise UsageError(f"config key {key!r}: null is not allowed (default is {action.default!r})")
+    if _bool_action(action):
+        if not isinstance(value, bool):
+            raise UsageError(f"config key {key!r}: expected true or false, got {value!r}")
+        return value
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int) and action.nargs > 1:
+        if not isinstance(value, list) or (action.nargs == "+" and not value):
+            raise UsageError(f"config key {key!r}: expected a list, got {value!r}")
+        return [_check_scalar(key, action, v) for v in value]
+    return _check_scalar(key, action, value)
+
+
+def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Read a ``--config`` file: a mapping of parser dests to values, each type-checked."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions if a.dest not in _NOT_YAML_KEYS}
+    checked = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            raise UsageError(f"--config {path}: unknown key {key!r} (keys are flag names with _ "
+                             f"for -, e.g. model_ema_decay; see train.py --help)")
+        checked[dest] = _check_value(str(key), actions[dest], value)
+    return checked
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` with the defaults of an optional ``--config`` YAML file.
+
+    Raises ``UsageError`` for unknown flags, bad values, unknown YAML keys and wrong types.
+    """
+    parser = build_parser()
+    pre = _Parser(add_help=False)
+    pre.add_argument("-c", "--config", default="")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_yaml_defaults(known.config, parser))
+    args = parser.parse_args(argv)
+    _check_args(args)
+    return args
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    positive = ("batch_size", "epochs", "grad_accum_steps", "img_size", "log_interval", "lr_base_size")
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("workers", "checkpoint_hist", "warmup_epochs"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.pretrained and not args.pretrained_path:
+        raise UsageError("--pretrained needs --pretrained-path FILE: emakit never downloads weights")
+    mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if mixup and args.batch_size % 2:
+        raise UsageError(f"--mixup/--cutmix need an even --batch-size, got {args.batch_size}")
+    if args.model_ema_warmup and args.model_ema_schedule not in ("constant", "warmup"):
+        raise UsageError(f"--model-ema-warmup conflicts with --model-ema-schedule {args.model_ema_schedule}")
+
+
+def resolve_ema_decay(args: argparse.Namespace) -> tuple[float | None, str | None, str]:
+    """(decay, half_life, schedule) for ``ModelEMA``: exactly one of decay / half-life is set.
+
+    An explicit ``--model-ema-decay`` wins over the preset's default half-life.
+    """
+    schedule = "warmup" if args.model_ema_warmup else args.model_ema_schedule
+    if args.model_ema_decay is not None:
+        return args.model_ema_decay, None, schedule
+    if args.model_ema_half_life:
+        return None, args.model_ema_half_life, schedule
+    return DEFAULT_EMA_DECAY, None, schedule
+
+
+def args_to_yaml(args: argparse.Namespace) -> str:
+    """The resolved arguments as YAML that ``--config`` accepts back."""
+    plain = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+             if k not in _NOT_YAML_KEYS}
+    buf = io.StringIO()
+    yaml.safe_dump(plain, buf, default_flow_style=False, sort_keys=True)
+    return buf.getvalue()

@@ -1,0 +1,337 @@
+"""Datasets, transforms and loaders for ``train.py`` (and ``validate.py``).
+
+Two sources: an ImageFolder root in the imagenette2-320 layout (``root/train/<class>/*.jpg``
+and ``root/val/<class>/*.jpg`` or ``root/validation/...``), or, with no data argument, the
+embedded default: scikit-learn's bundled 8x8 digits (1797 images, no download), split
+80/20 stratified with a fixed seed. Transforms are timm's (``create_transform``). Loaders
+are plain DataLoaders with samplers that make every epoch a pure function of (seed, epoch),
+so a resumed run sees the same batches, and an evaluation sampler that gives each rank a
+disjoint share of the validation set, so every sample is counted exactly once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from . import UsageError
+from .distributed import DistInfo
+
+__all__ = [
+    "BadImageError", "DataSplits", "ImageListDataset", "DIGITS_NAME", "load_digits_splits",
+    "load_image_folder", "build_datasets", "check_images", "build_transforms", "ShardSampler",
+    "build_train_loader", "build_eval_loader", "epoch_seed", "resolve_data_config_for", "set_epoch", "one_line_error", "AugmentConfig",
+]
+
+_log = logging.getLogger(__name__)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+DIGITS_NAME = "digits (scikit-learn's bundled 8x8 handwritten digits)"
+_VAL_SPLITS = ("val", "validation")
+
+
+class BadImageError(UsageError):
+    """An image file that cannot be read; the message names the file."""
+
+
+def one_line_error(message: str) -> str:
+    """The one-line message of an error re-raised by a DataLoader worker.
+
+    DataLoader re-raises worker exceptions with the worker's traceback in the message; the
+    original one-line message is the last line, after ``<ExceptionName>: ``.
+    """
+    lines = [ln for ln in str(message).strip().splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    last = lines[-1]
+    return last.split("Error: ", 1)[1] if "Error: " in last else last
+
+
+@dataclass
+class DataSplits:
+    """The train and validation datasets, their class names and a line saying what they are."""
+
+    train: "ImageListDataset"
+    val: "ImageListDataset"
+    classes: list[str]
+    description: str
+
+
+class ImageListDataset(Dataset):
+    """``(image, target)`` pairs from files or in-memory PIL images, with a settable transform.
+
+    ``items[i]`` is a file path or a ``PIL.Image``; a file that cannot be decoded raises
+    :class:`BadImageError` naming it.
+    """
+
+    def __init__(self, items: Sequence[str | Image.Image], targets: Sequence[int],
+                 transform: Callable | None = None) -> None:
+        if len(items) != len(targets):
+            raise ValueError("items and targets differ in length")
+        self.items = list(items)
+        self.targets = [int(t) for t in targets]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int) -> Image.Image:
+        """The RGB image at ``index``, decoded."""
+        item = self.items[index]
+        if isinstance(item, Image.Image):
+            return item
+        try:
+            with Image.open(item) as im:
+                return im.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            raise BadImageError(f"cannot read image {item}: {' '.join(str(e).split())} "
+                                "(fix or delete it, or pass --skip-bad-images)") from None
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = self.load(index)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+
+def load_digits_splits(val_fraction: float = 0.2, seed: int = 0) -> DataSplits:
+    """scikit-learn's digits as RGB PIL images, split stratified and deterministically."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    images = [Image.fromarray(p, mode="L").convert("RGB") for p in pixels]
+    idx = np.arange(len(images))
+    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, stratify=digits.target,
+                                          random_state=seed)
+    train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
+    classes = [str(c) for c in range(10)]
+
+    def subset(ix: Any) -> ImageListDataset:
+        return ImageListDataset([images[i] for i in ix], [int(digits.target[i]) for i in ix])
+
+    desc = (f"embedded dataset: {DIGITS_NAME}, {len(train_idx)} train / {len(val_idx)} val images, "
+            f"stratified split seed {seed}")
+    return DataSplits(subset(train_idx), subset(val_idx), classes, desc)
+
+
+def _class_folders(split_dir: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def _image_files(class_dir: str) -> list[str]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames.sort()
+        files += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+    return files
+
+
+def _scan_split(split_dir: str, class_to_idx: dict[str, int] | None) -> tuple[list[str], list[int], list[str]]:
+    classes = _class_folders(split_dir)
+    if not classes:
+        raise UsageError(f"{split_dir} has no class folders: expected {split_dir}/<class name>/<image files>")
+    if class_to_idx is None:
+        class_to_idx = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in classes if c not in class_to_idx]
+    if unknown:
+        raise UsageError(f"{split_dir} has class folders that the train split lacks: {', '.join(unknown[:5])}")
+    paths, targets = [], []
+    for c in classes:
+        files = _image_files(os.path.join(split_dir, c))
+        paths += files
+        targets += [class_to_idx[c]] * len(files)
+    if not paths:
+        raise UsageError(f"{split_dir} has class folders but no image files ({', '.join(IMG_EXTENSIONS)})")
+    return paths, targets, classes
+
+
+def _find_split(root: str, name: str | None, kind: str) -> str:
+    names = [name] if name else list(_VAL_SPLITS)
+    for n in names:
+        path = os.path.join(root, n)
+        if os.path.isdir(path):
+            return path
+    wanted = " or ".join(f"{n}/" for n in names)
+    raise UsageError(f"{root} has no {kind} folder {wanted}: expected the imagenette2-320 layout "
+                     f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg")
+
+
+def load_image_folder(root: str, train_split: str = "train", val_split: str | None = None) -> DataSplits:
+    """Scan an ImageFolder root; raises ``UsageError`` for a missing folder or split, a split
+    without class folders or images, or validation classes the train split lacks."""
+    if not os.path.exists(root):
+        raise UsageError(f"data folder {root} does not exist (omit it to train on the embedded digits dataset)")
+    if not os.path.isdir(root):
+        raise UsageError(f"data path {root} is not a folder: expected an ImageFolder root with train/ and val/")
+    train_dir = _find_split(root, train_split, "train")
+    val_dir = _find_split(root, val_split, "validation")
+    train_paths, train_targets, classes = _scan_split(train_dir, None)
+    val_paths, val_targets, _ = _scan_split(val_dir, {c: i for i, c in enumerate(classes)})
+    desc = (f"ImageFolder {root}: {len(train_paths)} train images in {os.path.basename(train_dir)}/, "
+            f"{len(val_paths)} val images in {os.path.basename(val_dir)}/, {len(classes)} classes")
+    return DataSplits(ImageListDataset(train_paths, train_targets),
+                      ImageListDataset(val_paths, val_targets), classes, desc)
+
+
+def _check_one(path: str, decode: bool) -> str | None:
+    try:
+        with Image.open(path) as im:
+            if decode:
+                im.load()
+        return None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        return " ".join(str(e).split()) or type(e).__name__
+
+
+def check_images(dataset: ImageListDataset, decode: bool, threads: int = 4) -> list[tuple[int, str]]:
+    """``(index, reason)`` for every file that cannot be opened (header only) or, with
+    ``decode``, fully decoded. In-memory images are skipped."""
+    paths = [(i, p) for i, p in enumerate(dataset.items) if isinstance(p, str)]
+    if not paths:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        results = list(pool.map(lambda ip: _check_one(ip[1], decode), paths, chunksize=64))
+    return [(i, reason) for (i, _), reason in zip(paths, results) if reason is not None]
+
+
+def _drop_bad(dataset: ImageListDataset, skip_bad: bool, threads: int) -> None:
+    bad = check_images(dataset, decode=skip_bad, threads=threads)
+    if bad and not skip_bad:
+        index, reason = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise BadImageError(f"cannot read image {dataset.items[index]}: {reason}{more} "
+                            "(fix or delete it, or pass --skip-bad-images)")
+    for index, reason in bad:
+        _log.warning("skipping unreadable image %s: %s", dataset.items[index], reason)
+    drop = {i for i, _ in bad}
+    if drop:
+        keep = [i for i in range(len(dataset)) if i not in drop]
+        dataset.items = [dataset.items[i] for i in keep]
+        dataset.targets = [dataset.targets[i] for i in keep]
+
+
+def build_datasets(data: str | None, train_split: str = "train", val_split: str | None = None,
+                   skip_bad_images: bool = False, threads: int = 4) -> DataSplits:
+    """The train/val datasets for ``data`` (None: embedded digits), images checked up front.
+
+    Without ``skip_bad_images`` every file's header is read (cheap) and the first bad file is
+    an error; with it every file is decoded and bad ones are dropped with a warning.
+    """
+    if data is None:
+        return load_digits_splits()
+    splits = load_image_folder(data, train_split, val_split)
+    for ds in (splits.train, splits.val):
+        _drop_bad(ds, skip_bad_images, threads)
+        if len(ds) == 0:
+            raise UsageError(f"{data}: no readable images left in a split after skipping bad ones")
+    return splits
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation settings (timm ``create_transform`` arguments)."""
+
+    no_aug: bool = False
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    hflip: float = 0.5
+    vflip: float = 0.0
+    color_jitter: float = 0.4
+    auto_augment: str | None = None
+    interpolation: str = "random"
+    re_prob: float = 0.0
+    re_mode: str = "pixel"
+    re_count: int = 1
+
+
+def resolve_data_config_for(model: Any, *, img_size: int | None = None, crop_pct: float | None = None,
+                            mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                            interpolation: str = "") -> dict[str, Any]:
+    """timm's ``resolve_data_config`` for ``model`` with the given overrides (None/'' = model default)."""
+    from timm.data import resolve_data_config
+
+    given = {"img_size": img_size, "crop_pct": crop_pct, "mean": mean, "std": std, "interpolation": interpolation}
+    return resolve_data_config({k: v for k, v in given.items() if v not in (None, "")}, model=model)
+
+
+def build_transforms(data_config: dict[str, Any], aug: AugmentConfig) -> tuple[Callable, Callable]:
+    """(train, eval) transforms from timm's ``create_transform`` and a resolved data config."""
+    from timm.data import create_transform
+
+    train_interp = data_config["interpolation"] if aug.no_aug or not aug.interpolation else aug.interpolation
+    train_tf = create_transform(
+        data_config["input_size"], is_training=True, no_aug=aug.no_aug, scale=tuple(aug.scale),
+        ratio=tuple(aug.ratio), hflip=aug.hflip, vflip=aug.vflip, color_jitter=aug.color_jitter,
+        auto_augment=aug.auto_augment, interpolation=train_interp, mean=data_config["mean"],
+        std=data_config["std"], re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count,
+    )
+    eval_tf = create_transform(
+        data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
+        mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
+    )
+    return train_tf, eval_tf
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...``: disjoint shares covering the dataset once, with no
+    padding (unlike ``DistributedSampler``), so distributed evaluation counts are exact."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.length, self.rank, self.world_size = length, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+def build_train_loader(dataset: Dataset, batch_size: int, dist: DistInfo, *, seed: int, workers: int = 0,
+                       pin_memory: bool = False, collate_fn: Callable | None = None) -> DataLoader:
+    """Shuffled, sharded training loader; call :func:`set_epoch` before each epoch.
+
+    ``DistributedSampler`` (also for one process) shuffles with ``seed + epoch``; the last
+    incomplete batch is dropped, as timm does, so every rank makes the same number of steps.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                 seed=seed, drop_last=False)
+    per_rank = len(sampler)
+    if per_rank < batch_size:
+        raise UsageError(f"the train split has {len(dataset)} images, {per_rank} per process: fewer than "
+                         f"one batch of {batch_size}; lower -b/--batch-size")
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+
+
+def build_eval_loader(dataset: Dataset, batch_size: int, dist: DistInfo, *, workers: int = 0,
+                      pin_memory: bool = False) -> DataLoader:
+    """In-order evaluation loader over this rank's disjoint share of ``dataset``."""
+    sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory, drop_last=False, persistent_workers=False)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A 63-bit seed that is a pure function of (seed, epoch, rank): a resumed run reseeds
+    every random number generator exactly as the uninterrupted run did at that epoch."""
+    return ((seed * 1_000_003 + epoch) * 10_007 + rank) % (2**63 - 1)
+
+
+def set_epoch(loader: DataLoader, epoch: int, seed: int, rank: int = 0) -> None:
+    """Make ``epoch``'s shuffling (same on all ranks, as ``DistributedSampler`` needs) and
+    worker seeds (different per rank) depend on (seed, epoch, rank) only."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed(seed, epoch, rank))

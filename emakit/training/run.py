@@ -1,0 +1,727 @@
+"""The fit loop behind ``train.py``: build -> resume -> epochs -> checkpoints -> summary.
+
+Build order is the one timm users expect: create the timm model -> move it to the device
+(channels_last if asked) -> wrap in DDP when torchrun launched several processes -> create
+the EMA from the unwrapped module -> optimizer, LR scheduler, AMP scaler -> resume. Every
+check a user can fail (data, model name, EMA settings, resume file, output folder) runs
+before the output folder is created, so a bad command leaves nothing behind.
+
+Each epoch trains, validates the raw weights and the EMA as separate passes, appends a row
+to ``summary.csv`` and saves ``last.pth.tar`` atomically (plus ``model_best.pth.tar`` and
+the best ``--checkpoint-hist`` epochs). All random state at the start of an epoch is a pure
+function of (seed, epoch, rank), so ``--resume`` continues bit-exactly on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import csv
+import io
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from emakit import ModelEMA
+from emakit.checkpoint import CheckpointError, CheckpointSaver, load_checkpoint, load_state_dict_strict
+
+from . import UsageError
+from .config import args_to_yaml, resolve_ema_decay
+from .data import (AugmentConfig, DataSplits, build_datasets, build_eval_loader, build_train_loader,
+                   build_transforms, epoch_seed, resolve_data_config_for, set_epoch)
+from .distributed import DistInfo, distribute_bn, init_distributed, shutdown_distributed, all_reduce_sum
+from .engine import AmpSettings, TrainOptions, evaluate, train_one_epoch
+
+__all__ = ["Trainer", "FitResult", "TrainingInterrupted", "build_trainer", "fit", "close_trainer",
+           "configure_logging", "SUMMARY_COLUMNS"]
+
+_log = logging.getLogger(__name__)
+CHECKPOINT_VERSION = 2  # timm writes version 2 with the same keys
+SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5",
+                   "ema_eval_loss", "ema_eval_top1", "ema_eval_top5", "lr"]
+DUMP_EMA_ENV = "EMAKIT_DUMP_EMA_DIR"  # debugging hook: every rank saves its EMA state dict here
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; the message says where the last good checkpoint is."""
+
+
+@dataclass
+class Trainer:
+    """Everything the loop needs, built by :func:`build_trainer`."""
+
+    args: argparse.Namespace
+    dist: DistInfo
+    data: DataSplits
+    model: nn.Module              # what trains: possibly DDP-wrapped and/or compiled
+    model_without_ddp: nn.Module  # the bare module: evaluated, saved, averaged
+    ema: ModelEMA | None
+    ema_device: torch.device
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    amp: AmpSettings
+    train_loader: torch.utils.data.DataLoader
+    eval_loader: torch.utils.data.DataLoader
+    train_loss_fn: Callable
+    eval_loss_fn: Callable
+    mixup_fn: Any | None
+    updates_per_epoch: int
+    start_epoch: int = 0
+    output_dir: str | None = None
+    saver: CheckpointSaver | None = None
+    summary_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class FitResult:
+    """What a finished run reports: its folder and the best raw / EMA epochs."""
+
+    output_dir: str | None
+    epochs_run: int
+    best_raw: tuple[float, int] | None
+    best_ema: tuple[float, int] | None
+    eval_metric: str
+
+
+# --------------------------------------------------------------------------- logging
+class _EarlyRecords(logging.Handler):
+    """Keeps the last ``capacity`` records until a log file can receive them (bounded)."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        super().__init__()
+        self.records: collections.deque[logging.LogRecord] = collections.deque(maxlen=capacity)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def replay(self, target: logging.Handler) -> None:
+        """Hand the kept records to ``target`` and forget them."""
+        while self.records:
+            target.handle(self.records.popleft())
+
+
+class _LogSetup:
+    """Console (and later file) handlers on the ``emakit`` logger, removable at the end so
+    in-process calls of ``train.main`` do not pile up handlers. Records logged before the
+    run folder exists are buffered and written to the log file once it is opened."""
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger("emakit")
+        self.handlers: list[logging.Handler] = []
+        self.old_level = self.logger.level
+        self.early = _EarlyRecords()
+        self.add(self.early, logging.INFO, "%(message)s")
+
+    def add(self, handler: logging.Handler, level: int, fmt: str) -> None:
+        handler.setLevel(level)
+        handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+        self.logger.addHandler(handler)
+        self.handlers.append(handler)
+        self.logger.setLevel(logging.INFO)
+
+    def add_file(self, path: str) -> None:
+        """Log to ``path`` from now on, starting with the records buffered so far."""
+        handler = logging.FileHandler(path, encoding="utf-8")
+        self.add(handler, logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.early.replay(handler)
+        self._drop(self.early)
+
+    def discard_early(self) -> None:
+        """No log file on this process (ranks other than 0): stop keeping records."""
+        self._drop(self.early)
+
+    def _drop(self, handler: logging.Handler) -> None:
+        if handler in self.handlers:
+            self.logger.removeHandler(handler)
+            self.handlers.remove(handler)
+            handler.close()
+
+    def close(self) -> None:
+        for h in list(self.handlers):
+            self._drop(h)
+        self.logger.setLevel(self.old_level)
+
+
+def configure_logging() -> _LogSetup:
+    """Log INFO to stderr (rank 0; WARNING on other ranks). Call ``.close()`` at the end."""
+    setup = _LogSetup()
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    setup.add(logging.StreamHandler(sys.stderr), level, f"%(asctime)s {prefix}%(message)s")
+    return setup
+
+
+# --------------------------------------------------------------------------- building blocks
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(name: str, num_classes: int, device: torch.device, *, drop_rate: float = 0.0,
+                drop_path_rate: float | None = None, pretrained_path: str | None = None,
+                channels_last: bool = False) -> nn.Module:
+    """``timm.create_model`` moved to ``device`` (channels_last if asked).
+
+    ``pretrained_path``: start from this local weights file (timm's ``pretrained_cfg_overlay``
+    ``file``); nothing is ever downloaded. An unknown name is a ``UsageError`` saying how to
+    list the models.
+    """
+    import timm
+
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UsageError(f"unknown model {name!r}: {hint}list the names with "
+                         "python -c \"import timm; print(timm.list_models('*resnet*'))\"")
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": drop_rate}
+    if drop_path_rate is not None:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if pretrained_path:
+        if not os.path.isfile(pretrained_path):
+            raise UsageError(f"--pretrained-path {pretrained_path}: no such file")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(pretrained_path)})
+    try:
+        model = timm.create_model(name, **kwargs)
+    except (RuntimeError, ValueError, OSError, KeyError) as e:
+        if pretrained_path:
+            raise UsageError(f"cannot load --pretrained-path {pretrained_path} into {name}: "
+                             f"{' '.join(str(e).split())[:300]}") from None
+        raise
+    model.to(device=device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    _log.info("model %s: %.2fM parameters, %d classes%s", name, sum(p.numel() for p in model.parameters()) / 1e6,
+              num_classes, f", weights from {pretrained_path}" if pretrained_path else "")
+    return model
+
+
+def check_compile_backend(backend: str | None) -> None:
+    """``--torchcompile BACKEND`` must name a registered torch.compile backend."""
+    if backend and backend not in torch.compiler.list_backends(exclude_tags=()):
+        raise UsageError(f"--torchcompile {backend}: unknown backend; available: "
+                         f"{', '.join(torch.compiler.list_backends())}")
+
+
+def build_ema(args: argparse.Namespace, model_without_ddp: nn.Module, *, updates_per_epoch: int,
+              global_batch_size: int, total_steps: int) -> ModelEMA | None:
+    """The EMA from the bare module, or None with ``--no-model-ema``; bad settings -> UsageError."""
+    if not args.model_ema:
+        return None
+    decay, half_life, schedule = resolve_ema_decay(args)
+    try:
+        ema = ModelEMA(
+            model_without_ddp, decay=decay, schedule=schedule, half_life=half_life,
+            update_every=args.model_ema_every, update_after_step=args.model_ema_after,
+            device="cpu" if args.model_ema_force_cpu else None, dtype=args.model_ema_dtype,
+            buffers=args.model_ema_buffers, steps_per_epoch=updates_per_epoch,
+            global_batch_size=global_batch_size, total_steps=total_steps,
+        )
+    except ValueError as e:
+        raise UsageError(f"invalid EMA settings: {' '.join(str(e).split())}") from None
+    how = f"half-life {half_life} (decay {ema.decay:.6g} per step)" if half_life else f"decay {ema.decay:.6g}"
+    _log.info("EMA: %s, schedule %s, every %d step(s), on %s%s", how, schedule, args.model_ema_every,
+              "cpu" if args.model_ema_force_cpu else "the model's device",
+              f", dtype {args.model_ema_dtype}" if args.model_ema_dtype else "")
+    return ema
+
+
+def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
+    """``--lr``, or timm's rule: lr_base * (global batch / lr_base_size), sqrt-scaled for ada*/lamb."""
+    if args.lr:
+        return float(args.lr)
+    global_batch = args.batch_size * world_size * args.grad_accum_steps
+    scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
+    ratio = global_batch / args.lr_base_size
+    lr = args.lr_base * (ratio ** 0.5 if scale == "sqrt" else ratio)
+    _log.info("lr %.4g = lr-base %.4g x (global batch %d / %d)%s", lr, args.lr_base, global_batch,
+              args.lr_base_size, " ^0.5" if scale == "sqrt" else "")
+    return lr
+
+
+def build_optimizer(args: argparse.Namespace, model_without_ddp: nn.Module) -> torch.optim.Optimizer:
+    """timm ``create_optimizer_v2`` (weight decay skips biases and norms, as in timm)."""
+    from timm.optim import create_optimizer_v2
+
+    kwargs: dict[str, Any] = {"momentum": args.momentum}
+    if args.opt_eps is not None:
+        kwargs["eps"] = args.opt_eps
+    if args.opt_betas is not None:
+        kwargs["betas"] = tuple(args.opt_betas)
+    try:
+        return create_optimizer_v2(model_without_ddp, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                   layer_decay=args.layer_decay, **kwargs)
+    except (AssertionError, ValueError, KeyError) as e:
+        raise UsageError(f"--opt {args.opt}: {' '.join(str(e).split()) or 'unknown optimizer'}") from None
+
+
+def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Any:
+    """timm ``create_scheduler_v2``; stepped per epoch unless ``--sched-on-updates``."""
+    from timm.scheduler import create_scheduler_v2
+
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs,
+            patience_epochs=args.patience_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
+            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix,
+            plateau_mode="min" if args.eval_metric == "loss" else "max",
+            step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch,
+        )
+    except (AssertionError, ValueError) as e:
+        raise UsageError(f"--sched {args.sched}: {' '.join(str(e).split())}") from None
+    if scheduler is None:
+        raise UsageError(f"--sched {args.sched}: unknown scheduler; try cosine, step, multistep, plateau, poly, tanh")
+    return scheduler
+
+
+def build_amp(args: argparse.Namespace, device: torch.device) -> AmpSettings:
+    """Autocast settings; a GradScaler only for float16 (bfloat16 needs none)."""
+    if not args.amp:
+        return AmpSettings()
+    dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    _log.info("AMP: autocast %s on %s%s", args.amp_dtype, device.type, " with a gradient scaler" if scaler else "")
+    return AmpSettings(enabled=True, dtype=dtype, scaler=scaler)
+
+
+def build_losses(args: argparse.Namespace, num_classes: int, device: torch.device) -> tuple[Callable, Callable, Any]:
+    """(train loss, eval loss, timm Mixup or None), as timm's train.py picks them."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=num_classes)
+        train_loss: nn.Module = SoftTargetCrossEntropy()
+    elif args.smoothing:
+        train_loss = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        train_loss = nn.CrossEntropyLoss()
+    return train_loss.to(device), nn.CrossEntropyLoss().to(device), mixup_fn
+
+
+# --------------------------------------------------------------------------- resume
+def load_resume(path: str, model_name: str) -> dict[str, Any]:
+    """Read a ``--resume`` file and check it is a training checkpoint of ``model_name``."""
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise UsageError(f"--resume: {' '.join(str(e).split())}") from None
+    if not isinstance(ckpt.get("state_dict"), dict) or not isinstance(ckpt.get("epoch"), int):
+        found = ", ".join(sorted(map(str, ckpt))[:8])
+        raise UsageError(f"--resume {path} is not a training checkpoint (keys: {found}); "
+                         "it needs state_dict and epoch, as written by train.py")
+    arch = ckpt.get("arch")
+    if arch and arch != model_name:
+        raise UsageError(f"--resume {path} is a checkpoint of {arch}, but --model is {model_name}; "
+                         f"pass --model {arch}")
+    return ckpt
+
+
+def apply_resume(ckpt: dict[str, Any], path: str, *, model_without_ddp: nn.Module, ema: ModelEMA | None,
+                 optimizer: torch.optim.Optimizer, amp: AmpSettings, restore_optimizer: bool = True) -> int:
+    """Load weights, EMA, optimizer and scaler state; returns the epoch to start at.
+
+    The LR schedule is not restored here: it is a function of the flags and the epoch, set
+    by :func:`position_scheduler`, so ``--resume`` with a larger ``--epochs`` extends the
+    cosine instead of replaying the old one (timm does the same).
+    """
+    try:
+        load_state_dict_strict(model_without_ddp, ckpt["state_dict"])
+    except CheckpointError as e:
+        raise UsageError(f"--resume {path}: {' '.join(str(e).split())}") from None
+    if ema is not None:
+        resume_ema(ema, ckpt, path, model_without_ddp)
+    if restore_optimizer:
+        if ckpt.get("optimizer") is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if amp.scaler is not None and ckpt.get("amp_scaler"):
+            amp.scaler.load_state_dict(ckpt["amp_scaler"])
+    start_epoch = int(ckpt["epoch"]) + 1
+    _log.info("resumed from %s: epoch %d done, continuing at epoch %d", path, ckpt["epoch"], start_epoch)
+    return start_epoch
+
+
+def resume_ema(ema: ModelEMA, ckpt: dict[str, Any], path: str, model_without_ddp: nn.Module) -> None:
+    """EMA weights and update counter from the checkpoint; without them, restart the EMA
+    from the (already resumed) model weights."""
+    if ckpt.get("state_dict_ema") is not None:
+        try:
+            ema.load_checkpoint_state(ckpt["state_dict_ema"], ckpt.get("ema"))
+        except RuntimeError as e:
+            raise UsageError(f"--resume {path}: EMA weights do not fit the model: {' '.join(str(e).split())[:300]}") \
+                from None
+    else:
+        _log.warning("--resume %s has no EMA weights: the EMA restarts from the resumed weights", path)
+        ema.set(model_without_ddp)
+
+
+def position_scheduler(lr_scheduler: Any, start_epoch: int, updates_per_epoch: int, on_updates: bool,
+                       saved_state: dict[str, Any] | None) -> None:
+    """Set the LR for ``start_epoch``. Only the plateau scheduler carries state that the
+    epoch number cannot rebuild (best metric, bad epochs); it is restored from the checkpoint."""
+    from timm.scheduler import PlateauLRScheduler
+
+    if isinstance(lr_scheduler, PlateauLRScheduler):
+        if saved_state:
+            lr_scheduler.load_state_dict(saved_state)
+        return
+    if on_updates:
+        lr_scheduler.step_update(start_epoch * updates_per_epoch)
+    else:
+        lr_scheduler.step(start_epoch)
+
+
+# --------------------------------------------------------------------------- output folder
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def choose_output_dir(args: argparse.Namespace, img_size: int) -> str:
+    """``<output>/<experiment>``; default experiment: the resumed checkpoint's folder, else
+    timm's ``YYYYMMDD-HHMMSS-<model>-<img size>`` (suffixed -1, -2... if taken)."""
+    if args.experiment:
+        return os.path.join(args.output, args.experiment)
+    if args.resume:
+        return os.path.dirname(os.path.abspath(args.resume))
+    from timm.models import safe_model_name
+
+    base = os.path.join(args.output, "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"),
+                                               safe_model_name(args.model), str(img_size)]))
+    path, n = base, 0
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def prepare_output_dir(path: str, args: argparse.Namespace) -> None:
+    """Create the run folder and write ``args.yaml``; OSError -> UsageError."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        _write_text_atomic(os.path.join(path, "args.yaml"), args_to_yaml(args))
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise UsageError(f"cannot write to output folder {path}: {reason}; "
+                         "pass --output PATH with a writable folder") from None
+
+
+def _agree(ok: bool, dist: DistInfo) -> bool:
+    """True on every rank when ``ok`` holds on every rank (so all fail together, none hang)."""
+    return all_reduce_sum([0.0 if ok else 1.0], dist)[0] == 0.0
+
+
+def _read_summary(path: str, before_epoch: int) -> list[dict[str, Any]]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [row for row in csv.DictReader(f) if row.get("epoch", "").isdigit()
+                and int(row["epoch"]) < before_epoch]
+
+
+def write_summary(path: str, rows: list[dict[str, Any]]) -> None:
+    """Rewrite ``summary.csv`` (atomically) with ``SUMMARY_COLUMNS``; empty cells for a missing EMA."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in SUMMARY_COLUMNS})
+    _write_text_atomic(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- build
+def _build_loaders(args: argparse.Namespace, data: DataSplits, data_config: dict[str, Any],
+                   dist: DistInfo) -> tuple[Any, Any]:
+    aug = AugmentConfig(no_aug=args.no_aug, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
+                        vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+                        interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
+                        re_count=args.recount)
+    data.train.transform, data.val.transform = build_transforms(data_config, aug)
+    train_loader = build_train_loader(data.train, args.batch_size, dist, seed=args.seed, workers=args.workers,
+                                      pin_memory=args.pin_mem)
+    eval_loader = build_eval_loader(data.val, args.validation_batch_size or args.batch_size, dist,
+                                    workers=args.workers, pin_memory=args.pin_mem)
+    return train_loader, eval_loader
+
+
+def _wrap_ddp(model: nn.Module, dist: DistInfo) -> nn.Module:
+    if not dist.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [dist.device.index] if dist.device.type == "cuda" else None  # none on CPU (gloo)
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _load_data(args: argparse.Namespace) -> tuple[DataSplits, int]:
+    data = build_datasets(args.data, args.train_split, args.val_split, args.skip_bad_images,
+                          threads=max(2, args.workers))
+    _log.info("data: %s", data.description)
+    num_classes = args.num_classes or len(data.classes)
+    if num_classes < len(data.classes):
+        raise UsageError(f"--num-classes {num_classes} is less than the {len(data.classes)} classes in the data")
+    return data, num_classes
+
+
+def _build_parts(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
+    data, num_classes = _load_data(args)
+    ckpt = load_resume(args.resume, args.model) if args.resume else None
+    args.num_classes = num_classes
+    args.lr = resolve_lr(args, dist.world_size)
+    seed_all(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    check_compile_backend(args.torchcompile)
+    model_without_ddp = build_model(args.model, num_classes, dist.device, drop_rate=args.drop,
+                                    drop_path_rate=args.drop_path, channels_last=args.channels_last,
+                                    pretrained_path=args.pretrained_path if args.pretrained else None)
+    data_config = resolve_data_config_for(model_without_ddp, img_size=args.img_size, crop_pct=args.crop_pct,
+                                          mean=args.mean, std=args.std, interpolation=args.interpolation)
+    train_loader, eval_loader = _build_loaders(args, data, data_config, dist)
+    model = _wrap_ddp(model_without_ddp, dist)
+    updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
+    ema = build_ema(args, model_without_ddp, updates_per_epoch=updates_per_epoch,
+                    global_batch_size=args.batch_size * dist.world_size * args.grad_accum_steps,
+                    total_steps=updates_per_epoch * args.epochs)
+    optimizer = build_optimizer(args, model_without_ddp)
+    lr_scheduler = build_scheduler(args, optimizer, updates_per_epoch)
+    amp = build_amp(args, dist.device)
+    start_epoch = 0
+    if ckpt is not None:
+        start_epoch = apply_resume(ckpt, args.resume, model_without_ddp=model_without_ddp, ema=ema,
+                                   optimizer=optimizer, amp=amp, restore_optimizer=not args.no_resume_opt)
+        position_scheduler(lr_scheduler, start_epoch, updates_per_epoch, args.sched_on_updates,
+                           None if args.no_resume_opt else ckpt.get("scheduler"))
+        del ckpt
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile)  # after DDP, as timm does
+    train_loss_fn, eval_loss_fn, mixup_fn = build_losses(args, num_classes, dist.device)
+    return dict(data=data, model=model, model_without_ddp=model_without_ddp, ema=ema, optimizer=optimizer,
+                lr_scheduler=lr_scheduler, amp=amp, train_loader=train_loader, eval_loader=eval_loader,
+                train_loss_fn=train_loss_fn, eval_loss_fn=eval_loss_fn, mixup_fn=mixup_fn,
+                updates_per_epoch=updates_per_epoch, start_epoch=start_epoch, img_size=data_config["input_size"][-1])
+
+
+def _setup_output(tr: Trainer, img_size: int, logs: _LogSetup | None) -> None:
+    """Rank 0 creates the folder, args.yaml, the log file and the checkpoint saver; every
+    rank learns whether that worked, so a failure stops all of them."""
+    args, error = tr.args, None
+    if tr.dist.is_main:
+        path = choose_output_dir(args, img_size)
+        args.experiment = os.path.basename(os.path.normpath(path))
+        try:
+            prepare_output_dir(path, args)
+        except UsageError as e:
+            error = e
+    if not _agree(error is None, tr.dist):
+        raise error or UsageError("stopping: rank 0 could not create the output folder")
+    if not tr.dist.is_main:
+        if logs is not None:
+            logs.discard_early()
+        return
+    tr.output_dir = path
+    if logs is not None:
+        logs.add_file(os.path.join(path, "train.log"))
+    tr.saver = CheckpointSaver(path, max_history=args.checkpoint_hist, decreasing=args.eval_metric == "loss")
+    if tr.start_epoch > 0:
+        tr.saver.restore(up_to_epoch=tr.start_epoch - 1)
+        tr.summary_rows = _read_summary(os.path.join(path, "summary.csv"), tr.start_epoch)
+    _log.info("output folder: %s", path)
+
+
+def build_trainer(args: argparse.Namespace, logs: _LogSetup | None = None) -> Trainer:
+    """Build everything in the user's expected order; raises ``UsageError`` for bad input
+    before the output folder exists. Call :func:`close_trainer` when done."""
+    dist = init_distributed(args.device)
+    try:
+        parts = _build_parts(args, dist)
+        img_size = parts.pop("img_size")
+        ema_device = torch.device("cpu") if args.model_ema_force_cpu else dist.device
+        tr = Trainer(args=args, dist=dist, ema_device=ema_device, **parts)
+        _setup_output(tr, img_size, logs)
+        return tr
+    except BaseException:
+        shutdown_distributed(dist)
+        raise
+
+
+def close_trainer(tr: Trainer) -> None:
+    """Tear down the process group (if any)."""
+    shutdown_distributed(tr.dist)
+
+
+# --------------------------------------------------------------------------- the loop
+def _train_options(args: argparse.Namespace, tr: Trainer) -> TrainOptions:
+    return TrainOptions(grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                        channels_last=args.channels_last, log_interval=args.log_interval,
+                        progress=tr.dist.is_main and not args.no_progress, amp=tr.amp)
+
+
+def _ema_input_dtype(tr: Trainer) -> torch.dtype | None:
+    """Feed a low-precision EMA (``--model-ema-dtype bfloat16``) inputs of its dtype when
+    autocast is off, so its evaluation does not fail on a dtype mismatch."""
+    param = next(iter(tr.ema.module.parameters()), None) if tr.ema is not None else None
+    if param is None or tr.amp.enabled or param.dtype == torch.float32:
+        return None
+    return param.dtype
+
+
+def evaluate_raw_and_ema(tr: Trainer) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Validate the raw weights and the EMA as two passes, BN buffers synced first."""
+    args, progress = tr.args, tr.dist.is_main and not tr.args.no_progress
+    distribute_bn(tr.model_without_ddp, tr.dist, args.dist_bn)
+    raw = evaluate(tr.model_without_ddp, tr.eval_loader, tr.eval_loss_fn, device=tr.dist.device, amp=tr.amp,
+                   channels_last=args.channels_last, dist=tr.dist, progress=progress)
+    if tr.ema is None:
+        return raw, None
+    distribute_bn(tr.ema.module, tr.dist, args.dist_bn)
+    ema = evaluate(tr.ema.module, tr.eval_loader, tr.eval_loss_fn, device=tr.ema_device, amp=tr.amp,
+                   channels_last=args.channels_last, dist=tr.dist, log_suffix=" (EMA)", progress=progress,
+                   input_dtype=_ema_input_dtype(tr))
+    return raw, ema
+
+
+def _epoch_metrics(epoch: int, train: dict[str, float], raw: dict[str, float],
+                   ema: dict[str, float] | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"epoch": epoch, "train_loss": train["loss"], "eval_loss": raw["loss"],
+                           "eval_top1": raw["top1"], "eval_top5": raw["top5"], "lr": train["lr"],
+                           "eval_samples": raw["samples"], "train_samples": train["samples"],
+                           "optimizer_steps": train["optimizer_steps"], "ema_updates": train["ema_updates"],
+                           "skipped_steps": train["skipped_steps"]}
+    for key in ("loss", "top1", "top5", "samples"):
+        row[f"ema_eval_{key}"] = None if ema is None else ema[key]
+    return row
+
+
+def checkpoint_state(tr: Trainer, epoch: int, metric: float, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint dict (DESIGN.md section 3): tensors and plain types only."""
+    state: dict[str, Any] = {
+        "epoch": epoch, "arch": tr.args.model, "version": CHECKPOINT_VERSION,
+        "state_dict": tr.model_without_ddp.state_dict(),
+        "optimizer": tr.optimizer.state_dict(), "scheduler": tr.lr_scheduler.state_dict(),
+        "amp_scaler": tr.amp.scaler.state_dict() if tr.amp.scaler is not None else None,
+        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(tr.args).items()},
+        "metric": metric, "metrics": dict(metrics),
+    }
+    if tr.ema is not None:
+        state.update(tr.ema.checkpoint_state())
+    return state
+
+
+def _log_epoch(epoch: int, num_epochs: int, m: dict[str, Any], seconds: float, img_per_sec: float) -> None:
+    ema = "" if m["ema_eval_top1"] is None else (
+        f" | EMA top1 {m['ema_eval_top1']:.2f} top5 {m['ema_eval_top5']:.2f} loss {m['ema_eval_loss']:.4f}")
+    _log.info("epoch %d/%d: train loss %.4f | raw top1 %.2f top5 %.2f loss %.4f%s | lr %.4g | %.1fs, %.0f img/s",
+              epoch, num_epochs - 1, m["train_loss"], m["eval_top1"], m["eval_top5"], m["eval_loss"], ema,
+              m["lr"], seconds, img_per_sec)
+
+
+def run_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
+    """Train, validate raw and EMA, step the LR schedule, write summary and checkpoints."""
+    args, start = tr.args, time.perf_counter()
+    seed_all(epoch_seed(args.seed, epoch, tr.dist.rank))
+    set_epoch(tr.train_loader, epoch, args.seed, tr.dist.rank)
+    if tr.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        tr.mixup_fn.mixup_enabled = False
+    train = train_one_epoch(epoch, tr.model, tr.train_loader, tr.optimizer, tr.train_loss_fn,
+                            device=tr.dist.device, opts=_train_options(args, tr), dist=tr.dist, ema=tr.ema,
+                            lr_scheduler=tr.lr_scheduler, mixup_fn=tr.mixup_fn)
+    raw, ema = evaluate_raw_and_ema(tr)
+    metrics = _epoch_metrics(epoch, train, raw, ema)
+    metric = (ema or raw)[args.eval_metric]
+    tr.lr_scheduler.step(epoch + 1, metric)
+    if tr.dist.is_main:
+        tr.summary_rows.append(metrics)
+        write_summary(os.path.join(tr.output_dir, "summary.csv"), tr.summary_rows)
+        tr.saver.save(checkpoint_state(tr, epoch, metric, metrics), epoch, metric)
+        _log_epoch(epoch, args.epochs, metrics, time.perf_counter() - start, train["img_per_sec"])
+    return metrics
+
+
+def _best(rows: list[dict[str, Any]], column: str, lower_is_better: bool) -> tuple[float, int] | None:
+    """(best value, its epoch) of ``column`` over summary rows; ties go to the earlier epoch."""
+    scored = [(float(r[column]), int(r["epoch"])) for r in rows if r.get(column) not in (None, "")]
+    if not scored:
+        return None
+    sign = 1.0 if lower_is_better else -1.0
+    return min(scored, key=lambda s: (sign * s[0], s[1]))
+
+
+def _interrupt_message(tr: Trainer, last_epoch: int | None) -> str:
+    if tr.saver is not None and last_epoch is not None and os.path.isfile(tr.saver.last_path):
+        return (f"interrupted: the last completed checkpoint is {tr.saver.last_path} (epoch {last_epoch}); "
+                f"it is intact and resumable with --resume {tr.saver.last_path}")
+    return "interrupted before the first epoch finished: no checkpoint was written"
+
+
+def _dump_ema_if_asked(tr: Trainer) -> None:
+    folder = os.environ.get(DUMP_EMA_ENV)
+    if folder and tr.ema is not None:
+        os.makedirs(folder, exist_ok=True)
+        torch.save(tr.ema.module.state_dict(), os.path.join(folder, f"ema_rank{tr.dist.rank}.pt"))
+
+
+def _console_logs_above_progress_bars(enabled: bool) -> contextlib.AbstractContextManager:
+    """Route console log lines through tqdm.write while bars may be shown, so they do not
+    land in the middle of a bar."""
+    if not enabled or not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[logging.getLogger("emakit")])
+
+
+def fit(tr: Trainer) -> FitResult:
+    """Run the epochs from ``tr.start_epoch``; Ctrl-C raises :class:`TrainingInterrupted`."""
+    args, last_epoch = tr.args, (tr.start_epoch - 1 if tr.start_epoch > 0 else None)
+    if tr.dist.is_main and tr.start_epoch >= args.epochs:
+        _log.warning("nothing to train: the checkpoint finished epoch %d of %d; raise --epochs to continue",
+                     tr.start_epoch - 1, args.epochs)
+    elif tr.dist.is_main:
+        _log.info("training epochs %d-%d, %d optimizer steps per epoch", tr.start_epoch, args.epochs - 1,
+                  tr.updates_per_epoch)
+    try:
+        with _console_logs_above_progress_bars(tr.dist.is_main and not args.no_progress):
+            for epoch in range(tr.start_epoch, args.epochs):
+                run_epoch(tr, epoch)
+                last_epoch = epoch
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(_interrupt_message(tr, last_epoch)) from None
+    _dump_ema_if_asked(tr)
+    lower = args.eval_metric == "loss"
+    result = FitResult(tr.output_dir, args.epochs - tr.start_epoch,
+                       _best(tr.summary_rows, f"eval_{args.eval_metric}", lower),
+                       _best(tr.summary_rows, f"ema_eval_{args.eval_metric}", lower), args.eval_metric)
+    if tr.dist.is_main:
+        _log.info("%s", describe_result(result))
+    return result
+
+
+def describe_result(result: FitResult) -> str:
+    """One line: best raw and EMA metric with their epochs, and the output folder."""
+    def fmt(best: tuple[float, int] | None) -> str:
+        return "n/a" if best is None else f"{best[0]:.2f} (epoch {best[1]})"
+
+    return (f"best raw {result.eval_metric} {fmt(result.best_raw)}; best EMA {result.eval_metric} "
+            f"{fmt(result.best_ema)}; outputs in {result.output_dir}")

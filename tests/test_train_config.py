@@ -1,0 +1,132 @@
+"""train.py's flags: YAML presets as defaults (default < YAML < CLI), strict keys and types."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import yaml
+
+from conftest import REPO
+from emakit.training import UsageError
+from emakit.training.config import args_to_yaml, build_parser, parse_args, resolve_ema_decay
+
+
+def write_yaml(path, mapping) -> str:
+    path.write_text(yaml.safe_dump(mapping))
+    return str(path)
+
+
+def test_yaml_overrides_defaults_and_the_command_line_overrides_yaml(tmp_path):
+    cfg = write_yaml(tmp_path / "c.yaml", {"epochs": 3, "model_ema_decay": 0.99, "model": "test_resnet"})
+    args = parse_args(["--config", cfg, "--epochs", "5"])
+    assert args.epochs == 5                    # CLI beats YAML
+    assert args.model_ema_decay == 0.99        # YAML beats default
+    assert args.model == "test_resnet"
+    assert args.seed == build_parser().get_default("seed") == 42  # untouched default
+
+
+def test_unknown_yaml_key_is_an_error_naming_the_key(tmp_path):
+    cfg = write_yaml(tmp_path / "c.yaml", {"model_ema_decy": 0.999})
+    with pytest.raises(UsageError, match="unknown key 'model_ema_decy'"):
+        parse_args(["--config", cfg])
+
+
+def test_unknown_yaml_key_exits_2_with_one_line_before_anything_is_written(tmp_path, run_train):
+    cfg = write_yaml(tmp_path / "c.yaml", {"epohcs": 1})
+    code, out, err = run_train(["--config", cfg, "--output", tmp_path / "out"])
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "unknown key 'epohcs'" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mapping, key", [
+    ({"epochs": "ten"}, "epochs"),
+    ({"epochs": 2.5}, "epochs"),
+    ({"amp": "yes"}, "amp"),
+    ({"scale": 0.5}, "scale"),
+    ({"lr": "fast"}, "lr"),
+    ({"model": 18}, "model"),
+    ({"eval_metric": "top3"}, "eval_metric"),
+    ({"seed": None}, "seed"),
+])
+def test_wrong_yaml_value_type_is_an_error_naming_the_key(tmp_path, mapping, key):
+    cfg = write_yaml(tmp_path / "c.yaml", mapping)
+    with pytest.raises(UsageError, match=f"config key '{key}'"):
+        parse_args(["--config", cfg])
+
+
+def test_yaml_exponent_without_a_dot_is_read_as_a_number(tmp_path):
+    # PyYAML (YAML 1.1) loads `1e-3` as the string "1e-3"; users write it anyway.
+    (tmp_path / "c.yaml").write_text("lr: 1e-3\nweight_decay: 5.0e-5\n")
+    args = parse_args(["--config", str(tmp_path / "c.yaml")])
+    assert args.lr == 0.001 and args.weight_decay == 5e-5
+
+
+def test_a_yaml_true_boolean_can_be_turned_off_on_the_command_line(tmp_path):
+    cfg = write_yaml(tmp_path / "c.yaml", {"amp": True, "channels_last": True})
+    assert parse_args(["--config", cfg]).amp is True
+    args = parse_args(["--config", cfg, "--no-amp"])
+    assert args.amp is False and args.channels_last is True
+
+
+def test_digits_preset_is_exactly_the_defaults():
+    default = vars(parse_args([]))
+    preset = vars(parse_args(["--config", str(REPO / "configs" / "digits.yaml")]))
+    default.pop("config"), preset.pop("config")
+    assert preset == default
+
+
+def test_imagenette_recipe_parses_and_sets_a_resnet34():
+    args = parse_args(["--config", str(REPO / "configs" / "imagenette2-320_resnet34.yaml"), "/data/imagenette2-320"])
+    assert (args.model, args.img_size, args.data) == ("resnet34", 224, "/data/imagenette2-320")
+    assert args.model_ema and args.model_ema_half_life == "2ep"
+
+
+def test_every_flag_help_states_its_default():
+    parser = build_parser()
+    missing = [a.option_strings or a.dest for a in parser._actions
+               if not isinstance(a, argparse._HelpAction) and "(default:" not in (a.help or "")]
+    assert missing == []
+
+
+def test_timm_flag_names_are_accepted():
+    args = parse_args(["--model-ema", "--model-ema-decay", "0.9998", "--model-ema-warmup", "--model-ema-force-cpu",
+                       "--amp", "--amp-dtype", "bfloat16", "--channels-last", "--grad-accum-steps", "2",
+                       "--resume", "x.pth.tar", "--output", "o", "--experiment", "e", "--eval-metric", "loss",
+                       "--checkpoint-hist", "3", "-b", "16", "--lr", "0.1", "--epochs", "2", "--opt", "adamw",
+                       "--sched", "step", "--warmup-epochs", "1", "--img-size", "64", "--num-classes", "5",
+                       "--workers", "1", "--device", "cpu", "--seed", "1", "--dist-bn", "broadcast",
+                       "--smoothing", "0.0", "--mixup", "0.2", "--cutmix", "1.0", "--clip-grad", "1.0",
+                       "--torchcompile", "--log-interval", "5", "--weight-decay", "0.05"])
+    assert args.model_ema_decay == 0.9998 and args.torchcompile == "inductor" and args.batch_size == 16
+
+
+def test_unknown_flag_is_a_usage_error():
+    with pytest.raises(UsageError, match="unrecognized arguments: --model-ema-decy"):
+        parse_args(["--model-ema-decy", "0.9"])
+
+
+def test_resolved_args_yaml_loads_back_as_a_config(tmp_path):
+    args = parse_args(["--epochs", "7", "--model", "test_resnet", "--scale", "0.3", "1.0"])
+    path = tmp_path / "args.yaml"
+    path.write_text(args_to_yaml(args))
+    again = parse_args(["--config", str(path)])
+    assert {k: v for k, v in vars(again).items() if k != "config"} == \
+        {k: v for k, v in vars(args).items() if k != "config"}
+
+
+def test_ema_time_constant_comes_from_exactly_one_source():
+    assert resolve_ema_decay(parse_args([])) == (None, "0.5ep", "constant")  # the preset's half-life
+    assert resolve_ema_decay(parse_args(["--model-ema-decay", "0.9998"])) == (0.9998, None, "constant")
+    assert resolve_ema_decay(parse_args(["--model-ema-half-life", ""])) == (0.9998, None, "constant")
+    assert resolve_ema_decay(parse_args(["--model-ema-warmup"]))[2] == "warmup"
+
+
+def test_model_ema_warmup_conflicting_with_another_schedule_is_an_error():
+    with pytest.raises(UsageError, match="conflicts"):
+        parse_args(["--model-ema-warmup", "--model-ema-schedule", "threshold"])
+
+
+def test_pretrained_without_a_local_file_is_an_error():
+    with pytest.raises(UsageError, match="never downloads"):
+        parse_args(["--pretrained"])

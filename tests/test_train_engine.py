@@ -1,0 +1,114 @@
+"""train_one_epoch / evaluate: when the EMA is updated, and what evaluation counts."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from emakit import ModelEMA
+from emakit.training.engine import AmpSettings, TrainOptions, evaluate, train_one_epoch
+
+CPU = torch.device("cpu")
+
+
+def linear_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+
+
+def batches(n: int, size: int = 2, seed: int = 0, bad: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        x = torch.randn(size, 3, 2, 2, generator=gen)
+        if i == bad:
+            x[0, 0, 0, 0] = float("inf")  # inf activations -> inf/nan gradients
+        out.append((x, torch.randint(0, 4, (size,), generator=gen)))
+    return out
+
+
+@pytest.mark.parametrize("num_batches, accum", [(10, 4), (8, 4), (3, 1), (5, 8)])
+def test_ema_is_updated_once_per_optimizer_step_under_gradient_accumulation(num_batches, accum):
+    model = linear_net()
+    ema = ModelEMA(model, decay=0.9)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    out = train_one_epoch(0, model, batches(num_batches), opt, nn.CrossEntropyLoss(), device=CPU,
+                          opts=TrainOptions(grad_accum_steps=accum), ema=ema)
+    steps = math.ceil(num_batches / accum)
+    assert out["optimizer_steps"] == steps
+    assert ema.num_updates == steps
+    assert int(opt.state[model[1].weight]["step"]) == steps  # AdamW counts its own steps
+
+
+def test_accumulating_k_micro_batches_equals_one_step_on_their_concatenation():
+    data = batches(4, size=2)
+    accumulated, single = linear_net(), linear_net()
+    opt_a = torch.optim.SGD(accumulated.parameters(), lr=0.5)
+    opt_s = torch.optim.SGD(single.parameters(), lr=0.5)
+    train_one_epoch(0, accumulated, data, opt_a, nn.CrossEntropyLoss(), device=CPU,
+                    opts=TrainOptions(grad_accum_steps=4))
+    big = [(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data]))]
+    train_one_epoch(0, single, big, opt_s, nn.CrossEntropyLoss(), device=CPU, opts=TrainOptions())
+    for a, s in zip(accumulated.parameters(), single.parameters()):
+        torch.testing.assert_close(a, s, rtol=1e-5, atol=1e-6)
+
+
+def test_a_step_skipped_by_the_fp16_grad_scaler_is_not_an_ema_update():
+    model = linear_net()
+    ema = ModelEMA(model, decay=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    amp = AmpSettings(enabled=True, dtype=torch.float16, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    seen = []
+    original_update = ema.update
+
+    def spy(m):
+        seen.append(copy.deepcopy(m[1].weight.detach()))
+        original_update(m)
+
+    ema.update = spy
+    out = train_one_epoch(0, model, batches(4, bad=1), opt, nn.CrossEntropyLoss(), device=CPU,
+                          opts=TrainOptions(amp=amp), ema=ema)
+    assert out["skipped_steps"] == 1 and out["optimizer_steps"] == 3
+    assert ema.num_updates == 3 and len(seen) == 3
+    assert all(torch.isfinite(w).all() for w in seen)
+    assert amp.scaler.get_scale() == 2.0**7  # halved once, by the skipped step
+
+
+def test_evaluate_matches_a_direct_computation_of_loss_top1_top5():
+    model = linear_net(1).eval()
+    data = batches(5, size=3, seed=4)
+    metrics = evaluate(model, data, nn.CrossEntropyLoss(), device=CPU)
+    x = torch.cat([b for b, _ in data])
+    y = torch.cat([t for _, t in data])
+    with torch.no_grad():
+        logits = model(x)
+    assert metrics["samples"] == 15
+    assert metrics["top1"] == pytest.approx(100.0 * (logits.argmax(1) == y).float().mean().item())
+    assert metrics["top5"] == 100.0  # 4 classes: top-5 is every class
+    assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def test_evaluate_restores_training_mode():
+    model = linear_net().train()
+    evaluate(model, batches(1), nn.CrossEntropyLoss(), device=CPU)
+    assert model.training
+
+
+def test_pretrained_backbone_weights_come_from_the_local_file(tmp_path):
+    import timm
+
+    from emakit.training.run import build_model
+
+    torch.manual_seed(123)
+    source = timm.create_model("test_resnet", num_classes=3)
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    torch.manual_seed(0)
+    model = build_model("test_resnet", 3, CPU, pretrained_path=str(tmp_path / "weights.pth"))
+    head = model.default_cfg["classifier"]  # timm re-initialises the classifier for fine-tuning
+    for key, value in source.state_dict().items():
+        if not key.startswith(head + "."):
+            assert torch.equal(model.state_dict()[key], value), key
+    assert model.state_dict()[head + ".weight"].shape == source.state_dict()[head + ".weight"].shape
