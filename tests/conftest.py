@@ -24,7 +24,7 @@ TRAIN_PER_CLASS = 8
 VAL_PER_CLASS = 5
 # A fast training command: tiny timm model, 32 px, batch 8 -> 3 optimizer steps per epoch.
 FAST_ARGS = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "--no-progress",
-             "--log-interval", "1000", "--workers", "0", "--model-ema-half-life", "2ba"]
+             "--log-interval", "1000", "--workers", "0", "--model-ema", "--model-ema-half-life", "2ba"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -130,3 +130,13 @@ def test_model_ema_warmup_conflicting_with_another_schedule_is_an_error():
 def test_pretrained_without_a_local_file_is_an_error():
     with pytest.raises(UsageError, match="never downloads"):
         parse_args(["--pretrained"])
+
+
+def test_with_a_data_path_the_defaults_are_timms(tmp_path):
+    from emakit.training.config import resolve_ema_decay
+
+    args = parse_args([str(tmp_path), "--model-ema"])
+    assert (args.model, args.batch_size, args.img_size, args.epochs, args.hflip) == ("resnet50", 128, None, 300, 0.5)
+    assert resolve_ema_decay(args) == (0.9998, None, "constant")  # timm's --model-ema-decay default
+    assert parse_args([str(tmp_path)]).model_ema is False        # EMA is opt-in, as in timm
+    assert parse_args([]).model_ema is True                      # the digits preset turns it on

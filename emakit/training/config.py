@@ -21,6 +21,9 @@ from . import UsageError
 __all__ = ["build_parser", "parse_args", "load_yaml_defaults", "args_to_yaml", "resolve_ema_decay"]
 
 DEFAULT_EMA_DECAY = 0.9998  # timm's --model-ema-decay default
+# The embedded dataset's preset, applied when train.py gets neither a data path nor --config.
+DIGITS_PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "configs", "digits.yaml")
 _NOT_YAML_KEYS = {"config", "help"}
 
 
@@ -44,31 +47,31 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                         "instead of stopping with an error naming the file (default: False)")
     g.add_argument("--num-classes", type=int, default=None, metavar="N",
                    help="number of classes (default: None = number of class folders in the data)")
-    g.add_argument("--img-size", type=int, default=32, metavar="N",
-                   help="image size (default: 32; timm: None = model default)")
-    g.add_argument("--crop-pct", type=float, default=1.0, metavar="PCT",
-                   help="validation center-crop fraction (default: 1.0; timm: None = model default)")
+    g.add_argument("--img-size", type=int, default=None, metavar="N",
+                   help="image size (default: None = model default; digits preset: 32)")
+    g.add_argument("--crop-pct", type=float, default=None, metavar="PCT",
+                   help="validation center-crop fraction (default: None = model default; digits preset: 1.0)")
     g.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN",
                    help="normalisation mean (default: None = model default)")
     g.add_argument("--std", type=float, nargs="+", default=None, metavar="STD",
                    help="normalisation std (default: None = model default)")
     g.add_argument("--interpolation", default="", metavar="NAME",
                    help="resize interpolation for validation (default: '' = model default)")
-    g.add_argument("-b", "--batch-size", type=int, default=64, metavar="N",
-                   help="batch size per process (default: 64; timm: 128)")
+    g.add_argument("-b", "--batch-size", type=int, default=128, metavar="N",
+                   help="batch size per process (default: 128; digits preset: 64)")
     g.add_argument("-vb", "--validation-batch-size", type=int, default=None, metavar="N",
                    help="validation batch size (default: None = --batch-size)")
-    g.add_argument("-j", "--workers", type=int, default=0, metavar="N",
-                   help="data loader worker processes per rank (default: 0 = load in the main "
-                        "process, fastest for the in-memory digits; timm: 4)")
+    g.add_argument("-j", "--workers", type=int, default=4, metavar="N",
+                   help="data loader worker processes per rank (default: 4; digits preset: 0 = load in "
+                        "the main process, fastest for in-memory images)")
     g.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=False,
                    help="pin CPU memory in the data loaders (default: False)")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Model parameters")
-    g.add_argument("--model", default="resnet18", metavar="MODEL",
-                   help="timm model name (default: resnet18; timm: resnet50)")
+    g.add_argument("--model", default="resnet50", metavar="MODEL",
+                   help="timm model name (default: resnet50; digits preset: resnet18)")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                    help="start from pretrained weights in the local file --pretrained-path; "
                         "nothing is ever downloaded (default: False)")
@@ -96,8 +99,8 @@ def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--opt-betas", type=float, nargs="+", default=None, metavar="BETA",
                    help="optimizer betas (default: None)")
     g.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
-    g.add_argument("--weight-decay", type=float, default=5e-5, metavar="WD",
-                   help="weight decay (default: 5e-5; timm: 2e-5)")
+    g.add_argument("--weight-decay", type=float, default=2e-5, metavar="WD",
+                   help="weight decay (default: 2e-5; digits preset: 5e-5)")
     g.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
                    help="clip gradients at this norm/value (default: None = no clipping)")
     g.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"],
@@ -113,18 +116,18 @@ def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
                    help="step the LR schedule every optimizer update instead of every epoch (default: False)")
     g.add_argument("--lr", type=float, default=None, metavar="LR",
                    help="learning rate (default: None = lr-base * global batch / lr-base-size)")
-    g.add_argument("--lr-base", type=float, default=0.8, metavar="LR",
-                   help="base learning rate at --lr-base-size images per step (default: 0.8; timm: 0.1)")
+    g.add_argument("--lr-base", type=float, default=0.1, metavar="LR",
+                   help="base learning rate at --lr-base-size images per step (default: 0.1; digits preset: 0.8)")
     g.add_argument("--lr-base-size", type=int, default=256, metavar="N",
                    help="batch size of --lr-base (default: 256)")
     g.add_argument("--lr-base-scale", default="", choices=["", "linear", "sqrt"],
                    help="lr scaling with batch size (default: '' = sqrt for ada*/lamb, else linear)")
     g.add_argument("--warmup-lr", type=float, default=1e-5, metavar="LR", help="warmup start lr (default: 1e-5)")
     g.add_argument("--min-lr", type=float, default=0.0, metavar="LR", help="lr floor (default: 0.0)")
-    g.add_argument("--epochs", type=int, default=10, metavar="N",
-                   help="epochs to train (default: 10; timm: 300)")
-    g.add_argument("--warmup-epochs", type=int, default=0, metavar="N",
-                   help="lr warmup epochs (default: 0; timm: 5)")
+    g.add_argument("--epochs", type=int, default=300, metavar="N",
+                   help="epochs to train (default: 300; digits preset: 10)")
+    g.add_argument("--warmup-epochs", type=int, default=5, metavar="N",
+                   help="lr warmup epochs (default: 5; digits preset: 0)")
     g.add_argument("--warmup-prefix", action=argparse.BooleanOptionalAction, default=False,
                    help="exclude warmup from the decay schedule (default: False)")
     g.add_argument("--cooldown-epochs", type=int, default=0, metavar="N", help="cooldown epochs (default: 0)")
@@ -140,12 +143,12 @@ def _add_augment_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Augmentation and regularization parameters")
     g.add_argument("--no-aug", action="store_true", default=False,
                    help="disable all training augmentation (default: False)")
-    g.add_argument("--scale", type=float, nargs="+", default=[0.5, 1.0], metavar="PCT",
-                   help="random-resized-crop scale range (default: 0.5 1.0; timm: 0.08 1.0)")
+    g.add_argument("--scale", type=float, nargs="+", default=[0.08, 1.0], metavar="PCT",
+                   help="random-resized-crop scale range (default: 0.08 1.0; digits preset: 0.5 1.0)")
     g.add_argument("--ratio", type=float, nargs="+", default=[3.0 / 4.0, 4.0 / 3.0], metavar="RATIO",
                    help="random-resized-crop aspect ratio range (default: 0.75 1.33)")
-    g.add_argument("--hflip", type=float, default=0.0,
-                   help="horizontal flip probability (default: 0.0, digits are not mirror-symmetric; timm: 0.5)")
+    g.add_argument("--hflip", type=float, default=0.5,
+                   help="horizontal flip probability (default: 0.5; digits preset: 0.0, digits are not mirror-symmetric)")
     g.add_argument("--vflip", type=float, default=0.0, help="vertical flip probability (default: 0.0)")
     g.add_argument("--color-jitter", type=float, default=0.4, metavar="PCT", help="color jitter (default: 0.4)")
     g.add_argument("--aa", default=None, metavar="NAME", help="AutoAugment policy, e.g. rand-m9-mstd0.5 (default: None)")
@@ -172,9 +175,9 @@ def _add_augment_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_ema_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Model exponential moving average parameters")
-    g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
                    help="track an EMA of the weights and validate it every epoch "
-                        "(default: True, --no-model-ema to turn off; timm: False)")
+                        "(default: False as in timm; digits preset: True)")
     g.add_argument("--model-ema-decay", type=float, default=None, metavar="DECAY",
                    help=f"per-step EMA decay (default: None = {DEFAULT_EMA_DECAY} unless "
                         "--model-ema-half-life is given)")
@@ -182,9 +185,9 @@ def _add_ema_args(parser: argparse.ArgumentParser) -> None:
                    help="timm's EMA warmup: same as --model-ema-schedule warmup (default: False)")
     g.add_argument("--model-ema-force-cpu", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the EMA on the CPU; unlike timm it is still validated (default: False)")
-    g.add_argument("--model-ema-half-life", default="0.5ep", metavar="TIME",
+    g.add_argument("--model-ema-half-life", default=None, metavar="TIME",
                    help="EMA half-life instead of a decay: '2000ba' (steps), '0.5ep' (epochs), "
-                        "'1.2Mimg' (images); ignored when --model-ema-decay is given (default: 0.5ep)")
+                        "'1.2Mimg' (images); ignored when --model-ema-decay is given (default: None; digits preset: 0.5ep)")
     g.add_argument("--model-ema-schedule", default="constant", metavar="NAME",
                    help="decay schedule: constant, warmup, threshold, exp (default: constant)")
     g.add_argument("--model-ema-every", type=int, default=1, metavar="K",
@@ -302,15 +305,24 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` with the defaults of an optional ``--config`` YAML file.
 
+    The parser's defaults are timm's. With no data path and no ``--config``, the embedded
+    dataset's preset ``configs/digits.yaml`` supplies the defaults instead, so a bare
+    ``python train.py`` is a sensible short run while ``train.py DATA ...`` behaves like timm.
     Raises ``UsageError`` for unknown flags, bad values, unknown YAML keys and wrong types.
     """
     parser = build_parser()
     pre = _Parser(add_help=False)
     pre.add_argument("-c", "--config", default="")
     known, _ = pre.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**load_yaml_defaults(known.config, parser))
+    config = known.config
+    if not config and parser.parse_args(argv).data is None:
+        config = DIGITS_PRESET
+        if not os.path.isfile(config):
+            raise UsageError(f"the embedded dataset's preset {config} is missing; pass --config FILE or a data path")
+    if config:
+        parser.set_defaults(**load_yaml_defaults(config, parser))
     args = parser.parse_args(argv)
+    args.config = config
     _check_args(args)
     return args
 
