@@ -42,6 +42,8 @@ import torch
 from torch import nn
 
 __all__ = [
+    "atomic_write",
+    "write_text_atomic",
     "CheckpointError",
     "CheckpointSaver",
     "check_state_dict_compat",
@@ -112,11 +114,12 @@ def _reserve_temp(path: str) -> str:
             continue
 
 
-def _atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     """Run ``write(tmp_path)``, fsync the result, then ``os.replace`` it onto ``path``.
 
-    On any exception (KeyboardInterrupt included) the temp file is removed and whatever was
-    at ``path`` before is untouched."""
+    The one way emakit writes files (checkpoints, snapshots, results, plots): on any
+    exception (KeyboardInterrupt included) the temp file is removed and whatever was at
+    ``path`` before is untouched; missing parent folders are created."""
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
@@ -133,6 +136,16 @@ def _atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
             os.remove(tmp)
         raise
     _fsync_dir(folder)
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a crash never leaves half a file."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    atomic_write(path, write)
 
 
 def _find_unplain(obj: Any, where: str) -> tuple[str, Any] | None:
@@ -176,7 +189,7 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
             f"cannot save checkpoint {os.fspath(path)}: {where} is a {kind}, which torch.load(weights_only=True) "
             "refuses; convert it to tensors or plain types (int, float, bool, str, list, tuple, dict) before saving"
         )
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _as_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str] | None:
@@ -223,7 +236,7 @@ def save_safetensors(
         # larger buffer and tied weights are written (and read back) independently.
         tensors[key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
     meta = _as_metadata(metadata)
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 # --------------------------------------------------------------------------- reading
@@ -542,7 +555,7 @@ def _replace_with_link(src: str, dst: str) -> None:
     try:
         os.link(src, tmp)
     except (OSError, NotImplementedError):  # no hard links here (some network/FAT filesystems)
-        _atomic_write(dst, lambda t: shutil.copyfile(src, t))
+        atomic_write(dst, lambda t: shutil.copyfile(src, t))
         return
     try:
         os.replace(tmp, dst)

@@ -51,7 +51,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -520,19 +519,14 @@ def snapshot_count(total_steps: int, every: int, max_snapshots: int | None = Non
 
 
 def _atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace (atomic)."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """torch.save through :func:`emakit.checkpoint.atomic_write` (temp file, fsync, replace)."""
+    from .checkpoint import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a handle, not a path: the footprint estimate assumes its layout
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 class SnapshotWriter:

@@ -5,7 +5,6 @@ import builtins
 import csv
 import logging
 
-import pytest
 import torch
 from torch import nn
 

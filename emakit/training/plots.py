@@ -115,7 +115,6 @@ def plot_sweep(sigma_rels: Sequence[float], top1: Sequence[float], out_png: str 
 
 def _save(fig, out: Path) -> None:
     """Write atomically so a crash never leaves a truncated PNG."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
+    from emakit.checkpoint import atomic_write
+
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))

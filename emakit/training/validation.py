@@ -36,11 +36,11 @@ import torch
 from torch import nn
 
 from emakit.checkpoint import (CheckpointError, check_state_dict_compat, extract_state_dict, load_checkpoint,
-                               save_checkpoint, save_safetensors, strip_prefixes)
+                               save_checkpoint, save_safetensors, strip_prefixes, write_text_atomic)
 
 from . import UsageError
-from .data import IMG_EXTENSIONS, AugmentConfig, ImageListDataset, build_eval_loader, build_transforms, \
-    load_digits_splits
+from .data import (IMG_EXTENSIONS, AugmentConfig, ImageListDataset, _class_folders, _image_files, build_eval_loader,
+                   build_transforms, load_digits_splits)
 from .distributed import DistInfo
 from .engine import AmpSettings, evaluate
 
@@ -390,19 +390,6 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Any], source: str, l
 
 
 # =========================================================================== data
-def _class_folders(folder: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-
-
-def _image_files(class_dir: str) -> list[str]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames.sort()
-        files += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
-    return files
-
-
 def _locate_split(root: str, split: str | None, train_split: str, val_split: str | None) -> tuple[str, str]:
     """(split folder to evaluate, folder whose class folders define the label indices).
 
@@ -559,23 +546,6 @@ def _check_labels(dataset: ImageListDataset, num_classes: int, source: str) -> N
 
 
 # =========================================================================== outputs
-def _write_text_atomic(path: str, text: str) -> None:
-    """Write a temp file beside ``path``, fsync, ``os.replace``: never a half-written results file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _table_text(rows: Sequence[Mapping[str, Any]], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(list(rows), indent=2) + "\n"
@@ -592,7 +562,7 @@ def _table_text(rows: Sequence[Mapping[str, Any]], fmt: str) -> str:
 
 def write_results(records: Sequence[ResultRecord], path: str, fmt: str) -> None:
     """All records as CSV (one row each, ``RESULT_FIELDS`` columns) or a JSON list, atomically."""
-    _write_text_atomic(path, _table_text([r.as_dict() for r in records], fmt))
+    write_text_atomic(path, _table_text([r.as_dict() for r in records], fmt))
 
 
 def export_weights(state_dict: Mapping[str, torch.Tensor], path: str, *, arch: str | None,
@@ -705,7 +675,7 @@ def write_sweep_outputs(rows: Sequence[SweepRow], best: int, out_dir: str, fmt: 
     from .plots import plot_sweep
 
     table = os.path.join(out_dir, f"posthoc_sweep.{fmt}")
-    _write_text_atomic(table, _table_text([{**r.record.as_dict(), "best": i == best}
+    write_text_atomic(table, _table_text([{**r.record.as_dict(), "best": i == best}
                                            for i, r in enumerate(rows)], fmt))
     written = [table]
     step = rows[0].step
