@@ -28,24 +28,22 @@ from torch import nn
 from emakit import ModelEMA, MultiEMA
 
 
+COPY = "copy probe"
+
+
 def float_state_bytes(model: nn.Module) -> int:
     """Bytes of the floating-point parameters and buffers (what an EMA averages)."""
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors if t.is_floating_point())
 
 
-def copy_bandwidth(nbytes: int, device: torch.device, repeats: int = 7) -> float:
-    """Bytes/s of an in-memory copy (read + write counted) of a buffer of ``nbytes``."""
+def make_copy_probe(nbytes: int, device: torch.device) -> Callable[[], None]:
+    """A ``dst.copy_(src)`` of a buffer as large as the float state: it moves 2 x nbytes, an
+    EMA update 3 x nbytes, so the update's floor is 1.5 x the copy's time. Timed inside the
+    same interleaved rounds as the EMAs so both see the same machine load."""
     src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / statistics.median(times)
+    return lambda: dst.copy_(src)
 
 
 def sync(device: torch.device) -> None:
@@ -90,6 +88,7 @@ def bench_model(name: str, device: torch.device, rounds: int, multi: int) -> lis
     model = timm.create_model(name, pretrained=False).to(device)
     nbytes = float_state_bytes(model)
     updaters = make_updaters(model, 0.9998, device, multi)
+    updaters[COPY] = make_copy_probe(nbytes, device)
     for fn in updaters.values():  # warm-up: allocators, first-call caches
         fn()
     times: dict[str, list[float]] = {k: [] for k in updaters}
@@ -100,8 +99,9 @@ def bench_model(name: str, device: torch.device, rounds: int, multi: int) -> lis
             fn()
             sync(device)
             times[label].append(time.perf_counter() - t0)
-    bandwidth = copy_bandwidth(nbytes, device)
-    roofline = 3 * nbytes / bandwidth
+    copy_s = statistics.median(times.pop(COPY))
+    bandwidth = 2 * (nbytes // 4) * 4 / copy_s
+    roofline = 1.5 * copy_s
     ref = statistics.median(times["timm ModelEmaV3"])
     rows = []
     for label, ts in times.items():
