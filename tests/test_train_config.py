@@ -140,3 +140,68 @@ def test_with_a_data_path_the_defaults_are_timms(tmp_path):
     assert resolve_ema_decay(args) == (0.9998, None, "constant")  # timm's --model-ema-decay default
     assert parse_args([str(tmp_path)]).model_ema is False        # EMA is opt-in, as in timm
     assert parse_args([]).model_ema is True                      # the digits preset turns it on
+
+
+# --------------------------------------------------------------------------- issue 5 flags
+def test_a_comma_list_of_decays_or_half_lives_gives_one_value_per_ema():
+    assert parse_args(["--model-ema-decay", "0.999,0.9998,0.9999"]).model_ema_decay == [0.999, 0.9998, 0.9999]
+    assert parse_args(["--model-ema-half-life", "2000ba, 0.5ep"]).model_ema_half_life == ["2000ba", "0.5ep"]
+    assert parse_args(["--model-ema-decay", "0.9998"]).model_ema_decay == 0.9998  # one value: a scalar, as before
+    assert resolve_ema_decay(parse_args(["--model-ema-decay", "0.99,0.999"]))[:2] == ([0.99, 0.999], None)
+
+
+@pytest.mark.parametrize("value", [[0.999, 0.9999], "0.999,0.9999"])
+def test_yaml_takes_a_list_or_a_comma_string_of_decays(tmp_path, value):
+    cfg = write_yaml(tmp_path / "c.yaml", {"model_ema_decay": value, "posthoc_sigma_rels": [0.04, 0.1]})
+    args = parse_args(["--config", cfg])
+    assert args.model_ema_decay == [0.999, 0.9999] and args.posthoc_sigma_rels == [0.04, 0.1]
+
+
+def test_new_flags_defaults():
+    args = parse_args(["data"])
+    assert (args.model_ema_select, args.model_ema_bn_recal, args.model_ema_posthoc) == ("first", 0, False)
+    assert (args.posthoc_sigma_rels, args.posthoc_every, args.posthoc_dtype, args.posthoc_max_snapshots) == \
+        ([0.05, 0.1], None, "float16", None)
+
+
+def test_resolved_args_with_lists_load_back_as_a_config(tmp_path):
+    args = parse_args(["--model-ema-decay", "0.99,0.999", "--model-ema-posthoc", "--posthoc-sigma-rels", "0.07"])
+    path = tmp_path / "args.yaml"
+    path.write_text(args_to_yaml(args))
+    again = parse_args(["--config", str(path)])
+    assert again.model_ema_decay == [0.99, 0.999] and again.posthoc_sigma_rels == [0.07]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--model-ema-decay", "0.999,abc"], "'abc' in '0.999,abc' is not a decay"),
+    (["--model-ema-decay", "0.999,,0.9"], "empty item"),
+    (["--model-ema-decay", "0.99,0.99"], "lists a decay twice"),
+    (["--model-ema-half-life", "2ba,2ba"], "lists a half-life twice"),
+    (["--model-ema-select", "worst"], "invalid choice: 'worst'"),
+    (["--model-ema-bn-recal", "-1"], "--model-ema-bn-recal must be >= 0"),
+    (["--model-ema-bn-recal", "5", "--no-model-ema"], "add --model-ema"),
+    (["--model-ema-posthoc", "--posthoc-sigma-rels", "0.5"], "outside (0, 0.2887]"),
+    (["--model-ema-posthoc", "--posthoc-sigma-rels", "0.1,0.1000001"], "first 6 decimals"),
+    (["--model-ema-posthoc", "--posthoc-every", "0"], "--posthoc-every must be >= 1"),
+    (["--model-ema-posthoc", "--posthoc-max-snapshots", "1"], "--posthoc-max-snapshots must be >= 2"),
+    (["--model-ema-posthoc", "--posthoc-dtype", "int8"], "invalid choice: 'int8'"),
+    (["--posthoc-every", "10"], "needs --model-ema-posthoc"),
+])
+def test_bad_multi_ema_posthoc_and_bn_recal_values_exit_2_with_one_line(run_train, tmp_path, flags, needle):
+    code, _, err = run_train([*flags, "--output", tmp_path / "out"])
+    assert code == 2, err
+    assert err.strip().count("\n") == 0 and err.startswith("train.py: error:") and needle in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mapping, needle", [
+    ({"model_ema_decay": [0.99, "x"]}, "config key 'model_ema_decay': 'x' in '0.99,x' is not a decay"),
+    ({"model_ema_decay": []}, "config key 'model_ema_decay': expected at least one decay"),
+    ({"model_ema_decay": True}, "config key 'model_ema_decay'"),
+    ({"posthoc_sigma_rels": None}, "config key 'posthoc_sigma_rels': null is not allowed"),
+])
+def test_bad_list_values_in_yaml_name_the_key(tmp_path, mapping, needle):
+    cfg = write_yaml(tmp_path / "c.yaml", mapping)
+    with pytest.raises(UsageError) as info:
+        parse_args(["--config", cfg])
+    assert needle in str(info.value)

@@ -68,20 +68,23 @@ def free_port() -> int:
 def test_torchrun_two_processes_identical_ema_exact_counts_only_rank0_writes(tmp_path, image_folder):
     out, dump, script = tmp_path / "out", tmp_path / "dump", tmp_path / "audited_train.py"
     script.write_text(AUDITED_TRAIN)
+    # Two EMAs, BN recalibration (pooled over ranks) and post-hoc snapshots (rank 0) ride along.
     cmd = [*torchrun(), "--standalone", "--nproc_per_node=2", str(script), str(image_folder),
-           *FAST_ARGS, "-b", "4", "--epochs", "2", "--output", str(out), "--experiment", "ddp"]
+           *FAST_ARGS, "-b", "4", "--epochs", "2", "--output", str(out), "--experiment", "ddp",
+           "--model-ema-half-life", "2ba,4ba", "--model-ema-bn-recal", "2", "--model-ema-posthoc",
+           "--posthoc-every", "1"]
     env = subprocess_env(EMAKIT_DUMP_EMA_DIR=str(dump), AUDIT_LOG=str(tmp_path / "audit"),
                          AUDIT_WATCH=str(out), REPO=str(REPO))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    ema = [torch.load(dump / f"ema_rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert ema[0].keys() == ema[1].keys()
-    for key in ema[0]:
-        assert torch.equal(ema[0][key], ema[1][key]), key
     ckpt = torch.load(out / "ddp" / "last.pth.tar", weights_only=True)
-    for key in ema[0]:
-        assert torch.equal(ckpt["state_dict_ema"][key], ema[0][key]), key
+    for name, ckpt_key in (("ema", "state_dict_ema"), ("ema1", "state_dict_ema_1")):
+        ema = [torch.load(dump / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+        assert ema[0].keys() == ema[1].keys()
+        for key in ema[0]:
+            assert torch.equal(ema[0][key], ema[1][key]), (name, key)
+            assert torch.equal(ckpt[ckpt_key][key], ema[0][key]), (name, key)
 
     n_val = count_images(image_folder / "val")
     assert n_val % 2 == 1  # uneven shards: a padding sampler would count one image twice
@@ -90,7 +93,11 @@ def test_torchrun_two_processes_identical_ema_exact_counts_only_rank0_writes(tmp
     # each rank gets ceil(n/2) shuffled images and trains on full batches of 4 only
     per_rank = -(-count_images(image_folder / "train") // 2) // 4 * 4
     assert m["train_samples"] == 2 * per_rank
-    assert ckpt["ema"]["num_updates"] == 2 * (per_rank // 4)
+    assert ckpt["ema"]["num_updates"] == ckpt["ema_1"]["num_updates"] == 2 * (per_rank // 4)
+    steps = 2 * (per_rank // 4)
+    assert len(list((out / "ddp" / "posthoc").glob("posthoc-*.pt"))) == steps * 2  # every step, 2 profiles
+    assert ckpt["posthoc_ema"]["step"] == steps
+    assert m["ema1_eval_samples"] == n_val and len(ckpt["ema_bn_recal"]["buffers"]) == 2
 
     rank0 = (tmp_path / "audit.rank0").read_text().splitlines()
     rank1 = (tmp_path / "audit.rank1").read_text().splitlines()

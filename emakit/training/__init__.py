@@ -8,6 +8,8 @@ alone never imports this package. Modules:
 - ``distributed``  ``DistInfo`` (rank, world size, device, ``is_main``), init, reductions
 - ``engine``       ``train_one_epoch`` and ``evaluate``
 - ``run``          the fit loop: build -> resume -> epochs -> checkpoints -> summary
+- ``averages``     several EMAs, the post-hoc EMA tracker (snapshots), BN recalibration at evaluation
+- ``bn``, ``plots``, ``validation``: BN recalibration, PNG plots, the work behind ``validate.py``
 
 Importing this package imports nothing heavy; the submodules import timm when loaded.
 """

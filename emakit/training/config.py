@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -18,13 +19,72 @@ import yaml
 
 from . import UsageError
 
-__all__ = ["build_parser", "parse_args", "load_yaml_defaults", "args_to_yaml", "resolve_ema_decay"]
+__all__ = ["build_parser", "parse_args", "load_yaml_defaults", "args_to_yaml", "resolve_ema_decay",
+           "as_list", "CommaList"]
 
 DEFAULT_EMA_DECAY = 0.9998  # timm's --model-ema-decay default
+DEFAULT_POSTHOC_SIGMA_RELS = "0.05,0.10"  # EDM2's two tracked profiles
+POSTHOC_DTYPES = ("float16", "bfloat16", "float32")
 # The embedded dataset's preset, applied when train.py gets neither a data path nor --config.
 DIGITS_PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                              "configs", "digits.yaml")
 _NOT_YAML_KEYS = {"config", "help"}
+
+
+class CommaList:
+    """argparse ``type`` for a comma-separated list, e.g. ``0.999,0.9998,0.9999``.
+
+    Each item is converted with ``item`` and must be unique. With ``scalar_if_one`` a
+    single item stays a scalar, so a one-value flag reads exactly as it did before lists
+    (``args.model_ema_decay == 0.9998``). In a ``--config`` YAML file the value may be a
+    scalar, a YAML list or the same comma-separated string (:meth:`from_yaml`).
+    """
+
+    def __init__(self, item: type, what: str, *, scalar_if_one: bool = True, allow_empty: bool = False) -> None:
+        self.item = item
+        self.what = what
+        self.scalar_if_one = scalar_if_one
+        self.allow_empty = allow_empty
+        self.__name__ = f"comma-separated {what}s"  # argparse names the type in some messages
+
+    def __call__(self, text: str) -> Any:
+        if self.allow_empty and not str(text).strip():
+            return ""
+        return self._convert([part.strip() for part in str(text).split(",")], str(text))
+
+    def _convert(self, parts: list[Any], shown: str) -> Any:
+        values = []
+        for part in parts:
+            if part == "" or part is None:
+                raise argparse.ArgumentTypeError(f"empty item in {shown!r}; separate {self.what}s with commas")
+            try:
+                value = self.item(part)
+            except (TypeError, ValueError):
+                raise argparse.ArgumentTypeError(f"{part!r} in {shown!r} is not a {self.what}") from None
+            if isinstance(part, bool) or (self.item is float and not math.isfinite(value)):
+                raise argparse.ArgumentTypeError(f"{part!r} in {shown!r} is not a {self.what}")
+            values.append(value)
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"{shown!r} lists a {self.what} twice")
+        return values[0] if self.scalar_if_one and len(values) == 1 else values
+
+    def from_yaml(self, key: str, value: Any) -> Any:
+        """A YAML scalar, list or comma-separated string -> what the command line gives."""
+        try:
+            if isinstance(value, list):
+                if not value:
+                    raise argparse.ArgumentTypeError(f"expected at least one {self.what}")
+                return self._convert(value, ",".join(map(str, value)))
+            if isinstance(value, str):
+                return self(value)
+            return self._convert([value], str(value))
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"config key {key!r}: {e}") from None
+
+
+def as_list(value: Any) -> list[Any]:
+    """A ``CommaList`` flag's value as a list (a scalar becomes a list of one)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -178,16 +238,19 @@ def _add_ema_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
                    help="track an EMA of the weights and validate it every epoch "
                         "(default: False as in timm; digits preset: True)")
-    g.add_argument("--model-ema-decay", type=float, default=None, metavar="DECAY",
-                   help=f"per-step EMA decay (default: None = {DEFAULT_EMA_DECAY} unless "
-                        "--model-ema-half-life is given)")
+    g.add_argument("--model-ema-decay", type=CommaList(float, "decay"), default=None, metavar="DECAY[,DECAY...]",
+                   help=f"per-step EMA decay; a comma list (0.999,0.9998,0.9999) tracks one EMA per value in "
+                        f"one fused update (default: None = {DEFAULT_EMA_DECAY} unless --model-ema-half-life "
+                        "is given)")
     g.add_argument("--model-ema-warmup", action=argparse.BooleanOptionalAction, default=False,
                    help="timm's EMA warmup: same as --model-ema-schedule warmup (default: False)")
     g.add_argument("--model-ema-force-cpu", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the EMA on the CPU; unlike timm it is still validated (default: False)")
-    g.add_argument("--model-ema-half-life", default=None, metavar="TIME",
+    g.add_argument("--model-ema-half-life", type=CommaList(str, "half-life", allow_empty=True), default=None,
+                   metavar="TIME[,TIME...]",
                    help="EMA half-life instead of a decay: '2000ba' (steps), '0.5ep' (epochs), "
-                        "'1.2Mimg' (images); ignored when --model-ema-decay is given (default: None; digits preset: 0.5ep)")
+                        "'1.2Mimg' (images); a comma list tracks one EMA per value; ignored when "
+                        "--model-ema-decay is given (default: None; digits preset: 0.5ep)")
     g.add_argument("--model-ema-schedule", default="constant", metavar="NAME",
                    help="decay schedule: constant, warmup, threshold, exp (default: constant)")
     g.add_argument("--model-ema-every", type=int, default=1, metavar="K",
@@ -198,6 +261,36 @@ def _add_ema_args(parser: argparse.ArgumentParser) -> None:
                    help="EMA dtype, e.g. float32 master weights under bf16 AMP (default: None = model's)")
     g.add_argument("--model-ema-buffers", default="average", choices=["average", "copy"],
                    help="average float buffers (BatchNorm statistics) or copy them (default: average)")
+    g.add_argument("--model-ema-select", default="first", choices=["first", "best"],
+                   help="with several EMAs, the one whose --eval-metric picks model_best: first (the first "
+                        "decay/half-life, stored as state_dict_ema) or best (the best EMA of each epoch) "
+                        "(default: first)")
+    g.add_argument("--model-ema-bn-recal", type=int, default=0, metavar="N",
+                   help="before evaluating each EMA, recompute its BatchNorm statistics over N training "
+                        "batches per process; the EMA's averaged statistics are restored after the "
+                        "evaluation, so averaging goes on unchanged (default: 0 = off)")
+
+
+def _add_posthoc_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Post-hoc EMA (EDM2): snapshots to choose the EMA length after training")
+    g.add_argument("--model-ema-posthoc", action=argparse.BooleanOptionalAction, default=False,
+                   help="track power-function EMAs (Karras et al. 2024) and save their snapshots under "
+                        "<run>/posthoc/, so validate.py --posthoc-sigma-rel can rebuild any EMA length "
+                        "afterwards (default: False)")
+    g.add_argument("--posthoc-sigma-rels", type=CommaList(float, "sigma_rel", scalar_if_one=False),
+                   default=DEFAULT_POSTHOC_SIGMA_RELS, metavar="S[,S...]",
+                   help=f"relative widths of the tracked profiles, each in (0, 0.2887] "
+                        f"(default: {DEFAULT_POSTHOC_SIGMA_RELS})")
+    g.add_argument("--posthoc-every", type=int, default=None, metavar="N",
+                   help="optimizer steps between snapshots, plus one at the last step (default: None = "
+                        "ceil(total steps / 50): 25-50 snapshots over the run, every step in runs of up to "
+                        "50 steps; a resumed run keeps its interval)")
+    g.add_argument("--posthoc-dtype", default="float16", choices=list(POSTHOC_DTYPES),
+                   help="dtype of the stored snapshots; the profiles are accumulated in float32 "
+                        "(default: float16, as EDM2)")
+    g.add_argument("--posthoc-max-snapshots", type=int, default=None, metavar="N",
+                   help="bound the folder to N snapshot steps: when full, every other one is deleted and "
+                        "the interval doubles (default: None = unbounded)")
 
 
 def _add_misc_args(parser: argparse.ArgumentParser) -> None:
@@ -218,7 +311,8 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
                    help="run folder name (default: '' = YYYYMMDD-HHMMSS-<model>-<img size>, or the "
                         "resumed checkpoint's folder with --resume)")
     g.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"],
-                   help="metric that picks model_best, on the EMA when it is on (default: top1)")
+                   help="metric that picks model_best, on the EMA when it is on (see --model-ema-select) "
+                        "(default: top1)")
     g.add_argument("--no-progress", action="store_true", default=False,
                    help="no tqdm progress bars (default: False; bars only on rank 0 and a TTY)")
 
@@ -230,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="YAML file of flag dests (e.g. model_ema_decay: 0.9999) used as defaults; "
                              "the command line still wins (default: '')")
     for add in (_add_data_args, _add_model_args, _add_optimizer_args, _add_schedule_args,
-                _add_augment_args, _add_ema_args, _add_misc_args):
+                _add_augment_args, _add_ema_args, _add_posthoc_args, _add_misc_args):
         add(parser)
     return parser
 
@@ -242,6 +336,8 @@ def _bool_action(action: argparse.Action) -> bool:
 
 def _check_scalar(key: str, action: argparse.Action, value: Any) -> Any:
     kind = action.type or str
+    if isinstance(kind, CommaList):
+        return kind.from_yaml(key, value)
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise UsageError(f"config key {key!r}: expected an integer, got {value!r}")
     if kind is float:
@@ -332,7 +428,7 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("workers", "checkpoint_hist", "warmup_epochs"):
+    for name in ("workers", "checkpoint_hist", "warmup_epochs", "model_ema_bn_recal"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.pretrained and not args.pretrained_path:
@@ -342,12 +438,36 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--mixup/--cutmix need an even --batch-size, got {args.batch_size}")
     if args.model_ema_warmup and args.model_ema_schedule not in ("constant", "warmup"):
         raise UsageError(f"--model-ema-warmup conflicts with --model-ema-schedule {args.model_ema_schedule}")
+    if args.model_ema_bn_recal and not args.model_ema:
+        raise UsageError("--model-ema-bn-recal recalibrates the EMA's BatchNorm statistics: add --model-ema")
+    _check_posthoc_args(args)
 
 
-def resolve_ema_decay(args: argparse.Namespace) -> tuple[float | None, str | None, str]:
-    """(decay, half_life, schedule) for ``ModelEMA``: exactly one of decay / half-life is set.
+def _check_posthoc_args(args: argparse.Namespace) -> None:
+    from emakit.posthoc import SIGMA_REL_MAX
 
-    An explicit ``--model-ema-decay`` wins over the preset's default half-life.
+    if not args.model_ema_posthoc:
+        for name in ("posthoc_every", "posthoc_max_snapshots"):
+            if getattr(args, name) is not None:
+                raise UsageError(f"--{name.replace('_', '-')} needs --model-ema-posthoc")
+        return
+    if args.posthoc_every is not None and args.posthoc_every < 1:
+        raise UsageError(f"--posthoc-every must be >= 1, got {args.posthoc_every}")
+    if args.posthoc_max_snapshots is not None and args.posthoc_max_snapshots < 2:
+        raise UsageError(f"--posthoc-max-snapshots must be >= 2, got {args.posthoc_max_snapshots}")
+    for s in args.posthoc_sigma_rels:
+        if not 0.0 < s <= SIGMA_REL_MAX:
+            raise UsageError(f"--posthoc-sigma-rels {s:g} is outside (0, {SIGMA_REL_MAX:.4f}]: "
+                             "EDM2 tracks 0.05,0.10")
+    if len({f"{s:.6f}" for s in args.posthoc_sigma_rels}) != len(args.posthoc_sigma_rels):
+        raise UsageError(f"--posthoc-sigma-rels must differ in the first 6 decimals, got {args.posthoc_sigma_rels}")
+
+
+def resolve_ema_decay(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(decay, half_life, schedule) for the EMA(s): exactly one of decay / half-life is set.
+
+    Each is a scalar for one EMA or a list for several (see :class:`CommaList`). An explicit
+    ``--model-ema-decay`` wins over the preset's default half-life.
     """
     schedule = "warmup" if args.model_ema_warmup else args.model_ema_schedule
     if args.model_ema_decay is not None:

@@ -117,8 +117,11 @@ def train_one_epoch(
     ema: Any | None = None,
     lr_scheduler: Any | None = None,
     mixup_fn: Callable | None = None,
+    posthoc: Any | None = None,
 ) -> dict[str, float]:
-    """Train one epoch; update ``ema`` after every optimizer step that was taken.
+    """Train one epoch; update ``ema`` (a ``ModelEMA`` or ``MultiEMA``) and ``posthoc`` (a
+    post-hoc EMA tracker, anything with ``update(model)``) after every optimizer step that
+    was taken.
 
     With ``opts.grad_accum_steps = k`` an optimizer step (and an EMA update) happens once
     per k micro-batches and at the end of the epoch. Returns the mean training ``loss``
@@ -148,7 +151,7 @@ def train_one_epoch(
         samples += inputs.shape[0]
         if not need_update:
             continue
-        _finish_update(model, optimizer, opts, ema, stats)
+        _finish_update(model, optimizer, opts, ema, stats, posthoc)
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=epoch * updates_per_epoch + stats["steps"] + stats["skipped"])
         done = stats["steps"] + stats["skipped"]
@@ -159,7 +162,8 @@ def train_one_epoch(
 
 
 def _finish_update(model: nn.Module, optimizer: torch.optim.Optimizer, opts: TrainOptions,
-                   ema: Any | None, stats: dict[str, int]) -> None:
+                   ema: Any | None, stats: dict[str, int], posthoc: Any | None = None) -> None:
+    """One optimizer step, then the averages (skipped with the step when fp16 overflowed)."""
     stepped = optimizer_step(model, optimizer, opts)
     optimizer.zero_grad(set_to_none=True)
     if not stepped:
@@ -170,6 +174,8 @@ def _finish_update(model: nn.Module, optimizer: torch.optim.Optimizer, opts: Tra
     if ema is not None:
         ema.update(model)
         stats["ema"] += 1
+    if posthoc is not None:
+        posthoc.update(model)
 
 
 def _epoch_stats(loss_sum: torch.Tensor, samples: int, stats: dict[str, int], seconds: float,

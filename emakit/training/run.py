@@ -6,10 +6,17 @@ the EMA from the unwrapped module -> optimizer, LR scheduler, AMP scaler -> resu
 check a user can fail (data, model name, EMA settings, resume file, output folder) runs
 before the output folder is created, so a bad command leaves nothing behind.
 
-Each epoch trains, validates the raw weights and the EMA as separate passes, appends a row
-to ``summary.csv`` and saves ``last.pth.tar`` atomically (plus ``model_best.pth.tar`` and
-the best ``--checkpoint-hist`` epochs). All random state at the start of an epoch is a pure
-function of (seed, epoch, rank), so ``--resume`` continues bit-exactly on the CPU.
+Each epoch trains, validates the raw weights and every EMA as separate passes (each EMA's
+BatchNorm statistics recalibrated first with ``--model-ema-bn-recal``), appends a row to
+``summary.csv`` and saves ``last.pth.tar`` atomically (plus ``model_best.pth.tar`` and the
+best ``--checkpoint-hist`` epochs). All random state at the start of an epoch is a pure
+function of (seed, epoch, rank), so ``--resume`` continues bit-exactly on the CPU. At the
+end, rank 0 plots ``summary.png`` and, with ``--model-ema-posthoc``, reports the snapshot
+folder and the ``validate.py`` command that sweeps EMA lengths over it.
+
+Checkpoint keys beyond timm's (``averages`` module): ``state_dict_ema_<i>`` / ``ema_<i>``
+for EMA i >= 1, ``posthoc_ema`` (the power EMA state), ``ema_bn_recal`` (each EMA's
+recalibrated BatchNorm buffers of that epoch).
 """
 from __future__ import annotations
 
@@ -33,10 +40,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from emakit import ModelEMA
+from emakit import ModelEMA, MultiEMA
 from emakit.checkpoint import CheckpointError, CheckpointSaver, load_checkpoint, load_state_dict_strict
 
 from . import UsageError
+from .averages import (BN_RECAL_CHECKPOINT_KEY, POSTHOC_CHECKPOINT_KEY, EmaSet, PosthocTracker, auto_posthoc_every,
+                       describe_ema, ema_checkpoint_keys, ema_checkpoint_state, ema_label, ema_members, ema_selector,
+                       posthoc_sweep_command, recalibrated_bn)
+from .bn import has_batchnorm
 from .config import args_to_yaml, resolve_ema_decay
 from .data import (AugmentConfig, DataSplits, build_datasets, build_eval_loader, build_train_loader,
                    build_transforms, epoch_seed, resolve_data_config_for, set_epoch)
@@ -44,12 +55,13 @@ from .distributed import DistInfo, distribute_bn, init_distributed, shutdown_dis
 from .engine import AmpSettings, TrainOptions, evaluate, train_one_epoch
 
 __all__ = ["Trainer", "FitResult", "TrainingInterrupted", "build_trainer", "fit", "close_trainer",
-           "configure_logging", "SUMMARY_COLUMNS"]
+           "configure_logging", "SUMMARY_COLUMNS", "summary_columns"]
 
 _log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 2  # timm writes version 2 with the same keys
 SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5",
                    "ema_eval_loss", "ema_eval_top1", "ema_eval_top5", "lr"]
+_EVAL_KEYS = ("loss", "top1", "top5")
 DUMP_EMA_ENV = "EMAKIT_DUMP_EMA_DIR"  # debugging hook: every rank saves its EMA state dict here
 
 
@@ -66,7 +78,7 @@ class Trainer:
     data: DataSplits
     model: nn.Module              # what trains: possibly DDP-wrapped and/or compiled
     model_without_ddp: nn.Module  # the bare module: evaluated, saved, averaged
-    ema: ModelEMA | None
+    ema: EmaSet | None            # one ModelEMA, or a MultiEMA for several decays / half-lives
     ema_device: torch.device
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
@@ -78,20 +90,24 @@ class Trainer:
     mixup_fn: Any | None
     updates_per_epoch: int
     start_epoch: int = 0
+    posthoc: PosthocTracker | None = None  # rank 0 only, with --model-ema-posthoc
     output_dir: str | None = None
     saver: CheckpointSaver | None = None
     summary_rows: list[dict[str, Any]] = field(default_factory=list)
+    summary_columns: list[str] = field(default_factory=lambda: list(SUMMARY_COLUMNS))
 
 
 @dataclass
 class FitResult:
-    """What a finished run reports: its folder and the best raw / EMA epochs."""
+    """What a finished run reports: its folder and the best raw / (first) EMA epochs, and
+    with several EMAs the best of all of them with its ``--weights`` selector."""
 
     output_dir: str | None
     epochs_run: int
     best_raw: tuple[float, int] | None
     best_ema: tuple[float, int] | None
     eval_metric: str
+    best_any_ema: tuple[float, int, str] | None = None
 
 
 # --------------------------------------------------------------------------- logging
@@ -219,26 +235,54 @@ def check_compile_backend(backend: str | None) -> None:
 
 
 def build_ema(args: argparse.Namespace, model_without_ddp: nn.Module, *, updates_per_epoch: int,
-              global_batch_size: int, total_steps: int) -> ModelEMA | None:
-    """The EMA from the bare module, or None with ``--no-model-ema``; bad settings -> UsageError."""
+              global_batch_size: int, total_steps: int) -> EmaSet | None:
+    """The EMA from the bare module, or None with ``--no-model-ema``; bad settings -> UsageError.
+
+    One decay / half-life gives a ``ModelEMA``; a comma list gives one ``MultiEMA`` whose
+    members share every other setting and are updated in one pass.
+    """
     if not args.model_ema:
         return None
     decay, half_life, schedule = resolve_ema_decay(args)
+    shared: dict[str, Any] = dict(
+        schedule=schedule, update_every=args.model_ema_every, update_after_step=args.model_ema_after,
+        device="cpu" if args.model_ema_force_cpu else None, dtype=args.model_ema_dtype,
+        buffers=args.model_ema_buffers, steps_per_epoch=updates_per_epoch,
+        global_batch_size=global_batch_size, total_steps=total_steps)
     try:
-        ema = ModelEMA(
-            model_without_ddp, decay=decay, schedule=schedule, half_life=half_life,
-            update_every=args.model_ema_every, update_after_step=args.model_ema_after,
-            device="cpu" if args.model_ema_force_cpu else None, dtype=args.model_ema_dtype,
-            buffers=args.model_ema_buffers, steps_per_epoch=updates_per_epoch,
-            global_batch_size=global_batch_size, total_steps=total_steps,
-        )
+        if isinstance(decay, list):
+            ema: EmaSet = MultiEMA(model_without_ddp, decays=decay, **shared)
+        elif isinstance(half_life, list):
+            ema = MultiEMA(model_without_ddp, half_lives=half_life, **shared)
+        else:
+            ema = ModelEMA(model_without_ddp, decay=decay, half_life=half_life, **shared)
     except ValueError as e:
         raise UsageError(f"invalid EMA settings: {' '.join(str(e).split())}") from None
-    how = f"half-life {half_life} (decay {ema.decay:.6g} per step)" if half_life else f"decay {ema.decay:.6g}"
+    members = ema_members(ema)
+    how = describe_ema(members[0]) if len(members) == 1 else f"{len(members)} EMAs in one fused update (" + \
+        ", ".join(f"{ema_label(i)} {describe_ema(m)}" for i, m in enumerate(members)) + ")"
     _log.info("EMA: %s, schedule %s, every %d step(s), on %s%s", how, schedule, args.model_ema_every,
               "cpu" if args.model_ema_force_cpu else "the model's device",
               f", dtype {args.model_ema_dtype}" if args.model_ema_dtype else "")
     return ema
+
+
+def build_posthoc(args: argparse.Namespace, model_without_ddp: nn.Module, dist: DistInfo, *, total_steps: int,
+                  saved: dict[str, Any] | None) -> PosthocTracker | None:
+    """Rank 0's post-hoc EMA tracker with ``--model-ema-posthoc`` (None elsewhere).
+
+    The snapshot interval is ``--posthoc-every``, else the resumed run's, else
+    :func:`auto_posthoc_every` of the planned optimizer steps.
+    """
+    if not args.model_ema_posthoc or not dist.is_main:
+        return None
+    every = args.posthoc_every or int((saved or {}).get("snapshot_every") or 0) or auto_posthoc_every(total_steps)
+    try:
+        return PosthocTracker(model_without_ddp, sigma_rels=args.posthoc_sigma_rels, every=every,
+                              snapshot_dtype=args.posthoc_dtype, max_snapshots=args.posthoc_max_snapshots,
+                              total_steps=total_steps, device="cpu" if args.model_ema_force_cpu else None)
+    except ValueError as e:
+        raise UsageError(f"invalid post-hoc EMA settings: {' '.join(str(e).split())}") from None
 
 
 def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
@@ -336,9 +380,10 @@ def load_resume(path: str, model_name: str) -> dict[str, Any]:
     return ckpt
 
 
-def apply_resume(ckpt: dict[str, Any], path: str, *, model_without_ddp: nn.Module, ema: ModelEMA | None,
-                 optimizer: torch.optim.Optimizer, amp: AmpSettings, restore_optimizer: bool = True) -> int:
-    """Load weights, EMA, optimizer and scaler state; returns the epoch to start at.
+def apply_resume(ckpt: dict[str, Any], path: str, *, model_without_ddp: nn.Module, ema: EmaSet | None,
+                 optimizer: torch.optim.Optimizer, amp: AmpSettings, restore_optimizer: bool = True,
+                 posthoc: PosthocTracker | None = None) -> int:
+    """Load weights, EMA(s), post-hoc EMA, optimizer and scaler state; returns the epoch to start at.
 
     The LR schedule is not restored here: it is a function of the flags and the epoch, set
     by :func:`position_scheduler`, so ``--resume`` with a larger ``--epochs`` extends the
@@ -350,6 +395,10 @@ def apply_resume(ckpt: dict[str, Any], path: str, *, model_without_ddp: nn.Modul
         raise UsageError(f"--resume {path}: {' '.join(str(e).split())}") from None
     if ema is not None:
         resume_ema(ema, ckpt, path, model_without_ddp)
+    if posthoc is not None:
+        resume_posthoc(posthoc, ckpt, path)
+    elif ckpt.get(POSTHOC_CHECKPOINT_KEY) is not None:
+        _log.info("--resume %s tracked a post-hoc EMA; it stops here (no --model-ema-posthoc)", path)
     if restore_optimizer:
         if ckpt.get("optimizer") is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -360,18 +409,45 @@ def apply_resume(ckpt: dict[str, Any], path: str, *, model_without_ddp: nn.Modul
     return start_epoch
 
 
-def resume_ema(ema: ModelEMA, ckpt: dict[str, Any], path: str, model_without_ddp: nn.Module) -> None:
-    """EMA weights and update counter from the checkpoint; without them, restart the EMA
-    from the (already resumed) model weights."""
-    if ckpt.get("state_dict_ema") is not None:
+def resume_ema(ema: EmaSet, ckpt: dict[str, Any], path: str, model_without_ddp: nn.Module) -> None:
+    """Each EMA's weights and update counter from its checkpoint keys; an EMA the checkpoint
+    lacks restarts from the (already resumed) model weights, with the others' counter."""
+    members, missing = ema_members(ema), []
+    for i, member in enumerate(members):
+        weights_key, meta_key = ema_checkpoint_keys(i)
+        if ckpt.get(weights_key) is None:
+            missing.append(i)
+            continue
         try:
-            ema.load_checkpoint_state(ckpt["state_dict_ema"], ckpt.get("ema"))
+            member.load_checkpoint_state(ckpt[weights_key], ckpt.get(meta_key))
         except RuntimeError as e:
             raise UsageError(f"--resume {path}: EMA weights do not fit the model: {' '.join(str(e).split())[:300]}") \
                 from None
-    else:
-        _log.warning("--resume %s has no EMA weights: the EMA restarts from the resumed weights", path)
-        ema.set(model_without_ddp)
+    counter = max((m.num_updates for i, m in enumerate(members) if i not in missing), default=0)
+    for i in missing:
+        _log.warning("--resume %s has no weights for %s (%s): it restarts from the resumed weights", path,
+                     ema_label(i), ema_checkpoint_keys(i)[0])
+        members[i].set(model_without_ddp)
+        members[i].num_updates = counter
+    extra = sorted(k for k in ckpt if k.startswith("state_dict_ema_") and k[len("state_dict_ema_"):].isdigit()
+                   and int(k[len("state_dict_ema_"):]) >= len(members))
+    if extra:
+        _log.warning("--resume %s holds %d more EMA(s) than configured (%s); they are not continued",
+                     path, len(extra), ", ".join(extra))
+
+
+def resume_posthoc(posthoc: PosthocTracker, ckpt: dict[str, Any], path: str) -> None:
+    """The power EMA's profiles and step from the checkpoint; without them it starts now."""
+    state = ckpt.get(POSTHOC_CHECKPOINT_KEY)
+    if state is None:
+        _log.warning("--resume %s has no post-hoc EMA state: the post-hoc EMA starts at the resumed epoch "
+                     "(its snapshots cover training from here on; older ones in posthoc/ are deleted)", path)
+        return
+    try:
+        posthoc.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UsageError(f"--resume {path}: post-hoc EMA: {' '.join(str(e).split())[:300]}; pass the run's "
+                         f"--posthoc-sigma-rels {','.join(f'{x:g}' for x in state.get('sigma_rels', []))}") from None
 
 
 def position_scheduler(lr_scheduler: Any, start_epoch: int, updates_per_epoch: int, on_updates: bool,
@@ -442,13 +518,25 @@ def _read_summary(path: str, before_epoch: int) -> list[dict[str, Any]]:
                 and int(row["epoch"]) < before_epoch]
 
 
-def write_summary(path: str, rows: list[dict[str, Any]]) -> None:
-    """Rewrite ``summary.csv`` (atomically) with ``SUMMARY_COLUMNS``; empty cells for a missing EMA."""
+def summary_columns(num_emas: int) -> list[str]:
+    """``summary.csv`` columns: ``SUMMARY_COLUMNS`` for no or one EMA; with several, each
+    extra EMA's ``ema<i>_eval_{loss,top1,top5}`` after the first's, then ``ema_best`` (the
+    ``--weights`` selector of the epoch's best EMA by ``--eval-metric``) and ``lr``."""
+    if num_emas <= 1:
+        return list(SUMMARY_COLUMNS)
+    extra = [f"{ema_label(i)}_eval_{k}" for i in range(1, num_emas) for k in _EVAL_KEYS]
+    return SUMMARY_COLUMNS[:-1] + extra + ["ema_best", "lr"]
+
+
+def write_summary(path: str, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    """Rewrite ``summary.csv`` (atomically) with ``columns`` (default ``SUMMARY_COLUMNS``);
+    empty cells for a missing EMA."""
+    columns = columns or SUMMARY_COLUMNS
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in SUMMARY_COLUMNS})
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
     _write_text_atomic(path, buf.getvalue())
 
 
@@ -504,23 +592,40 @@ def _build_parts(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
     ema = build_ema(args, model_without_ddp, updates_per_epoch=updates_per_epoch,
                     global_batch_size=args.batch_size * dist.world_size * args.grad_accum_steps,
                     total_steps=updates_per_epoch * args.epochs)
+    _log_bn_recal(args.model_ema_bn_recal if ema is not None else 0, model_without_ddp, args.model)
+    posthoc = build_posthoc(args, model_without_ddp, dist, total_steps=updates_per_epoch * args.epochs,
+                            saved=ckpt.get(POSTHOC_CHECKPOINT_KEY) if ckpt else None)
     optimizer = build_optimizer(args, model_without_ddp)
     lr_scheduler = build_scheduler(args, optimizer, updates_per_epoch)
     amp = build_amp(args, dist.device)
     start_epoch = 0
     if ckpt is not None:
         start_epoch = apply_resume(ckpt, args.resume, model_without_ddp=model_without_ddp, ema=ema,
-                                   optimizer=optimizer, amp=amp, restore_optimizer=not args.no_resume_opt)
+                                   optimizer=optimizer, amp=amp, restore_optimizer=not args.no_resume_opt,
+                                   posthoc=posthoc)
         position_scheduler(lr_scheduler, start_epoch, updates_per_epoch, args.sched_on_updates,
                            None if args.no_resume_opt else ckpt.get("scheduler"))
         del ckpt
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile)  # after DDP, as timm does
     train_loss_fn, eval_loss_fn, mixup_fn = build_losses(args, num_classes, dist.device)
-    return dict(data=data, model=model, model_without_ddp=model_without_ddp, ema=ema, optimizer=optimizer,
-                lr_scheduler=lr_scheduler, amp=amp, train_loader=train_loader, eval_loader=eval_loader,
+    return dict(data=data, model=model, model_without_ddp=model_without_ddp, ema=ema, posthoc=posthoc,
+                optimizer=optimizer, lr_scheduler=lr_scheduler, amp=amp, train_loader=train_loader,
+                eval_loader=eval_loader,
                 train_loss_fn=train_loss_fn, eval_loss_fn=eval_loss_fn, mixup_fn=mixup_fn,
                 updates_per_epoch=updates_per_epoch, start_epoch=start_epoch, img_size=data_config["input_size"][-1])
+
+
+def _log_bn_recal(num_batches: int, model_without_ddp: nn.Module, model_name: str) -> None:
+    """Say what ``--model-ema-bn-recal`` does to the reported EMA metrics (or that it cannot)."""
+    if num_batches <= 0:
+        return
+    if not has_batchnorm(model_without_ddp):
+        _log.warning("--model-ema-bn-recal: %s has no BatchNorm layer, nothing to recalibrate", model_name)
+        return
+    _log.info("EMA BatchNorm recalibration: %d training batches per process before each EMA evaluation; the "
+              "checkpoints' state_dict_ema* keep the averaged statistics, the evaluated ones are in ema_bn_recal",
+              num_batches)
 
 
 def _setup_output(tr: Trainer, img_size: int, logs: _LogSetup | None) -> None:
@@ -548,6 +653,21 @@ def _setup_output(tr: Trainer, img_size: int, logs: _LogSetup | None) -> None:
         tr.saver.restore(up_to_epoch=tr.start_epoch - 1)
         tr.summary_rows = _read_summary(os.path.join(path, "summary.csv"), tr.start_epoch)
     _log.info("output folder: %s", path)
+    if tr.posthoc is not None:
+        _open_posthoc_folder(tr.posthoc, os.path.join(path, "posthoc"))
+
+
+def _open_posthoc_folder(posthoc: PosthocTracker, folder: str) -> None:
+    """Bind the snapshot folder (pruning snapshots newer than a resumed step) and log the
+    projected disk footprint."""
+    try:
+        posthoc.open_folder(folder)
+    except OSError as e:
+        raise UsageError(f"cannot write post-hoc snapshots to {folder}: {e.strerror or e}") from None
+    sigmas = ", ".join(f"{s:g}" for s in posthoc.power.sigma_rels)
+    _log.info("post-hoc EMA: sigma_rel %s, accumulated in float32 (%.1f MiB in memory); a snapshot every %d "
+              "optimizer step(s) in %s into %s; projected footprint %s", sigmas, posthoc.memory_bytes() / 2**20,
+              posthoc.writer.every, posthoc.snapshot_dtype, folder, posthoc.projected_footprint())
 
 
 def build_trainer(args: argparse.Namespace, logs: _LogSetup | None = None) -> Trainer:
@@ -558,7 +678,8 @@ def build_trainer(args: argparse.Namespace, logs: _LogSetup | None = None) -> Tr
         parts = _build_parts(args, dist)
         img_size = parts.pop("img_size")
         ema_device = torch.device("cpu") if args.model_ema_force_cpu else dist.device
-        tr = Trainer(args=args, dist=dist, ema_device=ema_device, **parts)
+        tr = Trainer(args=args, dist=dist, ema_device=ema_device,
+                     summary_columns=summary_columns(len(ema_members(parts["ema"]))), **parts)
         _setup_output(tr, img_size, logs)
         return tr
     except BaseException:
@@ -581,41 +702,100 @@ def _train_options(args: argparse.Namespace, tr: Trainer) -> TrainOptions:
 def _ema_input_dtype(tr: Trainer) -> torch.dtype | None:
     """Feed a low-precision EMA (``--model-ema-dtype bfloat16``) inputs of its dtype when
     autocast is off, so its evaluation does not fail on a dtype mismatch."""
-    param = next(iter(tr.ema.module.parameters()), None) if tr.ema is not None else None
+    members = ema_members(tr.ema)
+    param = next(iter(members[0].module.parameters()), None) if members else None
     if param is None or tr.amp.enabled or param.dtype == torch.float32:
         return None
     return param.dtype
 
 
-def evaluate_raw_and_ema(tr: Trainer) -> tuple[dict[str, float], dict[str, float] | None]:
-    """Validate the raw weights and the EMA as two passes, BN buffers synced first."""
+def _ema_autocast(tr: Trainer) -> Callable[[], contextlib.AbstractContextManager] | None:
+    """Autocast factory for forward passes of the EMA outside ``evaluate`` (BN recalibration):
+    the AMP settings, or the EMA's own dtype for a low-precision EMA without AMP."""
+    if tr.amp.enabled:
+        return lambda: tr.amp.autocast(tr.ema_device)
+    dtype = _ema_input_dtype(tr)
+    if dtype is None:
+        return None
+    return lambda: torch.autocast(device_type=tr.ema_device.type, dtype=dtype)
+
+
+def _bn_recal_context(tr: Trainer, module: nn.Module) -> contextlib.AbstractContextManager:
+    """``recalibrated_bn`` over ``--model-ema-bn-recal`` training batches, or a no-op yielding None."""
+    if tr.args.model_ema_bn_recal <= 0:
+        return contextlib.nullcontext(None)
+    return recalibrated_bn(module, tr.train_loader, tr.args.model_ema_bn_recal, tr.ema_device,
+                           channels_last=tr.args.channels_last, autocast=_ema_autocast(tr))
+
+
+def evaluate_raw_and_emas(tr: Trainer) -> tuple[dict[str, float], list[dict[str, float]],
+                                                list[dict[str, torch.Tensor]]]:
+    """Validate the raw weights and each EMA as separate passes, BN buffers synced first.
+
+    Returns (raw metrics, one metrics dict per EMA, the recalibrated BatchNorm buffers of
+    each EMA: empty without ``--model-ema-bn-recal``). With recalibration every EMA is
+    evaluated under statistics re-estimated for its own weights, and keeps its averaged
+    statistics afterwards (see ``recalibrated_bn``).
+    """
     args, progress = tr.args, tr.dist.is_main and not tr.args.no_progress
     distribute_bn(tr.model_without_ddp, tr.dist, args.dist_bn)
     raw = evaluate(tr.model_without_ddp, tr.eval_loader, tr.eval_loss_fn, device=tr.dist.device, amp=tr.amp,
                    channels_last=args.channels_last, dist=tr.dist, progress=progress)
-    if tr.ema is None:
-        return raw, None
-    distribute_bn(tr.ema.module, tr.dist, args.dist_bn)
-    ema = evaluate(tr.ema.module, tr.eval_loader, tr.eval_loss_fn, device=tr.ema_device, amp=tr.amp,
-                   channels_last=args.channels_last, dist=tr.dist, log_suffix=" (EMA)", progress=progress,
-                   input_dtype=_ema_input_dtype(tr))
-    return raw, ema
+    results, recalibrated = [], []
+    for i, member in enumerate(ema_members(tr.ema)):
+        distribute_bn(member.module, tr.dist, args.dist_bn)
+        with _bn_recal_context(tr, member.module) as buffers:
+            results.append(evaluate(member.module, tr.eval_loader, tr.eval_loss_fn, device=tr.ema_device,
+                                    amp=tr.amp, channels_last=args.channels_last, dist=tr.dist,
+                                    log_suffix=f" ({ema_label(i).upper()})", progress=progress,
+                                    input_dtype=_ema_input_dtype(tr)))
+        if buffers is not None:
+            recalibrated.append(buffers)
+    return raw, results, recalibrated
+
+
+def best_ema_index(emas: list[dict[str, float]], eval_metric: str) -> int | None:
+    """Index of the best EMA by ``eval_metric`` (lowest loss, else highest); ties -> the first."""
+    if not emas:
+        return None
+    sign = 1.0 if eval_metric == "loss" else -1.0
+    return min(range(len(emas)), key=lambda i: (sign * emas[i][eval_metric], i))
+
+
+def select_metric(raw: dict[str, float], emas: list[dict[str, float]], eval_metric: str, select: str) -> float:
+    """The value that picks ``model_best``: the raw weights' without EMA, else the first
+    EMA's (``--model-ema-select first``) or the best EMA's (``best``)."""
+    if not emas:
+        return raw[eval_metric]
+    index = best_ema_index(emas, eval_metric) if select == "best" else 0
+    return emas[index][eval_metric]
 
 
 def _epoch_metrics(epoch: int, train: dict[str, float], raw: dict[str, float],
-                   ema: dict[str, float] | None) -> dict[str, Any]:
+                   emas: list[dict[str, float]], eval_metric: str = "top1") -> dict[str, Any]:
     row: dict[str, Any] = {"epoch": epoch, "train_loss": train["loss"], "eval_loss": raw["loss"],
                            "eval_top1": raw["top1"], "eval_top5": raw["top5"], "lr": train["lr"],
                            "eval_samples": raw["samples"], "train_samples": train["samples"],
                            "optimizer_steps": train["optimizer_steps"], "ema_updates": train["ema_updates"],
                            "skipped_steps": train["skipped_steps"]}
     for key in ("loss", "top1", "top5", "samples"):
-        row[f"ema_eval_{key}"] = None if ema is None else ema[key]
+        row[f"ema_eval_{key}"] = emas[0][key] if emas else None
+    for i, metrics in enumerate(emas[1:], start=1):
+        for key in ("loss", "top1", "top5", "samples"):
+            row[f"{ema_label(i)}_eval_{key}"] = metrics[key]
+    if len(emas) > 1:
+        row["ema_best"] = ema_selector(best_ema_index(emas, eval_metric))
     return row
 
 
-def checkpoint_state(tr: Trainer, epoch: int, metric: float, metrics: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint dict (DESIGN.md section 3): tensors and plain types only."""
+def checkpoint_state(tr: Trainer, epoch: int, metric: float, metrics: dict[str, Any],
+                     bn_recal: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """The checkpoint dict (DESIGN.md section 3): tensors and plain types only.
+
+    Adds every EMA (``state_dict_ema`` + ``ema``, then ``state_dict_ema_<i>`` + ``ema_<i>``),
+    the post-hoc EMA state (``posthoc_ema``) and the epoch's recalibrated BatchNorm buffers
+    of each EMA (``ema_bn_recal``: ``{"num_batches": N, "buffers": [per EMA]}``) when on.
+    """
     state: dict[str, Any] = {
         "epoch": epoch, "arch": tr.args.model, "version": CHECKPOINT_VERSION,
         "state_dict": tr.model_without_ddp.state_dict(),
@@ -624,21 +804,29 @@ def checkpoint_state(tr: Trainer, epoch: int, metric: float, metrics: dict[str, 
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(tr.args).items()},
         "metric": metric, "metrics": dict(metrics),
     }
-    if tr.ema is not None:
-        state.update(tr.ema.checkpoint_state())
+    state.update(ema_checkpoint_state(tr.ema))
+    if tr.posthoc is not None:
+        state[POSTHOC_CHECKPOINT_KEY] = tr.posthoc.state_dict()
+    if bn_recal:
+        state[BN_RECAL_CHECKPOINT_KEY] = {"num_batches": tr.args.model_ema_bn_recal, "buffers": bn_recal}
     return state
 
 
-def _log_epoch(epoch: int, num_epochs: int, m: dict[str, Any], seconds: float, img_per_sec: float) -> None:
+def _log_epoch(epoch: int, num_epochs: int, m: dict[str, Any], seconds: float, img_per_sec: float,
+               num_emas: int = 1) -> None:
     ema = "" if m["ema_eval_top1"] is None else (
         f" | EMA top1 {m['ema_eval_top1']:.2f} top5 {m['ema_eval_top5']:.2f} loss {m['ema_eval_loss']:.4f}")
+    for i in range(1, num_emas):
+        ema += f" | {ema_label(i).upper()} top1 {m[f'{ema_label(i)}_eval_top1']:.2f}"
+    if num_emas > 1:
+        ema += f" | best of {num_emas} EMAs: {m['ema_best']}"
     _log.info("epoch %d/%d: train loss %.4f | raw top1 %.2f top5 %.2f loss %.4f%s | lr %.4g | %.1fs, %.0f img/s",
               epoch, num_epochs - 1, m["train_loss"], m["eval_top1"], m["eval_top5"], m["eval_loss"], ema,
               m["lr"], seconds, img_per_sec)
 
 
 def run_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
-    """Train, validate raw and EMA, step the LR schedule, write summary and checkpoints."""
+    """Train, validate raw and every EMA, step the LR schedule, write summary and checkpoints."""
     args, start = tr.args, time.perf_counter()
     seed_all(epoch_seed(args.seed, epoch, tr.dist.rank))
     set_epoch(tr.train_loader, epoch, args.seed, tr.dist.rank)
@@ -646,16 +834,16 @@ def run_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
         tr.mixup_fn.mixup_enabled = False
     train = train_one_epoch(epoch, tr.model, tr.train_loader, tr.optimizer, tr.train_loss_fn,
                             device=tr.dist.device, opts=_train_options(args, tr), dist=tr.dist, ema=tr.ema,
-                            lr_scheduler=tr.lr_scheduler, mixup_fn=tr.mixup_fn)
-    raw, ema = evaluate_raw_and_ema(tr)
-    metrics = _epoch_metrics(epoch, train, raw, ema)
-    metric = (ema or raw)[args.eval_metric]
+                            lr_scheduler=tr.lr_scheduler, mixup_fn=tr.mixup_fn, posthoc=tr.posthoc)
+    raw, emas, bn_recal = evaluate_raw_and_emas(tr)
+    metrics = _epoch_metrics(epoch, train, raw, emas, args.eval_metric)
+    metric = select_metric(raw, emas, args.eval_metric, args.model_ema_select)
     tr.lr_scheduler.step(epoch + 1, metric)
     if tr.dist.is_main:
         tr.summary_rows.append(metrics)
-        write_summary(os.path.join(tr.output_dir, "summary.csv"), tr.summary_rows)
-        tr.saver.save(checkpoint_state(tr, epoch, metric, metrics), epoch, metric)
-        _log_epoch(epoch, args.epochs, metrics, time.perf_counter() - start, train["img_per_sec"])
+        write_summary(os.path.join(tr.output_dir, "summary.csv"), tr.summary_rows, tr.summary_columns)
+        tr.saver.save(checkpoint_state(tr, epoch, metric, metrics, bn_recal), epoch, metric)
+        _log_epoch(epoch, args.epochs, metrics, time.perf_counter() - start, train["img_per_sec"], len(emas))
     return metrics
 
 
@@ -679,7 +867,36 @@ def _dump_ema_if_asked(tr: Trainer) -> None:
     folder = os.environ.get(DUMP_EMA_ENV)
     if folder and tr.ema is not None:
         os.makedirs(folder, exist_ok=True)
-        torch.save(tr.ema.module.state_dict(), os.path.join(folder, f"ema_rank{tr.dist.rank}.pt"))
+        for i, member in enumerate(ema_members(tr.ema)):
+            torch.save(member.module.state_dict(), os.path.join(folder, f"{ema_label(i)}_rank{tr.dist.rank}.pt"))
+
+
+def _finish_posthoc(tr: Trainer) -> None:
+    """Final snapshot, the footprint on disk, and the command that sweeps EMA lengths."""
+    posthoc = tr.posthoc
+    posthoc.finish()
+    steps, used = posthoc.stored_steps(), posthoc.disk_usage()
+    _log.info("post-hoc EMA: %d snapshot steps x %d profiles in %s: %.1f MiB on disk (%d bytes; projected %s)",
+              len(steps), len(posthoc.power.sigma_rels), posthoc.writer.folder, used / 2**20, used,
+              posthoc.projected_footprint())
+    _log.info("choose the EMA length now: %s", posthoc_sweep_command(tr.args.data, tr.saver.last_path))
+
+
+def _plot_summary(tr: Trainer) -> None:
+    """``summary.png`` beside ``summary.csv``; without matplotlib, plots.py logs a notice.
+    A plot is a convenience: any failure is a warning, never a failed run."""
+    from .plots import plot_summary
+
+    path = os.path.join(tr.output_dir, "summary.csv")
+    if not tr.summary_rows or not os.path.isfile(path):
+        return
+    try:
+        png = plot_summary(path)
+    except Exception as e:  # noqa: BLE001 - matplotlib can fail in many ways (fonts, backends)
+        _log.warning("could not plot %s: %s", path, " ".join(str(e).split())[:300])
+        return
+    if png is not None:
+        _log.info("plot: %s", png)
 
 
 def _console_logs_above_progress_bars(enabled: bool) -> contextlib.AbstractContextManager:
@@ -709,13 +926,33 @@ def fit(tr: Trainer) -> FitResult:
     except KeyboardInterrupt:
         raise TrainingInterrupted(_interrupt_message(tr, last_epoch)) from None
     _dump_ema_if_asked(tr)
+    if tr.dist.is_main:
+        if tr.posthoc is not None:
+            _finish_posthoc(tr)
+        _plot_summary(tr)
     lower = args.eval_metric == "loss"
     result = FitResult(tr.output_dir, args.epochs - tr.start_epoch,
                        _best(tr.summary_rows, f"eval_{args.eval_metric}", lower),
-                       _best(tr.summary_rows, f"ema_eval_{args.eval_metric}", lower), args.eval_metric)
+                       _best(tr.summary_rows, f"ema_eval_{args.eval_metric}", lower), args.eval_metric,
+                       _best_of_emas(tr.summary_rows, len(ema_members(tr.ema)), args.eval_metric))
     if tr.dist.is_main:
         _log.info("%s", describe_result(result))
     return result
+
+
+def _best_of_emas(rows: list[dict[str, Any]], num_emas: int, eval_metric: str) -> tuple[float, int, str] | None:
+    """(value, epoch, ``--weights`` selector) of the best EMA over all epochs; None for < 2 EMAs."""
+    if num_emas < 2:
+        return None
+    lower, found = eval_metric == "loss", []
+    for i in range(num_emas):
+        best = _best(rows, f"{ema_label(i)}_eval_{eval_metric}", lower)
+        if best is not None:
+            found.append((best[0], best[1], ema_selector(i)))
+    if not found:
+        return None
+    sign = 1.0 if lower else -1.0
+    return min(found, key=lambda b: (sign * b[0], b[1]))
 
 
 def describe_result(result: FitResult) -> str:
@@ -723,5 +960,8 @@ def describe_result(result: FitResult) -> str:
     def fmt(best: tuple[float, int] | None) -> str:
         return "n/a" if best is None else f"{best[0]:.2f} (epoch {best[1]})"
 
+    best_any = "" if result.best_any_ema is None else (
+        f"; best of all EMAs: {result.best_any_ema[2]} {result.best_any_ema[0]:.2f} (epoch {result.best_any_ema[1]}, "
+        f"validate.py --weights {result.best_any_ema[2]})")
     return (f"best raw {result.eval_metric} {fmt(result.best_raw)}; best EMA {result.eval_metric} "
-            f"{fmt(result.best_ema)}; outputs in {result.output_dir}")
+            f"{fmt(result.best_ema)}{best_any}; outputs in {result.output_dir}")

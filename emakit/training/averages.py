@@ -1,0 +1,230 @@
+"""The trainer's weight averages beyond one EMA: several EMAs, the post-hoc power EMA, and
+BatchNorm recalibration at evaluation.
+
+- **Several EMAs** (``--model-ema-decay 0.999,0.9998,0.9999``) are one ``MultiEMA``: one
+  update reads the model once for all of them. EMA ``i`` is named ``ema`` (i = 0) or
+  ``ema<i>`` in ``summary.csv`` columns and logs, ``ema:<i>`` in ``validate.py --weights``,
+  and is stored in checkpoints under ``state_dict_ema`` + ``ema`` (i = 0, timm's key) or
+  ``state_dict_ema_<i>`` + ``ema_<i>``. One value stays a plain ``ModelEMA``.
+- **Post-hoc EMA** (``--model-ema-posthoc``, Karras et al. 2024, EDM2): rank 0 tracks a
+  ``PowerEMA`` after every optimizer step and writes its snapshots into ``<run>/posthoc/``
+  (:class:`PosthocTracker`); ``validate.py --posthoc-sigma-rel`` rebuilds any EMA length.
+- **BN recalibration** (``--model-ema-bn-recal N``): :func:`recalibrated_bn` re-estimates an
+  EMA's BatchNorm statistics for the evaluation only and puts the averaged ones back.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Union
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from emakit import ModelEMA, MultiEMA
+from emakit.posthoc import Footprint, PowerEMA, SnapshotWriter, estimate_footprint, list_snapshots, snapshot_count
+
+from .bn import recalibrate_bn
+
+__all__ = ["EmaSet", "ema_members", "ema_label", "ema_selector", "ema_checkpoint_keys", "ema_checkpoint_state",
+           "describe_ema", "bn_buffers", "recalibrated_bn", "auto_posthoc_every", "PosthocTracker",
+           "posthoc_sweep_command", "POSTHOC_CHECKPOINT_KEY", "BN_RECAL_CHECKPOINT_KEY", "SWEEP_SIGMA_RELS"]
+
+_log = logging.getLogger(__name__)
+
+EmaSet = Union[ModelEMA, MultiEMA]
+POSTHOC_CHECKPOINT_KEY = "posthoc_ema"
+BN_RECAL_CHECKPOINT_KEY = "ema_bn_recal"
+SWEEP_SIGMA_RELS = "0.02,0.05,0.08,0.15"  # the sweep suggested at the end of a post-hoc run
+_POSTHOC_TARGET_SNAPSHOTS = 50
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# --------------------------------------------------------------------------- several EMAs
+def ema_members(ema: EmaSet | None) -> list[ModelEMA]:
+    """The individual EMAs: ``[ema]`` for a ``ModelEMA``, its members for a ``MultiEMA``."""
+    if ema is None:
+        return []
+    return list(ema) if isinstance(ema, MultiEMA) else [ema]
+
+
+def ema_label(index: int) -> str:
+    """Column / log name of EMA ``index``: ``ema``, ``ema1``, ``ema2``, ..."""
+    return "ema" if index == 0 else f"ema{index}"
+
+
+def ema_selector(index: int) -> str:
+    """``validate.py --weights`` value that picks EMA ``index``: ``ema``, ``ema:1``, ..."""
+    return "ema" if index == 0 else f"ema:{index}"
+
+
+def ema_checkpoint_keys(index: int) -> tuple[str, str]:
+    """(weights key, meta key) of EMA ``index`` in a checkpoint: timm's ``state_dict_ema`` for
+    the first, ``state_dict_ema_<i>`` / ``ema_<i>`` for the others (``extract_state_dict``'s ``ema:i``)."""
+    return ("state_dict_ema", "ema") if index == 0 else (f"state_dict_ema_{index}", f"ema_{index}")
+
+
+def ema_checkpoint_state(ema: EmaSet | None) -> dict[str, Any]:
+    """Every EMA's weights and meta (update counter, settings) under its checkpoint keys."""
+    state: dict[str, Any] = {}
+    for i, member in enumerate(ema_members(ema)):
+        weights_key, meta_key = ema_checkpoint_keys(i)
+        part = member.checkpoint_state()
+        state[weights_key], state[meta_key] = part["state_dict_ema"], part["ema"]
+    return state
+
+
+def describe_ema(member: ModelEMA) -> str:
+    """``decay 0.9998`` or ``half-life 0.5ep (decay 0.939 per step)``."""
+    if member.half_life:
+        return f"half-life {member.half_life} (decay {member.decay:.6g} per step)"
+    return f"decay {member.decay:.6g}"
+
+
+# --------------------------------------------------------------------------- BN recalibration
+def bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The live running-statistics buffers (mean, var, count) of every tracking BatchNorm."""
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in module.named_modules():
+        if isinstance(mod, _BatchNorm) and mod.track_running_stats:
+            for buf_name in ("running_mean", "running_var", "num_batches_tracked"):
+                buf = getattr(mod, buf_name, None)
+                if buf is not None:
+                    out[f"{name}.{buf_name}" if name else buf_name] = buf
+    return out
+
+
+@contextlib.contextmanager
+def recalibrated_bn(module: nn.Module, loader: Iterable, num_batches: int, device: torch.device, *,
+                    channels_last: bool = False,
+                    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                    ) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, ``module`` carries BatchNorm statistics re-estimated over
+    ``num_batches`` batches of ``loader`` (``recalibrate_bn``: cumulative average, pooled
+    over DDP ranks); on exit its own buffers are put back bit-exactly.
+
+    Why restore: an EMA averages its BatchNorm buffers along with the weights, and the
+    next update must continue from that average, exactly as without recalibration (the
+    checkpoint's ``state_dict_ema`` and a resumed run are unchanged by the flag). The
+    recalibrated statistics are a function of the EMA weights and the data, cheap to
+    recompute; the block yields copies of them for the checkpoint's ``ema_bn_recal`` key.
+    """
+    saved = {name: buf.clone() for name, buf in bn_buffers(module).items()}
+    try:
+        recalibrate_bn(module, loader, num_batches, device, channels_last=channels_last, autocast=autocast)
+        yield {name: buf.detach().clone() for name, buf in bn_buffers(module).items()}
+    finally:
+        with torch.no_grad():
+            live = bn_buffers(module)
+            for name, value in saved.items():
+                live[name].copy_(value)
+
+
+# --------------------------------------------------------------------------- post-hoc EMA
+def auto_posthoc_every(total_steps: int, target: int = _POSTHOC_TARGET_SNAPSHOTS) -> int:
+    """Default ``--posthoc-every``: ``ceil(total_steps / target)``, so a run of more than
+    ``target`` steps keeps between ``target / 2`` and ``target`` snapshot steps (EDM2 uses a
+    few hundred on long runs; tens are enough for the least-squares fit) and a shorter
+    run saves every step."""
+    return max(1, -(-int(total_steps) // target))
+
+
+class PosthocTracker:
+    """Rank 0's power-function EMAs and their snapshot folder (EDM2, ``emakit.posthoc``).
+
+    ``update(model)`` follows the EMA update (after every optimizer step that was taken)
+    and saves the profiles every ``every`` steps. The tracker is built before the output
+    folder exists (so resume errors leave nothing behind); :meth:`open_folder` then binds
+    the snapshot folder and deletes snapshots newer than the resumed step.
+
+    Args:
+        model: the bare model.
+        sigma_rels: tracked profile widths.
+        every: base snapshot interval in optimizer steps.
+        snapshot_dtype: ``float16`` | ``bfloat16`` | ``float32`` for the files (accumulation is float32).
+        max_snapshots: optional bound on snapshot steps (``SnapshotWriter`` thinning).
+        total_steps: planned optimizer steps of the whole run (for the footprint projection).
+        device: where the profiles live (default: next to the model).
+    """
+
+    def __init__(self, model: nn.Module, *, sigma_rels: Sequence[float], every: int, snapshot_dtype: str,
+                 max_snapshots: int | None, total_steps: int, device: torch.device | str | None = None) -> None:
+        self.power = PowerEMA(model, sigma_rels, dtype=torch.float32, device=device)
+        self.every = int(every)
+        self.snapshot_dtype = snapshot_dtype
+        self.max_snapshots = max_snapshots
+        self.total_steps = int(total_steps)
+        self.writer: SnapshotWriter | None = None
+        self._resumed_interval: int | None = None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """``PowerEMA.state_dict()`` plus the snapshot settings: plain types and tensors."""
+        state = self.power.state_dict()
+        state.update(snapshot_every=self.every, snapshot_interval=self.writer.every if self.writer else self.every,
+                     snapshot_dtype=self.snapshot_dtype)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the profiles and step counter (``ValueError`` if the profiles differ)."""
+        self.power.load_state_dict(state)
+        if int(state.get("snapshot_every", 0)) == self.every:
+            self._resumed_interval = int(state.get("snapshot_interval", self.every))
+
+    # ------------------------------------------------------------------ snapshots
+    def open_folder(self, folder: str) -> None:
+        """Bind the snapshot folder (created if needed) and drop snapshots newer than the
+        current step: a crashed run may have written some after its last checkpoint."""
+        self.writer = SnapshotWriter(folder, self.every, dtype=_DTYPES[self.snapshot_dtype],
+                                     max_snapshots=self.max_snapshots)
+        resumed = self._resumed_interval
+        if resumed and resumed > self.writer.every and resumed % self.every == 0:
+            self.writer.every = resumed  # thinning doubled the interval before the resume
+        removed = self.writer.prune_after(self.power.step)
+        if removed:
+            _log.info("post-hoc EMA: deleted %d snapshot file(s) newer than the resumed step %d",
+                      removed, self.power.step)
+
+    def update(self, model: nn.Module) -> None:
+        """Advance every profile one step; save them if the step is on the interval."""
+        self.power.update(model)
+        if self.writer is not None:
+            self.writer.maybe_save(self.power)
+
+    def stored_steps(self) -> list[int]:
+        """Steps that have a snapshot in the folder, ascending."""
+        if self.writer is None:
+            return []
+        return sorted({s.step for s in list_snapshots(self.writer.folder, missing_ok=True)})
+
+    def finish(self) -> None:
+        """Save the final step too when it is off the interval, so a post-hoc sweep
+        reconstructs the EMA at the same step as ``last.pth.tar``."""
+        if self.writer is not None and self.power.step > 0 and self.power.step not in self.stored_steps():
+            self.writer.save(self.power)
+
+    def projected_footprint(self) -> Footprint:
+        """Disk use the folder will reach after ``total_steps`` (interval steps plus the final one)."""
+        n = snapshot_count(self.total_steps, self.every, self.max_snapshots)
+        if self.total_steps % self.every and (self.max_snapshots is None or n < self.max_snapshots):
+            n += 1
+        return estimate_footprint(self.power, n, len(self.power.sigma_rels), _DTYPES[self.snapshot_dtype])
+
+    def disk_usage(self) -> int:
+        """Bytes of the snapshot files in the folder now."""
+        return self.writer.disk_usage() if self.writer is not None else 0
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the tracked profiles (float32 accumulation)."""
+        return sum(t.numel() * t.element_size() for profile in self.power.profiles for t in profile)
+
+
+def posthoc_sweep_command(data: str | None, checkpoint: str, sigma_rels: str = SWEEP_SIGMA_RELS) -> str:
+    """The ``validate.py`` command that sweeps EMA lengths over a run's snapshots."""
+    parts = ["python", "validate.py"] + ([data] if data else []) + [
+        "--checkpoint", checkpoint, "--posthoc-sigma-rel", sigma_rels]
+    return " ".join(shlex.quote(os.fspath(p)) for p in parts)
