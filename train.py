@@ -28,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer = build_trainer(args, logs)
         try:
             result = fit(trainer)
-        finally:
+        except BaseException:
             close_trainer(trainer)
+            raise
+        close_trainer(trainer, synchronize=True)
         if trainer.dist.is_main:
             print(describe_result(result))
         return 0

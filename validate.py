@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args, dist)
         if dist.is_main:
             print("\n".join(report_lines(report)), flush=True)
+        shutdown_distributed(dist, synchronize=True)
+        dist = None
         return 0
     except (UsageError, CheckpointError) as e:
         print(f"validate.py: error: {one_line_error(str(e))}", file=sys.stderr)

@@ -7,7 +7,7 @@ writes files and shows progress bars. Launch commands::
     python train.py DATA                                         # one process
     torchrun --standalone --nproc_per_node=2 train.py DATA        # one machine, 2 processes
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=1 \\
-        --master_addr=10.0.0.1 --master_port=29500 train.py DATA  # node 0 of 2 (node_rank=1 on the other)
+        --master_addr=<node 0 address> --master_port=29500 train.py DATA  # node 0 of 2 (node_rank=1 on the other)
 """
 from __future__ import annotations
 
@@ -71,7 +71,6 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> Dis
     does not leave the others waiting forever.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if world_size <= 1:
@@ -89,9 +88,16 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> Dis
     return info
 
 
-def shutdown_distributed(dist: DistInfo) -> None:
-    """Destroy the process group started by :func:`init_distributed` (no-op otherwise)."""
+def shutdown_distributed(dist: DistInfo, *, synchronize: bool = False) -> None:
+    """Destroy the process group started by :func:`init_distributed` (no-op otherwise).
+
+    ``synchronize=True`` (clean exits only) waits at a barrier first, so no rank closes its
+    connections while another is still finishing: gloo aborts a process whose peer vanished.
+    Error paths skip it, since a rank stuck elsewhere would never reach the barrier.
+    """
     if dist.distributed and torch_dist.is_initialized():
+        if synchronize:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 

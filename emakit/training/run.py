@@ -687,9 +687,10 @@ def build_trainer(args: argparse.Namespace, logs: _LogSetup | None = None) -> Tr
         raise
 
 
-def close_trainer(tr: Trainer) -> None:
-    """Tear down the process group (if any)."""
-    shutdown_distributed(tr.dist)
+def close_trainer(tr: Trainer, *, synchronize: bool = False) -> None:
+    """Tear down the process group (if any); ``synchronize`` on clean exits (see
+    :func:`shutdown_distributed`)."""
+    shutdown_distributed(tr.dist, synchronize=synchronize)
 
 
 # --------------------------------------------------------------------------- the loop
