@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from emakit import ModelEMA, MultiEMA
-from emakit.checkpoint import CheckpointError, CheckpointSaver, load_checkpoint, load_state_dict_strict
+from emakit.checkpoint import (CheckpointError, CheckpointSaver, load_checkpoint, load_state_dict_strict,
+                               write_text_atomic)
 
 from . import UsageError
 from .averages import (BN_RECAL_CHECKPOINT_KEY, POSTHOC_CHECKPOINT_KEY, EmaSet, PosthocTracker, auto_posthoc_every,
@@ -467,15 +468,6 @@ def position_scheduler(lr_scheduler: Any, start_epoch: int, updates_per_epoch: i
 
 
 # --------------------------------------------------------------------------- output folder
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def choose_output_dir(args: argparse.Namespace, img_size: int) -> str:
     """``<output>/<experiment>``; default experiment: the resumed checkpoint's folder, else
     timm's ``YYYYMMDD-HHMMSS-<model>-<img size>`` (suffixed -1, -2... if taken)."""
@@ -498,7 +490,7 @@ def prepare_output_dir(path: str, args: argparse.Namespace) -> None:
     """Create the run folder and write ``args.yaml``; OSError -> UsageError."""
     try:
         os.makedirs(path, exist_ok=True)
-        _write_text_atomic(os.path.join(path, "args.yaml"), args_to_yaml(args))
+        write_text_atomic(os.path.join(path, "args.yaml"), args_to_yaml(args))
     except OSError as e:
         reason = e.strerror or str(e)
         raise UsageError(f"cannot write to output folder {path}: {reason}; "
@@ -537,7 +529,7 @@ def write_summary(path: str, rows: list[dict[str, Any]], columns: list[str] | No
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
-    _write_text_atomic(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- build

@@ -39,7 +39,7 @@ from emakit.checkpoint import (CheckpointError, check_state_dict_compat, extract
                                save_checkpoint, save_safetensors, strip_prefixes, write_text_atomic)
 
 from . import UsageError
-from .data import (IMG_EXTENSIONS, AugmentConfig, ImageListDataset, _class_folders, _image_files, build_eval_loader,
+from .data import (AugmentConfig, ImageListDataset, _class_folders, _scan_split, build_eval_loader,
                    build_transforms, load_digits_splits)
 from .distributed import DistInfo
 from .engine import AmpSettings, evaluate
@@ -413,21 +413,12 @@ def _locate_split(root: str, split: str | None, train_split: str, val_split: str
 
 
 def _scan_image_folder(split_dir: str, class_dir: str) -> ImageListDataset:
+    """The images of ``split_dir``, labelled by the index of their class among ``class_dir``'s
+    class folders (the train split's), as train.py labels them."""
     classes = _class_folders(class_dir)
     if not classes:
-        raise UsageError(f"{split_dir} has no class folders: expected {split_dir}/<class name>/<image files>")
-    index = {c: i for i, c in enumerate(classes)}
-    present = _class_folders(split_dir)
-    unknown = [c for c in present if c not in index]
-    if unknown:
-        raise UsageError(f"{split_dir} has class folders that {class_dir} lacks: {', '.join(unknown[:5])}")
-    paths, targets = [], []
-    for c in present:
-        files = _image_files(os.path.join(split_dir, c))
-        paths += files
-        targets += [index[c]] * len(files)
-    if not paths:
-        raise UsageError(f"{split_dir} has class folders but no image files ({', '.join(IMG_EXTENSIONS)})")
+        raise UsageError(f"{class_dir} has no class folders: expected {class_dir}/<class name>/<image files>")
+    paths, targets, _ = _scan_split(split_dir, {c: i for i, c in enumerate(classes)})
     return ImageListDataset(paths, targets)
 
 
