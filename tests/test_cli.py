@@ -138,23 +138,28 @@ class _Toy(nn.Module):
         return self.bn(self.fc(x))
 
 
-@pytest.fixture(scope="module")
-def snapshots(tmp_path_factory) -> Path:
-    """posthoc/ snapshots (every 3 of 30 steps) of two power EMAs of a toy model's SGD run."""
-    folder = tmp_path_factory.mktemp("run") / "posthoc"
-    torch.manual_seed(0)
-    model = _Toy()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+def train_with_snapshots(model: nn.Module, folder: Path, x: torch.Tensor, y: torch.Tensor, *,
+                         steps: int, every: int, lr: float) -> None:
+    """SGD on one fixed batch, tracking two power EMAs (0.05, 0.10) snapshotted every ``every`` steps."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     ema = PowerEMA(model, (0.05, 0.10))
-    writer = SnapshotWriter(folder, every=3)
-    x, y = torch.randn(16, 5), torch.randint(0, 4, (16,))
-    for _ in range(30):
+    writer = SnapshotWriter(folder, every=every)
+    for _ in range(steps):
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         ema.update(model)
         writer.maybe_save(ema)
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory) -> Path:
+    """posthoc/ snapshots (every 3 of 30 steps) of two power EMAs of a toy model's SGD run."""
+    folder = tmp_path_factory.mktemp("run") / "posthoc"
+    torch.manual_seed(0)
+    model = _Toy()
+    train_with_snapshots(model, folder, torch.randn(16, 5), torch.randint(0, 4, (16,)), steps=30, every=3, lr=0.1)
     return folder
 
 
@@ -183,17 +188,8 @@ def test_posthoc_sweep_runs_validate_and_saves_the_best(tmp_path, capsys):
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=10)
     run = tmp_path / "run"
-    ema = PowerEMA(model, (0.05, 0.10))
-    writer = SnapshotWriter(run / "posthoc", every=2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    for _ in range(6):
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ema.update(model)
-        writer.maybe_save(ema)
+    train_with_snapshots(model, run / "posthoc", torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)),
+                         steps=6, every=2, lr=0.05)
     args = {"model": "test_resnet", "num_classes": 10, "img_size": 32, "crop_pct": 1.0}
     save_checkpoint({"epoch": 0, "arch": "test_resnet", "state_dict": model.state_dict(), "args": args},
                     run / "last.pth.tar")
