@@ -137,6 +137,12 @@ class ModelEMA(nn.Module):
         update_every: average only every k-th :meth:`update` call, with decay ``decay ** k``
             so the averaging time constant stays the same. Default 1.
         update_after_step: the first N updates copy the model instead of averaging. Default 0.
+        copy_first: the first averaging update (update ``update_after_step + update_every``)
+            copies the model too, as timm's ``ModelEmaV3.update(model, step=n)`` does (its
+            ``get_decay`` is 0 at ``step = update_after_step + 1``) and as emakit's ``train.py``
+            uses it. Default False: the first update blends the model into the EMA's initial
+            copy of it (``decay * W0 + (1 - decay) * W1``), like ``ModelEmaV3.update(model)``
+            called without a step.
         min_decay: lower clamp of the ``warmup`` schedule. Default 0.
         device: keep the EMA on this device (e.g. ``"cpu"``); default: the model's device,
             followed if the model moves after the EMA was created.
@@ -159,6 +165,7 @@ class ModelEMA(nn.Module):
         half_life: str | None = None,
         update_every: int = 1,
         update_after_step: int = 0,
+        copy_first: bool = False,
         min_decay: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
@@ -179,6 +186,7 @@ class ModelEMA(nn.Module):
             self.schedule_kwargs.setdefault("min_decay", float(min_decay))
         self.update_every = int(update_every)
         self.update_after_step = int(update_after_step)
+        self.copy_first = bool(copy_first)
         self.min_decay = float(min_decay)
         self.buffers_mode = buffers
         self.total_steps = total_steps
@@ -195,7 +203,8 @@ class ModelEMA(nn.Module):
         self.module.requires_grad_(False)
         if self.device is not None or self.dtype is not None:
             self.module.to(device=self.device, dtype=self.dtype)
-        self.decay_at(self.update_after_step + 1)  # fail now, not mid-training, if the schedule errors
+        # fail now, not mid-training, if the schedule errors
+        self.decay_at(self.update_after_step + 1 + (self.update_every if self.copy_first else 0))
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -250,6 +259,7 @@ class ModelEMA(nn.Module):
         return {
             "decay": self.decay, "schedule": self.schedule, "half_life": self.half_life,
             "update_every": self.update_every, "update_after_step": self.update_after_step,
+            "copy_first": self.copy_first,
             "min_decay": self.min_decay, "buffers": self.buffers_mode,
             "device": None if self.device is None else str(self.device),
             "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
@@ -278,10 +288,11 @@ class ModelEMA(nn.Module):
     def decay_at(self, step: int) -> float:
         """Per-update decay applied when update number ``step`` (1-based) averages.
 
-        0.0 (a copy) for ``step <= update_after_step``; otherwise the schedule evaluated at
-        the number of averaging steps before this one, raised to ``update_every``.
+        0.0 (a copy) for ``step <= update_after_step`` and, with ``copy_first``, for the first
+        averaging update; otherwise the schedule evaluated at the number of averaging steps
+        before this one, raised to ``update_every``.
         """
-        if step <= self.update_after_step:
+        if step <= self.update_after_step or (self.copy_first and step - self.update_after_step <= self.update_every):
             return 0.0
         fn = _sched.get_schedule(self.schedule)
         d = float(fn(self.decay, step - self.update_after_step - 1, self.total_steps, **self.schedule_kwargs))

@@ -150,6 +150,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="resume model, EMA, optimizer, scheduler and scaler from this checkpoint (default: '')")
     g.add_argument("--no-resume-opt", action="store_true", default=False,
                    help="on --resume, do not restore optimizer/scheduler/scaler state (default: False)")
+    g.add_argument("--drop-ema", action="store_true", default=False,
+                   help="on --resume without --model-ema, drop the checkpoint's EMA(s) instead of refusing to "
+                        "resume (default: False)")
 
 
 def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
@@ -256,7 +259,9 @@ def _add_ema_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-ema-every", type=int, default=1, metavar="K",
                    help="average every K optimizer steps with decay**K (default: 1)")
     g.add_argument("--model-ema-after", type=int, default=0, metavar="N",
-                   help="copy instead of average for the first N optimizer steps (default: 0)")
+                   help="copy the model instead of averaging for the first N optimizer steps and the first "
+                        "averaging one after them, as timm's ModelEmaV3(update_after_step=N) (default: 0: the "
+                        "first step copies)")
     g.add_argument("--model-ema-dtype", default=None, metavar="DTYPE",
                    help="EMA dtype, e.g. float32 master weights under bf16 AMP (default: None = model's)")
     g.add_argument("--model-ema-buffers", default="average", choices=["average", "copy"],

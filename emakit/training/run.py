@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from emakit import ModelEMA, MultiEMA
+from emakit.schedules import parse_half_life
 from emakit.checkpoint import (CheckpointError, CheckpointSaver, load_checkpoint, load_state_dict_strict,
                                write_text_atomic)
 
@@ -54,6 +55,9 @@ from .data import (AugmentConfig, DataSplits, build_datasets, build_eval_loader,
                    build_transforms, epoch_seed, resolve_data_config_for, set_epoch)
 from .distributed import DistInfo, distribute_bn, init_distributed, shutdown_distributed, all_reduce_sum
 from .engine import AmpSettings, TrainOptions, evaluate, train_one_epoch
+from .resume import (check_ema_entry, check_optimizer_state, ema_entry_keys, normalize_resume_checkpoint,
+                     steps_done, warn_batch_change)
+from .rundir import RunLock, checkpoint_is_emakit, claim_run_folder, write_marker
 
 __all__ = ["Trainer", "FitResult", "TrainingInterrupted", "build_trainer", "fit", "close_trainer",
            "configure_logging", "SUMMARY_COLUMNS", "summary_columns"]
@@ -94,6 +98,8 @@ class Trainer:
     posthoc: PosthocTracker | None = None  # rank 0 only, with --model-ema-posthoc
     output_dir: str | None = None
     saver: CheckpointSaver | None = None
+    run_lock: RunLock | None = None      # rank 0: the run folder's lock, released by close_trainer
+    resumed_by_emakit: bool = False      # the --resume checkpoint was written by emakit (rundir rules)
     summary_rows: list[dict[str, Any]] = field(default_factory=list)
     summary_columns: list[str] = field(default_factory=lambda: list(SUMMARY_COLUMNS))
 
@@ -241,12 +247,18 @@ def build_ema(args: argparse.Namespace, model_without_ddp: nn.Module, *, updates
 
     One decay / half-life gives a ``ModelEMA``; a comma list gives one ``MultiEMA`` whose
     members share every other setting and are updated in one pass.
+
+    The EMA equals timm's train.py for the same flags: timm passes the optimizer step count
+    to ``ModelEmaV3.update(model, step=n)``, whose decay is 0 at the first step (after
+    ``update_after_step``), so its first update copies the model; hence ``copy_first=True``
+    here (``ModelEMA``'s library default blends instead; docs/CONTRACTS.md).
     """
     if not args.model_ema:
         return None
     decay, half_life, schedule = resolve_ema_decay(args)
     shared: dict[str, Any] = dict(
         schedule=schedule, update_every=args.model_ema_every, update_after_step=args.model_ema_after,
+        copy_first=True,  # timm's train.py: ModelEmaV3.update(model, step=n) copies at n = 1 (see build_ema)
         device="cpu" if args.model_ema_force_cpu else None, dtype=args.model_ema_dtype,
         buffers=args.model_ema_buffers, steps_per_epoch=updates_per_epoch,
         global_batch_size=global_batch_size, total_steps=total_steps)
@@ -365,12 +377,15 @@ def build_losses(args: argparse.Namespace, num_classes: int, device: torch.devic
 
 # --------------------------------------------------------------------------- resume
 def load_resume(path: str, model_name: str) -> dict[str, Any]:
-    """Read a ``--resume`` file and check it is a training checkpoint of ``model_name``."""
+    """Read a ``--resume`` file and check it is a training checkpoint of ``model_name``;
+    wrapper prefixes (``module.``, ``_orig_mod.``) are stripped and the EMA / optimizer
+    entries checked for shape (:func:`emakit.training.resume.normalize_resume_checkpoint`)."""
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
         raise UsageError(f"--resume: {' '.join(str(e).split())}") from None
-    if not isinstance(ckpt.get("state_dict"), dict) or not isinstance(ckpt.get("epoch"), int):
+    if not isinstance(ckpt.get("state_dict"), dict) or isinstance(ckpt.get("epoch"), bool) \
+            or not isinstance(ckpt.get("epoch"), int) or ckpt["epoch"] < 0:
         found = ", ".join(sorted(map(str, ckpt))[:8])
         raise UsageError(f"--resume {path} is not a training checkpoint (keys: {found}); "
                          "it needs state_dict and epoch, as written by train.py")
@@ -378,42 +393,83 @@ def load_resume(path: str, model_name: str) -> dict[str, Any]:
     if arch and arch != model_name:
         raise UsageError(f"--resume {path} is a checkpoint of {arch}, but --model is {model_name}; "
                          f"pass --model {arch}")
-    return ckpt
+    return normalize_resume_checkpoint(ckpt, path)
+
+
+def check_resume(ckpt: dict[str, Any], args: argparse.Namespace, *, model_without_ddp: nn.Module,
+                 ema: EmaSet | None, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> None:
+    """Everything about ``--resume`` that could fail or silently lose state, checked before
+    anything is loaded or written: the EMA is continued or explicitly dropped
+    (``--drop-ema``), EMA weights fit the model, the optimizer state fits this optimizer
+    (``--opt``, ``--layer-decay``); a changed batch is named in a warning."""
+    path, held = args.resume, ema_entry_keys(ckpt)
+    if getattr(args, "drop_ema", False) and ema is not None:
+        raise UsageError("--drop-ema drops the resumed checkpoint's EMA, but --model-ema continues it: "
+                         "pass only one of them")
+    if ema is None and held:
+        counter = (ckpt.get(held[0][1]) or {}).get("num_updates", "unknown")
+        if not getattr(args, "drop_ema", False):
+            raise UsageError(f"--resume {path} holds {len(held)} EMA(s) ({', '.join(k for k, _ in held)}; "
+                             f"{counter} updates) but this run has no --model-ema, so its checkpoints would lose "
+                             "them: pass --model-ema (and the run's EMA flags) to continue, or --drop-ema to drop them")
+        _log.warning("--drop-ema: the checkpoint's %d EMA(s) (%s, %s updates) are not continued; this run's "
+                     "checkpoints hold no EMA", len(held), ", ".join(k for k, _ in held), counter)
+    for member, (weights_key, _) in zip(ema_members(ema), held):
+        check_ema_entry(member.module, ckpt[weights_key], weights_key, path)
+    if not args.no_resume_opt:
+        check_optimizer_state(ckpt, optimizer, args, path)
+    members = ema_members(ema)
+    in_images = bool(members) and all(m.half_life and parse_half_life(m.half_life).unit in ("img", "ep")
+                                      for m in members)
+    warn_batch_change(ckpt, args, path, updates_per_epoch=updates_per_epoch, ema_in_images=in_images)
 
 
 def apply_resume(ckpt: dict[str, Any], path: str, *, model_without_ddp: nn.Module, ema: EmaSet | None,
                  optimizer: torch.optim.Optimizer, amp: AmpSettings, restore_optimizer: bool = True,
-                 posthoc: PosthocTracker | None = None) -> int:
+                 posthoc: PosthocTracker | None = None, updates_per_epoch: int = 0) -> int:
     """Load weights, EMA(s), post-hoc EMA, optimizer and scaler state; returns the epoch to start at.
 
-    The LR schedule is not restored here: it is a function of the flags and the epoch, set
-    by :func:`position_scheduler`, so ``--resume`` with a larger ``--epochs`` extends the
-    cosine instead of replaying the old one (timm does the same).
+    Run :func:`check_resume` first. The LR schedule is not restored here: it is a function of
+    the flags and the epoch, set by :func:`position_scheduler`, so ``--resume`` with a larger
+    ``--epochs`` extends the cosine instead of replaying the old one (timm does the same).
+    ``updates_per_epoch`` sets the EMA update counter of a checkpoint that has none (timm's).
     """
     try:
         load_state_dict_strict(model_without_ddp, ckpt["state_dict"])
     except CheckpointError as e:
         raise UsageError(f"--resume {path}: {' '.join(str(e).split())}") from None
     if ema is not None:
-        resume_ema(ema, ckpt, path, model_without_ddp)
+        resume_ema(ema, ckpt, path, model_without_ddp, updates_per_epoch=updates_per_epoch)
     if posthoc is not None:
         resume_posthoc(posthoc, ckpt, path)
     elif ckpt.get(POSTHOC_CHECKPOINT_KEY) is not None:
         _log.info("--resume %s tracked a post-hoc EMA; it stops here (no --model-ema-posthoc)", path)
     if restore_optimizer:
-        if ckpt.get("optimizer") is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if amp.scaler is not None and ckpt.get("amp_scaler"):
-            amp.scaler.load_state_dict(ckpt["amp_scaler"])
+        try:
+            if ckpt.get("optimizer") is not None:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            if amp.scaler is not None and ckpt.get("amp_scaler"):
+                amp.scaler.load_state_dict(ckpt["amp_scaler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise UsageError(f"--resume {path}: cannot restore the optimizer state ({' '.join(str(e).split())[:200]});"
+                             " pass --no-resume-opt to start a fresh optimizer state") from None
     start_epoch = int(ckpt["epoch"]) + 1
     _log.info("resumed from %s: epoch %d done, continuing at epoch %d", path, ckpt["epoch"], start_epoch)
     return start_epoch
 
 
-def resume_ema(ema: EmaSet, ckpt: dict[str, Any], path: str, model_without_ddp: nn.Module) -> None:
+def resume_ema(ema: EmaSet, ckpt: dict[str, Any], path: str, model_without_ddp: nn.Module, *,
+               updates_per_epoch: int = 0) -> None:
     """Each EMA's weights and update counter from its checkpoint keys; an EMA the checkpoint
-    lacks restarts from the (already resumed) model weights, with the others' counter."""
-    members, missing = ema_members(ema), []
+    lacks restarts from the (already resumed) model weights, with the others' counter.
+
+    A checkpoint without EMA metadata (timm's) has no counter: it is set to the optimizer
+    steps taken so far, ``(epoch + 1) * updates_per_epoch``, which is the step number timm's
+    train.py passes to ``ModelEmaV3.update`` next, so a resumed ``--model-ema-warmup`` EMA
+    continues its warmup instead of being overwritten by the raw weights.
+    """
+    members, missing, uncounted = ema_members(ema), [], []
+    steps = steps_done(ckpt["epoch"], updates_per_epoch) if isinstance(ckpt.get("epoch"), int) else 0
     for i, member in enumerate(members):
         weights_key, meta_key = ema_checkpoint_keys(i)
         if ckpt.get(weights_key) is None:
@@ -424,7 +480,14 @@ def resume_ema(ema: EmaSet, ckpt: dict[str, Any], path: str, model_without_ddp: 
         except RuntimeError as e:
             raise UsageError(f"--resume {path}: EMA weights do not fit the model: {' '.join(str(e).split())[:300]}") \
                 from None
-    counter = max((m.num_updates for i, m in enumerate(members) if i not in missing), default=0)
+        if ckpt.get(meta_key) is None:
+            uncounted.append(i)
+            member.num_updates = steps
+    if uncounted:
+        _log.info("--resume %s has no EMA update counter (a timm checkpoint): set to %d = (epoch %s + 1) x %d "
+                  "optimizer steps per epoch, the step timm's train.py continues from", path, steps,
+                  ckpt.get("epoch"), updates_per_epoch)
+    counter = max((m.num_updates for i, m in enumerate(members) if i not in missing), default=steps)
     for i in missing:
         _log.warning("--resume %s has no weights for %s (%s): it restarts from the resumed weights", path,
                      ema_label(i), ema_checkpoint_keys(i)[0])
@@ -468,28 +531,33 @@ def position_scheduler(lr_scheduler: Any, start_epoch: int, updates_per_epoch: i
 
 
 # --------------------------------------------------------------------------- output folder
-def choose_output_dir(args: argparse.Namespace, img_size: int) -> str:
-    """``<output>/<experiment>``; default experiment: the resumed checkpoint's folder, else
-    timm's ``YYYYMMDD-HHMMSS-<model>-<img size>`` (suffixed -1, -2... if taken)."""
+def wanted_output_dir(args: argparse.Namespace, img_size: int) -> tuple[str, bool]:
+    """(folder, named): ``<output>/<experiment>``, else the resumed checkpoint's folder, else
+    timm's ``<output>/YYYYMMDD-HHMMSS-<model>-<img size>``; ``named`` is False for the last."""
     if args.experiment:
-        return os.path.join(args.output, args.experiment)
+        return os.path.join(args.output, args.experiment), True
     if args.resume:
-        return os.path.dirname(os.path.abspath(args.resume))
+        return os.path.dirname(os.path.abspath(args.resume)), True
     from timm.models import safe_model_name
 
-    base = os.path.join(args.output, "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"),
-                                               safe_model_name(args.model), str(img_size)]))
-    path, n = base, 0
-    while os.path.exists(path):
-        n += 1
-        path = f"{base}-{n}"
-    return path
+    return os.path.join(args.output, "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"),
+                                               safe_model_name(args.model), str(img_size)])), False
+
+
+def choose_output_dir(args: argparse.Namespace, img_size: int, *, resumed_by_emakit: bool = False
+                      ) -> tuple[str, RunLock]:
+    """The run folder and its held lock, by the rules of :mod:`emakit.training.rundir`: a
+    resume continues in its checkpoint's folder when that folder is ours; otherwise a folder
+    that holds a run is never written and the first free ``-1``, ``-2``... suffix is used."""
+    wanted, named = wanted_output_dir(args, img_size)
+    return claim_run_folder(wanted, resume=args.resume or None, resumed_by_emakit=resumed_by_emakit, named=named)
 
 
 def prepare_output_dir(path: str, args: argparse.Namespace) -> None:
-    """Create the run folder and write ``args.yaml``; OSError -> UsageError."""
+    """Create the run folder, mark it as ours and write ``args.yaml``; OSError -> UsageError."""
     try:
         os.makedirs(path, exist_ok=True)
+        write_marker(path)
         write_text_atomic(os.path.join(path, "args.yaml"), args_to_yaml(args))
     except OSError as e:
         reason = e.strerror or str(e)
@@ -568,7 +636,10 @@ def _load_data(args: argparse.Namespace) -> tuple[DataSplits, int]:
 
 def _build_parts(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
     data, num_classes = _load_data(args)
+    if getattr(args, "drop_ema", False) and not args.resume:
+        raise UsageError("--drop-ema drops a resumed checkpoint's EMA: it needs --resume PATH")
     ckpt = load_resume(args.resume, args.model) if args.resume else None
+    resumed_by_emakit = ckpt is not None and checkpoint_is_emakit(ckpt)
     args.num_classes = num_classes
     args.lr = resolve_lr(args, dist.world_size)
     seed_all(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -592,9 +663,11 @@ def _build_parts(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
     amp = build_amp(args, dist.device)
     start_epoch = 0
     if ckpt is not None:
+        check_resume(ckpt, args, model_without_ddp=model_without_ddp, ema=ema, optimizer=optimizer,
+                     updates_per_epoch=updates_per_epoch)
         start_epoch = apply_resume(ckpt, args.resume, model_without_ddp=model_without_ddp, ema=ema,
                                    optimizer=optimizer, amp=amp, restore_optimizer=not args.no_resume_opt,
-                                   posthoc=posthoc)
+                                   posthoc=posthoc, updates_per_epoch=updates_per_epoch)
         position_scheduler(lr_scheduler, start_epoch, updates_per_epoch, args.sched_on_updates,
                            None if args.no_resume_opt else ckpt.get("scheduler"))
         del ckpt
@@ -605,7 +678,8 @@ def _build_parts(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
                 optimizer=optimizer, lr_scheduler=lr_scheduler, amp=amp, train_loader=train_loader,
                 eval_loader=eval_loader,
                 train_loss_fn=train_loss_fn, eval_loss_fn=eval_loss_fn, mixup_fn=mixup_fn,
-                updates_per_epoch=updates_per_epoch, start_epoch=start_epoch, img_size=data_config["input_size"][-1])
+                updates_per_epoch=updates_per_epoch, start_epoch=start_epoch, img_size=data_config["input_size"][-1],
+                resumed_by_emakit=resumed_by_emakit)
 
 
 def _log_bn_recal(num_batches: int, model_without_ddp: nn.Module, model_name: str) -> None:
@@ -625,9 +699,9 @@ def _setup_output(tr: Trainer, img_size: int, logs: _LogSetup | None) -> None:
     rank learns whether that worked, so a failure stops all of them."""
     args, error = tr.args, None
     if tr.dist.is_main:
-        path = choose_output_dir(args, img_size)
-        args.experiment = os.path.basename(os.path.normpath(path))
         try:
+            path, tr.run_lock = choose_output_dir(args, img_size, resumed_by_emakit=tr.resumed_by_emakit)
+            args.experiment = os.path.basename(os.path.normpath(path))
             prepare_output_dir(path, args)
         except UsageError as e:
             error = e
@@ -672,7 +746,12 @@ def build_trainer(args: argparse.Namespace, logs: _LogSetup | None = None) -> Tr
         ema_device = torch.device("cpu") if args.model_ema_force_cpu else dist.device
         tr = Trainer(args=args, dist=dist, ema_device=ema_device,
                      summary_columns=summary_columns(len(ema_members(parts["ema"]))), **parts)
-        _setup_output(tr, img_size, logs)
+        try:
+            _setup_output(tr, img_size, logs)
+        except BaseException:
+            if tr.run_lock is not None:
+                tr.run_lock.release()
+            raise
         return tr
     except BaseException:
         shutdown_distributed(dist)
@@ -680,8 +759,10 @@ def build_trainer(args: argparse.Namespace, logs: _LogSetup | None = None) -> Tr
 
 
 def close_trainer(tr: Trainer, *, synchronize: bool = False) -> None:
-    """Tear down the process group (if any); ``synchronize`` on clean exits (see
-    :func:`shutdown_distributed`)."""
+    """Release the run folder's lock and tear down the process group (if any);
+    ``synchronize`` on clean exits (see :func:`shutdown_distributed`)."""
+    if tr.run_lock is not None:
+        tr.run_lock.release()
     shutdown_distributed(tr.dist, synchronize=synchronize)
 
 
