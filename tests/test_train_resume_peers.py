@@ -21,6 +21,8 @@ from conftest import FAST_ARGS, count_images
 
 pytestmark = pytest.mark.slow
 
+TIMM_FLAGS = ("model", "batch_size", "grad_accum_steps", "opt", "lr", "layer_decay", "epochs", "model_ema",
+              "model_ema_decay", "model_ema_warmup", "seed")  # flags timm's train.py has too
 BASE = ["--model", "test_resnet", "--img-size", "32", "--no-progress", "--log-interval", "1000", "--workers", "0",
         "--model-ema"]
 
@@ -92,7 +94,7 @@ def timm_style_checkpoint(ckpt: dict, path: Path) -> Path:
                  "state_dict": {f"module.{k}": v for k, v in ckpt["state_dict"].items()},
                  "state_dict_ema": {f"module.{k}": v for k, v in ckpt["state_dict_ema"].items()},
                  "optimizer": ckpt["optimizer"], "metric": ckpt["metric"],
-                 "args": argparse.Namespace(**ckpt["args"])}
+                 "args": argparse.Namespace(**{k: ckpt["args"][k] for k in TIMM_FLAGS})}
     torch.save(timm_ckpt, path)
     return path
 

@@ -750,7 +750,7 @@ def build_trainer(args: argparse.Namespace, logs: _LogSetup | None = None) -> Tr
             _setup_output(tr, img_size, logs)
         except BaseException:
             if tr.run_lock is not None:
-                tr.run_lock.release()
+                tr.run_lock.release(remove_empty=True)
             raise
         return tr
     except BaseException:

@@ -12,9 +12,10 @@ Rules (rank 0 applies them before anything is written; docs/CONTRACTS.md repeats
    from timm's (or any other tool's) folder never rewrites that folder's files.
 3. A folder is ours when it holds the marker :data:`MARKER_NAME` (written by every run), or,
    for emakit folders written before the marker existed, when the resumed checkpoint was
-   written by emakit (its ``args`` is a plain dict; timm and torchvision pickle an
-   ``argparse.Namespace``) and the folder's ``summary.csv``, if any, has emakit's
-   ``ema_eval_top1`` column (timm's has ``eval_*`` columns only). The marker is then added.
+   written by emakit's train.py (:func:`checkpoint_is_emakit`: ``ema`` metadata, or a
+   ``model_ema_schedule`` arg, which timm's train.py has not) and the folder's
+   ``summary.csv``, if any, has emakit's ``ema_eval_top1`` column (timm's has ``eval_*``
+   columns only). The marker is then added.
 4. A directory (or any non-regular file) where a run file goes (``args.yaml``,
    ``summary.csv``, ``train.log``, ``last.pth.tar``, ``model_best.pth.tar``) in the wanted
    folder is a ``UsageError``.
@@ -106,8 +107,8 @@ def read_lock(folder: str) -> LockInfo | None:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             raw = f.read()
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # no folder (yet), or a file where it should be: creating it reports that
     except OSError as e:
         raise UsageError(f"cannot read the run lock {path}: {e.strerror or e}; remove it if no run uses "
                          f"{folder}") from None
@@ -133,6 +134,7 @@ class RunLock:
         self.pid = os.getpid()
         self.proc_start = _process_start(self.pid)
         self.held = False
+        self.created_folder = False  # acquire() created the folder (release(remove_empty=True) removes it)
 
     def _content(self) -> str:
         return json.dumps({"pid": self.pid, "host": socket.gethostname(), "proc_start": self.proc_start,
@@ -157,6 +159,7 @@ class RunLock:
         """Take the lock (creating the folder if needed). A live holder -> ``UsageError``;
         a dead holder of this host -> its lock is taken over, with a log line."""
         try:
+            self.created_folder = not os.path.isdir(self.folder)
             os.makedirs(self.folder, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot write to output folder {self.folder}: {e.strerror or e}; "
@@ -180,8 +183,9 @@ class RunLock:
         info = read_lock(self.folder)
         raise _locked_error(self.folder, info or LockInfo(pid=None, host=None, raw="(lock kept changing)"))
 
-    def release(self) -> None:
-        """Remove the lock file if it is still ours."""
+    def release(self, *, remove_empty: bool = False) -> None:
+        """Remove the lock file if it is still ours; with ``remove_empty`` also the folder
+        when :meth:`acquire` created it and nothing else was written (a run that failed)."""
         if not self.held:
             return
         self.held = False
@@ -191,6 +195,11 @@ class RunLock:
                 os.unlink(self.path)
             except OSError as e:
                 _log.warning("could not remove the run lock %s: %s", self.path, e.strerror or e)
+        if remove_empty and self.created_folder:
+            try:
+                os.rmdir(self.folder)
+            except OSError:
+                pass  # not empty: something was written, keep it
 
 
 # --------------------------------------------------------------------------- folder contents
@@ -198,10 +207,8 @@ def run_entries(folder: str) -> list[str]:
     """Names of run files/folders present in ``folder`` (a lock alone is not a run)."""
     try:
         names = os.listdir(folder)
-    except FileNotFoundError:
-        return []
-    except NotADirectoryError:
-        raise UsageError(f"output folder {folder} is a file; pass another --output/--experiment") from None
+    except (FileNotFoundError, NotADirectoryError):
+        return []  # nothing there, or a file: creating the folder reports the latter
     except OSError as e:
         raise UsageError(f"cannot read output folder {folder}: {e.strerror or e}; pass --output PATH with a "
                          "readable, writable folder") from None
@@ -225,8 +232,10 @@ def check_run_files(folder: str) -> None:
 
 
 def checkpoint_is_emakit(ckpt: dict[str, Any]) -> bool:
-    """Written by emakit's train.py: ``args`` is a plain dict (timm/torchvision pickle a Namespace)."""
-    return isinstance(ckpt.get("args"), dict)
+    """Written by emakit's train.py: it has EMA metadata (``ema``, which timm does not write)
+    or its ``args`` hold ``model_ema_schedule``, a flag timm's train.py does not have."""
+    args = ckpt.get("args")
+    return isinstance(ckpt.get("ema"), dict) or (isinstance(args, dict) and "model_ema_schedule" in args)
 
 
 def _summary_is_ours(folder: str) -> bool | None:
@@ -248,7 +257,7 @@ def folder_is_ours(folder: str, resumed_by_emakit: bool) -> tuple[bool, str]:
         return True, f"it holds emakit's {MARKER_NAME}"
     summary = _summary_is_ours(folder)
     if not resumed_by_emakit:
-        return False, "its checkpoint was not written by emakit (its args are not a plain dict)"
+        return False, "its checkpoint was not written by emakit's train.py"
     if summary is False:
         return False, "its summary.csv does not have emakit's columns"
     return True, "an emakit run folder written before run markers existed"
@@ -305,6 +314,6 @@ def claim_run_folder(wanted: str, *, resume: str | None = None, resumed_by_emaki
                         _log.warning("%s already holds a run (%s): this run writes to %s instead, so nothing "
                                      "of it is overwritten", wanted, ", ".join(run_entries(wanted)[:4]), candidate)
                     return candidate, lock
-                lock.release()  # a run filled it between the look and the lock
+                lock.release(remove_empty=True)  # a run filled it between the look and the lock
         candidate = f"{wanted}-{n}"
     raise UsageError(f"{wanted}-1 ... -{_MAX_SUFFIX - 1} all hold runs; pass another --experiment")
