@@ -238,3 +238,20 @@ def test_a_changed_batch_on_resume_warns_what_changes(run_train, sgd_run, tmp_pa
     assert code == 0, err
     assert ("-b 8 -> 4, --grad-accum-steps 1 -> 2: lr stays 0.003125 (same global batch); steps per epoch 3 -> 3; "
             "the EMA half-life (in images or epochs) stays the same") in err
+
+
+@pytest.mark.parametrize("after", [0, 2])
+@pytest.mark.parametrize("warmup", [False, True])
+def test_copy_first_decays_equal_timms_get_decay_for_every_step(after, warmup):
+    """``--model-ema-after N`` is timm's ``update_after_step=N``: the same decay at every step."""
+    from timm.utils import ModelEmaV3
+
+    from emakit import ModelEMA
+
+    model = torch.nn.Linear(2, 2)
+    ours = ModelEMA(model, decay=0.999, schedule="warmup" if warmup else "constant", update_after_step=after,
+                    copy_first=True)
+    theirs = ModelEmaV3(model, decay=0.999, update_after_step=after, use_warmup=warmup)
+    assert [ours.decay_at(n) for n in range(1, 40)] == pytest.approx([theirs.get_decay(n) for n in range(1, 40)],
+                                                                     abs=1e-12)
+    assert ModelEMA(model, decay=0.999).decay_at(1) == 0.999  # the library default still blends
