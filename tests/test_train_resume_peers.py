@@ -255,3 +255,17 @@ def test_copy_first_decays_equal_timms_get_decay_for_every_step(after, warmup):
     assert [ours.decay_at(n) for n in range(1, 40)] == pytest.approx([theirs.get_decay(n) for n in range(1, 40)],
                                                                      abs=1e-12)
     assert ModelEMA(model, decay=0.999).decay_at(1) == 0.999  # the library default still blends
+
+
+def test_an_optimizer_state_from_another_torch_with_fewer_options_still_fits():
+    """torch adds optimizer options over versions and fills in their defaults on load: a
+    state saved without one is the same optimizer, not another --opt."""
+    from emakit.training.resume import _optimizer_mismatch
+
+    model = torch.nn.Linear(3, 2)
+    adamw, sgd = torch.optim.AdamW(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    older = adamw.state_dict()
+    for group in older["param_groups"]:
+        group.pop("fused", None), group.pop("capturable", None)
+    assert _optimizer_mismatch(older, adamw) is None
+    assert "differ from this optimizer's" in _optimizer_mismatch(sgd.state_dict(), adamw)

@@ -127,7 +127,9 @@ def _optimizer_mismatch(saved: dict[str, Any], optimizer: torch.optim.Optimizer)
     for i, (old, new) in enumerate(zip(saved["param_groups"], now)):
         if len(old["params"]) != len(new["params"]):
             return f"parameter group {i} has {len(old['params'])} parameters in the checkpoint, {len(new['params'])} now"
-        if _options(old) != _options(new):
+        # Another torch may add options (torch fills in defaults), so only two option sets
+        # of which neither contains the other mean another optimizer.
+        if not (_options(old) <= _options(new) or _options(new) <= _options(old)):
             return (f"the checkpoint's optimizer options ({', '.join(sorted(_options(old)))}) differ from this "
                     f"optimizer's ({', '.join(sorted(_options(new)))})")
     params = {pid: p for old, new in zip(saved["param_groups"], now) for pid, p in zip(old["params"], new["params"])}
