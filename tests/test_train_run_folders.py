@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,23 +84,47 @@ def test_a_fresh_run_into_a_folder_holding_a_run_goes_to_a_suffixed_folder(first
     assert not (out / "run-1" / LOCK_NAME).exists()
 
 
-def test_a_second_run_into_a_locked_folder_exits_2_with_one_line_and_writes_nothing(tmp_path, image_folder,
-                                                                                    train_subprocess):
+def test_a_second_run_into_a_folder_in_use_exits_2_with_one_line_and_writes_nothing(tmp_path, image_folder,
+                                                                                     train_subprocess):
+    """Two runs of the same command at once: the second one is refused while the first trains."""
+    repo = Path(__file__).resolve().parents[1]
+    first = subprocess.Popen([sys.executable, "train.py", *map(str, fast(image_folder, tmp_path, "--epochs", "1000"))],
+                             cwd=str(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)})
+    folder = tmp_path / "run"
+    try:
+        deadline = time.monotonic() + 240
+        while not (folder / "args.yaml").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (folder / "args.yaml").exists() and first.poll() is None
+        holder = read_lock(str(folder))
+        assert holder.pid == first.pid
+        written = {name: (folder / name).stat().st_mtime_ns for name in ("args.yaml", MARKER_NAME, LOCK_NAME)}
+        proc = train_subprocess(fast(image_folder, tmp_path, "--epochs", "1"))
+        assert first.poll() is None  # still training
+    finally:
+        first.kill()
+        first.wait()
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"train.py: error: {folder} is in use by another run (pid {first.pid} on host {socket.gethostname()}, "
+        f"started {holder.started}); wait for it to end or pass another --experiment (if no run uses it, delete "
+        f"{folder / LOCK_NAME})")
+    assert proc.stderr.count("error:") == 1 and "output folder:" not in proc.stderr
+    assert {name: (folder / name).stat().st_mtime_ns for name in written} == written  # not rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no run-1
+
+
+def test_a_lock_held_by_a_live_process_is_refused_and_released_by_its_holder(tmp_path):
     folder = tmp_path / "run"
     lock = RunLock(str(folder)).acquire()  # held by this (live) pytest process
-    try:
-        before = snapshot(tmp_path)
-        proc = train_subprocess(fast(image_folder, tmp_path, "--epochs", "1"))
-        assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.strip().splitlines()[-1] == (
-            f"train.py: error: {folder} is in use by another run (pid {os.getpid()} on host {socket.gethostname()}, "
-            f"started {read_lock(str(folder)).started}); wait for it to end or pass another --experiment (if no run "
-            f"uses it, delete {folder / LOCK_NAME})")
-        assert proc.stderr.count("error:") == 1
-        assert snapshot(tmp_path) == before  # no files, no -1 folder
-    finally:
-        lock.release()
+    with pytest.raises(UsageError, match=f"is in use by another run \\(pid {os.getpid()} on host"):
+        claim_run_folder(str(folder))
+    lock.release()
     assert not (folder / LOCK_NAME).exists()
+    path, again = claim_run_folder(str(folder))
+    again.release()
+    assert path == str(folder)
 
 
 @pytest.mark.parametrize("name", ["last.pth.tar", "summary.csv", "train.log"])
