@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from . import UsageError
+from . import UsageError, one_line_error
 from .distributed import DistInfo
 
 __all__ = [
@@ -38,19 +38,6 @@ _VAL_SPLITS = ("val", "validation")
 
 class BadImageError(UsageError):
     """An image file that cannot be read; the message names the file."""
-
-
-def one_line_error(message: str) -> str:
-    """The one-line message of an error re-raised by a DataLoader worker.
-
-    DataLoader re-raises worker exceptions with the worker's traceback in the message; the
-    original one-line message is the last line, after ``<ExceptionName>: ``.
-    """
-    lines = [ln for ln in str(message).strip().splitlines() if ln.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else ""
-    last = lines[-1]
-    return last.split("Error: ", 1)[1] if "Error: " in last else last
 
 
 @dataclass
