@@ -36,7 +36,7 @@ def one_line_error(message: str) -> str:
     lines = [ln for ln in str(message).strip().splitlines() if ln.strip()]
     if len(lines) <= 1:
         return lines[0] if lines else ""
-    if not any(ln.startswith("Traceback") for ln in lines):
+    if not any("Traceback (most recent call last)" in ln for ln in lines):
         return " ".join(ln.strip() for ln in lines)
     last = lines[-1]
     return last.split("Error: ", 1)[1] if "Error: " in last else last

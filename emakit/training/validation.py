@@ -49,7 +49,8 @@ from .kinds import (EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE_INT, POSITI
 __all__ = [
     "CHECKPOINT_EXTENSIONS", "RESULT_FIELDS", "ResultRecord", "SweepRow", "ValidationReport", "EvalSetup",
     "build_parser", "parse_args", "find_checkpoints", "resolve_arch", "resolve_num_classes", "select_weights",
-    "build_model", "load_weights", "load_eval_dataset", "eval_data_config", "evaluate_weights",
+    "build_model", "load_weights", "load_eval_dataset", "eval_data_config", "torchvision_eval_settings",
+    "evaluate_weights",
     "write_results", "export_weights", "timm_load_hint", "resolve_posthoc_dir", "reconstruct_profiles",
     "posthoc_equivalents", "pick_best", "save_posthoc_weights", "write_sweep_outputs", "run",
     "report_lines", "format_results_table", "format_sweep_table",
@@ -253,6 +254,8 @@ def _train_args(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """The training arguments: the ``args`` dict, or for our exported ``.safetensors`` the
     eval-transform subset stored as JSON in the metadata."""
     args = ckpt.get("args")
+    if isinstance(args, argparse.Namespace):  # timm and torchvision references pickle their Namespace
+        args = vars(args)
     if isinstance(args, Mapping):
         return dict(args)
     try:
@@ -447,12 +450,36 @@ def load_eval_dataset(data: str | None, split: str | None,
 _DATA_KEYS = ("img_size", "crop_pct", "mean", "std", "interpolation")
 
 
+def torchvision_eval_settings(train_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The eval transform of a torchvision-references checkpoint, in timm's terms.
+
+    torchvision's ``references/classification`` evaluates with ``Resize(val_resize_size)``
+    (shorter side) then ``CenterCrop(val_crop_size)``, its ``--interpolation`` and the
+    ImageNet mean/std (``presets.ClassificationPresetEval``). timm resizes the shorter side
+    to ``floor(img_size / crop_pct)``, so crop_pct = crop / resize, nudged down by ulps when
+    float rounding would make the floor one pixel short. {} for other checkpoints.
+    """
+    crop, resize = train_args.get("val_crop_size"), train_args.get("val_resize_size")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (crop, resize)):
+        return {}
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    crop_pct = crop / resize
+    while math.floor(crop / crop_pct) < resize:
+        crop_pct = math.nextafter(crop_pct, 0.0)
+    settings = {"img_size": crop, "crop_pct": crop_pct, "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
+    if isinstance(train_args.get("interpolation"), str) and train_args["interpolation"]:
+        settings["interpolation"] = train_args["interpolation"]
+    return settings
+
+
 def eval_data_config(model: nn.Module, train_args: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """timm ``resolve_data_config`` of the training args' image size, crop, mean, std and
     interpolation (train.py resolves exactly these), each replaced by its flag when given."""
     from timm.data import resolve_data_config
 
     settings = {k: train_args.get(k) for k in _DATA_KEYS if train_args.get(k) not in (None, "")}
+    settings.update(torchvision_eval_settings(train_args))
     if "img_size" not in overrides and isinstance(train_args.get("input_size"), (list, tuple)):
         settings["input_size"] = tuple(train_args["input_size"])  # timm's own checkpoints
     settings.update({k: v for k, v in overrides.items() if v not in (None, "")})
