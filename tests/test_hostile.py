@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST_ARGS, REPO, count_images, subprocess_env
+from conftest import FAST_ARGS, REPO, subprocess_env
 
 timm = pytest.importorskip("timm")
 
@@ -222,8 +222,8 @@ def _cases(w: dict[str, Path]) -> dict[str, dict]:
 def batch(world: dict[str, Path]) -> dict[str, dict]:
     """Run every case once (see tests/cli_batch.py); results by case id."""
     cases = _cases(world)
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "cli_batch.py")], input=json.dumps(list(cases.values())),
-                          capture_output=True, text=True, env=subprocess_env(), cwd=str(world["root"]), timeout=600)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "cli_batch.py")],
+                          input=json.dumps(list(cases.values())), capture_output=True, text=True, env=subprocess_env(), cwd=str(world["root"]), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(zip(cases, json.loads(proc.stdout)))
 

@@ -5,6 +5,12 @@ embedded-dataset preset (``configs/digits.yaml``), so ``python train.py`` with n
 is a short CPU run on scikit-learn's digits; where that makes a default differ from timm's,
 the help says so. Precedence: parser default < ``--config`` YAML < command line. A YAML key
 that is not a flag's dest, or a value of the wrong type, is an error naming the key.
+
+Each flag's value has a kind (:mod:`.kinds`: a number > 0, a probability, an integer >= 1,
+two numbers MIN <= MAX, a device, a timm policy, ...): one rule per kind, applied to the
+command line, the YAML file and the final values alike, so every bad value is a one-line
+error before anything is built or written. Rules that relate several flags are in
+:func:`_check_args`.
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ import yaml
 
 from . import UsageError
 from .kinds import (EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE,
-                    POSITIVE_INT, PROBABILITY, RATE, SEED, SEED_MAX, STD, TRAIN_INTERPOLATION, UNIT_INTERVAL, AutoAugment, Device,
+                    POSITIVE_INT, PROBABILITY, RATE, SEED, SEED_MAX, STD, TRAIN_INTERPOLATION, UNIT_INTERVAL,
+                    AutoAugment, Device,
                     Items, Kind, KindError, Number, OneOf, check_parsed)
 
 __all__ = ["build_parser", "parse_args", "load_yaml_defaults", "args_to_yaml", "resolve_ema_decay",
@@ -169,7 +176,8 @@ def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
                    help="optimizer epsilon > 0 (default: None = the optimizer's)")
     g.add_argument("--opt-betas", type=BETAS, nargs="+", default=None, metavar="BETA",
                    help="optimizer betas, 1 to 3 numbers in [0, 1) (default: None = the optimizer's)")
-    g.add_argument("--momentum", type=UNIT_INTERVAL, default=0.9, metavar="M", help="SGD momentum in [0, 1] (default: 0.9)")
+    g.add_argument("--momentum", type=UNIT_INTERVAL, default=0.9, metavar="M",
+                   help="SGD momentum in [0, 1] (default: 0.9)")
     g.add_argument("--weight-decay", type=NON_NEGATIVE, default=2e-5, metavar="WD",
                    help="weight decay >= 0 (default: 2e-5; digits preset: 5e-5)")
     g.add_argument("--clip-grad", type=POSITIVE, default=None, metavar="NORM",
@@ -193,7 +201,8 @@ def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
                    help="batch size of --lr-base (default: 256)")
     g.add_argument("--lr-base-scale", default="", choices=["", "linear", "sqrt"],
                    help="lr scaling with batch size (default: '' = sqrt for ada*/lamb, else linear)")
-    g.add_argument("--warmup-lr", type=NON_NEGATIVE, default=1e-5, metavar="LR", help="warmup start lr >= 0 (default: 1e-5)")
+    g.add_argument("--warmup-lr", type=NON_NEGATIVE, default=1e-5, metavar="LR",
+                   help="warmup start lr >= 0 (default: 1e-5)")
     g.add_argument("--min-lr", type=NON_NEGATIVE, default=0.0, metavar="LR", help="lr floor >= 0 (default: 0.0)")
     g.add_argument("--epochs", type=POSITIVE_INT, default=300, metavar="N",
                    help="epochs to train (default: 300; digits preset: 10)")
@@ -201,7 +210,8 @@ def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
                    help="lr warmup epochs (default: 5; digits preset: 0)")
     g.add_argument("--warmup-prefix", action=argparse.BooleanOptionalAction, default=False,
                    help="exclude warmup from the decay schedule (default: False)")
-    g.add_argument("--cooldown-epochs", type=NON_NEGATIVE_INT, default=0, metavar="N", help="cooldown epochs (default: 0)")
+    g.add_argument("--cooldown-epochs", type=NON_NEGATIVE_INT, default=0, metavar="N",
+                   help="cooldown epochs (default: 0)")
     g.add_argument("--decay-epochs", type=POSITIVE, default=90, metavar="N", help="step-decay interval > 0 (default: 90)")
     g.add_argument("--decay-milestones", type=MILESTONES, nargs="+", default=[90, 180, 270], metavar="EPOCH",
                    help="multistep decay epochs, increasing (default: 90 180 270)")

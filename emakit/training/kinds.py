@@ -23,7 +23,8 @@ from typing import Any
 
 __all__ = [
     "Kind", "Number", "Items", "OneOf", "Device", "AutoAugment", "OutputFile", "SEED_MAX",
-    "FINITE", "POSITIVE", "NON_NEGATIVE", "PROBABILITY", "UNIT_INTERVAL", "FRACTION", "RATE", "POSITIVE_INT", "NON_NEGATIVE_INT",
+    "FINITE", "POSITIVE", "NON_NEGATIVE", "PROBABILITY", "UNIT_INTERVAL", "FRACTION", "RATE", "POSITIVE_INT",
+    "NON_NEGATIVE_INT",
     "SEED", "EVAL_INTERPOLATION", "TRAIN_INTERPOLATION", "MEAN", "STD", "check_parsed", "flag_name",
     "KindError",
 ]
@@ -278,8 +279,9 @@ class AutoAugment(Kind):
 class OutputFile(Kind):
     """A file this process will write: not a folder, in a folder where a file can be created
     (the nearest existing one, probed with a temporary file that is removed at once, so the
-    check also holds for root and read-only mounts), with one of ``suffixes`` if given, and never an existing training checkpoint
-    (an export or a post-hoc result must not replace the run it came from)."""
+    check also holds for root and read-only mounts), with one of ``suffixes`` if given, and
+    never an existing training checkpoint (an export or a post-hoc result must not replace
+    the run it came from)."""
 
     def __init__(self, suffixes: Sequence[str] = (), *, what: str = "a file path") -> None:
         self.suffixes = tuple(suffixes)

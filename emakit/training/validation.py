@@ -93,12 +93,15 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="center-crop fraction in (0, 1] (default: None = the checkpoint's training --crop-pct, "
                         "else model default)")
     g.add_argument("--mean", type=MEAN, nargs="+", default=None, metavar="MEAN",
-                   help="normalisation mean, 3 numbers (R G B) or 1 for all (default: None = the checkpoint's training --mean, else model default)")
+                   help="normalisation mean, 3 numbers (R G B) or 1 for all (default: None = the checkpoint's "
+                        "training --mean, else model default)")
     g.add_argument("--std", type=STD, nargs="+", default=None, metavar="STD",
-                   help="normalisation std, 3 numbers > 0 (R G B) or 1 for all (default: None = the checkpoint's training --std, else model default)")
+                   help="normalisation std, 3 numbers > 0 (R G B) or 1 for all (default: None = the checkpoint's "
+                        "training --std, else model default)")
     g.add_argument("--interpolation", type=EVAL_INTERPOLATION, default=None, metavar="NAME",
-                   help="resize interpolation: nearest, bilinear, bicubic, box, hamming, lanczos (default: None = the checkpoint's training --interpolation, "
-                        "else model default)")
+                   help="resize interpolation: nearest, bilinear, bicubic, box, hamming, lanczos (default: None = "
+                        "the checkpoint's training --interpolation (torchvision's for its checkpoints), else model "
+                        "default)")
     g.add_argument("-b", "--batch-size", type=POSITIVE_INT, default=256, metavar="N",
                    help="batch size per process; does not change the results (default: 256)")
     g.add_argument("-j", "--workers", type=NON_NEGATIVE_INT, default=0, metavar="N",
@@ -125,7 +128,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Runtime")
     g.add_argument("--device", type=Device(), default=None, metavar="DEV",
-                   help="device: cpu, cuda, cuda:N or mps, where available (default: None = cuda if available, else cpu; cuda:<local rank> under torchrun)")
+                   help="device: cpu, cuda, cuda:N or mps, where available (default: None = cuda if available, "
+                        "else cpu; cuda:<local rank> under torchrun)")
     g.add_argument("--amp", action="store_true", default=False,
                    help="evaluate under torch.autocast (default: False)")
     g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
