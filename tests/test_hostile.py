@@ -531,3 +531,26 @@ def test_a_non_utf8_file_name_does_not_break_the_log_file(odd_data_run):
     assert "not following" in log
     assert f"skipping unreadable image {odd_data_run['data'] / 'train' / 'ant'}/\\xff\\xfe.jpg" in log
     assert "Logging error" not in odd_data_run["proc"].stderr
+
+
+def test_what_counts_as_a_training_checkpoint_for_output_files(tmp_path):
+    """-o/--posthoc-save/--results-file may replace an export, a post-hoc result or a CSV,
+    never a checkpoint that resumes training (ours, timm's, torchvision's, a full pickle)."""
+    from emakit.training.kinds import is_training_checkpoint
+
+    model = timm.create_model("test_resnet", num_classes=3)
+    sd = model.state_dict()
+    files = {
+        "timm.pth.tar": ({"epoch": 1, "state_dict": sd, "optimizer": {}}, True),
+        "torchvision.pth": ({"model": sd, "optimizer": {}, "lr_scheduler": {}, "epoch": 9}, True),
+        "no_optimizer.pth.tar": ({"epoch": 1, "state_dict": sd, "arch": "test_resnet"}, True),
+        "posthoc_best.pth.tar": ({"epoch": 1, "state_dict_ema": sd, "args": {}, "posthoc": {"sigma_rel": 0.1}},
+                                 False),
+        "export.pth": (sd, False),
+        "full_pickle.pth": ({"model": model}, True),  # refused by weights_only: someone's whole model
+    }
+    for name, (obj, expected) in files.items():
+        torch.save(obj, tmp_path / name)
+        assert is_training_checkpoint(str(tmp_path / name)) is expected, name
+    (tmp_path / "results.csv").write_text("model,top1\n")
+    assert is_training_checkpoint(str(tmp_path / "results.csv")) is False

@@ -8,8 +8,9 @@ YAML value by the same rule (:meth:`Kind.from_yaml`), and checks whole values af
 parsing (:func:`check_parsed`): the number of items and their order for ``nargs`` flags,
 and every item again, so a value is checked the same way wherever it came from.
 
-Messages say the value, what is wrong and what to give instead; the CLIs add the flag and
-print them as one line with exit status 2. Nothing heavy is imported here: the timm-backed
+Messages say the value, what is wrong and what to give instead; argparse (or
+:func:`check_parsed`) puts the flag in front and the CLIs print the result as one line
+with exit status 2. Nothing heavy is imported here: the timm-backed
 kinds import timm only when they check a value.
 """
 from __future__ import annotations
@@ -24,9 +25,8 @@ from typing import Any
 __all__ = [
     "Kind", "Number", "Items", "OneOf", "Device", "AutoAugment", "OutputFile", "SEED_MAX",
     "FINITE", "POSITIVE", "NON_NEGATIVE", "PROBABILITY", "UNIT_INTERVAL", "FRACTION", "RATE", "POSITIVE_INT",
-    "NON_NEGATIVE_INT",
-    "SEED", "EVAL_INTERPOLATION", "TRAIN_INTERPOLATION", "MEAN", "STD", "check_parsed", "flag_name",
-    "KindError",
+    "NON_NEGATIVE_INT", "SEED", "EVAL_INTERPOLATION", "TRAIN_INTERPOLATION", "MEAN", "STD", "check_parsed",
+    "flag_name", "is_training_checkpoint", "KindError",
 ]
 
 # numpy's legacy seeding takes [0, 2**32 - 1]; torch.manual_seed takes more, so numpy bounds the seed.
@@ -53,13 +53,10 @@ class Kind:
     def check(self, value: Any) -> None:
         """The whole value after parsing (a list for ``nargs`` flags): every item again."""
         for item in value if isinstance(value, list) else [value]:
-            self._item(item, item)
-
-    def _item(self, value: Any, shown: Any) -> None:
-        try:
-            self.validate(value)
-        except KindError as e:
-            raise KindError(_invalid(shown, str(e), self.expected)) from None
+            try:
+                self.validate(item)
+            except KindError as e:
+                raise KindError(_invalid(item, str(e), self.expected)) from None
 
     def __call__(self, text: str) -> Any:
         try:
@@ -243,10 +240,9 @@ class Device(Kind):
             device = torch.device(text)
         except (RuntimeError, ValueError):
             raise KindError("not a torch device") from None
-        return text if device.type in ("cpu", "cuda", "mps") else self._refuse(device.type)
-
-    def _refuse(self, kind: str) -> Any:
-        raise KindError(f"{kind} devices cannot train or evaluate")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise KindError(f"{device.type} devices cannot train or evaluate")
+        return text
 
     def validate(self, value: Any) -> None:
         import torch
@@ -319,14 +315,17 @@ _TRAINING_KEYS = ("optimizer", "optimizer_state_dict", "scheduler", "lr_schedule
 
 def is_training_checkpoint(path: str) -> bool:
     """True for a torch file holding a training checkpoint: optimizer or scheduler state, or
-    an epoch with weights and no ``posthoc`` entry (a post-hoc result may be replaced). False
-    for exports (bare state dicts, safetensors) and for anything unreadable."""
+    an epoch with weights and no ``posthoc`` entry (a post-hoc result may be replaced), or a
+    pickle that asks to run code (another framework's full checkpoint). False for exports
+    (bare state dicts, safetensors) and for other files (a results CSV, damaged bytes)."""
     if path.lower().endswith(".safetensors"):
         return False
-    try:
-        from emakit.checkpoint import load_checkpoint
+    from emakit.checkpoint import CheckpointError, load_checkpoint
 
+    try:
         ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        return str(e).startswith("refusing to load")
     except Exception:
         return False
     if not isinstance(ckpt, dict):
