@@ -543,3 +543,13 @@ def test_what_counts_as_a_training_checkpoint_for_output_files(tmp_path):
         assert is_training_checkpoint(str(tmp_path / name)) is expected, name
     (tmp_path / "results.csv").write_text("model,top1\n")
     assert is_training_checkpoint(str(tmp_path / "results.csv")) is False
+
+
+def test_two_class_folders_that_are_one_folder_are_an_error(run_train, tmp_path, image_folder_copy):
+    os.symlink("ant", image_folder_copy / "train" / "zebra")  # zebra/ -> ant/: every ant image twice, two labels
+    code, _, err = run_train([image_folder_copy, *FAST_ARGS, "--output", tmp_path / "out"])
+    assert code == 2
+    assert err.splitlines() == [f"{E}class folders {image_folder_copy / 'train' / 'ant'} and "
+                                f"{image_folder_copy / 'train' / 'zebra'} are the same folder (a symlink): its "
+                                "images would carry two labels; remove one of them"]
+    assert not (tmp_path / "out").exists()

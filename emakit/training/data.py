@@ -186,7 +186,13 @@ def _scan_split(split_dir: str, class_to_idx: dict[str, int] | None) -> tuple[li
         raise UsageError(f"{shown_path(split_dir)} has class folders that the train split lacks: "
                          f"{', '.join(map(shown_path, unknown[:5]))}")
     folders = [os.path.join(split_dir, c) for c in classes]
-    seen = {_folder_key(f) for f in folders}
+    first: dict[tuple[int, int], str] = {}
+    for folder in folders:
+        same = first.setdefault(_folder_key(folder), folder)
+        if same != folder:
+            raise UsageError(f"class folders {shown_path(same)} and {shown_path(folder)} are the same folder "
+                             "(a symlink): its images would carry two labels; remove one of them")
+    seen = set(first)
     paths, targets = [], []
     for c, folder in zip(classes, folders):
         files = _image_files(folder, seen)
