@@ -241,7 +241,8 @@ def batch(world: dict[str, Path]) -> dict[str, dict]:
     """Run every case once (see tests/cli_batch.py); results by case id."""
     cases = _cases(world)
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "cli_batch.py")],
-                          input=json.dumps(list(cases.values())), capture_output=True, text=True, env=subprocess_env(), cwd=str(world["root"]), timeout=600)
+                          input=json.dumps(list(cases.values())), capture_output=True, text=True,
+                          env=subprocess_env(), cwd=str(world["root"]), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(zip(cases, json.loads(proc.stdout)))
 

@@ -212,7 +212,8 @@ def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
                    help="exclude warmup from the decay schedule (default: False)")
     g.add_argument("--cooldown-epochs", type=NON_NEGATIVE_INT, default=0, metavar="N",
                    help="cooldown epochs (default: 0)")
-    g.add_argument("--decay-epochs", type=POSITIVE, default=90, metavar="N", help="step-decay interval > 0 (default: 90)")
+    g.add_argument("--decay-epochs", type=POSITIVE, default=90, metavar="N",
+                   help="step-decay interval > 0 (default: 90)")
     g.add_argument("--decay-milestones", type=MILESTONES, nargs="+", default=[90, 180, 270], metavar="EPOCH",
                    help="multistep decay epochs, increasing (default: 90 180 270)")
     g.add_argument("--decay-rate", type=POSITIVE, default=0.1, metavar="RATE", help="lr decay rate > 0 (default: 0.1)")
@@ -230,9 +231,12 @@ def _add_augment_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ratio", type=RATIO, nargs="+", default=[3.0 / 4.0, 4.0 / 3.0], metavar="RATIO",
                    help="random-resized-crop aspect ratio range MIN MAX, 0 < MIN <= MAX (default: 0.75 1.33)")
     g.add_argument("--hflip", type=PROBABILITY, default=0.5,
-                   help="horizontal flip probability in [0, 1] (default: 0.5; digits preset: 0.0, digits are not mirror-symmetric)")
-    g.add_argument("--vflip", type=PROBABILITY, default=0.0, help="vertical flip probability in [0, 1] (default: 0.0)")
-    g.add_argument("--color-jitter", type=NON_NEGATIVE, default=0.4, metavar="PCT", help="color jitter >= 0 (default: 0.4)")
+                   help="horizontal flip probability in [0, 1] (default: 0.5; digits preset: 0.0, digits are not "
+                        "mirror-symmetric)")
+    g.add_argument("--vflip", type=PROBABILITY, default=0.0,
+                   help="vertical flip probability in [0, 1] (default: 0.0)")
+    g.add_argument("--color-jitter", type=NON_NEGATIVE, default=0.4, metavar="PCT",
+                   help="color jitter >= 0 (default: 0.4)")
     g.add_argument("--aa", type=AutoAugment(), default=None, metavar="NAME",
                    help="timm AutoAugment policy, e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0; "
                         "checked by building it with timm (default: None)")
