@@ -16,9 +16,8 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     """Parse -> build -> run; returns the process exit status."""
-    from emakit.training import UsageError
+    from emakit.training import UsageError, print_error
     from emakit.training.config import parse_args
-    from emakit.training.data import one_line_error
     from emakit.training.run import TrainingInterrupted, build_trainer, close_trainer, configure_logging, \
         describe_result, fit
 
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_result(result))
         return 0
     except UsageError as e:
-        print(f"train.py: error: {one_line_error(str(e))}", file=sys.stderr)
+        print_error("train.py", e)
         return 2
     except TrainingInterrupted as e:
         print(f"train.py: {e}", file=sys.stderr)

@@ -20,8 +20,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Parse -> build -> run; returns the process exit status."""
     from emakit.checkpoint import CheckpointError
-    from emakit.training import UsageError
-    from emakit.training.data import one_line_error
+    from emakit.training import UsageError, print_error
     from emakit.training.distributed import init_distributed, shutdown_distributed
     from emakit.training.run import configure_logging
     from emakit.training.validation import parse_args, report_lines, run
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         dist = None
         return 0
     except (UsageError, CheckpointError) as e:
-        print(f"validate.py: error: {one_line_error(str(e))}", file=sys.stderr)
+        print_error("validate.py", e)
         return 2
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0

@@ -17,9 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
+
+# Post-hoc weights: safetensors, or a checkpoint with them as state_dict_ema (validate.py's --posthoc-save).
+_POSTHOC_SUFFIXES = (".safetensors", ".pth.tar", ".pth", ".pt")
 
 __all__ = ["main", "build_parser", "equivalent_ema"]
 
@@ -35,21 +39,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
+    from emakit.training.kinds import POSITIVE_INT, OutputFile
+
     p = sub.add_parser("export", help="write one weight set of a checkpoint alone (safetensors or .pth)",
                        description="Write one weight set of a checkpoint, unprefixed and atomically. A "
                                    ".safetensors file loads with timm.create_model(NAME, pretrained=True, "
                                    "pretrained_cfg_overlay=dict(file=FILE, num_classes=N), num_classes=N).")
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (ours, timm, SuperGradients, torchvision)")
     p.add_argument("--weights", default="ema", metavar="SET", help="raw, ema or ema:N (default: ema)")
-    p.add_argument("-o", "--output", required=True, metavar="FILE",
-                   help="output: .safetensors, or any other name for a torch.save'd bare state dict (required)")
+    p.add_argument("-o", "--output", required=True, type=OutputFile(), metavar="FILE",
+                   help="output: .safetensors, or any other name for a torch.save'd bare state dict; never the "
+                        "input checkpoint or another training checkpoint (required)")
     p.add_argument("--model", default=None, metavar="MODEL",
                    help="timm model name recorded in the metadata (default: None = the checkpoint's)")
-    p.add_argument("--num-classes", type=int, default=None, metavar="N",
+    p.add_argument("--num-classes", type=POSITIVE_INT, default=None, metavar="N",
                    help="class count recorded in the metadata (default: None = the checkpoint's)")
 
 
 def _add_posthoc(sub: argparse._SubParsersAction) -> None:
+    from emakit.training.kinds import POSITIVE_INT, Number, OutputFile
+
     p = sub.add_parser("posthoc", help="post-hoc EMA: reconstruct, sweep, or convert sigma_rel/decay/half-life",
                        description="Reconstruct the EMA of any length from post-hoc snapshots (EDM2). One "
                                    "--sigma-rel with -o: write those weights. Several (or --evaluate): run "
@@ -60,16 +69,16 @@ def _add_posthoc(sub: argparse._SubParsersAction) -> None:
                    help="snapshot folder (default: None = <--checkpoint folder>/posthoc)")
     p.add_argument("--sigma-rel", default=None, metavar="S[,S...]",
                    help="relative EMA length(s), e.g. 0.05 or 0.02,0.05,0.1 (default: None)")
-    p.add_argument("--step", type=int, default=None, metavar="N",
+    p.add_argument("--step", type=POSITIVE_INT, default=None, metavar="N",
                    help="reconstruct at this snapshot step; with --equivalent: the update count the "
                         "conversion is for (default: None = the last snapshot step)")
-    p.add_argument("-o", "--output", default=None, metavar="FILE",
+    p.add_argument("-o", "--output", default=None, type=OutputFile(_POSTHOC_SUFFIXES), metavar="FILE",
                    help="write the (best) weights: .safetensors, or .pth.tar/.pth/.pt checkpoint with "
-                        "them as state_dict_ema (default: None)")
+                        "them as state_dict_ema; never over a training checkpoint (default: None)")
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
                    help="the run's checkpoint: model name, args and raw weights for the output (default: None)")
     p.add_argument("--model", default=None, metavar="MODEL", help="timm model name (default: None = the checkpoint's)")
-    p.add_argument("--num-classes", type=int, default=None, metavar="N",
+    p.add_argument("--num-classes", type=POSITIVE_INT, default=None, metavar="N",
                    help="class count (default: None = the checkpoint's or the classifier shape)")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="sweep data, validate.py's DIR (default: None = embedded digits)")
@@ -77,16 +86,19 @@ def _add_posthoc(sub: argparse._SubParsersAction) -> None:
                    help="evaluate even a single --sigma-rel (default: False)")
     p.add_argument("--equivalent", action="store_true", default=False,
                    help="only convert: give --step and one of --decay, --sigma-rel, --half-life (default: False)")
-    p.add_argument("--decay", type=float, default=None, metavar="D", help="classic per-update decay (default: None)")
+    p.add_argument("--decay", type=Number(0, 1, lo_open=True, hi_open=True), default=None, metavar="D",
+                   help="classic per-update decay in (0, 1) (default: None)")
     p.add_argument("--half-life", default=None, metavar="H",
                    help="half-life in updates, e.g. 3466 or 3466ba (default: None)")
 
 
 def _add_plot(sub: argparse._SubParsersAction) -> None:
+    from emakit.training.kinds import OutputFile
+
     p = sub.add_parser("plot", help="PNG of raw vs EMA top-1 and loss per epoch from summary.csv",
                        description="Plot top-1 and loss per epoch of the raw weights and every EMA.")
     p.add_argument("summary_csv", metavar="CSV", help="output/<run>/summary.csv")
-    p.add_argument("-o", "--output", default=None, metavar="FILE.png",
+    p.add_argument("-o", "--output", default=None, type=OutputFile((".png",)), metavar="FILE.png",
                    help="image path (default: None = summary.png beside the CSV)")
 
 
@@ -105,6 +117,10 @@ def _cmd_export(args: argparse.Namespace) -> list[str]:
     from emakit.training.validation import (export_weights, resolve_arch, resolve_num_classes, select_weights,
                                             timm_load_hint)
 
+    if os.path.exists(args.output) and os.path.exists(args.checkpoint) and os.path.samefile(args.output,
+                                                                                             args.checkpoint):
+        raise CliError(f"-o {args.output} is the checkpoint being exported: an export never replaces its "
+                       "source; give another file name")
     ckpt = load_checkpoint(args.checkpoint)
     state_dict, label = select_weights(ckpt, args.weights, args.checkpoint)
     arch = resolve_arch(ckpt, args.checkpoint, args.model)
@@ -253,8 +269,6 @@ def _run_validate(argv: list[str]) -> list[str]:
 
 # --------------------------------------------------------------------------- plot
 def _cmd_plot(args: argparse.Namespace) -> list[str]:
-    import os
-
     from emakit.training.plots import plot_summary
 
     if not os.path.isfile(args.summary_csv):
@@ -274,7 +288,13 @@ def _dispatch(argv: Sequence[str] | None) -> list[str]:
     # parsing, so a value such as "-b 128" is never taken for the snapshot folder.
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    args = build_parser().parse_args(argv)
+    from emakit.training.kinds import check_parsed
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is not None:
+        sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+        check_parsed(sub, args, sub.error)
     if args.command is None:
         raise CliError("give a command: export, posthoc or plot (see emakit --help)")
     if args.command == "posthoc":
@@ -282,12 +302,6 @@ def _dispatch(argv: Sequence[str] | None) -> list[str]:
     if extra:
         raise CliError(f"emakit {args.command} takes no arguments after --: {' '.join(extra)}")
     return _cmd_export(args) if args.command == "export" else _cmd_plot(args)
-
-
-def _one_line(message: str) -> str:
-    """The message's last line (a DataLoader worker error carries a traceback before it)."""
-    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -309,7 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line)
         return 0
     except usage_errors as e:
-        print(f"emakit: error: {_one_line(str(e))}", file=sys.stderr)
+        from emakit.training import print_error
+
+        print_error("emakit", e)
         return 2
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0

@@ -655,9 +655,24 @@ def list_snapshots(snapshot_dir: str | os.PathLike, *, missing_ok: bool = False)
 
 
 def _load(path: str, mmap: bool = False) -> dict[str, Any]:
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    """One snapshot file; ``ValueError`` naming it if it cannot be read or is not a snapshot."""
+    from .checkpoint import CheckpointError, _torch_load
+
+    fix = "move it out of the folder to reconstruct from the others"
+    try:
+        obj = _torch_load(path, "cpu", mmap=mmap)
+    except CheckpointError:  # truncated, corrupt, not a torch file, or asks to run code
+        raise ValueError(f"cannot read snapshot {path}: the file is damaged or not a torch file; {fix}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read snapshot {path}: {e.strerror or e}; {fix}") from None
     if not isinstance(obj, dict) or obj.get("format") != _FORMAT:
-        raise ValueError(f"snapshot file {path!r} is not an emakit post-hoc snapshot")
+        raise ValueError(f"snapshot file {path!r} is not an emakit post-hoc snapshot; {fix}")
+    state_dict = obj.get("state_dict")
+    if (isinstance(obj.get("step"), bool) or not isinstance(obj.get("step"), int)
+            or not isinstance(obj.get("sigma_rel"), (int, float)) or not isinstance(state_dict, dict)
+            or not all(isinstance(t, torch.Tensor) for t in state_dict.values())):
+        raise ValueError(f"snapshot file {path!r} is malformed (needs an int step, a float sigma_rel and a "
+                         f"state_dict of tensors); {fix}")
     return obj
 
 

@@ -118,7 +118,8 @@ def test_resolved_args_yaml_loads_back_as_a_config(tmp_path):
 def test_ema_time_constant_comes_from_exactly_one_source():
     assert resolve_ema_decay(parse_args([])) == (None, "0.5ep", "constant")  # the preset's half-life
     assert resolve_ema_decay(parse_args(["--model-ema-decay", "0.9998"])) == (0.9998, None, "constant")
-    assert resolve_ema_decay(parse_args(["--model-ema-half-life", ""])) == (0.9998, None, "constant")
+    with pytest.raises(UsageError, match=r"argument --model-ema-half-life: invalid value '' \(empty\)"):
+        parse_args(["--model-ema-half-life", ""])  # issue 8: refused, not a silent switch to the default decay
     assert resolve_ema_decay(parse_args(["--model-ema-warmup"]))[2] == "warmup"
 
 
@@ -178,12 +179,12 @@ def test_resolved_args_with_lists_load_back_as_a_config(tmp_path):
     (["--model-ema-decay", "0.99,0.99"], "lists a decay twice"),
     (["--model-ema-half-life", "2ba,2ba"], "lists a half-life twice"),
     (["--model-ema-select", "worst"], "invalid choice: 'worst'"),
-    (["--model-ema-bn-recal", "-1"], "--model-ema-bn-recal must be >= 0"),
+    (["--model-ema-bn-recal", "-1"], "argument --model-ema-bn-recal: invalid value '-1' (too small); give an integer >= 0"),
     (["--model-ema-bn-recal", "5", "--no-model-ema"], "add --model-ema"),
     (["--model-ema-posthoc", "--posthoc-sigma-rels", "0.5"], "outside (0, 0.2887]"),
     (["--model-ema-posthoc", "--posthoc-sigma-rels", "0.1,0.1000001"], "first 6 decimals"),
-    (["--model-ema-posthoc", "--posthoc-every", "0"], "--posthoc-every must be >= 1"),
-    (["--model-ema-posthoc", "--posthoc-max-snapshots", "1"], "--posthoc-max-snapshots must be >= 2"),
+    (["--model-ema-posthoc", "--posthoc-every", "0"], "argument --posthoc-every: invalid value '0' (too small); give an integer >= 1"),
+    (["--model-ema-posthoc", "--posthoc-max-snapshots", "1"], "argument --posthoc-max-snapshots: invalid value '1' (too small); give an integer >= 2"),
     (["--model-ema-posthoc", "--posthoc-dtype", "int8"], "invalid choice: 'int8'"),
     (["--posthoc-every", "10"], "needs --model-ema-posthoc"),
 ])

@@ -15,9 +15,36 @@ Importing this package imports nothing heavy; the submodules import timm when lo
 """
 from __future__ import annotations
 
-__all__ = ["UsageError"]
+import os
+import sys
+
+__all__ = ["UsageError", "one_line_error", "print_error"]
 
 
 class UsageError(Exception):
     """A problem the user can fix (bad flag, data, checkpoint, output dir): the CLI prints
     ``str(error)`` as one line on stderr and exits with status 2."""
+
+
+def one_line_error(message: str) -> str:
+    """The message of an error as one line.
+
+    DataLoader re-raises worker exceptions with the worker's traceback in the message; the
+    original one-line message is then the last line, after ``<ExceptionName>: ``. Any other
+    line break (a file name may hold one) is shown as a space, so the error stays one line.
+    """
+    lines = [ln for ln in str(message).strip().splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    if not any("Traceback (most recent call last)" in ln for ln in lines):
+        return " ".join(ln.strip() for ln in lines)
+    last = lines[-1]
+    return last.split("Error: ", 1)[1] if "Error: " in last else last
+
+
+def print_error(prog: str, error: BaseException | str) -> None:
+    """Print ``<prog>: error: <one line>`` on stderr, once per job: under torchrun only the
+    process with ``RANK`` 0 prints (every rank meets the same input error and exits 2)."""
+    if os.environ.get("RANK", "0") not in ("0", ""):
+        return
+    print(f"{prog}: error: {one_line_error(str(error))}", file=sys.stderr, flush=True)

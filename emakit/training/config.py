@@ -5,6 +5,12 @@ embedded-dataset preset (``configs/digits.yaml``), so ``python train.py`` with n
 is a short CPU run on scikit-learn's digits; where that makes a default differ from timm's,
 the help says so. Precedence: parser default < ``--config`` YAML < command line. A YAML key
 that is not a flag's dest, or a value of the wrong type, is an error naming the key.
+
+Each flag's value has a kind (:mod:`.kinds`: a number > 0, a probability, an integer >= 1,
+two numbers MIN <= MAX, a device, a timm policy, ...): one rule per kind, applied to the
+command line, the YAML file and the final values alike, so every bad value is a one-line
+error before anything is built or written. Rules that relate several flags are in
+:func:`_check_args`.
 """
 from __future__ import annotations
 
@@ -18,6 +24,10 @@ from typing import Any, NoReturn
 import yaml
 
 from . import UsageError
+from .kinds import (EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE,
+                    POSITIVE_INT, PROBABILITY, RATE, SEED, SEED_MAX, STD, TRAIN_INTERPOLATION, UNIT_INTERVAL,
+                    AutoAugment, Device,
+                    Items, Kind, KindError, Number, OneOf, check_parsed)
 
 __all__ = ["build_parser", "parse_args", "load_yaml_defaults", "args_to_yaml", "resolve_ema_decay",
            "as_list", "CommaList"]
@@ -29,6 +39,12 @@ POSTHOC_DTYPES = ("float16", "bfloat16", "float32")
 DIGITS_PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                              "configs", "digits.yaml")
 _NOT_YAML_KEYS = {"config", "help"}
+# The kinds of train.py's multi-value flags (the scalar kinds live in .kinds).
+SCALE = Items(FRACTION, "two numbers MIN MAX with 0 < MIN <= MAX <= 1", (2,), increasing=True)
+RATIO = Items(POSITIVE, "two numbers MIN MAX with 0 < MIN <= MAX", (2,), increasing=True)
+CUTMIX_MINMAX = Items(FRACTION, "two numbers MIN MAX with 0 < MIN <= MAX <= 1", (2,), increasing=True)
+BETAS = Items(Number(0, 1, hi_open=True), "1 to 3 numbers in [0, 1)", (1, 2, 3))
+MILESTONES = Items(NON_NEGATIVE_INT, "increasing epochs >= 0", increasing=True, strict=True)
 
 
 class CommaList:
@@ -40,16 +56,16 @@ class CommaList:
     scalar, a YAML list or the same comma-separated string (:meth:`from_yaml`).
     """
 
-    def __init__(self, item: type, what: str, *, scalar_if_one: bool = True, allow_empty: bool = False) -> None:
+    def __init__(self, item: type, what: str, *, scalar_if_one: bool = True) -> None:
         self.item = item
         self.what = what
         self.scalar_if_one = scalar_if_one
-        self.allow_empty = allow_empty
         self.__name__ = f"comma-separated {what}s"  # argparse names the type in some messages
 
     def __call__(self, text: str) -> Any:
-        if self.allow_empty and not str(text).strip():
-            return ""
+        if not str(text).strip():
+            raise argparse.ArgumentTypeError(f"invalid value {str(text)!r} (empty); give one or more "
+                                             f"{self.what} values separated by commas, or leave the flag out")
         return self._convert([part.strip() for part in str(text).split(",")], str(text))
 
     def _convert(self, parts: list[Any], shown: str) -> Any:
@@ -105,23 +121,24 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=False,
                    help="decode every image before training and skip unreadable ones with a warning, "
                         "instead of stopping with an error naming the file (default: False)")
-    g.add_argument("--num-classes", type=int, default=None, metavar="N",
+    g.add_argument("--num-classes", type=POSITIVE_INT, default=None, metavar="N",
                    help="number of classes (default: None = number of class folders in the data)")
-    g.add_argument("--img-size", type=int, default=None, metavar="N",
+    g.add_argument("--img-size", type=POSITIVE_INT, default=None, metavar="N",
                    help="image size (default: None = model default; digits preset: 32)")
-    g.add_argument("--crop-pct", type=float, default=None, metavar="PCT",
-                   help="validation center-crop fraction (default: None = model default; digits preset: 1.0)")
-    g.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN",
-                   help="normalisation mean (default: None = model default)")
-    g.add_argument("--std", type=float, nargs="+", default=None, metavar="STD",
-                   help="normalisation std (default: None = model default)")
-    g.add_argument("--interpolation", default="", metavar="NAME",
-                   help="resize interpolation for validation (default: '' = model default)")
-    g.add_argument("-b", "--batch-size", type=int, default=128, metavar="N",
+    g.add_argument("--crop-pct", type=FRACTION, default=None, metavar="PCT",
+                   help="validation center-crop fraction in (0, 1] (default: None = model default; digits preset: 1.0)")
+    g.add_argument("--mean", type=MEAN, nargs="+", default=None, metavar="MEAN",
+                   help="normalisation mean: 3 numbers (R G B) or 1 for all (default: None = model default)")
+    g.add_argument("--std", type=STD, nargs="+", default=None, metavar="STD",
+                   help="normalisation std: 3 numbers > 0 (R G B) or 1 for all (default: None = model default)")
+    g.add_argument("--interpolation", type=EVAL_INTERPOLATION, default="", metavar="NAME",
+                   help="resize interpolation for validation: nearest, bilinear, bicubic, box, hamming, lanczos "
+                        "(default: '' = model default)")
+    g.add_argument("-b", "--batch-size", type=POSITIVE_INT, default=128, metavar="N",
                    help="batch size per process (default: 128; digits preset: 64)")
-    g.add_argument("-vb", "--validation-batch-size", type=int, default=None, metavar="N",
+    g.add_argument("-vb", "--validation-batch-size", type=POSITIVE_INT, default=None, metavar="N",
                    help="validation batch size (default: None = --batch-size)")
-    g.add_argument("-j", "--workers", type=int, default=4, metavar="N",
+    g.add_argument("-j", "--workers", type=NON_NEGATIVE_INT, default=4, metavar="N",
                    help="data loader worker processes per rank (default: 4; digits preset: 0 = load in "
                         "the main process, fastest for in-memory images)")
     g.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=False,
@@ -137,14 +154,14 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         "nothing is ever downloaded (default: False)")
     g.add_argument("--pretrained-path", default=None, metavar="FILE",
                    help="local weights file for --pretrained (.pth/.safetensors) (default: None)")
-    g.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout rate (default: 0.0)")
-    g.add_argument("--drop-path", type=float, default=None, metavar="PCT",
-                   help="drop-path rate (default: None)")
+    g.add_argument("--drop", type=RATE, default=0.0, metavar="PCT", help="dropout rate in [0, 1) (default: 0.0)")
+    g.add_argument("--drop-path", type=RATE, default=None, metavar="PCT",
+                   help="drop-path rate in [0, 1) (default: None)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="use the channels_last memory layout (default: False)")
     g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model with BACKEND (default: None; bare flag: inductor)")
-    g.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
+    g.add_argument("--grad-accum-steps", type=POSITIVE_INT, default=1, metavar="N",
                    help="micro-batches per optimizer step (default: 1)")
     g.add_argument("--resume", default="", metavar="PATH",
                    help="resume model, EMA, optimizer, scheduler and scaler from this checkpoint (default: '')")
@@ -158,18 +175,20 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Optimizer parameters")
     g.add_argument("--opt", default="sgd", metavar="OPTIMIZER", help="timm optimizer name (default: sgd)")
-    g.add_argument("--opt-eps", type=float, default=None, metavar="EPS", help="optimizer epsilon (default: None)")
-    g.add_argument("--opt-betas", type=float, nargs="+", default=None, metavar="BETA",
-                   help="optimizer betas (default: None)")
-    g.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
-    g.add_argument("--weight-decay", type=float, default=2e-5, metavar="WD",
-                   help="weight decay (default: 2e-5; digits preset: 5e-5)")
-    g.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
-                   help="clip gradients at this norm/value (default: None = no clipping)")
+    g.add_argument("--opt-eps", type=POSITIVE, default=None, metavar="EPS",
+                   help="optimizer epsilon > 0 (default: None = the optimizer's)")
+    g.add_argument("--opt-betas", type=BETAS, nargs="+", default=None, metavar="BETA",
+                   help="optimizer betas, 1 to 3 numbers in [0, 1) (default: None = the optimizer's)")
+    g.add_argument("--momentum", type=UNIT_INTERVAL, default=0.9, metavar="M",
+                   help="SGD momentum in [0, 1] (default: 0.9)")
+    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=2e-5, metavar="WD",
+                   help="weight decay >= 0 (default: 2e-5; digits preset: 5e-5)")
+    g.add_argument("--clip-grad", type=POSITIVE, default=None, metavar="NORM",
+                   help="clip gradients at this norm/value > 0 (default: None = no clipping)")
     g.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"],
                    help="gradient clipping mode (default: norm)")
-    g.add_argument("--layer-decay", type=float, default=None, metavar="RATE",
-                   help="layer-wise learning-rate decay (default: None)")
+    g.add_argument("--layer-decay", type=POSITIVE, default=None, metavar="RATE",
+                   help="layer-wise learning-rate decay > 0 (default: None = off)")
 
 
 def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
@@ -177,28 +196,31 @@ def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sched", default="cosine", metavar="SCHEDULER", help="timm LR scheduler (default: cosine)")
     g.add_argument("--sched-on-updates", action=argparse.BooleanOptionalAction, default=False,
                    help="step the LR schedule every optimizer update instead of every epoch (default: False)")
-    g.add_argument("--lr", type=float, default=None, metavar="LR",
-                   help="learning rate (default: None = lr-base * global batch / lr-base-size)")
-    g.add_argument("--lr-base", type=float, default=0.1, metavar="LR",
-                   help="base learning rate at --lr-base-size images per step (default: 0.1; digits preset: 0.8)")
-    g.add_argument("--lr-base-size", type=int, default=256, metavar="N",
+    g.add_argument("--lr", type=POSITIVE, default=None, metavar="LR",
+                   help="learning rate > 0 (default: None = lr-base * global batch / lr-base-size)")
+    g.add_argument("--lr-base", type=POSITIVE, default=0.1, metavar="LR",
+                   help="base learning rate (> 0) at --lr-base-size images per step (default: 0.1; digits preset: 0.8)")
+    g.add_argument("--lr-base-size", type=POSITIVE_INT, default=256, metavar="N",
                    help="batch size of --lr-base (default: 256)")
     g.add_argument("--lr-base-scale", default="", choices=["", "linear", "sqrt"],
                    help="lr scaling with batch size (default: '' = sqrt for ada*/lamb, else linear)")
-    g.add_argument("--warmup-lr", type=float, default=1e-5, metavar="LR", help="warmup start lr (default: 1e-5)")
-    g.add_argument("--min-lr", type=float, default=0.0, metavar="LR", help="lr floor (default: 0.0)")
-    g.add_argument("--epochs", type=int, default=300, metavar="N",
+    g.add_argument("--warmup-lr", type=NON_NEGATIVE, default=1e-5, metavar="LR",
+                   help="warmup start lr >= 0 (default: 1e-5)")
+    g.add_argument("--min-lr", type=NON_NEGATIVE, default=0.0, metavar="LR", help="lr floor >= 0 (default: 0.0)")
+    g.add_argument("--epochs", type=POSITIVE_INT, default=300, metavar="N",
                    help="epochs to train (default: 300; digits preset: 10)")
-    g.add_argument("--warmup-epochs", type=int, default=5, metavar="N",
+    g.add_argument("--warmup-epochs", type=NON_NEGATIVE_INT, default=5, metavar="N",
                    help="lr warmup epochs (default: 5; digits preset: 0)")
     g.add_argument("--warmup-prefix", action=argparse.BooleanOptionalAction, default=False,
                    help="exclude warmup from the decay schedule (default: False)")
-    g.add_argument("--cooldown-epochs", type=int, default=0, metavar="N", help="cooldown epochs (default: 0)")
-    g.add_argument("--decay-epochs", type=float, default=90, metavar="N", help="step-decay interval (default: 90)")
-    g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], metavar="EPOCH",
-                   help="multistep decay epochs (default: 90 180 270)")
-    g.add_argument("--decay-rate", type=float, default=0.1, metavar="RATE", help="lr decay rate (default: 0.1)")
-    g.add_argument("--patience-epochs", type=int, default=10, metavar="N",
+    g.add_argument("--cooldown-epochs", type=NON_NEGATIVE_INT, default=0, metavar="N",
+                   help="cooldown epochs (default: 0)")
+    g.add_argument("--decay-epochs", type=POSITIVE, default=90, metavar="N",
+                   help="step-decay interval > 0 (default: 90)")
+    g.add_argument("--decay-milestones", type=MILESTONES, nargs="+", default=[90, 180, 270], metavar="EPOCH",
+                   help="multistep decay epochs, increasing (default: 90 180 270)")
+    g.add_argument("--decay-rate", type=POSITIVE, default=0.1, metavar="RATE", help="lr decay rate > 0 (default: 0.1)")
+    g.add_argument("--patience-epochs", type=NON_NEGATIVE_INT, default=10, metavar="N",
                    help="plateau scheduler patience (default: 10)")
 
 
@@ -206,31 +228,42 @@ def _add_augment_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Augmentation and regularization parameters")
     g.add_argument("--no-aug", action="store_true", default=False,
                    help="disable all training augmentation (default: False)")
-    g.add_argument("--scale", type=float, nargs="+", default=[0.08, 1.0], metavar="PCT",
-                   help="random-resized-crop scale range (default: 0.08 1.0; digits preset: 0.5 1.0)")
-    g.add_argument("--ratio", type=float, nargs="+", default=[3.0 / 4.0, 4.0 / 3.0], metavar="RATIO",
-                   help="random-resized-crop aspect ratio range (default: 0.75 1.33)")
-    g.add_argument("--hflip", type=float, default=0.5,
-                   help="horizontal flip probability (default: 0.5; digits preset: 0.0, digits are not mirror-symmetric)")
-    g.add_argument("--vflip", type=float, default=0.0, help="vertical flip probability (default: 0.0)")
-    g.add_argument("--color-jitter", type=float, default=0.4, metavar="PCT", help="color jitter (default: 0.4)")
-    g.add_argument("--aa", default=None, metavar="NAME", help="AutoAugment policy, e.g. rand-m9-mstd0.5 (default: None)")
-    g.add_argument("--reprob", type=float, default=0.0, metavar="PCT", help="random erase probability (default: 0.0)")
-    g.add_argument("--remode", default="pixel", help="random erase mode (default: pixel)")
-    g.add_argument("--recount", type=int, default=1, help="random erase count (default: 1)")
-    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, on if > 0 (default: 0.0)")
-    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, on if > 0 (default: 0.0)")
-    g.add_argument("--cutmix-minmax", type=float, nargs="+", default=None, help="cutmix min/max ratio (default: None)")
-    g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup/cutmix per batch (default: 1.0)")
-    g.add_argument("--mixup-switch-prob", type=float, default=0.5,
-                   help="probability of cutmix instead of mixup when both are on (default: 0.5)")
+    g.add_argument("--scale", type=SCALE, nargs="+", default=[0.08, 1.0], metavar="PCT",
+                   help="random-resized-crop area range MIN MAX, 0 < MIN <= MAX <= 1 (default: 0.08 1.0; "
+                        "digits preset: 0.5 1.0)")
+    g.add_argument("--ratio", type=RATIO, nargs="+", default=[3.0 / 4.0, 4.0 / 3.0], metavar="RATIO",
+                   help="random-resized-crop aspect ratio range MIN MAX, 0 < MIN <= MAX (default: 0.75 1.33)")
+    g.add_argument("--hflip", type=PROBABILITY, default=0.5,
+                   help="horizontal flip probability in [0, 1] (default: 0.5; digits preset: 0.0, digits are not "
+                        "mirror-symmetric)")
+    g.add_argument("--vflip", type=PROBABILITY, default=0.0,
+                   help="vertical flip probability in [0, 1] (default: 0.0)")
+    g.add_argument("--color-jitter", type=NON_NEGATIVE, default=0.4, metavar="PCT",
+                   help="color jitter >= 0 (default: 0.4)")
+    g.add_argument("--aa", type=AutoAugment(), default=None, metavar="NAME",
+                   help="timm AutoAugment policy, e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0; "
+                        "checked by building it with timm (default: None)")
+    g.add_argument("--reprob", type=PROBABILITY, default=0.0, metavar="PCT",
+                   help="random erase probability in [0, 1] (default: 0.0)")
+    g.add_argument("--remode", type=OneOf(("pixel", "rand", "const")), default="pixel",
+                   help="random erase mode: pixel, rand or const (timm's) (default: pixel)")
+    g.add_argument("--recount", type=POSITIVE_INT, default=1, help="random erase count >= 1 (default: 1)")
+    g.add_argument("--mixup", type=NON_NEGATIVE, default=0.0, help="mixup alpha >= 0, on if > 0 (default: 0.0)")
+    g.add_argument("--cutmix", type=NON_NEGATIVE, default=0.0, help="cutmix alpha >= 0, on if > 0 (default: 0.0)")
+    g.add_argument("--cutmix-minmax", type=CUTMIX_MINMAX, nargs="+", default=None,
+                   help="cutmix box area range MIN MAX, 0 < MIN <= MAX <= 1; replaces --cutmix alpha (default: None)")
+    g.add_argument("--mixup-prob", type=PROBABILITY, default=1.0,
+                   help="probability of mixup/cutmix per batch, in [0, 1] (default: 1.0)")
+    g.add_argument("--mixup-switch-prob", type=PROBABILITY, default=0.5,
+                   help="probability of cutmix instead of mixup when both are on, in [0, 1] (default: 0.5)")
     g.add_argument("--mixup-mode", default="batch", choices=["batch", "pair", "elem"],
                    help="mixup/cutmix granularity (default: batch)")
-    g.add_argument("--mixup-off-epoch", type=int, default=0, metavar="N",
+    g.add_argument("--mixup-off-epoch", type=NON_NEGATIVE_INT, default=0, metavar="N",
                    help="turn mixup off from this epoch, 0 = never (default: 0)")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
-    g.add_argument("--train-interpolation", default="random",
-                   help="training resize interpolation (default: random)")
+    g.add_argument("--smoothing", type=RATE, default=0.1, help="label smoothing in [0, 1) (default: 0.1)")
+    g.add_argument("--train-interpolation", type=TRAIN_INTERPOLATION, default="random",
+                   help="training resize interpolation: random, nearest, bilinear, bicubic, box, hamming, lanczos, "
+                        "or '' = the validation one (default: random)")
     g.add_argument("--dist-bn", default="reduce", choices=["reduce", "broadcast", ""],
                    help="sync BatchNorm buffers across ranks before each evaluation, raw and EMA "
                         "(default: reduce; '' = off)")
@@ -249,7 +282,7 @@ def _add_ema_args(parser: argparse.ArgumentParser) -> None:
                    help="timm's EMA warmup: same as --model-ema-schedule warmup (default: False)")
     g.add_argument("--model-ema-force-cpu", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the EMA on the CPU; unlike timm it is still validated (default: False)")
-    g.add_argument("--model-ema-half-life", type=CommaList(str, "half-life", allow_empty=True), default=None,
+    g.add_argument("--model-ema-half-life", type=CommaList(str, "half-life"), default=None,
                    metavar="TIME[,TIME...]",
                    help="EMA half-life instead of a decay: '2000ba' (steps), '0.5ep' (epochs), "
                         "'1.2Mimg' (images); a comma list tracks one EMA per value; ignored when "
@@ -258,7 +291,7 @@ def _add_ema_args(parser: argparse.ArgumentParser) -> None:
                    help="decay schedule: constant, warmup, threshold, exp (default: constant)")
     g.add_argument("--model-ema-every", type=int, default=1, metavar="K",
                    help="average every K optimizer steps with decay**K (default: 1)")
-    g.add_argument("--model-ema-after", type=int, default=0, metavar="N",
+    g.add_argument("--model-ema-after", type=NON_NEGATIVE_INT, default=0, metavar="N",
                    help="copy the model instead of averaging for the first N optimizer steps and the first "
                         "averaging one after them, as timm's ModelEmaV3(update_after_step=N) (default: 0: the "
                         "first step copies)")
@@ -270,7 +303,7 @@ def _add_ema_args(parser: argparse.ArgumentParser) -> None:
                    help="with several EMAs, the one whose --eval-metric picks model_best: first (the first "
                         "decay/half-life, stored as state_dict_ema) or best (the best EMA of each epoch) "
                         "(default: first)")
-    g.add_argument("--model-ema-bn-recal", type=int, default=0, metavar="N",
+    g.add_argument("--model-ema-bn-recal", type=NON_NEGATIVE_INT, default=0, metavar="N",
                    help="before evaluating each EMA, recompute its BatchNorm statistics over N training "
                         "batches per process; the EMA's averaged statistics are restored after the "
                         "evaluation, so averaging goes on unchanged (default: 0 = off)")
@@ -286,30 +319,32 @@ def _add_posthoc_args(parser: argparse.ArgumentParser) -> None:
                    default=DEFAULT_POSTHOC_SIGMA_RELS, metavar="S[,S...]",
                    help=f"relative widths of the tracked profiles, each in (0, 0.2887] "
                         f"(default: {DEFAULT_POSTHOC_SIGMA_RELS})")
-    g.add_argument("--posthoc-every", type=int, default=None, metavar="N",
+    g.add_argument("--posthoc-every", type=POSITIVE_INT, default=None, metavar="N",
                    help="optimizer steps between snapshots, plus one at the last step (default: None = "
                         "ceil(total steps / 50): 25-50 snapshots over the run, every step in runs of up to "
                         "50 steps; a resumed run keeps its interval)")
     g.add_argument("--posthoc-dtype", default="float16", choices=list(POSTHOC_DTYPES),
                    help="dtype of the stored snapshots; the profiles are accumulated in float32 "
                         "(default: float16, as EDM2)")
-    g.add_argument("--posthoc-max-snapshots", type=int, default=None, metavar="N",
-                   help="bound the folder to N snapshot steps: when full, every other one is deleted and "
+    g.add_argument("--posthoc-max-snapshots", type=Number(2, integer=True), default=None, metavar="N",
+                   help="bound the folder to N >= 2 snapshot steps: when full, every other one is deleted and "
                         "the interval doubles (default: None = unbounded)")
 
 
 def _add_misc_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Miscellaneous parameters")
-    g.add_argument("--seed", type=int, default=42, metavar="S", help="random seed (default: 42)")
-    g.add_argument("--log-interval", type=int, default=50, metavar="N",
+    g.add_argument("--seed", type=SEED, default=42, metavar="S",
+                   help=f"random seed in [0, {SEED_MAX}] (numpy's range) (default: 42)")
+    g.add_argument("--log-interval", type=POSITIVE_INT, default=50, metavar="N",
                    help="optimizer steps between training log lines (default: 50)")
-    g.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
+    g.add_argument("--checkpoint-hist", type=NON_NEGATIVE_INT, default=10, metavar="N",
                    help="number of best epoch checkpoints to keep (default: 10)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision with torch.autocast (default: False)")
     g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
                    help="autocast dtype; float16 uses a gradient scaler (default: float16)")
-    g.add_argument("--device", default=None, metavar="DEV",
-                   help="device (default: None = cuda if available, else cpu; cuda:<local rank> under torchrun)")
+    g.add_argument("--device", type=Device(), default=None, metavar="DEV",
+                   help="device: cpu, cuda, cuda:N or mps, where available (default: None = cuda if available, "
+                        "else cpu; cuda:<local rank> under torchrun)")
     g.add_argument("--output", default="./output", metavar="PATH",
                    help="parent folder of the run folder (default: ./output)")
     g.add_argument("--experiment", default="", metavar="NAME",
@@ -343,6 +378,11 @@ def _check_scalar(key: str, action: argparse.Action, value: Any) -> Any:
     kind = action.type or str
     if isinstance(kind, CommaList):
         return kind.from_yaml(key, value)
+    if isinstance(kind, Kind):  # the command line's rule, also for YAML values
+        try:
+            return kind.from_yaml(value)
+        except KindError as e:
+            raise UsageError(f"config key {key!r}: {e}") from None
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise UsageError(f"config key {key!r}: expected an integer, got {value!r}")
     if kind is float:
@@ -424,18 +464,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**load_yaml_defaults(config, parser))
     args = parser.parse_args(argv)
     args.config = config
+    check_parsed(parser, args, parser.error)
     _check_args(args)
     return args
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    positive = ("batch_size", "epochs", "grad_accum_steps", "img_size", "log_interval", "lr_base_size")
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("workers", "checkpoint_hist", "warmup_epochs", "model_ema_bn_recal"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    """Rules that relate several flags (each flag's own rule is its kind, see :mod:`.kinds`)."""
     if args.pretrained and not args.pretrained_path:
         raise UsageError("--pretrained needs --pretrained-path FILE: emakit never downloads weights")
     mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
@@ -456,10 +491,6 @@ def _check_posthoc_args(args: argparse.Namespace) -> None:
             if getattr(args, name) is not None:
                 raise UsageError(f"--{name.replace('_', '-')} needs --model-ema-posthoc")
         return
-    if args.posthoc_every is not None and args.posthoc_every < 1:
-        raise UsageError(f"--posthoc-every must be >= 1, got {args.posthoc_every}")
-    if args.posthoc_max_snapshots is not None and args.posthoc_max_snapshots < 2:
-        raise UsageError(f"--posthoc-max-snapshots must be >= 2, got {args.posthoc_max_snapshots}")
     for s in args.posthoc_sigma_rels:
         if not 0.0 < s <= SIGMA_REL_MAX:
             raise UsageError(f"--posthoc-sigma-rels {s:g} is outside (0, {SIGMA_REL_MAX:.4f}]: "

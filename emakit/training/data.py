@@ -21,13 +21,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from . import UsageError
+from . import UsageError, one_line_error
 from .distributed import DistInfo
 
 __all__ = [
     "BadImageError", "DataSplits", "ImageListDataset", "DIGITS_NAME", "load_digits_splits",
     "load_image_folder", "build_datasets", "check_images", "build_transforms", "ShardSampler",
-    "build_train_loader", "build_eval_loader", "epoch_seed", "resolve_data_config_for", "set_epoch", "one_line_error", "AugmentConfig",
+    "build_train_loader", "build_eval_loader", "epoch_seed", "resolve_data_config_for", "set_epoch", "one_line_error",
+    "AugmentConfig", "shown_path",
 ]
 
 _log = logging.getLogger(__name__)
@@ -40,17 +41,15 @@ class BadImageError(UsageError):
     """An image file that cannot be read; the message names the file."""
 
 
-def one_line_error(message: str) -> str:
-    """The one-line message of an error re-raised by a DataLoader worker.
+# What PIL raises for a file it cannot read: damaged bytes, an unknown format, or a header
+# claiming more than twice Image.MAX_IMAGE_PIXELS (a decompression bomb, refused unread).
+_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-    DataLoader re-raises worker exceptions with the worker's traceback in the message; the
-    original one-line message is the last line, after ``<ExceptionName>: ``.
-    """
-    lines = [ln for ln in str(message).strip().splitlines() if ln.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else ""
-    last = lines[-1]
-    return last.split("Error: ", 1)[1] if "Error: " in last else last
+
+def shown_path(path: str) -> str:
+    """``path`` safe to print and log: bytes of a non-UTF-8 file name (which Python keeps as
+    lone surrogates) appear as ``\\xff`` escapes instead of breaking a UTF-8 log file."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -89,8 +88,8 @@ class ImageListDataset(Dataset):
         try:
             with Image.open(item) as im:
                 return im.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-            raise BadImageError(f"cannot read image {item}: {' '.join(str(e).split())} "
+        except _IMAGE_ERRORS as e:
+            raise BadImageError(f"cannot read image {shown_path(item)}: {_reason(e)} "
                                 "(fix or delete it, or pass --skip-bad-images)") from None
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
@@ -123,36 +122,97 @@ def load_digits_splits(val_fraction: float = 0.2, seed: int = 0) -> DataSplits:
     return DataSplits(subset(train_idx), subset(val_idx), classes, desc)
 
 
+def _list(folder: str) -> list[os.DirEntry]:
+    """The entries of ``folder`` by name; a folder that cannot be listed is an error naming it."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise UsageError(f"cannot list {shown_path(folder)}: {e.strerror or e}; fix its permissions "
+                         "or move it out of the data folder") from None
+
+
 def _class_folders(split_dir: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    return [e.name for e in _list(split_dir) if e.is_dir() and not e.name.startswith(".")]
 
 
-def _image_files(class_dir: str) -> list[str]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames.sort()
-        files += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+def _folder_key(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _image_files(class_dir: str, seen: set[tuple[int, int]] | None = None) -> list[str]:
+    """Image files under ``class_dir`` in sorted order, files of a folder before its subfolders.
+
+    Symlinked folders are followed once: a folder already scanned (``seen``: the split's
+    class folders and every folder visited so far) is skipped with a warning, so a symlink
+    loop or a second path to a folder never counts its images twice. Entries with an image
+    name that are not regular files (a FIFO, a socket, a broken link) are skipped with a
+    warning: opening a FIFO would wait forever.
+    """
+    seen = set() if seen is None else seen
+    seen.add(_folder_key(class_dir))
+    files, subfolders = [], []
+    for entry in _list(class_dir):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            subfolders.append(entry.path)
+        elif entry.name.lower().endswith(IMG_EXTENSIONS):
+            if entry.is_file():
+                files.append(entry.path)
+            else:
+                _log.warning("skipping %s: not a regular file (a FIFO, socket, device or broken link)",
+                             shown_path(entry.path))
+    for folder in subfolders:
+        if _folder_key(folder) in seen:
+            _log.warning("not following %s: it leads to %s, which is already scanned (a symlink loop or a "
+                         "second path to one folder); its images are counted once", shown_path(folder),
+                         shown_path(os.path.realpath(folder)))
+            continue
+        files += _image_files(folder, seen)
     return files
 
 
 def _scan_split(split_dir: str, class_to_idx: dict[str, int] | None) -> tuple[list[str], list[int], list[str]]:
     classes = _class_folders(split_dir)
     if not classes:
-        raise UsageError(f"{split_dir} has no class folders: expected {split_dir}/<class name>/<image files>")
+        raise UsageError(f"{shown_path(split_dir)} has no class folders: expected "
+                         f"{shown_path(split_dir)}/<class name>/<image files>")
     if class_to_idx is None:
         class_to_idx = {c: i for i, c in enumerate(classes)}
     unknown = [c for c in classes if c not in class_to_idx]
     if unknown:
-        raise UsageError(f"{split_dir} has class folders that the train split lacks: {', '.join(unknown[:5])}")
+        raise UsageError(f"{shown_path(split_dir)} has class folders that the train split lacks: "
+                         f"{', '.join(map(shown_path, unknown[:5]))}")
+    folders = [os.path.join(split_dir, c) for c in classes]
+    first: dict[tuple[int, int], str] = {}
+    for folder in folders:
+        same = first.setdefault(_folder_key(folder), folder)
+        if same != folder:
+            raise UsageError(f"class folders {shown_path(same)} and {shown_path(folder)} are the same folder "
+                             "(a symlink): its images would carry two labels; remove one of them")
+    seen = set(first)
     paths, targets = [], []
-    for c in classes:
-        files = _image_files(os.path.join(split_dir, c))
+    for c, folder in zip(classes, folders):
+        files = _image_files(folder, seen)
+        if not files:
+            _log.warning("class folder %s has no image files (%s)", shown_path(folder), ", ".join(IMG_EXTENSIONS))
         paths += files
         targets += [class_to_idx[c]] * len(files)
     if not paths:
-        raise UsageError(f"{split_dir} has class folders but no image files ({', '.join(IMG_EXTENSIONS)})")
+        raise UsageError(f"{shown_path(split_dir)} has class folders but no image files ({', '.join(IMG_EXTENSIONS)})")
     return paths, targets, classes
+
+
+def _check_classes(split_dir: str, classes: list[str], targets: list[int]) -> None:
+    """A training split needs images of at least two classes: with one, every prediction is
+    right by construction and nothing is learned."""
+    present = sorted(set(targets))
+    if len(present) < 2:
+        only = shown_path(classes[present[0]]) if present else "none"
+        raise UsageError(f"{shown_path(split_dir)} has images of one class only ({only}): classification "
+                         "needs at least two class folders with images")
 
 
 def _find_split(root: str, name: str | None, kind: str) -> str:
@@ -176,11 +236,19 @@ def load_image_folder(root: str, train_split: str = "train", val_split: str | No
     train_dir = _find_split(root, train_split, "train")
     val_dir = _find_split(root, val_split, "validation")
     train_paths, train_targets, classes = _scan_split(train_dir, None)
+    _check_classes(train_dir, classes, train_targets)
     val_paths, val_targets, _ = _scan_split(val_dir, {c: i for i, c in enumerate(classes)})
     desc = (f"ImageFolder {root}: {len(train_paths)} train images in {os.path.basename(train_dir)}/, "
             f"{len(val_paths)} val images in {os.path.basename(val_dir)}/, {len(classes)} classes")
     return DataSplits(ImageListDataset(train_paths, train_targets),
                       ImageListDataset(val_paths, val_targets), classes, desc)
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, Image.DecompressionBombError):
+        return (f"{' '.join(str(error).split())} (a decompression bomb, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                "if the image is real)")
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _check_one(path: str, decode: bool) -> str | None:
@@ -189,8 +257,8 @@ def _check_one(path: str, decode: bool) -> str | None:
             if decode:
                 im.load()
         return None
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        return " ".join(str(e).split()) or type(e).__name__
+    except _IMAGE_ERRORS as e:
+        return _reason(e)
 
 
 def check_images(dataset: ImageListDataset, decode: bool, threads: int = 4) -> list[tuple[int, str]]:
@@ -209,10 +277,12 @@ def _drop_bad(dataset: ImageListDataset, skip_bad: bool, threads: int) -> None:
     if bad and not skip_bad:
         index, reason = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise BadImageError(f"cannot read image {dataset.items[index]}: {reason}{more} "
+        raise BadImageError(f"cannot read image {shown_path(dataset.items[index])}: {reason}{more} "
                             "(fix or delete it, or pass --skip-bad-images)")
     for index, reason in bad:
-        _log.warning("skipping unreadable image %s: %s", dataset.items[index], reason)
+        _log.warning("skipping unreadable image %s: %s", shown_path(dataset.items[index]), reason)
+    if bad:
+        _log.warning("skipped %d unreadable image(s) of %d", len(bad), len(dataset))
     drop = {i for i, _ in bad}
     if drop:
         keep = [i for i in range(len(dataset)) if i not in drop]
@@ -233,7 +303,8 @@ def build_datasets(data: str | None, train_split: str = "train", val_split: str 
     for ds in (splits.train, splits.val):
         _drop_bad(ds, skip_bad_images, threads)
         if len(ds) == 0:
-            raise UsageError(f"{data}: no readable images left in a split after skipping bad ones")
+            raise UsageError(f"{shown_path(data)}: no readable images left in a split after skipping bad ones")
+    _check_classes(os.path.join(data, train_split), splits.classes, splits.train.targets)
     return splits
 
 

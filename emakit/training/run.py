@@ -155,7 +155,8 @@ class _LogSetup:
 
     def add_file(self, path: str) -> None:
         """Log to ``path`` from now on, starting with the records buffered so far."""
-        handler = logging.FileHandler(path, encoding="utf-8")
+        # backslashreplace: a non-UTF-8 file name in a message must not break the log file
+        handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
         self.add(handler, logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.early.replay(handler)
         self._drop(self.early)

@@ -43,11 +43,14 @@ from .data import (AugmentConfig, ImageListDataset, _class_folders, _scan_split,
                    build_transforms, load_digits_splits)
 from .distributed import DistInfo
 from .engine import AmpSettings, evaluate
+from .kinds import (EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE_INT, POSITIVE_INT, STD, Device, OutputFile,
+                    check_parsed)
 
 __all__ = [
     "CHECKPOINT_EXTENSIONS", "RESULT_FIELDS", "ResultRecord", "SweepRow", "ValidationReport", "EvalSetup",
     "build_parser", "parse_args", "find_checkpoints", "resolve_arch", "resolve_num_classes", "select_weights",
-    "build_model", "load_weights", "load_eval_dataset", "eval_data_config", "evaluate_weights",
+    "build_model", "load_weights", "load_eval_dataset", "eval_data_config", "torchvision_eval_settings",
+    "evaluate_weights",
     "write_results", "export_weights", "timm_load_hint", "resolve_posthoc_dir", "reconstruct_profiles",
     "posthoc_equivalents", "pick_best", "save_posthoc_weights", "write_sweep_outputs", "run",
     "report_lines", "format_results_table", "format_sweep_table",
@@ -84,21 +87,24 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default=None, metavar="NAME",
                    help="split folder under DIR (default: None = the checkpoint's --val-split, else val/ or "
                         "validation/; for the embedded digits: val, or train)")
-    g.add_argument("--img-size", type=int, default=None, metavar="N",
+    g.add_argument("--img-size", type=POSITIVE_INT, default=None, metavar="N",
                    help="image size (default: None = the checkpoint's training --img-size, else model default)")
-    g.add_argument("--crop-pct", type=float, default=None, metavar="PCT",
-                   help="center-crop fraction (default: None = the checkpoint's training --crop-pct, "
+    g.add_argument("--crop-pct", type=FRACTION, default=None, metavar="PCT",
+                   help="center-crop fraction in (0, 1] (default: None = the checkpoint's training --crop-pct, "
                         "else model default)")
-    g.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN",
-                   help="normalisation mean (default: None = the checkpoint's training --mean, else model default)")
-    g.add_argument("--std", type=float, nargs="+", default=None, metavar="STD",
-                   help="normalisation std (default: None = the checkpoint's training --std, else model default)")
-    g.add_argument("--interpolation", default=None, metavar="NAME",
-                   help="resize interpolation (default: None = the checkpoint's training --interpolation, "
-                        "else model default)")
-    g.add_argument("-b", "--batch-size", type=int, default=256, metavar="N",
+    g.add_argument("--mean", type=MEAN, nargs="+", default=None, metavar="MEAN",
+                   help="normalisation mean, 3 numbers (R G B) or 1 for all (default: None = the checkpoint's "
+                        "training --mean, else model default)")
+    g.add_argument("--std", type=STD, nargs="+", default=None, metavar="STD",
+                   help="normalisation std, 3 numbers > 0 (R G B) or 1 for all (default: None = the checkpoint's "
+                        "training --std, else model default)")
+    g.add_argument("--interpolation", type=EVAL_INTERPOLATION, default=None, metavar="NAME",
+                   help="resize interpolation: nearest, bilinear, bicubic, box, hamming, lanczos (default: None = "
+                        "the checkpoint's training --interpolation (torchvision's for its checkpoints), else model "
+                        "default)")
+    g.add_argument("-b", "--batch-size", type=POSITIVE_INT, default=256, metavar="N",
                    help="batch size per process; does not change the results (default: 256)")
-    g.add_argument("-j", "--workers", type=int, default=0, metavar="N",
+    g.add_argument("-j", "--workers", type=NON_NEGATIVE_INT, default=0, metavar="N",
                    help="data loader worker processes per rank (default: 0 = main process, as train.py; timm: 4)")
 
 
@@ -109,7 +115,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         "(default: None; required unless --posthoc-dir and --model are given)")
     g.add_argument("--model", default=None, metavar="MODEL",
                    help="timm model name (default: None = the checkpoint's training --model / arch)")
-    g.add_argument("--num-classes", type=int, default=None, metavar="N",
+    g.add_argument("--num-classes", type=POSITIVE_INT, default=None, metavar="N",
                    help="number of classes (default: None = the checkpoint's, from its args or classifier shape)")
     g.add_argument("--weights", default=None, metavar="SET",
                    help="weights to evaluate: raw, ema, both (raw and EMA side by side) or ema:N "
@@ -121,8 +127,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Runtime")
-    g.add_argument("--device", default=None, metavar="DEV",
-                   help="device (default: None = cuda if available, else cpu; cuda:<local rank> under torchrun)")
+    g.add_argument("--device", type=Device(), default=None, metavar="DEV",
+                   help="device: cpu, cuda, cuda:N or mps, where available (default: None = cuda if available, "
+                        "else cpu; cuda:<local rank> under torchrun)")
     g.add_argument("--amp", action="store_true", default=False,
                    help="evaluate under torch.autocast (default: False)")
     g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
@@ -135,14 +142,16 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_output_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Outputs")
-    g.add_argument("--results-file", default=None, metavar="FILE",
-                   help="write every result record to FILE (default: None)")
+    g.add_argument("--results-file", type=OutputFile(), default=None, metavar="FILE",
+                   help="write every result record to FILE; checked before anything is evaluated: not a folder, "
+                        "in a writable folder, not a training checkpoint (default: None)")
     g.add_argument("--results-format", default=None, choices=["csv", "json"],
                    help="format of --results-file and of the post-hoc sweep table (default: None = json "
                         "if FILE ends in .json, else csv)")
-    g.add_argument("--export-ema", default=None, metavar="FILE.safetensors",
+    g.add_argument("--export-ema", type=OutputFile((".safetensors",)), default=None, metavar="FILE.safetensors",
                    help="write the checkpoint's EMA weights (the --weights ema:N one if given) alone, "
-                        "unprefixed, atomically, loadable by timm's pretrained_cfg_overlay (default: None)")
+                        "unprefixed, atomically, loadable by timm's pretrained_cfg_overlay; checked before "
+                        "anything is evaluated (default: None)")
 
 
 def _add_posthoc_args(parser: argparse.ArgumentParser) -> None:
@@ -152,11 +161,12 @@ def _add_posthoc_args(parser: argparse.ArgumentParser) -> None:
                         "instead of the checkpoint's weights (default: None = no sweep)")
     g.add_argument("--posthoc-dir", default=None, metavar="DIR",
                    help="snapshot folder (default: None = <checkpoint folder>/posthoc)")
-    g.add_argument("--posthoc-step", type=int, default=None, metavar="N",
+    g.add_argument("--posthoc-step", type=POSITIVE_INT, default=None, metavar="N",
                    help="reconstruct the EMA at this snapshot step (default: None = the last snapshot step)")
-    g.add_argument("--posthoc-save", default=None, metavar="PATH",
+    g.add_argument("--posthoc-save", type=OutputFile(_SAVE_SUFFIXES), default=None, metavar="PATH",
                    help="save the best sigma_rel's weights (the only one if one is given): .safetensors, or a "
-                        "checkpoint (.pth.tar/.pth/.pt) with them as state_dict_ema (default: None)")
+                        "checkpoint (.pth.tar/.pth/.pt) with them as state_dict_ema; never over a training "
+                        "checkpoint (default: None)")
 
 
 def build_parser(prog: str = "validate.py") -> argparse.ArgumentParser:
@@ -193,17 +203,8 @@ def _check_args(args: argparse.Namespace) -> None:
     args.weights = args.weights or ("ema" if args.use_ema else "raw")
     if not _WEIGHTS_RE.match(args.weights):
         raise UsageError(f"--weights {args.weights!r}: use raw, ema, both or ema:N")
-    for name in ("batch_size", "img_size", "num_classes", "posthoc_step"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
-        raise UsageError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.results_format is None:
         args.results_format = "json" if (args.results_file or "").lower().endswith(".json") else "csv"
-    if args.export_ema and not args.export_ema.lower().endswith(".safetensors"):
-        raise UsageError(f"--export-ema {args.export_ema}: the file name must end in .safetensors")
     _check_posthoc_args(args)
 
 
@@ -218,8 +219,6 @@ def _check_posthoc_args(args: argparse.Namespace) -> None:
         return
     if args.export_ema:
         raise UsageError("--export-ema exports a checkpoint's EMA; with --posthoc-sigma-rel use --posthoc-save")
-    if args.posthoc_save and not args.posthoc_save.lower().endswith(_SAVE_SUFFIXES):
-        raise UsageError(f"--posthoc-save {args.posthoc_save}: end the name in {', '.join(_SAVE_SUFFIXES)}")
     if not args.checkpoint and not (args.posthoc_dir and args.model):
         raise UsageError("--posthoc-sigma-rel needs --checkpoint (the run's checkpoint), or --posthoc-dir and --model")
 
@@ -229,7 +228,9 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "validate.py") -> 
 
     Adds ``posthoc_sigma_rels`` (list of floats) and resolves ``weights`` / ``results_format``.
     """
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    check_parsed(parser, args, parser.error)
     _check_args(args)
     return args
 
@@ -257,6 +258,8 @@ def _train_args(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """The training arguments: the ``args`` dict, or for our exported ``.safetensors`` the
     eval-transform subset stored as JSON in the metadata."""
     args = ckpt.get("args")
+    if isinstance(args, argparse.Namespace):  # timm and torchvision references pickle their Namespace
+        args = vars(args)
     if isinstance(args, Mapping):
         return dict(args)
     try:
@@ -451,12 +454,36 @@ def load_eval_dataset(data: str | None, split: str | None,
 _DATA_KEYS = ("img_size", "crop_pct", "mean", "std", "interpolation")
 
 
+def torchvision_eval_settings(train_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The eval transform of a torchvision-references checkpoint, in timm's terms.
+
+    torchvision's ``references/classification`` evaluates with ``Resize(val_resize_size)``
+    (shorter side) then ``CenterCrop(val_crop_size)``, its ``--interpolation`` and the
+    ImageNet mean/std (``presets.ClassificationPresetEval``). timm resizes the shorter side
+    to ``floor(img_size / crop_pct)``, so crop_pct = crop / resize, nudged down by ulps when
+    float rounding would make the floor one pixel short. {} for other checkpoints.
+    """
+    crop, resize = train_args.get("val_crop_size"), train_args.get("val_resize_size")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (crop, resize)):
+        return {}
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    crop_pct = crop / resize
+    while math.floor(crop / crop_pct) < resize:
+        crop_pct = math.nextafter(crop_pct, 0.0)
+    settings = {"img_size": crop, "crop_pct": crop_pct, "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
+    if isinstance(train_args.get("interpolation"), str) and train_args["interpolation"]:
+        settings["interpolation"] = train_args["interpolation"]
+    return settings
+
+
 def eval_data_config(model: nn.Module, train_args: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """timm ``resolve_data_config`` of the training args' image size, crop, mean, std and
     interpolation (train.py resolves exactly these), each replaced by its flag when given."""
     from timm.data import resolve_data_config
 
     settings = {k: train_args.get(k) for k in _DATA_KEYS if train_args.get(k) not in (None, "")}
+    settings.update(torchvision_eval_settings(train_args))
     if "img_size" not in overrides and isinstance(train_args.get("input_size"), (list, tuple)):
         settings["input_size"] = tuple(train_args["input_size"])  # timm's own checkpoints
     settings.update({k: v for k, v in overrides.items() if v not in (None, "")})
