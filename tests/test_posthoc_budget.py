@@ -225,3 +225,34 @@ def test_sweep_table_keeps_every_sweep_and_the_plot_draws_each(tmp_path, monkeyp
     assert [r["best"] for r in rows] == ["False", "True", "True", "False", "False"]
     assert [len(d) for d in drawn] == [1, 2]
     assert [s[1] for s in drawn[1]] == [[0.02, 0.05], [0.1, 0.2, 0.05]] and [s[3] for s in drawn[1]] == [1, 0]
+
+
+# --------------------------------------------------------------------------- noisy labels
+def test_flip_labels_changes_exactly_the_asked_fraction_to_other_classes_reproducibly():
+    from emakit.training.data import ImageListDataset, flip_labels
+
+    clean = [i % 10 for i in range(1000)]
+    ds = ImageListDataset([None] * 1000, clean)
+    flipped = flip_labels(ds, 0.4, 10, seed=7)
+    changed = [i for i in range(1000) if ds.targets[i] != clean[i]]
+    assert changed == flipped and len(changed) == 400
+    assert all(0 <= t < 10 for t in ds.targets)
+    counts = [sum(1 for i in changed if (ds.targets[i] - clean[i]) % 10 == k) for k in range(1, 10)]
+    assert min(counts) > 20  # every other class is a possible new label
+    again = ImageListDataset([None] * 1000, clean)
+    assert flip_labels(again, 0.4, 10, seed=7) == flipped and again.targets == ds.targets
+    assert flip_labels(ImageListDataset([None] * 1000, clean), 0.4, 10, seed=8) != flipped
+
+
+def test_label_noise_flips_the_training_split_only(image_folder):
+    import argparse
+
+    from emakit.training.data import build_datasets
+    from emakit.training.run import _load_data
+
+    args = argparse.Namespace(data=str(image_folder), train_split="train", val_split=None, skip_bad_images=False,
+                              workers=0, num_classes=None, label_noise=0.5, seed=3)
+    noisy, _ = _load_data(args)
+    clean = build_datasets(str(image_folder))
+    assert noisy.val.targets == clean.val.targets
+    assert sum(a != b for a, b in zip(noisy.train.targets, clean.train.targets)) == len(clean.train) // 2
