@@ -133,16 +133,20 @@ def test_an_extended_run_thins_old_snapshots_stays_within_the_cap_and_reconstruc
     cap, first, total = 8, 100, 200
     model, step = noisy_sgd(1)
     folder = str(tmp_path / "posthoc")
+    direct, straight = ph.PowerEMA(model, (0.07,)), ph.PowerEMA(model, TRACKED)
+
+    def advance(tracker: PosthocTracker, steps: int) -> None:
+        for _ in range(steps):
+            step()
+            for ema in (tracker, direct, straight):
+                ema.update(model)
+            assert len(tracker.stored_steps()) <= cap
+        tracker.finish()
+
     tracker = PosthocTracker(model, sigma_rels=TRACKED, every=auto_posthoc_every(first, cap), snapshot_dtype="float16",
                              max_snapshots=cap, total_steps=first)
     tracker.open_folder(folder)
-    direct = ph.PowerEMA(model, (0.07,))
-    for _ in range(first):
-        step()
-        tracker.update(model)
-        direct.update(model)
-        assert len(tracker.stored_steps()) <= cap
-    tracker.finish()
+    advance(tracker, first)
     assert tracker.stored_steps() == [13, 26, 39, 52, 65, 78, 91, 100]
 
     # "--resume" with a longer run: a new tracker from the checkpointed state.
@@ -152,13 +156,10 @@ def test_an_extended_run_thins_old_snapshots_stays_within_the_cap_and_reconstruc
     resumed.load_state_dict(state)
     resumed.open_folder(folder)
     assert resumed.interval == 26 and resumed.stored_steps() == [26, 52, 78]
-    for _ in range(first, total):
-        step()
-        resumed.update(model)
-        direct.update(model)
-        assert len(resumed.stored_steps()) <= cap
-    resumed.finish()
+    advance(resumed, total - first)
     assert resumed.stored_steps() == [26, 52, 78, 104, 130, 156, 182, 200]
+    for k in range(len(TRACKED)):
+        assert all(torch.equal(a, b) for a, b in zip(resumed.power.profiles[k], straight.profiles[k]))
     error = rel_l2(flat(ph.reconstruct(folder, 0.07)), flat(direct.profile_state_dict(0)))
     assert error < 0.01
 
