@@ -303,8 +303,9 @@ def test_two_sweeps_in_a_row_keep_both_sets_of_rows(posthoc_run, image_folder, t
     (["--model-ema-posthoc", "--posthoc-budget", "lots"], "--posthoc-budget must be a size such as 512MiB"),
     (["--model-ema-posthoc", "--posthoc-budget", "1KiB"], "--posthoc-budget 1KiB (1.0 KiB) holds 0 snapshot step(s)"),
     (["--label-noise", "1"], "--label-noise must be a fraction in [0, 1), got 1"),
+    (["--sched", "cosinus"], "; try cosine, step, multistep, plateau, poly, tanh, none"),
 ])
-def test_posthoc_budget_and_label_noise_mistakes_exit_2_with_one_line_and_leave_nothing(
+def test_posthoc_budget_label_noise_and_sched_mistakes_exit_2_with_one_line_and_leave_nothing(
         argv, message, image_folder, tmp_path, run_train):
     code, _, err = run_train(fast(image_folder, tmp_path, *argv, experiment="bad"))
     assert code == 2 and err.count("train.py: error:") == 1 and message in err, err

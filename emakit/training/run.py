@@ -63,6 +63,7 @@ CHECKPOINT_VERSION = 2  # timm writes version 2 with the same keys
 SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5",
                    "ema_eval_loss", "ema_eval_top1", "ema_eval_top5", "lr"]
 _EVAL_KEYS = ("loss", "top1", "top5")
+_SCHEDULERS = "cosine, step, multistep, plateau, poly, tanh, none"  # named in --sched errors
 _UNBOUNDED_POSTHOC_SNAPSHOTS = 50  # default snapshot steps with --posthoc-budget none
 DUMP_EMA_ENV = "EMAKIT_DUMP_EMA_DIR"  # debugging hook: every rank saves its EMA state dict here
 
@@ -348,9 +349,11 @@ def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, 
             step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch,
         )
     except (AssertionError, ValueError) as e:
-        raise UsageError(f"--sched {args.sched}: {' '.join(str(e).split())}") from None
+        why = " ".join(str(e).split()).rstrip(".")
+        hint = f"; try {_SCHEDULERS}" if "unknown" in why.lower() else ""
+        raise UsageError(f"--sched {args.sched}: {why}{hint}") from None
     if scheduler is None:
-        raise UsageError(f"--sched {args.sched}: unknown scheduler; try cosine, step, multistep, plateau, poly, tanh, none")
+        raise UsageError(f"--sched {args.sched}: unknown scheduler; try {_SCHEDULERS}")
     return scheduler
 
 

@@ -844,8 +844,8 @@ def run_posthoc(args: argparse.Namespace, dist: DistInfo) -> ValidationReport:
     snapshot_dir = resolve_posthoc_dir(args.posthoc_dir, args.checkpoint)
     out_dir = os.path.dirname(os.path.abspath(args.results_file)) if args.results_file \
         else os.path.dirname(os.path.abspath(snapshot_dir))
-    if dist.is_main:  # an unreadable sweep table stops the sweep before it runs, not after
-        read_sweep_table(os.path.join(out_dir, f"posthoc_sweep.{args.results_format}"), args.results_format)
+    # An unreadable sweep table stops the sweep before it runs, not after (on every rank alike).
+    read_sweep_table(os.path.join(out_dir, f"posthoc_sweep.{args.results_format}"), args.results_format)
     source = ref_path or snapshot_dir
     arch = resolve_arch(ref, source, args.model)
     state_dicts, step = reconstruct_profiles(snapshot_dir, args.posthoc_sigma_rels, args.posthoc_step)
