@@ -8,7 +8,8 @@ BatchNorm recalibration at evaluation.
   ``state_dict_ema_<i>`` + ``ema_<i>``. One value stays a plain ``ModelEMA``.
 - **Post-hoc EMA** (``--model-ema-posthoc``, Karras et al. 2024, EDM2): rank 0 tracks a
   ``PowerEMA`` after every optimizer step and writes its snapshots into ``<run>/posthoc/``
-  (:class:`PosthocTracker`); ``validate.py --posthoc-sigma-rel`` rebuilds any EMA length.
+  (:class:`PosthocTracker`), within ``--posthoc-budget`` (:func:`posthoc_snapshot_cap`);
+  ``validate.py --posthoc-sigma-rel`` rebuilds any EMA length.
 - **BN recalibration** (``--model-ema-bn-recal N``): :func:`recalibrated_bn` re-estimates an
   EMA's BatchNorm statistics for the evaluation only and puts the averaged ones back.
 """

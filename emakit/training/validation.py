@@ -13,8 +13,9 @@ Beyond timm:
 - ``--export-ema FILE.safetensors`` writes the EMA weights alone for
   ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=FILE, num_classes=N))``;
 - ``--posthoc-sigma-rel 0.02,0.05,...`` reconstructs post-hoc EMAs (EDM2, ``emakit.posthoc``)
-  from the run's snapshot folder, evaluates each, marks the best, plots the sweep and can
-  save the chosen weights (``--posthoc-save``).
+  from the run's snapshot folder, evaluates each, marks the best, appends the sweep to
+  ``posthoc_sweep.csv`` (earlier sweeps are kept), plots all sweeps and can save the chosen
+  weights (``--posthoc-save``).
 
 Nothing here prints: :func:`report_lines` gives the CLI the lines to print.
 """
@@ -151,7 +152,9 @@ def _add_posthoc_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Post-hoc EMA (EDM2): choose the EMA length after training")
     g.add_argument("--posthoc-sigma-rel", default=None, metavar="S[,S...]",
                    help="reconstruct and evaluate these relative EMA lengths sigma_rel, e.g. 0.02,0.05,0.08,0.15, "
-                        "instead of the checkpoint's weights (default: None = no sweep)")
+                        "instead of the checkpoint's weights; each sweep appends its rows (with its sweep_id "
+                        "and time) to posthoc_sweep.csv in the run folder (or beside --results-file) and "
+                        "posthoc_sweep.png plots every sweep (default: None = no sweep)")
     g.add_argument("--posthoc-dir", default=None, metavar="DIR",
                    help="snapshot folder (default: None = <checkpoint folder>/posthoc)")
     g.add_argument("--posthoc-step", type=int, default=None, metavar="N",
