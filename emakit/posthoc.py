@@ -40,8 +40,12 @@ Snapshot folder layout
      "gamma": float, "dtype": "float16", "state_dict": {name: tensor}}
 
 The folder alone is enough to reconstruct. Its size is linear in the number of snapshot
-steps (``estimate_footprint``); ``SnapshotWriter(max_snapshots=N)`` bounds it by thinning
-old snapshots (every other one is dropped and the interval doubles).
+steps (``estimate_footprint``). A disk budget (``PosthocBudget``: bytes, or a multiple of
+the model's float32 bytes) becomes a cap on snapshot steps (``budget_max_snapshots``);
+``SnapshotWriter(max_snapshots=N)`` keeps the folder under it: ``plan(total_steps)`` widens
+the interval (doubling it, so earlier snapshots stay on the grid) until the planned run fits
+and deletes the snapshots off that grid, and a save that would overflow the cap thins the
+same way. The folder always holds the multiples of the interval plus the newest step.
 """
 
 from __future__ import annotations
@@ -79,6 +83,11 @@ __all__ = [
     "PowerEMA",
     "SnapshotInfo",
     "Footprint",
+    "PosthocBudget",
+    "human_bytes",
+    "parse_budget",
+    "model_fp32_bytes",
+    "budget_max_snapshots",
     "SnapshotWriter",
     "estimate_footprint",
     "snapshot_count",
@@ -422,6 +431,81 @@ class PowerEMA:
 # --------------------------------------------------------------------------------------
 
 
+_SIZE_RE = re.compile(r"(?i)\s*(\d+(?:\.\d*)?|\.\d+)\s*(x|b|kib|mib|gib|tib|kb|mb|gb|tb|k|m|g|t)?\s*")
+_UNITS = {None: 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20,
+          "g": 2**30, "t": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+@dataclasses.dataclass(frozen=True)
+class PosthocBudget:
+    """A bound on a snapshot folder's bytes: ``nbytes`` outright, or ``multiple`` times the
+    model's float32 bytes (``model_fp32_bytes``); neither set means unbounded.
+
+    Built by :func:`parse_budget` from ``"512MiB"``, ``"2GB"``, ``"17x"``, ``"none"``.
+    """
+
+    nbytes: int | None = None
+    multiple: float | None = None
+
+    @property
+    def unbounded(self) -> bool:
+        """True for ``none``: no bound."""
+        return self.nbytes is None and self.multiple is None
+
+    def resolve(self, model_bytes: int) -> int | None:
+        """The bound in bytes for a model of ``model_bytes`` float32 bytes (None: unbounded)."""
+        if self.multiple is not None:
+            return int(self.multiple * int(model_bytes))
+        return self.nbytes
+
+    def __str__(self) -> str:
+        if self.unbounded:
+            return "none"
+        return f"{self.multiple:g}x" if self.multiple is not None else human_bytes(self.nbytes)
+
+
+def parse_budget(text: str | int | float | None) -> PosthocBudget:
+    """Parse a snapshot disk budget: ``none`` (unbounded), a multiple of the model's float32
+    bytes (``8x``, ``16.5x``) or a size (``512MiB``, ``2GiB``, ``1.5G`` = binary units;
+    ``500MB``, ``2GB`` = decimal; a bare number = bytes). ``ValueError`` for anything else
+    or for a zero / negative budget.
+    """
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("none", "unbounded", "off")):
+        return PosthocBudget()
+    if isinstance(text, bool):
+        raise ValueError(f"budget must be a size such as 512MiB, a multiple such as 8x, or none, got {text!r}")
+    m = _SIZE_RE.fullmatch(str(text))
+    if not m:
+        raise ValueError(f"budget must be a size such as 512MiB or 2GB, a multiple of the model's float32 "
+                         f"bytes such as 8x, or none, got {text!r}")
+    value, unit = float(m.group(1)), (m.group(2) or "").lower() or None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"budget must be positive, got {text!r}")
+    if unit == "x":
+        return PosthocBudget(multiple=value)
+    return PosthocBudget(nbytes=int(value * _UNITS[unit]))
+
+
+def model_fp32_bytes(model: nn.Module | PowerEMA) -> int:
+    """Bytes of the model's state (parameters and persistent buffers) with every float
+    tensor in float32: the unit of a ``PosthocBudget`` multiple such as ``8x``."""
+    if isinstance(model, PowerEMA):
+        live = list(model.profiles[0])
+    else:
+        live = [t for _, t in _live_state(unwrap_model(model))]
+    return sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in live)
+
+
+def budget_max_snapshots(budget_bytes: int | None, bytes_per_snapshot: int) -> int | None:
+    """How many snapshot steps of ``bytes_per_snapshot`` (all profiles) fit in
+    ``budget_bytes`` (None: unbounded)."""
+    if budget_bytes is None:
+        return None
+    if bytes_per_snapshot <= 0:
+        raise ValueError(f"bytes_per_snapshot must be > 0, got {bytes_per_snapshot!r}")
+    return int(budget_bytes) // int(bytes_per_snapshot)
+
+
 @dataclasses.dataclass(frozen=True)
 class SnapshotInfo:
     """One snapshot file: its path, step and profile width (as encoded in the name)."""
@@ -451,10 +535,11 @@ class Footprint:
 
     def __str__(self) -> str:
         return (f"{self.n_snapshots} snapshots x {self.files_per_snapshot} profiles x "
-                f"{_human(self.bytes_per_file)} = {_human(self.total_bytes)}")
+                f"{human_bytes(self.bytes_per_file)} = {human_bytes(self.total_bytes)}")
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """``n`` bytes as ``512 B``, ``1.5 KiB``, ``42.7 MiB``, ``1.8 GiB`` (binary units)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -537,10 +622,13 @@ class SnapshotWriter:
     (fp16 by default, as EDM2 does; ``torch.float32`` for exact storage).
 
     The folder grows linearly with the number of snapshots (``footprint``). With
-    ``max_snapshots`` it stays bounded: when a new snapshot step would exceed the cap,
-    every other stored step is deleted and the interval doubles, so the snapshots keep
+    ``max_snapshots`` it stays bounded: ``plan(total_steps)`` widens the interval up front
+    so that a run of that length fits, and a save that would still exceed the cap deletes
+    every other stored step and doubles the interval; either way the snapshots keep
     covering the whole run at a coarser spacing (reconstruction only needs coverage; EDM2
-    uses a few hundred). Call ``maybe_save(ema)`` after each ``ema.update``.
+    uses a few hundred, ``bench/posthoc_budget.py`` measures how few suffice). The folder
+    then holds the multiples of the interval plus the newest step (a run's off-interval
+    last step), at most ``max_snapshots``. Call ``maybe_save(ema)`` after each ``ema.update``.
     """
 
     def __init__(self, folder: str | os.PathLike, every: int, *, dtype: torch.dtype = torch.float16,
@@ -555,10 +643,10 @@ class SnapshotWriter:
         self.max_snapshots = max_snapshots
         self.bytes_per_file: int | None = None  # measured after the first save
         os.makedirs(self.folder, exist_ok=True)
-        # Resume: an earlier thinning may have doubled the interval already.
-        steps = sorted({s.step for s in list_snapshots(self.folder, missing_ok=True)})
-        while steps and max_snapshots is not None and len(steps) > 1 and all(
-                s % (2 * self.every) == 0 for s in steps):
+        # Resume: an earlier thinning may have doubled the interval already (the newest
+        # step may be a run's off-interval last step, so it does not count).
+        grid = sorted({s.step for s in list_snapshots(self.folder, missing_ok=True)})[:-1]
+        while max_snapshots is not None and len(grid) > 1 and all(s % (2 * self.every) == 0 for s in grid):
             self.every *= 2
 
     def maybe_save(self, ema: PowerEMA) -> list[str]:
@@ -593,17 +681,44 @@ class SnapshotWriter:
         self._thin()
         return paths
 
+    def _kept_steps(self, steps: list[int]) -> list[int]:
+        """The steps the folder keeps at the current interval: its multiples and the newest."""
+        newest = max(steps, default=None)
+        return [t for t in steps if t % self.every == 0 or t == newest]
+
+    def _remove_except(self, keep: set[int]) -> None:
+        for s in list_snapshots(self.folder, missing_ok=True):
+            if s.step not in keep:
+                os.remove(s.path)
+
     def _thin(self) -> None:
+        """With a cap: drop steps off the interval (but the newest), doubling the interval
+        until the kept steps fit. Without one, nothing is ever deleted."""
         if self.max_snapshots is None:
             return
-        snaps = list_snapshots(self.folder, missing_ok=True)
-        while len({s.step for s in snaps}) > self.max_snapshots:
+        steps = sorted({s.step for s in list_snapshots(self.folder, missing_ok=True)})
+        kept = self._kept_steps(steps)
+        while len(kept) > self.max_snapshots:
             self.every *= 2
-            for s in snaps:
-                if s.step % self.every:
-                    os.remove(s.path)
-            snaps = [s for s in snaps if s.step % self.every == 0]
+            kept = self._kept_steps(steps)
             _logger.info("post-hoc snapshots thinned: interval now %d steps", self.every)
+        if len(kept) != len(steps):
+            self._remove_except(set(kept))
+
+    def plan(self, total_steps: int) -> int:
+        """Fit a run of ``total_steps`` updates into the cap: double the interval until the
+        run's snapshot steps (multiples of the interval plus the last step, ceil(total /
+        every) of them) fit in ``max_snapshots``, and delete stored snapshots off that
+        interval right away (e.g. when a resumed run is extended). Without a cap it changes
+        nothing. Returns the interval."""
+        total = _check_step(total_steps, "total_steps")
+        if self.max_snapshots is None:
+            return self.every
+        while -(-total // self.every) > self.max_snapshots:
+            self.every *= 2
+        steps = sorted({s.step for s in list_snapshots(self.folder, missing_ok=True)})
+        self._remove_except({t for t in steps if t % self.every == 0})
+        return self.every
 
     def prune_after(self, step: int) -> int:
         """Delete snapshots newer than ``step`` (e.g. left by a crashed run before resume)."""

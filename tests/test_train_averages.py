@@ -106,12 +106,14 @@ def test_recalibrated_bn_restores_the_statistics_when_the_evaluation_fails():
     assert torch.equal(net[1].running_mean, before)
 
 
-@pytest.mark.parametrize("total", [1, 7, 50, 51, 99, 100, 101, 1000, 12345, 10**6])
-def test_default_posthoc_interval_gives_25_to_50_snapshots_or_every_step_of_a_short_run(total):
-    every = auto_posthoc_every(total)
-    count = total // every
-    assert every == max(1, math.ceil(total / 50))
-    assert count == total if total <= 50 else 25 <= count <= 50
+@pytest.mark.parametrize("cap", [2, 16, 50])
+@pytest.mark.parametrize("total", [1, 7, 16, 17, 50, 51, 99, 100, 101, 1000, 12345, 10**6])
+def test_posthoc_interval_fits_the_cap_with_the_last_step_and_uses_more_than_half_of_it(total, cap):
+    every = auto_posthoc_every(total, cap)
+    stored = len(range(every, total + 1, every)) + (1 if total % every else 0)  # multiples + the last step
+    assert every == max(1, math.ceil(total / cap))
+    assert stored <= cap
+    assert stored == total if total <= cap else stored > cap // 2
 
 
 def test_the_sweep_command_quotes_paths_and_omits_an_absent_data_path():

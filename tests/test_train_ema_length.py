@@ -255,6 +255,73 @@ def test_validate_sweeps_the_posthoc_run_and_the_last_snapshot_is_the_checkpoint
             torch.testing.assert_close(rebuilt[k].float(), v.half().float(), rtol=1e-3, atol=1e-4)
 
 
+# --------------------------------------------------------------------------- post-hoc budget (issue 12)
+def test_extending_a_posthoc_run_thins_old_snapshots_to_stay_within_the_budget(posthoc_run, image_folder, tmp_path):
+    per_epoch, steps = posthoc_steps(image_folder)
+    files = snapshot_files(posthoc_run / "posthoc")
+    per_step = sum(p.stat().st_size for n, p in files.items() if n.startswith(f"posthoc-{steps[0]:09d}-"))
+    budget = int(5.25 * per_step)  # room for 5 snapshot steps of both profiles
+    resumed = tmp_path / "extended"
+    shutil.copytree(posthoc_run, resumed)
+    epochs = 2 * POSTHOC_EPOCHS
+    train_ok(fast(image_folder, tmp_path, "--epochs", epochs, "--model-ema-posthoc", "--posthoc-budget", budget,
+                  "--resume", resumed / "last.pth.tar", experiment="extended"))
+    total = per_epoch * epochs
+    # The resumed interval 2 would give ceil(total / 2) > 5 steps: it doubles to 4 and the old
+    # snapshots off it (steps 2, 6 and the first run's last step 9) go at once.
+    assert (per_epoch, total, POSTHOC_EVERY) == (3, 18, 2)
+    log = (resumed / "train.log").read_text()
+    assert "18 planned steps fit the budget at one snapshot every 4 steps (not 2); deleted 6 older snapshot " \
+           "file(s) off that interval" in log
+    kept = snapshot_files(resumed / "posthoc")
+    assert sorted({int(n.split("-")[1]) for n in kept}) == [4, 8, 12, 16, 18]
+    used = sum(p.stat().st_size for p in kept.values())
+    assert used <= budget
+    assert f"on disk ({used} bytes" in log
+    # What was kept from the first run is untouched.
+    for name in (n for n in kept if int(n.split("-")[1]) <= 9):
+        assert kept[name].read_bytes() == files[name].read_bytes()
+
+
+def test_two_sweeps_in_a_row_keep_both_sets_of_rows(posthoc_run, image_folder, tmp_path, capsys):
+    import validate
+
+    run = tmp_path / "run"
+    shutil.copytree(posthoc_run, run)
+    (run / "posthoc_sweep.csv").unlink(missing_ok=True)
+    for sigmas in ("0.05,0.08", "0.03"):
+        assert validate.main([str(image_folder), "--checkpoint", str(run / "last.pth.tar"),
+                              "--posthoc-sigma-rel", sigmas, "--no-progress"]) == 0, capsys.readouterr().err
+    _, rows = read_summary(run / "posthoc_sweep.csv")
+    assert [float(r["sigma_rel"]) for r in rows] == [0.05, 0.08, 0.03]
+    assert rows[0]["sweep_id"] == rows[1]["sweep_id"] != rows[2]["sweep_id"]
+    assert [r["best"] for r in rows].count("True") == 2  # one best per sweep
+    assert png_size(run / "posthoc_sweep.png") == (600, 400)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model-ema-posthoc", "--posthoc-budget", "lots"], "--posthoc-budget must be a size such as 512MiB"),
+    (["--model-ema-posthoc", "--posthoc-budget", "1KiB"], "--posthoc-budget 1KiB (1.0 KiB) holds 0 snapshot step(s)"),
+    (["--label-noise", "1"], "argument --label-noise: invalid value '1' (too large); give a rate in [0, 1)"),
+    (["--sched", "cosinus"], "; try cosine, step, multistep, plateau, poly, tanh, none"),
+])
+def test_posthoc_budget_label_noise_and_sched_mistakes_exit_2_with_one_line_and_leave_nothing(
+        argv, message, image_folder, tmp_path, run_train):
+    code, _, err = run_train(fast(image_folder, tmp_path, *argv, experiment="bad"))
+    assert code == 2 and err.count("train.py: error:") == 1 and message in err, err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_sched_none_keeps_the_lr_constant_after_warmup_and_flips_the_asked_labels(image_folder, tmp_path):
+    train_ok(fast(image_folder, tmp_path, "--epochs", 3, "--sched", "none", "--warmup-epochs", 1,
+                  "--warmup-lr", "1e-4", "--lr", "0.02", "--label-noise", "0.5", experiment="const"))
+    _, rows = read_summary(tmp_path / "const" / "summary.csv")
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-4, 0.02, 0.02])
+    n_train = count_images(image_folder / "train")
+    assert f"label noise: {n_train // 2} of {n_train} training labels (50%) flipped" in \
+        (tmp_path / "const" / "train.log").read_text()
+
+
 # --------------------------------------------------------------------------- BN recalibration
 RECAL = ["-b", "24", "--no-aug", "--epochs", "2"]  # one batch = the 24 training images, no randomness in it
 

@@ -8,7 +8,8 @@ BatchNorm recalibration at evaluation.
   ``state_dict_ema_<i>`` + ``ema_<i>``. One value stays a plain ``ModelEMA``.
 - **Post-hoc EMA** (``--model-ema-posthoc``, Karras et al. 2024, EDM2): rank 0 tracks a
   ``PowerEMA`` after every optimizer step and writes its snapshots into ``<run>/posthoc/``
-  (:class:`PosthocTracker`); ``validate.py --posthoc-sigma-rel`` rebuilds any EMA length.
+  (:class:`PosthocTracker`), within ``--posthoc-budget`` (:func:`posthoc_snapshot_cap`);
+  ``validate.py --posthoc-sigma-rel`` rebuilds any EMA length.
 - **BN recalibration** (``--model-ema-bn-recal N``): :func:`recalibrated_bn` re-estimates an
   EMA's BatchNorm statistics for the evaluation only and puts the averaged ones back.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shlex
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,12 +28,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from emakit import ModelEMA, MultiEMA
-from emakit.posthoc import Footprint, PowerEMA, SnapshotWriter, estimate_footprint, list_snapshots, snapshot_count
+from emakit.posthoc import (Footprint, PowerEMA, SnapshotWriter, budget_max_snapshots, estimate_footprint, human_bytes,
+                            list_snapshots, model_fp32_bytes, parse_budget)
 
 from .bn import recalibrate_bn
 
 __all__ = ["EmaSet", "ema_members", "ema_label", "ema_selector", "ema_checkpoint_keys", "ema_checkpoint_state",
-           "describe_ema", "bn_buffers", "recalibrated_bn", "auto_posthoc_every", "PosthocTracker",
+           "describe_ema", "bn_buffers", "recalibrated_bn", "auto_posthoc_every", "posthoc_snapshot_cap",
+           "PosthocTracker",
            "posthoc_sweep_command", "POSTHOC_CHECKPOINT_KEY", "BN_RECAL_CHECKPOINT_KEY", "SWEEP_SIGMA_RELS"]
 
 _log = logging.getLogger(__name__)
@@ -40,7 +44,6 @@ EmaSet = Union[ModelEMA, MultiEMA]
 POSTHOC_CHECKPOINT_KEY = "posthoc_ema"
 BN_RECAL_CHECKPOINT_KEY = "ema_bn_recal"
 SWEEP_SIGMA_RELS = "0.02,0.05,0.08,0.15"  # the sweep suggested at the end of a post-hoc run
-_POSTHOC_TARGET_SNAPSHOTS = 50
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -125,12 +128,44 @@ def recalibrated_bn(module: nn.Module, loader: Iterable, num_batches: int, devic
 
 
 # --------------------------------------------------------------------------- post-hoc EMA
-def auto_posthoc_every(total_steps: int, target: int = _POSTHOC_TARGET_SNAPSHOTS) -> int:
-    """Default ``--posthoc-every``: ``ceil(total_steps / target)``, so a run of more than
-    ``target`` steps keeps between ``target / 2`` and ``target`` snapshot steps (EDM2 uses a
-    few hundred on long runs; tens are enough for the least-squares fit) and a shorter
-    run saves every step."""
-    return max(1, -(-int(total_steps) // target))
+def auto_posthoc_every(total_steps: int, max_snapshots: int) -> int:
+    """Snapshot interval for a run of ``total_steps`` optimizer steps that stores at most
+    ``max_snapshots`` snapshot steps, the last step included: ``ceil(total_steps / max_snapshots)``.
+
+    The run then stores the multiples of the interval plus the last step when it is off the
+    interval, ``ceil(total_steps / every) <= max_snapshots`` of them (and more than half of
+    ``max_snapshots`` for a run longer than that); a shorter run saves every step.
+    """
+    if int(max_snapshots) < 1:
+        raise ValueError(f"max_snapshots must be >= 1, got {max_snapshots!r}")
+    return max(1, -(-int(total_steps) // int(max_snapshots)))
+
+
+def posthoc_snapshot_cap(model: nn.Module, budget: str, *, n_profiles: int, snapshot_dtype: str,
+                         max_snapshots: int | None = None) -> tuple[int | None, int | None]:
+    """(budget in bytes, cap on snapshot steps) for ``--posthoc-budget`` (and the optional
+    ``--posthoc-max-snapshots``); ``(None, None)`` when unbounded.
+
+    One snapshot step stores ``n_profiles`` files of the model's state in
+    ``snapshot_dtype`` (``estimate_footprint``: tensor bytes plus torch.save's headers), so
+    with the default two float16 profiles a step costs about the model's float32 bytes and
+    a budget of ``Nx`` holds N - 1 steps (the headers take a little more than the model).
+    ``ValueError`` when the budget cannot hold the 2 steps a reconstruction needs.
+    """
+    parsed = parse_budget(budget)
+    model_bytes = model_fp32_bytes(model)
+    per_step = estimate_footprint(model, 1, n_profiles, _DTYPES[snapshot_dtype]).bytes_per_snapshot
+    budget_bytes = parsed.resolve(model_bytes)
+    cap = budget_max_snapshots(budget_bytes, per_step)
+    if cap is not None and cap < 2:
+        need = 2 * per_step
+        raise ValueError(f"--posthoc-budget {budget} ({human_bytes(budget_bytes)}) holds {cap} snapshot step(s) of "
+                         f"{human_bytes(per_step)} ({n_profiles} profiles in {snapshot_dtype}) and a reconstruction "
+                         f"needs at least 2: pass --posthoc-budget {math.ceil(need / model_bytes * 10) / 10:g}x "
+                         f"({human_bytes(need)}) or more")
+    if max_snapshots is not None:
+        cap = max_snapshots if cap is None else min(cap, max_snapshots)
+    return budget_bytes, cap
 
 
 class PosthocTracker:
@@ -139,25 +174,31 @@ class PosthocTracker:
     ``update(model)`` follows the EMA update (after every optimizer step that was taken)
     and saves the profiles every ``every`` steps. The tracker is built before the output
     folder exists (so resume errors leave nothing behind); :meth:`open_folder` then binds
-    the snapshot folder and deletes snapshots newer than the resumed step.
+    the snapshot folder, deletes snapshots newer than the resumed step and fits the
+    planned run into the cap (widening the interval and thinning stored snapshots when a
+    resumed run was extended).
 
     Args:
         model: the bare model.
         sigma_rels: tracked profile widths.
         every: base snapshot interval in optimizer steps.
         snapshot_dtype: ``float16`` | ``bfloat16`` | ``float32`` for the files (accumulation is float32).
-        max_snapshots: optional bound on snapshot steps (``SnapshotWriter`` thinning).
-        total_steps: planned optimizer steps of the whole run (for the footprint projection).
+        max_snapshots: optional bound on snapshot steps (from the budget, ``posthoc_snapshot_cap``).
+        total_steps: planned optimizer steps of the whole run (interval planning, footprint projection).
+        budget_bytes: the disk budget the cap comes from (reported in the logs), None if unbounded.
         device: where the profiles live (default: next to the model).
     """
 
     def __init__(self, model: nn.Module, *, sigma_rels: Sequence[float], every: int, snapshot_dtype: str,
-                 max_snapshots: int | None, total_steps: int, device: torch.device | str | None = None) -> None:
+                 max_snapshots: int | None, total_steps: int, budget_bytes: int | None = None,
+                 device: torch.device | str | None = None) -> None:
         self.power = PowerEMA(model, sigma_rels, dtype=torch.float32, device=device)
         self.every = int(every)
         self.snapshot_dtype = snapshot_dtype
         self.max_snapshots = max_snapshots
         self.total_steps = int(total_steps)
+        self.budget_bytes = budget_bytes
+        self.model_bytes = model_fp32_bytes(self.power)
         self.writer: SnapshotWriter | None = None
         self._resumed_interval: int | None = None
 
@@ -165,8 +206,7 @@ class PosthocTracker:
     def state_dict(self) -> dict[str, Any]:
         """``PowerEMA.state_dict()`` plus the snapshot settings: plain types and tensors."""
         state = self.power.state_dict()
-        state.update(snapshot_every=self.every, snapshot_interval=self.writer.every if self.writer else self.every,
-                     snapshot_dtype=self.snapshot_dtype)
+        state.update(snapshot_every=self.every, snapshot_interval=self.interval, snapshot_dtype=self.snapshot_dtype)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -175,10 +215,16 @@ class PosthocTracker:
         if int(state.get("snapshot_every", 0)) == self.every:
             self._resumed_interval = int(state.get("snapshot_interval", self.every))
 
+    @property
+    def interval(self) -> int:
+        """The snapshot interval in use (the base one until the folder is planned)."""
+        return self.writer.every if self.writer is not None else self.every
+
     # ------------------------------------------------------------------ snapshots
     def open_folder(self, folder: str) -> None:
-        """Bind the snapshot folder (created if needed) and drop snapshots newer than the
-        current step: a crashed run may have written some after its last checkpoint."""
+        """Bind the snapshot folder (created if needed), drop snapshots newer than the
+        current step (a crashed run may have written some after its last checkpoint) and
+        plan the run into the cap (``SnapshotWriter.plan``)."""
         self.writer = SnapshotWriter(folder, self.every, dtype=_DTYPES[self.snapshot_dtype],
                                      max_snapshots=self.max_snapshots)
         resumed = self._resumed_interval
@@ -188,6 +234,13 @@ class PosthocTracker:
         if removed:
             _log.info("post-hoc EMA: deleted %d snapshot file(s) newer than the resumed step %d",
                       removed, self.power.step)
+        before, files = self.writer.every, len(list_snapshots(folder, missing_ok=True))
+        self.writer.plan(max(self.total_steps, self.power.step, 1))
+        if self.writer.every != before:
+            thinned = files - len(list_snapshots(folder, missing_ok=True))
+            _log.info("post-hoc EMA: %d planned steps fit the budget at one snapshot every %d steps (not %d)%s",
+                      self.total_steps, self.writer.every, before,
+                      f"; deleted {thinned} older snapshot file(s) off that interval" if thinned else "")
 
     def update(self, model: nn.Module) -> None:
         """Advance every profile one step; save them if the step is on the interval."""
@@ -208,11 +261,17 @@ class PosthocTracker:
             self.writer.save(self.power)
 
     def projected_footprint(self) -> Footprint:
-        """Disk use the folder will reach after ``total_steps`` (interval steps plus the final one)."""
-        n = snapshot_count(self.total_steps, self.every, self.max_snapshots)
-        if self.total_steps % self.every and (self.max_snapshots is None or n < self.max_snapshots):
-            n += 1
+        """Disk use the folder will reach after ``total_steps``: the multiples of the
+        interval plus the last step, ceil(total_steps / interval) snapshot steps."""
+        n = -(-max(self.total_steps, 1) // self.interval)
         return estimate_footprint(self.power, n, len(self.power.sigma_rels), _DTYPES[self.snapshot_dtype])
+
+    def describe_budget(self) -> str:
+        """``budget 726.0 MiB (17x the model's 42.7 MiB float32 bytes, 16 snapshot steps)`` or ``no budget``."""
+        if self.budget_bytes is None:
+            return "no budget" if self.max_snapshots is None else f"at most {self.max_snapshots} snapshot steps"
+        return (f"budget {human_bytes(self.budget_bytes)} ({self.budget_bytes / self.model_bytes:.3g}x the model's "
+                f"{human_bytes(self.model_bytes)} float32 bytes, at most {self.max_snapshots} snapshot steps)")
 
     def disk_usage(self) -> int:
         """Bytes of the snapshot files in the folder now."""

@@ -35,6 +35,10 @@ __all__ = ["build_parser", "parse_args", "load_yaml_defaults", "args_to_yaml", "
 DEFAULT_EMA_DECAY = 0.9998  # timm's --model-ema-decay default
 DEFAULT_POSTHOC_SIGMA_RELS = "0.05,0.10"  # EDM2's two tracked profiles
 POSTHOC_DTYPES = ("float16", "bfloat16", "float32")
+# 16 snapshot steps reconstruct sigma_rel 0.02-0.20 within 0.3% relative L2 in float16
+# (bench/posthoc_budget.py); one step of the two float16 profiles is the model's float32
+# bytes plus torch.save headers, so 17x holds 16 steps.
+DEFAULT_POSTHOC_BUDGET = "17x"
 # The embedded dataset's preset, applied when train.py gets neither a data path nor --config.
 DIGITS_PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                              "configs", "digits.yaml")
@@ -118,6 +122,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train-split", default="train", metavar="NAME", help="train split folder (default: train)")
     g.add_argument("--val-split", default=None, metavar="NAME",
                    help="validation split folder (default: None = val/ or validation/, whichever exists)")
+    g.add_argument("--label-noise", type=RATE, default=0.0, metavar="FRAC",
+                   help="flip this fraction of the training labels to a random other class, chosen with "
+                        "--seed (the same flips on resume); validation labels stay clean. Any dataset; "
+                        "configs/digits-noisy.yaml uses 0.4 to show what the EMA length does (default: 0.0)")
     g.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=False,
                    help="decode every image before training and skip unreadable ones with a warning, "
                         "instead of stopping with an error naming the file (default: False)")
@@ -193,7 +201,9 @@ def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Learning rate schedule parameters")
-    g.add_argument("--sched", default="cosine", metavar="SCHEDULER", help="timm LR scheduler (default: cosine)")
+    g.add_argument("--sched", default="cosine", metavar="SCHEDULER",
+                   help="timm LR scheduler: cosine, step, multistep, plateau, poly, tanh, or none (= constant: "
+                        "the lr stays at --lr after --warmup-epochs) (default: cosine)")
     g.add_argument("--sched-on-updates", action=argparse.BooleanOptionalAction, default=False,
                    help="step the LR schedule every optimizer update instead of every epoch (default: False)")
     g.add_argument("--lr", type=POSITIVE, default=None, metavar="LR",
@@ -319,16 +329,24 @@ def _add_posthoc_args(parser: argparse.ArgumentParser) -> None:
                    default=DEFAULT_POSTHOC_SIGMA_RELS, metavar="S[,S...]",
                    help=f"relative widths of the tracked profiles, each in (0, 0.2887] "
                         f"(default: {DEFAULT_POSTHOC_SIGMA_RELS})")
+    g.add_argument("--posthoc-budget", default=DEFAULT_POSTHOC_BUDGET, metavar="SIZE",
+                   help="disk budget of the snapshot folder: a multiple of the model's float32 bytes (8x), a "
+                        "size (512MiB, 2GiB, 500MB) or none. The snapshot interval is chosen from the planned "
+                        "steps so the run fits; a run extended with --resume thins older snapshots (every "
+                        "other one) to stay inside it. One snapshot step of the default two float16 profiles "
+                        f"takes about 1x (default: {DEFAULT_POSTHOC_BUDGET} = 16 snapshot steps, enough for "
+                        "< 0.3%% reconstruction error over sigma_rel 0.02-0.20, see BENCHMARKS.md)")
     g.add_argument("--posthoc-every", type=POSITIVE_INT, default=None, metavar="N",
-                   help="optimizer steps between snapshots, plus one at the last step (default: None = "
-                        "ceil(total steps / 50): 25-50 snapshots over the run, every step in runs of up to "
-                        "50 steps; a resumed run keeps its interval)")
+                   help="optimizer steps between snapshots, plus one at the last step; widened (doubled) "
+                        "when the run would not fit --posthoc-budget (default: None = ceil(total steps / the "
+                        "snapshot steps the budget holds), or ceil(total steps / 50) with --posthoc-budget "
+                        "none; a resumed run keeps its interval)")
     g.add_argument("--posthoc-dtype", default="float16", choices=list(POSTHOC_DTYPES),
                    help="dtype of the stored snapshots; the profiles are accumulated in float32 "
                         "(default: float16, as EDM2)")
     g.add_argument("--posthoc-max-snapshots", type=Number(2, integer=True), default=None, metavar="N",
-                   help="bound the folder to N >= 2 snapshot steps: when full, every other one is deleted and "
-                        "the interval doubles (default: None = unbounded)")
+                   help="also bound the folder to N snapshot steps: when full, every other one is deleted and "
+                        "the interval doubles (default: None = only --posthoc-budget bounds it)")
 
 
 def _add_misc_args(parser: argparse.ArgumentParser) -> None:
@@ -484,13 +502,17 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _check_posthoc_args(args: argparse.Namespace) -> None:
-    from emakit.posthoc import SIGMA_REL_MAX
+    from emakit.posthoc import SIGMA_REL_MAX, parse_budget
 
     if not args.model_ema_posthoc:
         for name in ("posthoc_every", "posthoc_max_snapshots"):
             if getattr(args, name) is not None:
                 raise UsageError(f"--{name.replace('_', '-')} needs --model-ema-posthoc")
         return
+    try:
+        parse_budget(args.posthoc_budget)
+    except ValueError as e:
+        raise UsageError(f"--posthoc-{' '.join(str(e).split())}") from None
     for s in args.posthoc_sigma_rels:
         if not 0.0 < s <= SIGMA_REL_MAX:
             raise UsageError(f"--posthoc-sigma-rels {s:g} is outside (0, {SIGMA_REL_MAX:.4f}]: "

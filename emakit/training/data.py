@@ -28,7 +28,7 @@ __all__ = [
     "BadImageError", "DataSplits", "ImageListDataset", "DIGITS_NAME", "load_digits_splits",
     "load_image_folder", "build_datasets", "check_images", "build_transforms", "ShardSampler",
     "build_train_loader", "build_eval_loader", "epoch_seed", "resolve_data_config_for", "set_epoch", "one_line_error",
-    "AugmentConfig", "shown_path",
+    "AugmentConfig", "shown_path", "flip_labels",
 ]
 
 _log = logging.getLogger(__name__)
@@ -306,6 +306,26 @@ def build_datasets(data: str | None, train_split: str = "train", val_split: str 
             raise UsageError(f"{shown_path(data)}: no readable images left in a split after skipping bad ones")
     _check_classes(os.path.join(data, train_split), splits.classes, splits.train.targets)
     return splits
+
+
+def flip_labels(dataset: ImageListDataset, fraction: float, num_classes: int, seed: int) -> list[int]:
+    """Replace ``round(fraction * len(dataset))`` training labels by a different class,
+    chosen uniformly among the ``num_classes - 1`` others (``--label-noise``, symmetric
+    label noise as in the noisy-label literature). Which samples and which new labels are a
+    pure function of ``seed``, so a resumed run sees the same flips. Returns the indices
+    flipped. Only the training split gets this; validation labels stay clean.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction!r}")
+    if num_classes < 2:
+        raise ValueError(f"label noise needs at least 2 classes, got {num_classes}")
+    g = torch.Generator().manual_seed(int(seed))
+    count = int(round(fraction * len(dataset)))
+    flipped = sorted(torch.randperm(len(dataset), generator=g)[:count].tolist())
+    shifts = torch.randint(1, num_classes, (count,), generator=g).tolist()
+    for index, shift in zip(flipped, shifts):
+        dataset.targets[index] = (dataset.targets[index] + shift) % num_classes
+    return flipped
 
 
 @dataclass

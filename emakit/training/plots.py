@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["plot_summary", "plot_sweep", "matplotlib_available"]
+__all__ = ["plot_summary", "plot_sweep", "plot_sweeps", "matplotlib_available"]
 
 _log = logging.getLogger(__name__)
 _NOTICE = "matplotlib is not installed; skipping %s (pip install matplotlib to get plots)"
@@ -92,20 +92,32 @@ def plot_summary(summary_csv: str | os.PathLike, out_png: str | os.PathLike | No
 def plot_sweep(sigma_rels: Sequence[float], top1: Sequence[float], out_png: str | os.PathLike,
                *, best_index: int | None = None, title: str = "post-hoc EMA sweep") -> Path | None:
     """Plot top-1 against EMA length (sigma_rel), marking the best; ``None`` without matplotlib."""
+    return plot_sweeps([("sweep", sigma_rels, top1, best_index)], out_png, title=title)
+
+
+def plot_sweeps(sweeps: Sequence[tuple[str, Sequence[float], Sequence[float], int | None]],
+                out_png: str | os.PathLike, *, title: str = "post-hoc EMA sweeps") -> Path | None:
+    """Plot every sweep's top-1 against EMA length (sigma_rel), one line per sweep labelled
+    ``label``, each sweep's best point circled; ``None`` without matplotlib.
+
+    ``sweeps``: ``(label, sigma_rels, top1, best_index)`` per sweep, oldest first.
+    """
     if not matplotlib_available():
         _log.warning(_NOTICE, "the sweep plot")
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(list(sigma_rels), list(top1), marker="o")
-    if best_index is not None:
-        ax.scatter([sigma_rels[best_index]], [top1[best_index]], s=120, facecolors="none",
-                   edgecolors="red", label=f"best: sigma_rel={sigma_rels[best_index]:g}")
-        ax.legend()
-    ax.set_xlabel("EMA length sigma_rel")
+    for label, sigma_rels, top1, best_index in sweeps:
+        order = sorted(range(len(sigma_rels)), key=lambda i: sigma_rels[i])
+        line, = ax.plot([sigma_rels[i] for i in order], [top1[i] for i in order], marker="o", label=label)
+        if best_index is not None:
+            ax.scatter([sigma_rels[best_index]], [top1[best_index]], s=120, facecolors="none",
+                       edgecolors=line.get_color())
+    ax.set_xlabel("EMA length sigma_rel (circled: best of each sweep)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     fig.tight_layout()
     out = Path(out_png)
     _save(fig, out)

@@ -48,11 +48,11 @@ from emakit.checkpoint import (CheckpointError, CheckpointSaver, load_checkpoint
 from . import UsageError
 from .averages import (BN_RECAL_CHECKPOINT_KEY, POSTHOC_CHECKPOINT_KEY, EmaSet, PosthocTracker, auto_posthoc_every,
                        describe_ema, ema_checkpoint_keys, ema_checkpoint_state, ema_label, ema_members, ema_selector,
-                       posthoc_sweep_command, recalibrated_bn)
+                       posthoc_snapshot_cap, posthoc_sweep_command, recalibrated_bn)
 from .bn import has_batchnorm
 from .config import args_to_yaml, resolve_ema_decay
 from .data import (AugmentConfig, DataSplits, build_datasets, build_eval_loader, build_train_loader,
-                   build_transforms, epoch_seed, resolve_data_config_for, set_epoch)
+                   build_transforms, epoch_seed, flip_labels, resolve_data_config_for, set_epoch)
 from .distributed import DistInfo, distribute_bn, init_distributed, shutdown_distributed, all_reduce_sum
 from .engine import AmpSettings, TrainOptions, evaluate, train_one_epoch
 from .resume import (check_ema_entry, check_optimizer_state, ema_entry_keys, normalize_resume_checkpoint,
@@ -67,6 +67,8 @@ CHECKPOINT_VERSION = 2  # timm writes version 2 with the same keys
 SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5",
                    "ema_eval_loss", "ema_eval_top1", "ema_eval_top5", "lr"]
 _EVAL_KEYS = ("loss", "top1", "top5")
+_SCHEDULERS = "cosine, step, multistep, plateau, poly, tanh, none"  # named in --sched errors
+_UNBOUNDED_POSTHOC_SNAPSHOTS = 50  # default snapshot steps with --posthoc-budget none
 DUMP_EMA_ENV = "EMAKIT_DUMP_EMA_DIR"  # debugging hook: every rank saves its EMA state dict here
 
 
@@ -285,16 +287,26 @@ def build_posthoc(args: argparse.Namespace, model_without_ddp: nn.Module, dist: 
                   saved: dict[str, Any] | None) -> PosthocTracker | None:
     """Rank 0's post-hoc EMA tracker with ``--model-ema-posthoc`` (None elsewhere).
 
-    The snapshot interval is ``--posthoc-every``, else the resumed run's, else
-    :func:`auto_posthoc_every` of the planned optimizer steps.
+    ``--posthoc-budget`` (with ``--posthoc-max-snapshots``) caps the snapshot steps
+    (:func:`posthoc_snapshot_cap`). The snapshot interval is ``--posthoc-every``, else the
+    resumed run's, else :func:`auto_posthoc_every` of the planned optimizer steps and the
+    cap (50 snapshot steps when unbounded); the tracker widens it when the run does not fit.
     """
     if not args.model_ema_posthoc or not dist.is_main:
         return None
-    every = args.posthoc_every or int((saved or {}).get("snapshot_every") or 0) or auto_posthoc_every(total_steps)
+    try:
+        budget_bytes, cap = posthoc_snapshot_cap(model_without_ddp, args.posthoc_budget,
+                                                 n_profiles=len(args.posthoc_sigma_rels),
+                                                 snapshot_dtype=args.posthoc_dtype,
+                                                 max_snapshots=args.posthoc_max_snapshots)
+    except ValueError as e:
+        raise UsageError(" ".join(str(e).split())) from None
+    every = args.posthoc_every or int((saved or {}).get("snapshot_every") or 0) or \
+        auto_posthoc_every(total_steps, cap or _UNBOUNDED_POSTHOC_SNAPSHOTS)
     try:
         return PosthocTracker(model_without_ddp, sigma_rels=args.posthoc_sigma_rels, every=every,
-                              snapshot_dtype=args.posthoc_dtype, max_snapshots=args.posthoc_max_snapshots,
-                              total_steps=total_steps, device="cpu" if args.model_ema_force_cpu else None)
+                              snapshot_dtype=args.posthoc_dtype, max_snapshots=cap, total_steps=total_steps,
+                              budget_bytes=budget_bytes, device="cpu" if args.model_ema_force_cpu else None)
     except ValueError as e:
         raise UsageError(f"invalid post-hoc EMA settings: {' '.join(str(e).split())}") from None
 
@@ -329,22 +341,32 @@ def build_optimizer(args: argparse.Namespace, model_without_ddp: nn.Module) -> t
 
 
 def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Any:
-    """timm ``create_scheduler_v2``; stepped per epoch unless ``--sched-on-updates``."""
+    """timm ``create_scheduler_v2``; stepped per epoch unless ``--sched-on-updates``.
+
+    ``--sched none`` (or ``constant``) is a constant learning rate after ``--warmup-epochs``:
+    timm's ``constant`` schedule, a step schedule whose decay rate is 1 (built as such, so
+    it works with timm versions that lack the name). timm's own ``none`` returns no
+    scheduler at all, which would also skip the warmup.
+    """
     from timm.scheduler import create_scheduler_v2
 
+    constant = args.sched in ("none", "constant")
     try:
         scheduler, _ = create_scheduler_v2(
-            optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-            decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs,
-            patience_epochs=args.patience_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
+            optimizer, sched="step" if constant else args.sched, num_epochs=args.epochs,
+            decay_epochs=args.decay_epochs, decay_milestones=args.decay_milestones,
+            cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs,
+            decay_rate=1.0 if constant else args.decay_rate, min_lr=args.min_lr,
             warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix,
             plateau_mode="min" if args.eval_metric == "loss" else "max",
             step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch,
         )
     except (AssertionError, ValueError) as e:
-        raise UsageError(f"--sched {args.sched}: {' '.join(str(e).split())}") from None
+        why = " ".join(str(e).split()).rstrip(".")
+        hint = f"; try {_SCHEDULERS}" if "unknown" in why.lower() else ""
+        raise UsageError(f"--sched {args.sched}: {why}{hint}") from None
     if scheduler is None:
-        raise UsageError(f"--sched {args.sched}: unknown scheduler; try cosine, step, multistep, plateau, poly, tanh")
+        raise UsageError(f"--sched {args.sched}: unknown scheduler; try {_SCHEDULERS}")
     return scheduler
 
 
@@ -632,6 +654,11 @@ def _load_data(args: argparse.Namespace) -> tuple[DataSplits, int]:
     num_classes = args.num_classes or len(data.classes)
     if num_classes < len(data.classes):
         raise UsageError(f"--num-classes {num_classes} is less than the {len(data.classes)} classes in the data")
+    if args.label_noise > 0:
+        # Flip among the classes present, so a flipped label is always a real class.
+        flipped = flip_labels(data.train, args.label_noise, len(data.classes), args.seed)
+        _log.info("label noise: %d of %d training labels (%.0f%%) flipped to a random other class (seed %d); "
+                  "validation labels are clean", len(flipped), len(data.train), 100 * args.label_noise, args.seed)
     return data, num_classes
 
 
@@ -733,8 +760,9 @@ def _open_posthoc_folder(posthoc: PosthocTracker, folder: str) -> None:
         raise UsageError(f"cannot write post-hoc snapshots to {folder}: {e.strerror or e}") from None
     sigmas = ", ".join(f"{s:g}" for s in posthoc.power.sigma_rels)
     _log.info("post-hoc EMA: sigma_rel %s, accumulated in float32 (%.1f MiB in memory); a snapshot every %d "
-              "optimizer step(s) in %s into %s; projected footprint %s", sigmas, posthoc.memory_bytes() / 2**20,
-              posthoc.writer.every, posthoc.snapshot_dtype, folder, posthoc.projected_footprint())
+              "optimizer step(s) in %s into %s; projected footprint %s; %s", sigmas, posthoc.memory_bytes() / 2**20,
+              posthoc.writer.every, posthoc.snapshot_dtype, folder, posthoc.projected_footprint(),
+              posthoc.describe_budget())
 
 
 def build_trainer(args: argparse.Namespace, logs: _LogSetup | None = None) -> Trainer:
@@ -951,9 +979,13 @@ def _finish_posthoc(tr: Trainer) -> None:
     posthoc = tr.posthoc
     posthoc.finish()
     steps, used = posthoc.stored_steps(), posthoc.disk_usage()
-    _log.info("post-hoc EMA: %d snapshot steps x %d profiles in %s: %.1f MiB on disk (%d bytes; projected %s)",
-              len(steps), len(posthoc.power.sigma_rels), posthoc.writer.folder, used / 2**20, used,
-              posthoc.projected_footprint())
+    _log.info("post-hoc EMA: %d snapshot steps x %d profiles in %s: %.1f MiB on disk (%d bytes, %.2fx the "
+              "model's float32 bytes; projected %s; %s)", len(steps), len(posthoc.power.sigma_rels),
+              posthoc.writer.folder, used / 2**20, used, used / posthoc.model_bytes, posthoc.projected_footprint(),
+              posthoc.describe_budget())
+    if posthoc.budget_bytes is not None and used > posthoc.budget_bytes:
+        _log.warning("post-hoc EMA: the snapshots take %d bytes, more than the budget of %d bytes",
+                     used, posthoc.budget_bytes)
     _log.info("choose the EMA length now: %s", posthoc_sweep_command(tr.args.data, tr.saver.last_path))
 
 

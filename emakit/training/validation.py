@@ -13,8 +13,9 @@ Beyond timm:
 - ``--export-ema FILE.safetensors`` writes the EMA weights alone for
   ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=FILE, num_classes=N))``;
 - ``--posthoc-sigma-rel 0.02,0.05,...`` reconstructs post-hoc EMAs (EDM2, ``emakit.posthoc``)
-  from the run's snapshot folder, evaluates each, marks the best, plots the sweep and can
-  save the chosen weights (``--posthoc-save``).
+  from the run's snapshot folder, evaluates each, marks the best, appends the sweep to
+  ``posthoc_sweep.csv`` (earlier sweeps are kept), plots all sweeps and can save the chosen
+  weights (``--posthoc-save``).
 
 Nothing here prints: :func:`report_lines` gives the CLI the lines to print.
 """
@@ -30,6 +31,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, NoReturn
 
 import torch
@@ -52,7 +54,8 @@ __all__ = [
     "build_model", "load_weights", "load_eval_dataset", "eval_data_config", "torchvision_eval_settings",
     "evaluate_weights",
     "write_results", "export_weights", "timm_load_hint", "resolve_posthoc_dir", "reconstruct_profiles",
-    "posthoc_equivalents", "pick_best", "save_posthoc_weights", "write_sweep_outputs", "run",
+    "posthoc_equivalents", "pick_best", "save_posthoc_weights", "new_sweep_id", "read_sweep_table",
+    "write_sweep_outputs", "run",
     "report_lines", "format_results_table", "format_sweep_table",
 ]
 
@@ -158,7 +161,9 @@ def _add_posthoc_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Post-hoc EMA (EDM2): choose the EMA length after training")
     g.add_argument("--posthoc-sigma-rel", default=None, metavar="S[,S...]",
                    help="reconstruct and evaluate these relative EMA lengths sigma_rel, e.g. 0.02,0.05,0.08,0.15, "
-                        "instead of the checkpoint's weights (default: None = no sweep)")
+                        "instead of the checkpoint's weights; each sweep appends its rows (with its sweep_id "
+                        "and time) to posthoc_sweep.csv in the run folder (or beside --results-file) and "
+                        "posthoc_sweep.png plots every sweep (default: None = no sweep)")
     g.add_argument("--posthoc-dir", default=None, metavar="DIR",
                    help="snapshot folder (default: None = <checkpoint folder>/posthoc)")
     g.add_argument("--posthoc-step", type=POSITIVE_INT, default=None, metavar="N",
@@ -687,19 +692,72 @@ def save_posthoc_weights(path: str, state_dict: Mapping[str, torch.Tensor], *, s
     save_checkpoint(state, path)
 
 
+def new_sweep_id(now: datetime | None = None) -> tuple[str, str]:
+    """(sweep id, UTC time) of a new sweep: ``20261122T063012Z-3fa9`` (time plus 4 random hex
+    digits, so two sweeps in the same second differ) and ``2026-11-22T06:30:12Z``."""
+    now = now or datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%SZ}-{os.urandom(2).hex()}", f"{now:%Y-%m-%dT%H:%M:%SZ}"
+
+
+def read_sweep_table(path: str, fmt: str) -> list[dict[str, Any]]:
+    """The rows of an existing ``posthoc_sweep.{csv,json}`` (empty if there is none), as
+    strings for CSV. ``UsageError`` if the file cannot be read as that format, so an
+    unreadable table is never replaced by one that lost its rows."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if fmt == "json":
+                rows = json.load(f)
+                if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                    raise ValueError("expected a JSON list of objects")
+                return rows
+            return [dict(r) for r in csv.DictReader(f)]
+    except (OSError, ValueError, csv.Error) as e:
+        raise UsageError(f"cannot add this sweep to {path}: {' '.join(str(e).split())}; move the file away "
+                         "or pass --results-file elsewhere") from None
+
+
+def _sweep_series(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[float], list[float], int | None]]:
+    """Per sweep (oldest first): its label, sigma_rels, top-1 and best index, for the plot."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get("sweep_id") or "earlier sweep"), []).append(r)
+    series = []
+    for sweep_id, group in groups.items():
+        try:
+            sigmas = [float(r["sigma_rel"]) for r in group]
+            top1 = [float(r["top1"]) for r in group]
+        except (KeyError, TypeError, ValueError):
+            continue  # a row without numbers cannot be plotted; the table keeps it
+        best = next((i for i, r in enumerate(group) if str(r.get("best")).lower() == "true"), None)
+        when = group[0].get("sweep_time") or sweep_id
+        step = group[0].get("posthoc_step")
+        series.append((f"{when}" + (f" (step {step})" if step not in (None, "") else ""), sigmas, top1, best))
+    return series
+
+
 def write_sweep_outputs(rows: Sequence[SweepRow], best: int, out_dir: str, fmt: str) -> list[str]:
-    """``posthoc_sweep.{csv,json}`` and ``posthoc_sweep.png`` (top-1 vs sigma_rel, best marked;
-    skipped with a notice without matplotlib) in ``out_dir``; returns the paths written."""
-    from .plots import plot_sweep
+    """Add this sweep to ``posthoc_sweep.{csv,json}`` in ``out_dir`` and redraw
+    ``posthoc_sweep.png``; returns the paths written.
+
+    The table accumulates: one row per sigma_rel per sweep, each tagged with the sweep's
+    ``sweep_id`` and ``sweep_time`` (UTC) and ``best`` within its sweep; earlier sweeps'
+    rows are kept as they were and the file is rewritten atomically. The PNG shows top-1
+    against sigma_rel for every sweep in the table (skipped with a notice without matplotlib).
+    """
+    from .plots import plot_sweeps
 
     table = os.path.join(out_dir, f"posthoc_sweep.{fmt}")
-    write_text_atomic(table, _table_text([{**r.record.as_dict(), "best": i == best}
-                                           for i, r in enumerate(rows)], fmt))
+    earlier = read_sweep_table(table, fmt)
+    sweep_id, sweep_time = new_sweep_id()
+    new = [{"sweep_id": sweep_id, "sweep_time": sweep_time, **r.record.as_dict(), "best": i == best}
+           for i, r in enumerate(rows)]
+    write_text_atomic(table, _table_text(earlier + new, fmt))
     written = [table]
-    step = rows[0].step
-    png = plot_sweep([r.sigma_rel for r in rows], [r.record.top1 for r in rows],
-                     os.path.join(out_dir, "posthoc_sweep.png"), best_index=best,
-                     title=f"post-hoc EMA sweep at step {step}")
+    sweeps = _sweep_series(earlier + new)
+    png = plot_sweeps(sweeps, os.path.join(out_dir, "posthoc_sweep.png"),
+                      title=f"post-hoc EMA sweeps ({len(sweeps)}), top-1 vs EMA length")
     if png is not None:
         written.append(str(png))
     return written
@@ -814,6 +872,10 @@ def run_posthoc(args: argparse.Namespace, dist: DistInfo) -> ValidationReport:
     sweep table and PNG and (``--posthoc-save``) the chosen weights."""
     ref_path, ref = _reference_checkpoint(args.checkpoint)
     snapshot_dir = resolve_posthoc_dir(args.posthoc_dir, args.checkpoint)
+    out_dir = os.path.dirname(os.path.abspath(args.results_file)) if args.results_file \
+        else os.path.dirname(os.path.abspath(snapshot_dir))
+    # An unreadable sweep table stops the sweep before it runs, not after (on every rank alike).
+    read_sweep_table(os.path.join(out_dir, f"posthoc_sweep.{args.results_format}"), args.results_format)
     source = ref_path or snapshot_dir
     arch = resolve_arch(ref, source, args.model)
     state_dicts, step = reconstruct_profiles(snapshot_dir, args.posthoc_sigma_rels, args.posthoc_step)
@@ -835,8 +897,6 @@ def run_posthoc(args: argparse.Namespace, dist: DistInfo) -> ValidationReport:
                                      record.posthoc["half_life_equiv"], record))
     report.best = pick_best(report.sweep)
     if dist.is_main:
-        out_dir = os.path.dirname(os.path.abspath(args.results_file)) if args.results_file \
-            else os.path.dirname(os.path.abspath(snapshot_dir))
         report.written += write_sweep_outputs(report.sweep, report.best, out_dir, args.results_format)
         if args.posthoc_save:
             best = report.sweep[report.best]
