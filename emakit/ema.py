@@ -20,6 +20,7 @@ import contextlib
 import copy
 import logging
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from . import schedules as _sched
 
-__all__ = ["ModelEMA", "MultiEMA", "unwrap_model"]
+__all__ = ["ModelEMA", "MultiEMA", "unwrap_model", "is_sharded"]
 
 _log = logging.getLogger(__name__)
 _DEFAULT_DECAY = 0.9999
@@ -53,20 +54,130 @@ def _check_range(name: str, value: float, lo: float, hi: float, hi_open: bool = 
         raise ValueError(f"{name}={value!r} is outside [{lo}, {hi}{bracket}")
 
 
-def _tensors(module: nn.Module, include_buffers: bool) -> list[Tensor]:
-    tensors = [p for p in module.parameters()]
-    if include_buffers:
-        tensors += [b for b in module.buffers()]
-    return tensors
+def _dtensor_type() -> type | None:
+    """torch's DTensor class if ``torch.distributed.tensor`` is loaded (a sharded model
+    loaded it), else None: no tensor can be a DTensor then, and ``import emakit`` stays light."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when any parameter of ``model`` is a DTensor, as after FSDP2's ``fully_shard``:
+    the EMA then keeps this rank's local shards instead of a copy of the module."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in unwrap_model(model).parameters())
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view of the live storage, no communication); a
+    plain tensor as it is."""
+    dtensor = _dtensor_type()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def _module_tensors(module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """(parameters, buffers) of ``module`` as local tensors: the whole tensors of a plain
+    module, this rank's shards of a sharded one."""
+    params, buffers = list(module.parameters()), list(module.buffers())
+    if _dtensor_type() is None:
+        return params, buffers
+    return [_local(p) for p in params], [_local(b) for b in buffers]
+
+
+def _flat(tensors: tuple[list[Tensor], list[Tensor]]) -> list[Tensor]:
+    return tensors[0] + tensors[1]
+
+
+class _ShardedState:
+    """The EMA of a sharded (FSDP2 ``fully_shard``) model: a clone of this rank's local shard
+    of every parameter and of every buffer (buffers are not sharded), in the model's order.
+
+    Nothing here communicates except :meth:`state_dict` with ``full=True`` (an all-gather per
+    sharded tensor, for single-file checkpoints) and loading a full state dict (each rank cuts
+    its own shard, no communication). The sharded state dict holds DTensors built from the
+    local shards, so torch.distributed.checkpoint saves and reshards it like a model's.
+    """
+
+    def __init__(self, bare: nn.Module, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        persistent = set(bare.state_dict().keys())  # FSDP2's state_dict only wraps shards: no collective
+        dtensor = _dtensor_type()
+        self.specs: dict[str, tuple[Any, Any, torch.Size, tuple[int, ...]]] = {}
+        self.param_names, self.params = self._clone(bare.named_parameters(), device, dtype, dtensor)
+        self.buffer_names, self.buffers = self._clone(bare.named_buffers(), device, dtype, dtensor)
+        self.persistent = [n for n in self.param_names + self.buffer_names if n in persistent]
+
+    def _clone(self, named: Iterator[tuple[str, Tensor]], device, dtype, dtensor) -> tuple[list[str], list[Tensor]]:
+        names, tensors = [], []
+        for name, t in named:
+            if dtensor is not None and isinstance(t, dtensor):
+                self.specs[name] = (t.device_mesh, t.placements, t.shape, t.stride())
+            local = _local(t).detach()
+            cast = dtype if dtype is not None and local.is_floating_point() else None
+            names.append(name)
+            tensors.append(local.to(device=device, dtype=cast, copy=True))
+        return names, tensors
+
+    def tensors(self) -> tuple[list[Tensor], list[Tensor]]:
+        """(parameter shards, buffers) in the model's order."""
+        return self.params, self.buffers
+
+    def named(self) -> dict[str, Tensor]:
+        """Every local tensor by its state-dict name."""
+        return dict(zip(self.param_names + self.buffer_names, self.params + self.buffers))
+
+    def state_dict(self, full: bool) -> dict[str, Tensor]:
+        """Persistent entries: DTensors over the local shards (``full=False``, for
+        torch.distributed.checkpoint), or whole tensors gathered onto the CPU (``full=True``;
+        a collective: every rank must call it)."""
+        from torch.distributed.tensor import DTensor
+
+        named, out = self.named(), {}
+        for name in self.persistent:
+            local = named[name]
+            if name not in self.specs:
+                out[name] = local.detach().cpu() if full else local
+                continue
+            mesh, placements, shape, stride = self.specs[name]
+            if local.device.type != mesh.device_type:
+                local = local.to(mesh.device_type)
+            dt = DTensor.from_local(local, mesh, placements, shape=shape, stride=stride, run_check=False)
+            out[name] = dt.full_tensor().cpu() if full else dt
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Copy whole tensors (this rank cuts its shard) or DTensors (any sharding: gathered
+        first) into the local shards. Missing or unexpected persistent keys raise."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        missing = [n for n in self.persistent if n not in state_dict]
+        unexpected = [k for k in state_dict if k not in set(self.persistent)]
+        if missing or unexpected:
+            raise RuntimeError(f"EMA state dict does not fit the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        named = self.named()
+        for name in self.persistent:
+            value = state_dict[name].detach()
+            if isinstance(value, DTensor):
+                value = value.full_tensor()
+            if name in self.specs:
+                mesh, placements, shape, _ = self.specs[name]
+                if tuple(value.shape) != tuple(shape):
+                    raise RuntimeError(f"EMA tensor {name}: shape {tuple(value.shape)} != model shape {tuple(shape)}")
+                value = distribute_tensor(value.to(mesh.device_type), mesh, placements, src_data_rank=None).to_local()
+            named[name].copy_(value)
 
 
 class _Plan:
     """Pairs of (EMA tensor, model tensor) split into what is averaged and what is copied,
-    averaged pairs grouped by (device, dtype) so each group is one foreach call."""
+    averaged pairs grouped by (device, dtype) so each group is one foreach call.
 
-    def __init__(self, ema_module: nn.Module, model: nn.Module, average_buffers: bool) -> None:
-        e_params, m_params = list(ema_module.parameters()), list(model.parameters())
-        e_bufs, m_bufs = list(ema_module.buffers()), list(model.buffers())
+    Takes the EMA's and the model's tensors as ``(parameters, buffers)`` lists in matching
+    order: whole tensors for a plain model, this rank's local shards for a sharded one.
+    """
+
+    def __init__(self, ema_tensors: tuple[list[Tensor], list[Tensor]],
+                 model_tensors: tuple[list[Tensor], list[Tensor]], average_buffers: bool) -> None:
+        (e_params, e_bufs), (m_params, m_bufs) = ema_tensors, model_tensors
         if len(e_params) != len(m_params) or len(e_bufs) != len(m_bufs):
             raise ValueError(
                 "model does not have the structure the EMA was created from "
@@ -198,11 +309,16 @@ class ModelEMA(nn.Module):
         self._swapped = False
 
         bare = unwrap_model(model)
-        self.module = copy.deepcopy(bare)
-        self.module.eval()
-        self.module.requires_grad_(False)
-        if self.device is not None or self.dtype is not None:
-            self.module.to(device=self.device, dtype=self.dtype)
+        self.module: nn.Module | None = None
+        self._shards: _ShardedState | None = None
+        if is_sharded(bare):  # FSDP2 cannot be deep-copied, and a full copy is what it avoids
+            self._shards = _ShardedState(bare, self.device, self.dtype)
+        else:
+            self.module = copy.deepcopy(bare)
+            self.module.eval()
+            self.module.requires_grad_(False)
+            if self.device is not None or self.dtype is not None:
+                self.module.to(device=self.device, dtype=self.dtype)
         # fail now, not mid-training, if the schedule errors
         self.decay_at(self.update_after_step + 1 + (self.update_every if self.copy_first else 0))
 
@@ -266,17 +382,38 @@ class ModelEMA(nn.Module):
             "schedule_kwargs": dict(self.schedule_kwargs), "total_steps": self.total_steps,
         }
 
-    def checkpoint_state(self) -> dict[str, Any]:
+    @property
+    def sharded(self) -> bool:
+        """True when built from a sharded (FSDP2) model: the EMA holds this rank's shards only."""
+        return self._shards is not None
+
+    def state_dict_ema(self, full: bool = True) -> dict[str, Tensor]:
+        """The averaged weights under the bare model's state-dict keys.
+
+        A plain EMA returns its module's state dict. A sharded EMA returns, with ``full=True``,
+        whole tensors on the CPU (an all-gather: every rank must call it), else DTensors over
+        its local shards (no communication) for ``torch.distributed.checkpoint``.
+        """
+        if self._shards is not None:
+            return self._shards.state_dict(full)
+        return self.module.state_dict()
+
+    def checkpoint_state(self, full: bool = True) -> dict[str, Any]:
         """``{"state_dict_ema": <bare module state dict>, "ema": {"num_updates", "config"}}``:
-        timm's key for the weights, so timm's ``load_checkpoint(..., use_ema=True)`` reads it."""
+        timm's key for the weights, so timm's ``load_checkpoint(..., use_ema=True)`` reads it.
+        ``full`` as in :meth:`state_dict_ema` (matters for a sharded EMA only)."""
         return {
-            "state_dict_ema": self.module.state_dict(),
+            "state_dict_ema": self.state_dict_ema(full),
             "ema": {"num_updates": self._num_updates, "config": self.config()},
         }
 
     def load_checkpoint_state(self, state_dict_ema: dict[str, Tensor], ema_meta: dict[str, Any] | None = None) -> None:
-        """Restore weights (unprefixed keys) and, when given, the update counter."""
-        self.module.load_state_dict(state_dict_ema)
+        """Restore weights (unprefixed keys) and, when given, the update counter. Whole tensors
+        and DTensors of any sharding are accepted, by a plain EMA and by a sharded one."""
+        if self._shards is not None:
+            self._shards.load_state_dict(state_dict_ema)
+        else:
+            self.module.load_state_dict(_gathered(state_dict_ema))
         if ema_meta is not None:
             self._num_updates = int(ema_meta.get("num_updates", 0))
             saved = ema_meta.get("config") or {}
@@ -301,11 +438,16 @@ class ModelEMA(nn.Module):
         return d ** self.update_every
 
     # ------------------------------------------------------------------ update
-    def _plan(self, model: nn.Module) -> _Plan:
+    def _ema_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
+        return self._shards.tensors() if self._shards is not None else _module_tensors(self.module)
+
+    def _plan(self, model: nn.Module, average_buffers: bool | None = None) -> _Plan:
         bare = unwrap_model(model)
-        if self.device is None:
+        if self.device is None and self._shards is None:
             self._follow_device(bare)
-        return _Plan(self.module, bare, self.buffers_mode == "average")
+        if average_buffers is None:
+            average_buffers = self.buffers_mode == "average"
+        return _Plan(self._ema_tensors(), _module_tensors(bare), average_buffers)
 
     def _follow_device(self, bare: nn.Module) -> None:
         src = next(iter(bare.parameters()), None)
@@ -344,8 +486,8 @@ class ModelEMA(nn.Module):
     def copy_to(self, model: nn.Module) -> None:
         """Write the EMA weights into ``model`` (e.g. at the end of training)."""
         bare = unwrap_model(model)
-        _Plan(self.module, bare, True)  # structure check
-        _copy_pairs(_tensors(bare, True), _tensors(self.module, True))
+        self._plan(bare, True)  # structure check
+        _copy_pairs(_flat(_module_tensors(bare)), _flat(self._ema_tensors()))
 
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -354,16 +496,22 @@ class ModelEMA(nn.Module):
         Same-dtype tensors are exchanged one at a time (extra memory: the largest tensor);
         tensors whose dtype differs (fp32 EMA of a bf16 model) keep a copy of the model's
         values for the restore. Yields the bare model. ``update()`` inside the block raises.
+
+        A sharded (FSDP2) EMA swaps this rank's shards into the model's shards: the forward
+        passes in the body gather the EMA weights, with no full copy anywhere. The model is
+        resharded before and after, so no stale gathered weights are used or kept.
         """
         bare = unwrap_model(model)
-        _Plan(self.module, bare, True)  # structure check before touching anything
-        pairs = list(zip(_tensors(bare, True), _tensors(self.module, True)))
+        self._plan(bare, True)  # structure check before touching anything
+        pairs = list(zip(_flat(_module_tensors(bare)), _flat(self._ema_tensors())))
+        _reshard(bare)
         with torch.no_grad():
             saved = self._swap_in(pairs)
         self._swapped = True
         try:
             yield bare
         finally:
+            _reshard(bare)
             with torch.no_grad():
                 self._swap_out(pairs, saved)
             self._swapped = False
@@ -392,12 +540,35 @@ class ModelEMA(nn.Module):
                 e.copy_(tmp)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Forward through the averaged module."""
+        """Forward through the averaged module (a sharded EMA has none: use :meth:`swapped_into`)."""
+        if self.module is None:
+            raise RuntimeError("a sharded (FSDP) EMA holds only this rank's shards and has no module to run; "
+                               "evaluate it with `with ema.swapped_into(model): model(x)`")
         return self.module(*args, **kwargs)
 
     def extra_repr(self) -> str:
         src = f"half_life={self.half_life!r}" if self.half_life else f"decay={self.decay}"
         return f"{src}, schedule={self.schedule!r}, update_every={self.update_every}, num_updates={self._num_updates}"
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 module in ``model`` (no-op for plain
+    models), so the next forward gathers the shards as they are now."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    if fsdp_module is None:
+        return
+    for m in model.modules():
+        if isinstance(m, fsdp_module):
+            m.reshard()
+
+
+def _gathered(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state_dict`` with DTensors replaced by whole tensors (an all-gather each)."""
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return state_dict
+    return {k: (v.full_tensor() if isinstance(v, dtensor) else v) for k, v in state_dict.items()}
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
