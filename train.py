@@ -7,7 +7,10 @@
     torchrun --standalone --nproc_per_node=2 train.py ../imagenette2-320 --model resnet34
     python train.py --resume output/<run>/last.pth.tar  # continue a run exactly
 
-Exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted (Ctrl-C).
+Exit status: 0 done; 2 bad input, or a checkpoint write failed (a full disk); 3 the run
+diverged (--on-nonfinite); 130 / 143 / 129 stopped by SIGINT / SIGTERM / SIGHUP (during
+training, after writing a resumable last.pth.tar). Each failure is one line on stderr that
+names the intact checkpoint and the exact command that resumes from it.
 """
 from __future__ import annotations
 
@@ -19,13 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     from emakit.training import UsageError
     from emakit.training.config import parse_args
     from emakit.training.data import one_line_error
-    from emakit.training.run import TrainingInterrupted, build_trainer, close_trainer, configure_logging, \
-        describe_result, fit
+    from emakit.training.lifecycle import RunStopped, SignalInterrupt, StopSignals, resume_command, signal_name
+    from emakit.training.run import build_trainer, close_trainer, configure_logging, describe_result, fit
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     logs = configure_logging()
+    signals = StopSignals().install()
+    trainer = None
     try:
         args = parse_args(argv)
         trainer = build_trainer(args, logs)
+        trainer.signals = signals
         try:
             result = fit(trainer)
         except BaseException:
@@ -38,15 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"train.py: error: {one_line_error(str(e))}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("train.py: interrupted before training started: no checkpoint was written", file=sys.stderr)
-        return 130
+    except RunStopped as e:
+        if trainer is None or trainer.dist.is_main:
+            line = e.reason + (f"; {e.resume_hint}: {resume_command(argv, e.checkpoint)}" if e.checkpoint else "")
+            print(f"train.py: {'error: ' if e.error else ''}{line}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (SignalInterrupt), before training started
+        signum = e.signum if isinstance(e, SignalInterrupt) else 2
+        print(f"train.py: stopped by {signal_name(signum)} before training started: no checkpoint was written",
+              file=sys.stderr)
+        return 128 + signum
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     finally:
+        signals.restore()
         logs.close()
 
 

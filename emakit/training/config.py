@@ -152,6 +152,17 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="on --resume, do not restore optimizer/scheduler/scaler state (default: False)")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
 def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Optimizer parameters")
     g.add_argument("--opt", default="sgd", metavar="OPTIMIZER", help="timm optimizer name (default: sgd)")
@@ -167,6 +178,13 @@ def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
                    help="gradient clipping mode (default: norm)")
     g.add_argument("--layer-decay", type=float, default=None, metavar="RATE",
                    help="layer-wise learning-rate decay (default: None)")
+    g.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
+                   help="a step whose loss or gradients are NaN/inf is never taken and never reaches the EMA; "
+                        "stop: end the run (exit 3) naming the step and the last good checkpoint; skip: skip "
+                        "the step, as the fp16 gradient scaler does, and stop after --max-nonfinite-skips such "
+                        "steps in a row (default: stop)")
+    g.add_argument("--max-nonfinite-skips", type=_positive_int, default=10, metavar="N",
+                   help="with --on-nonfinite skip: stop (exit 3) after N non-finite steps in a row (default: 10)")
 
 
 def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
