@@ -941,6 +941,11 @@ def _continue_stopped_epoch(tr: Trainer, epoch: int) -> EpochProgress | None:
         raise UsageError("this training loader cannot start mid-epoch; resume from an epoch-end checkpoint")
     tr.train_loader.sampler.skip(progress.batches * tr.args.batch_size)
     set_rng_state(mine["rng"], tr.dist.device)
+    for member, buffers in zip(ema_members(tr.ema), mine.get("ema_buffers") or []):
+        with torch.no_grad():
+            for name, buf in member.module.named_buffers():
+                if name in buffers:
+                    buf.copy_(buffers[name])
     if tr.dist.is_main:
         _log.info("continuing epoch %d at step %d/%d (%d batches done)", epoch, progress.steps + progress.skipped,
                   tr.updates_per_epoch, progress.batches)
@@ -961,8 +966,12 @@ def _gather(obj: Any, dist: DistInfo) -> list[Any]:
 def _stop_mid_epoch(tr: Trainer, epoch: int, progress: EpochProgress) -> None:
     """Write a resumable mid-epoch ``last.pth.tar`` (every rank's generator states and
     progress, gathered on rank 0) and raise :class:`TrainingInterrupted`."""
-    ranks = _gather({"rng": rng_state(tr.dist.device), "progress": progress.to_dict(),
-                     "signal": _stop_signal(tr)}, tr.dist)
+    mine: dict[str, Any] = {"rng": rng_state(tr.dist.device), "progress": progress.to_dict(),
+                            "signal": _stop_signal(tr)}
+    if tr.dist.distributed:  # each rank's EMA averaged its own BatchNorm statistics since the last evaluation
+        mine["ema_buffers"] = [{k: b.detach().cpu().clone() for k, b in m.module.named_buffers()}
+                               for m in ema_members(tr.ema)]
+    ranks = _gather(mine, tr.dist)
     signum = next((r["signal"] for r in ranks if r["signal"] is not None), signal.SIGTERM)
     step = progress.steps + progress.skipped
     label = f"epoch {epoch}, step {step}/{tr.updates_per_epoch}"
@@ -973,7 +982,7 @@ def _stop_mid_epoch(tr: Trainer, epoch: int, progress: EpochProgress) -> None:
             "epoch": epoch, "steps_done": step, "batches_done": progress.batches,
             "steps_per_epoch": tr.updates_per_epoch, "processes": tr.dist.world_size,
             "batch_size": tr.args.batch_size, "grad_accum_steps": tr.args.grad_accum_steps,
-            "ranks": [{"rng": r["rng"], "progress": r["progress"]} for r in ranks]}
+            "ranks": [{k: v for k, v in r.items() if k != "signal"} for r in ranks]}
     _write_checked(tr, state, lambda: tr.saver.save_last(state), f"{label} (mid-epoch)", f"at {label}")
     raise TrainingInterrupted(f"stopped by {signal_name(signum)} at {label}: wrote the resumable checkpoint "
                               f"{tr.last_good[0]}", tr.last_good[0], 128 + int(signum), error=False)
