@@ -606,6 +606,7 @@ def _load_data(args: argparse.Namespace) -> tuple[DataSplits, int]:
 def _build_parts(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
     data, num_classes = _load_data(args)
     ckpt = load_resume(args.resume, args.model) if args.resume else None
+    resume_position = check_resume_position(ckpt, args, dist.world_size) if ckpt else None
     args.num_classes = num_classes
     args.lr = resolve_lr(args, dist.world_size)
     seed_all(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -627,9 +628,8 @@ def _build_parts(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
     optimizer = build_optimizer(args, model_without_ddp)
     lr_scheduler = build_scheduler(args, optimizer, updates_per_epoch)
     amp = build_amp(args, dist.device)
-    start_epoch, resume_position = 0, None
+    start_epoch = 0
     if ckpt is not None:
-        resume_position = check_resume_position(ckpt, args, dist.world_size)
         start_epoch = apply_resume(ckpt, args.resume, model_without_ddp=model_without_ddp, ema=ema,
                                    optimizer=optimizer, amp=amp, restore_optimizer=not args.no_resume_opt,
                                    posthoc=posthoc)
