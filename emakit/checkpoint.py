@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -151,7 +152,10 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
 
     The one way emakit writes files (checkpoints, snapshots, results, plots): on any
     exception (KeyboardInterrupt included) the temp file is removed and whatever was at
-    ``path`` before is untouched; missing parent folders are created."""
+    ``path`` before is untouched; missing parent folders are created. A failed write is an
+    ``OSError`` naming ``path`` (not the temp file); torch.save's C++ writer reports a full
+    disk as an opaque RuntimeError, which becomes ``OSError(ENOSPC)`` when the disk is
+    indeed full at that moment."""
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
@@ -163,11 +167,27 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         with open(tmp, "r+b") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
+        full = isinstance(error, RuntimeError) and _disk_full(folder)  # measured while the temp file still exists
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from error
+        if isinstance(error, OSError) and error.errno is not None and error.filename in (tmp, None):
+            raise OSError(error.errno, error.strerror, path) from error
         raise
     _fsync_dir(folder)
+
+
+def _disk_full(folder: str, slack: int = 1 << 20) -> bool:
+    """Less than ``slack`` bytes left for us on ``folder``'s filesystem (root may use the
+    blocks reserved for it); False where that cannot be measured."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # AttributeError: no statvfs on Windows
+        return False
+    blocks = st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail
+    return blocks * st.f_frsize < slack
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:

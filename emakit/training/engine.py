@@ -205,6 +205,10 @@ def train_one_epoch(
     loss_sum = torch.tensor(prog.loss_sum, dtype=acc_dtype, device=device)
     group_loss = torch.zeros((), dtype=acc_dtype, device=device)
     group_samples, samples_before, stopped = 0, prog.samples, False
+    # A skipped step must leave no trace: its forward passes already updated the BatchNorm
+    # statistics (with NaN, when the activations were), so "skip" restores them.
+    buffers = list(model.buffers()) if guard.policy == "skip" else []
+    saved_buffers = [b.clone() for b in buffers]
     start_time = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     for batch_idx, (inputs, target) in enumerate(_progress(loader, opts.progress, f"train {epoch}"), prog.batches):
@@ -214,6 +218,8 @@ def train_one_epoch(
         if opts.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         group = accum if batch_idx < last_group_start else num_batches - last_group_start
+        if buffers and batch_idx % accum == 0:
+            torch._foreach_copy_(saved_buffers, buffers)
         need_update = batch_idx == num_batches - 1 or (batch_idx + 1) % accum == 0
         loss = _forward_backward(model, inputs, target, loss_fn, opts, device, group, need_update)
         group_loss += loss.to(acc_dtype) * inputs.shape[0]
@@ -226,6 +232,8 @@ def train_one_epoch(
         if bad_loss or bad_grad:
             _skip_nonfinite(epoch, done, updates_per_epoch, group_loss, bad_loss, bad_grad, guard, dist)
             optimizer.zero_grad(set_to_none=True)
+            if buffers:
+                torch._foreach_copy_(buffers, saved_buffers)
             prog.skipped += 1
             prog.nonfinite += 1
         else:
@@ -300,8 +308,8 @@ def _skip_nonfinite(epoch: int, step: int, steps: int, group_loss: torch.Tensor,
     if guard.policy == "stop":
         raise TrainingDiverged(f"training diverged at {where}: {what} (--on-nonfinite stop)")
     if guard.consecutive >= guard.max_consecutive:
-        raise TrainingDiverged(f"training diverged at {where}: {what}, the {guard.consecutive}th non-finite "
-                               f"step in a row (--on-nonfinite skip, --max-nonfinite-skips {guard.max_consecutive})")
+        raise TrainingDiverged(f"training diverged at {where}: {what}; {guard.consecutive} non-finite steps in a "
+                               f"row (--on-nonfinite skip, --max-nonfinite-skips {guard.max_consecutive})")
     if dist.is_main:
         _log.warning("%s: %s: step skipped, EMA not updated (%d in a row, %d in all; --on-nonfinite skip)",
                      where, what, guard.consecutive, guard.total)

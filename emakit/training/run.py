@@ -1037,7 +1037,7 @@ def _write_checked(tr: Trainer, state: dict[str, Any] | None, write: Callable[[]
         raise _diverged(tr, f"training diverged {when}: non-finite values in {shown or 'the weights (rank 0)'}; "
                             "nothing was saved")
     if failed:
-        raise _write_failed(tr, f"the checkpoint for {label}", error)
+        raise _write_failed(tr, f"the outputs of {label}", error)
     # Only rank 0 writes and reports; the other ranks just know that a checkpoint exists.
     tr.last_good = (tr.saver.last_path if tr.dist.is_main else "last.pth.tar (rank 0)", label)
 
