@@ -172,11 +172,23 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         if full:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from error
+            # Drop torch's frames: they hold the writer, whose open descriptor would keep the
+            # deleted temp file's blocks in use on the full disk.
+            _drop_tracebacks(error)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
         if isinstance(error, OSError) and error.errno is not None and error.filename in (tmp, None):
             raise OSError(error.errno, error.strerror, path) from error
         raise
     _fsync_dir(folder)
+
+
+def _drop_tracebacks(error: BaseException | None) -> None:
+    """Clear the tracebacks of ``error`` and of the exceptions chained to it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__context__ or error.__cause__
 
 
 def _disk_full(folder: str, slack: int = 1 << 20) -> bool:

@@ -140,6 +140,24 @@ class _EarlyRecords(logging.Handler):
             target.handle(self.records.popleft())
 
 
+class _LogFile(logging.FileHandler):
+    """``train.log``: a failed write (a full disk) is reported once on stderr, then the file
+    is given up, instead of a traceback for every later record."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            sys.stderr.write(f"warning: cannot write {self.baseFilename} ({getattr(error, 'strerror', None) or error}); "
+                             "logging to the console only\n")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+
 class _LogSetup:
     """Console (and later file) handlers on the ``emakit`` logger, removable at the end so
     in-process calls of ``train.main`` do not pile up handlers. Records logged before the
@@ -161,7 +179,7 @@ class _LogSetup:
 
     def add_file(self, path: str) -> None:
         """Log to ``path`` from now on, starting with the records buffered so far."""
-        handler = logging.FileHandler(path, encoding="utf-8")
+        handler = _LogFile(path, encoding="utf-8")
         self.add(handler, logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.early.replay(handler)
         self._drop(self.early)
