@@ -50,10 +50,15 @@ def main(argv: list[str] | None = None) -> int:
             line = e.reason + (f"; {e.resume_hint}: {resume_command(argv, e.checkpoint)}" if e.checkpoint else "")
             print(f"train.py: {'error: ' if e.error else ''}{line}", file=sys.stderr)
         return e.exit_status
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (SignalInterrupt), before training started
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (SignalInterrupt), outside the training loop
         signum = e.signum if isinstance(e, SignalInterrupt) else 2
-        print(f"train.py: stopped by {signal_name(signum)} before training started: no checkpoint was written",
-              file=sys.stderr)
+        last = trainer.last_good if trainer is not None else None
+        if last is None:
+            print(f"train.py: stopped by {signal_name(signum)} before training started: no checkpoint was written",
+                  file=sys.stderr)
+        elif trainer.dist.is_main:
+            print(f"train.py: stopped by {signal_name(signum)}; the last good checkpoint is {last[0]} ({last[1]}); "
+                  f"resume with: {resume_command(argv, last[0])}", file=sys.stderr)
         return 128 + signum
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0

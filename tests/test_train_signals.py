@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import FAST_ARGS, REPO, subprocess_env
 from test_train_distributed import free_port, torchrun
@@ -230,3 +229,24 @@ def test_a_mid_epoch_checkpoint_refuses_another_batch_size_and_names_the_way_out
     assert err.strip().splitlines()[-1] == (f"train.py: error: --resume {last} stopped in the middle of epoch 1; continuing it needs "
                            "the same processes, batch_size, grad_accum_steps (batch_size 2 -> 4): use those, or "
                            "resume from checkpoint-0.pth.tar (the end of the epoch before)")
+
+
+def test_ctrl_c_just_after_a_checkpoint_landed_names_that_checkpoint(run_train, tmp_path, image_folder):
+    # "epoch 0/1: ..." is logged right after epoch 0's checkpoint was written.
+    code, err = _run_signalled(run_train, [image_folder, *ARGS, "--epochs", "2", "--output", tmp_path,
+                                           "--experiment", "run"], "epoch 0/1:", signal.SIGINT)
+    last = tmp_path / "run" / "last.pth.tar"
+    assert code == 130, err[-2000:]
+    message = err.strip().splitlines()[-1]
+    assert message.startswith(f"train.py: stopped by SIGINT after epoch 0: the resumable checkpoint is {last} "
+                              f"(end of epoch 0); resume with: python ")
+    assert "no checkpoint was written" not in err
+    ckpt = load(last)
+    assert ckpt["epoch"] == 0 and "train_position" not in ckpt
+
+
+def test_a_signal_after_the_last_epoch_lets_the_finished_run_report_success(run_train, tmp_path, image_folder):
+    code, err = _run_signalled(run_train, [image_folder, *ARGS, "--epochs", "1", "--output", tmp_path,
+                                           "--experiment", "run"], "epoch 0/0:", signal.SIGTERM)
+    assert code == 0, err[-2000:]
+    assert "SIGTERM received" in err and "best raw top1" in err

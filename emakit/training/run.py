@@ -1132,15 +1132,12 @@ def fit(tr: Trainer) -> FitResult:
         with deferred, _console_logs_above_progress_bars(tr.dist.is_main and not args.no_progress):
             for epoch in range(tr.start_epoch, args.epochs):
                 run_epoch(tr, epoch)
-                _stop_after_epoch(tr, epoch)
+                if epoch < args.epochs - 1:  # after the last epoch, training is done: finish normally
+                    _stop_after_epoch(tr, epoch)
+            _finish_run(tr)
     except KeyboardInterrupt:  # signals not taken over (train.main not in the main thread)
         last = tr.last_good[0] if tr.last_good else None
         raise TrainingInterrupted(f"interrupted; {_last_good_text(tr)}", last, 130, error=False) from None
-    _dump_ema_if_asked(tr)
-    if tr.dist.is_main:
-        if tr.posthoc is not None:
-            _finish_posthoc(tr)
-        _plot_summary(tr)
     lower = args.eval_metric == "loss"
     result = FitResult(tr.output_dir, args.epochs - tr.start_epoch,
                        _best(tr.summary_rows, f"eval_{args.eval_metric}", lower),
@@ -1149,6 +1146,19 @@ def fit(tr: Trainer) -> FitResult:
     if tr.dist.is_main:
         _log.info("%s", describe_result(result))
     return result
+
+
+def _finish_run(tr: Trainer) -> None:
+    """After the last epoch: EMA dump (debug hook), the final post-hoc snapshot, the plot."""
+    _dump_ema_if_asked(tr)
+    if not tr.dist.is_main:
+        return
+    if tr.posthoc is not None:
+        try:
+            _finish_posthoc(tr)
+        except OSError as e:
+            raise _write_failed(tr, "the final post-hoc EMA snapshot", e) from None
+    _plot_summary(tr)
 
 
 def _best_of_emas(rows: list[dict[str, Any]], num_emas: int, eval_metric: str) -> tuple[float, int, str] | None:
