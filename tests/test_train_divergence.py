@@ -196,3 +196,17 @@ def test_skip_policy_stops_after_the_allowed_run_of_skipped_steps(run_train, tmp
                      message), message
     assert "step skipped, EMA not updated (1 in a row" in err
     assert _nonfinite_in_checkpoints(tmp_path / "run") == {}
+
+
+def test_huge_but_finite_gradients_are_not_mistaken_for_non_finite_ones():
+    # Inputs ~1e25 give weight gradients ~1e25: their float32 2-norm overflows to inf, yet
+    # every element is finite, so the step is taken.
+    batches = [(x * 1e25, y) for x, y in data(1)]
+    probe = linear_net()
+    nn.CrossEntropyLoss()(probe(batches[0][0]), batches[0][1]).backward()
+    assert not torch.isfinite(torch._foreach_norm([probe[1].weight.grad], 2)[0])  # the overflow is real
+    assert torch.isfinite(probe[1].weight.grad).all()
+    model = linear_net()
+    out = train(model, batches)
+    assert out["nonfinite_steps"] == 0 and out["optimizer_steps"] == 1
+    assert torch.isfinite(model[1].weight).all() and not torch.equal(model[1].weight, linear_net()[1].weight)
