@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import FAST_ARGS, REPO, subprocess_env
 from test_train_distributed import free_port, torchrun
@@ -250,3 +251,18 @@ def test_a_signal_after_the_last_epoch_lets_the_finished_run_report_success(run_
                                            "--experiment", "run"], "epoch 0/0:", signal.SIGTERM)
     assert code == 0, err[-2000:]
     assert "SIGTERM received" in err and "best raw top1" in err
+
+
+def test_a_malformed_train_position_is_refused_in_one_line(run_train, tmp_path, image_folder):
+    code, err = _run_signalled(run_train, [image_folder, *ARGS, "--epochs", "1", "--output", tmp_path,
+                                           "--experiment", "run"], "train 0 [2/12]", signal.SIGTERM)
+    assert code == 143, err[-2000:]
+    last = tmp_path / "run" / "last.pth.tar"
+    ckpt = load(last)
+    ckpt["train_position"]["ranks"][0]["progress"]["surprise"] = 1
+    bad = tmp_path / "bad.pth.tar"
+    torch.save(ckpt, bad)
+    code, _, err = run_train([image_folder, *ARGS, "--epochs", "1", "--resume", bad])
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (f"train.py: error: --resume {bad}: its train_position entry is malformed; "
+                                            "resume from an epoch-end checkpoint (checkpoint-<epoch>.pth.tar) instead")

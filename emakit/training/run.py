@@ -365,6 +365,14 @@ def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, 
     return scheduler
 
 
+def build_guard(args: argparse.Namespace) -> NonfiniteGuard:
+    """``--on-nonfinite`` / ``--max-nonfinite-skips`` (also from YAML); bad values -> UsageError."""
+    try:
+        return NonfiniteGuard(args.on_nonfinite, int(args.max_nonfinite_skips))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--on-nonfinite/--max-nonfinite-skips: {e}") from None
+
+
 def build_amp(args: argparse.Namespace, device: torch.device) -> AmpSettings:
     """Autocast settings; a GradScaler only for float16 (bfloat16 needs none)."""
     if not args.amp:
@@ -436,7 +444,12 @@ def apply_resume(ckpt: dict[str, Any], path: str, *, model_without_ddp: nn.Modul
         if amp.scaler is not None and ckpt.get("amp_scaler"):
             amp.scaler.load_state_dict(ckpt["amp_scaler"])
     start_epoch = int(ckpt["epoch"]) + 1
-    _log.info("resumed from %s: epoch %d done, continuing at epoch %d", path, ckpt["epoch"], start_epoch)
+    position = ckpt.get(TRAIN_POSITION_KEY)
+    if isinstance(position, dict):
+        _log.info("resumed from %s: stopped in epoch %d after step %s, continuing there", path, start_epoch,
+                  position.get("steps_done"))
+    else:
+        _log.info("resumed from %s: epoch %d done, continuing at epoch %d", path, ckpt["epoch"], start_epoch)
     return start_epoch
 
 
@@ -496,6 +509,14 @@ def check_resume_position(ckpt: dict[str, Any], args: argparse.Namespace, world_
             or len(ranks) != position.get("processes") or not isinstance(position.get("steps_done"), int):
         raise UsageError(f"--resume {args.resume}: its {TRAIN_POSITION_KEY} entry is malformed; "
                          "resume from an epoch-end checkpoint (checkpoint-<epoch>.pth.tar) instead")
+    try:
+        for r in ranks:
+            EpochProgress.from_dict(r["progress"])
+            if not {"python", "numpy", "torch"} <= r["rng"].keys():
+                raise KeyError("rng")
+    except (TypeError, KeyError):
+        raise UsageError(f"--resume {args.resume}: its {TRAIN_POSITION_KEY} entry is malformed; resume from an "
+                         "epoch-end checkpoint (checkpoint-<epoch>.pth.tar) instead") from None
     now = {"processes": world_size, "batch_size": args.batch_size, "grad_accum_steps": args.grad_accum_steps}
     differ = [f"{k} {position.get(k)} -> {v}" for k, v in now.items() if position.get(k) != v]
     if differ:
@@ -664,7 +685,7 @@ def _build_parts(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
                 eval_loader=eval_loader,
                 train_loss_fn=train_loss_fn, eval_loss_fn=eval_loss_fn, mixup_fn=mixup_fn,
                 updates_per_epoch=updates_per_epoch, start_epoch=start_epoch, img_size=data_config["input_size"][-1],
-                resume_position=resume_position, guard=NonfiniteGuard(args.on_nonfinite, args.max_nonfinite_skips),
+                resume_position=resume_position, guard=build_guard(args),
                 last_good=(os.path.abspath(args.resume), "the checkpoint this run resumed from") if args.resume else None,
                 nonfinite_at_start=frozenset(k for k, v in model_without_ddp.state_dict().items()
                                              if v.is_floating_point() and not bool(torch.isfinite(v).all())))
