@@ -10,7 +10,10 @@ Each epoch trains, validates the raw weights and every EMA as separate passes (e
 BatchNorm statistics recalibrated first with ``--model-ema-bn-recal``), appends a row to
 ``summary.csv`` and saves ``last.pth.tar`` atomically (plus ``model_best.pth.tar`` and the
 best ``--checkpoint-hist`` epochs). All random state at the start of an epoch is a pure
-function of (seed, epoch, rank), so ``--resume`` continues bit-exactly on the CPU. At the
+function of (seed, epoch, rank), so ``--resume`` continues bit-exactly on the CPU. A stop
+signal writes a mid-epoch ``last.pth.tar`` (``train_position``: the step, every rank's
+generator states and progress) that resumes bit-exactly too; a non-finite loss, gradient or
+checkpoint state ends the run (``--on-nonfinite``) and is never written (see ``lifecycle``). At the
 end, rank 0 plots ``summary.png`` and, with ``--model-ema-posthoc``, reports the snapshot
 folder and the ``validate.py`` command that sweeps EMA lengths over it.
 
