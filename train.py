@@ -7,7 +7,10 @@
     torchrun --standalone --nproc_per_node=2 train.py ../imagenette2-320 --model resnet34
     python train.py --resume output/<run>/last.pth.tar  # continue a run exactly
 
-Exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted (Ctrl-C).
+Exit status: 0 done; 2 bad input, or a checkpoint write failed (a full disk); 3 the run
+diverged (--on-nonfinite); 130 / 143 / 129 stopped by SIGINT / SIGTERM / SIGHUP (during
+training, after writing a resumable last.pth.tar). Each failure is one line on stderr that
+names the intact checkpoint and the exact command that resumes from it.
 """
 from __future__ import annotations
 
@@ -18,13 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     """Parse -> build -> run; returns the process exit status."""
     from emakit.training import UsageError, print_error
     from emakit.training.config import parse_args
-    from emakit.training.run import TrainingInterrupted, build_trainer, close_trainer, configure_logging, \
-        describe_result, fit
+    from emakit.training.lifecycle import RunStopped, SignalInterrupt, StopSignals, resume_command, signal_name
+    from emakit.training.run import build_trainer, close_trainer, configure_logging, describe_result, fit
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     logs = configure_logging()
+    signals = StopSignals().install()
+    trainer = None
     try:
         args = parse_args(argv)
         trainer = build_trainer(args, logs)
+        trainer.signals = signals
         try:
             result = fit(trainer)
         except BaseException:
@@ -37,15 +44,25 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print_error("train.py", e)
         return 2
-    except TrainingInterrupted as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("train.py: interrupted before training started: no checkpoint was written", file=sys.stderr)
-        return 130
+    except RunStopped as e:
+        if trainer is None or trainer.dist.is_main:
+            line = e.reason + (f"; {e.resume_hint}: {resume_command(argv, e.checkpoint)}" if e.checkpoint else "")
+            print(f"train.py: {'error: ' if e.error else ''}{line}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (SignalInterrupt), outside the training loop
+        signum = e.signum if isinstance(e, SignalInterrupt) else 2
+        last = trainer.last_good if trainer is not None else None
+        if last is None:
+            print(f"train.py: stopped by {signal_name(signum)} before training started: no checkpoint was written",
+                  file=sys.stderr)
+        elif trainer.dist.is_main:
+            print(f"train.py: stopped by {signal_name(signum)}; the last good checkpoint is {last[0]} ({last[1]}); "
+                  f"resume with: {resume_command(argv, last[0])}", file=sys.stderr)
+        return 128 + signum
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     finally:
+        signals.restore()
         logs.close()
 
 

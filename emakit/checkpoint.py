@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -43,6 +44,8 @@ from torch import nn
 
 __all__ = [
     "atomic_write",
+    "find_nonfinite",
+    "remove_stale_temp_files",
     "write_text_atomic",
     "CheckpointError",
     "CheckpointSaver",
@@ -99,14 +102,44 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+# Every temp file we create is ".<target name>.<8 hex digits>.tmp" in the target's folder;
+# remove_stale_temp_files matches exactly this shape, so it never touches anyone else's files.
+_TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+
+
+def _temp_name(path: str) -> str:
+    """A fresh temp file name next to ``path`` (see ``_TEMP_RE``)."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale_temp_files(folder: PathLike) -> list[str]:
+    """Delete the temp files our atomic writes leave in ``folder`` when a process is killed
+    mid-write (``.<name>.<8 hex>.tmp``); returns their paths. Call it only on a folder no
+    other process is writing to (the run folder, after taking its lock). Other files, and
+    temp files of other shapes, are left alone; a missing folder is not an error."""
+    folder = os.fspath(folder)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    removed = []
+    for name in sorted(names):
+        path = os.path.join(folder, name)
+        if _TEMP_RE.match(name) and os.path.isfile(path) and not os.path.islink(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
 def _reserve_temp(path: str) -> str:
     """Create an empty, uniquely named temp file next to ``path`` and return its name.
 
     Created with mode 0o666 so the umask applies as it would to a plain ``open(path, "wb")``
     (``tempfile.mkstemp`` would leave a 0600 checkpoint behind)."""
-    folder, name = os.path.split(path)
     while True:
-        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        tmp = _temp_name(path)
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
@@ -119,7 +152,10 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
 
     The one way emakit writes files (checkpoints, snapshots, results, plots): on any
     exception (KeyboardInterrupt included) the temp file is removed and whatever was at
-    ``path`` before is untouched; missing parent folders are created."""
+    ``path`` before is untouched; missing parent folders are created. A failed write is an
+    ``OSError`` naming ``path`` (not the temp file); torch.save's C++ writer reports a full
+    disk as an opaque RuntimeError, which becomes ``OSError(ENOSPC)`` when the disk is
+    indeed full at that moment."""
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
@@ -131,11 +167,39 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         with open(tmp, "r+b") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
+        full = isinstance(error, RuntimeError) and _disk_full(folder)  # measured while the temp file still exists
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if full:
+            # Drop torch's frames: they hold the writer, whose open descriptor would keep the
+            # deleted temp file's blocks in use on the full disk.
+            _drop_tracebacks(error)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
+        if isinstance(error, OSError) and error.errno is not None and error.filename in (tmp, None):
+            raise OSError(error.errno, error.strerror, path) from error
         raise
     _fsync_dir(folder)
+
+
+def _drop_tracebacks(error: BaseException | None) -> None:
+    """Clear the tracebacks of ``error`` and of the exceptions chained to it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__context__ or error.__cause__
+
+
+def _disk_full(folder: str, slack: int = 1 << 20) -> bool:
+    """Less than ``slack`` bytes left for us on ``folder``'s filesystem (root may use the
+    blocks reserved for it); False where that cannot be measured."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # AttributeError: no statvfs on Windows
+        return False
+    blocks = st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail
+    return blocks * st.f_frsize < slack
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:
@@ -146,6 +210,26 @@ def write_text_atomic(path: PathLike, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def find_nonfinite(obj: Any, where: str = "state", skip_keys: frozenset[str] = frozenset()) -> list[str]:
+    """Key paths (``state['state_dict']['fc.weight']``) of the floating-point tensors in a
+    nested dict/list/tuple that hold a NaN or an infinity. ``skip_keys``: dict keys whose
+    tensors are left out wherever they appear (buffers that are -inf by design, such as
+    attention masks). One fused ``isfinite`` per tensor: cheap enough to run before every
+    checkpoint write."""
+    found: list[str] = []
+    if isinstance(obj, torch.Tensor):
+        if (obj.is_floating_point() or obj.is_complex()) and obj.numel() and not bool(torch.isfinite(obj).all()):
+            found.append(where)
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if key not in skip_keys:
+                found.extend(find_nonfinite(value, f"{where}[{key!r}]", skip_keys))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            found.extend(find_nonfinite(value, f"{where}[{i}]", skip_keys))
+    return found
 
 
 def _find_unplain(obj: Any, where: str) -> tuple[str, Any] | None:
@@ -550,8 +634,8 @@ def _replace_with_link(src: str, dst: str) -> None:
     """Make ``dst`` a copy of ``src`` atomically: hard link (no bytes copied) under a temp
     name, then ``os.replace``. Safe because every write we do replaces a file with a new
     inode, never rewrites one in place, so linked names never change under each other."""
-    folder, name = os.path.split(dst)
-    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+    folder = os.path.dirname(dst)
+    tmp = _temp_name(dst)
     try:
         os.link(src, tmp)
     except (OSError, NotImplementedError):  # no hard links here (some network/FAT filesystems)
@@ -651,13 +735,18 @@ class CheckpointSaver:
             _log.error("could not delete %s: %s", self.history_path(epoch), error)
 
     # -- saving
-    def save(self, state: Mapping[str, Any], epoch: int, metric: float | None) -> tuple[float | None, int | None]:
-        """Write ``state`` as ``last.pth.tar``; link it as ``checkpoint-<epoch>.pth.tar`` if it
+    def save(self, state: Mapping[str, Any], epoch: int, metric: float | None, *,
+             last_only_keys: tuple[str, ...] = ()) -> tuple[float | None, int | None]:
+        """Write ``state`` as ``last.pth.tar``; copy it as ``checkpoint-<epoch>.pth.tar`` if it
         ranks among the best ``max_history`` (pruning the one it displaces) and as
         ``model_best.pth.tar`` if ``metric`` beats the best so far. Returns (best_metric, best_epoch).
 
         The file gets ``epoch`` and ``metric`` set to these arguments (the values it is
-        ranked by), so :meth:`restore` can read them back.
+        ranked by), so :meth:`restore` can read them back. ``last_only_keys``: entries that
+        only ``last.pth.tar`` keeps (state a resume needs but a kept epoch does not, such as
+        the post-hoc EMA profiles); when ``state`` has any, the numbered and best copies are
+        one second write without them. Copies are hard links where the filesystem allows
+        (no bytes written twice), else full copies; every name is replaced atomically.
         """
         epoch = int(epoch)
         if epoch < 0:
@@ -671,20 +760,31 @@ class CheckpointSaver:
         # A resumed run may reach an epoch it already saved once: the new file replaces it.
         candidates = [e for e in self._history if e.epoch != epoch] + [_HistoryEntry(epoch, value)]
         kept, dropped = self._prune(candidates)
-        if any(e.epoch == epoch for e in kept):
-            _replace_with_link(self.last_path, self.history_path(epoch))
-        else:
+        is_best = value is not None and (self.best_metric is None or self._better(value, self.best_metric))
+        in_history = any(e.epoch == epoch for e in kept)
+        if not in_history:
             self._remove(epoch)  # a stale file for this epoch must not pass for this run's
+        copies = ([self.history_path(epoch)] if in_history else []) + ([self.best_path] if is_best else [])
+        source = self.last_path
+        if copies and any(k in stored for k in last_only_keys):
+            source = copies.pop(0)
+            save_checkpoint({k: v for k, v in stored.items() if k not in last_only_keys}, source)
+        for path in copies:
+            _replace_with_link(source, path)
         for entry in dropped:
             if entry.epoch != epoch:
                 self._remove(entry.epoch)
         self._history = kept
         _log.info("checkpoint history (epoch, metric): %s", self.history)
-
-        if value is not None and (self.best_metric is None or self._better(value, self.best_metric)):
+        if is_best:
             self.best_metric, self.best_epoch = value, epoch
-            _replace_with_link(self.last_path, self.best_path)
         return self.best_metric, self.best_epoch
+
+    def save_last(self, state: Mapping[str, Any]) -> str:
+        """Write ``state`` as ``last.pth.tar`` only (a mid-epoch checkpoint: it is neither
+        ranked nor kept in the history); returns its path. ``state`` is written as given."""
+        save_checkpoint(dict(state), self.last_path)
+        return self.last_path
 
     # -- resuming
     def _read_meta(self, path: str) -> tuple[int | None, float | None] | None:

@@ -490,3 +490,102 @@ def test_importing_checkpoint_module_pulls_in_no_training_dependencies():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])})
     assert out.stdout.strip() == ""
+
+
+# --------------------------------------------------------------------------- one write, hard links (issue 11)
+def _inode(path: pathlib.Path) -> int:
+    return os.stat(path).st_ino
+
+
+def test_saver_writes_once_and_hard_links_the_copies(tmp_path, monkeypatch):
+    writes = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (writes.append(f), real_save(obj, f, *a, **k)))
+    saver = CheckpointSaver(tmp_path, max_history=2)
+    saver.save({"state_dict": _weights(0)}, 0, 1.0)
+    last, first, best = tmp_path / "last.pth.tar", tmp_path / "checkpoint-0.pth.tar", tmp_path / "model_best.pth.tar"
+    assert len(writes) == 1
+    assert _inode(last) == _inode(first) == _inode(best) and os.stat(last).st_nlink == 3
+    saver.save({"state_dict": _weights(1)}, 1, 0.5)  # worse: kept in the history, not the best
+    assert len(writes) == 2
+    assert _inode(last) == _inode(tmp_path / "checkpoint-1.pth.tar") != _inode(best)
+    # Replacing last.pth.tar made a new file: the epoch-0 copies still hold epoch 0's weights.
+    assert _inode(first) == _inode(best) and os.stat(best).st_nlink == 2
+    _assert_same_tensors(torch.load(best, weights_only=True)["state_dict"], _weights(0))
+    _assert_same_tensors(torch.load(last, weights_only=True)["state_dict"], _weights(1))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_saver_copies_when_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
+    def no_links(src, dst, *a, **k):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    saver = CheckpointSaver(tmp_path, max_history=2)
+    saver.save({"state_dict": _weights(0)}, 0, 1.0)
+    paths = [tmp_path / n for n in ("last.pth.tar", "checkpoint-0.pth.tar", "model_best.pth.tar")]
+    assert len({_inode(p) for p in paths}) == 3
+    assert len({p.read_bytes() for p in paths}) == 1
+    assert _files(tmp_path) == ["checkpoint-0.pth.tar", "last.pth.tar", "model_best.pth.tar"]
+
+
+def test_last_only_keys_stay_out_of_history_and_best_which_share_one_second_write(tmp_path, monkeypatch):
+    writes = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (writes.append(f), real_save(obj, f, *a, **k)))
+    saver = CheckpointSaver(tmp_path, max_history=2)
+    profiles = {"profiles": [torch.ones(3)], "step": 7}
+    saver.save({"state_dict": _weights(0), "posthoc_ema": profiles}, 0, 1.0, last_only_keys=("posthoc_ema",))
+    last, first, best = tmp_path / "last.pth.tar", tmp_path / "checkpoint-0.pth.tar", tmp_path / "model_best.pth.tar"
+    assert len(writes) == 2
+    assert torch.load(last, weights_only=True)["posthoc_ema"]["step"] == 7
+    for path in (first, best):
+        ckpt = torch.load(path, weights_only=True)
+        assert "posthoc_ema" not in ckpt and ckpt["epoch"] == 0 and ckpt["metric"] == 1.0
+        _assert_same_tensors(ckpt["state_dict"], _weights(0))
+    assert _inode(first) == _inode(best) != _inode(last)
+    # An epoch that is neither kept nor best is one write: last.pth.tar alone.
+    CheckpointSaver(tmp_path / "b", max_history=0).save({"state_dict": _weights(1), "posthoc_ema": profiles}, 3,
+                                                         None, last_only_keys=("posthoc_ema",))
+    assert len(writes) == 3 and _files(tmp_path / "b") == ["last.pth.tar"]
+
+
+def test_remove_stale_temp_files_removes_only_our_temp_files(tmp_path):
+    from emakit.checkpoint import remove_stale_temp_files
+
+    ours = [".last.pth.tar.1a2b3c4d.tmp", ".summary.csv.deadbeef.tmp"]
+    others = ["other.tmp", ".x.tmp", ".last.pth.tar.XYZ12345.tmp", ".last.pth.tar.1a2b3c4.tmp", "last.pth.tar",
+              "notes.txt", ".hidden"]
+    for name in ours + others:
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".dir.0badcafe.tmp").mkdir()  # our name, but a folder: not ours
+    removed = remove_stale_temp_files(tmp_path)
+    assert sorted(removed) == sorted(str(tmp_path / n) for n in ours)
+    assert _files(tmp_path) == sorted(others + [".dir.0badcafe.tmp"])
+    assert remove_stale_temp_files(tmp_path / "missing") == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root and a kernel that allows the mount; skipped otherwise)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        done = subprocess.run(["umount", str(disk)], capture_output=True, text=True)
+        assert done.returncode == 0, f"umount: {done.stderr} (a file on the full disk is still open)"
+
+
+def test_a_full_disk_is_enospc_naming_the_target_and_the_old_file_survives(tiny_disk):
+    import errno
+
+    target = tiny_disk / "last.pth.tar"
+    save_checkpoint({"w": torch.zeros(1000)}, target)
+    before = target.read_bytes()
+    with pytest.raises(OSError) as info:
+        save_checkpoint({"w": torch.zeros(1_000_000)}, target)  # 4 MB into what is left of 1 MiB
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert target.read_bytes() == before and _files(tiny_disk) == ["last.pth.tar"]

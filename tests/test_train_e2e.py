@@ -209,13 +209,19 @@ def test_ctrl_c_exits_130_and_leaves_a_resumable_checkpoint(tmp_path, image_fold
             proc.kill()
     assert proc.returncode == 130, err[-2000:]
     message = err.strip().splitlines()[-1]
-    assert f"the last completed checkpoint is {last}" in message and f"--resume {last}" in message
-    epoch = load(last)["epoch"]  # loads with weights_only=True: intact
-    assert f"(epoch {epoch})" in message
+    assert "no checkpoint was written" not in message and message.endswith(f"--resume {last}")
+    ckpt = load(last)  # loads with weights_only=True: intact
+    position = ckpt.get("train_position")
+    if position is not None:  # stopped during training: a mid-epoch checkpoint of exactly that step
+        assert f"stopped by SIGINT at epoch {position['epoch']}, step {position['steps_done']}/3: " in message
+        epoch = position["epoch"]
+    else:  # stopped during an evaluation or a save: that epoch's checkpoint
+        assert f"stopped by SIGINT after epoch {ckpt['epoch']}: the resumable checkpoint is {last}" in message
+        epoch = ckpt["epoch"] + 1
     assert not list((tmp_path / "run").glob(".*.tmp"))  # no temp file left behind
-    code, _, err = run_train([image_folder, *FAST_ARGS, "--epochs", epoch + 2, "--resume", last])
+    code, _, err = run_train([image_folder, *FAST_ARGS, "--epochs", epoch + 1, "--resume", last])
     assert code == 0, err
-    assert load(last)["epoch"] == epoch + 1
+    assert load(last)["epoch"] == epoch
 
 
 def test_a_compiled_model_saves_unprefixed_weights_and_ema(run_train, tmp_path, image_folder):

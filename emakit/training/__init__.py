@@ -8,6 +8,7 @@ alone never imports this package. Modules:
 - ``distributed``  ``DistInfo`` (rank, world size, device, ``is_main``), init, reductions
 - ``engine``       ``train_one_epoch`` and ``evaluate``
 - ``run``          the fit loop: build -> resume -> epochs -> checkpoints -> summary
+- ``lifecycle``    how a run ends early: stop signals, exit statuses, RNG states, the resume command
 - ``averages``     several EMAs, the post-hoc EMA tracker (snapshots), BN recalibration at evaluation
 - ``bn``, ``plots``, ``validation``: BN recalibration, PNG plots, the work behind ``validate.py``
 

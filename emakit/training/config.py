@@ -197,6 +197,13 @@ def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
                    help="gradient clipping mode (default: norm)")
     g.add_argument("--layer-decay", type=POSITIVE, default=None, metavar="RATE",
                    help="layer-wise learning-rate decay > 0 (default: None = off)")
+    g.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
+                   help="a step whose loss or gradients are NaN/inf is never taken and never reaches the EMA; "
+                        "stop: end the run (exit 3) naming the step and the last good checkpoint; skip: skip "
+                        "the step, as the fp16 gradient scaler does, and stop after --max-nonfinite-skips such "
+                        "steps in a row (default: stop)")
+    g.add_argument("--max-nonfinite-skips", type=POSITIVE_INT, default=10, metavar="N",
+                   help="with --on-nonfinite skip: stop (exit 3) after N non-finite steps in a row (default: 10)")
 
 
 def _add_schedule_args(parser: argparse.ArgumentParser) -> None:

@@ -26,7 +26,7 @@ from .distributed import DistInfo
 
 __all__ = [
     "BadImageError", "DataSplits", "ImageListDataset", "DIGITS_NAME", "load_digits_splits",
-    "load_image_folder", "build_datasets", "check_images", "build_transforms", "ShardSampler",
+    "load_image_folder", "build_datasets", "check_images", "build_transforms", "ShardSampler", "ResumableSampler",
     "build_train_loader", "build_eval_loader", "epoch_seed", "resolve_data_config_for", "set_epoch", "one_line_error",
     "AugmentConfig", "shown_path", "flip_labels",
 ]
@@ -387,6 +387,26 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.length, self.world_size))
 
 
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that can start one epoch part-way (a mid-epoch resume): after
+    :meth:`skip` ``n``, the next iteration yields this epoch's indices from position ``n`` on,
+    without loading the ones before; later iterations are whole again. ``len`` stays the
+    epoch's full length, so step counts and schedules do not change."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._start = 0
+
+    def skip(self, n: int) -> None:
+        """Leave out the first ``n`` indices of the next iteration only."""
+        self._start = int(n)
+
+    def __iter__(self) -> Iterator[int]:
+        start, self._start = self._start, 0
+        indices = super().__iter__()
+        return iter(list(indices)[start:]) if start else indices
+
+
 def build_train_loader(dataset: Dataset, batch_size: int, dist: DistInfo, *, seed: int, workers: int = 0,
                        pin_memory: bool = False, collate_fn: Callable | None = None) -> DataLoader:
     """Shuffled, sharded training loader; call :func:`set_epoch` before each epoch.
@@ -394,8 +414,8 @@ def build_train_loader(dataset: Dataset, batch_size: int, dist: DistInfo, *, see
     ``DistributedSampler`` (also for one process) shuffles with ``seed + epoch``; the last
     incomplete batch is dropped, as timm does, so every rank makes the same number of steps.
     """
-    sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                 seed=seed, drop_last=False)
+    sampler = ResumableSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                               seed=seed, drop_last=False)
     per_rank = len(sampler)
     if per_rank < batch_size:
         raise UsageError(f"the train split has {len(dataset)} images, {per_rank} per process: fewer than "

@@ -2,6 +2,13 @@
 
 They take explicit objects, never the argparse namespace. ``evaluate`` scores any module,
 so the same function validates the raw model and the EMA (torchvision's ``log_suffix``).
+
+Every optimizer step is checked before it is taken: a non-finite loss (any micro-batch of
+the step, any rank) or non-finite gradient never reaches the optimizer or the EMA; the
+:class:`NonfiniteGuard` policy either stops the run (:class:`TrainingDiverged`) or skips
+the step. The same check carries the "stop requested" flag of a signal, so under DDP all
+ranks agree on the step boundary where they stop (one tiny all-reduce and one host sync
+per optimizer step; without DDP, one host sync).
 """
 from __future__ import annotations
 
@@ -19,7 +26,8 @@ from torch import nn
 
 from .distributed import DistInfo, all_reduce_sum
 
-__all__ = ["AmpSettings", "TrainOptions", "train_one_epoch", "evaluate", "optimizer_step"]
+__all__ = ["AmpSettings", "TrainOptions", "NonfiniteGuard", "EpochProgress", "TrainingDiverged", "train_one_epoch",
+           "evaluate", "optimizer_step"]
 
 _log = logging.getLogger(__name__)
 
@@ -50,6 +58,54 @@ class TrainOptions:
     log_interval: int = 50
     progress: bool = False
     amp: AmpSettings = field(default_factory=AmpSettings)
+
+
+class TrainingDiverged(Exception):
+    """A non-finite loss or gradient under ``--on-nonfinite stop``, too many consecutive
+    skipped steps under ``skip``, or non-finite weights; ``str`` says where and why."""
+
+
+@dataclass
+class NonfiniteGuard:
+    """What a non-finite loss or gradient does (``--on-nonfinite``): ``stop`` the run, or
+    ``skip`` the optimizer step (and the EMA update) and stop after ``max_consecutive``
+    skipped steps in a row. Lives across epochs; ``total`` counts the skipped steps."""
+
+    policy: str = "stop"
+    max_consecutive: int = 10
+    consecutive: int = 0
+    total: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("stop", "skip"):
+            raise ValueError(f"on-nonfinite policy {self.policy!r}: use stop or skip")
+        if self.max_consecutive < 1:
+            raise ValueError(f"max-nonfinite-skips {self.max_consecutive} must be >= 1")
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch got: micro-batches consumed, optimizer steps taken/skipped, EMA
+    updates, the training-loss sum and sample counts. Saved in a mid-epoch checkpoint so a
+    resumed epoch continues where it stopped (plain types only)."""
+
+    batches: int = 0
+    steps: int = 0
+    ema: int = 0
+    skipped: int = 0
+    nonfinite: int = 0
+    loss_sum: float = 0.0
+    loss_samples: int = 0
+    samples: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for a checkpoint."""
+        return dict(vars(self))
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> "EpochProgress":
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a newer checkpoint format)."""
+        return cls(**state)
 
 
 def _progress(loader: Iterable, enabled: bool, desc: str) -> Iterable:
@@ -118,77 +174,184 @@ def train_one_epoch(
     lr_scheduler: Any | None = None,
     mixup_fn: Callable | None = None,
     posthoc: Any | None = None,
-) -> dict[str, float]:
+    guard: NonfiniteGuard | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+    start: EpochProgress | None = None,
+) -> dict[str, Any]:
     """Train one epoch; update ``ema`` (a ``ModelEMA`` or ``MultiEMA``) and ``posthoc`` (a
     post-hoc EMA tracker, anything with ``update(model)``) after every optimizer step that
     was taken.
 
     With ``opts.grad_accum_steps = k`` an optimizer step (and an EMA update) happens once
-    per k micro-batches and at the end of the epoch. Returns the mean training ``loss``
-    over all ranks, ``optimizer_steps``, ``ema_updates``, ``skipped_steps``, ``samples``
-    (all ranks), ``seconds``, ``img_per_sec`` and ``lr``.
+    per k micro-batches and at the end of the epoch. ``guard`` (default: stop) decides what
+    a non-finite loss or gradient does; such a step is never taken. ``stop_requested`` is
+    polled at every step boundary (agreed over ranks): when it holds, the epoch ends there
+    with ``stopped`` True and ``progress`` saying how far it got. ``start``: continue a
+    stopped epoch (the loader must already skip ``start.batches`` batches).
+
+    Returns the mean training ``loss`` over all ranks (finite steps only),
+    ``optimizer_steps``, ``ema_updates``, ``skipped_steps`` (fp16 scaler and non-finite),
+    ``nonfinite_steps``, ``samples`` (all ranks), ``seconds``, ``img_per_sec``, ``lr``,
+    ``stopped`` and ``progress`` (an :class:`EpochProgress`).
     """
     model.train()
+    guard = guard or NonfiniteGuard()
     num_batches = len(loader)  # type: ignore[arg-type]
     accum = max(1, opts.grad_accum_steps)
     updates_per_epoch = math.ceil(num_batches / accum)
     last_group_start = num_batches - (num_batches % accum or accum)
-    stats = {"steps": 0, "ema": 0, "skipped": 0}
-    loss_sum = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
-    samples = 0
-    start = time.perf_counter()
+    prog = EpochProgress(**vars(start)) if start is not None else EpochProgress()
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+    loss_sum = torch.tensor(prog.loss_sum, dtype=acc_dtype, device=device)
+    group_loss = torch.zeros((), dtype=acc_dtype, device=device)
+    group_samples, samples_before, stopped = 0, prog.samples, False
+    # A skipped step must leave no trace: its forward passes already updated the BatchNorm
+    # statistics (with NaN, when the activations were), so "skip" restores them.
+    buffers = list(model.buffers()) if guard.policy == "skip" else []
+    saved_buffers = [b.clone() for b in buffers]
+    start_time = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    for batch_idx, (inputs, target) in enumerate(_progress(loader, opts.progress, f"train {epoch}")):
+    for batch_idx, (inputs, target) in enumerate(_progress(loader, opts.progress, f"train {epoch}"), prog.batches):
         inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if mixup_fn is not None:
             inputs, target = mixup_fn(inputs, target)
         if opts.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         group = accum if batch_idx < last_group_start else num_batches - last_group_start
+        if buffers and batch_idx % accum == 0:
+            torch._foreach_copy_(saved_buffers, buffers)
         need_update = batch_idx == num_batches - 1 or (batch_idx + 1) % accum == 0
         loss = _forward_backward(model, inputs, target, loss_fn, opts, device, group, need_update)
-        loss_sum += loss.to(loss_sum.dtype) * inputs.shape[0]
-        samples += inputs.shape[0]
+        group_loss += loss.to(acc_dtype) * inputs.shape[0]
+        group_samples += inputs.shape[0]
+        prog.samples += inputs.shape[0]
         if not need_update:
             continue
-        _finish_update(model, optimizer, opts, ema, stats, posthoc)
+        bad_loss, bad_grad, stopped = _check_step(model, group_loss, opts, dist, stop_requested)
+        done = prog.steps + prog.skipped + 1
+        if bad_loss or bad_grad:
+            _skip_nonfinite(epoch, done, updates_per_epoch, group_loss, bad_loss, bad_grad, guard, dist)
+            optimizer.zero_grad(set_to_none=True)
+            if buffers:
+                torch._foreach_copy_(buffers, saved_buffers)
+            prog.skipped += 1
+            prog.nonfinite += 1
+        else:
+            guard.consecutive = 0
+            _finish_update(model, optimizer, opts, ema, prog, posthoc)
+        if bad_loss == 0:  # this rank's losses are finite: they count in the epoch mean
+            loss_sum += group_loss
+            prog.loss_samples += group_samples
+        group_loss.zero_()
+        group_samples = 0
+        prog.batches = batch_idx + 1
         if lr_scheduler is not None:
-            lr_scheduler.step_update(num_updates=epoch * updates_per_epoch + stats["steps"] + stats["skipped"])
-        done = stats["steps"] + stats["skipped"]
+            lr_scheduler.step_update(num_updates=epoch * updates_per_epoch + done)
         if dist.is_main and (done % opts.log_interval == 0 or done == updates_per_epoch):
             _log.info("train %d [%d/%d] loss %.4f lr %.3e", epoch, done, updates_per_epoch,
                       loss.item(), _mean_lr(optimizer))
-    return _epoch_stats(loss_sum, samples, stats, time.perf_counter() - start, optimizer, dist)
+        if stopped and prog.batches < num_batches:
+            break
+    prog.loss_sum = loss_sum.item()
+    stats = _epoch_stats(loss_sum, prog, prog.samples - samples_before, time.perf_counter() - start_time,
+                         optimizer, dist)
+    stats.update(stopped=stopped and prog.batches < num_batches, progress=prog)
+    return stats
+
+
+def _check_step(model: nn.Module, group_loss: torch.Tensor, opts: TrainOptions, dist: DistInfo,
+                stop_requested: Callable[[], bool] | None) -> tuple[int, int, bool]:
+    """(this rank's loss non-finite, gradients non-finite, stop agreed) for the step about to
+    be taken, with one host sync. Under DDP the loss and stop flags are summed over ranks so
+    every rank takes the same decision (gradients are already identical after DDP's
+    all-reduce). With an fp16 scaler, inf gradients are its business (it skips the step)."""
+    flags = [(~torch.isfinite(group_loss)).to(torch.float64)]
+    grads = [p.grad for p in model.parameters() if p.grad is not None] if opts.amp.scaler is None else []
+    # The 2-norm per tensor is a fused, vectorised read of the gradients (the inf-norm is 20x
+    # slower on CPU); it is non-finite when an element is, or when a huge finite gradient
+    # overflows it, which the exact check below tells apart (only then, so rarely).
+    flags += [(~torch.isfinite(n)).any().to(torch.float64) for n in _norms_by_group(grads, 2.0)]
+    stop = bool(stop_requested()) if stop_requested is not None else False
+    if not dist.distributed:
+        values = torch.stack(flags).tolist()  # the one host sync
+        return int(values[0]), int(sum(values[1:]) > 0 and _nonfinite_exactly(grads)), stop
+    import torch.distributed as torch_dist
+
+    comm_device = dist.device if dist.device.type == "cuda" else torch.device("cpu")
+    mine = flags[0].to(comm_device).reshape(1)
+    agreed = torch.stack([flags[0], sum(flags[1:], torch.zeros((), dtype=torch.float64, device=flags[0].device)),
+                          torch.tensor(float(stop), dtype=torch.float64, device=flags[0].device)]).to(comm_device)
+    torch_dist.all_reduce(agreed)  # [loss non-finite on some rank, gradients (same on all ranks), stop]
+    local_loss, any_loss, grad, any_stop = torch.cat([mine, agreed]).tolist()
+    # Gradients are identical on every rank after DDP's all-reduce: the exact check agrees too.
+    return (1 if local_loss else 2 if any_loss else 0), int(grad > 0 and _nonfinite_exactly(grads)), any_stop > 0
+
+
+def _norms_by_group(tensors: list[torch.Tensor], order: float) -> list[torch.Tensor]:
+    """Per (device, dtype) group, the ``order``-norms of its tensors, stacked."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return [torch.stack(torch._foreach_norm(g, order)) for g in groups.values()]
+
+
+def _nonfinite_exactly(grads: list[torch.Tensor]) -> bool:
+    """True when an element is NaN/inf: max |g| cannot overflow (the slow path, see above)."""
+    return not all(bool(torch.isfinite(n).all()) for n in _norms_by_group(grads, math.inf))
+
+
+def _skip_nonfinite(epoch: int, step: int, steps: int, group_loss: torch.Tensor, bad_loss: int, bad_grad: int,
+                    guard: NonfiniteGuard, dist: DistInfo) -> None:
+    """Account for a non-finite step; raise :class:`TrainingDiverged` when the policy says stop."""
+    if bad_loss == 1:
+        what = f"the loss is {group_loss.item():g}"
+    elif bad_loss:
+        what = "the loss is not finite on another process"
+    else:
+        what = "the gradients hold non-finite values"
+    guard.consecutive += 1
+    guard.total += 1
+    where = f"epoch {epoch}, step {step}/{steps}"
+    if guard.policy == "stop":
+        raise TrainingDiverged(f"training diverged at {where}: {what} (--on-nonfinite stop)")
+    if guard.consecutive >= guard.max_consecutive:
+        raise TrainingDiverged(f"training diverged at {where}: {what}; {guard.consecutive} non-finite steps in a "
+                               f"row (--on-nonfinite skip, --max-nonfinite-skips {guard.max_consecutive})")
+    if dist.is_main:
+        _log.warning("%s: %s: step skipped, EMA not updated (%d in a row, %d in all; --on-nonfinite skip)",
+                     where, what, guard.consecutive, guard.total)
 
 
 def _finish_update(model: nn.Module, optimizer: torch.optim.Optimizer, opts: TrainOptions,
-                   ema: Any | None, stats: dict[str, int], posthoc: Any | None = None) -> None:
+                   ema: Any | None, prog: EpochProgress, posthoc: Any | None = None) -> None:
     """One optimizer step, then the averages (skipped with the step when fp16 overflowed)."""
     stepped = optimizer_step(model, optimizer, opts)
     optimizer.zero_grad(set_to_none=True)
     if not stepped:
-        stats["skipped"] += 1
+        prog.skipped += 1
         _log.debug("fp16 gradient scaler skipped a step (inf/nan gradients); EMA not updated")
         return
-    stats["steps"] += 1
+    prog.steps += 1
     if ema is not None:
         ema.update(model)
-        stats["ema"] += 1
+        prog.ema += 1
     if posthoc is not None:
         posthoc.update(model)
 
 
-def _epoch_stats(loss_sum: torch.Tensor, samples: int, stats: dict[str, int], seconds: float,
-                 optimizer: torch.optim.Optimizer, dist: DistInfo) -> dict[str, float]:
-    total_loss, total_samples = all_reduce_sum([loss_sum.item(), float(samples)], dist)
+def _epoch_stats(loss_sum: torch.Tensor, prog: EpochProgress, samples_now: int, seconds: float,
+                 optimizer: torch.optim.Optimizer, dist: DistInfo) -> dict[str, Any]:
+    total_loss, loss_samples, total_samples, samples_now = all_reduce_sum(
+        [loss_sum.item(), float(prog.loss_samples), float(prog.samples), float(samples_now)], dist)
     return {
-        "loss": total_loss / max(total_samples, 1.0),
-        "optimizer_steps": stats["steps"],
-        "ema_updates": stats["ema"],
-        "skipped_steps": stats["skipped"],
+        "loss": total_loss / loss_samples if loss_samples else float("nan"),
+        "optimizer_steps": prog.steps,
+        "ema_updates": prog.ema,
+        "skipped_steps": prog.skipped,
+        "nonfinite_steps": prog.nonfinite,
         "samples": int(total_samples),
         "seconds": seconds,
-        "img_per_sec": total_samples / seconds if seconds > 0 else float("nan"),
+        "img_per_sec": samples_now / seconds if seconds > 0 else float("nan"),
         "lr": _mean_lr(optimizer),
     }
 

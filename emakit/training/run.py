@@ -10,7 +10,10 @@ Each epoch trains, validates the raw weights and every EMA as separate passes (e
 BatchNorm statistics recalibrated first with ``--model-ema-bn-recal``), appends a row to
 ``summary.csv`` and saves ``last.pth.tar`` atomically (plus ``model_best.pth.tar`` and the
 best ``--checkpoint-hist`` epochs). All random state at the start of an epoch is a pure
-function of (seed, epoch, rank), so ``--resume`` continues bit-exactly on the CPU. At the
+function of (seed, epoch, rank), so ``--resume`` continues bit-exactly on the CPU. A stop
+signal writes a mid-epoch ``last.pth.tar`` (``train_position``: the step, every rank's
+generator states and progress) that resumes bit-exactly too; a non-finite loss, gradient or
+checkpoint state ends the run (``--on-nonfinite``) and is never written (see ``lifecycle``). At the
 end, rank 0 plots ``summary.png`` and, with ``--model-ema-posthoc``, reports the snapshot
 folder and the ``validate.py`` command that sweeps EMA lengths over it.
 
@@ -29,6 +32,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -42,8 +46,8 @@ from torch import nn
 
 from emakit import ModelEMA, MultiEMA
 from emakit.schedules import parse_half_life
-from emakit.checkpoint import (CheckpointError, CheckpointSaver, load_checkpoint, load_state_dict_strict,
-                               write_text_atomic)
+from emakit.checkpoint import (CheckpointError, CheckpointSaver, find_nonfinite, load_checkpoint,
+                               load_state_dict_strict, remove_stale_temp_files, write_text_atomic)
 
 from . import UsageError
 from .averages import (BN_RECAL_CHECKPOINT_KEY, POSTHOC_CHECKPOINT_KEY, EmaSet, PosthocTracker, auto_posthoc_every,
@@ -51,15 +55,18 @@ from .averages import (BN_RECAL_CHECKPOINT_KEY, POSTHOC_CHECKPOINT_KEY, EmaSet, 
                        posthoc_snapshot_cap, posthoc_sweep_command, recalibrated_bn)
 from .bn import has_batchnorm
 from .config import args_to_yaml, resolve_ema_decay
-from .data import (AugmentConfig, DataSplits, build_datasets, build_eval_loader, build_train_loader,
+from .data import (AugmentConfig, DataSplits, ResumableSampler, build_datasets, build_eval_loader, build_train_loader,
                    build_transforms, epoch_seed, flip_labels, resolve_data_config_for, set_epoch)
 from .distributed import DistInfo, distribute_bn, init_distributed, shutdown_distributed, all_reduce_sum
-from .engine import AmpSettings, TrainOptions, evaluate, train_one_epoch
+from .engine import AmpSettings, EpochProgress, NonfiniteGuard, TrainingDiverged, TrainOptions, evaluate, \
+    train_one_epoch
+from .lifecycle import EXIT_DIVERGED, EXIT_WRITE_FAILED, RunStopped, StopSignals, rng_state, set_rng_state, \
+    signal_name
 from .resume import (check_ema_entry, check_optimizer_state, ema_entry_keys, normalize_resume_checkpoint,
                      steps_done, warn_batch_change)
 from .rundir import RunLock, checkpoint_is_emakit, claim_run_folder, write_marker
 
-__all__ = ["Trainer", "FitResult", "TrainingInterrupted", "build_trainer", "fit", "close_trainer",
+__all__ = ["Trainer", "FitResult", "TrainingInterrupted", "RunStopped", "build_trainer", "fit", "close_trainer",
            "configure_logging", "SUMMARY_COLUMNS", "summary_columns"]
 
 _log = logging.getLogger(__name__)
@@ -72,8 +79,11 @@ _UNBOUNDED_POSTHOC_SNAPSHOTS = 50  # default snapshot steps with --posthoc-budge
 DUMP_EMA_ENV = "EMAKIT_DUMP_EMA_DIR"  # debugging hook: every rank saves its EMA state dict here
 
 
-class TrainingInterrupted(Exception):
-    """Ctrl-C during training; the message says where the last good checkpoint is."""
+TRAIN_POSITION_KEY = "train_position"  # mid-epoch checkpoints: where the stopped epoch resumes
+
+
+class TrainingInterrupted(RunStopped):
+    """A stop signal ended training; ``checkpoint`` is the resumable file, if any."""
 
 
 @dataclass
@@ -104,6 +114,11 @@ class Trainer:
     resumed_by_emakit: bool = False      # the --resume checkpoint was written by emakit (rundir rules)
     summary_rows: list[dict[str, Any]] = field(default_factory=list)
     summary_columns: list[str] = field(default_factory=lambda: list(SUMMARY_COLUMNS))
+    guard: NonfiniteGuard = field(default_factory=NonfiniteGuard)  # --on-nonfinite
+    signals: StopSignals | None = None  # set by train.py; None: Ctrl-C raises KeyboardInterrupt
+    resume_position: dict[str, Any] | None = None  # train_position of a mid-epoch --resume file
+    last_good: tuple[str, str] | None = None  # (path, "epoch 3") of the newest intact checkpoint
+    nonfinite_at_start: frozenset[str] = frozenset()  # model keys non-finite by design (masks)
 
 
 @dataclass
@@ -136,6 +151,24 @@ class _EarlyRecords(logging.Handler):
             target.handle(self.records.popleft())
 
 
+class _LogFile(logging.FileHandler):
+    """``train.log``: a failed write (a full disk) is reported once on stderr, then the file
+    is given up, instead of a traceback for every later record."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            sys.stderr.write(f"warning: cannot write {self.baseFilename} ({getattr(error, 'strerror', None) or error}); "
+                             "logging to the console only\n")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+
 class _LogSetup:
     """Console (and later file) handlers on the ``emakit`` logger, removable at the end so
     in-process calls of ``train.main`` do not pile up handlers. Records logged before the
@@ -158,7 +191,7 @@ class _LogSetup:
     def add_file(self, path: str) -> None:
         """Log to ``path`` from now on, starting with the records buffered so far."""
         # backslashreplace: a non-UTF-8 file name in a message must not break the log file
-        handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
+        handler = _LogFile(path, encoding="utf-8", errors="backslashreplace")
         self.add(handler, logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.early.replay(handler)
         self._drop(self.early)
@@ -370,6 +403,14 @@ def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, 
     return scheduler
 
 
+def build_guard(args: argparse.Namespace) -> NonfiniteGuard:
+    """``--on-nonfinite`` / ``--max-nonfinite-skips`` (also from YAML); bad values -> UsageError."""
+    try:
+        return NonfiniteGuard(args.on_nonfinite, int(args.max_nonfinite_skips))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--on-nonfinite/--max-nonfinite-skips: {e}") from None
+
+
 def build_amp(args: argparse.Namespace, device: torch.device) -> AmpSettings:
     """Autocast settings; a GradScaler only for float16 (bfloat16 needs none)."""
     if not args.amp:
@@ -477,7 +518,12 @@ def apply_resume(ckpt: dict[str, Any], path: str, *, model_without_ddp: nn.Modul
             raise UsageError(f"--resume {path}: cannot restore the optimizer state ({' '.join(str(e).split())[:200]});"
                              " pass --no-resume-opt to start a fresh optimizer state") from None
     start_epoch = int(ckpt["epoch"]) + 1
-    _log.info("resumed from %s: epoch %d done, continuing at epoch %d", path, ckpt["epoch"], start_epoch)
+    position = ckpt.get(TRAIN_POSITION_KEY)
+    if isinstance(position, dict):
+        _log.info("resumed from %s: stopped in epoch %d after step %s, continuing there", path, start_epoch,
+                  position.get("steps_done"))
+    else:
+        _log.info("resumed from %s: epoch %d done, continuing at epoch %d", path, ckpt["epoch"], start_epoch)
     return start_epoch
 
 
@@ -535,6 +581,39 @@ def resume_posthoc(posthoc: PosthocTracker, ckpt: dict[str, Any], path: str) -> 
     except (ValueError, KeyError, RuntimeError) as e:
         raise UsageError(f"--resume {path}: post-hoc EMA: {' '.join(str(e).split())[:300]}; pass the run's "
                          f"--posthoc-sigma-rels {','.join(f'{x:g}' for x in state.get('sigma_rels', []))}") from None
+
+
+def check_resume_position(ckpt: dict[str, Any], args: argparse.Namespace, world_size: int) -> dict[str, Any] | None:
+    """The ``train_position`` of a checkpoint written mid-epoch (None for an epoch-end one).
+
+    Continuing a stopped epoch exactly needs the same process count, batch size and
+    accumulation (they fix which samples each rank has seen); otherwise a ``UsageError``
+    names what differs and the way out (the epoch-end checkpoint)."""
+    position = ckpt.get(TRAIN_POSITION_KEY)
+    if position is None:
+        return None
+    ranks = position.get("ranks") if isinstance(position, dict) else None
+    if not isinstance(ranks, list) or not all(isinstance(r, dict) and isinstance(r.get("rng"), dict)
+                                              and isinstance(r.get("progress"), dict) for r in ranks) \
+            or len(ranks) != position.get("processes") or not isinstance(position.get("steps_done"), int):
+        raise UsageError(f"--resume {args.resume}: its {TRAIN_POSITION_KEY} entry is malformed; "
+                         "resume from an epoch-end checkpoint (checkpoint-<epoch>.pth.tar) instead")
+    try:
+        for r in ranks:
+            EpochProgress.from_dict(r["progress"])
+            if not {"python", "numpy", "torch"} <= r["rng"].keys():
+                raise KeyError("rng")
+    except (TypeError, KeyError):
+        raise UsageError(f"--resume {args.resume}: its {TRAIN_POSITION_KEY} entry is malformed; resume from an "
+                         "epoch-end checkpoint (checkpoint-<epoch>.pth.tar) instead") from None
+    now = {"processes": world_size, "batch_size": args.batch_size, "grad_accum_steps": args.grad_accum_steps}
+    differ = [f"{k} {position.get(k)} -> {v}" for k, v in now.items() if position.get(k) != v]
+    if differ:
+        raise UsageError(f"--resume {args.resume} stopped in the middle of epoch {position.get('epoch')}; continuing "
+                         f"it needs the same {', '.join(now)} ({'; '.join(differ)}): use those, or "
+                         + (f"resume from checkpoint-{int(ckpt['epoch'])}.pth.tar (the end of the epoch before)"
+                            if int(ckpt["epoch"]) >= 0 else "start a fresh run"))
+    return position
 
 
 def position_scheduler(lr_scheduler: Any, start_epoch: int, updates_per_epoch: int, on_updates: bool,
@@ -668,6 +747,7 @@ def _build_parts(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
         raise UsageError("--drop-ema drops a resumed checkpoint's EMA: it needs --resume PATH")
     ckpt = load_resume(args.resume, args.model) if args.resume else None
     resumed_by_emakit = ckpt is not None and checkpoint_is_emakit(ckpt)
+    resume_position = check_resume_position(ckpt, args, dist.world_size) if ckpt else None
     args.num_classes = num_classes
     args.lr = resolve_lr(args, dist.world_size)
     seed_all(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -698,6 +778,8 @@ def _build_parts(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
                                    posthoc=posthoc, updates_per_epoch=updates_per_epoch)
         position_scheduler(lr_scheduler, start_epoch, updates_per_epoch, args.sched_on_updates,
                            None if args.no_resume_opt else ckpt.get("scheduler"))
+        if resume_position is not None:  # the LR of the step the stopped epoch continues at
+            lr_scheduler.step_update(num_updates=start_epoch * updates_per_epoch + resume_position["steps_done"])
         del ckpt
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile)  # after DDP, as timm does
@@ -707,7 +789,11 @@ def _build_parts(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
                 eval_loader=eval_loader,
                 train_loss_fn=train_loss_fn, eval_loss_fn=eval_loss_fn, mixup_fn=mixup_fn,
                 updates_per_epoch=updates_per_epoch, start_epoch=start_epoch, img_size=data_config["input_size"][-1],
-                resumed_by_emakit=resumed_by_emakit)
+                resumed_by_emakit=resumed_by_emakit,
+                resume_position=resume_position, guard=build_guard(args),
+                last_good=(os.path.abspath(args.resume), "the checkpoint this run resumed from") if args.resume else None,
+                nonfinite_at_start=frozenset(k for k, v in model_without_ddp.state_dict().items()
+                                             if v.is_floating_point() and not bool(torch.isfinite(v).all())))
 
 
 def _log_bn_recal(num_batches: int, model_without_ddp: nn.Module, model_name: str) -> None:
@@ -742,6 +828,8 @@ def _setup_output(tr: Trainer, img_size: int, logs: _LogSetup | None) -> None:
     tr.output_dir = path
     if logs is not None:
         logs.add_file(os.path.join(path, "train.log"))
+    for stale in remove_stale_temp_files(path) + remove_stale_temp_files(os.path.join(path, "posthoc")):
+        _log.info("removed %s, a temp file left by an interrupted write", stale)
     tr.saver = CheckpointSaver(path, max_history=args.checkpoint_hist, decreasing=args.eval_metric == "loss")
     if tr.start_epoch > 0:
         tr.saver.restore(up_to_epoch=tr.start_epoch - 1)
@@ -929,41 +1017,192 @@ def _log_epoch(epoch: int, num_epochs: int, m: dict[str, Any], seconds: float, i
 
 
 def run_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
-    """Train, validate raw and every EMA, step the LR schedule, write summary and checkpoints."""
+    """Train, validate raw and every EMA, step the LR schedule, write summary and checkpoints.
+
+    Ends the run with a :class:`RunStopped` when a stop signal arrives during training (after
+    writing a mid-epoch ``last.pth.tar``), when the loss, gradients or weights turn
+    non-finite (``--on-nonfinite``; nothing non-finite is ever written), or when a write
+    fails (a full disk); every rank raises it together.
+    """
     args, start = tr.args, time.perf_counter()
     seed_all(epoch_seed(args.seed, epoch, tr.dist.rank))
     set_epoch(tr.train_loader, epoch, args.seed, tr.dist.rank)
     if tr.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         tr.mixup_fn.mixup_enabled = False
-    train = train_one_epoch(epoch, tr.model, tr.train_loader, tr.optimizer, tr.train_loss_fn,
-                            device=tr.dist.device, opts=_train_options(args, tr), dist=tr.dist, ema=tr.ema,
-                            lr_scheduler=tr.lr_scheduler, mixup_fn=tr.mixup_fn, posthoc=tr.posthoc)
+    resumed = _continue_stopped_epoch(tr, epoch)
+    posthoc = _WriteTrap(tr.posthoc) if tr.posthoc is not None else None
+    try:
+        train = train_one_epoch(epoch, tr.model, tr.train_loader, tr.optimizer, tr.train_loss_fn,
+                                device=tr.dist.device, opts=_train_options(args, tr), dist=tr.dist, ema=tr.ema,
+                                lr_scheduler=tr.lr_scheduler, mixup_fn=tr.mixup_fn, posthoc=posthoc,
+                                guard=tr.guard, start=resumed,
+                                stop_requested=lambda: _stop_signal(tr) is not None or posthoc is not None
+                                and posthoc.error is not None)
+    except TrainingDiverged as e:
+        raise _diverged(tr, str(e)) from None
+    if posthoc is not None and posthoc.error is not None:
+        raise _write_failed(tr, "a post-hoc EMA snapshot", posthoc.error)
+    if train["stopped"]:
+        _stop_mid_epoch(tr, epoch, train["progress"])
     raw, emas, bn_recal = evaluate_raw_and_emas(tr)
     metrics = _epoch_metrics(epoch, train, raw, emas, args.eval_metric)
     metric = select_metric(raw, emas, args.eval_metric, args.model_ema_select)
     tr.lr_scheduler.step(epoch + 1, metric)
-    if tr.dist.is_main:
+    state = checkpoint_state(tr, epoch, metric, metrics, bn_recal) if tr.dist.is_main else None
+
+    def write() -> None:
         tr.summary_rows.append(metrics)
         write_summary(os.path.join(tr.output_dir, "summary.csv"), tr.summary_rows, tr.summary_columns)
-        tr.saver.save(checkpoint_state(tr, epoch, metric, metrics, bn_recal), epoch, metric)
+        tr.saver.save(state, epoch, metric, last_only_keys=(POSTHOC_CHECKPOINT_KEY,))
+
+    _write_checked(tr, state, write, f"epoch {epoch}", f"after epoch {epoch}")
+    if tr.dist.is_main:
         _log_epoch(epoch, args.epochs, metrics, time.perf_counter() - start, train["img_per_sec"], len(emas))
     return metrics
 
 
+class _WriteTrap:
+    """Wraps the post-hoc tracker so a failed snapshot write (a full disk) is recorded and
+    turned into an agreed stop at the next step boundary instead of an exception on rank 0
+    alone (the other ranks would wait in their next collective)."""
+
+    def __init__(self, posthoc: PosthocTracker) -> None:
+        self.posthoc, self.error = posthoc, None
+
+    def update(self, model: nn.Module) -> None:
+        if self.error is None:
+            try:
+                self.posthoc.update(model)
+            except OSError as e:
+                self.error = e
+
+
+def _stop_signal(tr: Trainer) -> int | None:
+    return tr.signals.received if tr.signals is not None else None
+
+
+def _continue_stopped_epoch(tr: Trainer, epoch: int) -> EpochProgress | None:
+    """For the epoch a mid-epoch checkpoint stopped in: make the sampler skip the batches
+    already trained on and restore this rank's generator states; the progress to continue."""
+    position, tr.resume_position = tr.resume_position, None
+    if position is None or epoch != tr.start_epoch:
+        return None
+    mine = position["ranks"][tr.dist.rank]
+    progress = EpochProgress.from_dict(mine["progress"])
+    if not isinstance(tr.train_loader.sampler, ResumableSampler):
+        raise UsageError("this training loader cannot start mid-epoch; resume from an epoch-end checkpoint")
+    tr.train_loader.sampler.skip(progress.batches * tr.args.batch_size)
+    set_rng_state(mine["rng"], tr.dist.device)
+    for member, buffers in zip(ema_members(tr.ema), mine.get("ema_buffers") or []):
+        with torch.no_grad():
+            for name, buf in member.module.named_buffers():
+                if name in buffers:
+                    buf.copy_(buffers[name])
+    if tr.dist.is_main:
+        _log.info("continuing epoch %d at step %d/%d (%d batches done)", epoch, progress.steps + progress.skipped,
+                  tr.updates_per_epoch, progress.batches)
+    return progress
+
+
+def _gather(obj: Any, dist: DistInfo) -> list[Any]:
+    """``obj`` of every rank, in rank order (a list of one without a process group)."""
+    if not dist.distributed:
+        return [obj]
+    import torch.distributed as torch_dist
+
+    out: list[Any] = [None] * dist.world_size
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def _stop_mid_epoch(tr: Trainer, epoch: int, progress: EpochProgress) -> None:
+    """Write a resumable mid-epoch ``last.pth.tar`` (every rank's generator states and
+    progress, gathered on rank 0) and raise :class:`TrainingInterrupted`."""
+    mine: dict[str, Any] = {"rng": rng_state(tr.dist.device), "progress": progress.to_dict(),
+                            "signal": _stop_signal(tr)}
+    if tr.dist.distributed:  # each rank's EMA averaged its own BatchNorm statistics since the last evaluation
+        mine["ema_buffers"] = [{k: b.detach().cpu().clone() for k, b in m.module.named_buffers()}
+                               for m in ema_members(tr.ema)]
+    ranks = _gather(mine, tr.dist)
+    signum = next((r["signal"] for r in ranks if r["signal"] is not None), signal.SIGTERM)
+    step = progress.steps + progress.skipped
+    label = f"epoch {epoch}, step {step}/{tr.updates_per_epoch}"
+    state = None
+    if tr.dist.is_main:
+        state = checkpoint_state(tr, epoch - 1, None, {})
+        state[TRAIN_POSITION_KEY] = {
+            "epoch": epoch, "steps_done": step, "batches_done": progress.batches,
+            "steps_per_epoch": tr.updates_per_epoch, "processes": tr.dist.world_size,
+            "batch_size": tr.args.batch_size, "grad_accum_steps": tr.args.grad_accum_steps,
+            "ranks": [{k: v for k, v in r.items() if k != "signal"} for r in ranks]}
+    _write_checked(tr, state, lambda: tr.saver.save_last(state), f"{label} (mid-epoch)", f"at {label}")
+    raise TrainingInterrupted(f"stopped by {signal_name(signum)} at {label}: wrote the resumable checkpoint "
+                              f"{tr.last_good[0]}", tr.last_good[0], 128 + int(signum), error=False)
+
+
+def _stop_after_epoch(tr: Trainer, epoch: int) -> None:
+    """After an epoch's checkpoint: stop (every rank) when a signal arrived on any rank."""
+    signals = [_stop_signal(tr)] if not tr.dist.distributed else _gather(_stop_signal(tr), tr.dist)
+    signum = next((s for s in signals if s is not None), None)
+    if signum is None:
+        return
+    last = tr.last_good[0] if tr.last_good else None
+    raise TrainingInterrupted(f"stopped by {signal_name(signum)} after epoch {epoch}: the resumable checkpoint is "
+                              f"{last} (end of epoch {epoch})", last, 128 + int(signum), error=False)
+
+
+def _last_good_text(tr: Trainer) -> str:
+    if tr.last_good is None:
+        return "no checkpoint was written"
+    return f"the last good checkpoint is {tr.last_good[0]} ({tr.last_good[1]})"
+
+
+def _diverged(tr: Trainer, reason: str) -> RunStopped:
+    hint = "" if tr.last_good else "; lower --lr or add --clip-grad"
+    return RunStopped(f"{reason}; {_last_good_text(tr)}{hint}", tr.last_good[0] if tr.last_good else None,
+                      EXIT_DIVERGED, resume_hint="lower --lr or add --clip-grad in this command, then resume with")
+
+
+def _write_failed(tr: Trainer, what: str, error: OSError | None) -> RunStopped:
+    why = (error.strerror or str(error)) if error is not None else "failed on rank 0"
+    where = f" ({error.filename})" if error is not None and error.filename else ""
+    return RunStopped(f"could not write {what}{where}: {why}; {_last_good_text(tr)}",
+                      tr.last_good[0] if tr.last_good else None, EXIT_WRITE_FAILED,
+                      resume_hint="free space (or fix the folder), then resume with")
+
+
+def _write_checked(tr: Trainer, state: dict[str, Any] | None, write: Callable[[], None], label: str,
+                   when: str) -> None:
+    """Rank 0: refuse a state with non-finite tensors, else ``write()``; then every rank
+    learns the outcome, so a divergence or a failed write stops all of them together."""
+    bad, error = [], None
+    if tr.dist.is_main:
+        bad = find_nonfinite(state, skip_keys=tr.nonfinite_at_start)
+        if not bad:
+            try:
+                write()
+            except OSError as e:
+                error = e
+    nonfinite, failed = all_reduce_sum([float(bool(bad)), float(error is not None)], tr.dist)
+    if nonfinite:
+        shown = ", ".join(bad[:2]) + (f" and {len(bad) - 2} more" if len(bad) > 2 else "")
+        raise _diverged(tr, f"training diverged {when}: non-finite values in {shown or 'the weights (rank 0)'}; "
+                            "nothing was saved")
+    if failed:
+        raise _write_failed(tr, f"the outputs of {label}", error)
+    # Only rank 0 writes and reports; the other ranks just know that a checkpoint exists.
+    tr.last_good = (tr.saver.last_path if tr.dist.is_main else "last.pth.tar (rank 0)", label)
+
+
 def _best(rows: list[dict[str, Any]], column: str, lower_is_better: bool) -> tuple[float, int] | None:
-    """(best value, its epoch) of ``column`` over summary rows; ties go to the earlier epoch."""
+    """(best value, its epoch) of ``column`` over summary rows; ties go to the earlier epoch.
+    Non-finite values (a diverged evaluation) never count."""
     scored = [(float(r[column]), int(r["epoch"])) for r in rows if r.get(column) not in (None, "")]
+    scored = [s for s in scored if math.isfinite(s[0])]
     if not scored:
         return None
     sign = 1.0 if lower_is_better else -1.0
     return min(scored, key=lambda s: (sign * s[0], s[1]))
-
-
-def _interrupt_message(tr: Trainer, last_epoch: int | None) -> str:
-    if tr.saver is not None and last_epoch is not None and os.path.isfile(tr.saver.last_path):
-        return (f"interrupted: the last completed checkpoint is {tr.saver.last_path} (epoch {last_epoch}); "
-                f"it is intact and resumable with --resume {tr.saver.last_path}")
-    return "interrupted before the first epoch finished: no checkpoint was written"
 
 
 def _dump_ema_if_asked(tr: Trainer) -> None:
@@ -1017,26 +1256,26 @@ def _console_logs_above_progress_bars(enabled: bool) -> contextlib.AbstractConte
 
 
 def fit(tr: Trainer) -> FitResult:
-    """Run the epochs from ``tr.start_epoch``; Ctrl-C raises :class:`TrainingInterrupted`."""
-    args, last_epoch = tr.args, (tr.start_epoch - 1 if tr.start_epoch > 0 else None)
+    """Run the epochs from ``tr.start_epoch``. A stop signal, a divergence or a failed write
+    raises :class:`RunStopped` (see :func:`run_epoch`)."""
+    args = tr.args
     if tr.dist.is_main and tr.start_epoch >= args.epochs:
         _log.warning("nothing to train: the checkpoint finished epoch %d of %d; raise --epochs to continue",
                      tr.start_epoch - 1, args.epochs)
     elif tr.dist.is_main:
         _log.info("training epochs %d-%d, %d optimizer steps per epoch", tr.start_epoch, args.epochs - 1,
                   tr.updates_per_epoch)
+    deferred = tr.signals.deferred() if tr.signals is not None else contextlib.nullcontext()
     try:
-        with _console_logs_above_progress_bars(tr.dist.is_main and not args.no_progress):
+        with deferred, _console_logs_above_progress_bars(tr.dist.is_main and not args.no_progress):
             for epoch in range(tr.start_epoch, args.epochs):
                 run_epoch(tr, epoch)
-                last_epoch = epoch
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(_interrupt_message(tr, last_epoch)) from None
-    _dump_ema_if_asked(tr)
-    if tr.dist.is_main:
-        if tr.posthoc is not None:
-            _finish_posthoc(tr)
-        _plot_summary(tr)
+                if epoch < args.epochs - 1:  # after the last epoch, training is done: finish normally
+                    _stop_after_epoch(tr, epoch)
+            _finish_run(tr)
+    except KeyboardInterrupt:  # signals not taken over (train.main not in the main thread)
+        last = tr.last_good[0] if tr.last_good else None
+        raise TrainingInterrupted(f"interrupted; {_last_good_text(tr)}", last, 130, error=False) from None
     lower = args.eval_metric == "loss"
     result = FitResult(tr.output_dir, args.epochs - tr.start_epoch,
                        _best(tr.summary_rows, f"eval_{args.eval_metric}", lower),
@@ -1045,6 +1284,19 @@ def fit(tr: Trainer) -> FitResult:
     if tr.dist.is_main:
         _log.info("%s", describe_result(result))
     return result
+
+
+def _finish_run(tr: Trainer) -> None:
+    """After the last epoch: EMA dump (debug hook), the final post-hoc snapshot, the plot."""
+    _dump_ema_if_asked(tr)
+    if not tr.dist.is_main:
+        return
+    if tr.posthoc is not None:
+        try:
+            _finish_posthoc(tr)
+        except OSError as e:
+            raise _write_failed(tr, "the final post-hoc EMA snapshot", e) from None
+    _plot_summary(tr)
 
 
 def _best_of_emas(rows: list[dict[str, Any]], num_emas: int, eval_metric: str) -> tuple[float, int, str] | None:

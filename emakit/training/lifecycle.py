@@ -1,0 +1,180 @@
+"""How a run ends early: signals, divergence, failed writes, and the command that resumes it.
+
+Signals. SIGINT (Ctrl-C), SIGTERM (schedulers, ``timeout``, torchrun forwarding a Ctrl-C)
+and SIGHUP (a closed terminal) are caught by :class:`StopSignals`. Before training starts
+they stop the process at once (:class:`SignalInterrupt`). While training runs they only
+set a flag: the loop stops at the next optimizer-step boundary that every rank agrees on,
+writes a resumable ``last.pth.tar`` (mid-epoch: the step, sampler position and every
+rank's random-number-generator states) and exits with 128 + the signal number (130, 143,
+129). Further signals while stopping are logged and ignored, so a second Ctrl-C or
+torchrun's SIGTERM after the terminal's SIGINT cannot tear the save; ``kill -9`` still
+stops at once and leaves the previous checkpoint intact (writes are atomic).
+
+Exit statuses of ``train.py``: 0 done, 2 bad input or a failed write (one line says which
+checkpoint is intact), 3 diverged (``--on-nonfinite``), 128 + signal number when stopped
+by a signal.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["StopSignals", "SignalInterrupt", "RunStopped", "EXIT_DIVERGED", "EXIT_WRITE_FAILED", "signal_name",
+           "rng_state", "set_rng_state", "resume_command"]
+
+_log = logging.getLogger(__name__)
+
+EXIT_DIVERGED = 3
+EXIT_WRITE_FAILED = 2
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15, and so on."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class SignalInterrupt(KeyboardInterrupt):
+    """A stop signal before training started (raised from the handler, like Ctrl-C's
+    KeyboardInterrupt); ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal_name(signum))
+        self.signum = signum
+
+
+class RunStopped(Exception):
+    """The run ended before its last epoch. ``reason`` is one line, ``checkpoint`` the file
+    to ``--resume`` from (None: nothing resumable was written), ``exit_status`` the
+    process status, ``error`` whether the CLI prints it as an error, ``resume_hint`` the words
+    before the resume command (what to change first, if anything)."""
+
+    def __init__(self, reason: str, checkpoint: str | None, exit_status: int, *, error: bool = True,
+                 resume_hint: str = "resume with") -> None:
+        super().__init__(reason)
+        self.reason, self.checkpoint, self.exit_status, self.error = reason, checkpoint, exit_status, error
+        self.resume_hint = resume_hint
+
+
+class StopSignals:
+    """Catches SIGINT, SIGTERM and SIGHUP for the life of a run (see the module docstring).
+
+    ``install()`` in the main thread (elsewhere it does nothing: Python delivers signals
+    to the main thread only); ``restore()`` puts the previous handlers back. Inside
+    :meth:`deferred` a signal only sets :attr:`received`; outside, it raises
+    :class:`SignalInterrupt`.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._deferred = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "StopSignals":
+        """Take over the stop signals (main thread only); returns self."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in _SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def restore(self) -> None:
+        """Give the signals back to the handlers found at :meth:`install`."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    @property
+    def requested(self) -> bool:
+        """True once a stop signal arrived."""
+        return self.received is not None
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator["StopSignals"]:
+        """While inside, signals set the flag instead of raising (training polls it)."""
+        self._deferred = True
+        try:
+            yield self
+        finally:
+            self._deferred = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.received is None
+        if first:
+            self.received = signum
+        if not self._deferred:
+            raise SignalInterrupt(signum)
+        if first:
+            _log.warning("%s received: stopping at the next step boundary with a resumable checkpoint",
+                         signal_name(signum))
+        else:
+            _log.warning("%s received: already stopping (after %s); waiting for the checkpoint to be written "
+                         "(kill -9 stops at once; the last checkpoint stays intact)", signal_name(signum),
+                         signal_name(self.received))
+
+
+# --------------------------------------------------------------------------- RNG states
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's python, numpy, torch (and CUDA ``device``) generator states, as plain
+    types and tensors so a checkpoint holding them loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Inverse of :func:`rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --------------------------------------------------------------------------- the resume command
+def _without_resume(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            out.append(arg)
+    return out
+
+
+def resume_command(argv: Sequence[str], checkpoint: str) -> str:
+    """The command that continues this run from ``checkpoint``: the same arguments with
+    ``--resume`` replaced, under the same launcher (``torchrun`` with the same process
+    count on one node; for several nodes, the user's own launch prefix)."""
+    script = sys.argv[0] if os.path.basename(sys.argv[0] or "") == "train.py" else "train.py"
+    args = shlex.join([*_without_resume(argv), "--resume", checkpoint])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return f"python {shlex.quote(script)} {args}"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if per_node == world:
+        return f"torchrun --standalone --nproc_per_node={per_node} {shlex.quote(script)} {args}"
+    return f"torchrun <your multi-node flags> --nproc_per_node={per_node} {shlex.quote(script)} {args}"
