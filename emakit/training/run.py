@@ -448,8 +448,10 @@ def load_resume(path: str, model_name: str) -> dict[str, Any]:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
         raise UsageError(f"--resume: {' '.join(str(e).split())}") from None
+    # epoch: the last completed one; -1 only in a checkpoint written inside epoch 0 (train_position)
+    lowest_epoch = -1 if isinstance(ckpt.get(TRAIN_POSITION_KEY), dict) else 0
     if not isinstance(ckpt.get("state_dict"), dict) or isinstance(ckpt.get("epoch"), bool) \
-            or not isinstance(ckpt.get("epoch"), int) or ckpt["epoch"] < 0:
+            or not isinstance(ckpt.get("epoch"), int) or ckpt["epoch"] < lowest_epoch:
         found = ", ".join(sorted(map(str, ckpt))[:8])
         raise UsageError(f"--resume {path} is not a training checkpoint (keys: {found}); "
                          "it needs state_dict and epoch, as written by train.py")
