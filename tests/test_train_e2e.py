@@ -188,9 +188,26 @@ def test_bf16_autocast_on_cpu_with_a_float32_ema_trains(run_train, tmp_path, ima
     assert math.isfinite(m["train_loss"]) and math.isfinite(m["ema_eval_loss"])
 
 
-def test_a_cpu_held_ema_is_still_validated(run_train, tmp_path, image_folder):
+def test_a_cpu_held_ema_is_still_validated(run_train, tmp_path, image_folder, monkeypatch):
+    from emakit.ema import ModelEMA
+
+    # On a CPU-only machine the EMA lands on the CPU whether or not it is forced there, so
+    # the test watches the placement request itself: the device every ModelEMA is built for.
+    placements = []
+    init = ModelEMA.__init__
+
+    def spy(self, model, *args, **kwargs):
+        placements.append((kwargs.get("device"), next(model.parameters()).device))
+        init(self, model, *args, **kwargs)
+        placements[-1] += (self.device,)
+
+    monkeypatch.setattr(ModelEMA, "__init__", spy)
     code, _, err = run_train(fast(image_folder, tmp_path, "--model-ema-force-cpu", "--epochs", "1"))
     assert code == 0, err
+    assert placements, "no ModelEMA was built"
+    for asked, _, placed in placements:  # forced: an explicit CPU placement, not "the model's device" (None)
+        assert asked is not None and torch.device(asked) == torch.device("cpu"), placements
+        assert placed == torch.device("cpu"), placements
     _, rows = read_summary(tmp_path / "run" / "summary.csv")
     assert rows[0]["ema_eval_top1"] != "" and float(rows[0]["ema_eval_loss"]) > 0
     assert load(tmp_path / "run" / "last.pth.tar")["ema"]["config"]["device"] == "cpu"
