@@ -156,6 +156,16 @@ def colour_pixels(png: Path, colour: str, box: tuple[int, int, int, int] | None 
     return xs, ys
 
 
+def densest_row(png: Path, colour: str, box: tuple[int, int, int, int]) -> tuple[int, int]:
+    """(row, pixel count) of the image row inside ``box`` with the most ``colour`` pixels:
+    a horizontal plotted line is a long run there, a legend swatch or text a short one."""
+    _, ys = colour_pixels(png, colour, box)
+    if len(ys) == 0:
+        return -1, 0
+    rows, counts = np.unique(ys, return_counts=True)
+    return int(rows[counts.argmax()]), int(counts.max())
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: one thread each, the repository importable."""
     env = dict(os.environ)
