@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import colour_pixels, densest_row
 from emakit.training.bn import has_batchnorm, recalibrate_bn
-from emakit.training.plots import plot_summary, plot_sweep
+from emakit.training.plots import plot_summary, plot_sweep, plot_sweeps
 
 
 def batches(n: int, seed: int = 0):
@@ -77,6 +77,10 @@ def test_plots_are_written_as_pngs_of_the_expected_size(tmp_path):
         assert im.format == "PNG" and im.size == (600, 400)
     xs, ys = colour_pixels(sweep, C0)
     assert len(xs) > 300 and xs.max() - xs.min() > 300  # the sweep line spans the sigma_rel axis
+    two = plot_sweeps([("a", [0.02, 0.1], [70.0, 71.0], 1), ("b", [0.05, 0.2], [72.0, 69.0], 0)], tmp_path / "two.png")
+    for colour in (C0, C1):  # one line per sweep
+        xs, _ = colour_pixels(two, colour)
+        assert len(xs) and xs.max() - xs.min() > 200, colour
     assert not list(tmp_path.glob(".*.tmp"))
 
 
