@@ -8,8 +8,9 @@ import logging
 import torch
 from torch import nn
 
+from conftest import colour_pixels, densest_row
 from emakit.training.bn import has_batchnorm, recalibrate_bn
-from emakit.training.plots import plot_summary, plot_sweep
+from emakit.training.plots import plot_summary, plot_sweep, plot_sweeps
 
 
 def batches(n: int, seed: int = 0):
@@ -54,6 +55,11 @@ def write_summary(path, epochs=4):
                         2.2 - e * 0.2, 20 + e * 11, 79, 0.1])
 
 
+# matplotlib's default colour cycle (raw, ema, ema1) and plot_summary's grey train-loss line
+C0, C1, C2, GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#808080"
+LEFT, RIGHT = (0, 0, 500, 400), (500, 0, 1000, 400)  # the top-1 and the loss panel
+
+
 def test_plots_are_written_as_pngs_of_the_expected_size(tmp_path):
     from PIL import Image
 
@@ -62,10 +68,55 @@ def test_plots_are_written_as_pngs_of_the_expected_size(tmp_path):
     assert out == tmp_path / "summary.png"
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size == (1000, 400)
+    for colour in (C0, C1, C2):  # every series is drawn across the epochs (a legend swatch is ~30 px)
+        for box in (LEFT, RIGHT):
+            xs, _ = colour_pixels(out, colour, box)
+            assert len(xs) and xs.max() - xs.min() > 300, (colour, box)
     sweep = plot_sweep([0.02, 0.05, 0.1], [70.0, 75.5, 74.0], tmp_path / "sweep.png", best_index=1)
     with Image.open(sweep) as im:
         assert im.format == "PNG" and im.size == (600, 400)
+    xs, ys = colour_pixels(sweep, C0)
+    assert len(xs) > 300 and xs.max() - xs.min() > 300  # the sweep line spans the sigma_rel axis
+    two = plot_sweeps([("a", [0.02, 0.1], [70.0, 71.0], 1), ("b", [0.05, 0.2], [72.0, 69.0], 0)], tmp_path / "two.png")
+    for colour in (C0, C1):  # one line per sweep
+        xs, _ = colour_pixels(two, colour)
+        assert len(xs) and xs.max() - xs.min() > 200, colour
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_summary_plot_draws_each_series_at_its_value(tmp_path):
+    """Flat series at equally spaced values must be drawn as long horizontal lines, in the
+    right panel, at equally spaced heights in value order; empty columns draw no line."""
+    cols = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "ema_eval_loss", "ema_eval_top1",
+            "ema_eval_top5", "ema1_eval_loss", "ema1_eval_top1", "ema1_eval_top5", "lr"]
+    with open(tmp_path / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for e in range(4):  # top-5 (95) is not plotted: it must not move any line
+            w.writerow([e, 4.0, 3.0, 20, 95, 2.0, 50, 95, 1.0, 80, 95, 0.1])
+    out = plot_summary(tmp_path / "summary.csv")
+    top1 = {v: densest_row(out, c, LEFT) for v, c in ((20, C0), (50, C1), (80, C2))}
+    loss = {v: densest_row(out, c, RIGHT) for v, c in ((4.0, GREY), (3.0, C0), (2.0, C1), (1.0, C2))}
+    for (_, count) in [*top1.values(), *loss.values()]:
+        assert count > 200, (top1, loss)  # a line across the panel, not a legend swatch
+    for rows in ({v: r for v, (r, _) in top1.items()}, {v: r for v, (r, _) in loss.items()}):
+        values = sorted(rows)  # larger value -> higher on the image (smaller row), equal steps
+        steps = [rows[a] - rows[b] for a, b in zip(values, values[1:])]
+        assert all(s > 40 for s in steps) and max(steps) - min(steps) <= 2, rows
+
+    empty_ema = tmp_path / "no_ema"
+    empty_ema.mkdir()
+    with open(empty_ema / "summary.csv", "w", newline="") as f:  # a --no-model-ema run: EMA cells empty
+        w = csv.writer(f)
+        w.writerow(cols)
+        for e in range(4):
+            w.writerow([e, 4.0, 3.0, 20, 95, "", "", "", "", "", "", 0.1])
+    bare = plot_summary(empty_ema / "summary.csv")
+    assert densest_row(bare, C0, LEFT)[1] > 200
+    for colour in (C1, C2):
+        for box in (LEFT, RIGHT):
+            xs, _ = colour_pixels(bare, colour, box)
+            assert len(xs) == 0 or xs.max() - xs.min() < 60, colour  # at most a legend swatch
 
 
 def test_plots_without_matplotlib_log_a_notice_and_return_none(tmp_path, monkeypatch, caplog):

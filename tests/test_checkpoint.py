@@ -322,7 +322,20 @@ def test_strict_load_names_missing_unexpected_and_shape_mismatched_keys():
 
 def test_compat_check_accepts_exact_match():
     model = _tiny_model()
-    check_state_dict_compat(model, model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # same keys and shapes, other values and dtypes (a bf16 EMA): accepted, nothing changed
+    other = {k: (v.bfloat16() + 1 if v.is_floating_point() else v + 7) for k, v in _tiny_model().state_dict().items()}
+    assert check_state_dict_compat(model, model.state_dict()) is None
+    assert check_state_dict_compat(model, other) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the same check rejects the smallest departure from an exact match, one key at a time
+    for key in before:
+        shrunk = dict(other)
+        shrunk[key] = torch.zeros(3, 3) if before[key].dim() != 2 else torch.zeros(1)
+        with pytest.raises(CheckpointError, match=f"shape mismatches: {key} "):
+            check_state_dict_compat(model, shrunk)
+        with pytest.raises(CheckpointError, match=f"1 missing keys: {key}"):
+            check_state_dict_compat(model, {k: v for k, v in other.items() if k != key})
 
 
 # --------------------------------------------------------------------------- safetensors

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, colour_pixels, subprocess_env
 from emakit.checkpoint import extract_state_dict, load_checkpoint, save_checkpoint
 from emakit.cli import main
 from emakit.posthoc import PowerEMA, SnapshotWriter, reconstruct
@@ -223,6 +223,11 @@ def test_plot_writes_the_summary_png(tmp_path, capsys):
     with Image.open(tmp_path / "summary.png") as im:
         assert im.format == "PNG" and im.size == (1000, 400)  # plot_summary: 10 x 4 in at 100 dpi
     assert f"wrote {tmp_path / 'summary.png'}" in out
+    # the raw (C0 blue) and EMA (C1 orange) curves are drawn across both panels (a legend swatch is ~30 px)
+    for colour in ("#1f77b4", "#ff7f0e"):
+        for box in ((0, 0, 500, 400), (500, 0, 1000, 400)):
+            xs, _ = colour_pixels(tmp_path / "summary.png", colour, box)
+            assert len(xs) and xs.max() - xs.min() > 300, (colour, box)
 
 
 def test_plot_of_a_missing_file_is_a_one_line_error(tmp_path, capsys):

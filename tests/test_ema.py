@@ -409,3 +409,21 @@ def test_multi_ema_with_half_lives_and_bad_arguments():
         MultiEMA(nn.Linear(2, 2), decays=[0.9], half_lives=["10ba"])
     with pytest.raises(ValueError, match=r"decay=1\.2 is outside"):
         MultiEMA(nn.Linear(2, 2), decays=[0.9, 1.2])
+
+
+def test_an_ema_on_another_device_than_the_model_stays_there_through_updates():
+    """``device=`` places every EMA tensor (the meta device stands in for a second device on
+    a CPU-only machine), and updates from the CPU model keep it there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    ema = ModelEMA(model, decay=0.9, device="meta")
+    assert ema.device == torch.device("meta")
+    tensors = list(ema.module.parameters()) + list(ema.module.buffers())
+    assert len(tensors) == len(list(model.parameters())) + len(list(model.buffers()))
+    assert all(t.device.type == "meta" for t in tensors)
+    ema.update(model)
+    ema.update(model)
+    assert ema.num_updates == 2
+    assert all(t.device.type == "meta" for t in list(ema.module.parameters()) + list(ema.module.buffers()))
+    assert all(p.device.type == "cpu" for p in model.parameters())  # the model was not moved
+    assert ModelEMA(model, decay=0.9).module[0].weight.device.type == "cpu"  # default: the model's device

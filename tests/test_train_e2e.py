@@ -164,21 +164,50 @@ def test_gradient_accumulation_ema_updates_equal_optimizer_steps(run_train, tmp_
     assert adam_steps == {steps}
 
 
-def test_bf16_autocast_on_cpu_with_a_float32_ema_trains(run_train, tmp_path, image_folder):
+def test_bf16_autocast_on_cpu_with_a_float32_ema_trains(run_train, tmp_path, image_folder, monkeypatch):
+    import timm
+
+    create_model = timm.create_model
+
+    def bf16_model(*args, **kwargs):  # the model is held in bf16 (autocast alone keeps fp32 parameters)
+        return create_model(*args, **kwargs).to(torch.bfloat16)
+
+    monkeypatch.setattr(timm, "create_model", bf16_model)
     code, _, err = run_train(fast(image_folder, tmp_path, "--amp", "--amp-dtype", "bfloat16",
                                   "--model-ema-dtype", "float32", "--epochs", "2", "--device", "cpu"))
     assert code == 0, err
     ckpt = load(tmp_path / "run" / "last.pth.tar")
+    raw = [v for v in ckpt["state_dict"].values() if v.is_floating_point()]
+    assert raw and all(v.dtype == torch.bfloat16 for v in raw)  # the trained model really was bf16
     floats = [v for v in ckpt["state_dict_ema"].values() if v.is_floating_point()]
-    assert floats and all(v.dtype == torch.float32 for v in floats)
+    assert len(floats) == len(raw) and all(v.dtype == torch.float32 for v in floats)  # --model-ema-dtype
+    # fp32 master weights hold what a bf16 copy cannot: the EMA is not a bf16 value widened
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in floats)
     assert ckpt["ema"]["num_updates"] == 2 * (count_images(image_folder / "train") // 8)
     m = ckpt["metrics"]
     assert math.isfinite(m["train_loss"]) and math.isfinite(m["ema_eval_loss"])
 
 
-def test_a_cpu_held_ema_is_still_validated(run_train, tmp_path, image_folder):
+def test_a_cpu_held_ema_is_still_validated(run_train, tmp_path, image_folder, monkeypatch):
+    from emakit.ema import ModelEMA
+
+    # On a CPU-only machine the EMA lands on the CPU whether or not it is forced there, so
+    # the test watches the placement request itself: the device every ModelEMA is built for.
+    placements = []
+    init = ModelEMA.__init__
+
+    def spy(self, model, *args, **kwargs):
+        placements.append((kwargs.get("device"), next(model.parameters()).device))
+        init(self, model, *args, **kwargs)
+        placements[-1] += (self.device,)
+
+    monkeypatch.setattr(ModelEMA, "__init__", spy)
     code, _, err = run_train(fast(image_folder, tmp_path, "--model-ema-force-cpu", "--epochs", "1"))
     assert code == 0, err
+    assert placements, "no ModelEMA was built"
+    for asked, _, placed in placements:  # forced: an explicit CPU placement, not "the model's device" (None)
+        assert asked is not None and torch.device(asked) == torch.device("cpu"), placements
+        assert placed == torch.device("cpu"), placements
     _, rows = read_summary(tmp_path / "run" / "summary.csv")
     assert rows[0]["ema_eval_top1"] != "" and float(rows[0]["ema_eval_loss"]) > 0
     assert load(tmp_path / "run" / "last.pth.tar")["ema"]["config"]["device"] == "cpu"

@@ -82,16 +82,22 @@ def test_a_step_skipped_by_the_fp16_grad_scaler_is_not_an_ema_update():
 
 
 def test_evaluate_matches_a_direct_computation_of_loss_top1_top5():
-    model = linear_net(1).eval()
-    data = batches(5, size=3, seed=4)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10)).eval()  # 10 classes: top-5 is not everything
+    gen = torch.Generator().manual_seed(4)
+    data = [(torch.randn(8, 3, 2, 2, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(5)]
     metrics = evaluate(model, data, nn.CrossEntropyLoss(), device=CPU)
     x = torch.cat([b for b, _ in data])
     y = torch.cat([t for _, t in data])
     with torch.no_grad():
         logits = model(x)
-    assert metrics["samples"] == 15
-    assert metrics["top1"] == pytest.approx(100.0 * (logits.argmax(1) == y).float().mean().item())
-    assert metrics["top5"] == 100.0  # 4 classes: top-5 is every class
+    # top-5 by hand: the label's rank among the logits (how many classes score higher)
+    rank = (logits > logits.gather(1, y[:, None])).sum(1)
+    top1, top5 = 100.0 * (rank == 0).double().mean().item(), 100.0 * (rank < 5).double().mean().item()
+    assert metrics["samples"] == 40
+    assert top1 < top5 < 100.0  # the figures below can tell top-5 from top-1 and from 100%
+    assert metrics["top1"] == pytest.approx(top1)
+    assert metrics["top5"] == pytest.approx(top5)
     assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
 
 

@@ -17,11 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import CLASSES, REPO, count_images, make_image_folder, subprocess_env
+from conftest import load_images as _load_images
+from conftest import plain_eval as _plain_eval
 
 timm = pytest.importorskip("timm")
 
@@ -49,37 +50,6 @@ def _weights(seed: int, num_classes: int = 3, arch: str = "test_resnet") -> dict
                 else:
                     t.add_(0.2 * torch.randn(t.shape, generator=g))
     return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _load_images(split_dir: Path, classes: tuple[str, ...] = CLASSES) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image of ``split_dir`` as a normalised float batch, labels by sorted class name."""
-    from PIL import Image
-
-    xs, ys = [], []
-    for label, name in enumerate(sorted(classes)):
-        folder = split_dir / name
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.iterdir()):
-            with Image.open(path) as im:
-                pixels = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-            xs.append((torch.from_numpy(pixels).permute(2, 0, 1) - torch.tensor(MEAN).view(3, 1, 1))
-                      / torch.tensor(STD).view(3, 1, 1))
-            ys.append(label)
-    return torch.stack(xs), torch.tensor(ys)
-
-
-@torch.no_grad()
-def _plain_eval(state_dict: dict, images: torch.Tensor, labels: torch.Tensor, arch: str = "test_resnet") -> dict:
-    """Top-1/top-5 (%) and mean cross-entropy of ``state_dict`` by a loop written here."""
-    model = timm.create_model(arch, num_classes=int(state_dict["fc.weight"].shape[0]))
-    model.load_state_dict(state_dict, strict=True)
-    model.eval()
-    logits = model(images).double()
-    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    return {"top1": 100.0 * (top5[:, 0] == labels).sum().item() / len(labels),
-            "top5": 100.0 * (top5 == labels[:, None]).any(dim=1).sum().item() / len(labels),
-            "loss": torch.nn.functional.cross_entropy(logits, labels).item(), "samples": len(labels)}
 
 
 def _run(capsys, argv: list) -> tuple[int, str, str]:
