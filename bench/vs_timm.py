@@ -28,7 +28,7 @@ Measured per process, from outside:
   line (training, evaluation and checkpoints of one epoch).
 
 Prints medians and the median of per-pair ratios (emakit / timm: below 1 is faster), and
-writes bench/results/vs_timm.json. timm's train.py is not in the timm wheel; bench/README.md
+writes bench/results/vs_timm.json (after every pair). timm's train.py is not in the timm wheel; bench/README.md
 says how to get it. Not part of the tests.
 """
 from __future__ import annotations
@@ -159,6 +159,42 @@ def loadavg() -> list[float]:
         return []
 
 
+METRICS = [("wall", "wall s"), ("cpu", "cpu s (user+sys)"), ("user", "user s"), ("sys", "sys s"),
+           ("peak_rss_mib", "peak RSS MiB"), ("first_step", "launch -> 1st step s"),
+           ("train_img_per_sec", "train img/s (epoch mean)"), ("epoch_seconds", "epoch s (mean)")]
+
+
+def summarize(results: dict[str, list[dict]]) -> dict:
+    """Medians per trainer and the median of per-pair ratios (emakit / timm) per metric."""
+    pairs = min(len(results["emakit"]), len(results["timm"]))
+    table = {}
+    for key, _ in METRICS:
+        ours, theirs = ([statistics.mean(r[key]) if isinstance(r[key], list) else r[key] for r in results[n][:pairs]]
+                        for n in ("emakit", "timm"))
+        ratios = [a / b for a, b in zip(ours, theirs)]
+        table[key] = {"emakit": statistics.median(ours), "timm": statistics.median(theirs),
+                      "ratio": statistics.median(ratios), "ratios": ratios}
+    return table
+
+
+def write_report(args: argparse.Namespace, results: dict, load: dict, done: bool) -> dict:
+    """Write the JSON (after every pair, so an interrupted run keeps its finished pairs)."""
+    import timm
+    import torch
+
+    table = summarize(results) if min(len(v) for v in results.values()) else {}
+    report = {
+        "bench": "vs_timm", "command": command(args, "train.py", Path("DATA"), Path("OUT"))[1:],
+        "pairs_done": min(len(v) for v in results.values()), "pairs_asked": args.pairs, "complete": done,
+        "timm_version": timm.__version__, "torch_version": torch.__version__,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        **load, "summary": table, "runs": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    return table
+
+
 def main() -> int:
     args = parse()
     timm_train = Path(args.timm_train).resolve()
@@ -166,17 +202,17 @@ def main() -> int:
         print(f"vs_timm.py: error: {timm_train} is not a file: pass timm's train.py (see bench/README.md)",
               file=sys.stderr)
         return 2
-    import timm
-    import torch
-
+    if args.pairs < 1 or args.epochs < 1:
+        print("vs_timm.py: error: --pairs and --epochs must be >= 1", file=sys.stderr)
+        return 2
     tmp = Path(tempfile.mkdtemp(prefix="vs_timm_"))
+    load: dict = {"load_average_before": loadavg()}
+    results: dict[str, list[dict]] = {"emakit": [], "timm": []}
     try:
         data = Path(args.data) if args.data else make_data(tmp / "data")
         steps_per_epoch = TRAIN_PER_CLASS * CLASSES // BATCH
         trainers = {"emakit": (str(REPO / "train.py"), _OURS_STEP, False),
                     "timm": (str(timm_train), _TIMM_STEP, True)}
-        results: dict[str, list[dict]] = {"emakit": [], "timm": []}
-        load_before = loadavg()
         for pair in range(args.pairs):
             order = ["emakit", "timm"] if pair % 2 == 0 else ["timm", "emakit"]
             for name in order:
@@ -189,42 +225,22 @@ def main() -> int:
                 r = results[name][-1]
                 print(f"pair {pair} {name:>6}: wall {r['wall']:.2f}s cpu {r['cpu']:.2f}s first step "
                       f"{r['first_step']:.2f}s train img/s {' '.join(f'{x:.0f}' for x in r['train_img_per_sec'])}"
-                      + (f"  log {log}" if args.keep_logs else ""), flush=True)
+                      f" load {loadavg()}" + (f"  log {log}" if args.keep_logs else ""), flush=True)
                 shutil.rmtree(out_dir)
-        load_after = loadavg()
+            load["load_average_after"] = loadavg()
+            write_report(args, results, load, done=pair == args.pairs - 1)
     finally:
         if not args.keep_logs:
             shutil.rmtree(tmp, ignore_errors=True)
-
-    def per_run(name: str, key: str) -> list[float]:
-        vals = [r[key] for r in results[name]]
-        return [statistics.mean(v) if isinstance(v, list) else v for v in vals]
-
-    metrics = [("wall", "wall s"), ("cpu", "cpu s (user+sys)"), ("user", "user s"), ("sys", "sys s"),
-               ("peak_rss_mib", "peak RSS MiB"), ("first_step", "launch -> 1st step s"),
-               ("train_img_per_sec", "train img/s (epoch mean)"), ("epoch_seconds", "epoch s (mean)")]
-    table = {}
+    table = summarize(results)
     print(f"\n{'':26} {'emakit':>9} {'timm':>9} {'ratio':>7}   (medians of {args.pairs} pairs; "
           "ratio = median of per-pair emakit/timm)")
-    for key, label in metrics:
-        ours, theirs = per_run("emakit", key), per_run("timm", key)
-        ratios = [a / b for a, b in zip(ours, theirs)]
-        table[key] = {"emakit": statistics.median(ours), "timm": statistics.median(theirs),
-                      "ratio": statistics.median(ratios), "ratios": ratios}
+    for key, label in METRICS:
         print(f"{label:26} {table[key]['emakit']:9.2f} {table[key]['timm']:9.2f} {table[key]['ratio']:7.3f}")
     for name in ("emakit", "timm"):
         per_epoch = [statistics.median(r["train_img_per_sec"][e] for r in results[name]) for e in range(args.epochs)]
         print(f"{name} train img/s per epoch (medians): {' '.join(f'{x:.1f}' for x in per_epoch)}")
-    print(f"load average before {load_before}, after {load_after}")
-    report = {
-        "bench": "vs_timm", "command": command(args, "train.py", Path("DATA"), Path("OUT"))[1:],
-        "pairs": args.pairs, "timm_version": timm.__version__, "torch_version": torch.__version__,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
-        "load_average_before": load_before, "load_average_after": load_after,
-        "summary": table, "runs": results,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"load average before {load['load_average_before']}, after {load['load_average_after']}")
     print(f"wrote {args.out}")
     return 0
 

@@ -233,7 +233,7 @@ def evaluate_many(
         t.module.eval()
     sums = [[0.0, 0.0, 0.0] for _ in targets]  # loss * n, top-1 hits, top-5 hits
     count = 0.0
-    label = "eval" + "".join(t.label for t in targets[:1]) + (f" +{len(targets) - 1}" if len(targets) > 1 else "")
+    label = f"eval{targets[0].label}" if len(targets) == 1 else f"eval ({len(targets)} weight sets)"
     try:
         for inputs, target in _progress(loader, progress, label):
             moved: dict[tuple[torch.device, torch.dtype | None], tuple[torch.Tensor, torch.Tensor]] = {}

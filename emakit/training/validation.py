@@ -40,7 +40,7 @@ from emakit.checkpoint import (CheckpointError, check_state_dict_compat, extract
                                save_checkpoint, save_safetensors, strip_prefixes, write_text_atomic)
 
 from . import UsageError
-from .data import (AugmentConfig, ImageListDataset, _class_folders, _scan_split, build_eval_loader,
+from .data import (AugmentConfig, DeviceLoader, ImageListDataset, _class_folders, _scan_split, build_eval_loader,
                    build_transforms, load_digits_splits)
 from .distributed import DistInfo
 from .engine import AmpSettings, EvalTarget, evaluate_many
@@ -520,9 +520,12 @@ def evaluate_weight_sets(models: Sequence[tuple[nn.Module, str]], setup: EvalSet
     in one pass over ``setup.dataset`` (each image decoded once, ``evaluate_many``), with the
     eval transform resolved from ``train_args``, the flags and the first model."""
     data_config = eval_data_config(models[0][0], train_args, setup.data_overrides)
-    _, setup.dataset.transform = build_transforms(data_config, AugmentConfig())
-    loader = build_eval_loader(setup.dataset, setup.batch_size, setup.dist, workers=setup.workers,
-                               pin_memory=setup.dist.device.type == "cuda")
+    on_device = setup.dist.device.type == "cuda"  # the GPU input path, as in train.py
+    _, setup.dataset.transform = build_transforms(data_config, AugmentConfig(), uint8=on_device)
+    loader: Any = build_eval_loader(setup.dataset, setup.batch_size, setup.dist, workers=setup.workers,
+                                    pin_memory=on_device)
+    if on_device:
+        loader = DeviceLoader(loader, setup.dist.device, data_config["mean"], data_config["std"])
     targets = [EvalTarget(model, setup.dist.device, label=f" ({label})") for model, label in models]
     metrics = evaluate_many(targets, loader, nn.CrossEntropyLoss(), amp=setup.amp,
                             channels_last=setup.channels_last, dist=setup.dist, progress=setup.progress)
