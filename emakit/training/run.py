@@ -833,6 +833,8 @@ def run_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
                             device=tr.dist.device, opts=_train_options(args, tr), dist=tr.dist, ema=tr.ema,
                             lr_scheduler=tr.lr_scheduler, mixup_fn=tr.mixup_fn, posthoc=tr.posthoc)
     raw, emas, bn_recal = evaluate_raw_and_emas(tr)
+    if tr.dist.is_main and epoch == args.epochs - 1:
+        _preload_plotting()  # overlaps matplotlib's import with the last checkpoint write
     metrics = _epoch_metrics(epoch, train, raw, emas, args.eval_metric)
     metric = select_metric(raw, emas, args.eval_metric, args.model_ema_select)
     tr.lr_scheduler.step(epoch + 1, metric)
@@ -877,6 +879,16 @@ def _finish_posthoc(tr: Trainer) -> None:
               len(steps), len(posthoc.power.sigma_rels), posthoc.writer.folder, used / 2**20, used,
               posthoc.projected_footprint())
     _log.info("choose the EMA length now: %s", posthoc_sweep_command(tr.args.data, tr.saver.last_path))
+
+
+def _preload_plotting() -> None:
+    """Import pyplot for ``summary.png`` on a daemon thread. Started only after the last
+    evaluation, when every loader worker has been forked (no fork while it holds import locks)."""
+    import threading
+
+    from .plots import preload_pyplot
+
+    threading.Thread(target=preload_pyplot, name="preload-pyplot", daemon=True).start()
 
 
 def _plot_summary(tr: Trainer) -> None:
