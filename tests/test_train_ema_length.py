@@ -332,19 +332,20 @@ def recal_runs(image_folder, tmp_path_factory):
     from emakit.training import run as run_module
 
     seen: list[dict[str, torch.Tensor]] = []
-    evaluate = run_module.evaluate
+    evaluate_many = run_module.evaluate_many  # one pass evaluates the raw weights and every EMA
 
-    def spy(model, *args, **kwargs):
-        if kwargs.get("log_suffix") == " (EMA)":
-            seen.append({k: v.clone() for k, v in model.state_dict().items()})
-        return evaluate(model, *args, **kwargs)
+    def spy(targets, *args, **kwargs):
+        for target in targets:
+            if target.label == " (EMA)":
+                seen.append({k: v.clone() for k, v in target.module.state_dict().items()})
+        return evaluate_many(targets, *args, **kwargs)
 
     out = tmp_path_factory.mktemp("recal")
-    run_module.evaluate = spy
+    run_module.evaluate_many = spy
     try:
         train_ok(fast(image_folder, out, *RECAL, "--model-ema-bn-recal", "50", experiment="recal"))
     finally:
-        run_module.evaluate = evaluate
+        run_module.evaluate_many = evaluate_many
     train_ok(fast(image_folder, out, *RECAL, experiment="plain"))
     return out / "recal", out / "plain", seen
 

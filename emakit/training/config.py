@@ -151,6 +151,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                         "the main process, fastest for in-memory images)")
     g.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=False,
                    help="pin CPU memory in the data loaders (default: False)")
+    g.add_argument("--no-prefetcher", action="store_true", default=False,
+                   help="on CUDA, do not use the GPU input path (uint8 batches copied on a side stream, "
+                        "normalised and randomly erased on the GPU); the CPU always normalises in the "
+                        "loader workers (default: False)")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -27,7 +29,8 @@ from .distributed import DistInfo
 __all__ = [
     "BadImageError", "DataSplits", "ImageListDataset", "DIGITS_NAME", "load_digits_splits",
     "load_image_folder", "build_datasets", "check_images", "build_transforms", "ShardSampler", "ResumableSampler",
-    "build_train_loader", "build_eval_loader", "epoch_seed", "resolve_data_config_for", "set_epoch", "one_line_error",
+    "build_train_loader", "build_eval_loader", "epoch_seed", "sample_seed", "SeededDataset",
+    "DeviceLoader", "normalize_uint8", "device_random_erasing", "resolve_data_config_for", "set_epoch", "one_line_error",
     "AugmentConfig", "shown_path", "flip_labels",
 ]
 
@@ -355,8 +358,12 @@ def resolve_data_config_for(model: Any, *, img_size: int | None = None, crop_pct
     return resolve_data_config({k: v for k, v in given.items() if v not in (None, "")}, model=model)
 
 
-def build_transforms(data_config: dict[str, Any], aug: AugmentConfig) -> tuple[Callable, Callable]:
-    """(train, eval) transforms from timm's ``create_transform`` and a resolved data config."""
+def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: bool = False) -> tuple[Callable, Callable]:
+    """(train, eval) transforms from timm's ``create_transform`` and a resolved data config.
+
+    ``uint8=True`` (the GPU input path, :class:`DeviceLoader`): the transforms stop at a
+    ``uint8`` tensor; normalisation and random erasing are left to the device.
+    """
     from timm.data import create_transform
 
     train_interp = data_config["interpolation"] if aug.no_aug or not aug.interpolation else aug.interpolation
@@ -365,10 +372,12 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig) -> tuple[C
         ratio=tuple(aug.ratio), hflip=aug.hflip, vflip=aug.vflip, color_jitter=aug.color_jitter,
         auto_augment=aug.auto_augment, interpolation=train_interp, mean=data_config["mean"],
         std=data_config["std"], re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count,
+        use_prefetcher=uint8,
     )
     eval_tf = create_transform(
         data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
         mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
+        use_prefetcher=uint8,
     )
     return train_tf, eval_tf
 
@@ -388,49 +397,100 @@ class ShardSampler(Sampler[int]):
 
 
 class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` that can start one epoch part-way (a mid-epoch resume): after
-    :meth:`skip` ``n``, the next iteration yields this epoch's indices from position ``n`` on,
-    without loading the ones before; later iterations are whole again. ``len`` stays the
-    epoch's full length, so step counts and schedules do not change."""
+    """``DistributedSampler`` that yields ``(index, sample_seed)`` pairs, the seed of every
+    sample a pure function of (seed, epoch, index) (see :class:`SeededDataset`), and that can
+    start one epoch part-way (a mid-epoch resume): after :meth:`skip` ``n``, the next
+    iteration yields this epoch's samples from position ``n`` on, without loading the ones
+    before; later iterations are whole again. ``len`` stays the epoch's full length, so step
+    counts and schedules do not change."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, dataset: Dataset, world_size: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self._start = 0
 
     def skip(self, n: int) -> None:
-        """Leave out the first ``n`` indices of the next iteration only."""
+        """Leave out the first ``n`` samples of the next iteration only."""
         self._start = int(n)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         start, self._start = self._start, 0
-        indices = super().__iter__()
-        return iter(list(indices)[start:]) if start else indices
+        base = epoch_seed(self.seed, self.epoch)
+        indices = list(super().__iter__())[start:]
+        return ((i, sample_seed(base, i)) for i in indices)
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so that ``dataset[(index, seed)]`` reseeds python's ``random``,
+    numpy's and torch's global generators with ``seed`` before loading and transforming
+    item ``index``.
+
+    Random augmentations then depend on (seed, epoch, index) only, not on which worker
+    process loads the sample, how many there are, or what they loaded before: data-loader
+    workers can persist across epochs and a resumed run still sees bit-identical batches
+    (also with a different ``--workers``). Outside a worker process (``workers=0``) the
+    caller's generator states are restored afterwards, so the training loop's own random
+    numbers (dropout, mixup) do not depend on the data.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        if torch.utils.data.get_worker_info() is not None:
+            _seed_globals(seed)
+            return self.dataset[index]
+        saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+        try:
+            _seed_globals(seed)
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.random.set_rng_state(saved[2])
+
+
+def _seed_globals(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)
+
+
+def sample_seed(base: int, index: int) -> int:
+    """The augmentation seed of sample ``index`` in the epoch whose :func:`epoch_seed` is ``base``."""
+    return (base * 1_000_003 + index) % (2**63 - 1)
 
 
 def build_train_loader(dataset: Dataset, batch_size: int, dist: DistInfo, *, seed: int, workers: int = 0,
                        pin_memory: bool = False, collate_fn: Callable | None = None) -> DataLoader:
     """Shuffled, sharded training loader; call :func:`set_epoch` before each epoch.
 
-    ``DistributedSampler`` (also for one process) shuffles with ``seed + epoch``; the last
-    incomplete batch is dropped, as timm does, so every rank makes the same number of steps.
+    The shuffle is ``DistributedSampler``'s (also for one process) with ``seed + epoch``;
+    the last incomplete batch is dropped, as timm does, so every rank makes the same number
+    of steps. The random augmentations of each sample are seeded from (seed, epoch, index)
+    (:class:`SeededDataset`), so the ``workers`` worker processes persist across epochs
+    (no start-up per epoch) and every epoch is still a pure function of (seed, epoch).
     """
-    sampler = ResumableSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                               seed=seed, drop_last=False)
+    sampler = ResumableSampler(dataset, dist.world_size, dist.rank, seed)
     per_rank = len(sampler)
     if per_rank < batch_size:
-        raise UsageError(f"the train split has {len(dataset)} images, {per_rank} per process: fewer than "
+        raise UsageError(f"the train split has {len(dataset)} images, {per_rank} per process: fewer than "  # type: ignore[arg-type]
                          f"one batch of {batch_size}; lower -b/--batch-size")
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
-                      generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)
 
 
 def build_eval_loader(dataset: Dataset, batch_size: int, dist: DistInfo, *, workers: int = 0,
                       pin_memory: bool = False) -> DataLoader:
-    """In-order evaluation loader over this rank's disjoint share of ``dataset``."""
-    sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)
+    """In-order evaluation loader over this rank's disjoint share of ``dataset``; its
+    ``workers`` worker processes persist across passes."""
+    sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)  # type: ignore[arg-type]
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, drop_last=False, persistent_workers=False)
+                      pin_memory=pin_memory, drop_last=False, persistent_workers=workers > 0)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -439,10 +499,101 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return ((seed * 1_000_003 + epoch) * 10_007 + rank) % (2**63 - 1)
 
 
-def set_epoch(loader: DataLoader, epoch: int, seed: int, rank: int = 0) -> None:
+def set_epoch(loader: Any, epoch: int, seed: int, rank: int = 0) -> None:
     """Make ``epoch``'s shuffling (same on all ranks, as ``DistributedSampler`` needs) and
-    worker seeds (different per rank) depend on (seed, epoch, rank) only."""
+    augmentation seeds depend on (seed, epoch) only, and the workers' base seed on
+    (seed, epoch, rank). ``loader`` is a DataLoader or a :class:`DeviceLoader` around one."""
+    loader = loader.loader if isinstance(loader, DeviceLoader) else loader
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
     if loader.generator is not None:
         loader.generator.manual_seed(epoch_seed(seed, epoch, rank))
+
+
+def normalize_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``uint8`` images (N, C, H, W) -> ``(x / 255 - mean) / std`` in ``dtype``, wherever
+    ``images`` live. The same operations in the same order as torchvision's ``ToTensor``
+    followed by ``Normalize`` (the CPU transform), so the result is the same to the bit;
+    ``mean`` and ``std`` are (C, 1, 1) tensors of ``dtype`` on the images' device."""
+    return images.to(dtype).div_(255).sub_(mean).div_(std)
+
+
+class DeviceLoader:
+    """The GPU input path (timm's ``PrefetchLoader`` is the reference): a DataLoader of
+    ``uint8`` batches (:func:`build_transforms` with ``uint8=True``, pinned memory) whose
+    batches are copied to ``device`` without blocking, normalised there
+    (:func:`normalize_uint8`) and randomly erased there when ``random_erasing`` is given
+    (timm's ``RandomErasing`` built for ``device``). On CUDA the next batch is copied and
+    normalised on a side stream while the current one is used; batches must be consumed
+    on the stream that is current when the iterator advances. On other devices it works
+    the same without the side stream (used by the tests on the CPU).
+
+    ``len``, ``sampler``, ``dataset`` and ``generator`` are those of the wrapped loader.
+    """
+
+    def __init__(self, loader: DataLoader, device: torch.device, mean: Sequence[float], std: Sequence[float], *,
+                 dtype: torch.dtype = torch.float32, random_erasing: Callable | None = None) -> None:
+        self.loader, self.device, self.dtype = loader, torch.device(device), dtype
+        self.mean = torch.tensor(list(mean), dtype=dtype, device=self.device).view(-1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=dtype, device=self.device).view(-1, 1, 1)
+        self.random_erasing = random_erasing
+        self._stream: Any = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def sampler(self) -> Any:
+        """The wrapped loader's sampler."""
+        return self.loader.sampler
+
+    @property
+    def dataset(self) -> Any:
+        """The wrapped loader's dataset."""
+        return self.loader.dataset
+
+    @property
+    def generator(self) -> Any:
+        """The wrapped loader's generator."""
+        return self.loader.generator
+
+    def _prepare(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=True)
+        target = target.to(self.device, non_blocking=True)
+        images = normalize_uint8(images, self.mean, self.std, self.dtype)
+        if self.random_erasing is not None:
+            images = self.random_erasing(images)
+        return images, target
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        cuda = self.device.type == "cuda"
+        if cuda and self._stream is None:
+            # one stream for the loader's life: the caching allocator pools blocks per stream
+            self._stream = torch.cuda.Stream(device=self.device)
+        pending = None
+        for images, target in self.loader:
+            if cuda:
+                consumer = torch.cuda.current_stream(self.device)
+                # blocks the consumer freed may be reused below: wait for its queued work first
+                self._stream.wait_stream(consumer)
+                with torch.cuda.stream(self._stream):
+                    batch = self._prepare(images, target)
+            else:
+                batch = self._prepare(images, target)
+            if pending is not None:
+                yield pending
+            if cuda:
+                torch.cuda.current_stream(self.device).wait_stream(self._stream)
+            pending = batch
+        if pending is not None:
+            yield pending
+
+
+def device_random_erasing(aug: AugmentConfig, device: torch.device) -> Callable | None:
+    """timm's ``RandomErasing`` for batches on ``device`` (None when ``aug.re_prob`` is 0)."""
+    if aug.no_aug or aug.re_prob <= 0:
+        return None
+    from timm.data.random_erasing import RandomErasing
+
+    return RandomErasing(probability=aug.re_prob, mode=aug.re_mode, max_count=aug.re_count, device=device)

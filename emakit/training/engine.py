@@ -1,7 +1,8 @@
 """The two loops: ``train_one_epoch`` (optimizer steps + EMA updates) and ``evaluate``.
 
-They take explicit objects, never the argparse namespace. ``evaluate`` scores any module,
-so the same function validates the raw model and the EMA (torchvision's ``log_suffix``).
+They take explicit objects, never the argparse namespace. ``evaluate_many`` scores any
+modules on one pass over the data, so the raw model and every EMA are validated on the same
+decoded batches; ``evaluate`` is its one-module form (torchvision's ``log_suffix``).
 
 Every optimizer step is checked before it is taken: a non-finite loss (any micro-batch of
 the step, any rank) or non-finite gradient never reaches the optimizer or the EMA; the
@@ -17,7 +18,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from torch import nn
 from .distributed import DistInfo, all_reduce_sum
 
 __all__ = ["AmpSettings", "TrainOptions", "NonfiniteGuard", "EpochProgress", "TrainingDiverged", "train_one_epoch",
-           "evaluate", "optimizer_step"]
+           "evaluate", "evaluate_many", "EvalTarget", "optimizer_step"]
 
 _log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def train_one_epoch(
         prog.batches = batch_idx + 1
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=epoch * updates_per_epoch + done)
-        if dist.is_main and (done % opts.log_interval == 0 or done == updates_per_epoch):
+        if dist.is_main and (done == 1 or done % opts.log_interval == 0 or done == updates_per_epoch):
             _log.info("train %d [%d/%d] loss %.4f lr %.3e", epoch, done, updates_per_epoch,
                       loss.item(), _mean_lr(optimizer))
         if stopped and prog.batches < num_batches:
@@ -356,7 +357,82 @@ def _epoch_stats(loss_sum: torch.Tensor, prog: EpochProgress, samples_now: int, 
     }
 
 
+@dataclass
+class EvalTarget:
+    """One set of weights for :func:`evaluate_many`: ``module`` lives on ``device`` (the CPU
+    for a ``--model-ema-force-cpu`` EMA) and gets batches cast to ``input_dtype`` when given
+    (a bfloat16 EMA evaluated without autocast); ``label`` is the log suffix, e.g. ``" (EMA)"``."""
+
+    module: nn.Module
+    device: torch.device
+    input_dtype: torch.dtype | None = None
+    label: str = ""
+
+
 @torch.no_grad()
+def evaluate_many(
+    targets: Sequence[EvalTarget],
+    loader: Iterable,
+    loss_fn: Callable,
+    *,
+    amp: AmpSettings | None = None,
+    channels_last: bool = False,
+    dist: DistInfo = DistInfo(),
+    progress: bool = False,
+) -> list[dict[str, float]]:
+    """Loss, top-1, top-5 (percent) and sample count of every target over one pass of ``loader``.
+
+    Each batch is loaded (decoded, transformed) once and fed to every target in turn, so
+    the raw weights and k EMAs cost one pass over the data instead of k + 1; every
+    target's numbers are those of a pass of its own (same batches, same sums in the same
+    order). A batch is moved to each distinct (device, dtype) once. Every rank evaluates
+    its disjoint share and the sums of all targets are all-reduced together, so
+    ``samples`` equals the dataset size and the metrics are exact.
+    """
+    amp = amp or AmpSettings()
+    modes = [t.module.training for t in targets]
+    for t in targets:
+        t.module.eval()
+    sums = [[0.0, 0.0, 0.0] for _ in targets]  # loss * n, top-1 hits, top-5 hits
+    count = 0.0
+    label = f"eval{targets[0].label}" if len(targets) == 1 else f"eval ({len(targets)} weight sets)"
+    try:
+        for inputs, target in _progress(loader, progress, label):
+            moved: dict[tuple[torch.device, torch.dtype | None], tuple[torch.Tensor, torch.Tensor]] = {}
+            for t, acc in zip(targets, sums):
+                key = (t.device, t.input_dtype)
+                if key not in moved:
+                    x = inputs.to(t.device, dtype=t.input_dtype, non_blocking=True)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    moved[key] = x, target.to(t.device, non_blocking=True)
+                x, y = moved[key]
+                with amp.autocast(t.device):
+                    output = t.module(x)
+                output = output.float()
+                acc[0] += loss_fn(output, y).item() * inputs.shape[0]
+                topk = output.topk(min(5, output.shape[-1]), dim=-1).indices
+                hits = topk.eq(y.unsqueeze(-1))
+                acc[1] += hits[:, 0].sum().item()
+                acc[2] += hits.any(dim=-1).sum().item()
+            count += inputs.shape[0]
+    finally:
+        for t, mode in zip(targets, modes):
+            t.module.train(mode)
+    totals = all_reduce_sum([v for acc in sums for v in acc] + [count], dist)
+    n = max(totals[-1], 1.0)
+    results = []
+    for i, t in enumerate(targets):
+        loss_sum, correct1, correct5 = totals[3 * i:3 * i + 3]
+        metrics = {"loss": loss_sum / n, "top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n,
+                   "samples": int(totals[-1])}
+        if dist.is_main:
+            _log.info("eval%s: loss %.4f top1 %.3f top5 %.3f (%d samples)", t.label, metrics["loss"],
+                      metrics["top1"], metrics["top5"], metrics["samples"])
+        results.append(metrics)
+    return results
+
+
 def evaluate(
     model: nn.Module,
     loader: Iterable,
@@ -370,37 +446,7 @@ def evaluate(
     progress: bool = False,
     input_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Loss, top-1, top-5 (percent) and sample count of ``model`` over the whole loader.
-
-    Every rank evaluates its disjoint share and the sums are all-reduced, so ``samples``
-    equals the dataset size and the metrics are exact. ``device`` is where ``model`` lives
-    (the CPU for a ``--model-ema-force-cpu`` EMA); batches are moved there, and cast to
-    ``input_dtype`` when given (a bfloat16 EMA evaluated without autocast).
-    """
-    amp = amp or AmpSettings()
-    was_training = model.training
-    model.eval()
-    loss_sum = correct1 = correct5 = count = 0.0
-    for inputs, target in _progress(loader, progress, f"eval{log_suffix}"):
-        inputs, target = inputs.to(device, dtype=input_dtype, non_blocking=True), target.to(device, non_blocking=True)
-        if channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with amp.autocast(device):
-            output = model(inputs)
-        output = output.float()
-        loss_sum += loss_fn(output, target).item() * inputs.shape[0]
-        k = min(5, output.shape[-1])
-        topk = output.topk(k, dim=-1).indices
-        hits = topk.eq(target.unsqueeze(-1))
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=-1).sum().item()
-        count += inputs.shape[0]
-    model.train(was_training)
-    loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], dist)
-    n = max(count, 1.0)
-    metrics = {"loss": loss_sum / n, "top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n,
-               "samples": int(count)}
-    if dist.is_main:
-        _log.info("eval%s: loss %.4f top1 %.3f top5 %.3f (%d samples)", log_suffix, metrics["loss"],
-                  metrics["top1"], metrics["top5"], metrics["samples"])
-    return metrics
+    """Loss, top-1, top-5 (percent) and sample count of one ``model`` over the whole loader:
+    :func:`evaluate_many` with a single :class:`EvalTarget`."""
+    return evaluate_many([EvalTarget(model, device, input_dtype, log_suffix)], loader, loss_fn, amp=amp,
+                         channels_last=channels_last, dist=dist, progress=progress)[0]

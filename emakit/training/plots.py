@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["plot_summary", "plot_sweep", "plot_sweeps", "matplotlib_available"]
+__all__ = ["plot_summary", "plot_sweep", "plot_sweeps", "matplotlib_available", "preload_pyplot"]
 
 _log = logging.getLogger(__name__)
 _NOTICE = "matplotlib is not installed; skipping %s (pip install matplotlib to get plots)"
@@ -24,6 +24,16 @@ def matplotlib_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def preload_pyplot() -> None:
+    """Import matplotlib's pyplot (Agg backend) ahead of a plot, e.g. on a background thread
+    while the last checkpoint is written; a failure is left for the plot itself to report."""
+    try:
+        if matplotlib_available():
+            _pyplot()
+    except Exception:  # noqa: BLE001 - the plot reports it
+        pass
 
 
 def _pyplot():

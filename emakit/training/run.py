@@ -55,11 +55,12 @@ from .averages import (BN_RECAL_CHECKPOINT_KEY, POSTHOC_CHECKPOINT_KEY, EmaSet, 
                        posthoc_snapshot_cap, posthoc_sweep_command, recalibrated_bn)
 from .bn import has_batchnorm
 from .config import args_to_yaml, resolve_ema_decay
-from .data import (AugmentConfig, DataSplits, ResumableSampler, build_datasets, build_eval_loader, build_train_loader,
-                   build_transforms, epoch_seed, flip_labels, resolve_data_config_for, set_epoch)
+from .data import (AugmentConfig, DataSplits, DeviceLoader, ResumableSampler, build_datasets, build_eval_loader,
+                   build_train_loader, build_transforms, device_random_erasing, epoch_seed, flip_labels,
+                   resolve_data_config_for, set_epoch)
 from .distributed import DistInfo, distribute_bn, init_distributed, shutdown_distributed, all_reduce_sum
-from .engine import AmpSettings, EpochProgress, NonfiniteGuard, TrainingDiverged, TrainOptions, evaluate, \
-    train_one_epoch
+from .engine import AmpSettings, EpochProgress, EvalTarget, NonfiniteGuard, TrainingDiverged, TrainOptions, \
+    evaluate_many, train_one_epoch
 from .lifecycle import EXIT_DIVERGED, EXIT_WRITE_FAILED, RunStopped, StopSignals, rng_state, set_rng_state, \
     signal_name
 from .resume import (check_ema_entry, check_optimizer_state, ema_entry_keys, normalize_resume_checkpoint,
@@ -100,8 +101,8 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     amp: AmpSettings
-    train_loader: torch.utils.data.DataLoader
-    eval_loader: torch.utils.data.DataLoader
+    train_loader: torch.utils.data.DataLoader | DeviceLoader
+    eval_loader: torch.utils.data.DataLoader | DeviceLoader
     train_loss_fn: Callable
     eval_loss_fn: Callable
     mixup_fn: Any | None
@@ -711,12 +712,17 @@ def _build_loaders(args: argparse.Namespace, data: DataSplits, data_config: dict
                         vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
                         interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
                         re_count=args.recount)
-    data.train.transform, data.val.transform = build_transforms(data_config, aug)
+    on_device = dist.device.type == "cuda" and not args.no_prefetcher  # the GPU input path
+    data.train.transform, data.val.transform = build_transforms(data_config, aug, uint8=on_device)
     train_loader = build_train_loader(data.train, args.batch_size, dist, seed=args.seed, workers=args.workers,
-                                      pin_memory=args.pin_mem)
+                                      pin_memory=args.pin_mem or on_device)
     eval_loader = build_eval_loader(data.val, args.validation_batch_size or args.batch_size, dist,
-                                    workers=args.workers, pin_memory=args.pin_mem)
-    return train_loader, eval_loader
+                                    workers=args.workers, pin_memory=args.pin_mem or on_device)
+    if not on_device:
+        return train_loader, eval_loader
+    mean, std = data_config["mean"], data_config["std"]
+    return (DeviceLoader(train_loader, dist.device, mean, std, random_erasing=device_random_erasing(aug, dist.device)),
+            DeviceLoader(eval_loader, dist.device, mean, std))
 
 
 def _wrap_ddp(model: nn.Module, dist: DistInfo) -> nn.Module:
@@ -923,7 +929,8 @@ def _bn_recal_context(tr: Trainer, module: nn.Module) -> contextlib.AbstractCont
 
 def evaluate_raw_and_emas(tr: Trainer) -> tuple[dict[str, float], list[dict[str, float]],
                                                 list[dict[str, torch.Tensor]]]:
-    """Validate the raw weights and each EMA as separate passes, BN buffers synced first.
+    """Validate the raw weights and every EMA in one pass over the validation data (each
+    batch decoded once, fed to all of them: ``evaluate_many``), BN buffers synced first.
 
     Returns (raw metrics, one metrics dict per EMA, the recalibrated BatchNorm buffers of
     each EMA: empty without ``--model-ema-bn-recal``). With recalibration every EMA is
@@ -932,19 +939,17 @@ def evaluate_raw_and_emas(tr: Trainer) -> tuple[dict[str, float], list[dict[str,
     """
     args, progress = tr.args, tr.dist.is_main and not tr.args.no_progress
     distribute_bn(tr.model_without_ddp, tr.dist, args.dist_bn)
-    raw = evaluate(tr.model_without_ddp, tr.eval_loader, tr.eval_loss_fn, device=tr.dist.device, amp=tr.amp,
-                   channels_last=args.channels_last, dist=tr.dist, progress=progress)
-    results, recalibrated = [], []
-    for i, member in enumerate(ema_members(tr.ema)):
+    targets = [EvalTarget(tr.model_without_ddp, tr.dist.device)]
+    members = ema_members(tr.ema)
+    input_dtype = _ema_input_dtype(tr) if members else None
+    for i, member in enumerate(members):
         distribute_bn(member.module, tr.dist, args.dist_bn)
-        with _bn_recal_context(tr, member.module) as buffers:
-            results.append(evaluate(member.module, tr.eval_loader, tr.eval_loss_fn, device=tr.ema_device,
-                                    amp=tr.amp, channels_last=args.channels_last, dist=tr.dist,
-                                    log_suffix=f" ({ema_label(i).upper()})", progress=progress,
-                                    input_dtype=_ema_input_dtype(tr)))
-        if buffers is not None:
-            recalibrated.append(buffers)
-    return raw, results, recalibrated
+        targets.append(EvalTarget(member.module, tr.ema_device, input_dtype, f" ({ema_label(i).upper()})"))
+    with contextlib.ExitStack() as stack:
+        recal = [stack.enter_context(_bn_recal_context(tr, member.module)) for member in members]
+        results = evaluate_many(targets, tr.eval_loader, tr.eval_loss_fn, amp=tr.amp,
+                                channels_last=args.channels_last, dist=tr.dist, progress=progress)
+    return results[0], results[1:], [buffers for buffers in recal if buffers is not None]
 
 
 def best_ema_index(emas: list[dict[str, float]], eval_metric: str) -> int | None:
@@ -1047,6 +1052,8 @@ def run_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
     if train["stopped"]:
         _stop_mid_epoch(tr, epoch, train["progress"])
     raw, emas, bn_recal = evaluate_raw_and_emas(tr)
+    if tr.dist.is_main and epoch == args.epochs - 1:
+        _preload_plotting()  # overlaps matplotlib's import with the last checkpoint write
     metrics = _epoch_metrics(epoch, train, raw, emas, args.eval_metric)
     metric = select_metric(raw, emas, args.eval_metric, args.model_ema_select)
     tr.lr_scheduler.step(epoch + 1, metric)
@@ -1228,6 +1235,16 @@ def _finish_posthoc(tr: Trainer) -> None:
         _log.warning("post-hoc EMA: the snapshots take %d bytes, more than the budget of %d bytes",
                      used, posthoc.budget_bytes)
     _log.info("choose the EMA length now: %s", posthoc_sweep_command(tr.args.data, tr.saver.last_path))
+
+
+def _preload_plotting() -> None:
+    """Import pyplot for ``summary.png`` on a daemon thread. Started only after the last
+    evaluation, when every loader worker has been forked (no fork while it holds import locks)."""
+    import threading
+
+    from .plots import preload_pyplot
+
+    threading.Thread(target=preload_pyplot, name="preload-pyplot", daemon=True).start()
 
 
 def _plot_summary(tr: Trainer) -> None:

@@ -28,7 +28,6 @@ Rules (rank 0 applies them before anything is written; docs/CONTRACTS.md repeats
 from __future__ import annotations
 
 import csv
-import errno
 import json
 import logging
 import os

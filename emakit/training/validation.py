@@ -22,6 +22,7 @@ Nothing here prints: :func:`report_lines` gives the CLI the lines to print.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import io
 import json
@@ -41,10 +42,10 @@ from emakit.checkpoint import (CheckpointError, check_state_dict_compat, extract
                                save_checkpoint, save_safetensors, strip_prefixes, write_text_atomic)
 
 from . import UsageError
-from .data import (AugmentConfig, ImageListDataset, _class_folders, _scan_split, build_eval_loader,
+from .data import (AugmentConfig, DeviceLoader, ImageListDataset, _class_folders, _scan_split, build_eval_loader,
                    build_transforms, load_digits_splits)
 from .distributed import DistInfo
-from .engine import AmpSettings, evaluate
+from .engine import AmpSettings, EvalTarget, evaluate_many
 from .kinds import (EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE_INT, POSITIVE_INT, STD, Device, OutputFile,
                     check_parsed)
 
@@ -52,7 +53,7 @@ __all__ = [
     "CHECKPOINT_EXTENSIONS", "RESULT_FIELDS", "ResultRecord", "SweepRow", "ValidationReport", "EvalSetup",
     "build_parser", "parse_args", "find_checkpoints", "resolve_arch", "resolve_num_classes", "select_weights",
     "build_model", "load_weights", "load_eval_dataset", "eval_data_config", "torchvision_eval_settings",
-    "evaluate_weights",
+    "evaluate_weights", "evaluate_weight_sets",
     "write_results", "export_weights", "timm_load_hint", "resolve_posthoc_dir", "reconstruct_profiles",
     "posthoc_equivalents", "pick_best", "save_posthoc_weights", "new_sweep_id", "read_sweep_table",
     "write_sweep_outputs", "run",
@@ -541,13 +542,25 @@ def evaluate_weights(model: nn.Module, setup: EvalSetup, train_args: Mapping[str
                      label: str) -> tuple[dict[str, float], dict[str, Any]]:
     """(metrics, data config): ``model`` scored on ``setup.dataset`` with the eval transform
     resolved from ``train_args`` and the flags, by train.py's ``evaluate`` (exact under torchrun)."""
-    data_config = eval_data_config(model, train_args, setup.data_overrides)
-    _, setup.dataset.transform = build_transforms(data_config, AugmentConfig())
-    loader = build_eval_loader(setup.dataset, setup.batch_size, setup.dist, workers=setup.workers,
-                               pin_memory=setup.dist.device.type == "cuda")
-    metrics = evaluate(model, loader, nn.CrossEntropyLoss(), device=setup.dist.device, amp=setup.amp,
-                       channels_last=setup.channels_last, dist=setup.dist, log_suffix=f" ({label})",
-                       progress=setup.progress)
+    metrics, data_config = evaluate_weight_sets([(model, label)], setup, train_args)
+    return metrics[0], data_config
+
+
+def evaluate_weight_sets(models: Sequence[tuple[nn.Module, str]], setup: EvalSetup, train_args: Mapping[str, Any],
+                         ) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """(metrics per model, data config): every ``(model, label)`` of one architecture scored
+    in one pass over ``setup.dataset`` (each image decoded once, ``evaluate_many``), with the
+    eval transform resolved from ``train_args``, the flags and the first model."""
+    data_config = eval_data_config(models[0][0], train_args, setup.data_overrides)
+    on_device = setup.dist.device.type == "cuda"  # the GPU input path, as in train.py
+    _, setup.dataset.transform = build_transforms(data_config, AugmentConfig(), uint8=on_device)
+    loader: Any = build_eval_loader(setup.dataset, setup.batch_size, setup.dist, workers=setup.workers,
+                                    pin_memory=on_device)
+    if on_device:
+        loader = DeviceLoader(loader, setup.dist.device, data_config["mean"], data_config["std"])
+    targets = [EvalTarget(model, setup.dist.device, label=f" ({label})") for model, label in models]
+    metrics = evaluate_many(targets, loader, nn.CrossEntropyLoss(), amp=setup.amp,
+                            channels_last=setup.channels_last, dist=setup.dist, progress=setup.progress)
     return metrics, data_config
 
 
@@ -823,11 +836,15 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace, dist: DistInfo, sl
     train_args = _train_args(ckpt)
     setup = setup or _make_setup(args, dist, train_args)
     model = slot.get(arch, num_classes, _in_chans(train_args), setup)
-    for state_dict, label in chosen:
-        load_weights(model, state_dict, path, label)
-        _check_labels(setup.dataset, num_classes, path)
-        metrics, data_config = evaluate_weights(model, setup, train_args, label)
-        report.records.append(_make_record(arch, path, label, model, metrics, data_config, ckpt.get("epoch")))
+    # --weights both: the EMA goes into a copy of the model, so both score in one pass
+    models = [model] + [copy.deepcopy(model) for _ in chosen[1:]]
+    for m, (state_dict, label) in zip(models, chosen):
+        load_weights(m, state_dict, path, label)
+    _check_labels(setup.dataset, num_classes, path)
+    metrics, data_config = evaluate_weight_sets([(m, label) for m, (_, label) in zip(models, chosen)], setup,
+                                                train_args)
+    for m, (_, label), result in zip(models, chosen, metrics):
+        report.records.append(_make_record(arch, path, label, m, result, data_config, ckpt.get("epoch")))
     if args.export_ema:
         _export_ema(ckpt, path, args, arch, num_classes, setup.dist, report)
     return setup
