@@ -206,19 +206,23 @@ def test_resume_prunes_snapshots_after_the_checkpoint_and_continues_identically(
                                                                                 tmp_path):
     per_epoch, steps = posthoc_steps(image_folder)
     resumed = tmp_path / "resumed"
-    # A run that crashed during epoch 1: its last checkpoint is epoch 0, its folder already
-    # holds snapshots after that step (here all of the straight run's, and a stray later one).
-    shutil.copytree(posthoc_run / "posthoc", resumed / "posthoc")
+    # A run that crashed during epoch 1: its last checkpoint is epoch 0 (a real last.pth.tar:
+    # only last carries the post-hoc state, checkpoint-N files leave it out), and its folder
+    # already holds snapshots after that step (the straight run's, and a stray later one).
+    train_ok(fast(image_folder, tmp_path, "--epochs", 1, "--model-ema-posthoc", "--posthoc-every", POSTHOC_EVERY,
+                  experiment="resumed"))
+    for name, path in snapshot_files(posthoc_run / "posthoc").items():
+        if int(name.split("-")[1]) > per_epoch:
+            shutil.copy(path, resumed / "posthoc" / name)
     shutil.copy(posthoc_run / "posthoc" / f"posthoc-{steps[0]:09d}-s0.050000.pt",
                 resumed / "posthoc" / "posthoc-000000999-s0.050000.pt")
-    shutil.copy(posthoc_run / "checkpoint-0.pth.tar", resumed / "last.pth.tar")
     train_ok(fast(image_folder, tmp_path, "--epochs", POSTHOC_EPOCHS, "--model-ema-posthoc",  # interval from the ckpt
                   "--resume", resumed / "last.pth.tar", experiment="resumed"))
     pruned = sum(1 for s in steps if s > per_epoch) * 2 + 1
     assert f"deleted {pruned} snapshot file(s) newer than the resumed step {per_epoch}" in \
         (resumed / "train.log").read_text()
     straight, again = snapshot_files(posthoc_run / "posthoc"), snapshot_files(resumed / "posthoc")
-    assert set(again) == set(straight)
+    assert set(again) == set(straight)  # the first leg's off-interval final snapshot is gone too
     for name in straight:
         assert_tensors_equal(torch.load(straight[name], weights_only=True)["state_dict"],
                              torch.load(again[name], weights_only=True)["state_dict"], name)
