@@ -644,7 +644,7 @@ class MultiEMA(nn.Module):
             :class:`ModelEMA` arguments (merged over ``**kwargs``), e.g.
             ``[{"decay": 0.9998}, {"schedule": "power", "gamma": 6.94, "dtype": torch.float32}]``,
             or a :class:`ModelEMA` already built from this model (then no ``**kwargs``).
-            Members must have made the same number of updates.
+            Each member keeps its own update counter and schedule position.
         **kwargs: any other :class:`ModelEMA` argument, shared by all EMAs.
     """
 
@@ -660,9 +660,6 @@ class MultiEMA(nn.Module):
         emas = [_member(model, spec, kwargs) for spec in members]
         if not emas:
             raise ValueError("MultiEMA needs at least one decay, half-life or member")
-        if len({e.num_updates for e in emas}) > 1:
-            raise ValueError(f"MultiEMA members have made different numbers of updates "
-                             f"({[e.num_updates for e in emas]}); build them together")
         self.emas = nn.ModuleList(emas)
         self._fused_ok = True
 
@@ -688,7 +685,7 @@ class MultiEMA(nn.Module):
 
     @property
     def num_updates(self) -> int:
-        """Update calls so far (the same for every EMA)."""
+        """Update calls so far of ``ema[0]`` (every member's unless loaded from different states)."""
         return self.emas[0].num_updates
 
     @torch.no_grad()
@@ -696,8 +693,8 @@ class MultiEMA(nn.Module):
         """Count one optimizer step for every EMA and average the model into all that are due."""
         for ema in self.emas:
             ema._check_not_swapped()
-        n = self.num_updates + 1
-        due = [(ema, w) for ema in self.emas if (w := ema.weight_at(n)) is not None]
+        # Each member counts its own updates (they agree unless loaded from different states).
+        due = [(ema, w) for ema in self.emas if (w := ema.weight_at(ema.num_updates + 1)) is not None]
         # Averaged tensor groups, bucketed so that one bucket reads one model tensor list: the
         # same (device, dtype) key and the same buffer mode (which decides what is in a group).
         buckets: dict[tuple, tuple[list[Tensor], list[tuple[list[Tensor], float]]]] = {}
@@ -716,4 +713,4 @@ class MultiEMA(nn.Module):
                 for ema_list, weight in targets:
                     _lerp_group(key, ema_list, model_list, weight)
         for ema in self.emas:
-            ema.num_updates = n
+            ema.num_updates += 1

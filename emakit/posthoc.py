@@ -342,10 +342,15 @@ class PowerEMA:
         sigma_rels: relative widths of the tracked profiles, each in (0, 1/sqrt(12)].
         dtype: storage/accumulation dtype for float tensors.
         device: where the EMA weights live (default: next to the model's tensors).
+        alongside: other :class:`~emakit.ModelEMA` s of the same model (e.g. a trainer's EMAs)
+            to put in the same engine: :meth:`update` then advances them in the same fused
+            pass, and they must not be updated separately. They stay out of this object's
+            ``members``, ``state_dict`` and snapshots. Default: none.
     """
 
     def __init__(self, model: nn.Module, sigma_rels: Sequence[float] = (0.05, 0.10), *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 alongside: Sequence[ModelEMA] = ()) -> None:
         if isinstance(sigma_rels, (int, float)):
             sigma_rels = (sigma_rels,)
         self.sigma_rels: tuple[float, ...] = tuple(
@@ -358,9 +363,9 @@ class PowerEMA:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
         self.gammas: tuple[float, ...] = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
         self.dtype = dtype
-        self.engine = MultiEMA(model, members=[power_profile(s, dtype=dtype, device=device)
-                                               for s in self.sigma_rels])
-        self.members: list[ModelEMA] = list(self.engine)
+        self.members: list[ModelEMA] = [ModelEMA(model, **power_profile(s, dtype=dtype, device=device))
+                                        for s in self.sigma_rels]
+        self.engine = MultiEMA(members=[*alongside, *self.members])
         self.keys: list[str] = list(self.members[0].state_dict_ema().keys())
 
     @property
@@ -380,7 +385,8 @@ class PowerEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """Advance every profile by one step towards ``model``'s current weights."""
+        """Advance every profile (and the ``alongside`` EMAs) by one step towards ``model``'s
+        current weights, in one fused pass."""
         self.engine.update(model)
 
     def profile_state_dict(self, index: int) -> dict[str, torch.Tensor]:

@@ -489,14 +489,23 @@ def test_multi_ema_averages_every_due_member_in_one_fused_lerp(monkeypatch):
     assert calls == [4 * n_float]
 
 
-def test_multi_ema_members_must_start_together_and_take_no_shared_settings():
+def test_multi_ema_members_keep_their_own_counters_and_take_no_shared_settings():
     from emakit import MultiEMA
 
     model = nn.Linear(2, 2)
-    a, b = ModelEMA(model), ModelEMA(model)
-    a.update(model)
-    with pytest.raises(ValueError, match="different numbers of updates"):
-        MultiEMA(members=[a, b])
+    a, b = ModelEMA(model, schedule="power", gamma=1.0), ModelEMA(model, schedule="power", gamma=1.0)
+    ref_a, ref_b = ModelEMA(model, schedule="power", gamma=1.0), ModelEMA(model, schedule="power", gamma=1.0)
+    for ema in (a, ref_a):  # a is one update ahead, as after resuming from different checkpoints
+        ema.update(model)
+    joined = MultiEMA(members=[a, b])
+    for value in (1.0, 5.0):
+        set_weights(model, lambda _, p: torch.full_like(p, value))
+        joined.update(model)
+        ref_a.update(model)
+        ref_b.update(model)
+    assert (a.num_updates, b.num_updates) == (3, 2)
+    assert torch.equal(a.module.weight, ref_a.module.weight) and torch.equal(b.module.weight, ref_b.module.weight)
+    assert not torch.equal(a.module.weight, b.module.weight)
     with pytest.raises(ValueError, match="takes no shared settings"):
         MultiEMA(members=[b], decay=0.9)
     with pytest.raises(ValueError, match="exactly one"):
