@@ -4,7 +4,9 @@
 Appendix C, lets the EMA length be chosen *after* training:
 
 1. During training, track a couple of *power-function* EMA profiles (``PowerEMA``, default
-   relative widths sigma_rel = 0.05 and 0.10) and save their weights every few steps
+   relative widths sigma_rel = 0.05 and 0.10; each profile is a ``ModelEMA`` with the
+   registered ``power`` schedule, ``power_profile``, and all of them, with any classic EMAs
+   put ``alongside``, are updated by one ``MultiEMA`` in one fused pass) and save their weights every few steps
    (``SnapshotWriter``, fp16 by default, one file per snapshot and profile).
 2. Afterwards, any other profile is approximated as a linear combination of the stored
    snapshots; the coefficients come from a least-squares fit of the *response functions*
@@ -366,7 +368,7 @@ class PowerEMA:
         self.members: list[ModelEMA] = [ModelEMA(model, **power_profile(s, dtype=dtype, device=device))
                                         for s in self.sigma_rels]
         self.engine = MultiEMA(members=[*alongside, *self.members])
-        self.keys: list[str] = list(self.members[0].state_dict_ema().keys())
+        self.keys: list[str] = list(self.members[0].state_dict_ema(full=False).keys())  # no collective
 
     @property
     def step(self) -> int:
