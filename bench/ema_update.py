@@ -136,13 +136,15 @@ def make_updaters(model: nn.Module, decay: float, device: torch.device, multi: i
 
 
 def bench_model(name: str, device: torch.device, rounds: int, multi: int, posthoc: int = 0,
-                baseline=None) -> list[dict]:
+                baseline=None, only: list[str] | None = None) -> list[dict]:
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).to(device)
     nbytes = float_state_bytes(model)
     updaters = make_updaters(model, 0.9998, device, multi, posthoc, baseline)
+    if only:  # the reference (timm V3) always runs
+        updaters = {k: v for k, v in updaters.items() if k == "timm ModelEmaV3" or any(o in k for o in only)}
     updaters[COPY] = make_copy_probe(nbytes, device)
     for fn in updaters.values():  # warm-up: allocators, first-call caches
         fn()
@@ -192,6 +194,9 @@ def main() -> None:
                              "vs one (default: 2; 0 = off)")
     parser.add_argument("--baseline", default=None,
                         help="folder holding an earlier emakit/ to time side by side (default: none)")
+    parser.add_argument("--only", default="",
+                        help="comma list: time only implementations whose label contains one of these "
+                             "(plus timm ModelEmaV3, the reference; default: all)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ema_update.json"),
                         help="JSON results path (default: bench/results/ema_update.json)")
     args = parser.parse_args()
@@ -199,7 +204,8 @@ def main() -> None:
     baseline = import_baseline(args.baseline) if args.baseline else None
     rows = []
     for name in args.models.split(","):
-        rows += bench_model(name, device, args.rounds, args.multi, args.posthoc if args.multi > 1 else 0, baseline)
+        rows += bench_model(name, device, args.rounds, args.multi, args.posthoc if args.multi > 1 else 0, baseline,
+                            [o for o in args.only.split(",") if o])
     print_table(rows)
     machine = {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
