@@ -456,17 +456,31 @@ class ModelEMA(nn.Module):
             _log.info("model moved to %s after the EMA was created; moving the EMA with it", src.device)
             self.module.to(device=src.device)
 
+    def weight_at(self, step: int) -> float | None:
+        """Weight of the model in update number ``step`` (1-based): ``ema += w * (model - ema)``.
+
+        1.0 (a copy) for ``step <= update_after_step``; ``1 - decay_at(step)`` on the steps
+        that average (every ``update_every``-th after ``update_after_step``); None on the
+        steps in between, which only count.
+        """
+        if step <= self.update_after_step:
+            return 1.0
+        if (step - self.update_after_step) % self.update_every == 0:
+            return 1.0 - self.decay_at(step)
+        return None
+
+    def _check_not_swapped(self) -> None:
+        if self._swapped:
+            raise RuntimeError("update() inside swapped_into(): the EMA holds the model's weights until the block ends")
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Count one optimizer step and average the model into the EMA when it is due."""
-        if self._swapped:
-            raise RuntimeError("update() inside swapped_into(): the EMA holds the model's weights until the block ends")
+        self._check_not_swapped()
         self._num_updates += 1
-        n = self._num_updates
-        if n <= self.update_after_step:
-            self._apply(model, 1.0)
-        elif (n - self.update_after_step) % self.update_every == 0:
-            self._apply(model, 1.0 - self.decay_at(n))
+        weight = self.weight_at(self._num_updates)
+        if weight is not None:
+            self._apply(model, weight)
 
     def _apply(self, model: nn.Module, weight: float) -> None:
         plan = self._plan(model)
@@ -596,30 +610,57 @@ def _fused_lerp(model_list: list[Tensor], ema_lists: list[list[Tensor]], weights
     torch._foreach_lerp_(dst, src, weights * len(model_list))
 
 
-class MultiEMA(nn.Module):
-    """Several EMAs of one model with different time constants, updated in one pass.
+def _member(model: nn.Module | None, spec: ModelEMA | dict[str, Any], shared: dict[str, Any]) -> ModelEMA:
+    """One MultiEMA member: a ModelEMA as given, or one built from ``{**shared, **spec}``."""
+    if isinstance(spec, ModelEMA):
+        if shared:
+            raise ValueError(f"MultiEMA(members=[ModelEMA, ...]) takes no shared settings, got {sorted(shared)}; "
+                             "give them to each ModelEMA")
+        return spec
+    if not isinstance(spec, dict):
+        raise ValueError(f"MultiEMA members must be ModelEMA objects or dicts of ModelEMA arguments, "
+                         f"got {type(spec).__name__}")
+    if model is None:
+        raise ValueError("MultiEMA(members=[{...}]) needs the model to build its members from")
+    return ModelEMA(model, **{**shared, **spec})
 
-    All EMAs share every setting but the time constant (``decays`` or ``half_lives``), so
-    they average on the same steps; :meth:`update` reads the model once for all of them.
-    ``ema[i]`` is the i-th :class:`ModelEMA` (``ema[0]`` is the "main" one).
+
+class MultiEMA(nn.Module):
+    """Several EMAs of one model, updated in one pass.
+
+    :meth:`update` reads the model once for all of them: every member due on this step is
+    averaged by one fused ``_foreach_lerp_`` per (device, dtype) group of tensors, whatever
+    its decay, schedule or schedule arguments (e.g. EDM2 power profiles that differ in
+    ``gamma``); members that copy on this step (``update_after_step``) are copied in the
+    same pass, members between their ``update_every`` steps only count. ``ema[i]`` is the
+    i-th :class:`ModelEMA` (``ema[0]`` is the "main" one); each member keeps its own
+    state dict, checkpoint state and :meth:`ModelEMA.swapped_into`.
 
     Args:
-        model: the model to average (plain, wrapped or compiled).
+        model: the model to average (plain, wrapped, compiled or FSDP2-sharded).
         decays: per-EMA target decays, e.g. ``(0.999, 0.9998, 0.9999)``.
         half_lives: per-EMA half-lives instead of decays, e.g. ``("1000ba", "0.5ep")``.
+        members: instead of ``decays`` / ``half_lives``: one entry per EMA, either a dict of
+            :class:`ModelEMA` arguments (merged over ``**kwargs``), e.g.
+            ``[{"decay": 0.9998}, {"schedule": "power", "gamma": 6.94, "dtype": torch.float32}]``,
+            or a :class:`ModelEMA` already built from this model (then no ``**kwargs``).
+            Each member keeps its own update counter and schedule position.
         **kwargs: any other :class:`ModelEMA` argument, shared by all EMAs.
     """
 
-    def __init__(self, model: nn.Module, *, decays: Sequence[float] | None = None,
-                 half_lives: Sequence[str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module | None = None, *, decays: Sequence[float] | None = None,
+                 half_lives: Sequence[str] | None = None,
+                 members: Sequence[ModelEMA | dict[str, Any]] | None = None, **kwargs: Any) -> None:
         super().__init__()
-        if (decays is None) == (half_lives is None):
-            raise ValueError("give MultiEMA either decays=[...] or half_lives=[...], exactly one")
-        values = list(decays if decays is not None else half_lives)
-        if not values:
-            raise ValueError("MultiEMA needs at least one decay or half-life")
-        key = "decay" if decays is not None else "half_life"
-        self.emas = nn.ModuleList(ModelEMA(model, **{key: v}, **kwargs) for v in values)
+        if sum(x is not None for x in (decays, half_lives, members)) != 1:
+            raise ValueError("give MultiEMA either decays=[...] or half_lives=[...] or members=[...], exactly one")
+        if members is None:
+            key = "decay" if decays is not None else "half_life"
+            members = [{key: v} for v in (decays if decays is not None else half_lives)]
+        emas = [_member(model, spec, kwargs) for spec in members]
+        if not emas:
+            raise ValueError("MultiEMA needs at least one decay, half-life or member")
+        self.emas = nn.ModuleList(emas)
         self._fused_ok = True
 
     def __len__(self) -> int:
@@ -644,29 +685,32 @@ class MultiEMA(nn.Module):
 
     @property
     def num_updates(self) -> int:
-        """Update calls so far (the same for every EMA)."""
+        """Update calls so far of ``ema[0]`` (every member's unless loaded from different states)."""
         return self.emas[0].num_updates
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Count one optimizer step for every EMA and average the model into all that are due."""
-        first = self.emas[0]
-        n = first.num_updates + 1
-        due = n <= first.update_after_step or (n - first.update_after_step) % first.update_every == 0
-        if not due or n <= first.update_after_step:
-            for ema in self.emas:
-                ema.update(model)
-            return
-        if any(e._swapped for e in self.emas):
-            raise RuntimeError("update() inside swapped_into(): the EMA holds the model's weights until the block ends")
-        plans = [ema._plan(model) for ema in self.emas]
-        weights = [1.0 - ema.decay_at(n) for ema in self.emas]
-        for key, (_, model_list) in plans[0].groups.items():
-            ema_lists = [plan.groups[key][0] for plan in plans]
-            if not (key[0] == key[2] and key[1] == key[3] and self._try_fused(model_list, ema_lists, weights)):
-                for ema_list, w in zip(ema_lists, weights):
-                    _lerp_group(key, ema_list, model_list, w)
-        for plan in plans:
-            _copy_pairs(*plan.copy_pairs)
         for ema in self.emas:
-            ema.num_updates = n
+            ema._check_not_swapped()
+        # Each member counts its own updates (they agree unless loaded from different states).
+        due = [(ema, w) for ema in self.emas if (w := ema.weight_at(ema.num_updates + 1)) is not None]
+        # Averaged tensor groups, bucketed so that one bucket reads one model tensor list: the
+        # same (device, dtype) key and the same buffer mode (which decides what is in a group).
+        buckets: dict[tuple, tuple[list[Tensor], list[tuple[list[Tensor], float]]]] = {}
+        for ema, weight in due:
+            plan = ema._plan(model)
+            for key, (ema_list, model_list) in plan.groups.items():
+                if weight == 1.0:
+                    _copy_pairs(ema_list, model_list)
+                else:
+                    buckets.setdefault((key, ema.buffers_mode), (model_list, []))[1].append((ema_list, weight))
+            _copy_pairs(*plan.copy_pairs)
+        for (key, _), (model_list, targets) in buckets.items():
+            same_kind = key[0] == key[2] and key[1] == key[3]
+            if not (len(targets) > 1 and same_kind
+                    and self._try_fused(model_list, [t[0] for t in targets], [t[1] for t in targets])):
+                for ema_list, weight in targets:
+                    _lerp_group(key, ema_list, model_list, weight)
+        for ema in self.emas:
+            ema.num_updates += 1

@@ -4,7 +4,9 @@
 Appendix C, lets the EMA length be chosen *after* training:
 
 1. During training, track a couple of *power-function* EMA profiles (``PowerEMA``, default
-   relative widths sigma_rel = 0.05 and 0.10) and save their weights every few steps
+   relative widths sigma_rel = 0.05 and 0.10; each profile is a ``ModelEMA`` with the
+   registered ``power`` schedule, ``power_profile``, and all of them, with any classic EMAs
+   put ``alongside``, are updated by one ``MultiEMA`` in one fused pass) and save their weights every few steps
    (``SnapshotWriter``, fp16 by default, one file per snapshot and profile).
 2. Afterwards, any other profile is approximated as a linear combination of the stored
    snapshots; the coefficients come from a least-squares fit of the *response functions*
@@ -56,13 +58,13 @@ import math
 import os
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from .ema import unwrap_model
+from .ema import ModelEMA, MultiEMA, unwrap_model
+from .schedules import get_schedule
 # One definition of the half-life <-> decay formulas for the package (Composer's convention:
 # decay = 0.5 ** (1 / half_life), half_life = ln 0.5 / ln decay, in updates); re-exported here.
 from .schedules import decay_to_half_life, half_life_to_decay
@@ -80,6 +82,7 @@ __all__ = [
     "sigma_rel_to_half_life",
     "power_function_correlation",
     "solve_posthoc_coefficients",
+    "power_profile",
     "PowerEMA",
     "SnapshotInfo",
     "Footprint",
@@ -111,6 +114,9 @@ _VERSION = 1
 _FILE_RE = re.compile(r"posthoc-(\d+)-s(\d+\.\d+)\.pt")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
+
+if TYPE_CHECKING:  # numpy is imported by the functions that do the post-hoc math
+    import numpy as np
 
 # --------------------------------------------------------------------------------------
 # sigma_rel <-> gamma <-> decay <-> half-life
@@ -165,6 +171,8 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     the one on the branch where sigma_rel decreases with gamma. Valid range:
     0 < sigma_rel <= 1/sqrt(12) (``SIGMA_REL_MAX``).
     """
+    import numpy as np
+
     s = _check_sigma_rel(sigma_rel)
     inv = s ** -2.0
     # The other two roots are real negative or a complex pair with real part
@@ -191,7 +199,7 @@ def power_beta(step: int, gamma: float) -> float:
     """
     t = _check_step(step)
     g = _check_gamma(gamma)
-    return (1.0 - 1.0 / t) ** (g + 1.0)
+    return get_schedule("power")(0.0, t - 1, None, gamma=g)  # schedules.py holds the formula
 
 
 def decay_to_sigma_rel(decay: float, step: int) -> float:
@@ -249,6 +257,8 @@ def power_function_correlation(
     integral p_a p_b dtau = (g_a+1)(g_b+1) / ((g_a+g_b+1) t_b) * (t_a/t_b)^g_b  (EDM2 Eq. 151);
     the other order swaps the roles. Float64 throughout.
     """
+    import numpy as np
+
     ta, ga, tb, gb = (np.asarray(x, dtype=np.float64) for x in (a_step, a_gamma, b_step, b_gamma))
     t_lo, t_hi = np.minimum(ta, tb), np.maximum(ta, tb)
     g_hi = np.where(ta <= tb, gb, ga)  # exponent of the profile that runs to the later step
@@ -271,6 +281,8 @@ def solve_posthoc_coefficients(
 
     Scalars broadcast against the sequences. Returns an array of shape [n_in, n_out].
     """
+    import numpy as np
+
     ts_in, sr_in = np.broadcast_arrays(np.asarray(in_steps, np.float64).reshape(-1),
                                        np.asarray(in_sigma_rels, np.float64).reshape(-1))
     ts_out, sr_out = np.broadcast_arrays(np.asarray(out_steps, np.float64).reshape(-1),
@@ -297,45 +309,50 @@ def solve_posthoc_coefficients(
 # --------------------------------------------------------------------------------------
 
 
-def _live_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(key, tensor) pairs in ``state_dict`` order and naming, without running its hooks.
-
-    Parameters and persistent buffers of every submodule, like ``nn.Module.state_dict``;
-    the tensors are the live ones (detached views), so no copy of the model is made.
+def power_profile(sigma_rel: float, *, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str | None = None) -> dict[str, Any]:
+    """:class:`~emakit.ModelEMA` arguments of the power-function EMA of relative width
+    ``sigma_rel``: the registered ``power`` schedule with ``gamma = sigma_rel_to_gamma(sigma_rel)``,
+    averaging every update from the first (which copies the model), float tensors and float
+    buffers kept in ``dtype``. ``ModelEMA(model, **power_profile(0.05))`` tracks one profile;
+    a list of them as ``MultiEMA(model, members=[...])`` members (beside classic EMAs, too)
+    updates every profile in one fused pass.
     """
-    out = []
-    for prefix, mod in model.named_modules(remove_duplicate=False):
-        pre = prefix + "." if prefix else ""
-        for name, p in mod._parameters.items():
-            if p is not None:
-                out.append((pre + name, p.detach()))
-        for name, b in mod._buffers.items():
-            if b is not None and name not in mod._non_persistent_buffers_set:
-                out.append((pre + name, b))
-    return out
+    s = _check_sigma_rel(sigma_rel, "sigma_rels")
+    return {"schedule": "power", "gamma": sigma_rel_to_gamma(s), "update_every": 1, "update_after_step": 0,
+            "copy_first": False, "buffers": "average", "dtype": dtype, "device": device}
 
 
 class PowerEMA:
     """Several power-function EMAs of one model, updated together (EDM2 Section 3.1).
 
-    ``update(model)`` counts steps itself and applies, for each profile, the per-update
-    decay beta_t = (1 - 1/t)^(gamma+1) (``power_beta``): the first update copies the model,
-    and at step t the EMA weighs past weights in proportion to the integral of tau^gamma
-    over each step. Float tensors are averaged in ``dtype`` (fp32 by default, even for a
-    bf16/fp16 model, since (1-beta) * delta underflows in half precision) with one fused
-    ``torch._foreach_lerp_`` per (device, dtype) group and profile; non-float buffers
-    (``num_batches_tracked``) are copied. DDP ``.module`` and compiled ``._orig_mod``
-    wrappers are unwrapped; keys carry no wrapper prefix.
+    Each profile is a :class:`~emakit.ModelEMA` with the ``power`` schedule
+    (:func:`power_profile`), and all of them are members of one :class:`~emakit.MultiEMA`
+    (``engine``): ``update(model)`` counts the step and applies, for each profile, the
+    per-update decay beta_t = (1 - 1/t)^(gamma+1) (``power_beta``) in one fused
+    foreach-lerp pass. The first update copies the model, and at step t the EMA weighs
+    past weights in proportion to the integral of tau^gamma over each step. Float tensors
+    are averaged in ``dtype`` (fp32 by default, even for a bf16/fp16 model, since
+    (1-beta) * delta underflows in half precision); non-float buffers (``num_batches_tracked``)
+    are copied. DDP / DataParallel and ``torch.compile`` wrappers are unwrapped; keys carry
+    no wrapper prefix. State dicts hold the model's ``state_dict`` keys (parameters and
+    persistent buffers); non-persistent buffers are averaged too but, like in the model's
+    ``state_dict``, not saved.
 
     Args:
         model: the model to track (any wrapping).
         sigma_rels: relative widths of the tracked profiles, each in (0, 1/sqrt(12)].
         dtype: storage/accumulation dtype for float tensors.
         device: where the EMA weights live (default: next to the model's tensors).
+        alongside: other :class:`~emakit.ModelEMA` s of the same model (e.g. a trainer's EMAs)
+            to put in the same engine: :meth:`update` then advances them in the same fused
+            pass, and they must not be updated separately. They stay out of this object's
+            ``members``, ``state_dict`` and snapshots. Default: none.
     """
 
     def __init__(self, model: nn.Module, sigma_rels: Sequence[float] = (0.05, 0.10), *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 alongside: Sequence[ModelEMA] = ()) -> None:
         if isinstance(sigma_rels, (int, float)):
             sigma_rels = (sigma_rels,)
         self.sigma_rels: tuple[float, ...] = tuple(
@@ -344,65 +361,44 @@ class PowerEMA:
             raise ValueError("sigma_rels must name at least one profile")
         if len({f"{s:.6f}" for s in self.sigma_rels}) != len(self.sigma_rels):
             raise ValueError(f"sigma_rels must be distinct (to 6 decimals), got {list(self.sigma_rels)}")
-        if not dtype.is_floating_point:
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
         self.gammas: tuple[float, ...] = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
         self.dtype = dtype
-        self.step = 0
-        live = _live_state(unwrap_model(model))
-        self.keys: list[str] = [k for k, _ in live]
-        self._is_float = [t.is_floating_point() for _, t in live]
-        dev = None if device is None else torch.device(device)
+        self.members: list[ModelEMA] = [ModelEMA(model, **power_profile(s, dtype=dtype, device=device))
+                                        for s in self.sigma_rels]
+        self.engine = MultiEMA(members=[*alongside, *self.members])
+        self.keys: list[str] = list(self.members[0].state_dict_ema(full=False).keys())  # no collective
 
-        def clone(t: torch.Tensor) -> torch.Tensor:
-            d = dtype if t.is_floating_point() else t.dtype
-            return t.detach().to(device=dev or t.device, dtype=d, copy=True)
+    @property
+    def step(self) -> int:
+        """Updates so far (1-based step of the last one; 0 before the first)."""
+        return self.members[0].num_updates
 
-        # profiles[k][i]: profile k's copy of state tensor i.
-        self.profiles: list[list[torch.Tensor]] = [[clone(t) for _, t in live] for _ in self.sigma_rels]
-        # Float tensors grouped by (device, dtype) of the EMA copy, so each group is one
-        # fused kernel launch per profile.
-        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, t in enumerate(self.profiles[0]):
-            if self._is_float[i]:
-                groups.setdefault((t.device, t.dtype), []).append(i)
-        self._groups = list(groups.values())
-        self._other = [i for i, f in enumerate(self._is_float) if not f]
+    @step.setter
+    def step(self, value: int) -> None:
+        for member in self.members:
+            member.num_updates = value
+
+    @property
+    def profiles(self) -> list[list[torch.Tensor]]:
+        """``profiles[k][i]``: profile k's tensor under ``keys[i]`` (shares storage)."""
+        return [list(self.profile_state_dict(k).values()) for k in range(len(self.members))]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """Advance every profile by one step towards ``model``'s current weights."""
-        live = _live_state(unwrap_model(model))
-        if len(live) != len(self.keys):
-            raise ValueError(
-                f"model has {len(live)} state tensors but the PowerEMA tracks {len(self.keys)}; "
-                "pass the same architecture it was built from")
-        src = [t for _, t in live]
-        self.step += 1
-        betas = [power_beta(self.step, gamma) for gamma in self.gammas]
-        ref = self.profiles[0]
-        for idx in self._groups:
-            # .to() is a no-op unless the EMA keeps another dtype/device than the model;
-            # converted once and shared by every profile.
-            new = [src[i].to(device=ref[i].device, dtype=ref[i].dtype) for i in idx]
-            for ema, beta in zip(self.profiles, betas):
-                dst = [ema[i] for i in idx]
-                if beta == 0.0:
-                    torch._foreach_copy_(dst, new)
-                else:
-                    torch._foreach_lerp_(dst, new, 1.0 - beta)
-        for ema in self.profiles:
-            for i in self._other:
-                ema[i].copy_(src[i])
+        """Advance every profile (and the ``alongside`` EMAs) by one step towards ``model``'s
+        current weights, in one fused pass."""
+        self.engine.update(model)
 
     def profile_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """Profile ``index``'s current weights as a ``state_dict`` (shares storage)."""
-        return dict(zip(self.keys, self.profiles[index]))
+        return self.members[index].state_dict_ema()
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module, index: int = 0) -> None:
         """Write profile ``index``'s weights into ``model`` in place (any wrapping)."""
-        unwrap_model(model).load_state_dict(self.profile_state_dict(index))
+        self.members[index].copy_to(model)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain types and tensors only, so it loads with ``torch.load(weights_only=True)``."""
@@ -421,9 +417,14 @@ class PowerEMA:
         for k, saved in enumerate(state["profiles"]):
             if list(saved.keys()) != self.keys:
                 raise ValueError(f"state profile {k} has different keys than the tracked model")
-            for dst, t in zip(self.profiles[k], saved.values()):
-                dst.copy_(t)
+        for member, saved in zip(self.members, state["profiles"]):
+            member.load_checkpoint_state(saved)
         self.step = int(state["step"])
+
+
+def _model_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of the bare model's ``state_dict`` (tensors only, no copy)."""
+    return [(k, t) for k, t in unwrap_model(model).state_dict().items() if isinstance(t, torch.Tensor)]
 
 
 # --------------------------------------------------------------------------------------
@@ -492,7 +493,7 @@ def model_fp32_bytes(model: nn.Module | PowerEMA) -> int:
     if isinstance(model, PowerEMA):
         live = list(model.profiles[0])
     else:
-        live = [t for _, t in _live_state(unwrap_model(model))]
+        live = [t for _, t in _model_state(model)]
     return sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in live)
 
 
@@ -582,7 +583,7 @@ def estimate_footprint(model: nn.Module | PowerEMA, n_snapshots: int, n_profiles
     if isinstance(model, PowerEMA):
         live = list(zip(model.keys, model.profiles[0]))
     else:
-        live = _live_state(unwrap_model(model))
+        live = _model_state(model)
     return Footprint(_file_bytes(live, dtype), int(n_profiles), int(n_snapshots))
 
 
@@ -823,6 +824,8 @@ def reconstruct_many(snapshot_dir: str | os.PathLike, sigma_rels: Sequence[float
     accumulated in fp32 on CPU; non-float tensors come from the last snapshot used.
     ``step`` defaults to the last snapshot step and must be one of the snapshot steps.
     """
+    import numpy as np
+
     sigma_rels = [_check_sigma_rel(s, "sigma_rel") for s in sigma_rels]
     if not sigma_rels:
         raise ValueError("sigma_rel must name at least one profile")

@@ -14,6 +14,12 @@ Built-in schedules:
   ``ExponentialMovingAverage(num_updates=...)``, SuperGradients' ``threshold``).
 * ``exp``       -> ``decay * (1 - exp(-beta * step / total_steps))`` (SuperGradients'
   ``exp`` decay), default ``beta=15``; needs ``total_steps``.
+* ``power``     -> ``(1 - 1 / (step + 1)) ** (gamma + 1)``: EDM2's power-function profile
+  (Karras et al. 2024, Eq. 127; ``emakit.posthoc.power_beta`` at update ``t = step + 1``).
+  The first averaging update copies the model (decay 0); at update t the average weighs
+  the weights of update tau by the integral of ``(gamma+1) x^gamma / t^(gamma+1)`` over
+  ``(tau-1, tau]``. Needs ``gamma >= 0`` (``emakit.posthoc.sigma_rel_to_gamma`` converts a
+  relative width sigma_rel); ``decay`` is ignored: the profile's width grows with training.
 
 Only ``torch``-free standard library code lives here so that it is importable anywhere.
 """
@@ -73,7 +79,17 @@ def _exp(decay: float, step: int, total_steps: int | None, *, beta: float = 15.0
     return decay * (1.0 - math.exp(-beta * step / total_steps))
 
 
-_BUILTIN = {"constant": _constant, "warmup": _warmup, "threshold": _threshold, "exp": _exp}
+def _power(decay: float, step: int, total_steps: int | None, *, gamma: float | None = None) -> float:
+    if gamma is None or not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool)) \
+            or not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"schedule='power' needs gamma=<exponent >= 0> (e.g. emakit.posthoc.sigma_rel_to_gamma(0.05) "
+                         f"~ 16.97), got {gamma!r}")
+    t = step + 1  # 1-based number of this averaging update
+    # The expression of emakit.posthoc.power_beta, so both give the same bits.
+    return (1.0 - 1.0 / t) ** (gamma + 1.0)
+
+
+_BUILTIN = {"constant": _constant, "warmup": _warmup, "threshold": _threshold, "exp": _exp, "power": _power}
 _REGISTRY: dict[str, Callable[..., float]] = dict(_BUILTIN)
 
 # Schedules that cannot be evaluated without the planned number of updates.

@@ -64,6 +64,7 @@ def main(out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from emakit import ModelEMA, MultiEMA
+    from emakit.posthoc import PowerEMA
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -80,6 +81,7 @@ def main(out: str) -> None:
     ref = ModelEMA(replica, decay=0.9, schedule="warmup")
     multi = MultiEMA(model, decays=[0.5, 0.8, 0.95])
     ref_multi = MultiEMA(replica, decays=[0.5, 0.8, 0.95])
+    power, ref_power = PowerEMA(model, (0.05, 0.10)), PowerEMA(replica, (0.05, 0.10))  # EDM2 profiles
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 3, 32, 32, generator=gen)
@@ -91,9 +93,11 @@ def main(out: str) -> None:
             torch.nn.functional.cross_entropy(net(x), y).backward()
             o.step()
         # The replica's gradient is one rank's; FSDP averages identical ones: same step.
-        update_counts.append(count_python_collectives(lambda: (ema.update(model), multi.update(model))))
+        update_counts.append(count_python_collectives(
+            lambda: (ema.update(model), multi.update(model), power.update(model))))
         ref.update(replica)
         ref_multi.update(replica)
+        ref_power.update(replica)
 
     forward_count = count_python_collectives(lambda: model(x))  # positive control: FSDP gathers
     full = ema.state_dict_ema(full=True)
@@ -101,6 +105,9 @@ def main(out: str) -> None:
     max_diff = max((full[k] - expected[k]).abs().max().item() for k in expected)
     multi_diff = max((m.state_dict_ema(full=True)[k] - r.module.state_dict()[k]).abs().max().item()
                      for m, r in zip(multi, ref_multi) for k in expected)
+    power_diff = max((power.profile_state_dict(i)[k] - ref_power.profile_state_dict(i)[k]).abs().max().item()
+                     for i in range(2) for k in expected)  # profile_state_dict gathers: every rank calls
+    power_keys_ok = power.keys == ref_power.keys == list(expected)
     local_bytes = sum(t.numel() * t.element_size() for t in ema._ema_tensors()[0])
     full_bytes = sum(p.numel() * p.element_size() for p in replica.parameters())
 
@@ -134,7 +141,8 @@ def main(out: str) -> None:
         "update_python_collectives": [c for c, _ in update_counts],
         "update_dispatched_collectives": [len(ops) for _, ops in update_counts],
         "forward_python_collectives": forward_count[0], "forward_dispatched_collectives": len(forward_count[1]),
-        "max_diff": max_diff, "multi_diff": multi_diff, "num_updates": ema.num_updates,
+        "max_diff": max_diff, "multi_diff": multi_diff, "power_diff": power_diff, "power_keys_ok": power_keys_ok,
+        "power_step": power.step, "num_updates": ema.num_updates,
         "local_bytes": local_bytes, "full_bytes": full_bytes,
         "swap_out_diff": (swapped_out - ref_out).abs().max().item(), "restored": restored,
         "raw_vs_ema_out_diff": (raw_out - ref_out).abs().max().item(),

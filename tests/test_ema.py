@@ -427,3 +427,105 @@ def test_an_ema_on_another_device_than_the_model_stays_there_through_updates():
     assert all(t.device.type == "meta" for t in list(ema.module.parameters()) + list(ema.module.buffers()))
     assert all(p.device.type == "cpu" for p in model.parameters())  # the model was not moved
     assert ModelEMA(model, decay=0.9).module[0].weight.device.type == "cpu"  # default: the model's device
+
+# ---------------------------------------------------------------- power schedule, mixed members
+
+@pytest.mark.parametrize("gamma", [0.0, 6.9372, 16.9722])
+def test_power_schedule_is_edm2s_power_profile(gamma):
+    from emakit.posthoc import power_beta
+
+    ema = ModelEMA(nn.Linear(2, 2), schedule="power", gamma=gamma)
+    assert ema.decay_at(1) == 0.0  # the first update copies
+    for t in (2, 3, 10, 1234, 10**6):
+        want = (1 - 1 / t) ** (gamma + 1)  # EDM2 Eq. 127, written out here
+        assert ema.decay_at(t) == pytest.approx(want, rel=1e-14)
+        assert ema.decay_at(t) == power_beta(t, gamma)  # the same bits as posthoc's beta
+    if gamma == 0.0:  # gamma 0 is the running mean of all updates
+        model = nn.Linear(2, 2)
+        mean = ModelEMA(model, schedule="power", gamma=0.0)
+        seen = []
+        for i in range(5):
+            set_weights(model, lambda _, p: torch.full_like(p, float(i * i)))
+            seen.append(float(i * i))
+            mean.update(model)
+        torch.testing.assert_close(mean.module.weight, torch.full((2, 2), sum(seen) / len(seen)))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"gamma": -1.0}, {"gamma": float("nan")}])
+def test_power_schedule_needs_a_gamma(kwargs):
+    with pytest.raises(ValueError, match="schedule='power' needs gamma"):
+        ModelEMA(nn.Linear(2, 2), schedule="power", **kwargs)
+
+
+MIXED = [
+    {"decay": 0.9}, {"decay": 0.99},
+    {"schedule": "power", "gamma": 6.9372, "dtype": torch.float32},
+    {"schedule": "power", "gamma": 16.9722, "dtype": torch.float32},
+    {"decay": 0.95, "schedule": "warmup", "update_every": 2, "update_after_step": 3},
+    {"decay": 0.8, "buffers": "copy", "copy_first": True},
+]
+
+
+def test_multi_ema_members_with_their_own_schedules_equal_separate_emas():
+    from emakit import MultiEMA
+
+    model = small_net()
+    multi = MultiEMA(model, members=MIXED)
+    singles = [ModelEMA(model, **spec) for spec in MIXED]
+
+    def step(_):
+        multi.update(model)
+        for s in singles:
+            s.update(model)
+
+    train_steps(model, 9, step)
+    for fused, single in zip(multi, singles):
+        assert fused.schedule == single.schedule and fused.num_updates == 9
+        for k, v in single.module.state_dict().items():
+            assert torch.equal(fused.module.state_dict()[k], v), k
+    # built ModelEMAs can be joined, too, and keep their settings
+    joined = MultiEMA(members=singles)
+    assert [e.schedule_kwargs for e in joined] == [e.schedule_kwargs for e in singles]
+
+
+def test_multi_ema_averages_every_due_member_in_one_fused_lerp(monkeypatch):
+    """Two classic EMAs and two power profiles (different schedules and kwargs): one
+    ``_foreach_lerp_`` per update for their one (device, dtype) group, not one per member."""
+    from emakit import MultiEMA
+
+    model = small_net()
+    multi = MultiEMA(model, members=MIXED[:4])
+    calls = []
+    real = torch._foreach_lerp_
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda dst, src, w: (calls.append(len(dst)), real(dst, src, w)))
+    n_float = sum(1 for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point())
+    multi.update(model)  # update 1: the power profiles copy, the classic EMAs average
+    assert calls == [2 * n_float]
+    calls.clear()
+    multi.update(model)
+    assert calls == [4 * n_float]
+
+
+def test_multi_ema_members_keep_their_own_counters_and_take_no_shared_settings():
+    from emakit import MultiEMA
+
+    model = nn.Linear(2, 2)
+    a, b = ModelEMA(model, schedule="power", gamma=1.0), ModelEMA(model, schedule="power", gamma=1.0)
+    ref_a, ref_b = ModelEMA(model, schedule="power", gamma=1.0), ModelEMA(model, schedule="power", gamma=1.0)
+    for ema in (a, ref_a):  # a is one update ahead, as after resuming from different checkpoints
+        ema.update(model)
+    joined = MultiEMA(members=[a, b])
+    for value in (1.0, 5.0):
+        set_weights(model, lambda _, p: torch.full_like(p, value))
+        joined.update(model)
+        ref_a.update(model)
+        ref_b.update(model)
+    assert (a.num_updates, b.num_updates) == (3, 2)
+    assert torch.equal(a.module.weight, ref_a.module.weight) and torch.equal(b.module.weight, ref_b.module.weight)
+    assert not torch.equal(a.module.weight, b.module.weight)
+    with pytest.raises(ValueError, match="takes no shared settings"):
+        MultiEMA(members=[b], decay=0.9)
+    with pytest.raises(ValueError, match="exactly one"):
+        MultiEMA(model, decays=[0.9], members=[{"decay": 0.9}])
+    with pytest.raises(ValueError, match="needs the model"):
+        MultiEMA(members=[{"decay": 0.9}])

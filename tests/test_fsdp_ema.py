@@ -36,9 +36,11 @@ def test_sharded_ema_equals_plain_ema_of_the_same_training(fsdp_run):
         assert r["num_updates"] == 5
         assert r["max_diff"] <= 1e-6, r        # gathered sharded EMA vs plain EMA of the replica
         assert r["multi_diff"] <= 1e-6, r      # MultiEMA (fused pass) over shards, 3 decays
+        assert r["power_diff"] <= 1e-6, r      # post-hoc power profiles (PowerEMA) over shards
+        assert r["power_keys_ok"] and r["power_step"] == 5
 
 
-def test_update_issues_no_collective(fsdp_run):
+def test_update_issues_no_collective(fsdp_run):  # ModelEMA, MultiEMA and PowerEMA updates
     ranks, _ = fsdp_run
     for r in ranks:
         assert r["update_python_collectives"] == [0] * 5

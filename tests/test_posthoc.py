@@ -176,7 +176,7 @@ def test_power_ema_state_dict_resumes_exactly(tmp_path) -> None:
 
 def test_power_ema_rejects_a_different_model() -> None:
     ema = ph.PowerEMA(nn.Linear(3, 2))
-    with pytest.raises(ValueError, match="state tensors"):
+    with pytest.raises(ValueError, match="structure the EMA was created from"):
         ema.update(_Toy())
 
 
@@ -380,3 +380,76 @@ def test_reconstruct_errors_are_one_line_and_name_the_problem(tmp_path) -> None:
         ph.reconstruct(writer.folder, 0.05, step=15)
     with pytest.raises(ValueError, match="sigma_rel"):
         ph.reconstruct(writer.folder, 0.3)
+
+
+# --- one engine: PowerEMA is ModelEMAs with the power schedule --------------------------------
+
+def test_power_ema_profiles_are_power_schedule_model_emas_in_one_multi_ema() -> None:
+    from emakit import ModelEMA, MultiEMA
+
+    model = _Toy()
+    ema = ph.PowerEMA(model, (0.05, 0.10))
+    assert isinstance(ema.engine, MultiEMA) and len(ema.engine) == 2
+    lone = ModelEMA(model, **ph.power_profile(0.10))  # the same profile, tracked on its own
+    for t in range(30):
+        with torch.no_grad():
+            model.fc.weight.normal_()
+        ema.update(model)
+        lone.update(model)
+    for member, gamma in zip(ema.members, ema.gammas):
+        assert member.schedule == "power" and member.schedule_kwargs == {"gamma": gamma}
+        assert member.decay_at(30) == ph.power_beta(30, gamma)
+    for key, value in lone.module.state_dict().items():
+        assert torch.equal(ema.profile_state_dict(1)[key], value), key
+
+
+class _WithNonPersistent(_Toy):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.arange(4.0), persistent=False)
+
+
+def test_power_ema_state_is_the_models_state_dict_and_an_old_format_dict_loads(tmp_path) -> None:
+    """Keys = the model's state_dict keys (no non-persistent buffer), float32 floats, int64
+    counters; a dict in the checkpoint format written before the engine change (built here by
+    hand: step, sigma_rels, one plain state dict per profile) restores exactly."""
+    model = _WithNonPersistent()
+    ema = ph.PowerEMA(model, (0.05, 0.10))
+    state = ema.state_dict()
+    assert set(state) == {"step", "sigma_rels", "profiles"}
+    for profile in state["profiles"]:
+        assert list(profile) == list(model.state_dict()) and "table" not in profile
+    g = torch.Generator().manual_seed(0)
+    old = {"step": 7, "sigma_rels": [0.05, 0.10],
+           "profiles": [{k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else torch.tensor(7))
+                         for k, v in model.state_dict().items()} for _ in range(2)]}
+    torch.save(old, tmp_path / "old.pt")
+    resumed = ph.PowerEMA(_WithNonPersistent(), (0.05, 0.10))
+    resumed.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))
+    assert resumed.step == 7 and all(m.num_updates == 7 for m in resumed.members)
+    for k in range(2):
+        for key, want in old["profiles"][k].items():
+            assert torch.equal(resumed.profile_state_dict(k)[key], want.to(resumed.profile_state_dict(k)[key].dtype))
+    target = _WithNonPersistent()
+    resumed.copy_to(target, 1)
+    assert torch.equal(target.fc.weight, old["profiles"][1]["fc.weight"])
+
+
+def test_posthoc_module_has_no_foreach_no_private_module_attributes_and_imports_without_numpy() -> None:
+    import ast
+    import subprocess
+    import sys
+
+    source = open(ph.__file__).read()
+    tree = ast.parse(source)
+    attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not [a for a in attrs if a.startswith("_foreach")]
+    private = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", "_orig_mod"}
+    assert not attrs & private
+    top_imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [n for n in top_imports if "numpy" in ast.dump(n)]
+    # With numpy unimportable, the module and the tracking side still import.
+    code = "import sys; sys.modules['numpy'] = None; import emakit.posthoc as ph; print(ph.power_beta(3, 1.0))"
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) == pytest.approx((2 / 3) ** 2)

@@ -202,6 +202,44 @@ def test_projected_footprint_counts_the_interval_multiples_and_the_last_step(tmp
     assert tracker.projected_footprint().n_snapshots == math.ceil(100 / 7) == 15
 
 
+def test_a_tracker_given_the_runs_emas_updates_them_and_the_profiles_in_one_fused_pass(tmp_path, monkeypatch):
+    """One engine: the run's MultiEMA members and the two power profiles take one
+    ``_foreach_lerp_`` per step, end bitwise equal to updating them apart, and keep their
+    checkpoint state (the EMAs' keys, the tracker's ``posthoc_ema`` keys)."""
+    from emakit import MultiEMA
+    from emakit.training.averages import ema_checkpoint_state
+
+    model, step = noisy_sgd(4, hidden=16)
+    run_emas, apart = MultiEMA(model, decays=(0.9, 0.99)), MultiEMA(model, decays=(0.9, 0.99))
+    tracker = PosthocTracker(model, sigma_rels=TRACKED, every=5, snapshot_dtype="float16", max_snapshots=None,
+                             total_steps=12, ema=run_emas)
+    alone = PosthocTracker(model, sigma_rels=TRACKED, every=5, snapshot_dtype="float16", max_snapshots=None,
+                           total_steps=12)
+    assert tracker.owns_ema and not alone.owns_ema
+    tracker.open_folder(str(tmp_path / "one"))
+    calls = []
+    real = torch._foreach_lerp_
+    for _ in range(12):
+        step()
+        monkeypatch.setattr(torch, "_foreach_lerp_", lambda d, s, w: (calls.append(len(d)), real(d, s, w)))
+        tracker.update(model)
+        monkeypatch.setattr(torch, "_foreach_lerp_", real)
+        apart.update(model)
+        alone.update(model)
+    n_float = len(list(model.parameters()))
+    assert calls == [2 * n_float] + [4 * n_float] * 11  # step 1: the profiles copy, the EMAs average
+    assert run_emas.num_updates == tracker.power.step == 12
+    assert tracker.stored_steps() == [5, 10]
+    mine, theirs = ema_checkpoint_state(run_emas), ema_checkpoint_state(apart)
+    assert list(mine) == ["state_dict_ema", "ema", "state_dict_ema_1", "ema_1"] == list(theirs)
+    for key in ("state_dict_ema", "state_dict_ema_1"):
+        assert all(torch.equal(mine[key][k], theirs[key][k]) for k in theirs[key])
+    state, ref = tracker.state_dict(), alone.state_dict()
+    assert list(state) == list(ref) and state["step"] == 12
+    for a, b in zip(state["profiles"], ref["profiles"]):
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in b)
+
+
 # --------------------------------------------------------------------------- sweeps accumulate
 def test_sweep_table_keeps_every_sweep_and_the_plot_draws_each(tmp_path, monkeypatch):
     from emakit.training import plots, validation

@@ -7,9 +7,10 @@ BatchNorm recalibration at evaluation.
   and is stored in checkpoints under ``state_dict_ema`` + ``ema`` (i = 0, timm's key) or
   ``state_dict_ema_<i>`` + ``ema_<i>``. One value stays a plain ``ModelEMA``.
 - **Post-hoc EMA** (``--model-ema-posthoc``, Karras et al. 2024, EDM2): rank 0 tracks a
-  ``PowerEMA`` after every optimizer step and writes its snapshots into ``<run>/posthoc/``
-  (:class:`PosthocTracker`), within ``--posthoc-budget`` (:func:`posthoc_snapshot_cap`);
-  ``validate.py --posthoc-sigma-rel`` rebuilds any EMA length.
+  ``PowerEMA`` (power-schedule ``ModelEMA`` s in one ``MultiEMA``; given the run's EMAs, the
+  same engine updates them in the same fused pass) after every optimizer step and writes its
+  snapshots into ``<run>/posthoc/`` (:class:`PosthocTracker`), within ``--posthoc-budget``
+  (:func:`posthoc_snapshot_cap`); ``validate.py --posthoc-sigma-rel`` rebuilds any EMA length.
 - **BN recalibration** (``--model-ema-bn-recal N``): :func:`recalibrated_bn` re-estimates an
   EMA's BatchNorm statistics for the evaluation only and puts the averaged ones back.
 """
@@ -187,12 +188,17 @@ class PosthocTracker:
         total_steps: planned optimizer steps of the whole run (interval planning, footprint projection).
         budget_bytes: the disk budget the cap comes from (reported in the logs), None if unbounded.
         device: where the profiles live (default: next to the model).
+        ema: the run's EMA(s) to update in the same fused pass as the profiles (one engine,
+            ``PowerEMA(alongside=...)``): :meth:`update` then advances them too, the loop must
+            not call ``ema.update`` as well (``owns_ema``), and their checkpoint keys and
+            state are unchanged. Default None: the EMAs are updated on their own.
     """
 
     def __init__(self, model: nn.Module, *, sigma_rels: Sequence[float], every: int, snapshot_dtype: str,
                  max_snapshots: int | None, total_steps: int, budget_bytes: int | None = None,
-                 device: torch.device | str | None = None) -> None:
-        self.power = PowerEMA(model, sigma_rels, dtype=torch.float32, device=device)
+                 device: torch.device | str | None = None, ema: EmaSet | None = None) -> None:
+        self.power = PowerEMA(model, sigma_rels, dtype=torch.float32, device=device, alongside=ema_members(ema))
+        self.owns_ema = ema is not None
         self.every = int(every)
         self.snapshot_dtype = snapshot_dtype
         self.max_snapshots = max_snapshots
@@ -243,7 +249,8 @@ class PosthocTracker:
                       f"; deleted {thinned} older snapshot file(s) off that interval" if thinned else "")
 
     def update(self, model: nn.Module) -> None:
-        """Advance every profile one step; save them if the step is on the interval."""
+        """Advance every profile (and the run's EMAs when ``owns_ema``) one step in one fused
+        pass; save the profiles if the step is on the interval."""
         self.power.update(model)
         if self.writer is not None:
             self.writer.maybe_save(self.power)
