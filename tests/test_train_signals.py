@@ -1,7 +1,8 @@
 """Stop signals: SIGTERM / SIGINT / SIGHUP end a run at a step boundary with a resumable
 mid-epoch ``last.pth.tar``, one line naming it and the exact resume command, and exit
 128 + the signal number; resuming gives bitwise the weights, EMA, optimizer and metrics of
-the run that was never stopped (one process and torchrun x2, CPU, fixed seed, workers 0).
+the run that was never stopped (one process with 0 or 1 loader workers, and torchrun x2; CPU,
+fixed seed).
 
 The signal is sent from a deterministic point: a logging handler installed by the test
 (in-process runs, or a wrapper script under torchrun) fires it when the run logs a given
@@ -63,8 +64,11 @@ def _resume_argv(message: str) -> list[str]:
         words[next(i for i, w in enumerate(words) if w.endswith("train.py")) + 1:]
 
 
-def test_sigterm_mid_epoch_then_resume_equals_the_uninterrupted_run_bitwise(run_train, tmp_path, image_folder):
-    base = [image_folder, *ARGS, "--epochs", "2", "--output", tmp_path]
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_sigterm_mid_epoch_then_resume_equals_the_uninterrupted_run_bitwise(run_train, tmp_path, image_folder,
+                                                                            workers):
+    # With loader workers too: every sample's augmentation is seeded from (seed, epoch, index).
+    base = [image_folder, *ARGS, "--workers", workers, "--epochs", "2", "--output", tmp_path]
     code, _, err = run_train([*base, "--experiment", "straight"])
     assert code == 0, err
 
