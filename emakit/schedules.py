@@ -96,7 +96,7 @@ _REGISTRY: dict[str, Callable[..., float]] = dict(_BUILTIN)
 NEEDS_TOTAL_STEPS = {"exp"}
 
 
-def register_schedule(name: str, fn: Callable[..., float], *, overwrite: bool = False) -> None:
+def register_schedule(name: str, fn: ScheduleFn, *, overwrite: bool = False) -> None:
     """Register a custom decay schedule under ``name``.
 
     ``fn(decay, step, total_steps, **kwargs) -> float`` must be pure and return a value in

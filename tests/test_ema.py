@@ -529,3 +529,18 @@ def test_multi_ema_members_keep_their_own_counters_and_take_no_shared_settings()
         MultiEMA(model, decays=[0.9], members=[{"decay": 0.9}])
     with pytest.raises(ValueError, match="needs the model"):
         MultiEMA(members=[{"decay": 0.9}])
+
+
+def test_scale_decay_keeps_the_half_life_in_images_when_the_batch_grows():
+    """The EMA scaling rule: with kappa-times larger batches, decay**kappa per step halves the
+    old average after the same number of images (half-life in steps / kappa)."""
+    from emakit import decay_to_half_life, scale_decay
+
+    decay = 0.999
+    for kappa in (0.5, 2, 4, 8):
+        scaled = scale_decay(decay, kappa)
+        assert decay_to_half_life(scaled) * kappa == pytest.approx(decay_to_half_life(decay), rel=1e-12)
+    assert scale_decay(decay, 1) == decay
+    for bad in ((1.0, 2), (-0.1, 2), (0.9, 0), (0.9, -1)):
+        with pytest.raises(ValueError):
+            scale_decay(*bad)

@@ -45,6 +45,22 @@ def hook(event, args):
 
 sys.addaudithook(hook)
 sys.path.insert(0, os.environ["REPO"])
+import torch
+import emakit.training.run as run
+from emakit.training.averages import ema_label, ema_members
+
+fit = run.fit
+
+def fit_then_dump(tr):
+    """Every rank saves its EMA weights after training (outside AUDIT_WATCH), for the test."""
+    result = fit(tr)
+    folder = os.environ["DUMP_EMA_DIR"]
+    os.makedirs(folder, exist_ok=True)
+    for i, member in enumerate(ema_members(tr.ema)):
+        torch.save(member.module.state_dict(), os.path.join(folder, f"{ema_label(i)}_rank{tr.dist.rank}.pt"))
+    return result
+
+run.fit = fit_then_dump
 import train
 code = train.main(sys.argv[1:])
 log = os.environ["AUDIT_LOG"] + ".rank" + os.environ.get("RANK", "0")
@@ -73,7 +89,7 @@ def test_torchrun_two_processes_identical_ema_exact_counts_only_rank0_writes(tmp
            *FAST_ARGS, "-b", "4", "--epochs", "2", "--output", str(out), "--experiment", "ddp",
            "--model-ema-half-life", "2ba,4ba", "--model-ema-bn-recal", "2", "--model-ema-posthoc",
            "--posthoc-every", "1"]
-    env = subprocess_env(EMAKIT_DUMP_EMA_DIR=str(dump), AUDIT_LOG=str(tmp_path / "audit"),
+    env = subprocess_env(DUMP_EMA_DIR=str(dump), AUDIT_LOG=str(tmp_path / "audit"),
                          AUDIT_WATCH=str(out), REPO=str(REPO))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]

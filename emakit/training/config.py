@@ -1,9 +1,9 @@
 """Command-line flags of ``train.py``: argparse groups, ``--config`` YAML presets, the dump.
 
-Flag names follow timm's ``train.py`` where timm has the feature. The defaults are the
-embedded-dataset preset (``configs/digits.yaml``), so ``python train.py`` with no argument
-is a short CPU run on scikit-learn's digits; where that makes a default differ from timm's,
-the help says so. Precedence: parser default < ``--config`` YAML < command line. A YAML key
+Flag names and defaults follow timm's ``train.py`` where timm has the feature. With neither
+a data path nor ``--config``, the embedded-dataset preset (``configs/digits.yaml``) supplies
+the defaults, so ``python train.py`` with no argument is a short CPU run on scikit-learn's
+digits. Precedence: parser default < ``--config`` YAML < command line. A YAML key
 that is not a flag's dest, or a value of the wrong type, is an error naming the key.
 
 Each flag's value has a kind (:mod:`.kinds`: a number > 0, a probability, an integer >= 1,
@@ -30,7 +30,7 @@ from .kinds import (EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE, NON_NEGATI
                     Items, Kind, KindError, Number, OneOf, check_parsed)
 
 __all__ = ["build_parser", "parse_args", "load_yaml_defaults", "args_to_yaml", "resolve_ema_decay",
-           "as_list", "CommaList"]
+           "CommaList"]
 
 DEFAULT_EMA_DECAY = 0.9998  # timm's --model-ema-decay default
 DEFAULT_POSTHOC_SIGMA_RELS = "0.05,0.10"  # EDM2's two tracked profiles
@@ -100,11 +100,6 @@ class CommaList:
             return self._convert([value], str(value))
         except argparse.ArgumentTypeError as e:
             raise UsageError(f"config key {key!r}: {e}") from None
-
-
-def as_list(value: Any) -> list[Any]:
-    """A ``CommaList`` flag's value as a list (a scalar becomes a list of one)."""
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -77,7 +77,6 @@ SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5",
 _EVAL_KEYS = ("loss", "top1", "top5")
 _SCHEDULERS = "cosine, step, multistep, plateau, poly, tanh, none"  # named in --sched errors
 _UNBOUNDED_POSTHOC_SNAPSHOTS = 50  # default snapshot steps with --posthoc-budget none
-DUMP_EMA_ENV = "EMAKIT_DUMP_EMA_DIR"  # debugging hook: every rank saves its EMA state dict here
 
 
 TRAIN_POSITION_KEY = "train_position"  # mid-epoch checkpoints: where the stopped epoch resumes
@@ -1214,14 +1213,6 @@ def _best(rows: list[dict[str, Any]], column: str, lower_is_better: bool) -> tup
     return min(scored, key=lambda s: (sign * s[0], s[1]))
 
 
-def _dump_ema_if_asked(tr: Trainer) -> None:
-    folder = os.environ.get(DUMP_EMA_ENV)
-    if folder and tr.ema is not None:
-        os.makedirs(folder, exist_ok=True)
-        for i, member in enumerate(ema_members(tr.ema)):
-            torch.save(member.module.state_dict(), os.path.join(folder, f"{ema_label(i)}_rank{tr.dist.rank}.pt"))
-
-
 def _finish_posthoc(tr: Trainer) -> None:
     """Final snapshot, the footprint on disk, and the command that sweeps EMA lengths."""
     posthoc = tr.posthoc
@@ -1306,8 +1297,7 @@ def fit(tr: Trainer) -> FitResult:
 
 
 def _finish_run(tr: Trainer) -> None:
-    """After the last epoch: EMA dump (debug hook), the final post-hoc snapshot, the plot."""
-    _dump_ema_if_asked(tr)
+    """After the last epoch: the final post-hoc snapshot and the plot (rank 0)."""
     if not tr.dist.is_main:
         return
     if tr.posthoc is not None:
