@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     from emakit.training import UsageError, print_error
     from emakit.training.config import parse_args
     from emakit.training.lifecycle import RunStopped, SignalInterrupt, StopSignals, resume_command, signal_name
-    from emakit.training.run import build_trainer, close_trainer, configure_logging, describe_result, fit
+    from emakit.training.logs import configure_logging
+    from emakit.training.run import build_trainer, close_trainer, describe_result, fit
 
     argv = list(sys.argv[1:] if argv is None else argv)
     logs = configure_logging()

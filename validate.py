@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from emakit.checkpoint import CheckpointError
     from emakit.training import UsageError, print_error
     from emakit.training.distributed import init_distributed, shutdown_distributed
-    from emakit.training.run import configure_logging
+    from emakit.training.logs import configure_logging
     from emakit.training.validation import parse_args, report_lines, run
 
     logs, dist = configure_logging(), None

@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from emakit.training import UsageError
 
         usage_errors += (UsageError,)
-        from emakit.training.run import configure_logging
+        from emakit.training.logs import configure_logging
 
         logs = configure_logging()
     except ImportError:  # torch-only install: export of safetensors/plots still need extras

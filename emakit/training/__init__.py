@@ -19,12 +19,17 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["UsageError", "one_line_error", "print_error"]
+__all__ = ["UsageError", "one_line", "one_line_error", "print_error"]
 
 
 class UsageError(Exception):
     """A problem the user can fix (bad flag, data, checkpoint, output dir): the CLI prints
     ``str(error)`` as one line on stderr and exits with status 2."""
+
+
+def one_line(error: BaseException | str) -> str:
+    """``str(error)`` with every run of whitespace (line breaks included) as one space."""
+    return " ".join(str(error).split())
 
 
 def one_line_error(message: str) -> str:

@@ -24,7 +24,6 @@ recalibrated BatchNorm buffers of that epoch).
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import csv
 import io
@@ -54,6 +53,8 @@ from .averages import (BN_RECAL_CHECKPOINT_KEY, POSTHOC_CHECKPOINT_KEY, EmaSet, 
                        describe_ema, ema_checkpoint_keys, ema_checkpoint_state, ema_label, ema_members, ema_selector,
                        posthoc_snapshot_cap, posthoc_sweep_command, recalibrated_bn)
 from .bn import has_batchnorm
+from .build import build_model
+from .logs import LogSetup
 from .config import args_to_yaml, resolve_ema_decay
 from .data import (AugmentConfig, DataSplits, DeviceLoader, ResumableSampler, build_datasets, build_eval_loader,
                    build_train_loader, build_transforms, device_random_erasing, epoch_seed, flip_labels,
@@ -134,140 +135,12 @@ class FitResult:
     best_any_ema: tuple[float, int, str] | None = None
 
 
-# --------------------------------------------------------------------------- logging
-class _EarlyRecords(logging.Handler):
-    """Keeps the last ``capacity`` records until a log file can receive them (bounded)."""
-
-    def __init__(self, capacity: int = 10_000) -> None:
-        super().__init__()
-        self.records: collections.deque[logging.LogRecord] = collections.deque(maxlen=capacity)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def replay(self, target: logging.Handler) -> None:
-        """Hand the kept records to ``target`` and forget them."""
-        while self.records:
-            target.handle(self.records.popleft())
-
-
-class _LogFile(logging.FileHandler):
-    """``train.log``: a failed write (a full disk) is reported once on stderr, then the file
-    is given up, instead of a traceback for every later record."""
-
-    failed = False
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        if not self.failed:
-            self.failed = True
-            error = sys.exc_info()[1]
-            sys.stderr.write(f"warning: cannot write {self.baseFilename} ({getattr(error, 'strerror', None) or error}); "
-                             "logging to the console only\n")
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not self.failed:
-            super().emit(record)
-
-
-class _LogSetup:
-    """Console (and later file) handlers on the ``emakit`` logger, removable at the end so
-    in-process calls of ``train.main`` do not pile up handlers. Records logged before the
-    run folder exists are buffered and written to the log file once it is opened."""
-
-    def __init__(self) -> None:
-        self.logger = logging.getLogger("emakit")
-        self.handlers: list[logging.Handler] = []
-        self.old_level = self.logger.level
-        self.early = _EarlyRecords()
-        self.add(self.early, logging.INFO, "%(message)s")
-
-    def add(self, handler: logging.Handler, level: int, fmt: str) -> None:
-        handler.setLevel(level)
-        handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
-        self.logger.addHandler(handler)
-        self.handlers.append(handler)
-        self.logger.setLevel(logging.INFO)
-
-    def add_file(self, path: str) -> None:
-        """Log to ``path`` from now on, starting with the records buffered so far."""
-        # backslashreplace: a non-UTF-8 file name in a message must not break the log file
-        handler = _LogFile(path, encoding="utf-8", errors="backslashreplace")
-        self.add(handler, logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.early.replay(handler)
-        self._drop(self.early)
-
-    def discard_early(self) -> None:
-        """No log file on this process (ranks other than 0): stop keeping records."""
-        self._drop(self.early)
-
-    def _drop(self, handler: logging.Handler) -> None:
-        if handler in self.handlers:
-            self.logger.removeHandler(handler)
-            self.handlers.remove(handler)
-            handler.close()
-
-    def close(self) -> None:
-        for h in list(self.handlers):
-            self._drop(h)
-        self.logger.setLevel(self.old_level)
-
-
-def configure_logging() -> _LogSetup:
-    """Log INFO to stderr (rank 0; WARNING on other ranks). Call ``.close()`` at the end."""
-    setup = _LogSetup()
-    rank = int(os.environ.get("RANK", "0"))
-    level = logging.INFO if rank == 0 else logging.WARNING
-    prefix = "" if rank == 0 else f"[rank {rank}] "
-    setup.add(logging.StreamHandler(sys.stderr), level, f"%(asctime)s {prefix}%(message)s")
-    return setup
-
-
 # --------------------------------------------------------------------------- building blocks
 def seed_all(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def build_model(name: str, num_classes: int, device: torch.device, *, drop_rate: float = 0.0,
-                drop_path_rate: float | None = None, pretrained_path: str | None = None,
-                channels_last: bool = False) -> nn.Module:
-    """``timm.create_model`` moved to ``device`` (channels_last if asked).
-
-    ``pretrained_path``: start from this local weights file (timm's ``pretrained_cfg_overlay``
-    ``file``); nothing is ever downloaded. An unknown name is a ``UsageError`` saying how to
-    list the models.
-    """
-    import timm
-
-    if not timm.is_model(name):
-        import difflib
-
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UsageError(f"unknown model {name!r}: {hint}list the names with "
-                         "python -c \"import timm; print(timm.list_models('*resnet*'))\"")
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": drop_rate}
-    if drop_path_rate is not None:
-        kwargs["drop_path_rate"] = drop_path_rate
-    if pretrained_path:
-        if not os.path.isfile(pretrained_path):
-            raise UsageError(f"--pretrained-path {pretrained_path}: no such file")
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(pretrained_path)})
-    try:
-        model = timm.create_model(name, **kwargs)
-    except (RuntimeError, ValueError, OSError, KeyError) as e:
-        if pretrained_path:
-            raise UsageError(f"cannot load --pretrained-path {pretrained_path} into {name}: "
-                             f"{' '.join(str(e).split())[:300]}") from None
-        raise
-    model.to(device=device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    _log.info("model %s: %.2fM parameters, %d classes%s", name, sum(p.numel() for p in model.parameters()) / 1e6,
-              num_classes, f", weights from {pretrained_path}" if pretrained_path else "")
-    return model
 
 
 def check_compile_backend(backend: str | None) -> None:
@@ -815,7 +688,7 @@ def _log_bn_recal(num_batches: int, model_without_ddp: nn.Module, model_name: st
               num_batches)
 
 
-def _setup_output(tr: Trainer, img_size: int, logs: _LogSetup | None) -> None:
+def _setup_output(tr: Trainer, img_size: int, logs: LogSetup | None) -> None:
     """Rank 0 creates the folder, args.yaml, the log file and the checkpoint saver; every
     rank learns whether that worked, so a failure stops all of them."""
     args, error = tr.args, None
@@ -860,7 +733,7 @@ def _open_posthoc_folder(posthoc: PosthocTracker, folder: str) -> None:
               posthoc.describe_budget())
 
 
-def build_trainer(args: argparse.Namespace, logs: _LogSetup | None = None) -> Trainer:
+def build_trainer(args: argparse.Namespace, logs: LogSetup | None = None) -> Trainer:
     """Build everything in the user's expected order; raises ``UsageError`` for bad input
     before the output folder exists. Call :func:`close_trainer` when done."""
     dist = init_distributed(args.device)

@@ -42,6 +42,7 @@ from emakit.checkpoint import (CheckpointError, check_state_dict_compat, extract
                                save_checkpoint, save_safetensors, strip_prefixes, write_text_atomic)
 
 from . import UsageError
+from .build import build_model as _build_model, check_model_name
 from .data import (AugmentConfig, DeviceLoader, ImageListDataset, _class_folders, _scan_split, build_eval_loader,
                    build_transforms, load_digits_splits)
 from .distributed import DistInfo
@@ -294,7 +295,7 @@ def resolve_arch(ckpt: Mapping[str, Any], source: str, model_flag: str | None) -
     import timm
 
     if model_flag:
-        _check_model_name(model_flag)
+        check_model_name(model_flag)
         return model_flag
     found = [("args.model", _train_args(ckpt).get("model")), ("arch", ckpt.get("arch")),
              ("metadata arch", _metadata(ckpt).get("arch"))]
@@ -303,18 +304,6 @@ def resolve_arch(ckpt: Mapping[str, Any], source: str, model_flag: str | None) -
             return name
     seen = ", ".join(f"{where}={name!r}" for where, name in found if name) or "no model name"
     raise UsageError(f"cannot tell which timm model {source} holds ({seen}); pass --model NAME")
-
-
-def _check_model_name(name: str) -> None:
-    import timm
-
-    if not timm.is_model(name):
-        import difflib
-
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UsageError(f"unknown model {name!r}: {hint}list names with "
-                         "python -c \"import timm; print(timm.list_models('*resnet*'))\"")
 
 
 def _classifier_outputs(arch: str, state_dict: Mapping[str, Any]) -> int | None:
@@ -375,18 +364,8 @@ def _weight_sets(weights: str) -> list[str]:
 # =========================================================================== model
 def build_model(arch: str, num_classes: int, *, device: torch.device, channels_last: bool = False,
                 in_chans: int | None = None) -> nn.Module:
-    """A fresh ``timm.create_model(arch, num_classes=...)`` in eval mode on ``device``."""
-    import timm
-
-    _check_model_name(arch)
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
-    if in_chans:
-        kwargs["in_chans"] = in_chans
-    model = timm.create_model(arch, **kwargs)
-    model.to(device=device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model.eval()
+    """A fresh timm model (:func:`emakit.training.build.build_model`) in eval mode on ``device``."""
+    return _build_model(arch, num_classes, device, channels_last=channels_last, in_chans=in_chans, log=False).eval()
 
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, Any], source: str, label: str) -> None:
