@@ -69,7 +69,7 @@ from .resume import (check_ema_entry, check_optimizer_state, ema_entry_keys, nor
 from .rundir import RunLock, checkpoint_is_emakit, claim_run_folder, write_marker
 
 __all__ = ["Trainer", "FitResult", "TrainingInterrupted", "RunStopped", "build_trainer", "fit", "close_trainer",
-           "configure_logging", "SUMMARY_COLUMNS", "summary_columns"]
+           "SUMMARY_COLUMNS", "summary_columns"]
 
 _log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 2  # timm writes version 2 with the same keys
