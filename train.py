@@ -20,18 +20,20 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Parse -> build -> run; returns the process exit status."""
     from emakit.training import UsageError, print_error
-    from emakit.training.config import parse_args
+    from emakit.training.config import parse_settings
+    from emakit.training.fit import fit
     from emakit.training.lifecycle import RunStopped, SignalInterrupt, StopSignals, resume_command, signal_name
     from emakit.training.logs import configure_logging
-    from emakit.training.run import build_trainer, close_trainer, describe_result, fit
+    from emakit.training.outputs import describe_result
+    from emakit.training.trainer import build_trainer, close_trainer
 
     argv = list(sys.argv[1:] if argv is None else argv)
     logs = configure_logging()
     signals = StopSignals().install()
     trainer = None
     try:
-        args = parse_args(argv)
-        trainer = build_trainer(args, logs)
+        settings = parse_settings(argv)
+        trainer = build_trainer(settings, logs)
         trainer.signals = signals
         try:
             result = fit(trainer)

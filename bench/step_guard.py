@@ -26,6 +26,7 @@ from torch import nn
 
 from emakit import ModelEMA
 from emakit.training import engine
+from emakit.training.averages import Averages
 from emakit.training.engine import TrainOptions, train_one_epoch
 
 
@@ -64,7 +65,7 @@ def main() -> None:
             _sync(device)
             start = time.perf_counter()
             train_one_epoch(0, model, batches, opt, loss_fn, device=device, opts=TrainOptions(log_interval=10**9),
-                            ema=ema)
+                            averages=Averages(ema))
             _sync(device)
             return (time.perf_counter() - start) / args.steps
         finally:

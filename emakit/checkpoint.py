@@ -44,6 +44,8 @@ from torch import nn
 
 __all__ = [
     "atomic_write",
+    "ema_checkpoint_keys",
+    "ema_indices",
     "find_nonfinite",
     "remove_stale_temp_files",
     "write_text_atomic",
@@ -524,6 +526,22 @@ def _parse_weights(weights: str) -> int | None:
     return int(match.group(2) or 0)
 
 
+def ema_checkpoint_keys(index: int) -> tuple[str, str]:
+    """(weights key, meta key) of EMA ``index`` in our checkpoints: timm's ``state_dict_ema`` /
+    ``ema`` for the first, ``state_dict_ema_<i>`` / ``ema_<i>`` for EMA i >= 1 (what
+    :func:`extract_state_dict` calls ``"ema:i"``). The one place these names are spelled."""
+    return ("state_dict_ema", "ema") if index == 0 else (_EMA_EXTRA_KEY.format(index), f"ema_{index}")
+
+
+def ema_indices(ckpt: Mapping[str, Any]) -> list[int]:
+    """Indices of the EMAs a checkpoint holds weights for (0 for ``state_dict_ema``, i for
+    ``state_dict_ema_<i>``), ascending."""
+    prefix = _EMA_EXTRA_KEY.format("")
+    extra = sorted(int(k[len(prefix):]) for k in ckpt if isinstance(k, str) and k.startswith(prefix)
+                   and k[len(prefix):].isdigit() and int(k[len(prefix):]) > 0)
+    return ([0] if _present(ckpt, ema_checkpoint_keys(0)[0]) else []) + extra
+
+
 def _present(ckpt: Mapping[str, Any], key: str) -> bool:
     return ckpt.get(key) is not None
 
@@ -556,14 +574,14 @@ def extract_state_dict(ckpt: Mapping[str, Any], weights: str = "raw", source: st
     elif ema_index is None:
         key = next((k for k in _RAW_KEYS if _present(ckpt, k)), None)
         if key is None:
-            has_ema = any(_present(ckpt, k) for k in _EMA_KEYS) or any(k.startswith("state_dict_ema_") for k in ckpt)
+            has_ema = any(_present(ckpt, k) for k in _EMA_KEYS) or bool(ema_indices(ckpt))
             hint = "; it has EMA weights, use --weights ema" if has_ema else ""
             raise CheckpointError(
                 f"{name} has no model weights (looked for {', '.join(_RAW_KEYS)}; top-level keys: "
                 f"{_key_list(ckpt)}){hint}"
             )
     else:
-        candidates = _EMA_KEYS if ema_index == 0 else (_EMA_EXTRA_KEY.format(ema_index),)
+        candidates = _EMA_KEYS if ema_index == 0 else (ema_checkpoint_keys(ema_index)[0],)
         key = next((k for k in candidates if _present(ckpt, k)), None)
         if key is None:
             raise CheckpointError(

@@ -80,7 +80,7 @@ def main() -> None:
     import torch  # noqa: F401
 
     import emakit.cli  # noqa: F401
-    import emakit.training.run  # noqa: F401
+    import emakit.training.fit  # noqa: F401
     import emakit.training.validation  # noqa: F401
 
     results = []

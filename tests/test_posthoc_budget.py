@@ -284,14 +284,11 @@ def test_flip_labels_changes_exactly_the_asked_fraction_to_other_classes_reprodu
 
 
 def test_label_noise_flips_the_training_split_only(image_folder):
-    import argparse
-
+    from emakit.training.build import load_data
     from emakit.training.data import build_datasets
-    from emakit.training.run import _load_data
+    from emakit.training.settings import DataSettings
 
-    args = argparse.Namespace(data=str(image_folder), train_split="train", val_split=None, skip_bad_images=False,
-                              workers=0, num_classes=None, label_noise=0.5, seed=3)
-    noisy, _ = _load_data(args)
+    noisy, _ = load_data(DataSettings(path=str(image_folder), workers=0, label_noise=0.5), seed=3)
     clean = build_datasets(str(image_folder))
     assert noisy.val.targets == clean.val.targets
     assert sum(a != b for a, b in zip(noisy.train.targets, clean.train.targets)) == len(clean.train) // 2

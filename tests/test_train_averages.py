@@ -11,8 +11,9 @@ from torch import nn
 
 from emakit import ModelEMA, MultiEMA
 from emakit.training.averages import (auto_posthoc_every, ema_checkpoint_state, posthoc_sweep_command,
-                                      recalibrated_bn)
-from emakit.training.run import SUMMARY_COLUMNS, best_ema_index, resume_ema, select_metric, summary_columns
+                                      recalibrated_bn, resume_ema)
+from emakit.training.fit import best_ema_index, select_metric
+from emakit.training.outputs import SUMMARY_COLUMNS, summary_columns
 
 
 def bn_net(seed: int = 0) -> nn.Module:

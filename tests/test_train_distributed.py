@@ -46,21 +46,20 @@ def hook(event, args):
 sys.addaudithook(hook)
 sys.path.insert(0, os.environ["REPO"])
 import torch
-import emakit.training.run as run
-from emakit.training.averages import ema_label, ema_members
+import emakit.training.fit as fit_module
 
-fit = run.fit
+fit = fit_module.fit
 
 def fit_then_dump(tr):
     """Every rank saves its EMA weights after training (outside AUDIT_WATCH), for the test."""
     result = fit(tr)
     folder = os.environ["DUMP_EMA_DIR"]
     os.makedirs(folder, exist_ok=True)
-    for i, member in enumerate(ema_members(tr.ema)):
-        torch.save(member.module.state_dict(), os.path.join(folder, f"{ema_label(i)}_rank{tr.dist.rank}.pt"))
+    for average in tr.averages.targets():
+        torch.save(average.module.state_dict(), os.path.join(folder, f"{average.name}_rank{tr.dist.rank}.pt"))
     return result
 
-run.fit = fit_then_dump
+fit_module.fit = fit_then_dump
 import train
 code = train.main(sys.argv[1:])
 log = os.environ["AUDIT_LOG"] + ".rank" + os.environ.get("RANK", "0")

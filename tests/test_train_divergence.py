@@ -21,6 +21,7 @@ from torch import nn
 from conftest import FAST_ARGS, REPO, subprocess_env
 from emakit import ModelEMA
 from emakit.checkpoint import find_nonfinite
+from emakit.training.averages import Averages
 from emakit.training.distributed import DistInfo
 from emakit.training.engine import NonfiniteGuard, TrainingDiverged, TrainOptions, train_one_epoch
 
@@ -46,7 +47,7 @@ def data(n: int, bad: tuple[int, ...] = (), seed: int = 0) -> list[tuple[torch.T
 def train(model, batches, guard=None, ema=None, dist=DistInfo()):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     return train_one_epoch(0, model, batches, opt, nn.CrossEntropyLoss(), device=CPU, opts=TrainOptions(),
-                           ema=ema, guard=guard, dist=dist)
+                           averages=Averages(ema) if ema is not None else None, guard=guard, dist=dist)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -146,7 +147,7 @@ def test_under_ddp_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_st
 
 
 def test_the_best_line_never_reports_nan():
-    from emakit.training.run import _best  # imports timm: kept out of the spawned DDP workers' imports
+    from emakit.training.outputs import best_in_column as _best  # kept out of the spawned DDP workers' imports
 
     rows = [{"epoch": "0", "eval_top1": "40.0"}, {"epoch": "1", "eval_top1": "nan"}, {"epoch": "2", "eval_top1": "inf"}]
     assert _best(rows, "eval_top1", lower_is_better=False) == (40.0, 0)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from emakit import ModelEMA
+from emakit.training.averages import Averages
 from emakit.training.engine import AmpSettings, TrainOptions, evaluate, train_one_epoch
 
 CPU = torch.device("cpu")
@@ -36,7 +37,7 @@ def test_ema_is_updated_once_per_optimizer_step_under_gradient_accumulation(num_
     ema = ModelEMA(model, decay=0.9)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     out = train_one_epoch(0, model, batches(num_batches), opt, nn.CrossEntropyLoss(), device=CPU,
-                          opts=TrainOptions(grad_accum_steps=accum), ema=ema)
+                          opts=TrainOptions(grad_accum_steps=accum), averages=Averages(ema))
     steps = math.ceil(num_batches / accum)
     assert out["optimizer_steps"] == steps
     assert ema.num_updates == steps
@@ -73,7 +74,7 @@ def test_a_step_skipped_by_the_fp16_grad_scaler_is_not_an_ema_update():
 
     ema.update = spy
     out = train_one_epoch(0, model, batches(8), opt, nn.CrossEntropyLoss(), device=CPU,
-                          opts=TrainOptions(amp=amp), ema=ema)
+                          opts=TrainOptions(amp=amp), averages=Averages(ema))
     skipped, steps = out["skipped_steps"], out["optimizer_steps"]
     assert skipped >= 1 and steps >= 1 and skipped + steps == 8 and out["nonfinite_steps"] == 0
     assert ema.num_updates == steps and len(seen) == steps
@@ -110,7 +111,7 @@ def test_evaluate_restores_training_mode():
 def test_pretrained_backbone_weights_come_from_the_local_file(tmp_path):
     import timm
 
-    from emakit.training.run import build_model
+    from emakit.training.build import build_model
 
     torch.manual_seed(123)
     source = timm.create_model("test_resnet", num_classes=3)

@@ -36,13 +36,14 @@ def fit_beside_timm(argv: list, *, timm_ema_from: dict | None = None) -> tuple[d
     with timm's step numbers. Returns (our EMA state, timm's EMA state, trainer)."""
     from timm.utils import ModelEmaV3
 
-    from emakit.training.config import parse_args
-    from emakit.training.run import build_trainer, close_trainer, run_epoch
+    from emakit.training.config import parse_args, settings_from_args
+    from emakit.training.fit import run_epoch
+    from emakit.training.trainer import build_trainer, close_trainer
 
     args = parse_args([str(a) for a in argv])
-    tr = build_trainer(args)
+    tr = build_trainer(settings_from_args(args))
     try:
-        ours = tr.ema
+        ours = tr.averages.ema
         # timm builds its EMA from the (resumed) model, then loads state_dict_ema if resuming
         reference = ModelEmaV3(copy.deepcopy(tr.model_without_ddp), decay=args.model_ema_decay or 0.9998,
                                use_warmup=args.model_ema_warmup)

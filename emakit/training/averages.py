@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shlex
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Union
 
@@ -29,12 +30,16 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from emakit import ModelEMA, MultiEMA
+from emakit.checkpoint import ema_checkpoint_keys, ema_indices
+from emakit.schedules import parse_half_life
 from emakit.posthoc import (Footprint, PowerEMA, SnapshotWriter, budget_max_snapshots, estimate_footprint, human_bytes,
                             list_snapshots, model_fp32_bytes, parse_budget)
 
+from . import UsageError, one_line
 from .bn import recalibrate_bn
+from .resume import check_ema_entry, steps_done
 
-__all__ = ["EmaSet", "ema_members", "ema_label", "ema_selector", "ema_checkpoint_keys", "ema_checkpoint_state",
+__all__ = ["Averages", "EmaSet", "ema_members", "ema_label", "ema_selector", "ema_checkpoint_keys", "ema_checkpoint_state",
            "describe_ema", "bn_buffers", "recalibrated_bn", "auto_posthoc_every", "posthoc_snapshot_cap",
            "PosthocTracker",
            "posthoc_sweep_command", "POSTHOC_CHECKPOINT_KEY", "BN_RECAL_CHECKPOINT_KEY", "SWEEP_SIGMA_RELS"]
@@ -64,12 +69,6 @@ def ema_label(index: int) -> str:
 def ema_selector(index: int) -> str:
     """``validate.py --weights`` value that picks EMA ``index``: ``ema``, ``ema:1``, ..."""
     return "ema" if index == 0 else f"ema:{index}"
-
-
-def ema_checkpoint_keys(index: int) -> tuple[str, str]:
-    """(weights key, meta key) of EMA ``index`` in a checkpoint: timm's ``state_dict_ema`` for
-    the first, ``state_dict_ema_<i>`` / ``ema_<i>`` for the others (``extract_state_dict``'s ``ema:i``)."""
-    return ("state_dict_ema", "ema") if index == 0 else (f"state_dict_ema_{index}", f"ema_{index}")
 
 
 def ema_checkpoint_state(ema: EmaSet | None) -> dict[str, Any]:
@@ -294,3 +293,202 @@ def posthoc_sweep_command(data: str | None, checkpoint: str, sigma_rels: str = S
     parts = ["python", "validate.py"] + ([data] if data else []) + [
         "--checkpoint", checkpoint, "--posthoc-sigma-rel", sigma_rels]
     return " ".join(shlex.quote(os.fspath(p)) for p in parts)
+
+
+# --------------------------------------------------------------------------- all of them
+@dataclass
+class AverageTarget:
+    """One EMA as evaluation sees it: its name (``ema``, ``ema1``...), ``--weights`` selector
+    and the module holding its weights."""
+
+    name: str
+    selector: str
+    module: nn.Module
+
+
+class Averages:
+    """Every weight average of a run: the EMA(s) (one ``ModelEMA`` or a fused ``MultiEMA``),
+    rank 0's post-hoc tracker, BatchNorm recalibration at evaluation, their checkpoint
+    entries (the keys are spelled in :func:`emakit.checkpoint.ema_checkpoint_keys`) and their
+    resume.
+
+    The loop calls :meth:`update` after every optimizer step taken; evaluation iterates
+    :meth:`targets` by name. A failed post-hoc snapshot write (a full disk) does not raise
+    inside the loop on rank 0 alone: it is kept in :attr:`write_error` and the loop stops
+    at the next agreed step boundary.
+
+    Args:
+        ema: the run's EMA(s), or None without ``--model-ema``.
+        posthoc: rank 0's post-hoc tracker (``--model-ema-posthoc``), else None.
+        device: where the EMA weights live (``--model-ema-force-cpu``: the CPU).
+        bn_recal: training batches for BatchNorm recalibration before each EMA evaluation (0: off).
+    """
+
+    def __init__(self, ema: ModelEMA | MultiEMA | None = None, posthoc: PosthocTracker | None = None, *,
+                 device: torch.device | None = None, bn_recal: int = 0) -> None:
+        self.ema = ema
+        self.posthoc = posthoc
+        self.members: list[ModelEMA] = ema_members(ema)
+        self.device = device if device is not None else (
+            next(iter(self.members[0].module.parameters())).device if self.members else torch.device("cpu"))
+        self.bn_recal = int(bn_recal)
+        self.write_error: OSError | None = None
+
+    # ------------------------------------------------------------------ what there is
+    @property
+    def count(self) -> int:
+        """How many EMAs (the post-hoc profiles are not evaluated each epoch and do not count)."""
+        return len(self.members)
+
+    def targets(self) -> list[AverageTarget]:
+        """Each EMA with its name and ``--weights`` selector, in order."""
+        return [AverageTarget(ema_label(i), ema_selector(i), m.module) for i, m in enumerate(self.members)]
+
+    def describe(self) -> str:
+        """``decay 0.9998`` or ``3 EMAs in one fused update (ema decay 0.999, ema1 ...)``."""
+        if len(self.members) == 1:
+            return describe_ema(self.members[0])
+        return f"{len(self.members)} EMAs in one fused update (" + ", ".join(
+            f"{ema_label(i)} {describe_ema(m)}" for i, m in enumerate(self.members)) + ")"
+
+    # ------------------------------------------------------------------ the loop
+    def update(self, model: nn.Module) -> bool:
+        """Advance every average one optimizer step; True when an EMA was updated (the
+        ``ema_updates`` count), False with only a post-hoc tracker."""
+        if self.ema is not None:
+            self.ema.update(model)
+        if self.posthoc is not None and self.write_error is None:
+            try:
+                self.posthoc.update(model)
+            except OSError as e:
+                self.write_error = e
+        return self.ema is not None
+
+    # ------------------------------------------------------------------ evaluation
+    @contextlib.contextmanager
+    def recalibrated(self, loader: Iterable, *, channels_last: bool = False,
+                     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                     ) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """With ``bn_recal`` > 0: every EMA carries BatchNorm statistics re-estimated for its
+        own weights within the block (:func:`recalibrated_bn`) and yields their copies, one
+        dict per EMA; otherwise a no-op yielding []."""
+        with contextlib.ExitStack() as stack:
+            if self.bn_recal <= 0:
+                yield []
+                return
+            yield [stack.enter_context(recalibrated_bn(m.module, loader, self.bn_recal, self.device,
+                                                       channels_last=channels_last, autocast=autocast))
+                   for m in self.members]
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self, bn_recal: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+        """The checkpoint entries: every EMA's weights + meta, the post-hoc state and the
+        epoch's recalibrated BatchNorm buffers (``{"num_batches": N, "buffers": [per EMA]}``)."""
+        state = ema_checkpoint_state(self.ema)
+        if self.posthoc is not None:
+            state[POSTHOC_CHECKPOINT_KEY] = self.posthoc.state_dict()
+        if bn_recal:
+            state[BN_RECAL_CHECKPOINT_KEY] = {"num_batches": self.bn_recal, "buffers": bn_recal}
+        return state
+
+    def rank_buffers(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's EMA buffers (CPU copies): under DDP each rank averaged its own
+        BatchNorm statistics since the last evaluation, so a mid-epoch stop keeps them all."""
+        return [{k: b.detach().cpu().clone() for k, b in m.module.named_buffers()} for m in self.members]
+
+    def load_rank_buffers(self, saved: list[dict[str, torch.Tensor]]) -> None:
+        """Put back what :meth:`rank_buffers` returned (a mid-epoch resume)."""
+        with torch.no_grad():
+            for member, buffers in zip(self.members, saved or []):
+                for name, buf in member.module.named_buffers():
+                    if name in buffers:
+                        buf.copy_(buffers[name])
+
+    # ------------------------------------------------------------------ resume
+    def check_resume(self, ckpt: dict[str, Any], path: str, *, drop_ema: bool) -> None:
+        """Before anything is loaded: an EMA held by the checkpoint is continued or dropped
+        explicitly (``--drop-ema``), and its weights fit the model."""
+        held = [ema_checkpoint_keys(i) for i in ema_indices(ckpt)]
+        if drop_ema and self.ema is not None:
+            raise UsageError("--drop-ema drops the resumed checkpoint's EMA, but --model-ema continues it: "
+                             "pass only one of them")
+        if self.ema is None and held:
+            counter = (ckpt.get(held[0][1]) or {}).get("num_updates", "unknown")
+            if not drop_ema:
+                raise UsageError(f"--resume {path} holds {len(held)} EMA(s) ({', '.join(k for k, _ in held)}; "
+                                 f"{counter} updates) but this run has no --model-ema, so its checkpoints would lose "
+                                 "them: pass --model-ema (and the run's EMA flags) to continue, or --drop-ema to drop "
+                                 "them")
+            _log.warning("--drop-ema: the checkpoint's %d EMA(s) (%s, %s updates) are not continued; this run's "
+                         "checkpoints hold no EMA", len(held), ", ".join(k for k, _ in held), counter)
+        for member, (weights_key, _) in zip(self.members, held):
+            check_ema_entry(member.module, ckpt[weights_key], weights_key, path)
+
+    @property
+    def in_images(self) -> bool:
+        """Every EMA's length is a half-life in images or epochs (a batch change keeps it)."""
+        return bool(self.members) and all(m.half_life and parse_half_life(m.half_life).unit in ("img", "ep")
+                                          for m in self.members)
+
+    def load_resume(self, ckpt: dict[str, Any], path: str, model: nn.Module, *, updates_per_epoch: int = 0) -> None:
+        """Continue every average from the checkpoint (run :meth:`check_resume` first)."""
+        if self.ema is not None:
+            resume_ema(self.ema, ckpt, path, model, updates_per_epoch=updates_per_epoch)
+        if self.posthoc is not None:
+            resume_posthoc(self.posthoc, ckpt, path)
+        elif ckpt.get(POSTHOC_CHECKPOINT_KEY) is not None:
+            _log.info("--resume %s tracked a post-hoc EMA; it stops here (no --model-ema-posthoc)", path)
+
+
+def resume_ema(ema: EmaSet, ckpt: dict[str, Any], path: str, model: nn.Module, *,
+               updates_per_epoch: int = 0) -> None:
+    """Each EMA's weights and update counter from its checkpoint keys; an EMA the checkpoint
+    lacks restarts from the (already resumed) model weights, with the others' counter.
+
+    A checkpoint without EMA metadata (timm's) has no counter: it is set to the optimizer
+    steps taken so far, ``(epoch + 1) * updates_per_epoch``, which is the step number timm's
+    train.py passes to ``ModelEmaV3.update`` next, so a resumed ``--model-ema-warmup`` EMA
+    continues its warmup instead of being overwritten by the raw weights.
+    """
+    members, missing, uncounted = ema_members(ema), [], []
+    steps = steps_done(ckpt["epoch"], updates_per_epoch) if isinstance(ckpt.get("epoch"), int) else 0
+    for i, member in enumerate(members):
+        weights_key, meta_key = ema_checkpoint_keys(i)
+        if ckpt.get(weights_key) is None:
+            missing.append(i)
+            continue
+        try:
+            member.load_checkpoint_state(ckpt[weights_key], ckpt.get(meta_key))
+        except RuntimeError as e:
+            raise UsageError(f"--resume {path}: EMA weights do not fit the model: {one_line(e)[:300]}") from None
+        if ckpt.get(meta_key) is None:
+            uncounted.append(i)
+            member.num_updates = steps
+    if uncounted:
+        _log.info("--resume %s has no EMA update counter (a timm checkpoint): set to %d = (epoch %s + 1) x %d "
+                  "optimizer steps per epoch, the step timm's train.py continues from", path, steps,
+                  ckpt.get("epoch"), updates_per_epoch)
+    counter = max((m.num_updates for i, m in enumerate(members) if i not in missing), default=steps)
+    for i in missing:
+        _log.warning("--resume %s has no weights for %s (%s): it restarts from the resumed weights", path,
+                     ema_label(i), ema_checkpoint_keys(i)[0])
+        members[i].set(model)
+        members[i].num_updates = counter
+    extra = [ema_checkpoint_keys(i)[0] for i in ema_indices(ckpt) if i >= len(members)]
+    if extra:
+        _log.warning("--resume %s holds %d more EMA(s) than configured (%s); they are not continued",
+                     path, len(extra), ", ".join(extra))
+
+
+def resume_posthoc(posthoc: PosthocTracker, ckpt: dict[str, Any], path: str) -> None:
+    """The power EMA's profiles and step from the checkpoint; without them it starts now."""
+    state = ckpt.get(POSTHOC_CHECKPOINT_KEY)
+    if state is None:
+        _log.warning("--resume %s has no post-hoc EMA state: the post-hoc EMA starts at the resumed epoch "
+                     "(its snapshots cover training from here on; older ones in posthoc/ are deleted)", path)
+        return
+    try:
+        posthoc.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UsageError(f"--resume {path}: post-hoc EMA: {one_line(e)[:300]}; pass the run's "
+                         f"--posthoc-sigma-rels {','.join(f'{x:g}' for x in state.get('sigma_rels', []))}") from None

@@ -18,19 +18,23 @@ import argparse
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NoReturn
 
 import yaml
 
 from . import UsageError
+from .data import AugmentConfig
+from .settings import (DataSettings, EmaSettings, LossSettings, ModelSettings, OptimSettings, PosthocSettings,
+                       RunSettings, ScheduleSettings, TrainSettings)
 from .kinds import (EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE,
                     POSITIVE_INT, PROBABILITY, RATE, SEED, SEED_MAX, STD, TRAIN_INTERPOLATION, UNIT_INTERVAL,
                     AutoAugment, Device,
                     Items, Kind, KindError, Number, OneOf, check_parsed)
 
-__all__ = ["build_parser", "parse_args", "load_yaml_defaults", "args_to_yaml", "resolve_ema_decay",
-           "CommaList"]
+__all__ = ["build_parser", "parse_args", "parse_settings", "settings_from_args", "load_yaml_defaults",
+           "args_to_yaml", "resolve_ema_decay", "CommaList"]
 
 DEFAULT_EMA_DECAY = 0.9998  # timm's --model-ema-decay default
 DEFAULT_POSTHOC_SIGMA_RELS = "0.05,0.10"  # EDM2's two tracked profiles
@@ -541,10 +545,76 @@ def resolve_ema_decay(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return DEFAULT_EMA_DECAY, None, schedule
 
 
-def args_to_yaml(args: argparse.Namespace) -> str:
-    """The resolved arguments as YAML that ``--config`` accepts back."""
-    plain = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-             if k not in _NOT_YAML_KEYS}
+def _tuple(value: Any) -> tuple | None:
+    """A list flag's value as a tuple (None stays None; a scalar is a tuple of one)."""
+    if value is None:
+        return None
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def settings_from_args(args: argparse.Namespace) -> TrainSettings:
+    """The frozen :class:`~.settings.TrainSettings` of parsed (and checked) flags: built once
+    here, read by everything below the command line."""
+    decay, half_life, schedule = resolve_ema_decay(args)
+    posthoc = PosthocSettings(sigma_rels=_tuple(args.posthoc_sigma_rels), every=args.posthoc_every,
+                              dtype=args.posthoc_dtype, budget=args.posthoc_budget,
+                              max_snapshots=args.posthoc_max_snapshots) if args.model_ema_posthoc else None
+    augment = AugmentConfig(no_aug=args.no_aug, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
+                            vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+                            interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
+                            re_count=args.recount)
+    return TrainSettings(
+        data=DataSettings(path=args.data, train_split=args.train_split, val_split=args.val_split,
+                          skip_bad_images=args.skip_bad_images, label_noise=args.label_noise,
+                          num_classes=args.num_classes, batch_size=args.batch_size,
+                          eval_batch_size=args.validation_batch_size, workers=args.workers, pin_memory=args.pin_mem,
+                          prefetcher=not args.no_prefetcher, img_size=args.img_size, crop_pct=args.crop_pct,
+                          mean=_tuple(args.mean), std=_tuple(args.std), interpolation=args.interpolation,
+                          augment=augment),
+        model=ModelSettings(name=args.model, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                            pretrained_path=args.pretrained_path if args.pretrained else None,
+                            channels_last=args.channels_last, compile_backend=args.torchcompile or None),
+        ema=EmaSettings(enabled=args.model_ema, decays=_tuple(decay), half_lives=_tuple(half_life),
+                        schedule=schedule, every=args.model_ema_every, after=args.model_ema_after,
+                        force_cpu=args.model_ema_force_cpu, dtype=args.model_ema_dtype,
+                        buffers=args.model_ema_buffers, bn_recal=args.model_ema_bn_recal,
+                        select=args.model_ema_select, posthoc=posthoc),
+        optim=OptimSettings(opt=args.opt, lr=args.lr, lr_base=args.lr_base, lr_base_size=args.lr_base_size,
+                            lr_base_scale=args.lr_base_scale, momentum=args.momentum,
+                            weight_decay=args.weight_decay, eps=args.opt_eps, betas=_tuple(args.opt_betas),
+                            layer_decay=args.layer_decay, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                            grad_accum_steps=args.grad_accum_steps),
+        schedule=ScheduleSettings(name=args.sched, epochs=args.epochs, decay_epochs=args.decay_epochs,
+                                  decay_milestones=_tuple(args.decay_milestones),
+                                  cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs,
+                                  decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+                                  warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix,
+                                  on_updates=args.sched_on_updates),
+        loss=LossSettings(smoothing=args.smoothing, mixup=args.mixup, cutmix=args.cutmix,
+                          cutmix_minmax=_tuple(args.cutmix_minmax), mixup_prob=args.mixup_prob,
+                          mixup_switch_prob=args.mixup_switch_prob, mixup_mode=args.mixup_mode,
+                          mixup_off_epoch=args.mixup_off_epoch),
+        run=RunSettings(epochs=args.epochs, seed=args.seed, device=args.device, amp=args.amp,
+                        amp_dtype=args.amp_dtype, output=args.output, experiment=args.experiment,
+                        resume=args.resume, restore_optimizer=not args.no_resume_opt,
+                        drop_ema=bool(getattr(args, "drop_ema", False)), log_interval=args.log_interval,
+                        progress=not args.no_progress, checkpoint_hist=args.checkpoint_hist,
+                        eval_metric=args.eval_metric, on_nonfinite=args.on_nonfinite,
+                        max_nonfinite_skips=int(args.max_nonfinite_skips), dist_bn=args.dist_bn),
+        flags=MappingProxyType(dict(vars(args))),
+    )
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> TrainSettings:
+    """:func:`parse_args` then :func:`settings_from_args`: what ``train.py`` builds a run from."""
+    return settings_from_args(parse_args(argv))
+
+
+def args_to_yaml(flags: Mapping[str, Any] | argparse.Namespace) -> str:
+    """Parsed flags (a mapping, e.g. ``TrainSettings.flags`` with the resolved values, or a
+    Namespace) as YAML that ``--config`` accepts back."""
+    items = vars(flags).items() if isinstance(flags, argparse.Namespace) else flags.items()
+    plain = {k: (list(v) if isinstance(v, tuple) else v) for k, v in items if k not in _NOT_YAML_KEYS}
     buf = io.StringIO()
     yaml.safe_dump(plain, buf, default_flow_style=False, sort_keys=True)
     return buf.getvalue()

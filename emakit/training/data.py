@@ -331,7 +331,7 @@ def flip_labels(dataset: ImageListDataset, fraction: float, num_classes: int, se
     return flipped
 
 
-@dataclass
+@dataclass(frozen=True)
 class AugmentConfig:
     """Training augmentation settings (timm ``create_transform`` arguments)."""
 

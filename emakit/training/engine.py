@@ -20,12 +20,15 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .distributed import DistInfo, all_reduce_sum
+
+if TYPE_CHECKING:  # averages imports this module's types through resume
+    from .averages import Averages
 
 __all__ = ["AmpSettings", "TrainOptions", "NonfiniteGuard", "EpochProgress", "TrainingDiverged", "train_one_epoch",
            "evaluate", "evaluate_many", "EvalTarget", "optimizer_step"]
@@ -171,17 +174,15 @@ def train_one_epoch(
     device: torch.device,
     opts: TrainOptions,
     dist: DistInfo = DistInfo(),
-    ema: Any | None = None,
+    averages: Averages | None = None,
     lr_scheduler: Any | None = None,
     mixup_fn: Callable | None = None,
-    posthoc: Any | None = None,
     guard: NonfiniteGuard | None = None,
     stop_requested: Callable[[], bool] | None = None,
     start: EpochProgress | None = None,
 ) -> dict[str, Any]:
-    """Train one epoch; update ``ema`` (a ``ModelEMA`` or ``MultiEMA``) and ``posthoc`` (a
-    post-hoc EMA tracker, anything with ``update(model)``) after every optimizer step that
-    was taken.
+    """Train one epoch; update ``averages`` (the run's EMAs and post-hoc tracker,
+    :class:`~emakit.training.averages.Averages`) after every optimizer step that was taken.
 
     With ``opts.grad_accum_steps = k`` an optimizer step (and an EMA update) happens once
     per k micro-batches and at the end of the epoch. ``guard`` (default: stop) decides what
@@ -239,7 +240,7 @@ def train_one_epoch(
             prog.nonfinite += 1
         else:
             guard.consecutive = 0
-            _finish_update(model, optimizer, opts, ema, prog, posthoc)
+            _finish_update(model, optimizer, opts, averages, prog)
         if bad_loss == 0:  # this rank's losses are finite: they count in the epoch mean
             loss_sum += group_loss
             prog.loss_samples += group_samples
@@ -324,7 +325,7 @@ def _skip_nonfinite(epoch: int, step: int, steps: int, group_loss: torch.Tensor,
 
 
 def _finish_update(model: nn.Module, optimizer: torch.optim.Optimizer, opts: TrainOptions,
-                   ema: Any | None, prog: EpochProgress, posthoc: Any | None = None) -> None:
+                   averages: Averages | None, prog: EpochProgress) -> None:
     """One optimizer step, then the averages (skipped with the step when fp16 overflowed)."""
     stepped = optimizer_step(model, optimizer, opts)
     optimizer.zero_grad(set_to_none=True)
@@ -333,11 +334,8 @@ def _finish_update(model: nn.Module, optimizer: torch.optim.Optimizer, opts: Tra
         _log.debug("fp16 gradient scaler skipped a step (inf/nan gradients); EMA not updated")
         return
     prog.steps += 1
-    if ema is not None:
-        ema.update(model)
+    if averages is not None and averages.update(model):
         prog.ema += 1
-    if posthoc is not None:
-        posthoc.update(model)
 
 
 def _epoch_stats(loss_sum: torch.Tensor, prog: EpochProgress, samples_now: int, seconds: float,

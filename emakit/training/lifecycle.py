@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["StopSignals", "SignalInterrupt", "RunStopped", "EXIT_DIVERGED", "EXIT_WRITE_FAILED", "signal_name",
+__all__ = ["StopSignals", "SignalInterrupt", "RunStopped", "TrainingInterrupted", "LastGood", "last_good_text",
+           "diverged", "write_failed", "EXIT_DIVERGED", "EXIT_WRITE_FAILED", "signal_name",
            "rng_state", "set_rng_state", "resume_command"]
 
 _log = logging.getLogger(__name__)
@@ -68,6 +69,36 @@ class RunStopped(Exception):
         super().__init__(reason)
         self.reason, self.checkpoint, self.exit_status, self.error = reason, checkpoint, exit_status, error
         self.resume_hint = resume_hint
+
+
+class TrainingInterrupted(RunStopped):
+    """A stop signal ended training; ``checkpoint`` is the resumable file, if any."""
+
+
+LastGood = tuple[str, str]  # (path, "epoch 3"): the newest intact checkpoint of a run
+
+
+def last_good_text(last_good: LastGood | None) -> str:
+    """``the last good checkpoint is PATH (epoch 3)``, or that none was written."""
+    if last_good is None:
+        return "no checkpoint was written"
+    return f"the last good checkpoint is {last_good[0]} ({last_good[1]})"
+
+
+def diverged(last_good: LastGood | None, reason: str) -> RunStopped:
+    """The :class:`RunStopped` of a divergence: exit 3, resume after lowering the lr."""
+    hint = "" if last_good else "; lower --lr or add --clip-grad"
+    return RunStopped(f"{reason}; {last_good_text(last_good)}{hint}", last_good[0] if last_good else None,
+                      EXIT_DIVERGED, resume_hint="lower --lr or add --clip-grad in this command, then resume with")
+
+
+def write_failed(last_good: LastGood | None, what: str, error: OSError | None) -> RunStopped:
+    """The :class:`RunStopped` of a failed write (a full disk): exit 2, naming the file."""
+    why = (error.strerror or str(error)) if error is not None else "failed on rank 0"
+    where = f" ({error.filename})" if error is not None and error.filename else ""
+    return RunStopped(f"could not write {what}{where}: {why}; {last_good_text(last_good)}",
+                      last_good[0] if last_good else None, EXIT_WRITE_FAILED,
+                      resume_hint="free space (or fix the folder), then resume with")
 
 
 class StopSignals:

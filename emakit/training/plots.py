@@ -5,7 +5,6 @@ matplotlib is optional: without it each function logs a one-line notice and retu
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Sequence
@@ -46,8 +45,10 @@ def _pyplot():
 
 
 def _read_summary(path: str | os.PathLike) -> dict[str, list[float]]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    """``summary.csv`` as columns of floats (NaN for an empty or non-numeric cell)."""
+    from .outputs import read_summary
+
+    rows = read_summary(path)
     if not rows:
         raise ValueError(f"{path} has no rows; train at least one epoch first")
     columns: dict[str, list[float]] = {k: [] for k in rows[0]}

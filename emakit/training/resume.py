@@ -1,4 +1,5 @@
-"""Checks that make ``--resume`` faithful, run before anything is written.
+"""``--resume``: the checks that make it faithful, run before anything is written, then the
+load (weights, averages, optimizer, scaler) and the LR schedule's position.
 
 A resumed checkpoint may come from emakit, from timm's ``train.py`` or from a hand-edited
 file. Everything that would fail (or silently go wrong) only after training started is
@@ -17,18 +18,25 @@ It also names what a resume changes without failing: another batch size or
 """
 from __future__ import annotations
 
-import argparse
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
-from emakit.checkpoint import CheckpointError, check_state_dict_compat, strip_prefixes
+from emakit.checkpoint import (CheckpointError, check_state_dict_compat, ema_checkpoint_keys, ema_indices,
+                               load_checkpoint, load_state_dict_strict, strip_prefixes)
 
-from . import UsageError
+from . import UsageError, one_line
+from .engine import AmpSettings, EpochProgress
+from .settings import Resolved, TrainSettings
+
+if TYPE_CHECKING:  # averages imports this module's checks
+    from .averages import Averages
 
 __all__ = ["checkpoint_arg", "ema_entry_keys", "normalize_resume_checkpoint", "check_ema_entry",
-           "check_optimizer_state", "steps_done", "warn_batch_change"]
+           "check_optimizer_state", "steps_done", "warn_batch_change", "TRAIN_POSITION_KEY", "load_resume",
+           "check_resume", "apply_resume", "check_resume_position", "position_scheduler"]
 
 _log = logging.getLogger(__name__)
 
@@ -40,22 +48,16 @@ _GROUP_BOOKKEEPING = {"params", "lr", "initial_lr", "weight_decay", "lr_scale", 
 
 
 def checkpoint_arg(ckpt: dict[str, Any], name: str, default: Any = None) -> Any:
-    """A training flag recorded in the checkpoint: emakit's ``args`` dict or timm's Namespace."""
+    """A training flag recorded in the checkpoint's ``args`` (ours, or timm's Namespace, which
+    :func:`emakit.checkpoint.load_checkpoint` turns into a dict)."""
     args = ckpt.get("args")
-    if isinstance(args, dict):
-        return args.get(name, default)
-    if isinstance(args, argparse.Namespace):
-        return getattr(args, name, default)
-    return default
+    return args.get(name, default) if isinstance(args, dict) else default
 
 
 def ema_entry_keys(ckpt: dict[str, Any]) -> list[tuple[str, str]]:
     """(weights key, meta key) of every EMA the checkpoint holds: ``state_dict_ema`` / ``ema``,
     then ``state_dict_ema_<i>`` / ``ema_<i>``."""
-    keys = [("state_dict_ema", "ema")] if ckpt.get("state_dict_ema") is not None else []
-    extra = sorted(int(k[len("state_dict_ema_"):]) for k in ckpt
-                   if k.startswith("state_dict_ema_") and k[len("state_dict_ema_"):].isdigit())
-    return keys + [(f"state_dict_ema_{i}", f"ema_{i}") for i in extra]
+    return [ema_checkpoint_keys(i) for i in ema_indices(ckpt)]
 
 
 def _is_tensor_dict(value: Any) -> bool:
@@ -143,16 +145,16 @@ def _optimizer_mismatch(saved: dict[str, Any], optimizer: torch.optim.Optimizer)
     return None
 
 
-def check_optimizer_state(ckpt: dict[str, Any], optimizer: torch.optim.Optimizer, args: argparse.Namespace,
-                          path: str) -> None:
+def check_optimizer_state(ckpt: dict[str, Any], optimizer: torch.optim.Optimizer, path: str, *,
+                          opt: str | None, layer_decay: float | None) -> None:
     """``UsageError`` naming the mismatch (``--opt``, ``--layer-decay``, structure) and the fix
     when the checkpoint's optimizer state does not fit this run's optimizer."""
     saved = ckpt.get("optimizer")
     if saved is None:
         return
-    changed = []
+    changed, current = [], {"opt": opt, "layer_decay": layer_decay}
     for flag, name in (("--opt", "opt"), ("--layer-decay", "layer_decay")):
-        before, now = checkpoint_arg(ckpt, name), getattr(args, name, None)
+        before, now = checkpoint_arg(ckpt, name), current[name]
         if name == "opt" and before is not None:
             before, now = str(before).lower(), str(now).lower()
         if before != now and (before is not None or now is not None) and ckpt.get("args") is not None:
@@ -172,8 +174,8 @@ def steps_done(epoch: int, updates_per_epoch: int) -> int:
     return (int(epoch) + 1) * int(updates_per_epoch)
 
 
-def warn_batch_change(ckpt: dict[str, Any], args: argparse.Namespace, path: str, *, updates_per_epoch: int,
-                      ema_in_images: bool) -> str | None:
+def warn_batch_change(ckpt: dict[str, Any], path: str, *, batch_size: int, grad_accum_steps: int, lr: float,
+                      updates_per_epoch: int, has_ema: bool, ema_in_images: bool) -> str | None:
     """Warn when ``-b`` or ``--grad-accum-steps`` differs from the checkpoint's run, naming
     what changes: the lr, the steps per epoch and the EMA time constant (unless it is a
     half-life in images). Returns the warning, None when neither flag changed."""
@@ -182,23 +184,148 @@ def warn_batch_change(ckpt: dict[str, Any], args: argparse.Namespace, path: str,
         return None
     old_accum = old_accum if isinstance(old_accum, int) and old_accum > 0 else 1
     changes = [f"{flag} {old} -> {now}" for flag, old, now in
-               (("-b", old_b, args.batch_size), ("--grad-accum-steps", old_accum, args.grad_accum_steps)) if old != now]
+               (("-b", old_b, batch_size), ("--grad-accum-steps", old_accum, grad_accum_steps)) if old != now]
     if not changes:
         return None
     metrics = ckpt.get("metrics") if isinstance(ckpt.get("metrics"), dict) else {}
     old_steps = metrics.get("optimizer_steps")
     steps = (f"steps per epoch {old_steps} -> {updates_per_epoch}" if isinstance(old_steps, int)
              else f"{updates_per_epoch} steps per epoch now")
-    old_lr, lr = checkpoint_arg(ckpt, "lr"), float(args.lr)
-    same_global = old_b * old_accum == args.batch_size * args.grad_accum_steps
+    old_lr, lr = checkpoint_arg(ckpt, "lr"), float(lr)
+    same_global = old_b * old_accum == batch_size * grad_accum_steps
     lr_text = (f"lr {old_lr:.4g} -> {lr:.4g}" if isinstance(old_lr, (int, float)) and old_lr != lr else
                f"lr stays {lr:.4g} ({'same global batch' if same_global else 'an explicit --lr is not rescaled'})")
     effects = [lr_text, steps]
-    if getattr(args, "model_ema", False):
-        ratio = (args.batch_size * args.grad_accum_steps) / (old_b * old_accum)
+    if has_ema:
+        ratio = (batch_size * grad_accum_steps) / (old_b * old_accum)
         effects.append("the EMA half-life (in images or epochs) stays the same" if ema_in_images else
                        f"the EMA time constant changes: each EMA step now averages {ratio:g}x the images (give "
                        "--model-ema-half-life in images, e.g. '1.2Mimg', to keep it fixed)")
     message = f"--resume {path}: {', '.join(changes)}: {'; '.join(effects)}"
     _log.warning("%s", message)
     return message
+
+
+# --------------------------------------------------------------------------- the resume flow
+TRAIN_POSITION_KEY = "train_position"  # mid-epoch checkpoints: where the stopped epoch resumes
+
+
+def load_resume(path: str, model_name: str) -> dict[str, Any]:
+    """Read a ``--resume`` file and check it is a training checkpoint of ``model_name``;
+    wrapper prefixes (``module.``, ``_orig_mod.``) are stripped and the EMA / optimizer
+    entries checked for shape (:func:`normalize_resume_checkpoint`)."""
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise UsageError(f"--resume: {one_line(e)}") from None
+    # epoch: the last completed one; -1 only in a checkpoint written inside epoch 0 (train_position)
+    lowest_epoch = -1 if isinstance(ckpt.get(TRAIN_POSITION_KEY), dict) else 0
+    if not isinstance(ckpt.get("state_dict"), dict) or isinstance(ckpt.get("epoch"), bool) \
+            or not isinstance(ckpt.get("epoch"), int) or ckpt["epoch"] < lowest_epoch:
+        found = ", ".join(sorted(map(str, ckpt))[:8])
+        raise UsageError(f"--resume {path} is not a training checkpoint (keys: {found}); "
+                         "it needs state_dict and epoch, as written by train.py")
+    arch = ckpt.get("arch")
+    if arch and arch != model_name:
+        raise UsageError(f"--resume {path} is a checkpoint of {arch}, but --model is {model_name}; "
+                         f"pass --model {arch}")
+    return normalize_resume_checkpoint(ckpt, path)
+
+
+def check_resume(ckpt: dict[str, Any], path: str, settings: TrainSettings, resolved: Resolved, *,
+                 averages: Averages, optimizer: torch.optim.Optimizer) -> None:
+    """Everything about ``--resume`` that could fail or silently lose state, checked before
+    anything is loaded or written: the EMA is continued or explicitly dropped
+    (``--drop-ema``), EMA weights fit the model, the optimizer state fits this optimizer
+    (``--opt``, ``--layer-decay``); a changed batch is named in a warning."""
+    averages.check_resume(ckpt, path, drop_ema=settings.run.drop_ema)
+    if settings.run.restore_optimizer:
+        check_optimizer_state(ckpt, optimizer, path, opt=settings.optim.opt, layer_decay=settings.optim.layer_decay)
+    warn_batch_change(ckpt, path, batch_size=settings.data.batch_size,
+                      grad_accum_steps=settings.optim.grad_accum_steps, lr=resolved.lr,
+                      updates_per_epoch=resolved.updates_per_epoch, has_ema=averages.count > 0,
+                      ema_in_images=averages.in_images)
+
+
+def apply_resume(ckpt: dict[str, Any], path: str, *, model: nn.Module, averages: Averages,
+                 optimizer: torch.optim.Optimizer, amp: AmpSettings, restore_optimizer: bool = True,
+                 updates_per_epoch: int = 0) -> int:
+    """Load weights, averages, optimizer and scaler state; returns the epoch to start at.
+
+    Run :func:`check_resume` first. The LR schedule is not restored here: it is a function of
+    the flags and the epoch, set by :func:`position_scheduler`, so ``--resume`` with a larger
+    ``--epochs`` extends the cosine instead of replaying the old one (timm does the same).
+    ``updates_per_epoch`` sets the EMA update counter of a checkpoint that has none (timm's).
+    """
+    try:
+        load_state_dict_strict(model, ckpt["state_dict"])
+    except CheckpointError as e:
+        raise UsageError(f"--resume {path}: {one_line(e)}") from None
+    averages.load_resume(ckpt, path, model, updates_per_epoch=updates_per_epoch)
+    if restore_optimizer:
+        try:
+            if ckpt.get("optimizer") is not None:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            if amp.scaler is not None and ckpt.get("amp_scaler"):
+                amp.scaler.load_state_dict(ckpt["amp_scaler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise UsageError(f"--resume {path}: cannot restore the optimizer state ({one_line(e)[:200]});"
+                             " pass --no-resume-opt to start a fresh optimizer state") from None
+    start_epoch = int(ckpt["epoch"]) + 1
+    position = ckpt.get(TRAIN_POSITION_KEY)
+    if isinstance(position, dict):
+        _log.info("resumed from %s: stopped in epoch %d after step %s, continuing there", path, start_epoch,
+                  position.get("steps_done"))
+    else:
+        _log.info("resumed from %s: epoch %d done, continuing at epoch %d", path, ckpt["epoch"], start_epoch)
+    return start_epoch
+
+
+def check_resume_position(ckpt: dict[str, Any], path: str, *, world_size: int, batch_size: int,
+                          grad_accum_steps: int) -> dict[str, Any] | None:
+    """The ``train_position`` of a checkpoint written mid-epoch (None for an epoch-end one).
+
+    Continuing a stopped epoch exactly needs the same process count, batch size and
+    accumulation (they fix which samples each rank has seen); otherwise a ``UsageError``
+    names what differs and the way out (the epoch-end checkpoint)."""
+    position = ckpt.get(TRAIN_POSITION_KEY)
+    if position is None:
+        return None
+    malformed = UsageError(f"--resume {path}: its {TRAIN_POSITION_KEY} entry is malformed; resume from an "
+                           "epoch-end checkpoint (checkpoint-<epoch>.pth.tar) instead")
+    ranks = position.get("ranks") if isinstance(position, dict) else None
+    if not isinstance(ranks, list) or not all(isinstance(r, dict) and isinstance(r.get("rng"), dict)
+                                              and isinstance(r.get("progress"), dict) for r in ranks) \
+            or len(ranks) != position.get("processes") or not isinstance(position.get("steps_done"), int):
+        raise malformed
+    try:
+        for r in ranks:
+            EpochProgress.from_dict(r["progress"])
+            if not {"python", "numpy", "torch"} <= r["rng"].keys():
+                raise KeyError("rng")
+    except (TypeError, KeyError):
+        raise malformed from None
+    now = {"processes": world_size, "batch_size": batch_size, "grad_accum_steps": grad_accum_steps}
+    differ = [f"{k} {position.get(k)} -> {v}" for k, v in now.items() if position.get(k) != v]
+    if differ:
+        raise UsageError(f"--resume {path} stopped in the middle of epoch {position.get('epoch')}; continuing "
+                         f"it needs the same {', '.join(now)} ({'; '.join(differ)}): use those, or "
+                         + (f"resume from checkpoint-{int(ckpt['epoch'])}.pth.tar (the end of the epoch before)"
+                            if int(ckpt["epoch"]) >= 0 else "start a fresh run"))
+    return position
+
+
+def position_scheduler(lr_scheduler: Any, start_epoch: int, updates_per_epoch: int, on_updates: bool,
+                       saved_state: dict[str, Any] | None) -> None:
+    """Set the LR for ``start_epoch``. Only the plateau scheduler carries state that the
+    epoch number cannot rebuild (best metric, bad epochs); it is restored from the checkpoint."""
+    from timm.scheduler import PlateauLRScheduler
+
+    if isinstance(lr_scheduler, PlateauLRScheduler):
+        if saved_state:
+            lr_scheduler.load_state_dict(saved_state)
+        return
+    if on_updates:
+        lr_scheduler.step_update(start_epoch * updates_per_epoch)
+    else:
+        lr_scheduler.step(start_epoch)
