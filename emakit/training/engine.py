@@ -29,6 +29,7 @@ from .distributed import DistInfo, all_reduce_sum
 
 if TYPE_CHECKING:  # averages imports this module's types through resume
     from .averages import Averages
+    from timm.scheduler.scheduler import Scheduler
 
 __all__ = ["AmpSettings", "TrainOptions", "NonfiniteGuard", "EpochProgress", "TrainingDiverged", "train_one_epoch",
            "evaluate", "evaluate_many", "EvalTarget", "optimizer_step"]
@@ -175,7 +176,7 @@ def train_one_epoch(
     opts: TrainOptions,
     dist: DistInfo = DistInfo(),
     averages: Averages | None = None,
-    lr_scheduler: Any | None = None,
+    lr_scheduler: Scheduler | None = None,
     mixup_fn: Callable | None = None,
     guard: NonfiniteGuard | None = None,
     stop_requested: Callable[[], bool] | None = None,

@@ -33,6 +33,7 @@ from .settings import Resolved, TrainSettings
 
 if TYPE_CHECKING:  # averages imports this module's checks
     from .averages import Averages
+    from timm.scheduler.scheduler import Scheduler
 
 __all__ = ["checkpoint_arg", "ema_entry_keys", "normalize_resume_checkpoint", "check_ema_entry",
            "check_optimizer_state", "steps_done", "warn_batch_change", "TRAIN_POSITION_KEY", "load_resume",
@@ -315,7 +316,7 @@ def check_resume_position(ckpt: dict[str, Any], path: str, *, world_size: int, b
     return position
 
 
-def position_scheduler(lr_scheduler: Any, start_epoch: int, updates_per_epoch: int, on_updates: bool,
+def position_scheduler(lr_scheduler: Scheduler, start_epoch: int, updates_per_epoch: int, on_updates: bool,
                        saved_state: dict[str, Any] | None) -> None:
     """Set the LR for ``start_epoch``. Only the plateau scheduler carries state that the
     epoch number cannot rebuild (best metric, bad epochs); it is restored from the checkpoint."""

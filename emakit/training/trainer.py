@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ from .resume import apply_resume, check_resume, check_resume_position, load_resu
 from .rundir import RunLock, checkpoint_is_emakit
 from .settings import Resolved, TrainSettings
 
+if TYPE_CHECKING:
+    from timm.scheduler.scheduler import Scheduler
+
 __all__ = ["Trainer", "build_trainer", "close_trainer", "agree"]
 
 _log = logging.getLogger(__name__)
@@ -52,7 +55,7 @@ class Trainer:
     model_without_ddp: nn.Module  # the bare module: evaluated, saved, averaged
     averages: Averages            # the EMA(s), the post-hoc tracker, BN recalibration
     optimizer: torch.optim.Optimizer
-    lr_scheduler: Any
+    lr_scheduler: Scheduler  # timm's, from build_scheduler
     amp: AmpSettings
     train_loader: torch.utils.data.DataLoader | DeviceLoader
     eval_loader: torch.utils.data.DataLoader | DeviceLoader
