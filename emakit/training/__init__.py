@@ -10,7 +10,10 @@ alone never imports this package. Modules:
 - ``run``          the fit loop: build -> resume -> epochs -> checkpoints -> summary
 - ``lifecycle``    how a run ends early: stop signals, exit statuses, RNG states, the resume command
 - ``averages``     several EMAs, the post-hoc EMA tracker (snapshots), BN recalibration at evaluation
-- ``bn``, ``plots``, ``validation``: BN recalibration, PNG plots, the work behind ``validate.py``
+- ``bn``, ``plots``: the BatchNorm-statistics walker and recalibration, PNG plots
+- ``validate_config``, ``validation``: ``validate.py``'s flags (frozen settings) and its work
+- ``cli``          the ``emakit`` command (``python -m emakit``): export, posthoc, plot
+- ``kinds``        one rule per kind of flag value; ``Parser``, the CLIs' argparse class
 
 Importing this package imports nothing heavy; the submodules import timm when loaded.
 """
