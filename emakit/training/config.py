@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from . import UsageError, one_line
+from . import UsageError
 from .kinds import Parser as _Parser
 from .kinds import (EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE,
                     POSITIVE_INT, PROBABILITY, RATE, SEED, SEED_MAX, STD, TRAIN_INTERPOLATION, UNIT_INTERVAL,
@@ -445,7 +445,7 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, 
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise UsageError(f"--config {path}: not valid YAML ({one_line(e)})") from None
+        raise UsageError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -512,7 +512,7 @@ def _check_posthoc_args(args: argparse.Namespace) -> None:
     try:
         parse_budget(args.posthoc_budget)
     except ValueError as e:
-        raise UsageError(f"--posthoc-{one_line(e)}") from None
+        raise UsageError(f"--posthoc-{' '.join(str(e).split())}") from None
     for s in args.posthoc_sigma_rels:
         if not 0.0 < s <= SIGMA_REL_MAX:
             raise UsageError(f"--posthoc-sigma-rels {s:g} is outside (0, {SIGMA_REL_MAX:.4f}]: "
