@@ -118,8 +118,8 @@ def distribute_bn(module: nn.Module, dist: DistInfo, mode: str) -> None:
 
     ``reduce`` averages them over ranks, ``broadcast`` copies rank 0's (timm's
     ``distribute_bn``); '' does nothing. The statistics are the running mean and var of
-    :func:`.bn.bn_layers` (every tracking BatchNorm, SyncBatchNorm, timm's BatchNormAct). Works for a CPU-held EMA under nccl by staging
-    through the rank's device.
+    :func:`.bn.bn_layers` (every tracking BatchNorm, SyncBatchNorm, timm's BatchNormAct).
+    Works for a CPU-held EMA under nccl by staging through the rank's device.
     """
     if not dist.distributed or not mode:
         return
