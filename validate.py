@@ -23,13 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     from emakit.training import UsageError, print_error
     from emakit.training.distributed import init_distributed, shutdown_distributed
     from emakit.training.logs import configure_logging
-    from emakit.training.validation import parse_args, report_lines, run
+    from emakit.training.validate_config import parse_args
+    from emakit.training.validation import report_lines, run
 
     logs, dist = configure_logging(), None
     try:
-        args = parse_args(argv)
-        dist = init_distributed(args.device)
-        report = run(args, dist)
+        settings = parse_args(argv)
+        dist = init_distributed(settings.runtime.device)
+        report = run(settings, dist)
         if dist.is_main:
             print("\n".join(report_lines(report)), flush=True)
         shutdown_distributed(dist, synchronize=True)

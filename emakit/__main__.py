@@ -1,7 +1,7 @@
-"""``python -m emakit``: the ``emakit`` command (see :mod:`emakit.cli`)."""
+"""``python -m emakit``: the ``emakit`` command (see :mod:`emakit.training.cli`)."""
 import sys
 
-from emakit.cli import main
+from emakit.training.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,6 +47,7 @@ __all__ = [
     "ema_checkpoint_keys",
     "ema_indices",
     "find_nonfinite",
+    "safe_torch_load",
     "remove_stale_temp_files",
     "write_text_atomic",
     "CheckpointError",
@@ -400,7 +401,7 @@ def _damage_reason(error: BaseException) -> str:
     return first[:120]
 
 
-def _torch_load(path: str, map_location: Any, mmap: bool = False) -> Any:
+def safe_torch_load(path: str, map_location: Any, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` with Namespace allowed and errors made readable."""
     kwargs: dict[str, Any] = {"map_location": map_location, "weights_only": True}
     if mmap:
@@ -464,7 +465,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
         raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass a file such as {path}/last.pth.tar")
     if path.lower().endswith(".safetensors"):
         return _load_safetensors(path, map_location)
-    ckpt = _torch_load(path, map_location)
+    ckpt = safe_torch_load(path, map_location)
     if not isinstance(ckpt, dict):
         raise CheckpointError(
             f"{path} holds a {type(ckpt).__name__}, not a dict of weights; save a state dict or a checkpoint dict"
@@ -809,7 +810,7 @@ class CheckpointSaver:
         """(epoch, metric) stored in a checkpoint, reading only its pickle (tensors are
         memory-mapped, never read); None if the file cannot be read."""
         try:
-            ckpt = _torch_load(path, "cpu", mmap=True)
+            ckpt = safe_torch_load(path, "cpu", mmap=True)
         except (CheckpointError, RuntimeError, OSError) as error:
             _log.warning("ignoring %s while restoring checkpoint history: %s", path, error)
             return None

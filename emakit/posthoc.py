@@ -71,6 +71,7 @@ from .schedules import decay_to_half_life, half_life_to_decay
 
 __all__ = [
     "SIGMA_REL_MAX",
+    "DTYPES",
     "sigma_rel_to_gamma",
     "gamma_to_sigma_rel",
     "power_beta",
@@ -112,7 +113,8 @@ SIGMA_REL_MAX: float = 1.0 / math.sqrt(12.0)
 _FORMAT = "emakit.posthoc"
 _VERSION = 1
 _FILE_RE = re.compile(r"posthoc-(\d+)-s(\d+\.\d+)\.pt")
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# The floating dtypes by the names emakit's flags use (--posthoc-dtype, --amp-dtype): the one table.
+DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 if TYPE_CHECKING:  # numpy is imported by the functions that do the post-hoc math
@@ -636,7 +638,7 @@ class SnapshotWriter:
                  max_snapshots: int | None = None) -> None:
         self.folder = os.fspath(folder)
         self.every = _check_step(every, "every")
-        if dtype not in _DTYPES.values():
+        if dtype not in DTYPES.values():
             raise ValueError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
         if max_snapshots is not None and (isinstance(max_snapshots, bool) or int(max_snapshots) < 2):
             raise ValueError(f"max_snapshots must be None or an integer >= 2, got {max_snapshots!r}")
@@ -662,7 +664,7 @@ class SnapshotWriter:
         if ema.step < 1:
             raise ValueError("ema.step must be >= 1 to save a snapshot (call ema.update first)")
         paths = []
-        dtype_name = next(k for k, v in _DTYPES.items() if v == self.dtype)
+        dtype_name = next(k for k, v in DTYPES.items() if v == self.dtype)
         for k, (sigma_rel, gamma) in enumerate(zip(ema.sigma_rels, ema.gammas)):
             state = {}
             for key, t in zip(ema.keys, ema.profiles[k]):
@@ -772,11 +774,11 @@ def list_snapshots(snapshot_dir: str | os.PathLike, *, missing_ok: bool = False)
 
 def _load(path: str, mmap: bool = False) -> dict[str, Any]:
     """One snapshot file; ``ValueError`` naming it if it cannot be read or is not a snapshot."""
-    from .checkpoint import CheckpointError, _torch_load
+    from .checkpoint import CheckpointError, safe_torch_load
 
     fix = "move it out of the folder to reconstruct from the others"
     try:
-        obj = _torch_load(path, "cpu", mmap=mmap)
+        obj = safe_torch_load(path, "cpu", mmap=mmap)
     except CheckpointError:  # truncated, corrupt, not a torch file, or asks to run code
         raise ValueError(f"cannot read snapshot {path}: the file is damaged or not a torch file; {fix}") from None
     except OSError as e:

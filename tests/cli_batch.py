@@ -79,7 +79,7 @@ def main() -> None:
     import timm.data  # noqa: F401  (warm: every child inherits the imports)
     import torch  # noqa: F401
 
-    import emakit.cli  # noqa: F401
+    import emakit.training.cli  # noqa: F401
     import emakit.training.fit  # noqa: F401
     import emakit.training.validation  # noqa: F401
 

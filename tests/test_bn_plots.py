@@ -9,13 +9,30 @@ import torch
 from torch import nn
 
 from conftest import colour_pixels, densest_row
-from emakit.training.bn import has_batchnorm, recalibrate_bn
+from emakit.training.bn import bn_buffers, has_batchnorm, recalibrate_bn
 from emakit.training.plots import plot_summary, plot_sweep, plot_sweeps
 
 
 def batches(n: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(8, 3, 5, 5, generator=gen) * 2 + 1, torch.zeros(8)) for _ in range(n)]
+
+
+def test_the_bn_walker_finds_every_tracking_batchnorm_and_nothing_else():
+    """One walker for recalibration, its restore and distribute_bn: the running statistics of
+    BatchNorm layers (subclasses such as timm's BatchNormAct2d and SyncBatchNorm included),
+    never a non-tracking BatchNorm's, an InstanceNorm's or another module's buffers."""
+    import timm.layers
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4),
+                        nn.Sequential(timm.layers.BatchNormAct2d(4), nn.SyncBatchNorm(4)),
+                        nn.BatchNorm2d(4, track_running_stats=False), nn.InstanceNorm2d(4, track_running_stats=True))
+    net.register_buffer("running_mean_of_something", torch.zeros(1))
+    found = bn_buffers(net)
+    assert sorted(found) == sorted(f"{layer}.{b}" for layer in ("1", "2.0", "2.1")
+                                   for b in ("running_mean", "running_var", "num_batches_tracked"))
+    assert found["2.0.running_var"] is net[2][0].running_var  # the live buffers, not copies
+    assert bn_buffers(nn.BatchNorm1d(2)).keys() == {"running_mean", "running_var", "num_batches_tracked"}
 
 
 def test_bn_recalibration_averages_batch_statistics_and_touches_only_bn_buffers():

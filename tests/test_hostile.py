@@ -396,7 +396,7 @@ def test_emakit_numbers_use_the_same_rules(batch):
 
 
 def test_export_refuses_its_own_source_even_when_it_is_a_bare_state_dict(tmp_path):
-    from emakit.cli import main
+    from emakit.training.cli import main
 
     bare = tmp_path / "weights.pth"
     torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), bare)

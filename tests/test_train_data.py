@@ -9,11 +9,10 @@ import torch
 from PIL import Image
 
 from conftest import CLASSES, count_images, make_image_folder
-from emakit.training import UsageError
+from emakit.training import UsageError, one_line
 from emakit.training.data import (BadImageError, ImageListDataset, ShardSampler, build_datasets,
                                   build_eval_loader, build_train_loader, check_images, load_digits_splits,
-                                  load_image_folder,
-                                  one_line_error, set_epoch)
+                                  load_image_folder, set_epoch)
 from emakit.training.distributed import DistInfo
 
 
@@ -132,5 +131,5 @@ def test_a_decode_error_in_a_loader_worker_comes_back_as_one_line_naming_the_fil
     loader = build_eval_loader(ds, 4, DistInfo(), workers=1)
     with pytest.raises(BadImageError) as info:
         list(loader)
-    line = one_line_error(str(info.value))
+    line = one_line(info.value)
     assert "\n" not in line and str(good) in line and line.startswith("cannot read image")

@@ -95,6 +95,52 @@ def raw_ema() -> tuple[dict, dict]:
     return _weights(1), _weights(2)
 
 
+# --------------------------------------------------------------------------- settings
+def test_the_command_line_becomes_frozen_settings_with_every_derived_value_resolved(tmp_path):
+    import dataclasses
+
+    from emakit.training.validate_config import ValidateSettings, parse_args
+
+    s = parse_args(["DIR", "--checkpoint", "c.pth", "--use-ema", "--img-size", "48", "--amp", "--amp-dtype",
+                    "bfloat16", "--no-progress", "--results-file", str(tmp_path / "r.JSON"), "-b", "7"])
+    assert isinstance(s, ValidateSettings)
+    assert (s.weights.weights, s.weights.sets) == ("ema", ("ema",))  # --use-ema resolved
+    assert s.outputs.results_format == "json"  # from the file name, case-insensitively
+    assert s.runtime.amp_dtype is torch.bfloat16 and s.runtime.amp and not s.runtime.progress
+    assert dict(s.data.overrides) == {"img_size": 48}  # only the eval-transform flags given
+    assert (s.data.root, s.data.batch_size, s.posthoc.sigma_rels) == ("DIR", 7, ())
+    both = parse_args(["--checkpoint", "c.pth", "--weights", "both", "--posthoc-sigma-rel", "0.05,0.1"])
+    assert both.weights.sets == ("raw", "ema") and both.posthoc.sigma_rels == (0.05, 0.1)
+    assert both.outputs.results_format == "csv" and both.runtime.amp_dtype is torch.float16
+    for holder, name in ((s, "weights"), (s.weights, "weights"), (s.outputs, "results_format")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(holder, name, "raw")
+    with pytest.raises(TypeError):
+        s.data.overrides["img_size"] = 64  # read-only mapping
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "c", "--posthoc-sigma-rel", "0.05,x"],
+     "--posthoc-sigma-rel: 'x' is not a number (e.g. 0.02,0.05,0.1)"),
+    (["--checkpoint", "c", "--posthoc-sigma-rel", "0.1,0.1000001"],
+     "--posthoc-sigma-rel lists a value twice (values must differ in the first 6 decimals): 0.1,0.1"),
+    (["--checkpoint", "c", "--use-ema", "--weights", "raw"],
+     "--use-ema conflicts with --weights raw; give one of them"),
+    (["--checkpoint", "c", "--weights", "emma"], "--weights 'emma': use raw, ema, both or ema:N"),
+    (["--checkpoint", "c", "--posthoc-sigma-rel", "0.1", "--export-ema", "e.safetensors"],
+     "--export-ema exports a checkpoint's EMA; with --posthoc-sigma-rel use --posthoc-save"),
+    (["--posthoc-sigma-rel", "0.1", "--model", "test_resnet"],
+     "--posthoc-sigma-rel needs --checkpoint (the run's checkpoint), or --posthoc-dir and --model"),
+])
+def test_conflicting_flags_are_one_line_usage_errors_before_anything_runs(argv, message):
+    from emakit.training import UsageError
+    from emakit.training.validate_config import parse_args
+
+    with pytest.raises(UsageError) as info:
+        parse_args(argv)
+    assert str(info.value) == message
+
+
 # --------------------------------------------------------------------------- our files, --weights
 def test_weights_both_prints_raw_and_ema_side_by_side_and_each_matches_a_plain_loop(
         tmp_path, capsys, data, val_batch, raw_ema):

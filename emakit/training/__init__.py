@@ -10,7 +10,10 @@ alone never imports this package. Modules:
 - ``run``          the fit loop: build -> resume -> epochs -> checkpoints -> summary
 - ``lifecycle``    how a run ends early: stop signals, exit statuses, RNG states, the resume command
 - ``averages``     several EMAs, the post-hoc EMA tracker (snapshots), BN recalibration at evaluation
-- ``bn``, ``plots``, ``validation``: BN recalibration, PNG plots, the work behind ``validate.py``
+- ``bn``, ``plots``: the BatchNorm-statistics walker and recalibration, PNG plots
+- ``validate_config``, ``validation``: ``validate.py``'s flags (frozen settings) and its work
+- ``cli``          the ``emakit`` command (``python -m emakit``): export, posthoc, plot
+- ``kinds``        one rule per kind of flag value; ``Parser``, the CLIs' argparse class
 
 Importing this package imports nothing heavy; the submodules import timm when loaded.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["UsageError", "one_line", "one_line_error", "print_error"]
+__all__ = ["UsageError", "one_line", "print_error"]
 
 
 class UsageError(Exception):
@@ -28,24 +31,18 @@ class UsageError(Exception):
 
 
 def one_line(error: BaseException | str) -> str:
-    """``str(error)`` with every run of whitespace (line breaks included) as one space."""
-    return " ".join(str(error).split())
+    """The message of an error as one line: the one rule for every error text emakit shows.
 
-
-def one_line_error(message: str) -> str:
-    """The message of an error as one line.
-
-    DataLoader re-raises worker exceptions with the worker's traceback in the message; the
-    original one-line message is then the last line, after ``<ExceptionName>: ``. Any other
-    line break (a file name may hold one) is shown as a space, so the error stays one line.
+    Each line is stripped, empty lines are dropped and the rest are joined with one space
+    (a file name's own spaces are kept, so it can still be found). DataLoader re-raises a
+    worker's exception with the worker's traceback in the message; the original message is
+    then the last line, after ``<ExceptionName>: ``, and that alone is returned.
     """
-    lines = [ln for ln in str(message).strip().splitlines() if ln.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else ""
-    if not any("Traceback (most recent call last)" in ln for ln in lines):
-        return " ".join(ln.strip() for ln in lines)
-    last = lines[-1]
-    return last.split("Error: ", 1)[1] if "Error: " in last else last
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if any("Traceback (most recent call last)" in ln for ln in lines):
+        last = lines[-1]
+        return last.split("Error: ", 1)[1] if "Error: " in last else last
+    return " ".join(lines)
 
 
 def print_error(prog: str, error: BaseException | str) -> None:
@@ -53,4 +50,4 @@ def print_error(prog: str, error: BaseException | str) -> None:
     process with ``RANK`` 0 prints (every rank meets the same input error and exits 2)."""
     if os.environ.get("RANK", "0") not in ("0", ""):
         return
-    print(f"{prog}: error: {one_line_error(str(error))}", file=sys.stderr, flush=True)
+    print(f"{prog}: error: {one_line(error)}", file=sys.stderr, flush=True)

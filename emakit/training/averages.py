@@ -27,16 +27,16 @@ from typing import Any, Union
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from emakit import ModelEMA, MultiEMA
 from emakit.checkpoint import ema_checkpoint_keys, ema_indices
 from emakit.schedules import parse_half_life
+from emakit.posthoc import DTYPES as _DTYPES
 from emakit.posthoc import (Footprint, PowerEMA, SnapshotWriter, budget_max_snapshots, estimate_footprint, human_bytes,
                             list_snapshots, model_fp32_bytes, parse_budget)
 
 from . import UsageError, one_line
-from .bn import recalibrate_bn
+from .bn import bn_buffers, recalibrate_bn  # bn_buffers: re-exported, the one BatchNorm walker
 from .resume import check_ema_entry, steps_done
 
 __all__ = ["Averages", "EmaSet", "ema_members", "ema_label", "ema_selector", "ema_checkpoint_keys", "ema_checkpoint_state",
@@ -50,7 +50,6 @@ EmaSet = Union[ModelEMA, MultiEMA]
 POSTHOC_CHECKPOINT_KEY = "posthoc_ema"
 BN_RECAL_CHECKPOINT_KEY = "ema_bn_recal"
 SWEEP_SIGMA_RELS = "0.02,0.05,0.08,0.15"  # the sweep suggested at the end of a post-hoc run
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # --------------------------------------------------------------------------- several EMAs
@@ -89,18 +88,6 @@ def describe_ema(member: ModelEMA) -> str:
 
 
 # --------------------------------------------------------------------------- BN recalibration
-def bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The live running-statistics buffers (mean, var, count) of every tracking BatchNorm."""
-    out: dict[str, torch.Tensor] = {}
-    for name, mod in module.named_modules():
-        if isinstance(mod, _BatchNorm) and mod.track_running_stats:
-            for buf_name in ("running_mean", "running_var", "num_batches_tracked"):
-                buf = getattr(mod, buf_name, None)
-                if buf is not None:
-                    out[f"{name}.{buf_name}" if name else buf_name] = buf
-    return out
-
-
 @contextlib.contextmanager
 def recalibrated_bn(module: nn.Module, loader: Iterable, num_batches: int, device: torch.device, *,
                     channels_last: bool = False,

@@ -18,14 +18,34 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["recalibrate_bn", "has_batchnorm"]
+__all__ = ["recalibrate_bn", "has_batchnorm", "bn_layers", "bn_buffers"]
 
 _log = logging.getLogger(__name__)
 
 
+def bn_layers(module: nn.Module) -> dict[str, _BatchNorm]:
+    """Every BatchNorm layer of ``module`` that tracks running statistics, by qualified name
+    (``''`` for ``module`` itself): ``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and their
+    subclasses (timm's ``BatchNormAct2d``). The one walker over BatchNorm statistics: BN
+    recalibration, its restore, and ``distribute_bn`` all see these layers."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats}
+
+
+def bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The live running-statistics buffers (``running_mean``, ``running_var``,
+    ``num_batches_tracked``) of :func:`bn_layers`, by qualified buffer name."""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in bn_layers(module).items():
+        for buf_name in ("running_mean", "running_var", "num_batches_tracked"):
+            buf = getattr(layer, buf_name, None)
+            if buf is not None:
+                out[f"{name}.{buf_name}" if name else buf_name] = buf
+    return out
+
+
 def has_batchnorm(module: nn.Module) -> bool:
     """True if ``module`` contains a BatchNorm layer that tracks running statistics."""
-    return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in module.modules())
+    return bool(bn_layers(module))
 
 
 @torch.no_grad()
@@ -51,7 +71,7 @@ def recalibrate_bn(
     Returns the number of batches used. Only BatchNorm buffers change; the module's
     training flags are restored afterwards.
     """
-    bns = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    bns = list(bn_layers(module).values())
     if not bns or num_batches <= 0:
         return 0
     modes = {m: m.training for m in module.modules()}

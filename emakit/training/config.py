@@ -20,17 +20,18 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
-from . import UsageError
+from . import UsageError, one_line
 from .data import AugmentConfig
+from .kinds import Parser as _Parser
 from .settings import (DataSettings, EmaSettings, LossSettings, ModelSettings, OptimSettings, PosthocSettings,
                        RunSettings, ScheduleSettings, TrainSettings)
 from .kinds import (EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE,
                     POSITIVE_INT, PROBABILITY, RATE, SEED, SEED_MAX, STD, TRAIN_INTERPOLATION, UNIT_INTERVAL,
-                    AutoAugment, Device,
+                    AutoAugment, Device, check_sigma_rels,
                     Items, Kind, KindError, Number, OneOf, check_parsed)
 
 __all__ = ["build_parser", "parse_args", "parse_settings", "settings_from_args", "load_yaml_defaults",
@@ -104,13 +105,6 @@ class CommaList:
             return self._convert([value], str(value))
         except argparse.ArgumentTypeError as e:
             raise UsageError(f"config key {key!r}: {e}") from None
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ``UsageError`` (one line, exit 2 in the CLI) instead of exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -455,7 +449,7 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, 
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise UsageError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+        raise UsageError(f"--config {path}: not valid YAML ({one_line(e)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -512,7 +506,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _check_posthoc_args(args: argparse.Namespace) -> None:
-    from emakit.posthoc import SIGMA_REL_MAX, parse_budget
+    from emakit.posthoc import parse_budget
 
     if not args.model_ema_posthoc:
         for name in ("posthoc_every", "posthoc_max_snapshots"):
@@ -522,13 +516,8 @@ def _check_posthoc_args(args: argparse.Namespace) -> None:
     try:
         parse_budget(args.posthoc_budget)
     except ValueError as e:
-        raise UsageError(f"--posthoc-{' '.join(str(e).split())}") from None
-    for s in args.posthoc_sigma_rels:
-        if not 0.0 < s <= SIGMA_REL_MAX:
-            raise UsageError(f"--posthoc-sigma-rels {s:g} is outside (0, {SIGMA_REL_MAX:.4f}]: "
-                             "EDM2 tracks 0.05,0.10")
-    if len({f"{s:.6f}" for s in args.posthoc_sigma_rels}) != len(args.posthoc_sigma_rels):
-        raise UsageError(f"--posthoc-sigma-rels must differ in the first 6 decimals, got {args.posthoc_sigma_rels}")
+        raise UsageError(f"--posthoc-{one_line(e)}") from None
+    check_sigma_rels(args.posthoc_sigma_rels, "--posthoc-sigma-rels")
 
 
 def resolve_ema_decay(args: argparse.Namespace) -> tuple[Any, Any, str]:

@@ -23,14 +23,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from . import UsageError, one_line_error
+from . import UsageError, one_line
 from .distributed import DistInfo
 
 __all__ = [
     "BadImageError", "DataSplits", "ImageListDataset", "DIGITS_NAME", "load_digits_splits",
-    "load_image_folder", "build_datasets", "check_images", "build_transforms", "ShardSampler", "ResumableSampler",
+    "load_image_folder", "class_folders", "scan_split", "build_datasets", "check_images", "build_transforms",
+    "ShardSampler", "ResumableSampler",
     "build_train_loader", "build_eval_loader", "epoch_seed", "sample_seed", "SeededDataset",
-    "DeviceLoader", "normalize_uint8", "device_random_erasing", "resolve_data_config_for", "set_epoch", "one_line_error",
+    "DeviceLoader", "normalize_uint8", "device_random_erasing", "resolve_data_config_for", "set_epoch",
     "AugmentConfig", "shown_path", "flip_labels",
 ]
 
@@ -135,7 +136,9 @@ def _list(folder: str) -> list[os.DirEntry]:
                          "or move it out of the data folder") from None
 
 
-def _class_folders(split_dir: str) -> list[str]:
+def class_folders(split_dir: str) -> list[str]:
+    """The class folder names of a split, sorted (their index is the label), hidden ones left
+    out; an unlistable folder is a ``UsageError``."""
     return [e.name for e in _list(split_dir) if e.is_dir() and not e.name.startswith(".")]
 
 
@@ -177,8 +180,16 @@ def _image_files(class_dir: str, seen: set[tuple[int, int]] | None = None) -> li
     return files
 
 
-def _scan_split(split_dir: str, class_to_idx: dict[str, int] | None) -> tuple[list[str], list[int], list[str]]:
-    classes = _class_folders(split_dir)
+def scan_split(split_dir: str, class_to_idx: dict[str, int] | None) -> tuple[list[str], list[int], list[str]]:
+    """(image paths, labels, class folder names) of one split folder.
+
+    Labels come from ``class_to_idx`` (the train split's classes, so val labels match
+    train's), or from the split's own sorted class folders when it is None. A split without
+    class folders or images, a class the mapping lacks, or two class folders that are one
+    folder is a ``UsageError``; symlink loops and non-regular files are skipped with a
+    warning (see ``_image_files``).
+    """
+    classes = class_folders(split_dir)
     if not classes:
         raise UsageError(f"{shown_path(split_dir)} has no class folders: expected "
                          f"{shown_path(split_dir)}/<class name>/<image files>")
@@ -238,9 +249,9 @@ def load_image_folder(root: str, train_split: str = "train", val_split: str | No
         raise UsageError(f"data path {root} is not a folder: expected an ImageFolder root with train/ and val/")
     train_dir = _find_split(root, train_split, "train")
     val_dir = _find_split(root, val_split, "validation")
-    train_paths, train_targets, classes = _scan_split(train_dir, None)
+    train_paths, train_targets, classes = scan_split(train_dir, None)
     _check_classes(train_dir, classes, train_targets)
-    val_paths, val_targets, _ = _scan_split(val_dir, {c: i for i, c in enumerate(classes)})
+    val_paths, val_targets, _ = scan_split(val_dir, {c: i for i, c in enumerate(classes)})
     desc = (f"ImageFolder {root}: {len(train_paths)} train images in {os.path.basename(train_dir)}/, "
             f"{len(val_paths)} val images in {os.path.basename(val_dir)}/, {len(classes)} classes")
     return DataSplits(ImageListDataset(train_paths, train_targets),
@@ -249,9 +260,9 @@ def load_image_folder(root: str, train_split: str = "train", val_split: str | No
 
 def _reason(error: BaseException) -> str:
     if isinstance(error, Image.DecompressionBombError):
-        return (f"{' '.join(str(error).split())} (a decompression bomb, or raise PIL.Image.MAX_IMAGE_PIXELS "
+        return (f"{one_line(error)} (a decompression bomb, or raise PIL.Image.MAX_IMAGE_PIXELS "
                 "if the image is real)")
-    return " ".join(str(error).split()) or type(error).__name__
+    return one_line(error) or type(error).__name__
 
 
 def _check_one(path: str, decode: bool) -> str | None:

@@ -21,6 +21,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from . import UsageError
+from .bn import bn_buffers
 
 __all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_sum", "distribute_bn",
            "resolve_device"]
@@ -111,22 +112,18 @@ def all_reduce_sum(values: list[float], dist: DistInfo) -> list[float]:
     return t.tolist()
 
 
-def _bn_buffers(module: nn.Module) -> list[torch.Tensor]:
-    return [b for name, b in module.named_buffers()
-            if ("running_mean" in name or "running_var" in name) and b.is_floating_point()]
-
-
 @torch.no_grad()
 def distribute_bn(module: nn.Module, dist: DistInfo, mode: str) -> None:
     """Make BatchNorm running statistics equal on every rank before evaluation.
 
     ``reduce`` averages them over ranks, ``broadcast`` copies rank 0's (timm's
-    ``distribute_bn``); '' does nothing. Works for a CPU-held EMA under nccl by staging
-    through the rank's device.
+    ``distribute_bn``); '' does nothing. The statistics are the running mean and var of
+    :func:`.bn.bn_layers` (every tracking BatchNorm, SyncBatchNorm, timm's BatchNormAct).
+    Works for a CPU-held EMA under nccl by staging through the rank's device.
     """
     if not dist.distributed or not mode:
         return
-    for buf in _bn_buffers(module):
+    for buf in (b for b in bn_buffers(module).values() if b.is_floating_point()):  # mean and var, not the count
         staged = buf if (dist.device.type == "cuda") == (buf.device.type == "cuda") else buf.to(dist.device)
         if mode == "reduce":
             torch_dist.all_reduce(staged, op=torch_dist.ReduceOp.SUM)

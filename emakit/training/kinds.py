@@ -20,13 +20,15 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NoReturn
+
+from . import UsageError, one_line
 
 __all__ = [
     "Kind", "Number", "Items", "OneOf", "Device", "AutoAugment", "OutputFile", "SEED_MAX",
     "FINITE", "POSITIVE", "NON_NEGATIVE", "PROBABILITY", "UNIT_INTERVAL", "FRACTION", "RATE", "POSITIVE_INT",
     "NON_NEGATIVE_INT", "SEED", "EVAL_INTERPOLATION", "TRAIN_INTERPOLATION", "MEAN", "STD", "check_parsed",
-    "flag_name", "is_training_checkpoint", "KindError",
+    "flag_name", "is_training_checkpoint", "KindError", "Parser", "parse_sigma_rels", "check_sigma_rels",
 ]
 
 # numpy's legacy seeding takes [0, 2**32 - 1]; torch.manual_seed takes more, so numpy bounds the seed.
@@ -268,7 +270,7 @@ class AutoAugment(Kind):
         try:
             create_transform(32, is_training=True, auto_augment=value)
         except Exception as e:  # timm raises KeyError/AssertionError/ValueError for bad policies
-            raise KindError(f"timm: {' '.join(str(e).split()) or type(e).__name__}") from None
+            raise KindError(f"timm: {one_line(e) or type(e).__name__}") from None
 
 
 # --------------------------------------------------------------------------- output files
@@ -332,6 +334,53 @@ def is_training_checkpoint(path: str) -> bool:
         return False
     weights = any(k in ckpt for k in ("state_dict", "model", "net"))
     return any(k in ckpt for k in _TRAINING_KEYS) or ("epoch" in ckpt and weights and "posthoc" not in ckpt)
+
+
+# --------------------------------------------------------------------------- sigma_rel lists
+def check_sigma_rels(values: Iterable[float], flag: str) -> list[float]:
+    """``values`` as floats if each is a post-hoc EMA length: in (0, 1/sqrt(12)] (EDM2's range,
+    ``emakit.posthoc.SIGMA_REL_MAX``) and no two equal in their first 6 decimals (snapshot file
+    names keep 6); else ``UsageError`` naming ``flag``."""
+    from emakit.posthoc import SIGMA_REL_MAX
+
+    values = [float(v) for v in values]
+    for value in values:
+        if not (0.0 < value <= SIGMA_REL_MAX):
+            raise UsageError(f"{flag} {value:g} is outside (0, {SIGMA_REL_MAX:.4f}]: "
+                             "no power-function EMA has that length")
+    if len({f"{v:.6f}" for v in values}) != len(values):
+        raise UsageError(f"{flag} lists a value twice (values must differ in the first 6 decimals): "
+                         f"{','.join(f'{v:g}' for v in values)}")
+    return values
+
+
+def parse_sigma_rels(text: str, flag: str) -> list[float]:
+    """``"0.02,0.05"`` -> [0.02, 0.05], checked by :func:`check_sigma_rels`; a part that is not
+    a number is a ``UsageError`` naming ``flag``."""
+    values = []
+    for part in str(text).split(","):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise UsageError(f"{flag}: {part.strip()!r} is not a number (e.g. 0.02,0.05,0.1)") from None
+    return check_sigma_rels(values, flag)
+
+
+# --------------------------------------------------------------------------- the parser
+class Parser(argparse.ArgumentParser):
+    """argparse for emakit's CLIs: a bad command line raises ``UsageError`` (printed as one line,
+    exit status 2) instead of printing the usage and calling ``sys.exit(2)``.
+
+    ``see_help``: the message ends with ``(see PROG --help)`` (the ``emakit`` command's
+    subcommands, whose usage is not obvious from one line)."""
+
+    def __init__(self, *args: Any, see_help: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.see_help = see_help
+
+    def error(self, message: str) -> NoReturn:
+        """Raise ``UsageError(message)`` instead of exiting."""
+        raise UsageError(f"{message} (see {self.prog} --help)" if self.see_help else message)
 
 
 # --------------------------------------------------------------------------- after parsing

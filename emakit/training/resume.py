@@ -80,7 +80,7 @@ def normalize_resume_checkpoint(ckpt: dict[str, Any], path: str) -> dict[str, An
         try:
             ckpt[weights_key] = strip_prefixes(value)
         except CheckpointError as e:
-            raise UsageError(f"--resume {path}: {weights_key}: {' '.join(str(e).split())}") from None
+            raise UsageError(f"--resume {path}: {weights_key}: {one_line(e)}") from None
     for weights_key, meta_key in ema_entry_keys(ckpt):
         _check_ema_meta(ckpt.get(meta_key), meta_key, path)
     _check_optimizer_entry(ckpt.get("optimizer"), path)
@@ -115,7 +115,7 @@ def check_ema_entry(module: torch.nn.Module, state_dict_ema: dict[str, Any], key
     try:
         check_state_dict_compat(module, state_dict_ema)
     except CheckpointError as e:
-        raise UsageError(f"--resume {path}: {key}: {' '.join(str(e).split())}") from None
+        raise UsageError(f"--resume {path}: {key}: {one_line(e)}") from None
 
 
 def _options(group: dict[str, Any]) -> set[str]:

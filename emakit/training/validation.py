@@ -17,7 +17,9 @@ Beyond timm:
   ``posthoc_sweep.csv`` (earlier sweeps are kept), plots all sweeps and can save the chosen
   weights (``--posthoc-save``).
 
-Nothing here prints: :func:`report_lines` gives the CLI the lines to print.
+The flags live in :mod:`.validate_config`, which resolves them once into a frozen
+``ValidateSettings``; the functions here take that object or explicit values. Nothing here
+prints: :func:`report_lines` gives the CLI the lines to print.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,18 +43,17 @@ from torch import nn
 from emakit.checkpoint import (CheckpointError, check_state_dict_compat, extract_state_dict, load_checkpoint,
                                save_checkpoint, save_safetensors, strip_prefixes, write_text_atomic)
 
-from . import UsageError
+from . import UsageError, one_line
 from .build import build_model as _build_model, check_model_name
-from .data import (AugmentConfig, DeviceLoader, ImageListDataset, _class_folders, _scan_split, build_eval_loader,
-                   build_transforms, load_digits_splits)
+from .data import (AugmentConfig, DeviceLoader, ImageListDataset, build_eval_loader, build_transforms, class_folders,
+                   load_digits_splits, scan_split)
 from .distributed import DistInfo
 from .engine import AmpSettings, EvalTarget, evaluate_many
-from .kinds import (EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE_INT, POSITIVE_INT, STD, Device, OutputFile,
-                    check_parsed)
+from .validate_config import CHECKPOINT_EXTENSIONS, EVAL_DATA_KEYS as _DATA_KEYS, ValidateSettings
 
 __all__ = [
     "CHECKPOINT_EXTENSIONS", "RESULT_FIELDS", "ResultRecord", "SweepRow", "ValidationReport", "EvalSetup",
-    "build_parser", "parse_args", "find_checkpoints", "resolve_arch", "resolve_num_classes", "select_weights",
+    "run_checkpoints", "run_posthoc", "find_checkpoints", "resolve_arch", "resolve_num_classes", "select_weights",
     "build_model", "load_weights", "load_eval_dataset", "eval_data_config", "torchvision_eval_settings",
     "evaluate_weights", "evaluate_weight_sets",
     "write_results", "export_weights", "timm_load_hint", "resolve_posthoc_dir", "reconstruct_profiles",
@@ -63,183 +64,13 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-CHECKPOINT_EXTENSIONS = (".pth.tar", ".pth", ".pt", ".safetensors")
 # The JSON result line and the results file, in this order (timm's validate.py fields plus
 # weights, loss and samples); param_count is in millions, as timm reports it.
 RESULT_FIELDS = ("model", "checkpoint", "weights", "top1", "top1_err", "top5", "top5_err", "loss",
                  "param_count", "img_size", "crop_pct", "interpolation", "samples", "epoch")
 POSTHOC_FIELDS = ("sigma_rel", "posthoc_step", "decay_equiv", "half_life_equiv")
-_WEIGHTS_RE = re.compile(r"^(raw|ema|both|ema:\d+)$")
-_SAVE_SUFFIXES = (".safetensors",) + tuple(e for e in CHECKPOINT_EXTENSIONS if e != ".safetensors")
 # Where classifiers live in timm models whose pretrained cfg does not say (last resort).
 _CLASSIFIER_NAMES = ("fc", "head.fc", "head", "classifier", "last_linear", "head.l")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ``UsageError`` (one line, exit 2 in the CLI) instead of exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        """Raise instead of printing usage and calling ``sys.exit(2)``."""
-        raise UsageError(message)
-
-
-# =========================================================================== arguments
-def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", nargs="?", default=None, metavar="DIR",
-                        help="ImageFolder root with val/ or validation/ class folders, or a split folder "
-                             "itself; omitted: the embedded digits val split train.py uses (default: None)")
-    g = parser.add_argument_group("Dataset parameters")
-    g.add_argument("--split", default=None, metavar="NAME",
-                   help="split folder under DIR (default: None = the checkpoint's --val-split, else val/ or "
-                        "validation/; for the embedded digits: val, or train)")
-    g.add_argument("--img-size", type=POSITIVE_INT, default=None, metavar="N",
-                   help="image size (default: None = the checkpoint's training --img-size, else model default)")
-    g.add_argument("--crop-pct", type=FRACTION, default=None, metavar="PCT",
-                   help="center-crop fraction in (0, 1] (default: None = the checkpoint's training --crop-pct, "
-                        "else model default)")
-    g.add_argument("--mean", type=MEAN, nargs="+", default=None, metavar="MEAN",
-                   help="normalisation mean, 3 numbers (R G B) or 1 for all (default: None = the checkpoint's "
-                        "training --mean, else model default)")
-    g.add_argument("--std", type=STD, nargs="+", default=None, metavar="STD",
-                   help="normalisation std, 3 numbers > 0 (R G B) or 1 for all (default: None = the checkpoint's "
-                        "training --std, else model default)")
-    g.add_argument("--interpolation", type=EVAL_INTERPOLATION, default=None, metavar="NAME",
-                   help="resize interpolation: nearest, bilinear, bicubic, box, hamming, lanczos (default: None = "
-                        "the checkpoint's training --interpolation (torchvision's for its checkpoints), else model "
-                        "default)")
-    g.add_argument("-b", "--batch-size", type=POSITIVE_INT, default=256, metavar="N",
-                   help="batch size per process; does not change the results (default: 256)")
-    g.add_argument("-j", "--workers", type=NON_NEGATIVE_INT, default=0, metavar="N",
-                   help="data loader worker processes per rank (default: 0 = main process, as train.py; timm: 4)")
-
-
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("Model and weights")
-    g.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="checkpoint file, or a folder: every *.pth.tar, *.pth, *.pt, *.safetensors in it "
-                        "(default: None; required unless --posthoc-dir and --model are given)")
-    g.add_argument("--model", default=None, metavar="MODEL",
-                   help="timm model name (default: None = the checkpoint's training --model / arch)")
-    g.add_argument("--num-classes", type=POSITIVE_INT, default=None, metavar="N",
-                   help="number of classes (default: None = the checkpoint's, from its args or classifier shape)")
-    g.add_argument("--weights", default=None, metavar="SET",
-                   help="weights to evaluate: raw, ema, both (raw and EMA side by side) or ema:N "
-                        "(extra EMA N) (default: None = raw, or ema with --use-ema)")
-    g.add_argument("--use-ema", action="store_true", default=False,
-                   help="evaluate the EMA weights, as timm's flag: same as --weights ema; an error if the "
-                        "file has none (default: False)")
-
-
-def _add_run_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("Runtime")
-    g.add_argument("--device", type=Device(), default=None, metavar="DEV",
-                   help="device: cpu, cuda, cuda:N or mps, where available (default: None = cuda if available, "
-                        "else cpu; cuda:<local rank> under torchrun)")
-    g.add_argument("--amp", action="store_true", default=False,
-                   help="evaluate under torch.autocast (default: False)")
-    g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
-                   help="autocast dtype with --amp (default: float16)")
-    g.add_argument("--channels-last", action="store_true", default=False,
-                   help="use the channels_last memory layout (default: False)")
-    g.add_argument("--no-progress", action="store_true", default=False,
-                   help="no tqdm progress bar (default: False; bars only on rank 0 and a TTY)")
-
-
-def _add_output_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("Outputs")
-    g.add_argument("--results-file", type=OutputFile(), default=None, metavar="FILE",
-                   help="write every result record to FILE; checked before anything is evaluated: not a folder, "
-                        "in a writable folder, not a training checkpoint (default: None)")
-    g.add_argument("--results-format", default=None, choices=["csv", "json"],
-                   help="format of --results-file and of the post-hoc sweep table (default: None = json "
-                        "if FILE ends in .json, else csv)")
-    g.add_argument("--export-ema", type=OutputFile((".safetensors",)), default=None, metavar="FILE.safetensors",
-                   help="write the checkpoint's EMA weights (the --weights ema:N one if given) alone, "
-                        "unprefixed, atomically, loadable by timm's pretrained_cfg_overlay; checked before "
-                        "anything is evaluated (default: None)")
-
-
-def _add_posthoc_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("Post-hoc EMA (EDM2): choose the EMA length after training")
-    g.add_argument("--posthoc-sigma-rel", default=None, metavar="S[,S...]",
-                   help="reconstruct and evaluate these relative EMA lengths sigma_rel, e.g. 0.02,0.05,0.08,0.15, "
-                        "instead of the checkpoint's weights; each sweep appends its rows (with its sweep_id "
-                        "and time) to posthoc_sweep.csv in the run folder (or beside --results-file) and "
-                        "posthoc_sweep.png plots every sweep (default: None = no sweep)")
-    g.add_argument("--posthoc-dir", default=None, metavar="DIR",
-                   help="snapshot folder (default: None = <checkpoint folder>/posthoc)")
-    g.add_argument("--posthoc-step", type=POSITIVE_INT, default=None, metavar="N",
-                   help="reconstruct the EMA at this snapshot step (default: None = the last snapshot step)")
-    g.add_argument("--posthoc-save", type=OutputFile(_SAVE_SUFFIXES), default=None, metavar="PATH",
-                   help="save the best sigma_rel's weights (the only one if one is given): .safetensors, or a "
-                        "checkpoint (.pth.tar/.pth/.pt) with them as state_dict_ema; never over a training "
-                        "checkpoint (default: None)")
-
-
-def build_parser(prog: str = "validate.py") -> argparse.ArgumentParser:
-    """The ``validate.py`` parser: timm's flag names, grouped, every default in its help."""
-    parser = _Parser(prog=prog, description="Evaluate the raw and EMA weights of checkpoints "
-                                            "(and post-hoc EMA reconstructions).")
-    for add in (_add_data_args, _add_model_args, _add_run_args, _add_output_args, _add_posthoc_args):
-        add(parser)
-    return parser
-
-
-def parse_sigma_rels(text: str) -> list[float]:
-    """``"0.02,0.05"`` -> [0.02, 0.05]; each must lie in (0, 1/sqrt(12)] (EDM2's range)."""
-    from emakit.posthoc import SIGMA_REL_MAX
-
-    values = []
-    for part in str(text).split(","):
-        try:
-            value = float(part)
-        except ValueError:
-            raise UsageError(f"--posthoc-sigma-rel: {part.strip()!r} is not a number (e.g. 0.02,0.05,0.1)") from None
-        if not (0.0 < value <= SIGMA_REL_MAX):
-            raise UsageError(f"--posthoc-sigma-rel {value:g} is outside (0, {SIGMA_REL_MAX:.4f}]: "
-                             "no power-function EMA has that length")
-        values.append(value)
-    if len({f"{v:.6f}" for v in values}) != len(values):
-        raise UsageError(f"--posthoc-sigma-rel lists a value twice: {text}")
-    return values
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    if args.use_ema and args.weights not in (None, "ema"):
-        raise UsageError(f"--use-ema conflicts with --weights {args.weights}; give one of them")
-    args.weights = args.weights or ("ema" if args.use_ema else "raw")
-    if not _WEIGHTS_RE.match(args.weights):
-        raise UsageError(f"--weights {args.weights!r}: use raw, ema, both or ema:N")
-    if args.results_format is None:
-        args.results_format = "json" if (args.results_file or "").lower().endswith(".json") else "csv"
-    _check_posthoc_args(args)
-
-
-def _check_posthoc_args(args: argparse.Namespace) -> None:
-    args.posthoc_sigma_rels = parse_sigma_rels(args.posthoc_sigma_rel) if args.posthoc_sigma_rel else []
-    if not args.posthoc_sigma_rels:
-        for flag in ("posthoc_dir", "posthoc_step", "posthoc_save"):
-            if getattr(args, flag) is not None:
-                raise UsageError(f"--{flag.replace('_', '-')} needs --posthoc-sigma-rel")
-        if not args.checkpoint:
-            raise UsageError("--checkpoint is required: a checkpoint file or a run folder")
-        return
-    if args.export_ema:
-        raise UsageError("--export-ema exports a checkpoint's EMA; with --posthoc-sigma-rel use --posthoc-save")
-    if not args.checkpoint and not (args.posthoc_dir and args.model):
-        raise UsageError("--posthoc-sigma-rel needs --checkpoint (the run's checkpoint), or --posthoc-dir and --model")
-
-
-def parse_args(argv: Sequence[str] | None = None, prog: str = "validate.py") -> argparse.Namespace:
-    """Parse and check ``argv``; raises ``UsageError`` for bad flags or combinations.
-
-    Adds ``posthoc_sigma_rels`` (list of floats) and resolves ``weights`` / ``results_format``.
-    """
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    check_parsed(parser, args, parser.error)
-    _check_args(args)
-    return args
 
 
 # =========================================================================== checkpoints
@@ -357,10 +188,6 @@ def select_weights(ckpt: Mapping[str, Any], weights: str, source: str) -> tuple[
     return extract_state_dict(ckpt, weights, source=source), weights
 
 
-def _weight_sets(weights: str) -> list[str]:
-    return ["raw", "ema"] if weights == "both" else [weights]
-
-
 # =========================================================================== model
 def build_model(arch: str, num_classes: int, *, device: torch.device, channels_last: bool = False,
                 in_chans: int | None = None) -> nn.Module:
@@ -403,10 +230,10 @@ def _locate_split(root: str, split: str | None, train_split: str, val_split: str
 def _scan_image_folder(split_dir: str, class_dir: str) -> ImageListDataset:
     """The images of ``split_dir``, labelled by the index of their class among ``class_dir``'s
     class folders (the train split's), as train.py labels them."""
-    classes = _class_folders(class_dir)
+    classes = class_folders(class_dir)
     if not classes:
         raise UsageError(f"{class_dir} has no class folders: expected {class_dir}/<class name>/<image files>")
-    paths, targets, _ = _scan_split(split_dir, {c: i for i, c in enumerate(classes)})
+    paths, targets, _ = scan_split(split_dir, {c: i for i, c in enumerate(classes)})
     return ImageListDataset(paths, targets)
 
 
@@ -434,9 +261,6 @@ def load_eval_dataset(data: str | None, split: str | None,
                                          train_args.get("val_split"))
     dataset = _scan_image_folder(split_dir, class_dir)
     return dataset, f"ImageFolder {split_dir}: {len(dataset)} images, labels from {class_dir}"
-
-
-_DATA_KEYS = ("img_size", "crop_pct", "mean", "std", "interpolation")
 
 
 def torchvision_eval_settings(train_args: Mapping[str, Any]) -> dict[str, Any]:
@@ -635,7 +459,7 @@ def reconstruct_profiles(snapshot_dir: str, sigma_rels: Sequence[float],
         used = step if step is not None else max(s.step for s in snaps)
         return reconstruct_many(snapshot_dir, sigma_rels, used), used
     except ValueError as e:
-        raise UsageError(f"post-hoc EMA: {' '.join(str(e).split())}") from None
+        raise UsageError(f"post-hoc EMA: {one_line(e)}") from None
 
 
 def posthoc_equivalents(sigma_rel: float, step: int) -> dict[str, float]:
@@ -706,7 +530,7 @@ def read_sweep_table(path: str, fmt: str) -> list[dict[str, Any]]:
                 return rows
             return [dict(r) for r in csv.DictReader(f)]
     except (OSError, ValueError, csv.Error) as e:
-        raise UsageError(f"cannot add this sweep to {path}: {' '.join(str(e).split())}; move the file away "
+        raise UsageError(f"cannot add this sweep to {path}: {one_line(e)}; move the file away "
                          "or pass --results-file elsewhere") from None
 
 
@@ -768,16 +592,15 @@ class ValidationReport:
     description: str = ""
 
 
-def _make_setup(args: argparse.Namespace, dist: DistInfo, train_args: Mapping[str, Any]) -> EvalSetup:
-    dataset, description = load_eval_dataset(args.data, args.split, train_args)
+def _make_setup(settings: ValidateSettings, dist: DistInfo, train_args: Mapping[str, Any]) -> EvalSetup:
+    data, runtime = settings.data, settings.runtime
+    dataset, description = load_eval_dataset(data.root, data.split, train_args)
     if dist.is_main:
         _log.info("data: %s", description)
-    dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
-    overrides = {k: getattr(args, k) for k in _DATA_KEYS if getattr(args, k) is not None}
-    return EvalSetup(dataset=dataset, description=description, dist=dist, batch_size=args.batch_size,
-                     workers=args.workers, amp=AmpSettings(enabled=args.amp, dtype=dtype),
-                     channels_last=args.channels_last, progress=dist.is_main and not args.no_progress,
-                     data_overrides=overrides)
+    return EvalSetup(dataset=dataset, description=description, dist=dist, batch_size=data.batch_size,
+                     workers=data.workers, amp=AmpSettings(enabled=runtime.amp, dtype=runtime.amp_dtype),
+                     channels_last=runtime.channels_last, progress=dist.is_main and runtime.progress,
+                     data_overrides=dict(data.overrides))
 
 
 class _ModelSlot:
@@ -803,17 +626,18 @@ def _in_chans(train_args: Mapping[str, Any]) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _evaluate_checkpoint(path: str, args: argparse.Namespace, dist: DistInfo, slot: _ModelSlot,
+def _evaluate_checkpoint(path: str, settings: ValidateSettings, dist: DistInfo, slot: _ModelSlot,
                          setup: EvalSetup | None, report: ValidationReport) -> EvalSetup:
-    """Evaluate the ``--weights`` sets of one file (and export its EMA if asked); the eval
-    setup is built from the first checkpoint's training args and reused."""
+    """Evaluate the weight sets of one file (and export its EMA if asked); the eval setup is
+    built from the first checkpoint's training args and reused."""
+    wanted = settings.weights
     ckpt = load_checkpoint(path)
     # Every requested weight set is extracted before anything runs: a missing EMA fails fast.
-    chosen = [select_weights(ckpt, w, path) for w in _weight_sets(args.weights)]
-    arch = resolve_arch(ckpt, path, args.model)
-    num_classes = resolve_num_classes(ckpt, chosen[0][0], arch, path, args.num_classes)
+    chosen = [select_weights(ckpt, w, path) for w in wanted.sets]
+    arch = resolve_arch(ckpt, path, wanted.model)
+    num_classes = resolve_num_classes(ckpt, chosen[0][0], arch, path, wanted.num_classes)
     train_args = _train_args(ckpt)
-    setup = setup or _make_setup(args, dist, train_args)
+    setup = setup or _make_setup(settings, dist, train_args)
     model = slot.get(arch, num_classes, _in_chans(train_args), setup)
     # --weights both: the EMA goes into a copy of the model, so both score in one pass
     models = [model] + [copy.deepcopy(model) for _ in chosen[1:]]
@@ -824,30 +648,32 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace, dist: DistInfo, sl
                                                 train_args)
     for m, (_, label), result in zip(models, chosen, metrics):
         report.records.append(_make_record(arch, path, label, m, result, data_config, ckpt.get("epoch")))
-    if args.export_ema:
-        _export_ema(ckpt, path, args, arch, num_classes, setup.dist, report)
+    if settings.outputs.export_ema:
+        _export_ema(ckpt, path, wanted.weights, settings.outputs.export_ema, arch, num_classes, setup.dist, report)
     return setup
 
 
-def _export_ema(ckpt: Mapping[str, Any], path: str, args: argparse.Namespace, arch: str, num_classes: int,
+def _export_ema(ckpt: Mapping[str, Any], path: str, weights: str, out: str, arch: str, num_classes: int,
                 dist: DistInfo, report: ValidationReport) -> None:
-    which = args.weights if re.fullmatch(r"ema:[1-9]\d*", args.weights) else "ema"
+    """Write the EMA of ``ckpt`` (``weights`` when it names an extra EMA ``ema:N``) to ``out``."""
+    which = weights if re.fullmatch(r"ema:[1-9]\d*", weights) else "ema"
     state_dict, label = select_weights(ckpt, which, path)
     if dist.is_main:
-        export_weights(state_dict, args.export_ema, arch=arch, num_classes=num_classes, weights=label, source=path,
+        export_weights(state_dict, out, arch=arch, num_classes=num_classes, weights=label, source=path,
                        train_args=_train_args(ckpt))
-        report.written.append(args.export_ema)
-        report.notes.append(f"load it with: {timm_load_hint(arch, args.export_ema, num_classes)}")
+        report.written.append(out)
+        report.notes.append(f"load it with: {timm_load_hint(arch, out, num_classes)}")
 
 
-def run_checkpoints(args: argparse.Namespace, dist: DistInfo) -> ValidationReport:
-    """Evaluate the ``--weights`` sets of every checkpoint of ``--checkpoint``."""
-    paths = find_checkpoints(args.checkpoint)
-    if args.export_ema and len(paths) != 1:
-        raise UsageError(f"--export-ema needs one checkpoint file; {args.checkpoint} holds {len(paths)}")
+def run_checkpoints(settings: ValidateSettings, dist: DistInfo) -> ValidationReport:
+    """Evaluate the weight sets of every checkpoint of ``settings.weights.checkpoint``."""
+    checkpoint = settings.weights.checkpoint
+    paths = find_checkpoints(checkpoint)
+    if settings.outputs.export_ema and len(paths) != 1:
+        raise UsageError(f"--export-ema needs one checkpoint file; {checkpoint} holds {len(paths)}")
     report, slot, setup = ValidationReport(), _ModelSlot(), None
     for path in paths:
-        setup = _evaluate_checkpoint(path, args, dist, slot, setup, report)
+        setup = _evaluate_checkpoint(path, settings, dist, slot, setup, report)
     report.description = setup.description if setup else ""
     return report
 
@@ -863,25 +689,27 @@ def _reference_checkpoint(checkpoint: str | None) -> tuple[str | None, dict[str,
     return path, load_checkpoint(path)
 
 
-def run_posthoc(args: argparse.Namespace, dist: DistInfo) -> ValidationReport:
-    """Reconstruct every ``--posthoc-sigma-rel``, evaluate each, pick the best, write the
-    sweep table and PNG and (``--posthoc-save``) the chosen weights."""
-    ref_path, ref = _reference_checkpoint(args.checkpoint)
-    snapshot_dir = resolve_posthoc_dir(args.posthoc_dir, args.checkpoint)
-    out_dir = os.path.dirname(os.path.abspath(args.results_file)) if args.results_file \
+def run_posthoc(settings: ValidateSettings, dist: DistInfo) -> ValidationReport:
+    """Reconstruct every sigma_rel of ``settings.posthoc``, evaluate each, pick the best, write
+    the sweep table and PNG and (``--posthoc-save``) the chosen weights."""
+    wanted, posthoc, fmt = settings.weights, settings.posthoc, settings.outputs.results_format
+    ref_path, ref = _reference_checkpoint(wanted.checkpoint)
+    snapshot_dir = resolve_posthoc_dir(posthoc.snapshot_dir, wanted.checkpoint)
+    results_file = settings.outputs.results_file
+    out_dir = os.path.dirname(os.path.abspath(results_file)) if results_file \
         else os.path.dirname(os.path.abspath(snapshot_dir))
     # An unreadable sweep table stops the sweep before it runs, not after (on every rank alike).
-    read_sweep_table(os.path.join(out_dir, f"posthoc_sweep.{args.results_format}"), args.results_format)
+    read_sweep_table(os.path.join(out_dir, f"posthoc_sweep.{fmt}"), fmt)
     source = ref_path or snapshot_dir
-    arch = resolve_arch(ref, source, args.model)
-    state_dicts, step = reconstruct_profiles(snapshot_dir, args.posthoc_sigma_rels, args.posthoc_step)
-    num_classes = resolve_num_classes(ref, state_dicts[0], arch, source, args.num_classes)
+    arch = resolve_arch(ref, source, wanted.model)
+    state_dicts, step = reconstruct_profiles(snapshot_dir, posthoc.sigma_rels, posthoc.step)
+    num_classes = resolve_num_classes(ref, state_dicts[0], arch, source, wanted.num_classes)
     train_args = _train_args(ref)
-    setup = _make_setup(args, dist, train_args)
-    model = build_model(arch, num_classes, device=dist.device, channels_last=args.channels_last,
+    setup = _make_setup(settings, dist, train_args)
+    model = build_model(arch, num_classes, device=dist.device, channels_last=settings.runtime.channels_last,
                         in_chans=_in_chans(train_args))
     report = ValidationReport(description=setup.description)
-    for sigma_rel, state_dict in zip(args.posthoc_sigma_rels, state_dicts):
+    for sigma_rel, state_dict in zip(posthoc.sigma_rels, state_dicts):
         label = f"posthoc:{sigma_rel:g}"
         load_weights(model, state_dict, snapshot_dir, label)
         _check_labels(setup.dataset, num_classes, source)
@@ -893,23 +721,24 @@ def run_posthoc(args: argparse.Namespace, dist: DistInfo) -> ValidationReport:
                                      record.posthoc["half_life_equiv"], record))
     report.best = pick_best(report.sweep)
     if dist.is_main:
-        report.written += write_sweep_outputs(report.sweep, report.best, out_dir, args.results_format)
-        if args.posthoc_save:
+        report.written += write_sweep_outputs(report.sweep, report.best, out_dir, fmt)
+        if posthoc.save:
             best = report.sweep[report.best]
-            save_posthoc_weights(args.posthoc_save, state_dicts[report.best], sigma_rel=best.sigma_rel,
+            save_posthoc_weights(posthoc.save, state_dicts[report.best], sigma_rel=best.sigma_rel,
                                  step=step, arch=arch, num_classes=num_classes, snapshot_dir=snapshot_dir,
                                  reference=ref or None)
-            report.written.append(args.posthoc_save)
+            report.written.append(posthoc.save)
     return report
 
 
-def run(args: argparse.Namespace, dist: DistInfo) -> ValidationReport:
-    """Run what ``args`` asks (checkpoint evaluation or a post-hoc sweep); rank 0 writes the
+def run(settings: ValidateSettings, dist: DistInfo) -> ValidationReport:
+    """Run what ``settings`` asks (checkpoint evaluation or a post-hoc sweep); rank 0 writes the
     results file and any exported weights. Raises ``UsageError`` / ``CheckpointError``."""
-    report = run_posthoc(args, dist) if args.posthoc_sigma_rels else run_checkpoints(args, dist)
-    if args.results_file and dist.is_main:
-        write_results(report.records, args.results_file, args.results_format)
-        report.written.insert(0, args.results_file)
+    report = run_posthoc(settings, dist) if settings.posthoc.sigma_rels else run_checkpoints(settings, dist)
+    results_file = settings.outputs.results_file
+    if results_file and dist.is_main:
+        write_results(report.records, results_file, settings.outputs.results_format)
+        report.written.insert(0, results_file)
     return report
 
 

@@ -8,39 +8,72 @@
     emakit posthoc --equivalent --sigma-rel 0.05 --step 20000        # -> decay and half-life
     emakit plot output/<run>/summary.csv                            # -> output/<run>/summary.png
 
-Also ``python -m emakit``. Exit status: 0 done, 2 bad input (one line on stderr).
-Everything heavy (timm, safetensors, matplotlib) is imported inside the commands, so
-``import emakit`` stays torch-only.
+Also ``python -m emakit`` (``emakit/__main__.py``). Exit status: 0 done, 2 bad input (one
+line on stderr). The parser turns the command line into a frozen :class:`ExportSettings`,
+:class:`PosthocSettings` or :class:`PlotSettings`; the commands below it take those. The
+heavy modules (timm, safetensors, matplotlib, the validation work) are imported inside the
+commands, so ``python -m emakit posthoc --equivalent ...`` needs torch alone.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from dataclasses import dataclass
+
+from . import UsageError, print_error
+from .kinds import POSITIVE_INT, Number, OutputFile, Parser, check_parsed, parse_sigma_rels
 
 # Post-hoc weights: safetensors, or a checkpoint with them as state_dict_ema (validate.py's --posthoc-save).
 _POSTHOC_SUFFIXES = (".safetensors", ".pth.tar", ".pth", ".pt")
 
-__all__ = ["main", "build_parser", "equivalent_ema"]
+__all__ = ["main", "build_parser", "parse_command", "run_command", "equivalent_ema", "ExportSettings",
+           "PosthocSettings", "PlotSettings"]
 
 
-class CliError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
+@dataclass(frozen=True)
+class ExportSettings:
+    """``emakit export``: one weight set of ``checkpoint`` to ``output``."""
+
+    checkpoint: str
+    output: str
+    weights: str = "ema"
+    model: str | None = None
+    num_classes: int | None = None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """Raise instead of printing usage and calling ``sys.exit(2)``."""
-        raise CliError(f"{message} (see {self.prog} --help)")
+@dataclass(frozen=True)
+class PosthocSettings:
+    """``emakit posthoc``: reconstruct, sweep (``validate_argv``: the flags after ``--``) or convert."""
+
+    snapshot_dir: str | None = None
+    sigma_rel: str | None = None  # as given: one value or a comma-separated list
+    step: int | None = None
+    output: str | None = None
+    checkpoint: str | None = None
+    model: str | None = None
+    num_classes: int | None = None
+    data: str | None = None
+    evaluate: bool = False
+    equivalent: bool = False
+    decay: float | None = None
+    half_life: str | None = None
+    validate_argv: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PlotSettings:
+    """``emakit plot``: the PNG of ``summary_csv`` (``output``: None = summary.png beside it)."""
+
+    summary_csv: str
+    output: str | None = None
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from emakit.training.kinds import POSITIVE_INT, OutputFile
-
     p = sub.add_parser("export", help="write one weight set of a checkpoint alone (safetensors or .pth)",
                        description="Write one weight set of a checkpoint, unprefixed and atomically. A "
                                    ".safetensors file loads with timm.create_model(NAME, pretrained=True, "
@@ -57,8 +90,6 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_posthoc(sub: argparse._SubParsersAction) -> None:
-    from emakit.training.kinds import POSITIVE_INT, Number, OutputFile
-
     p = sub.add_parser("posthoc", help="post-hoc EMA: reconstruct, sweep, or convert sigma_rel/decay/half-life",
                        description="Reconstruct the EMA of any length from post-hoc snapshots (EDM2). One "
                                    "--sigma-rel with -o: write those weights. Several (or --evaluate): run "
@@ -93,8 +124,6 @@ def _add_posthoc(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_plot(sub: argparse._SubParsersAction) -> None:
-    from emakit.training.kinds import OutputFile
-
     p = sub.add_parser("plot", help="PNG of raw vs EMA top-1 and loss per epoch from summary.csv",
                        description="Plot top-1 and loss per epoch of the raw weights and every EMA.")
     p.add_argument("summary_csv", metavar="CSV", help="output/<run>/summary.csv")
@@ -104,33 +133,33 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``emakit`` parser with its ``export``, ``posthoc`` and ``plot`` subcommands."""
-    parser = _Parser(prog="emakit", description="emakit tools: export weights, post-hoc EMA, plots.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = Parser(prog="emakit", description="emakit tools: export weights, post-hoc EMA, plots.", see_help=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                parser_class=functools.partial(Parser, see_help=True))
     for add in (_add_export, _add_posthoc, _add_plot):
         add(sub)
     return parser
 
 
 # --------------------------------------------------------------------------- export
-def _cmd_export(args: argparse.Namespace) -> list[str]:
+def _cmd_export(s: ExportSettings) -> list[str]:
     from emakit.checkpoint import load_checkpoint
-    from emakit.training.validation import (export_weights, resolve_arch, resolve_num_classes, select_weights,
-                                            timm_load_hint)
 
-    if os.path.exists(args.output) and os.path.exists(args.checkpoint) and os.path.samefile(args.output,
-                                                                                             args.checkpoint):
-        raise CliError(f"-o {args.output} is the checkpoint being exported: an export never replaces its "
-                       "source; give another file name")
-    ckpt = load_checkpoint(args.checkpoint)
-    state_dict, label = select_weights(ckpt, args.weights, args.checkpoint)
-    arch = resolve_arch(ckpt, args.checkpoint, args.model)
-    num_classes = resolve_num_classes(ckpt, state_dict, arch, args.checkpoint, args.num_classes)
-    export_weights(state_dict, args.output, arch=arch, num_classes=num_classes, weights=label,
-                   source=args.checkpoint, train_args=ckpt.get("args") if isinstance(ckpt.get("args"), dict) else None)
-    lines = [f"wrote {args.output}: {label} weights of {args.checkpoint} ({arch}, {num_classes} classes, "
+    from .validation import export_weights, resolve_arch, resolve_num_classes, select_weights, timm_load_hint
+
+    if os.path.exists(s.output) and os.path.exists(s.checkpoint) and os.path.samefile(s.output, s.checkpoint):
+        raise UsageError(f"-o {s.output} is the checkpoint being exported: an export never replaces its "
+                         "source; give another file name")
+    ckpt = load_checkpoint(s.checkpoint)
+    state_dict, label = select_weights(ckpt, s.weights, s.checkpoint)
+    arch = resolve_arch(ckpt, s.checkpoint, s.model)
+    num_classes = resolve_num_classes(ckpt, state_dict, arch, s.checkpoint, s.num_classes)
+    export_weights(state_dict, s.output, arch=arch, num_classes=num_classes, weights=label,
+                   source=s.checkpoint, train_args=ckpt.get("args") if isinstance(ckpt.get("args"), dict) else None)
+    lines = [f"wrote {s.output}: {label} weights of {s.checkpoint} ({arch}, {num_classes} classes, "
              f"{len(state_dict)} tensors)"]
-    if args.output.lower().endswith(".safetensors"):
-        lines.append(f"load it with: {timm_load_hint(arch, args.output, num_classes)}")
+    if s.output.lower().endswith(".safetensors"):
+        lines.append(f"load it with: {timm_load_hint(arch, s.output, num_classes)}")
     return lines
 
 
@@ -146,10 +175,10 @@ def _half_life_updates(text: str) -> float:
     try:
         parsed = parse_half_life(text)
     except ValueError as e:
-        raise CliError(f"--half-life {text}: {e}") from None
+        raise UsageError(f"--half-life {text}: {e}") from None
     if parsed.unit != "ba":
-        raise CliError(f"--half-life {text}: give it in updates (e.g. 3466 or 3466ba); "
-                       "epochs and images depend on the run's batch size")
+        raise UsageError(f"--half-life {text}: give it in updates (e.g. 3466 or 3466ba); "
+                         "epochs and images depend on the run's batch size")
     return parsed.value
 
 
@@ -164,7 +193,7 @@ def equivalent_ema(step: int, *, decay: float | None = None, sigma_rel: float | 
     from emakit import posthoc
 
     if sum(v is not None for v in (decay, sigma_rel, half_life)) != 1:
-        raise CliError("--equivalent needs exactly one of --decay, --sigma-rel, --half-life")
+        raise UsageError("--equivalent needs exactly one of --decay, --sigma-rel, --half-life")
     try:
         if half_life is not None:
             decay = posthoc.half_life_to_decay(half_life)
@@ -175,22 +204,24 @@ def equivalent_ema(step: int, *, decay: float | None = None, sigma_rel: float | 
         return {"step": step, "decay": decay, "sigma_rel": sigma_rel,
                 "half_life": posthoc.decay_to_half_life(decay)}
     except ValueError as e:
-        raise CliError(f"--equivalent: {e}") from None
+        raise UsageError(f"--equivalent: {e}") from None
 
 
-def _equivalent_lines(args: argparse.Namespace) -> list[str]:
+def _equivalent_lines(s: PosthocSettings) -> list[str]:
     from emakit.posthoc import SIGMA_REL_MAX
 
-    if args.step is None:
-        raise CliError("--equivalent needs --step N: the number of EMA updates the conversion is for")
+    if s.validate_argv:
+        raise UsageError(f"emakit posthoc --equivalent: unrecognized arguments: {' '.join(s.validate_argv)}")
+    if s.step is None:
+        raise UsageError("--equivalent needs --step N: the number of EMA updates the conversion is for")
     sigma = None
-    if args.sigma_rel is not None:
+    if s.sigma_rel is not None:
         try:
-            sigma = float(args.sigma_rel)
+            sigma = float(s.sigma_rel)
         except ValueError:
-            raise CliError(f"--sigma-rel {args.sigma_rel}: give one number with --equivalent") from None
-    half = _half_life_updates(args.half_life) if args.half_life is not None else None
-    eq = equivalent_ema(args.step, decay=args.decay, sigma_rel=sigma, half_life=half)
+            raise UsageError(f"--sigma-rel {s.sigma_rel}: give one number with --equivalent") from None
+    half = _half_life_updates(s.half_life) if s.half_life is not None else None
+    eq = equivalent_ema(s.step, decay=s.decay, sigma_rel=sigma, half_life=half)
     lines = [f"at step {eq['step']}: decay {eq['decay']:.8g} = sigma_rel {eq['sigma_rel']:.6g} "
              f"= half-life {eq['half_life']:.6g} updates"]
     if eq["sigma_rel"] > SIGMA_REL_MAX:
@@ -203,132 +234,133 @@ def _equivalent_lines(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def _posthoc_single(args: argparse.Namespace, sigma_rel: float) -> list[str]:
+def _posthoc_single(s: PosthocSettings, sigma_rel: float) -> list[str]:
     from emakit.checkpoint import load_checkpoint
-    from emakit.training.validation import (reconstruct_profiles, resolve_arch, resolve_num_classes,
-                                            resolve_posthoc_dir, save_posthoc_weights)
 
-    snapshot_dir = resolve_posthoc_dir(args.snapshot_dir, args.checkpoint)
-    reference = load_checkpoint(args.checkpoint) if args.checkpoint else {}
-    (state_dict,), step = reconstruct_profiles(snapshot_dir, [sigma_rel], args.step)
+    from .validation import (reconstruct_profiles, resolve_arch, resolve_num_classes, resolve_posthoc_dir,
+                             save_posthoc_weights)
+
+    snapshot_dir = resolve_posthoc_dir(s.snapshot_dir, s.checkpoint)
+    reference = load_checkpoint(s.checkpoint) if s.checkpoint else {}
+    (state_dict,), step = reconstruct_profiles(snapshot_dir, [sigma_rel], s.step)
     arch = num_classes = None
-    if reference or args.model:
-        arch = resolve_arch(reference, args.checkpoint or snapshot_dir, args.model)
-        num_classes = resolve_num_classes(reference, state_dict, arch, args.checkpoint or snapshot_dir,
-                                          args.num_classes)
-    save_posthoc_weights(args.output, state_dict, sigma_rel=sigma_rel, step=step, arch=arch,
+    if reference or s.model:
+        arch = resolve_arch(reference, s.checkpoint or snapshot_dir, s.model)
+        num_classes = resolve_num_classes(reference, state_dict, arch, s.checkpoint or snapshot_dir, s.num_classes)
+    save_posthoc_weights(s.output, state_dict, sigma_rel=sigma_rel, step=step, arch=arch,
                          num_classes=num_classes, snapshot_dir=snapshot_dir, reference=reference or None)
     eq = equivalent_ema(step, sigma_rel=sigma_rel)
-    return [f"wrote {args.output}: post-hoc EMA sigma_rel {sigma_rel:g} at step {step} "
+    return [f"wrote {s.output}: post-hoc EMA sigma_rel {sigma_rel:g} at step {step} "
             f"(~ decay {eq['decay']:.6g}, half-life {eq['half_life']:.1f} updates)"]
 
 
-def _posthoc_sweep_argv(args: argparse.Namespace, extra: Sequence[str]) -> list[str]:
-    argv = ([args.data] if args.data else []) + ["--posthoc-sigma-rel", args.sigma_rel]
-    for flag, value in (("--posthoc-dir", args.snapshot_dir), ("--posthoc-step", args.step),
-                        ("--posthoc-save", args.output), ("--checkpoint", args.checkpoint),
-                        ("--model", args.model), ("--num-classes", args.num_classes)):
+def _posthoc_sweep_argv(s: PosthocSettings) -> list[str]:
+    """validate.py's command line for this sweep: our flags in its names, then the ones after ``--``."""
+    argv = ([s.data] if s.data else []) + ["--posthoc-sigma-rel", str(s.sigma_rel)]
+    for flag, value in (("--posthoc-dir", s.snapshot_dir), ("--posthoc-step", s.step),
+                        ("--posthoc-save", s.output), ("--checkpoint", s.checkpoint),
+                        ("--model", s.model), ("--num-classes", s.num_classes)):
         if value is not None:
             argv += [flag, str(value)]
-    return argv + list(extra)
+    return argv + list(s.validate_argv)
 
 
-def _cmd_posthoc(args: argparse.Namespace, extra: Sequence[str]) -> list[str]:
-    if args.equivalent:
-        if extra:
-            raise CliError(f"emakit posthoc --equivalent: unrecognized arguments: {' '.join(extra)}")
-        return _equivalent_lines(args)
-    if args.decay is not None or args.half_life is not None:
-        raise CliError("--decay and --half-life are conversions: add --equivalent")
-    if not args.sigma_rel:
-        raise CliError("emakit posthoc needs --sigma-rel (or --equivalent)")
-    from emakit.training.validation import parse_sigma_rels
-
-    sigma_rels = parse_sigma_rels(args.sigma_rel)
-    if len(sigma_rels) > 1 or args.evaluate or extra:
-        return _run_validate(_posthoc_sweep_argv(args, extra))
-    if not args.output:
-        raise CliError("one --sigma-rel without --evaluate writes weights: add -o FILE (or --evaluate)")
-    if not args.snapshot_dir and not args.checkpoint:
-        raise CliError("give the snapshot folder DIR (or --checkpoint, whose folder holds posthoc/)")
-    return _posthoc_single(args, sigma_rels[0])
+def _cmd_posthoc(s: PosthocSettings) -> list[str]:
+    if s.equivalent:
+        return _equivalent_lines(s)
+    if s.decay is not None or s.half_life is not None:
+        raise UsageError("--decay and --half-life are conversions: add --equivalent")
+    if not s.sigma_rel:
+        raise UsageError("emakit posthoc needs --sigma-rel (or --equivalent)")
+    sigma_rels = parse_sigma_rels(s.sigma_rel, "--sigma-rel")
+    if len(sigma_rels) > 1 or s.evaluate or s.validate_argv:
+        return _run_validate(_posthoc_sweep_argv(s))
+    if not s.output:
+        raise UsageError("one --sigma-rel without --evaluate writes weights: add -o FILE (or --evaluate)")
+    if not s.snapshot_dir and not s.checkpoint:
+        raise UsageError("give the snapshot folder DIR (or --checkpoint, whose folder holds posthoc/)")
+    return _posthoc_single(s, sigma_rels[0])
 
 
 def _run_validate(argv: list[str]) -> list[str]:
-    from emakit.training.distributed import init_distributed, shutdown_distributed
-    from emakit.training.validation import parse_args, report_lines, run
+    from .distributed import init_distributed, shutdown_distributed
+    from .validate_config import parse_args
+    from .validation import report_lines, run
 
-    args = parse_args(argv, prog="emakit posthoc")
-    dist = init_distributed(args.device)
+    settings = parse_args(argv, prog="emakit posthoc")
+    dist = init_distributed(settings.runtime.device)
     try:
-        report = run(args, dist)
+        report = run(settings, dist)
     finally:
         shutdown_distributed(dist)
     return report_lines(report) if dist.is_main else []
 
 
 # --------------------------------------------------------------------------- plot
-def _cmd_plot(args: argparse.Namespace) -> list[str]:
-    from emakit.training.plots import plot_summary
+def _cmd_plot(s: PlotSettings) -> list[str]:
+    from .plots import plot_summary
 
-    if not os.path.isfile(args.summary_csv):
-        raise CliError(f"{args.summary_csv}: no such file (give output/<run>/summary.csv)")
+    if not os.path.isfile(s.summary_csv):
+        raise UsageError(f"{s.summary_csv}: no such file (give output/<run>/summary.csv)")
     try:
-        out = plot_summary(args.summary_csv, args.output)
+        out = plot_summary(s.summary_csv, s.output)
     except (ValueError, KeyError) as e:
-        raise CliError(f"{args.summary_csv}: not a training summary ({e})") from None
+        raise UsageError(f"{s.summary_csv}: not a training summary ({e})") from None
     return [f"wrote {out}"] if out is not None else ["matplotlib is not installed: no plot written "
                                                      "(pip install matplotlib)"]
 
 
 # --------------------------------------------------------------------------- main
-def _dispatch(argv: Sequence[str] | None) -> list[str]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # Everything after "--" goes to validate.py (posthoc sweeps); split it off before
-    # parsing, so a value such as "-b 128" is never taken for the snapshot folder.
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    from emakit.training.kinds import check_parsed
+def parse_command(argv: Sequence[str]) -> ExportSettings | PosthocSettings | PlotSettings:
+    """The settings of one ``emakit`` command line; ``UsageError`` for a bad one.
 
+    Everything after ``--`` goes to validate.py (posthoc sweeps); it is split off before
+    parsing, so a value such as ``-b 128`` is never taken for the snapshot folder."""
+    argv = list(argv)
+    extra = tuple(argv[argv.index("--") + 1:]) if "--" in argv else ()
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is not None:
-        sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
-        check_parsed(sub, args, sub.error)
     if args.command is None:
-        raise CliError("give a command: export, posthoc or plot (see emakit --help)")
+        raise UsageError("give a command: export, posthoc or plot (see emakit --help)")
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    check_parsed(sub, args, sub.error)
     if args.command == "posthoc":
-        return _cmd_posthoc(args, extra)
+        return PosthocSettings(snapshot_dir=args.snapshot_dir, sigma_rel=args.sigma_rel, step=args.step,
+                               output=args.output, checkpoint=args.checkpoint, model=args.model,
+                               num_classes=args.num_classes, data=args.data, evaluate=args.evaluate,
+                               equivalent=args.equivalent, decay=args.decay, half_life=args.half_life,
+                               validate_argv=extra)
     if extra:
-        raise CliError(f"emakit {args.command} takes no arguments after --: {' '.join(extra)}")
-    return _cmd_export(args) if args.command == "export" else _cmd_plot(args)
+        raise UsageError(f"emakit {args.command} takes no arguments after --: {' '.join(extra)}")
+    if args.command == "export":
+        return ExportSettings(checkpoint=args.checkpoint, output=args.output, weights=args.weights,
+                              model=args.model, num_classes=args.num_classes)
+    return PlotSettings(summary_csv=args.summary_csv, output=args.output)
+
+
+def run_command(settings: ExportSettings | PosthocSettings | PlotSettings) -> list[str]:
+    """Run one parsed command; returns the lines to print."""
+    if isinstance(settings, PosthocSettings):
+        return _cmd_posthoc(settings)
+    return _cmd_export(settings) if isinstance(settings, ExportSettings) else _cmd_plot(settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``emakit`` command; returns the exit status (2 with one line on stderr on bad input)."""
     from emakit.checkpoint import CheckpointError
 
-    usage_errors: tuple[type[BaseException], ...] = (CliError, CheckpointError)
-    try:
-        from emakit.training import UsageError
+    from .logs import configure_logging
 
-        usage_errors += (UsageError,)
-        from emakit.training.logs import configure_logging
-
-        logs = configure_logging()
-    except ImportError:  # torch-only install: export of safetensors/plots still need extras
-        logs = None
+    logs = configure_logging()
     try:
-        for line in _dispatch(argv):
+        for line in run_command(parse_command(sys.argv[1:] if argv is None else argv)):
             print(line)
         return 0
-    except usage_errors as e:
-        from emakit.training import print_error
-
+    except (UsageError, CheckpointError) as e:
         print_error("emakit", e)
         return 2
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     finally:
-        if logs is not None:
-            logs.close()
+        logs.close()
