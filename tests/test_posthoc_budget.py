@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import FAST_ARGS
 from emakit import posthoc as ph
 from emakit.training.averages import PosthocTracker, auto_posthoc_every, posthoc_snapshot_cap
 from emakit.training.config import DEFAULT_POSTHOC_BUDGET
@@ -292,3 +293,42 @@ def test_label_noise_flips_the_training_split_only(image_folder):
     clean = build_datasets(str(image_folder))
     assert noisy.val.targets == clean.val.targets
     assert sum(a != b for a, b in zip(noisy.train.targets, clean.train.targets)) == len(clean.train) // 2
+
+
+@pytest.mark.slow
+def test_train_py_updates_its_emas_and_the_posthoc_profiles_in_one_fused_pass(image_folder, tmp_path, run_train,
+                                                                              monkeypatch):
+    """With --model-ema-posthoc the run's EMAs join the post-hoc engine: the EMAs are never
+    updated on their own (one MultiEMA pass per step for EMAs + profiles), and their weights
+    are bitwise those of a run without post-hoc EMA."""
+    from emakit import ModelEMA, MultiEMA
+
+    calls = {"ema": 0, "engine": 0}
+    real_ema, real_multi = ModelEMA.update, MultiEMA.update
+
+    def ema_update(self, model):
+        calls["ema"] += 1
+        return real_ema(self, model)
+
+    def multi_update(self, model):
+        calls["engine"] += 1
+        return real_multi(self, model)
+
+    monkeypatch.setattr(ModelEMA, "update", ema_update)
+    monkeypatch.setattr(MultiEMA, "update", multi_update)
+    argv = [str(image_folder), *FAST_ARGS, "--model-ema-decay", "0.9,0.99", "--epochs", "1", "--output",
+            str(tmp_path)]
+    code, _, err = run_train(argv + ["--experiment", "posthoc", "--model-ema-posthoc"])
+    assert code == 0, err
+    steps = torch.load(tmp_path / "posthoc" / "last.pth.tar", weights_only=False)["metrics"]["optimizer_steps"]
+    assert steps >= 2 and calls == {"ema": 0, "engine": steps}  # one fused pass per step, nothing else
+    calls.update(ema=0, engine=0)
+    code, _, err = run_train(argv + ["--experiment", "plain"])
+    assert code == 0, err
+    assert calls == {"ema": 0, "engine": steps}  # two EMAs: one MultiEMA pass per step
+    fused = torch.load(tmp_path / "posthoc" / "last.pth.tar", weights_only=False)
+    plain = torch.load(tmp_path / "plain" / "last.pth.tar", weights_only=False)
+    for key in ("state_dict_ema", "state_dict_ema_1"):
+        assert fused[key].keys() == plain[key].keys()
+        for name, value in plain[key].items():
+            assert torch.equal(fused[key][name], value), (key, name)

@@ -299,7 +299,8 @@ class Averages:
     entries (the keys are spelled in :func:`emakit.checkpoint.ema_checkpoint_keys`) and their
     resume.
 
-    The loop calls :meth:`update` after every optimizer step taken; evaluation iterates
+    The loop calls :meth:`update` after every optimizer step taken (with a post-hoc tracker,
+    built with the EMAs in its engine, one fused pass updates EMAs and profiles); evaluation iterates
     :meth:`targets` by name. A failed post-hoc snapshot write (a full disk) does not raise
     inside the loop on rank 0 alone: it is kept in :attr:`write_error` and the loop stops
     at the next agreed step boundary.
@@ -342,11 +343,12 @@ class Averages:
     def update(self, model: nn.Module) -> bool:
         """Advance every average one optimizer step; True when an EMA was updated (the
         ``ema_updates`` count), False with only a post-hoc tracker."""
-        if self.ema is not None:
+        owned = self.posthoc is not None and self.posthoc.owns_ema
+        if self.ema is not None and not owned:
             self.ema.update(model)
         if self.posthoc is not None and self.write_error is None:
             try:
-                self.posthoc.update(model)
+                self.posthoc.update(model)  # with owns_ema, the EMA(s) too, in the same fused pass
             except OSError as e:
                 self.write_error = e
         return self.ema is not None

@@ -180,13 +180,15 @@ def build_ema(ema: EmaSettings, model: nn.Module, *, updates_per_epoch: int, glo
 
 
 def build_posthoc(ema: EmaSettings, model: nn.Module, dist: DistInfo, *, total_steps: int,
-                  saved: dict[str, Any] | None) -> PosthocTracker | None:
+                  saved: dict[str, Any] | None, emas: ModelEMA | MultiEMA | None = None) -> PosthocTracker | None:
     """Rank 0's post-hoc EMA tracker with ``--model-ema-posthoc`` (None elsewhere).
 
     ``--posthoc-budget`` (with ``--posthoc-max-snapshots``) caps the snapshot steps
     (:func:`posthoc_snapshot_cap`). The snapshot interval is ``--posthoc-every``, else the
     resumed run's, else :func:`auto_posthoc_every` of the planned optimizer steps and the
     cap (50 snapshot steps when unbounded); the tracker widens it when the run does not fit.
+    ``emas``: the run's EMA(s), put in the tracker's engine so one fused pass updates them and
+    the profiles (the tracker then owns their updates: ``owns_ema``).
     """
     posthoc = ema.posthoc
     if posthoc is None or not dist.is_main:
@@ -201,7 +203,7 @@ def build_posthoc(ema: EmaSettings, model: nn.Module, dist: DistInfo, *, total_s
     try:
         return PosthocTracker(model, sigma_rels=posthoc.sigma_rels, every=every, snapshot_dtype=posthoc.dtype,
                               max_snapshots=cap, total_steps=total_steps, budget_bytes=budget_bytes,
-                              device="cpu" if ema.force_cpu else None)
+                              device="cpu" if ema.force_cpu else None, ema=emas)
     except ValueError as e:
         raise UsageError(f"invalid post-hoc EMA settings: {one_line(e)}") from None
 
@@ -214,7 +216,7 @@ def build_averages(ema: EmaSettings, model: nn.Module, dist: DistInfo, resolved:
                      global_batch_size=resolved.global_batch_size, total_steps=resolved.total_steps)
     device = torch.device("cpu") if ema.force_cpu else dist.device
     averages = Averages(emas, build_posthoc(ema, model, dist, total_steps=resolved.total_steps,
-                                            saved=saved_posthoc), device=device,
+                                            saved=saved_posthoc, emas=emas), device=device,
                         bn_recal=ema.bn_recal if emas is not None else 0)
     if emas is not None:
         _log.info("EMA: %s, schedule %s, every %d step(s), on %s%s", averages.describe(), ema.schedule, ema.every,
