@@ -145,8 +145,10 @@ class _ShardedState:
         return out
 
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Copy whole tensors (this rank cuts its shard) or DTensors (any sharding: gathered
-        first) into the local shards. Missing or unexpected persistent keys raise."""
+        """Copy whole tensors (this rank cuts its shard) or DTensors into the local shards: a
+        DTensor sharded as this EMA is (a DCP load into :meth:`state_dict` ``full=False``) is
+        copied shard to shard with no communication; any other sharding is gathered first.
+        Missing or unexpected persistent keys raise."""
         from torch.distributed.tensor import DTensor, distribute_tensor
 
         missing = [n for n in self.persistent if n not in state_dict]
@@ -158,6 +160,11 @@ class _ShardedState:
         for name in self.persistent:
             value = state_dict[name].detach()
             if isinstance(value, DTensor):
+                spec = self.specs.get(name)
+                if spec is not None and value.device_mesh == spec[0] and tuple(value.placements) == tuple(spec[1]) \
+                        and tuple(value.shape) == tuple(spec[2]):
+                    named[name].copy_(value.to_local())  # our own sharding (a DCP load): no communication
+                    continue
                 value = value.full_tensor()
             if name in self.specs:
                 mesh, placements, shape, _ = self.specs[name]
