@@ -8,6 +8,7 @@ single-process training (an independent engine: no FSDP, no DCP) or the bytes sa
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -270,6 +271,12 @@ def test_save_dcp_replaces_a_folder_only_when_complete(tmp_path):
     assert torch.equal(template["state_dict"]["w"], torch.full((3,), 2.0))
     save_dcp(folder, {"state_dict": {"w": torch.full((3,), 3.0)}, "epoch": 3})  # puts it back, then replaces
     assert sorted(os.listdir(tmp_path)) == ["last.dcp"]
+    with pytest.raises(OSError, match=r"state\['args'\] is a argparse.Namespace.*previous one is kept"):
+        save_dcp(folder, {"state_dict": {"w": torch.zeros(3)}, "args": argparse.Namespace(lr=1.0)})
+    assert sorted(os.listdir(tmp_path)) == ["last.dcp"]         # nothing written, nothing left behind
+    template = {"state_dict": {"w": torch.zeros(3)}}
+    assert load_dcp(folder, template)["plain"]["epoch"] == 3 and torch.equal(template["state_dict"]["w"],
+                                                                              torch.full((3,), 3.0))
     with pytest.raises(FileNotFoundError, match="not a complete"):
         load_dcp(tmp_path / "missing", {})
     with pytest.raises(ValueError, match="sharded keys"):

@@ -22,12 +22,15 @@ and the next :func:`save_dcp` use) complete and loadable.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
 import secrets
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -120,6 +123,15 @@ def _all_gather(obj: Any) -> list[Any]:
     return out
 
 
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Silence DCP's warning that one process without a process group saves/loads alone:
+    that is the intended use here (one-process runs, offline tools)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _rank() -> int:
     import torch.distributed as dist
 
@@ -139,34 +151,45 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
         rank_state: this rank's own values (generator states, progress): stored in rank order
             as ``ranks`` in ``emakit.pt``; picklable plain types and tensors.
 
-    Returns the folder's path. Raises OSError on every rank when rank 0 could not finish the
-    folder (a full disk); the previous folder is then intact.
+    Returns the folder's path. Raises OSError on every rank when rank 0 could not write or
+    finish the folder (a full disk, a value ``torch.load(weights_only=True)`` would refuse among
+    the plain keys: checked before any shard is written); the previous folder is then intact.
+    Temp folders of saves killed earlier are deleted by the next save.
     """
     from torch.distributed.checkpoint import FileSystemWriter, save
 
+    from ..checkpoint import CheckpointError, _find_unplain, save_checkpoint
+
     folder = os.path.abspath(os.fspath(folder))
     rank = _rank()
-    token = None
-    if rank == 0:
-        os.makedirs(os.path.dirname(folder), exist_ok=True)
-        _tidy(folder)
-        token = secrets.token_hex(6)
-    token = _broadcast(token)
-    tmp, old = _side_names(folder, "tmp") + token, _side_names(folder, "old") + token
     sharded = {k: v for k, v in state.items() if is_sharded_key(k)}
-    plain = {k: v for k, v in state.items() if not is_sharded_key(k)}
     ranks = _all_gather(rank_state)
-    save(sharded, storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=not _distributed())  # .metadata last, by the coordinator
-    error = None
-    if rank == 0:
+    token, error = None, None
+    if rank == 0:  # the small file first: a value torch.load(weights_only=True) refuses fails before any shard
         try:
+            token = secrets.token_hex(6)
+            os.makedirs(os.path.dirname(folder), exist_ok=True)
+            _tidy(folder)
+            plain = {k: v for k, v in state.items() if not is_sharded_key(k)}
+            found = _find_unplain(plain, "state")
+            if found is not None:
+                raise CheckpointError(f"{found[0]} is a {type(found[1]).__module__}.{type(found[1]).__qualname__}, "
+                                      "which torch.load(weights_only=True) refuses; convert it to tensors or plain "
+                                      "types (int, float, bool, str, list, tuple, dict) before saving")
             meta = {"format": "emakit-dcp", "version": 1, "world_size": len(ranks), "sharded_keys": sorted(sharded),
                     "plain": plain, "ranks": ranks}
-            meta_path = os.path.join(tmp, META_FILE)
-            with open(meta_path, "wb") as f:
-                torch.save(meta, f)
-                f.flush()
-                os.fsync(f.fileno())
+            save_checkpoint(meta, os.path.join(_side_names(folder, "tmp") + token, META_FILE))
+        except (OSError, CheckpointError) as e:
+            error = f"{type(e).__name__}: {e}"
+            shutil.rmtree(_side_names(folder, "tmp") + str(token), ignore_errors=True)
+    token, error = _broadcast((token, error))
+    if error is not None:
+        raise OSError(f"could not write the checkpoint folder {folder} ({error}); the previous one is kept")
+    tmp, old = _side_names(folder, "tmp") + token, _side_names(folder, "old") + token
+    with _single_process_quiet():
+        save(sharded, storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=not _distributed())
+    if rank == 0:  # DCP returns on every rank after its coordinator wrote .metadata: the folder is complete
+        try:
             _fsync_dir(tmp)
             replaced = os.path.exists(folder)
             if replaced:
@@ -177,7 +200,9 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as e:
             error = f"{type(e).__name__}: {e}"
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.exists(folder) and os.path.exists(old):
+                with contextlib.suppress(OSError):
+                    os.rename(old, folder)
     error = _broadcast(error)
     if error is not None:
         raise OSError(f"could not finish the checkpoint folder {folder} ({error}); the previous one is kept")
@@ -213,7 +238,8 @@ def load_dcp(folder: str | os.PathLike[str], state: dict[str, Any]) -> dict[str,
     if bad:
         raise ValueError(f"load_dcp fills sharded keys only, not {bad}; plain values are in the returned meta")
     if state:
-        load(state, storage_reader=FileSystemReader(path), no_dist=not _distributed())
+        with _single_process_quiet():
+            load(state, storage_reader=FileSystemReader(path), no_dist=not _distributed())
     return read_dcp_meta(path)
 
 
