@@ -6,10 +6,11 @@ Modes (``python fsdp_train_worker.py <mode> <out>``):
   param groups), two EMAs; trains 4 steps on fixed batches of 8. Writes the reference
   states after steps 2 and 4, a single-file checkpoint after step 2 (``single2.pth``, standard
   layout) and a DCP folder after step 2 (``dcp1``) written by one process.
-- ``fsdp`` (torchrun, 2 ranks): the same training sharded with :func:`apply_fsdp`, each rank on
+- ``fsdp`` (torchrun, 2 ranks): first 2 steps under DDP (``ddp2.pth``, ``dcp_ddp``); then the
+  same training sharded with :func:`apply_fsdp`, each rank on
   its half of every batch; counts collectives during the EMA updates; after step 2 writes
   the gathered single-file checkpoint ``fsdp2.pth`` and the DCP folder ``dcp2``; then resumes
-  fresh sharded models from ``dcp2``, ``dcp1`` and ``single2.pth`` and continues to step 4.
+  fresh sharded models from ``dcp2``, ``dcp1``, ``single2.pth``, ``dcp_ddp`` and ``ddp2.pth`` and continues to step 4.
   Also shards test_resnet / test_convnext / resnet18 (and a bf16 mixed-precision ViT) and runs
   a step. Rank 0 writes ``fsdp.json`` and ``fsdp*.pt``.
 - ``kill`` (torchrun, 2 ranks): writes ``killdcp`` after step 1, trains a step, and saves again
@@ -81,27 +82,29 @@ def ema_keys(i: int) -> tuple[str, str]:
     return ("state_dict_ema", "ema") if i == 0 else (f"state_dict_ema_{i}", f"ema_{i}")
 
 
-def full_checkpoint(model, opt, emas, epoch: int) -> dict:
-    """A single-file checkpoint dict, gathered (collective); meaningful on rank 0."""
-    from emakit.training.fsdp import full_model_state, full_optimizer_state
+def checkpoint(model, opt, emas, epoch: int, full: bool = True) -> dict:
+    """A checkpoint dict in single-file layout: gathered (``full``; meaningful on rank 0) or
+    sharded for save_dcp. Collective either way for a sharded model."""
+    from emakit.training import fsdp as F
 
-    state = {"epoch": epoch, "state_dict": full_model_state(model), "optimizer": full_optimizer_state(model, opt)}
+    if full:
+        state = {"state_dict": F.full_model_state(model), "optimizer": F.full_optimizer_state(model, opt)}
+    else:
+        state = {"state_dict": F.sharded_model_state(model), "optimizer": F.sharded_optimizer_state(model, opt)}
+    state["epoch"] = epoch
     for i, ema in enumerate(emas):
         w, m = ema_keys(i)
-        part = ema.checkpoint_state(full=True)
+        part = ema.checkpoint_state(full=full)
         state[w], state[m] = part["state_dict_ema"], part["ema"]
     return state
+
+
+def full_checkpoint(model, opt, emas, epoch: int) -> dict:
+    return checkpoint(model, opt, emas, epoch, full=True)
 
 
 def sharded_checkpoint(model, opt, emas, epoch: int) -> dict:
-    from emakit.training.fsdp import sharded_model_state, sharded_optimizer_state
-
-    state = {"epoch": epoch, "state_dict": sharded_model_state(model), "optimizer": sharded_optimizer_state(model, opt)}
-    for i, ema in enumerate(emas):
-        w, m = ema_keys(i)
-        part = ema.checkpoint_state(full=False)
-        state[w], state[m] = part["state_dict_ema"], part["ema"]
-    return state
+    return checkpoint(model, opt, emas, epoch, full=False)
 
 
 def load_full(model, opt, emas, ckpt: dict) -> None:
@@ -180,6 +183,17 @@ def fsdp(out: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     data = batches()
     results: dict = {"world": world}
+    # DDP x2 for two steps (each rank on its half batch): a single file and a DCP folder to resume from.
+    bare, ddp_opt, ddp_emas = build(False)
+    ddp = torch.nn.parallel.DistributedDataParallel(bare)
+    for k in range(2):
+        step(ddp, ddp_opt, ddp_emas, k, data, rank, world)
+    ddp2 = full_checkpoint(ddp, ddp_opt, ddp_emas, epoch=1)
+    if rank == 0:
+        save_checkpoint({**ddp2, "standard_optimizer": ddp_opt.state_dict()}, os.path.join(out, "ddp2.pth"))
+    save_dcp(os.path.join(out, "dcp_ddp"), sharded_checkpoint(ddp, ddp_opt, ddp_emas, epoch=1))
+    del ddp, bare, ddp_opt, ddp_emas
+
     model, opt, emas = build(True)
     update_counts = []
     for k in range(STEPS):
@@ -199,10 +213,10 @@ def fsdp(out: str) -> None:
 
     # Resume fresh sharded models from each source and continue steps 3-4.
     resumed = {}
-    for label in ("dcp2", "dcp1", "single2"):
+    for label in ("dcp2", "dcp1", "single2", "dcp_ddp", "ddp2"):
         m, o, e = build(True)
-        if label == "single2":
-            ckpt = torch.load(os.path.join(out, "single2.pth"), weights_only=True)
+        if label in ("single2", "ddp2"):
+            ckpt = torch.load(os.path.join(out, f"{label}.pth"), weights_only=True)
             load_full(m, o, e, ckpt)
         else:
             meta = load_folder(os.path.join(out, label), m, o, e)

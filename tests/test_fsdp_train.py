@@ -153,6 +153,23 @@ def test_one_process_checkpoints_resume_on_two_ranks(runs):
 
 
 @pytest.mark.slow
+def test_ddp_checkpoints_resume_on_fsdp(runs):
+    out, _ = runs
+    w = _worker()
+    ddp2, single4 = _load(out / "ddp2.pth"), _load(out / "single4.pth")
+    assert _equal(ddp2["optimizer"], ddp2["standard_optimizer"])  # DDP's gathered optimizer == torch's own
+    assert "module.cls_token" not in ddp2["state_dict"] and "cls_token" in ddp2["state_dict"]
+    for label in ("dcp_ddp", "ddp2"):  # DCP folder and single file written by DDP x2
+        loaded = _load(out / f"fsdp_loaded_{label}.pt")
+        assert all(_equal(loaded[k], ddp2[k]) for k in (*WEIGHT_KEYS, "ema", "ema_1")), label
+        resumed = _load(out / f"fsdp_resumed_{label}.pt")
+        diff = max(w.max_diff(resumed[k], single4[k]) for k in WEIGHT_KEYS)
+        print(f"DDP x2 {label} -> FSDP x2, 2 more steps vs one process throughout: max abs diff {diff:.3g}")
+        assert diff <= TOL, label
+    assert _equal(_load(out / "fsdp_resumed_dcp_ddp.pt"), _load(out / "fsdp_resumed_ddp2.pt"))
+
+
+@pytest.mark.slow
 def test_dcp_two_ranks_to_one_process(runs):
     out, _ = runs
     w = _worker()

@@ -72,19 +72,6 @@ def resolve_dcp_folder(folder: str | os.PathLike[str]) -> str | None:
     return old[-1] if old else None
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _tidy(folder: str) -> None:
     """Rank 0 before a save: put back a complete previous folder left aside by a save killed
     between its renames, and delete unfinished temp folders of killed saves."""
@@ -158,7 +145,7 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
     """
     from torch.distributed.checkpoint import FileSystemWriter, save
 
-    from ..checkpoint import CheckpointError, _find_unplain, save_checkpoint
+    from ..checkpoint import CheckpointError, _find_unplain, _fsync_dir, save_checkpoint
 
     folder = os.path.abspath(os.fspath(folder))
     rank = _rank()
