@@ -94,7 +94,7 @@ def checkpoint(model, opt, emas, epoch: int, full: bool = True) -> dict:
     state["epoch"] = epoch
     for i, ema in enumerate(emas):
         w, m = ema_keys(i)
-        part = ema.checkpoint_state(full=full)
+        part = ema.checkpoint_state(full=full, rank0_only=full)  # the writer alone holds the gathered EMA
         state[w], state[m] = part["state_dict_ema"], part["ema"]
     return state
 
@@ -207,7 +207,8 @@ def fsdp(out: str) -> None:
     results["update_collectives"] = update_counts
     reload = count_python_collectives(lambda: emas[0].load_checkpoint_state(emas[0].state_dict_ema(full=False)))
     results["ema_reload_collectives"] = [reload[0], len(reload[1])]  # DCP's case: the EMA's own sharding
-    results["full_state_sizes"] = [len(full_model_state(model)), len(full_optimizer_state(model, opt))]
+    results["full_state_sizes"] = [len(full_model_state(model)), len(full_optimizer_state(model, opt)),
+                                   len(emas[0].state_dict_ema(full=True, rank0_only=True))]
     results["forward_collectives"] = len(count_python_collectives(lambda: model(data[0][0][:2]))[1])
     final = full_checkpoint(model, opt, emas, epoch=3)
 

@@ -88,8 +88,8 @@ def test_ema_update_issues_no_collective_under_fsdp(runs):
 def test_gathered_checkpoint_has_the_one_process_layout(runs):
     out, ranks = runs
     fsdp, single = _load(out / "fsdp2.pth"), _load(out / "single2.pth")
-    assert ranks[1]["full_state_sizes"] == [0, 0]                # rank 0 alone holds the gathered state
-    assert ranks[0]["full_state_sizes"][0] == len(single["state_dict"])
+    assert ranks[1]["full_state_sizes"] == [0, 0, 0]             # rank 0 alone holds the gathered state
+    assert ranks[0]["full_state_sizes"] == [len(single["state_dict"]), 2, len(single["state_dict_ema"])]
     standard = single["standard_optimizer"]                      # torch's optimizer.state_dict() of one process
     opt = fsdp["optimizer"]
     assert opt["param_groups"] == standard["param_groups"]       # ids, order, hyperparameters
