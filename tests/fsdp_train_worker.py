@@ -210,6 +210,10 @@ def fsdp(out: str) -> None:
     results["full_state_sizes"] = [len(full_model_state(model)), len(full_optimizer_state(model, opt)),
                                    len(emas[0].state_dict_ema(full=True, rank0_only=True))]
     results["forward_collectives"] = len(count_python_collectives(lambda: model(data[0][0][:2]))[1])
+    with torch.no_grad():  # an evaluation forward leaves every parameter sharded (EMA updates need that)
+        model(data[0][0][:2])
+    from torch.distributed.tensor import DTensor
+    results["sharded_after_eval_forward"] = all(isinstance(p, DTensor) for p in model.parameters())
     final = full_checkpoint(model, opt, emas, epoch=3)
 
     # Resume fresh sharded models from each source and continue steps 3-4.

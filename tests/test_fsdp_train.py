@@ -81,6 +81,7 @@ def test_ema_update_issues_no_collective_under_fsdp(runs):
         assert r["update_collectives"] == [[0, 0]] * 4, r   # two ModelEMAs' update() each step
         assert r["forward_collectives"] > 0                  # the counter does see FSDP's all-gathers
         assert r["ema_reload_collectives"] == [0, 0]         # DCP-shaped EMA load: shard to shard
+        assert r["sharded_after_eval_forward"] is True       # apply_fsdp reshards the root after forward too
 
 
 # ----------------------------------------------------------------------------- (c)

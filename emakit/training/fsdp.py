@@ -34,7 +34,7 @@ from torch import nn
 
 from ..ema import unwrap_model
 
-__all__ = ["shard_blocks", "apply_fsdp", "full_model_state", "full_optimizer_state", "load_full_model_state",
+__all__ = ["shard_blocks", "apply_fsdp", "reshard", "full_model_state", "full_optimizer_state", "load_full_model_state",
            "load_full_optimizer_state", "load_sharded_optimizer_state", "sharded_model_state",
            "sharded_optimizer_state",
            "optimizer_state_to_ids", "optimizer_state_to_names", "DEFAULT_MIN_BLOCK_PARAMS"]
@@ -120,9 +120,13 @@ def apply_fsdp(model: nn.Module, *, mp_dtype: torch.dtype | None = None, reshard
             ``--amp-dtype``): ``MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=float32)``;
             the sharded parameters, the optimizer and the EMA stay float32. None (default): no
             mixed precision, everything in the parameters' dtype.
-        reshard_after_forward: free each block's gathered parameters after its forward
-            (default True: least memory, one more all-gather in backward). torch keeps the
-            root's gathered after forward regardless.
+        reshard_after_forward: free the gathered parameters of each block and of the root
+            after their forward (default True: least memory, one more all-gather per block in
+            backward, and after an evaluation forward every parameter is its sharded DTensor
+            again). Measured on torch 2.15: torch's own default (None) keeps the root gathered,
+            and after a ``no_grad`` forward the root's parameters stay registered as whole
+            plain tensors until the next backward, an EMA update then fails on the shapes.
+            With False, call :func:`reshard` after evaluation.
         mesh: a 1-D ``DeviceMesh``; default one over the whole world on the parameters' device type.
         min_params: passed to :func:`shard_blocks` (forces the size rule).
 
@@ -141,14 +145,25 @@ def apply_fsdp(model: nn.Module, *, mp_dtype: torch.dtype | None = None, reshard
         param = next(model.parameters(), None)
         device_type = param.device.type if param is not None else "cpu"
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    kwargs: dict[str, Any] = {"mesh": mesh}
     if mp_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32)
     blocks = shard_blocks(model, min_params)
     for _, block in blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    # The root too (torch's own default keeps the root gathered after forward): after a no_grad
+    # forward its parameters would stay registered as whole plain tensors until the next backward.
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
     return [name for name, _ in blocks]
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 module in ``model`` (no communication; a
+    no-op for a plain model or one already sharded), so its parameters are the sharded
+    DTensors again, e.g. after an evaluation forward with ``reshard_after_forward=False``."""
+    from ..ema import _reshard
+
+    _reshard(unwrap_model(model))
 
 
 # ----------------------------------------------------------------------------- state dicts
