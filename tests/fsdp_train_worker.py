@@ -79,59 +79,34 @@ def step(model, opt, emas, k: int, data, rank: int = 0, world: int = 1, counts: 
 
 
 def ema_keys(i: int) -> tuple[str, str]:
+    """(weights key, meta key) of EMA ``i``, written out here as the expectation."""
     return ("state_dict_ema", "ema") if i == 0 else (f"state_dict_ema_{i}", f"ema_{i}")
 
 
-def checkpoint(model, opt, emas, epoch: int, full: bool = True) -> dict:
-    """A checkpoint dict in single-file layout: gathered (``full``; meaningful on rank 0) or
-    sharded for save_dcp. Collective either way for a sharded model."""
-    from emakit.training import fsdp as F
-
-    if full:
-        state = {"state_dict": F.full_model_state(model), "optimizer": F.full_optimizer_state(model, opt)}
-    else:
-        state = {"state_dict": F.sharded_model_state(model), "optimizer": F.sharded_optimizer_state(model, opt)}
-    state["epoch"] = epoch
-    for i, ema in enumerate(emas):
-        w, m = ema_keys(i)
-        part = ema.checkpoint_state(full=full, rank0_only=full)  # the writer alone holds the gathered EMA
-        state[w], state[m] = part["state_dict_ema"], part["ema"]
-    return state
-
-
 def full_checkpoint(model, opt, emas, epoch: int) -> dict:
-    return checkpoint(model, opt, emas, epoch, full=True)
+    """A single-file checkpoint dict, gathered (collective); meaningful on rank 0."""
+    from emakit.training.fsdp import training_state
+
+    return {**training_state(model, opt, emas, full=True), "epoch": epoch}
 
 
 def sharded_checkpoint(model, opt, emas, epoch: int) -> dict:
-    return checkpoint(model, opt, emas, epoch, full=False)
+    """The same keys in sharded form, for save_dcp."""
+    from emakit.training.fsdp import training_state
+
+    return {**training_state(model, opt, emas, full=False), "epoch": epoch}
 
 
 def load_full(model, opt, emas, ckpt: dict) -> None:
-    from emakit.training.fsdp import load_full_model_state, load_full_optimizer_state
+    from emakit.training.fsdp import load_training_state
 
-    load_full_model_state(model, ckpt["state_dict"])
-    load_full_optimizer_state(model, opt, ckpt["optimizer"])
-    for i, ema in enumerate(emas):
-        w, m = ema_keys(i)
-        ema.load_checkpoint_state(ckpt[w], ckpt[m])
+    load_training_state(model, opt, emas, ckpt)
 
 
 def load_folder(folder: str, model, opt, emas) -> dict:
-    from emakit.training.dcp import load_dcp
-    from emakit.training.fsdp import load_full_model_state, load_sharded_optimizer_state, \
-        sharded_model_state, sharded_optimizer_state
+    from emakit.training.dcp import load_dcp_training_state
 
-    state = {"state_dict": sharded_model_state(model), "optimizer": sharded_optimizer_state(model, opt)}
-    for i, ema in enumerate(emas):
-        state[ema_keys(i)[0]] = ema.state_dict_ema(full=False)
-    meta = load_dcp(folder, state)
-    load_full_model_state(model, state["state_dict"])
-    load_sharded_optimizer_state(model, opt, state["optimizer"])
-    for i, ema in enumerate(emas):
-        w, m = ema_keys(i)
-        ema.load_checkpoint_state(state[w], meta["plain"][m])
-    return meta
+    return load_dcp_training_state(folder, model, opt, emas)
 
 
 def single(out: str) -> None:

@@ -138,36 +138,34 @@ def test_dcp_two_ranks_to_two_ranks_is_bitwise(runs):
     assert all(r["dcp2_meta_world"] == 2 and r["dcp2_meta_rank_ok"] for r in ranks)
 
 
-@pytest.mark.slow
-def test_one_process_checkpoints_resume_on_two_ranks(runs):
-    out, _ = runs
+def _resumed_on_fsdp(out, folder_label: str, file_label: str, written) -> None:
+    """A DCP folder and a single file of the same state, resumed on FSDP x2: loaded bitwise as
+    written, 2 more steps within TOL of one process throughout, and both resumes identical."""
     w = _worker()
-    single2, single4 = _load(out / "single2.pth"), _load(out / "single4.pth")
-    for label in ("dcp1", "single2"):  # DCP folder and single file, both written by one process
+    single4 = _load(out / "single4.pth")
+    for label in (folder_label, file_label):
         loaded = _load(out / f"fsdp_loaded_{label}.pt")
-        assert all(_equal(loaded[k], single2[k]) for k in (*WEIGHT_KEYS, "ema", "ema_1")), label
+        assert all(_equal(loaded[k], written[k]) for k in (*WEIGHT_KEYS, "ema", "ema_1")), label
         resumed = _load(out / f"fsdp_resumed_{label}.pt")
         diff = max(w.max_diff(resumed[k], single4[k]) for k in WEIGHT_KEYS)
         print(f"{label} -> FSDP x2, 2 more steps vs one process throughout: max abs diff {diff:.3g}")
         assert diff <= TOL, label
-    assert _equal(_load(out / "fsdp_resumed_dcp1.pt"), _load(out / "fsdp_resumed_single2.pt"))  # same state, same run
+    assert _equal(_load(out / f"fsdp_resumed_{folder_label}.pt"), _load(out / f"fsdp_resumed_{file_label}.pt"))
+
+
+@pytest.mark.slow
+def test_one_process_checkpoints_resume_on_two_ranks(runs):
+    out, _ = runs
+    _resumed_on_fsdp(out, "dcp1", "single2", _load(out / "single2.pth"))
 
 
 @pytest.mark.slow
 def test_ddp_checkpoints_resume_on_fsdp(runs):
     out, _ = runs
-    w = _worker()
-    ddp2, single4 = _load(out / "ddp2.pth"), _load(out / "single4.pth")
+    ddp2 = _load(out / "ddp2.pth")
     assert _equal(ddp2["optimizer"], ddp2["standard_optimizer"])  # DDP's gathered optimizer == torch's own
     assert "module.cls_token" not in ddp2["state_dict"] and "cls_token" in ddp2["state_dict"]
-    for label in ("dcp_ddp", "ddp2"):  # DCP folder and single file written by DDP x2
-        loaded = _load(out / f"fsdp_loaded_{label}.pt")
-        assert all(_equal(loaded[k], ddp2[k]) for k in (*WEIGHT_KEYS, "ema", "ema_1")), label
-        resumed = _load(out / f"fsdp_resumed_{label}.pt")
-        diff = max(w.max_diff(resumed[k], single4[k]) for k in WEIGHT_KEYS)
-        print(f"DDP x2 {label} -> FSDP x2, 2 more steps vs one process throughout: max abs diff {diff:.3g}")
-        assert diff <= TOL, label
-    assert _equal(_load(out / "fsdp_resumed_dcp_ddp.pt"), _load(out / "fsdp_resumed_ddp2.pt"))
+    _resumed_on_fsdp(out, "dcp_ddp", "ddp2", ddp2)
 
 
 @pytest.mark.slow

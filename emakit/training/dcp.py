@@ -30,13 +30,13 @@ import secrets
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 __all__ = ["META_FILE", "is_dcp_folder", "is_sharded_key", "save_dcp", "load_dcp", "read_dcp_meta",
-           "dcp_folder_to_checkpoint", "resolve_dcp_folder"]
+           "dcp_folder_to_checkpoint", "resolve_dcp_folder", "load_dcp_training_state"]
 
 META_FILE = "emakit.pt"
 _DCP_METADATA = ".metadata"
@@ -256,3 +256,30 @@ def dcp_folder_to_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if meta:
         ckpt = {**meta.get("plain", {}), **ckpt, "dcp_ranks": meta.get("ranks", [])}
     return ckpt
+
+
+def load_dcp_training_state(folder: str | os.PathLike[str], model: Any, optimizer: Any = None,
+                            emas: Sequence[Any] = ()) -> dict[str, Any]:
+    """Restore a folder written by :func:`save_dcp` (from ``fsdp.training_state(..., full=False)``
+    plus plain keys) into a plain, DDP or sharded ``model``, its ``optimizer`` (None: skipped)
+    and ``emas`` (ModelEMA members in checkpoint order), on any world size. *Collective*.
+    Returns ``emakit.pt``'s dict: ``plain`` (epoch, scheduler, ``ema`` metas, ...) and
+    ``ranks`` (every writing rank's ``rank_state``, in rank order)."""
+    from .averages import ema_checkpoint_keys
+    from .fsdp import load_full_model_state, load_sharded_optimizer_state, sharded_model_state, \
+        sharded_optimizer_state
+
+    state: dict[str, Any] = {"state_dict": sharded_model_state(model)}
+    if optimizer is not None:
+        state["optimizer"] = sharded_optimizer_state(model, optimizer)
+    for i, ema in enumerate(emas):
+        state[ema_checkpoint_keys(i)[0]] = ema.state_dict_ema(full=False)
+    meta = load_dcp(folder, state)
+    load_full_model_state(model, state["state_dict"])
+    if optimizer is not None:
+        load_sharded_optimizer_state(model, optimizer, state["optimizer"])
+    plain = meta.get("plain", {})
+    for i, ema in enumerate(emas):
+        weights_key, meta_key = ema_checkpoint_keys(i)
+        ema.load_checkpoint_state(state[weights_key], plain.get(meta_key))
+    return meta
