@@ -140,7 +140,7 @@ def max_diff(a: dict, b: dict) -> float:
         assert a.keys() == b.keys(), (sorted(a)[:5], sorted(b)[:5])
         return max([max_diff(a[k], b[k]) for k in a] or [0.0])
     if isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
+        assert type(a) is type(b) and len(a) == len(b), (a, b)  # (0.9, 0.999) stays a tuple
         return max([max_diff(x, y) for x, y in zip(a, b)] or [0.0])
     assert a == b, (a, b)
     return 0.0

@@ -27,6 +27,7 @@ functions marked *collective* must be called by every rank.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -294,7 +295,11 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     named = optimizer_state_to_names(model, optimizer, state)
-    set_optimizer_state_dict(model, optimizer, named, options=_options(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, {**named}, options=_options(full_state_dict=True))
+    # torch's helper hands hyperparameters back with tuples turned into lists (betas): set them
+    # as the checkpoint has them, as Optimizer.load_state_dict does.
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
 
 
 def load_sharded_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
