@@ -50,14 +50,9 @@ def build(model_name: str, engine: str):
     torch.manual_seed(0)
     model = timm.create_model(model_name, num_classes=1000)
     if engine == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from emakit.training.fsdp import apply_fsdp
 
-        blocks = getattr(model, "blocks", None)
-        if blocks is None:  # resnets: the residual stages' blocks
-            blocks = [b for name in ("layer1", "layer2", "layer3", "layer4") for b in getattr(model, name)]
-        for block in blocks:
-            fully_shard(block)
-        fully_shard(model)
+        apply_fsdp(model)  # each repeated block (ViT blocks, ResNet residual blocks), then the root
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

@@ -68,6 +68,12 @@ def is_sharded(model: nn.Module) -> bool:
     return dtensor is not None and any(isinstance(p, dtensor) for p in unwrap_model(model).parameters())
 
 
+def _rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist.get_rank() if dist is not None and dist.is_available() and dist.is_initialized() else 0
+
+
 def _local(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor (a view of the live storage, no communication); a
     plain tensor as it is."""
@@ -125,28 +131,38 @@ class _ShardedState:
         """Every local tensor by its state-dict name."""
         return dict(zip(self.param_names + self.buffer_names, self.params + self.buffers))
 
-    def state_dict(self, full: bool) -> dict[str, Tensor]:
+    def state_dict(self, full: bool, rank0_only: bool = False) -> dict[str, Tensor]:
         """Persistent entries: DTensors over the local shards (``full=False``, for
         torch.distributed.checkpoint), or whole tensors gathered onto the CPU (``full=True``;
-        a collective: every rank must call it)."""
+        a collective: every rank must call it; with ``rank0_only`` the other ranks drop each
+        gathered tensor at once and return ``{}``)."""
         from torch.distributed.tensor import DTensor
 
         named, out = self.named(), {}
+        keep = not (full and rank0_only) or _rank() == 0
         for name in self.persistent:
             local = named[name]
             if name not in self.specs:
-                out[name] = local.detach().cpu() if full else local
+                if keep:
+                    out[name] = local.detach().cpu() if full else local
                 continue
             mesh, placements, shape, stride = self.specs[name]
             if local.device.type != mesh.device_type:
                 local = local.to(mesh.device_type)
             dt = DTensor.from_local(local, mesh, placements, shape=shape, stride=stride, run_check=False)
-            out[name] = dt.full_tensor().cpu() if full else dt
+            if not full:
+                out[name] = dt
+                continue
+            whole = dt.full_tensor()  # every rank takes part in the all-gather
+            if keep:
+                out[name] = whole.cpu()
         return out
 
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Copy whole tensors (this rank cuts its shard) or DTensors (any sharding: gathered
-        first) into the local shards. Missing or unexpected persistent keys raise."""
+        """Copy whole tensors (this rank cuts its shard) or DTensors into the local shards: a
+        DTensor sharded as this EMA is (a DCP load into :meth:`state_dict` ``full=False``) is
+        copied shard to shard with no communication; any other sharding is gathered first.
+        Missing or unexpected persistent keys raise."""
         from torch.distributed.tensor import DTensor, distribute_tensor
 
         missing = [n for n in self.persistent if n not in state_dict]
@@ -158,6 +174,11 @@ class _ShardedState:
         for name in self.persistent:
             value = state_dict[name].detach()
             if isinstance(value, DTensor):
+                spec = self.specs.get(name)
+                if spec is not None and value.device_mesh == spec[0] and tuple(value.placements) == tuple(spec[1]) \
+                        and tuple(value.shape) == tuple(spec[2]):
+                    named[name].copy_(value.to_local())  # our own sharding (a DCP load): no communication
+                    continue
                 value = value.full_tensor()
             if name in self.specs:
                 mesh, placements, shape, _ = self.specs[name]
@@ -387,23 +408,25 @@ class ModelEMA(nn.Module):
         """True when built from a sharded (FSDP2) model: the EMA holds this rank's shards only."""
         return self._shards is not None
 
-    def state_dict_ema(self, full: bool = True) -> dict[str, Tensor]:
+    def state_dict_ema(self, full: bool = True, rank0_only: bool = False) -> dict[str, Tensor]:
         """The averaged weights under the bare model's state-dict keys.
 
         A plain EMA returns its module's state dict. A sharded EMA returns, with ``full=True``,
-        whole tensors on the CPU (an all-gather: every rank must call it), else DTensors over
-        its local shards (no communication) for ``torch.distributed.checkpoint``.
+        whole tensors on the CPU (an all-gather per tensor: every rank must call it; with
+        ``rank0_only`` only rank 0 keeps them and the others return ``{}``, so no rank but the
+        writer holds a full copy), else DTensors over its local shards (no communication) for
+        ``torch.distributed.checkpoint``.
         """
         if self._shards is not None:
-            return self._shards.state_dict(full)
+            return self._shards.state_dict(full, rank0_only)
         return self.module.state_dict()
 
-    def checkpoint_state(self, full: bool = True) -> dict[str, Any]:
+    def checkpoint_state(self, full: bool = True, rank0_only: bool = False) -> dict[str, Any]:
         """``{"state_dict_ema": <bare module state dict>, "ema": {"num_updates", "config"}}``:
         timm's key for the weights, so timm's ``load_checkpoint(..., use_ema=True)`` reads it.
-        ``full`` as in :meth:`state_dict_ema` (matters for a sharded EMA only)."""
+        ``full`` and ``rank0_only`` as in :meth:`state_dict_ema` (matter for a sharded EMA only)."""
         return {
-            "state_dict_ema": self.state_dict_ema(full),
+            "state_dict_ema": self.state_dict_ema(full, rank0_only),
             "ema": {"num_updates": self._num_updates, "config": self.config()},
         }
 
