@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import schedules as _sched
 
-__all__ = ["ModelEMA", "MultiEMA", "unwrap_model", "is_sharded"]
+__all__ = ["ModelEMA", "MultiEMA", "unwrap_model", "is_sharded", "reshard_fsdp"]
 
 _log = logging.getLogger(__name__)
 _DEFAULT_DECAY = 0.9999
@@ -541,14 +541,14 @@ class ModelEMA(nn.Module):
         bare = unwrap_model(model)
         self._plan(bare, True)  # structure check before touching anything
         pairs = list(zip(_flat(_module_tensors(bare)), _flat(self._ema_tensors())))
-        _reshard(bare)
+        reshard_fsdp(bare)
         with torch.no_grad():
             saved = self._swap_in(pairs)
         self._swapped = True
         try:
             yield bare
         finally:
-            _reshard(bare)
+            reshard_fsdp(bare)
             with torch.no_grad():
                 self._swap_out(pairs, saved)
             self._swapped = False
@@ -588,7 +588,7 @@ class ModelEMA(nn.Module):
         return f"{src}, schedule={self.schedule!r}, update_every={self.update_every}, num_updates={self._num_updates}"
 
 
-def _reshard(model: nn.Module) -> None:
+def reshard_fsdp(model: nn.Module) -> None:
     """Free the gathered parameters of every FSDP2 module in ``model`` (no-op for plain
     models), so the next forward gathers the shards as they are now."""
     fsdp = sys.modules.get("torch.distributed.fsdp")

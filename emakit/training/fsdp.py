@@ -164,9 +164,9 @@ def reshard(model: nn.Module) -> None:
     """Free the gathered parameters of every FSDP2 module in ``model`` (no communication; a
     no-op for a plain model or one already sharded), so its parameters are the sharded
     DTensors again, e.g. after an evaluation forward with ``reshard_after_forward=False``."""
-    from ..ema import _reshard
+    from ..ema import reshard_fsdp
 
-    _reshard(unwrap_model(model))
+    reshard_fsdp(unwrap_model(model))
 
 
 # ----------------------------------------------------------------------------- state dicts
