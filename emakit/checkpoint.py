@@ -47,6 +47,8 @@ __all__ = [
     "ema_checkpoint_keys",
     "ema_indices",
     "find_nonfinite",
+    "find_unplain",
+    "fsync_dir",
     "safe_torch_load",
     "remove_stale_temp_files",
     "write_text_atomic",
@@ -91,7 +93,7 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------- writing
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
     """Make a rename in ``folder`` durable; a no-op where folders cannot be opened (Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -182,7 +184,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         if isinstance(error, OSError) and error.errno is not None and error.filename in (tmp, None):
             raise OSError(error.errno, error.strerror, path) from error
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _drop_tracebacks(error: BaseException | None) -> None:
@@ -235,7 +237,7 @@ def find_nonfinite(obj: Any, where: str = "state", skip_keys: frozenset[str] = f
     return found
 
 
-def _find_unplain(obj: Any, where: str) -> tuple[str, Any] | None:
+def find_unplain(obj: Any, where: str) -> tuple[str, Any] | None:
     """Return (key path, object) of the first value that weights_only loading would refuse."""
     kind = type(obj)
     if kind in _PLAIN_TENSORS or kind in _PLAIN_LEAVES:
@@ -244,13 +246,13 @@ def _find_unplain(obj: Any, where: str) -> tuple[str, Any] | None:
         for key, value in obj.items():
             if type(key) not in _PLAIN_LEAVES:
                 return f"{where} (key {key!r})", key
-            found = _find_unplain(value, f"{where}[{key!r}]")
+            found = find_unplain(value, f"{where}[{key!r}]")
             if found is not None:
                 return found
         return None
     if kind in _PLAIN_CONTAINERS:  # list or tuple
         for i, value in enumerate(obj):
-            found = _find_unplain(value, f"{where}[{i}]")
+            found = find_unplain(value, f"{where}[{i}]")
             if found is not None:
                 return found
         return None
@@ -268,7 +270,7 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
     """
     if type(state) not in (dict, OrderedDict):
         raise CheckpointError(f"cannot save a {type(state).__name__} as a checkpoint; pass a dict")
-    found = _find_unplain(state, "state")
+    found = find_unplain(state, "state")
     if found is not None:
         where, obj = found
         kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
@@ -666,7 +668,7 @@ def _replace_with_link(src: str, dst: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,7 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
     """
     from torch.distributed.checkpoint import FileSystemWriter, save
 
-    from ..checkpoint import CheckpointError, _find_unplain, _fsync_dir, save_checkpoint
+    from ..checkpoint import CheckpointError, find_unplain, fsync_dir, save_checkpoint
 
     folder = os.path.abspath(os.fspath(folder))
     rank = _rank()
@@ -158,7 +158,7 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
             os.makedirs(os.path.dirname(folder), exist_ok=True)
             _tidy(folder)
             plain = {k: v for k, v in state.items() if not is_sharded_key(k)}
-            found = _find_unplain(plain, "state")
+            found = find_unplain(plain, "state")
             if found is not None:
                 raise CheckpointError(f"{found[0]} is a {type(found[1]).__module__}.{type(found[1]).__qualname__}, "
                                       "which torch.load(weights_only=True) refuses; convert it to tensors or plain "
@@ -177,12 +177,12 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
         save(sharded, storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=not _distributed())
     if rank == 0:  # DCP returns on every rank after its coordinator wrote .metadata: the folder is complete
         try:
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             replaced = os.path.exists(folder)
             if replaced:
                 os.rename(folder, old)
             os.rename(tmp, folder)
-            _fsync_dir(os.path.dirname(folder))
+            fsync_dir(os.path.dirname(folder))
             if replaced:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as e:
