@@ -221,20 +221,39 @@ def find_nonfinite(obj: Any, where: str = "state", skip_keys: frozenset[str] = f
     """Key paths (``state['state_dict']['fc.weight']``) of the floating-point tensors in a
     nested dict/list/tuple that hold a NaN or an infinity. ``skip_keys``: dict keys whose
     tensors are left out wherever they appear (buffers that are -inf by design, such as
-    attention masks). One fused ``isfinite`` per tensor: cheap enough to run before every
-    checkpoint write."""
-    found: list[str] = []
+    attention masks).
+
+    Cheap enough to run before every checkpoint write: the tensors are screened with one
+    fused 2-norm per (device, dtype) group and one host sync (a norm is non-finite when an
+    element is, or when huge finite values overflow it); only the tensors of a group whose
+    screen fails are checked one by one, so the answer is exact."""
+    found: list[tuple[str, torch.Tensor]] = []
+    _collect_float_tensors(obj, where, skip_keys, found)
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, torch.Tensor]]] = {}
+    for path, tensor in found:
+        key = (tensor.device, tensor.dtype) if not tensor.is_complex() else (tensor.device, None)
+        groups.setdefault(key, []).append((path, tensor))
+    screened = [(members, None if key[1] is None else torch.stack(torch._foreach_norm([t for _, t in members], 2.0)))
+                for key, members in groups.items()]
+    flags = [bool(torch.isfinite(norms).all()) if norms is not None else False for _, norms in screened]
+    bad = {path for (members, _), ok in zip(screened, flags) if not ok
+           for path, tensor in members if not bool(torch.isfinite(tensor).all())}
+    return [path for path, _ in found if path in bad]  # in the order of the state
+
+
+def _collect_float_tensors(obj: Any, where: str, skip_keys: frozenset[str],
+                           out: list[tuple[str, torch.Tensor]]) -> None:
+    """Append (key path, tensor) for every non-empty floating or complex tensor in ``obj``."""
     if isinstance(obj, torch.Tensor):
-        if (obj.is_floating_point() or obj.is_complex()) and obj.numel() and not bool(torch.isfinite(obj).all()):
-            found.append(where)
+        if (obj.is_floating_point() or obj.is_complex()) and obj.numel():
+            out.append((where, obj))
     elif isinstance(obj, Mapping):
         for key, value in obj.items():
             if key not in skip_keys:
-                found.extend(find_nonfinite(value, f"{where}[{key!r}]", skip_keys))
+                _collect_float_tensors(value, f"{where}[{key!r}]", skip_keys, out)
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
-            found.extend(find_nonfinite(value, f"{where}[{i}]", skip_keys))
-    return found
+            _collect_float_tensors(value, f"{where}[{i}]", skip_keys, out)
 
 
 def find_unplain(obj: Any, where: str) -> tuple[str, Any] | None:

@@ -602,3 +602,25 @@ def test_a_full_disk_is_enospc_naming_the_target_and_the_old_file_survives(tiny_
         save_checkpoint({"w": torch.zeros(1_000_000)}, target)  # 4 MB into what is left of 1 MiB
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
     assert target.read_bytes() == before and _files(tiny_disk) == ["last.pth.tar"]
+
+
+def test_find_nonfinite_names_exactly_the_tensors_holding_nan_or_inf_in_state_order():
+    """The fused 2-norm screen must not flag huge finite values (their norm overflows) and must
+    name every bad tensor of every dtype, nested anywhere, in the order of the state."""
+    from emakit.checkpoint import find_nonfinite
+
+    huge = torch.full((8,), 3e38)                                    # finite; its 2-norm is inf in float32
+    nan_bf16 = torch.ones(3, dtype=torch.bfloat16)
+    nan_bf16[1] = float("nan")
+    state = {
+        "a": {"w": torch.zeros(4), "huge": huge, "ints": torch.arange(3)},
+        "b": [torch.ones(2), torch.tensor([1.0, float("inf")])],
+        "c": (nan_bf16, torch.tensor([1 + 1j, complex(float("nan"), 0)])),
+        "mask": torch.tensor([float("-inf"), 0.0]),                  # skipped by key
+        "empty": torch.empty(0),
+        "d": torch.tensor([-float("inf")], dtype=torch.float64),
+    }
+    assert find_nonfinite(state, skip_keys=frozenset({"mask"})) == [
+        "state['b'][1]", "state['c'][0]", "state['c'][1]", "state['d']"]
+    assert find_nonfinite(state)[-2:] == ["state['mask']", "state['d']"]
+    assert find_nonfinite({"a": {"huge": huge, "w": torch.zeros(4)}}) == []
