@@ -35,7 +35,7 @@ import secrets
 import shutil
 import struct
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -48,6 +48,7 @@ __all__ = [
     "ema_indices",
     "find_nonfinite",
     "find_unplain",
+    "nonfinite_names",
     "fsync_dir",
     "safe_torch_load",
     "remove_stale_temp_files",
@@ -229,16 +230,24 @@ def find_nonfinite(obj: Any, where: str = "state", skip_keys: frozenset[str] = f
     screen fails are checked one by one, so the answer is exact."""
     found: list[tuple[str, torch.Tensor]] = []
     _collect_float_tensors(obj, where, skip_keys, found)
-    groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, torch.Tensor]]] = {}
-    for path, tensor in found:
+    return nonfinite_names(found)
+
+
+def nonfinite_names(named: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names of the floating-point (or complex) tensors in ``named`` that hold a NaN or an
+    infinity, in their order: one fused 2-norm screen per (device, dtype) group and one host
+    sync, then an exact check of the tensors of a group whose screen fails (huge finite
+    values can overflow a norm). Integer tensors are never flagged."""
+    named = [(name, t) for name, t in named if (t.is_floating_point() or t.is_complex()) and t.numel()]
+    groups: dict[tuple[torch.device, torch.dtype | None], list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in named:
         key = (tensor.device, tensor.dtype) if not tensor.is_complex() else (tensor.device, None)
-        groups.setdefault(key, []).append((path, tensor))
-    screened = [(members, None if key[1] is None else torch.stack(torch._foreach_norm([t for _, t in members], 2.0)))
-                for key, members in groups.items()]
-    flags = [bool(torch.isfinite(norms).all()) if norms is not None else False for _, norms in screened]
-    bad = {path for (members, _), ok in zip(screened, flags) if not ok
-           for path, tensor in members if not bool(torch.isfinite(tensor).all())}
-    return [path for path, _ in found if path in bad]  # in the order of the state
+        groups.setdefault(key, []).append((name, tensor))
+    failed = [members for (_, dtype), members in groups.items()  # complex: checked one by one
+              if dtype is None or not bool(torch.isfinite(torch.stack(torch._foreach_norm(
+                  [t for _, t in members], 2.0))).all())]
+    bad = {name for members in failed for name, tensor in members if not bool(torch.isfinite(tensor).all())}
+    return [name for name, _ in named if name in bad]
 
 
 def _collect_float_tensors(obj: Any, where: str, skip_keys: frozenset[str],

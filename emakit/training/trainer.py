@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from emakit.checkpoint import CheckpointSaver, remove_stale_temp_files
+from emakit.checkpoint import CheckpointSaver, nonfinite_names, remove_stale_temp_files
 
 from . import UsageError
 from .averages import POSTHOC_CHECKPOINT_KEY, Averages
@@ -142,8 +142,7 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
                 start_epoch=start_epoch, resumed_by_emakit=ckpt_is_ours, resume_position=resume_position,
                 guard=build_guard(s.run), flags=_resolved_flags(s, resolved),
                 last_good=(os.path.abspath(path), "the checkpoint this run resumed from") if path else None,
-                nonfinite_at_start=frozenset(k for k, v in model_without_ddp.state_dict().items()
-                                             if v.is_floating_point() and not bool(torch.isfinite(v).all())))
+                nonfinite_at_start=frozenset(nonfinite_names(list(model_without_ddp.state_dict().items()))))
 
 
 def _setup_output(tr: Trainer, logs: LogSetup | None) -> None:
