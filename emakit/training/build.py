@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from emakit import ModelEMA, MultiEMA
+from emakit.posthoc import DTYPES
 
 from . import UsageError, one_line
 from .averages import Averages, PosthocTracker, auto_posthoc_every, posthoc_snapshot_cap
@@ -310,7 +311,7 @@ def build_amp(run: RunSettings, device: torch.device) -> AmpSettings:
     """Autocast settings; a GradScaler only for float16 (bfloat16 needs none)."""
     if not run.amp:
         return AmpSettings()
-    dtype = torch.bfloat16 if run.amp_dtype == "bfloat16" else torch.float16
+    dtype = DTYPES[run.amp_dtype]
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     _log.info("AMP: autocast %s on %s%s", run.amp_dtype, device.type, " with a gradient scaler" if scaler else "")
     return AmpSettings(enabled=True, dtype=dtype, scaler=scaler)

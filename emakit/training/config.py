@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from emakit.posthoc import DTYPES
+
 from . import UsageError, one_line
 from .data import AugmentConfig
 from .kinds import Parser as _Parser
@@ -39,7 +41,7 @@ __all__ = ["build_parser", "parse_args", "parse_settings", "settings_from_args",
 
 DEFAULT_EMA_DECAY = 0.9998  # timm's --model-ema-decay default
 DEFAULT_POSTHOC_SIGMA_RELS = "0.05,0.10"  # EDM2's two tracked profiles
-POSTHOC_DTYPES = ("float16", "bfloat16", "float32")
+POSTHOC_DTYPES = tuple(DTYPES)  # float16, bfloat16, float32
 # 16 snapshot steps reconstruct sigma_rel 0.02-0.20 within 0.3% relative L2 in float16
 # (bench/posthoc_budget.py); one step of the two float16 profiles is the model's float32
 # bytes plus torch.save headers, so 17x holds 16 steps.
