@@ -1,15 +1,17 @@
-"""The trainer's weight averages beyond one EMA: several EMAs, the post-hoc power EMA, and
-BatchNorm recalibration at evaluation.
+"""Every weight average of a run, owned by one :class:`Averages` object: the EMA(s), the
+post-hoc power EMA, BatchNorm recalibration at evaluation, their checkpoint entries and
+their resume.
 
 - **Several EMAs** (``--model-ema-decay 0.999,0.9998,0.9999``) are one ``MultiEMA``: one
   update reads the model once for all of them. EMA ``i`` is named ``ema`` (i = 0) or
   ``ema<i>`` in ``summary.csv`` columns and logs, ``ema:<i>`` in ``validate.py --weights``,
   and is stored in checkpoints under ``state_dict_ema`` + ``ema`` (i = 0, timm's key) or
-  ``state_dict_ema_<i>`` + ``ema_<i>``. One value stays a plain ``ModelEMA``.
+  ``state_dict_ema_<i>`` + ``ema_<i>`` (:func:`emakit.checkpoint.ema_checkpoint_keys`). One
+  value stays a plain ``ModelEMA``.
 - **Post-hoc EMA** (``--model-ema-posthoc``, Karras et al. 2024, EDM2): rank 0 tracks a
-  ``PowerEMA`` (power-schedule ``ModelEMA`` s in one ``MultiEMA``; given the run's EMAs, the
-  same engine updates them in the same fused pass) after every optimizer step and writes its
-  snapshots into ``<run>/posthoc/`` (:class:`PosthocTracker`), within ``--posthoc-budget``
+  ``PowerEMA`` (power-schedule ``ModelEMA`` s; the run's EMAs join the same ``MultiEMA``
+  engine, so one fused pass updates EMAs and profiles) after every optimizer step and writes
+  its snapshots into ``<run>/posthoc/`` (:class:`PosthocTracker`), within ``--posthoc-budget``
   (:func:`posthoc_snapshot_cap`); ``validate.py --posthoc-sigma-rel`` rebuilds any EMA length.
 - **BN recalibration** (``--model-ema-bn-recal N``): :func:`recalibrated_bn` re-estimates an
   EMA's BatchNorm statistics for the evaluation only and puts the averaged ones back.
@@ -39,21 +41,21 @@ from . import UsageError, one_line
 from .bn import bn_buffers, recalibrate_bn  # bn_buffers: re-exported, the one BatchNorm walker
 from .resume import check_ema_entry, steps_done
 
-__all__ = ["Averages", "EmaSet", "ema_members", "ema_label", "ema_selector", "ema_checkpoint_keys", "ema_checkpoint_state",
+__all__ = ["Averages", "ema_members", "ema_label", "ema_selector", "ema_checkpoint_keys", "ema_checkpoint_state",
            "describe_ema", "bn_buffers", "recalibrated_bn", "auto_posthoc_every", "posthoc_snapshot_cap",
            "PosthocTracker",
            "posthoc_sweep_command", "POSTHOC_CHECKPOINT_KEY", "BN_RECAL_CHECKPOINT_KEY", "SWEEP_SIGMA_RELS"]
 
 _log = logging.getLogger(__name__)
 
-EmaSet = Union[ModelEMA, MultiEMA]
+_EmaSet = Union[ModelEMA, MultiEMA]
 POSTHOC_CHECKPOINT_KEY = "posthoc_ema"
 BN_RECAL_CHECKPOINT_KEY = "ema_bn_recal"
 SWEEP_SIGMA_RELS = "0.02,0.05,0.08,0.15"  # the sweep suggested at the end of a post-hoc run
 
 
 # --------------------------------------------------------------------------- several EMAs
-def ema_members(ema: EmaSet | None) -> list[ModelEMA]:
+def ema_members(ema: _EmaSet | None) -> list[ModelEMA]:
     """The individual EMAs: ``[ema]`` for a ``ModelEMA``, its members for a ``MultiEMA``."""
     if ema is None:
         return []
@@ -70,7 +72,7 @@ def ema_selector(index: int) -> str:
     return "ema" if index == 0 else f"ema:{index}"
 
 
-def ema_checkpoint_state(ema: EmaSet | None) -> dict[str, Any]:
+def ema_checkpoint_state(ema: _EmaSet | None) -> dict[str, Any]:
     """Every EMA's weights and meta (update counter, settings) under its checkpoint keys."""
     state: dict[str, Any] = {}
     for i, member in enumerate(ema_members(ema)):
@@ -182,7 +184,7 @@ class PosthocTracker:
 
     def __init__(self, model: nn.Module, *, sigma_rels: Sequence[float], every: int, snapshot_dtype: str,
                  max_snapshots: int | None, total_steps: int, budget_bytes: int | None = None,
-                 device: torch.device | str | None = None, ema: EmaSet | None = None) -> None:
+                 device: torch.device | str | None = None, ema: _EmaSet | None = None) -> None:
         self.power = PowerEMA(model, sigma_rels, dtype=torch.float32, device=device, alongside=ema_members(ema))
         self.owns_ema = ema is not None
         self.every = int(every)
@@ -429,7 +431,7 @@ class Averages:
             _log.info("--resume %s tracked a post-hoc EMA; it stops here (no --model-ema-posthoc)", path)
 
 
-def resume_ema(ema: EmaSet, ckpt: dict[str, Any], path: str, model: nn.Module, *,
+def resume_ema(ema: _EmaSet, ckpt: dict[str, Any], path: str, model: nn.Module, *,
                updates_per_epoch: int = 0) -> None:
     """Each EMA's weights and update counter from its checkpoint keys; an EMA the checkpoint
     lacks restarts from the (already resumed) model weights, with the others' counter.
