@@ -3,13 +3,20 @@
 Needs timm, torchvision, yaml and tqdm (``pip install emakit[train]``); ``import emakit``
 alone never imports this package. Modules:
 
-- ``config``       argparse groups, ``--config`` YAML as defaults, the resolved-args dump
+- ``config``       train.py's flags, ``--config`` YAML as defaults, ``settings_from_args``
+- ``settings``     the frozen settings every module below the CLI reads (``TrainSettings``)
 - ``data``         ImageFolder and the embedded digits dataset, transforms, loaders, samplers
 - ``distributed``  ``DistInfo`` (rank, world size, device, ``is_main``), init, reductions
-- ``engine``       ``train_one_epoch`` and ``evaluate``
-- ``run``          the fit loop: build -> resume -> epochs -> checkpoints -> summary
+- ``build``        the parts of a run from its settings (model, loaders, averages, optimizer, ...)
+- ``resume``       ``--resume``: checks, load, LR position
+- ``trainer``      ``Trainer`` and ``build_trainer`` / ``close_trainer``
+- ``engine``       ``train_one_epoch`` and ``evaluate`` / ``evaluate_many``
+- ``fit``          the epoch loop: train -> evaluate -> summary -> checkpoints
+- ``outputs``      run folder files: args.yaml, summary.csv, summary.png, the result line
 - ``lifecycle``    how a run ends early: stop signals, exit statuses, RNG states, the resume command
-- ``averages``     several EMAs, the post-hoc EMA tracker (snapshots), BN recalibration at evaluation
+- ``averages``     ``Averages``: the EMAs, the post-hoc EMA tracker (snapshots), BN recalibration
+- ``fsdp``, ``dcp``: FSDP2 sharding and gathered state, torch.distributed.checkpoint folders
+- ``logs``         console and train.log handlers
 - ``bn``, ``plots``: the BatchNorm-statistics walker and recalibration, PNG plots
 - ``validate_config``, ``validation``: ``validate.py``'s flags (frozen settings) and its work
 - ``cli``          the ``emakit`` command (``python -m emakit``): export, posthoc, plot
