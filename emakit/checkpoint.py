@@ -221,10 +221,11 @@ def find_nonfinite(obj: Any, where: str = "state", skip_keys: frozenset[str] = f
     """Key paths (``state['state_dict']['fc.weight']``) of the floating-point tensors in a
     nested dict/list/tuple that hold a NaN or an infinity. ``skip_keys``: dict keys whose
     tensors are left out wherever they appear (buffers that are -inf by design, such as
-    attention masks). One fused ``isfinite`` per tensor: cheap enough to run before every
+    attention masks). A DTensor (FSDP) is checked on this rank's shard only. One fused ``isfinite`` per tensor: cheap enough to run before every
     checkpoint write."""
     found: list[str] = []
     if isinstance(obj, torch.Tensor):
+        obj = obj.to_local() if hasattr(obj, "to_local") else obj  # a DTensor: this rank's shard, no communication
         if (obj.is_floating_point() or obj.is_complex()) and obj.numel() and not bool(torch.isfinite(obj).all()):
             found.append(where)
     elif isinstance(obj, Mapping):

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..ema import unwrap_model
 
-__all__ = ["shard_blocks", "apply_fsdp", "reshard", "full_model_state", "full_optimizer_state", "load_full_model_state",
+__all__ = ["shard_blocks", "apply_fsdp", "broadcast_buffers_before_forward", "reshard", "full_model_state", "full_optimizer_state", "load_full_model_state",
            "load_full_optimizer_state", "load_sharded_optimizer_state", "sharded_model_state",
            "sharded_optimizer_state",
            "optimizer_state_to_ids", "optimizer_state_to_names", "training_state", "load_training_state",
@@ -158,6 +158,28 @@ def apply_fsdp(model: nn.Module, *, mp_dtype: torch.dtype | None = None, reshard
     # forward its parameters would stay registered as whole plain tensors until the next backward.
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
     return [name for name, _ in blocks]
+
+
+def broadcast_buffers_before_forward(model: nn.Module) -> Any:
+    """DDP's ``broadcast_buffers`` for an FSDP2 model: before each training forward (the
+    module in train mode, gradients enabled) every buffer (BatchNorm running statistics) is
+    set to rank 0's, one broadcast per dtype, so BatchNorm statistics follow rank 0 exactly as
+    under DDP and an FSDP run matches a DDP run. Returns the hook handle (``.remove()``)."""
+    import torch.distributed as dist
+
+    def hook(module: nn.Module, _args: Any) -> None:
+        if not module.training or not torch.is_grad_enabled() or dist.get_world_size() == 1:
+            return
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for buf in module.buffers():
+            groups.setdefault((buf.device, buf.dtype), []).append(buf)
+        with torch.no_grad():
+            for bufs in groups.values():
+                flat = torch.cat([b.reshape(-1) for b in bufs])
+                dist.broadcast(flat, src=0)
+                torch._foreach_copy_(bufs, [c.view_as(b) for c, b in zip(flat.split([b.numel() for b in bufs]), bufs)])
+
+    return model.register_forward_pre_hook(hook)
 
 
 def reshard(model: nn.Module) -> None:
