@@ -530,15 +530,15 @@ def _check_parallel_args(args: argparse.Namespace) -> None:
         if not args.fsdp_reshard_after_forward:
             raise UsageError("--no-fsdp-reshard-after-forward applies to --fsdp: add --fsdp or drop it")
         return
-    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
-        raise UsageError("--fsdp needs a process group: launch with torchrun, e.g. torchrun --nproc_per_node=2 "
-                         "train.py --fsdp ... (--nproc_per_node=1 is fine)")
     if args.amp and args.amp_dtype == "float16":
         raise UsageError("--fsdp with --amp --amp-dtype float16 is not supported (its gradient scaler does not "
                          "handle sharded gradients): use --amp-dtype bfloat16")
     if args.model_ema_posthoc:
         raise UsageError("--model-ema-posthoc is not supported with --fsdp (its snapshots need the whole "
                          "weights on rank 0 every few steps): drop one of them")
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        raise UsageError("--fsdp needs a process group: launch with torchrun, e.g. torchrun --nproc_per_node=2 "
+                         "train.py --fsdp ... (--nproc_per_node=1 is fine)")
 
 
 def _check_posthoc_args(args: argparse.Namespace) -> None:

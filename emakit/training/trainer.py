@@ -25,6 +25,7 @@ from . import UsageError
 from .averages import POSTHOC_CHECKPOINT_KEY, Averages
 from .build import (build_amp, build_averages, build_guard, build_loaders, build_losses, build_model, build_optimizer,
                     build_scheduler, check_compile_backend, load_data, resolve_lr, seed_all, wrap_ddp)
+from .bn import has_batchnorm
 from .data import DataSplits, DeviceLoader, resolve_data_config_for
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
 from .engine import AmpSettings, NonfiniteGuard
@@ -156,11 +157,14 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
 
 
 def shard_or_wrap(model: nn.Module, dist: DistInfo, s: TrainSettings) -> nn.Module:
-    """``--fsdp``: ``fully_shard`` the model's blocks and root in place (compute in bfloat16
-    with ``--amp --amp-dtype bfloat16``) and return it; else DDP when several processes run."""
+    """``--fsdp``: ``fully_shard`` the model's blocks and root in place and return it; else DDP
+    when several processes run. With ``--amp --amp-dtype bfloat16`` the blocks gather and
+    compute in bfloat16 (``MixedPrecisionPolicy``) unless the model has BatchNorm layers, whose
+    float32 running statistics refuse bfloat16 weights: then autocast alone, as under DDP."""
     if not s.parallel.fsdp:
         return wrap_ddp(model, dist)
-    mp_dtype = torch.bfloat16 if s.run.amp and s.run.amp_dtype == "bfloat16" else None
+    bf16 = s.run.amp and s.run.amp_dtype == "bfloat16"
+    mp_dtype = torch.bfloat16 if bf16 and not has_batchnorm(model) else None
     blocks = apply_fsdp(model, mp_dtype=mp_dtype, reshard_after_forward=s.parallel.reshard_after_forward)
     if dist.distributed:  # BatchNorm statistics follow rank 0's, as DDP's broadcast_buffers does
         broadcast_buffers_before_forward(model)
