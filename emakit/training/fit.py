@@ -34,7 +34,8 @@ from emakit.checkpoint import find_nonfinite
 from . import UsageError
 from .averages import POSTHOC_CHECKPOINT_KEY, recalibrated_bn
 from .dcp import DCP_BEST, DCP_LAST, is_dcp_folder, link_dcp_folder, read_dcp_meta, save_dcp
-from .fsdp import full_model_state, full_optimizer_state, reshard, sharded_model_state, sharded_optimizer_state
+from .fsdp import (broadcast_buffers, full_model_state, full_optimizer_state, reshard, sharded_model_state,
+                   sharded_optimizer_state)
 from .data import ResumableSampler, epoch_seed, set_epoch
 from .build import seed_all
 from .distributed import DistInfo, all_reduce_sum, distribute_bn
@@ -209,6 +210,10 @@ def sharded_checkpoint_state(tr: Trainer, epoch: int, metric: float | None, metr
     """The same keys for ``--checkpoint-format dcp`` on every rank (*collective*): model,
     optimizer (parameter-name keyed) and EMA weights in sharded form (DTensors over this
     rank's shards under FSDP, whole tensors under DDP / one process), for :func:`save_dcp`."""
+    # DCP writes one rank's copy of a replicated tensor, not necessarily rank 0's: mid-epoch the
+    # BatchNorm statistics differ by rank, and rank 0's are the run's (the file format's, and
+    # the ones the next training forward takes, as DDP's broadcast_buffers does).
+    broadcast_buffers(tr.model_without_ddp)
     state = _plain_state(tr, epoch, metric, metrics)
     state.update(state_dict=sharded_model_state(tr.model_without_ddp),
                  optimizer=sharded_optimizer_state(tr.model_without_ddp, tr.optimizer),
