@@ -223,23 +223,27 @@ def test_kill_9_of_one_rank_during_a_dcp_save_keeps_the_previous_folder(runs, im
         assert _max_diff(kept[key], epoch0[key]) == 0.0, key
 
 
-def test_fsdp_stopped_mid_epoch_into_a_dcp_folder_resumes_bitwise(tmp_path, image_folder):
-    """SIGTERM in the middle of epoch 0 of an FSDP x2 run writing DCP folders, then --resume of
-    last.dcp: the same weights and EMA as the FSDP run never stopped (its single file), bitwise.
-    (Mid-epoch, each rank's BatchNorm statistics differ; the folder must hold rank 0's.)"""
-    from test_train_signals import _torchrun as signalled_torchrun
+def test_fsdp_stopped_mid_epoch_into_a_dcp_folder_resumes_bitwise(runs, image_folder_many, tmp_path):
+    """SIGTERM in the middle of epoch 0 of an FSDP x2 run writing DCP folders (the "fsdp" run's
+    flags), then --resume of last.dcp: the same weights and EMA as the "fsdp" run that never
+    stopped, bitwise. (Mid-epoch each rank's BatchNorm statistics differ; the folder must hold
+    rank 0's, which the run continues with.)"""
+    from test_train_signals import SIGNALLING_TRAIN
 
-    proc, codes = signalled_torchrun(tmp_path, image_folder, "straight", "--fsdp")
-    assert codes == [0, 0], proc.stderr[-3000:]
-    dcp = ["--fsdp", "--checkpoint-format", "dcp"]
-    proc, codes = signalled_torchrun(tmp_path, image_folder, "stopped", *dcp, signal_at="train 0 [2/6]")
-    assert codes == [143, 143], proc.stderr[-3000:]
-    last = tmp_path / "out" / "stopped" / "last.dcp"
+    script = tmp_path / "signalling_train.py"
+    script.write_text(SIGNALLING_TRAIN)
+    out = tmp_path / "out"
+    out.mkdir()
+    flags = ["--epochs", "2", "--checkpoint-format", "dcp", "--log-interval", "1"]
+    proc = _train(image_folder_many, out, "stopped", *flags, script=str(script), SIGNAL_AT="train 0 [1/3]",
+                  STATUS_FILE=str(tmp_path / "status"))
+    assert [(tmp_path / f"status.rank{r}").read_text() for r in (0, 1)] == ["143", "143"], proc.stderr[-3000:]
+    last = out / "stopped" / "last.dcp"
     position = _load(last)["train_position"]
-    assert 3 <= position["steps_done"] < 6 and position["processes"] == 2
-    proc, codes = signalled_torchrun(tmp_path, image_folder, "stopped", *dcp, "--resume", str(last))
-    assert codes == [0, 0], proc.stderr[-3000:]
-    straight, resumed = _load(tmp_path / "out" / "straight" / "last.pth.tar"), _load(last)
+    assert 1 <= position["steps_done"] < 3 and position["processes"] == 2
+    _ok(_train(image_folder_many, out, "stopped", *flags, "--resume", str(last), script=str(script),
+               STATUS_FILE=str(tmp_path / "status")))
+    straight, resumed = _load(runs / "fsdp" / "last.pth.tar"), _load(last)
     for key in WEIGHTS:
         assert _max_diff(straight[key], resumed[key]) == 0.0, key
-    assert resumed["ema"]["num_updates"] == straight["ema"]["num_updates"] == 12
+    assert resumed["ema"]["num_updates"] == straight["ema"]["num_updates"] == 2 * 3
