@@ -25,8 +25,11 @@ from test_train_distributed import torchrun
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5
-ARGS = [*FAST_ARGS, "-b", "4", "--seed", "7"]
-WEIGHTS = ("state_dict", "state_dict_ema")
+# Two EMAs (one fused MultiEMA) ride along in every run.
+ARGS = [*FAST_ARGS, "-b", "4", "--seed", "7", "--model-ema-half-life", "2ba,6ba"]
+# BatchNorm recalibration of the EMAs at evaluation (it leaves the training trajectory as it is)
+RECAL = ["--model-ema-bn-recal", "2"]
+WEIGHTS = ("state_dict", "state_dict_ema", "state_dict_ema_1")
 
 # rank 1 of a train.py --checkpoint-format dcp run SIGKILLs itself inside DCP's write of the
 # second checkpoint (epoch 1), after its shard files are on disk; the folder is not complete.
@@ -83,9 +86,9 @@ def _rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-# (run name, epochs, launch, format, resume from)
+# (run name, epochs, launch, format, resume from, extra flags)
 SOURCES = [("fsdp", 2, "fsdp", "file", None), ("ddp", 2, "ddp", "file", None),
-           ("fsdp_dcp1", 1, "fsdp", "dcp", None), ("ddp_dcp1", 1, "ddp", "dcp", None),
+           ("fsdp_dcp1", 1, "fsdp", "dcp", None, *RECAL), ("ddp_dcp1", 1, "ddp", "dcp", None, *RECAL),
            ("one1", 1, "one", "file", None), ("one_dcp1", 1, "one", "dcp", None)]
 # The resume matrix: (row id, run name, launch, written format, resumed checkpoint, reference run, bitwise)
 MATRIX = [
@@ -111,8 +114,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, image_folder_many: Path) -> P
     out = tmp_path_factory.mktemp("train_fsdp")
     data = image_folder_many
 
-    def launch(name: str, epochs: int, how: str, fmt: str, resume: str | None) -> None:
-        flags = ["--epochs", str(epochs), "--checkpoint-format", fmt]
+    def launch(name: str, epochs: int, how: str, fmt: str, resume: str | None, *extra: str) -> None:
+        flags = ["--epochs", str(epochs), "--checkpoint-format", fmt, *extra]
         if resume:
             flags += ["--resume", str(out / resume)]
         _ok(_train(data, out, name, *flags, ranks=1 if how == "one" else 2, fsdp=how == "fsdp"))
@@ -135,7 +138,18 @@ def test_fsdp_run_equals_ddp_run(runs):
     epoch0 = [_load(runs / run / "checkpoint-0.pth.tar") for run in ("fsdp", "ddp")]
     for key in WEIGHTS:
         assert _max_diff(epoch0[0][key], epoch0[1][key]) == 0.0, key
-    assert fsdp["ema"]["num_updates"] == ddp["ema"]["num_updates"] == 2 * 3
+    assert fsdp["ema"]["num_updates"] == ddp["ema"]["num_updates"] == fsdp["ema_1"]["num_updates"] == 2 * 3
+    # each EMA evaluated swapped into the sharded model, BatchNorm recalibrated there: the same
+    # statistics and metrics as DDP's evaluation of the EMA's own module (the 1-epoch DCP runs)
+    sources = [_load(runs / run / "last.dcp") for run in ("fsdp_dcp1", "ddp_dcp1")]
+    recal = [ckpt["ema_bn_recal"]["buffers"] for ckpt in sources]
+    assert len(recal[0]) == len(recal[1]) == 2
+    for a, b in zip(*recal):
+        assert _max_diff(a, b) <= TOL
+    for key in ("ema_eval_loss", "ema_eval_top1", "ema1_eval_loss", "ema1_eval_top1"):
+        assert f"{sources[0]['metrics'][key]:.4f}" == f"{sources[1]['metrics'][key]:.4f}", key
+    assert sources[0]["metrics"]["ema_eval_loss"] != _load(runs / "fsdp" / "checkpoint-0.pth.tar")["metrics"][
+        "ema_eval_loss"]  # the recalibration did change what was evaluated
     # the gathered optimizer state is in the standard integer-id layout, as DDP's
     assert fsdp["optimizer"]["param_groups"] == ddp["optimizer"]["param_groups"]
     assert fsdp["optimizer"]["state"].keys() == ddp["optimizer"]["state"].keys()
@@ -163,8 +177,8 @@ def test_gathered_checkpoint_loads_in_timm_and_validate_reproduces_the_ema_top1(
     load_checkpoint(model, str(path), use_ema=True)
     assert _max_diff(model.state_dict(), saved["state_dict_ema"]) == 0.0
     assert _max_diff(model.state_dict(), ddp["state_dict_ema"]) <= TOL
-    for checkpoint, row in ((path, _rows(runs / "fsdp")[-1]), (runs / "fsdp_dcp1" / "last.dcp",
-                                                                _rows(runs / "fsdp_dcp1")[-1])):
+    for checkpoint, row in ((path, _rows(runs / "fsdp")[-1]), (runs / "r_ff_dcp" / "last.dcp",
+                                                                _rows(runs / "r_ff_dcp")[-1])):
         proc = _ok(subprocess.run([sys.executable, str(REPO / "validate.py"), str(image_folder_many),
                                    "--checkpoint", str(checkpoint), "--use-ema"],
                                   env=subprocess_env(), capture_output=True, text=True, timeout=300))
