@@ -522,6 +522,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--model-ema-bn-recal recalibrates the EMA's BatchNorm statistics: add --model-ema")
     _check_posthoc_args(args)
     _check_parallel_args(args)
+    if args.resume and os.path.isdir(args.resume):
+        from .resume import check_resume_folder
+
+        check_resume_folder(args.resume)
 
 
 def _check_parallel_args(args: argparse.Namespace) -> None:

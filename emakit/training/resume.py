@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # averages imports this module's checks
 
 __all__ = ["checkpoint_arg", "ema_entry_keys", "normalize_resume_checkpoint", "check_ema_entry",
            "check_optimizer_state", "steps_done", "warn_batch_change", "TRAIN_POSITION_KEY", "load_resume",
-           "check_resume", "apply_resume", "check_resume_position", "position_scheduler", "load_resume_folder",
+           "check_resume", "apply_resume", "check_resume_position", "position_scheduler", "load_resume_folder", "check_resume_folder",
            "fill_resume_folder"]
 
 _log = logging.getLogger(__name__)
@@ -245,14 +245,23 @@ def load_resume_folder(path: str, model_name: str) -> dict[str, Any]:
     reads once the model, optimizer and EMAs are built. ``UsageError`` for any other folder."""
     from .dcp import read_dcp_meta, resolve_dcp_folder
 
-    folder = resolve_dcp_folder(path)
-    meta = read_dcp_meta(folder) if folder is not None else {}
-    if not meta.get("sharded_keys"):
-        raise UsageError(f"--resume {path} is a folder but not a checkpoint folder written by train.py "
-                         "--checkpoint-format dcp (no .metadata and emakit.pt); pass a last.dcp folder or a file")
+    check_resume_folder(path)
+    meta = read_dcp_meta(resolve_dcp_folder(path))
     placeholders = {k: ({"state": {}, "param_groups": []} if k == "optimizer" else {}) for k in meta["sharded_keys"]}
     ckpt = {**meta.get("plain", {}), **placeholders}
     return _check_training_checkpoint(ckpt, path, model_name)
+
+
+def check_resume_folder(path: str) -> None:
+    """``UsageError`` unless ``path`` (a ``--resume`` folder) is a complete checkpoint folder
+    written by ``train.py --checkpoint-format dcp``; cheap (reads ``emakit.pt``), run by the
+    flag checks before anything else."""
+    from .dcp import read_dcp_meta, resolve_dcp_folder
+
+    folder = resolve_dcp_folder(path)
+    if folder is None or not read_dcp_meta(folder).get("sharded_keys"):
+        raise UsageError(f"--resume {path} is a folder but not a checkpoint folder written by train.py "
+                         "--checkpoint-format dcp (no .metadata and emakit.pt); pass a last.dcp folder or a file")
 
 
 def fill_resume_folder(ckpt: dict[str, Any], path: str, *, model: nn.Module, averages: Averages,
