@@ -222,7 +222,7 @@ def find_nonfinite(obj: Any, where: str = "state", skip_keys: frozenset[str] = f
     """Key paths (``state['state_dict']['fc.weight']``) of the floating-point tensors in a
     nested dict/list/tuple that hold a NaN or an infinity. ``skip_keys``: dict keys whose
     tensors are left out wherever they appear (buffers that are -inf by design, such as
-    attention masks).
+    attention masks). A DTensor (FSDP) is checked on this rank's shard only (no communication).
 
     Cheap enough to run before every checkpoint write: the tensors are screened with one
     fused 2-norm per (device, dtype) group and one host sync (a norm is non-finite when an
@@ -254,6 +254,7 @@ def _collect_float_tensors(obj: Any, where: str, skip_keys: frozenset[str],
                            out: list[tuple[str, torch.Tensor]]) -> None:
     """Append (key path, tensor) for every non-empty floating or complex tensor in ``obj``."""
     if isinstance(obj, torch.Tensor):
+        obj = obj.to_local() if hasattr(obj, "to_local") else obj  # a DTensor: this rank's shard
         if (obj.is_floating_point() or obj.is_complex()) and obj.numel():
             out.append((where, obj))
     elif isinstance(obj, Mapping):

@@ -99,6 +99,18 @@ TRAIN_FLAG_CASES = {
                                  "epochs >= 0"),
     "remode_bogus": (["--remode", "blur"], E + "argument --remode: invalid value 'blur' (unknown); give one of "
                                                "pixel, rand, const"),
+    # issue 10: --fsdp and the checkpoint format (no torchrun environment in these processes)
+    "fsdp_without_torchrun": (["--fsdp"], E + "--fsdp needs a process group: launch with torchrun, e.g. torchrun "
+                                              "--nproc_per_node=2 train.py --fsdp ... (--nproc_per_node=1 is fine)"),
+    "fsdp_float16": (["--fsdp", "--amp"], E + "--fsdp with --amp --amp-dtype float16 is not supported (its gradient "
+                                              "scaler does not handle sharded gradients): use --amp-dtype bfloat16"),
+    "fsdp_posthoc": (["--fsdp", "--model-ema-posthoc"],
+                     E + "--model-ema-posthoc is not supported with --fsdp (its snapshots need the whole weights on "
+                         "rank 0 every few steps): drop one of them"),
+    "reshard_without_fsdp": (["--no-fsdp-reshard-after-forward"],
+                             E + "--no-fsdp-reshard-after-forward applies to --fsdp: add --fsdp or drop it"),
+    "checkpoint_format_bogus": (["--checkpoint-format", "zip"],
+                                E + "argument --checkpoint-format: invalid choice: 'zip' (choose from 'file', 'dcp')"),
 }
 
 
@@ -208,6 +220,8 @@ def _cases(w: dict[str, Path]) -> dict[str, dict]:
     cases["one_class"] = {"argv": _train_argv(w, "one_class", [], w["one_class"])}
     cases["bomb"] = {"argv": _train_argv(w, "bomb", [], w["bomb"])}
     cases["bad_name"] = {"argv": _train_argv(w, "bad_name", [], w["bad_name"])}
+    cases["resume_plain_folder"] = {"argv": _train_argv(w, "resume_plain_folder",
+                                                        ["--resume", str(w["root"] / "a_folder.csv")])}
     cases["unlistable"] = {"argv": ["train.py", str(w["perm"] / "data"), *FAST_ARGS, "--output",
                                     str(w["perm"] / "out")], "user": "nobody"}
     # validate.py: the same kinds, and output files checked before anything is evaluated
@@ -406,6 +420,13 @@ def test_export_refuses_its_own_source_even_when_it_is_a_bare_state_dict(tmp_pat
 
 
 # --------------------------------------------------------------------------- §4 images, §5 data
+def test_resume_of_a_folder_that_is_no_dcp_checkpoint_is_one_line(batch, world):
+    assert only_line(batch["resume_plain_folder"]) == (
+        f"{E}--resume {world['root'] / 'a_folder.csv'} is a folder but not a checkpoint folder written by train.py "
+        "--checkpoint-format dcp (no .metadata and emakit.pt); pass a last.dcp folder or a file")
+    assert_no_run_folder(world, "resume_plain_folder")
+
+
 def test_a_decompression_bomb_is_named(batch, world):
     line = only_line(batch["bomb"])
     assert line.startswith(f"{E}cannot read image {world['bomb_file']}: Image size (400000000 pixels) exceeds limit")

@@ -72,12 +72,14 @@ def ema_selector(index: int) -> str:
     return "ema" if index == 0 else f"ema:{index}"
 
 
-def ema_checkpoint_state(ema: _EmaSet | None) -> dict[str, Any]:
-    """Every EMA's weights and meta (update counter, settings) under its checkpoint keys."""
+def ema_checkpoint_state(ema: _EmaSet | None, *, full: bool = True) -> dict[str, Any]:
+    """Every EMA's weights and meta (update counter, settings) under its checkpoint keys.
+    A sharded (FSDP) EMA gives whole tensors on rank 0 (``{}`` elsewhere; *collective*) with
+    ``full``, else DTensors over its shards (for a DCP folder)."""
     state: dict[str, Any] = {}
     for i, member in enumerate(ema_members(ema)):
         weights_key, meta_key = ema_checkpoint_keys(i)
-        part = member.checkpoint_state()
+        part = member.checkpoint_state(full=full, rank0_only=full)
         state[weights_key], state[meta_key] = part["state_dict_ema"], part["ema"]
     return state
 
@@ -292,7 +294,7 @@ class AverageTarget:
 
     name: str
     selector: str
-    module: nn.Module
+    module: nn.Module | None  # None for a sharded (FSDP) EMA: evaluate it through ModelEMA.swapped_into
 
 
 class Averages:
@@ -320,7 +322,8 @@ class Averages:
         self.posthoc = posthoc
         self.members: list[ModelEMA] = ema_members(ema)
         self.device = device if device is not None else (
-            next(iter(self.members[0].module.parameters())).device if self.members else torch.device("cpu"))
+            next(iter(self.members[0].module.parameters())).device
+            if self.members and self.members[0].module is not None else torch.device("cpu"))
         self.bn_recal = int(bn_recal)
         self.write_error: OSError | None = None
 
@@ -372,10 +375,18 @@ class Averages:
                    for m in self.members]
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_state(self, bn_recal: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    @property
+    def sharded(self) -> bool:
+        """True when the EMAs hold this rank's shards of an FSDP model (no module of their own)."""
+        return any(m.sharded for m in self.members)
+
+    def checkpoint_state(self, bn_recal: list[dict[str, torch.Tensor]] | None = None, *,
+                         full: bool = True) -> dict[str, Any]:
         """The checkpoint entries: every EMA's weights + meta, the post-hoc state and the
-        epoch's recalibrated BatchNorm buffers (``{"num_batches": N, "buffers": [per EMA]}``)."""
-        state = ema_checkpoint_state(self.ema)
+        epoch's recalibrated BatchNorm buffers (``{"num_batches": N, "buffers": [per EMA]}``).
+        Sharded EMAs: *collective*; ``full`` gathers whole tensors to rank 0 (single file),
+        else DTensors over the shards (a DCP folder)."""
+        state = ema_checkpoint_state(self.ema, full=full)
         if self.posthoc is not None:
             state[POSTHOC_CHECKPOINT_KEY] = self.posthoc.state_dict()
         if bn_recal:
@@ -385,20 +396,21 @@ class Averages:
     def rank_buffers(self) -> list[dict[str, torch.Tensor]]:
         """This rank's EMA buffers (CPU copies): under DDP each rank averaged its own
         BatchNorm statistics since the last evaluation, so a mid-epoch stop keeps them all."""
-        return [{k: b.detach().cpu().clone() for k, b in m.module.named_buffers()} for m in self.members]
+        return [{k: b.detach().cpu().clone() for k, b in _member_buffers(m).items()} for m in self.members]
 
     def load_rank_buffers(self, saved: list[dict[str, torch.Tensor]]) -> None:
         """Put back what :meth:`rank_buffers` returned (a mid-epoch resume)."""
         with torch.no_grad():
             for member, buffers in zip(self.members, saved or []):
-                for name, buf in member.module.named_buffers():
+                for name, buf in _member_buffers(member).items():
                     if name in buffers:
                         buf.copy_(buffers[name])
 
     # ------------------------------------------------------------------ resume
-    def check_resume(self, ckpt: dict[str, Any], path: str, *, drop_ema: bool) -> None:
+    def check_resume(self, ckpt: dict[str, Any], path: str, *, drop_ema: bool, model: nn.Module | None = None) -> None:
         """Before anything is loaded: an EMA held by the checkpoint is continued or dropped
-        explicitly (``--drop-ema``), and its weights fit the model."""
+        explicitly (``--drop-ema``), and its weights fit the model (``model``: the bare model,
+        needed for sharded EMAs, which hold no module to compare with)."""
         held = [ema_checkpoint_keys(i) for i in ema_indices(ckpt)]
         if drop_ema and self.ema is not None:
             raise UsageError("--drop-ema drops the resumed checkpoint's EMA, but --model-ema continues it: "
@@ -413,7 +425,7 @@ class Averages:
             _log.warning("--drop-ema: the checkpoint's %d EMA(s) (%s, %s updates) are not continued; this run's "
                          "checkpoints hold no EMA", len(held), ", ".join(k for k, _ in held), counter)
         for member, (weights_key, _) in zip(self.members, held):
-            check_ema_entry(member.module, ckpt[weights_key], weights_key, path)
+            check_ema_entry(member.module if member.module is not None else model, ckpt[weights_key], weights_key, path)
 
     @property
     def in_images(self) -> bool:
@@ -429,6 +441,13 @@ class Averages:
             resume_posthoc(self.posthoc, ckpt, path)
         elif ckpt.get(POSTHOC_CHECKPOINT_KEY) is not None:
             _log.info("--resume %s tracked a post-hoc EMA; it stops here (no --model-ema-posthoc)", path)
+
+
+def _member_buffers(member: ModelEMA) -> dict[str, torch.Tensor]:
+    """The EMA's live buffers by name (not sharded under FSDP: each rank has its own)."""
+    if member.module is not None:
+        return dict(member.module.named_buffers())
+    return {k: v for k, v in member.state_dict_ema(full=False).items() if not hasattr(v, "to_local")}
 
 
 def resume_ema(ema: _EmaSet, ckpt: dict[str, Any], path: str, model: nn.Module, *,

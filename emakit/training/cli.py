@@ -78,7 +78,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                        description="Write one weight set of a checkpoint, unprefixed and atomically. A "
                                    ".safetensors file loads with timm.create_model(NAME, pretrained=True, "
                                    "pretrained_cfg_overlay=dict(file=FILE, num_classes=N), num_classes=N).")
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (ours, timm, SuperGradients, torchvision)")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (ours, timm, SuperGradients, torchvision) "
+                                                      "or a train.py --checkpoint-format dcp folder (last.dcp)")
     p.add_argument("--weights", default="ema", metavar="SET", help="raw, ema or ema:N (default: ema)")
     p.add_argument("-o", "--output", required=True, type=OutputFile(), metavar="FILE",
                    help="output: .safetensors, or any other name for a torch.save'd bare state dict; never the "
@@ -143,14 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- export
 def _cmd_export(s: ExportSettings) -> list[str]:
-    from emakit.checkpoint import load_checkpoint
-
-    from .validation import export_weights, resolve_arch, resolve_num_classes, select_weights, timm_load_hint
+    from .validation import (export_weights, read_checkpoint, resolve_arch, resolve_num_classes, select_weights,
+                             timm_load_hint)
 
     if os.path.exists(s.output) and os.path.exists(s.checkpoint) and os.path.samefile(s.output, s.checkpoint):
         raise UsageError(f"-o {s.output} is the checkpoint being exported: an export never replaces its "
                          "source; give another file name")
-    ckpt = load_checkpoint(s.checkpoint)
+    ckpt = read_checkpoint(s.checkpoint)
     state_dict, label = select_weights(ckpt, s.weights, s.checkpoint)
     arch = resolve_arch(ckpt, s.checkpoint, s.model)
     num_classes = resolve_num_classes(ckpt, state_dict, arch, s.checkpoint, s.num_classes)

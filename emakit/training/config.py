@@ -29,8 +29,8 @@ from emakit.posthoc import DTYPES
 from . import UsageError, one_line
 from .data import AugmentConfig
 from .kinds import Parser as _Parser
-from .settings import (DataSettings, EmaSettings, LossSettings, ModelSettings, OptimSettings, PosthocSettings,
-                       RunSettings, ScheduleSettings, TrainSettings)
+from .settings import (DataSettings, EmaSettings, LossSettings, ModelSettings, OptimSettings, ParallelSettings,
+                       PosthocSettings, RunSettings, ScheduleSettings, TrainSettings)
 from .kinds import (EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE,
                     POSITIVE_INT, PROBABILITY, RATE, SEED, SEED_MAX, STD, TRAIN_INTERPOLATION, UNIT_INTERVAL,
                     AutoAugment, Device, check_sigma_rels,
@@ -381,6 +381,24 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
                    help="no tqdm progress bars (default: False; bars only on rank 0 and a TTY)")
 
 
+def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Scaling out (torchrun)")
+    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
+                   help="shard the model, its gradients, the optimizer state and the EMA(s) over the processes "
+                        "with FSDP2 (torch fully_shard) instead of replicating them with DDP; needs torchrun "
+                        "(--nproc_per_node=1 is fine). Not with --amp-dtype float16 (use --amp-dtype bfloat16) "
+                        "nor --model-ema-posthoc (default: False = DDP)")
+    g.add_argument("--fsdp-reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --fsdp, free each block's gathered weights after its forward (least memory, one "
+                        "more all-gather per block in backward); --no-fsdp-reshard-after-forward keeps them "
+                        "until the backward (default: True)")
+    g.add_argument("--checkpoint-format", default="file", choices=["file", "dcp"],
+                   help="file: last.pth.tar / model_best.pth.tar / checkpoint-<epoch>.pth.tar, one timm-compatible "
+                        "file gathered on rank 0; dcp: last.dcp and model_best.dcp, torch.distributed.checkpoint "
+                        "folders every rank writes its shards into (no gather; --checkpoint-hist does not apply). "
+                        "Both resume on any process count, with or without --fsdp (default: file)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``train.py`` parser (no ``--config``; see :func:`parse_args`)."""
     parser = _Parser(prog="train.py", description="Train a timm image classifier with an EMA of its weights.")
@@ -388,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="YAML file of flag dests (e.g. model_ema_decay: 0.9999) used as defaults; "
                              "the command line still wins (default: '')")
     for add in (_add_data_args, _add_model_args, _add_optimizer_args, _add_schedule_args,
-                _add_augment_args, _add_ema_args, _add_posthoc_args, _add_misc_args):
+                _add_augment_args, _add_ema_args, _add_posthoc_args, _add_misc_args, _add_parallel_args):
         add(parser)
     return parser
 
@@ -505,6 +523,28 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.model_ema_bn_recal and not args.model_ema:
         raise UsageError("--model-ema-bn-recal recalibrates the EMA's BatchNorm statistics: add --model-ema")
     _check_posthoc_args(args)
+    _check_parallel_args(args)
+    if args.resume and os.path.isdir(args.resume):
+        from .resume import check_resume_folder
+
+        check_resume_folder(args.resume)
+
+
+def _check_parallel_args(args: argparse.Namespace) -> None:
+    """``--fsdp`` needs torchrun's process group and refuses what it does not support."""
+    if not args.fsdp:
+        if not args.fsdp_reshard_after_forward:
+            raise UsageError("--no-fsdp-reshard-after-forward applies to --fsdp: add --fsdp or drop it")
+        return
+    if args.amp and args.amp_dtype == "float16":
+        raise UsageError("--fsdp with --amp --amp-dtype float16 is not supported (its gradient scaler does not "
+                         "handle sharded gradients): use --amp-dtype bfloat16")
+    if args.model_ema_posthoc:
+        raise UsageError("--model-ema-posthoc is not supported with --fsdp (its snapshots need the whole "
+                         "weights on rank 0 every few steps): drop one of them")
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        raise UsageError("--fsdp needs a process group: launch with torchrun, e.g. torchrun --nproc_per_node=2 "
+                         "train.py --fsdp ... (--nproc_per_node=1 is fine)")
 
 
 def _check_posthoc_args(args: argparse.Namespace) -> None:
@@ -592,6 +632,8 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
                         progress=not args.no_progress, checkpoint_hist=args.checkpoint_hist,
                         eval_metric=args.eval_metric, on_nonfinite=args.on_nonfinite,
                         max_nonfinite_skips=int(args.max_nonfinite_skips), dist_bn=args.dist_bn),
+        parallel=ParallelSettings(fsdp=args.fsdp, reshard_after_forward=args.fsdp_reshard_after_forward,
+                                  checkpoint_format=args.checkpoint_format),
         flags=MappingProxyType(dict(vars(args))),
     )
 

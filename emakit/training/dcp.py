@@ -35,10 +35,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["META_FILE", "is_dcp_folder", "is_sharded_key", "save_dcp", "load_dcp", "read_dcp_meta",
+__all__ = ["META_FILE", "DCP_LAST", "DCP_BEST", "link_dcp_folder", "is_dcp_folder", "is_sharded_key", "save_dcp", "load_dcp", "read_dcp_meta",
            "dcp_folder_to_checkpoint", "resolve_dcp_folder", "load_dcp_training_state"]
 
 META_FILE = "emakit.pt"
+DCP_LAST = "last.dcp"          # train.py --checkpoint-format dcp: the newest checkpoint folder
+DCP_BEST = "model_best.dcp"    # the best epoch's (hard links to the files of that epoch's last.dcp)
 _DCP_METADATA = ".metadata"
 _SHARDED_KEY = re.compile(r"^(state_dict|optimizer|state_dict_ema(_\d+)?)$")
 
@@ -145,7 +147,7 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
     """
     from torch.distributed.checkpoint import FileSystemWriter, save
 
-    from ..checkpoint import CheckpointError, find_unplain, fsync_dir, save_checkpoint
+    from ..checkpoint import CheckpointError, find_unplain, save_checkpoint
 
     folder = os.path.abspath(os.fspath(folder))
     rank = _rank()
@@ -176,24 +178,62 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
     with _single_process_quiet():
         save(sharded, storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=not _distributed())
     if rank == 0:  # DCP returns on every rank after its coordinator wrote .metadata: the folder is complete
-        try:
-            fsync_dir(tmp)
-            replaced = os.path.exists(folder)
-            if replaced:
-                os.rename(folder, old)
-            os.rename(tmp, folder)
-            fsync_dir(os.path.dirname(folder))
-            if replaced:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError as e:
-            error = f"{type(e).__name__}: {e}"
-            if not os.path.exists(folder) and os.path.exists(old):
-                with contextlib.suppress(OSError):
-                    os.rename(old, folder)
+        error = _put_in_place(tmp, folder, old)
     error = _broadcast(error)
     if error is not None:
         raise OSError(f"could not finish the checkpoint folder {folder} ({error}); the previous one is kept")
     return folder
+
+
+def _put_in_place(tmp: str, folder: str, old: str) -> str | None:
+    """Rank 0: the complete ``tmp`` folder becomes ``folder`` (the previous one moved to ``old``
+    first, deleted last); the error text, or None."""
+    from ..checkpoint import fsync_dir
+
+    try:
+        fsync_dir(tmp)
+        replaced = os.path.exists(folder)
+        if replaced:
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        fsync_dir(os.path.dirname(folder))
+        if replaced:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        if not os.path.exists(folder) and os.path.exists(old):
+            with contextlib.suppress(OSError):
+                os.rename(old, folder)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def link_dcp_folder(src: str | os.PathLike[str], folder: str | os.PathLike[str]) -> str:
+    """Make ``folder`` a copy of the complete DCP folder ``src`` made of hard links to its files
+    (a copy where links are refused), replacing ``folder`` atomically like :func:`save_dcp`.
+    *Collective* (rank 0 works, every rank learns the outcome); raises OSError on every rank."""
+    folder, error = os.path.abspath(os.fspath(folder)), None
+    if _rank() == 0:
+        token = secrets.token_hex(6)
+        tmp, old = _side_names(folder, "tmp") + token, _side_names(folder, "old") + token
+        try:
+            _tidy(folder)
+            shutil.copytree(os.fspath(src), tmp, copy_function=_link_or_copy)
+            error = _put_in_place(tmp, folder, old)
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+        if error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    error = _broadcast(error)
+    if error is not None:
+        raise OSError(f"could not write the checkpoint folder {folder} ({error}); the previous one is kept")
+    return folder
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def read_dcp_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:

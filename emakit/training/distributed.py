@@ -65,16 +65,17 @@ def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> DistInfo:
+def init_distributed(device: str | None = None, timeout_s: float = 600.0, *, always_group: bool = False) -> DistInfo:
     """Read torchrun's environment, pick the device and start the process group if needed.
 
     nccl on CUDA, gloo on CPU. ``timeout_s`` bounds every collective, so a rank that died
-    does not leave the others waiting forever.
+    does not leave the others waiting forever. ``always_group``: start the group under
+    torchrun even for one process (FSDP needs one at any world size).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
-    if world_size <= 1:
+    if world_size <= 1 and not (always_group and "MASTER_ADDR" in os.environ):
         return DistInfo(device=dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -96,8 +97,8 @@ def shutdown_distributed(dist: DistInfo, *, synchronize: bool = False) -> None:
     connections while another is still finishing: gloo aborts a process whose peer vanished.
     Error paths skip it, since a rank stuck elsewhere would never reach the barrier.
     """
-    if dist.distributed and torch_dist.is_initialized():
-        if synchronize:
+    if torch_dist.is_available() and torch_dist.is_initialized():  # also one process started with always_group
+        if synchronize and dist.distributed:
             torch_dist.barrier()
         torch_dist.destroy_process_group()
 

@@ -270,6 +270,9 @@ def _check_step(model: nn.Module, group_loss: torch.Tensor, opts: TrainOptions, 
     all-reduce). With an fp16 scaler, inf gradients are its business (it skips the step)."""
     flags = [(~torch.isfinite(group_loss)).to(torch.float64)]
     grads = [p.grad for p in model.parameters() if p.grad is not None] if opts.amp.scaler is None else []
+    # FSDP: each rank checks its own gradient shards (no gather); the verdict is summed below.
+    sharded = any(hasattr(g, "to_local") for g in grads)
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
     # The 2-norm per tensor is a fused, vectorised read of the gradients (the inf-norm is 20x
     # slower on CPU); it is non-finite when an element is, or when a huge finite gradient
     # overflows it, which the exact check below tells apart (only then, so rarely).
@@ -287,7 +290,11 @@ def _check_step(model: nn.Module, group_loss: torch.Tensor, opts: TrainOptions, 
     torch_dist.all_reduce(agreed)  # [loss non-finite on some rank, gradients (same on all ranks), stop]
     local_loss, any_loss, grad, any_stop = torch.cat([mine, agreed]).tolist()
     # Gradients are identical on every rank after DDP's all-reduce: the exact check agrees too.
-    return (1 if local_loss else 2 if any_loss else 0), int(grad > 0 and _nonfinite_exactly(grads)), any_stop > 0
+    # Under FSDP each rank holds other shards: the exact verdicts are summed (rare path).
+    exact = grad > 0 and _nonfinite_exactly(grads)
+    if grad > 0 and sharded:
+        exact = all_reduce_sum([float(exact)], dist)[0] > 0
+    return (1 if local_loss else 2 if any_loss else 0), int(exact), any_stop > 0
 
 
 def _norms_by_group(tensors: list[torch.Tensor], order: float) -> list[torch.Tensor]:

@@ -32,7 +32,10 @@ import torch
 from emakit.checkpoint import find_nonfinite
 
 from . import UsageError
-from .averages import POSTHOC_CHECKPOINT_KEY
+from .averages import POSTHOC_CHECKPOINT_KEY, recalibrated_bn
+from .dcp import DCP_BEST, DCP_LAST, is_dcp_folder, link_dcp_folder, read_dcp_meta, save_dcp
+from .fsdp import (broadcast_buffers, full_model_state, full_optimizer_state, reshard, sharded_model_state,
+                   sharded_optimizer_state)
 from .data import ResumableSampler, epoch_seed, set_epoch
 from .build import seed_all
 from .distributed import DistInfo, all_reduce_sum, distribute_bn
@@ -45,7 +48,7 @@ from .resume import TRAIN_POSITION_KEY
 from .trainer import Trainer
 
 __all__ = ["fit", "run_epoch", "evaluate_raw_and_emas", "best_ema_index", "select_metric", "checkpoint_state",
-           "CHECKPOINT_VERSION"]
+           "sharded_checkpoint_state", "CHECKPOINT_VERSION"]
 
 _log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 2  # timm writes version 2 with the same keys
@@ -56,7 +59,9 @@ def _ema_input_dtype(tr: Trainer) -> torch.dtype | None:
     """Feed a low-precision EMA (``--model-ema-dtype bfloat16``) inputs of its dtype when
     autocast is off, so its evaluation does not fail on a dtype mismatch."""
     members = tr.averages.members
-    param = next(iter(members[0].module.parameters()), None) if members else None
+    if not members or members[0].module is None:  # a sharded EMA runs swapped into the model, in its dtype
+        return None
+    param = next(iter(members[0].module.parameters()), None)
     if param is None or tr.amp.enabled or param.dtype == torch.float32:
         return None
     return param.dtype
@@ -84,6 +89,8 @@ def evaluate_raw_and_emas(tr: Trainer) -> tuple[dict[str, float], list[dict[str,
     evaluated under statistics re-estimated for its own weights, and keeps its averaged
     statistics afterwards (see ``recalibrated_bn``).
     """
+    if tr.averages.sharded or tr.settings.parallel.fsdp:
+        return _evaluate_sharded(tr)
     run, channels_last = tr.settings.run, tr.settings.model.channels_last
     distribute_bn(tr.model_without_ddp, tr.dist, run.dist_bn)
     targets = [EvalTarget(tr.model_without_ddp, tr.dist.device)]
@@ -95,6 +102,29 @@ def evaluate_raw_and_emas(tr: Trainer) -> tuple[dict[str, float], list[dict[str,
         results = evaluate_many(targets, tr.eval_loader, tr.eval_loss_fn, amp=tr.amp, channels_last=channels_last,
                                 dist=tr.dist, progress=tr.dist.is_main and run.progress)
     return results[0], results[1:], recal
+
+
+def _evaluate_sharded(tr: Trainer) -> tuple[dict[str, float], list[dict[str, float]],
+                                            list[dict[str, torch.Tensor]]]:
+    """:func:`evaluate_raw_and_emas` under FSDP: the raw weights, then each EMA swapped into the
+    sharded model (its shards exchanged with the model's, no full copy), one pass each; BN
+    buffers synced and (``--model-ema-bn-recal``) recalibrated on the swapped model."""
+    run, channels_last, model = tr.settings.run, tr.settings.model.channels_last, tr.model_without_ddp
+    kwargs = dict(amp=tr.amp, channels_last=channels_last, dist=tr.dist, progress=tr.dist.is_main and run.progress)
+    distribute_bn(model, tr.dist, run.dist_bn)
+    raw = evaluate_many([EvalTarget(model, tr.dist.device)], tr.eval_loader, tr.eval_loss_fn, **kwargs)[0]
+    reshard(model)  # with --no-fsdp-reshard-after-forward the evaluation left the weights gathered
+    emas, recal = [], []
+    for member, average in zip(tr.averages.members, tr.averages.targets()):
+        with member.swapped_into(model) as swapped, contextlib.ExitStack() as stack:
+            distribute_bn(swapped, tr.dist, run.dist_bn)  # the EMA's own buffers, as the DDP path does
+            if tr.averages.bn_recal > 0:
+                recal.append(stack.enter_context(recalibrated_bn(
+                    swapped, tr.train_loader, tr.averages.bn_recal, tr.dist.device, channels_last=channels_last,
+                    autocast=_ema_autocast(tr))))
+            emas += evaluate_many([EvalTarget(swapped, tr.dist.device, None, f" ({average.name.upper()})")],
+                                  tr.eval_loader, tr.eval_loss_fn, **kwargs)
+    return raw, emas, recal
 
 
 def best_ema_index(emas: list[dict[str, float]], eval_metric: str) -> int | None:
@@ -147,26 +177,96 @@ def _log_epoch(tr: Trainer, epoch: int, m: dict[str, Any], seconds: float, img_p
 
 # --------------------------------------------------------------------------- checkpoints
 def checkpoint_state(tr: Trainer, epoch: int, metric: float | None, metrics: dict[str, Any],
-                     bn_recal: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
-    """The checkpoint dict (DESIGN.md section 3): tensors and plain types only; timm's keys
-    plus every average's entries (:meth:`Averages.checkpoint_state`)."""
-    state: dict[str, Any] = {
-        "epoch": epoch, "arch": tr.settings.model.name, "version": CHECKPOINT_VERSION,
-        "state_dict": tr.model_without_ddp.state_dict(),
-        "optimizer": tr.optimizer.state_dict(), "scheduler": tr.lr_scheduler.state_dict(),
-        "amp_scaler": tr.amp.scaler.state_dict() if tr.amp.scaler is not None else None,
-        "args": dict(tr.flags), "metric": metric, "metrics": dict(metrics),
-    }
-    state.update(tr.averages.checkpoint_state(bn_recal))
+                     bn_recal: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any] | None:
+    """The single-file checkpoint dict (DESIGN.md section 3): tensors and plain types only;
+    timm's keys plus every average's entries (:meth:`Averages.checkpoint_state`). Call it on
+    every rank: under FSDP the model, optimizer and EMA(s) are gathered to whole CPU tensors
+    (*collective*) in the layout a one-process run writes. Rank 0 gets the dict, others None."""
+    sharded = tr.settings.parallel.fsdp
+    if not sharded and not tr.dist.is_main:
+        return None
+    if sharded:
+        weights = full_model_state(tr.model_without_ddp)
+        optimizer = full_optimizer_state(tr.model_without_ddp, tr.optimizer)
+    else:
+        weights, optimizer = tr.model_without_ddp.state_dict(), tr.optimizer.state_dict()
+    averages = tr.averages.checkpoint_state(bn_recal)
+    if not tr.dist.is_main:
+        return None
+    state = _plain_state(tr, epoch, metric, metrics)
+    state.update(state_dict=weights, optimizer=optimizer, **averages)
     return state
 
 
+def _plain_state(tr: Trainer, epoch: int, metric: float | None, metrics: dict[str, Any]) -> dict[str, Any]:
+    return {"epoch": epoch, "arch": tr.settings.model.name, "version": CHECKPOINT_VERSION,
+            "scheduler": tr.lr_scheduler.state_dict(),
+            "amp_scaler": tr.amp.scaler.state_dict() if tr.amp.scaler is not None else None,
+            "args": dict(tr.flags), "metric": metric, "metrics": dict(metrics)}
+
+
+def sharded_checkpoint_state(tr: Trainer, epoch: int, metric: float | None, metrics: dict[str, Any],
+                             bn_recal: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """The same keys for ``--checkpoint-format dcp`` on every rank (*collective*): model,
+    optimizer (parameter-name keyed) and EMA weights in sharded form (DTensors over this
+    rank's shards under FSDP, whole tensors under DDP / one process), for :func:`save_dcp`."""
+    # DCP writes one rank's copy of a replicated tensor, not necessarily rank 0's: mid-epoch the
+    # BatchNorm statistics differ by rank, and rank 0's are the run's (the file format's, and
+    # the ones the next training forward takes, as DDP's broadcast_buffers does).
+    broadcast_buffers(tr.model_without_ddp)
+    state = _plain_state(tr, epoch, metric, metrics)
+    state.update(state_dict=sharded_model_state(tr.model_without_ddp),
+                 optimizer=sharded_optimizer_state(tr.model_without_ddp, tr.optimizer),
+                 **tr.averages.checkpoint_state(bn_recal, full=False))
+    return state
+
+
+def _dcp_enabled(tr: Trainer) -> bool:
+    return tr.settings.parallel.checkpoint_format == "dcp"
+
+
+def _dcp_run_folder(tr: Trainer) -> str:
+    """The run folder on every rank (only rank 0 created it; *collective* on the first call),
+    and the best metric so far from a resumed run's ``model_best.dcp``."""
+    if tr.dcp_folder is None:
+        tr.dcp_folder = _gather(tr.output_dir, tr.dist)[0]
+        best = os.path.join(tr.dcp_folder, DCP_BEST)
+        if tr.start_epoch > 0 and is_dcp_folder(best):
+            tr.dcp_best = read_dcp_meta(best).get("plain", {}).get("metric")
+    return tr.dcp_folder
+
+
+def _save_dcp_checkpoint(tr: Trainer, state: dict[str, Any], epoch: int | None, metric: float | None,
+                         rank_state: Any = None) -> str:
+    """``last.dcp`` (every rank writes its shards), and ``model_best.dcp`` (hard links to the
+    same files) when ``metric`` beats the best so far; *collective*. Returns ``last.dcp``."""
+    folder = _dcp_run_folder(tr)
+    last = save_dcp(os.path.join(folder, DCP_LAST), state, rank_state=rank_state)
+    if epoch is None or metric is None:
+        return last
+    best = tr.dcp_best
+    better = best is None or (metric < best if tr.settings.run.eval_metric == "loss" else metric > best)
+    if better:
+        tr.dcp_best = metric
+        link_dcp_folder(last, os.path.join(folder, DCP_BEST))
+    return last
+
+
 def _write_checked(tr: Trainer, state: dict[str, Any] | None, write: Callable[[], None], label: str,
-                   when: str) -> None:
+                   when: str, *, every_rank: bool = False) -> None:
     """Rank 0: refuse a state with non-finite tensors, else ``write()``; then every rank
-    learns the outcome, so a divergence or a failed write stops all of them together."""
+    learns the outcome, so a divergence or a failed write stops all of them together.
+    ``every_rank`` (a DCP folder, a collective write): each rank checks its own shards, all
+    agree that the state is finite, then every rank calls ``write()``."""
     bad, error = [], None
-    if tr.dist.is_main:
+    if every_rank:
+        bad = find_nonfinite(state, skip_keys=tr.nonfinite_at_start)
+        if not all_reduce_sum([float(bool(bad))], tr.dist)[0]:
+            try:
+                write()
+            except OSError as e:
+                error = e
+    elif tr.dist.is_main:
         bad = find_nonfinite(state, skip_keys=tr.nonfinite_at_start)
         if not bad:
             try:
@@ -181,7 +281,10 @@ def _write_checked(tr: Trainer, state: dict[str, Any] | None, write: Callable[[]
     if failed:
         raise write_failed(tr.last_good, f"the outputs of {label}", error)
     # Only rank 0 writes and reports; the other ranks just know that a checkpoint exists.
-    tr.last_good = (tr.saver.last_path if tr.dist.is_main else "last.pth.tar (rank 0)", label)
+    if every_rank:
+        tr.last_good = (os.path.join(tr.dcp_folder or "", DCP_LAST), label)
+    else:
+        tr.last_good = (tr.saver.last_path if tr.dist.is_main else "last.pth.tar (rank 0)", label)
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -225,14 +328,20 @@ def run_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
     metrics = _epoch_metrics(tr, epoch, train, raw, emas)
     metric = select_metric(raw, emas, s.run.eval_metric, s.ema.select)
     tr.lr_scheduler.step(epoch + 1, metric)
-    state = checkpoint_state(tr, epoch, metric, metrics, bn_recal) if tr.dist.is_main else None
+    dcp = _dcp_enabled(tr)
+    state = (sharded_checkpoint_state if dcp else checkpoint_state)(tr, epoch, metric, metrics, bn_recal)
 
     def write() -> None:
+        if dcp:
+            _save_dcp_checkpoint(tr, state, epoch, metric)
+            if not tr.dist.is_main:
+                return
         tr.summary_rows.append(metrics)
         write_summary(os.path.join(tr.output_dir, "summary.csv"), tr.summary_rows, tr.summary_columns)
-        tr.saver.save(state, epoch, metric, last_only_keys=(POSTHOC_CHECKPOINT_KEY,))
+        if not dcp:
+            tr.saver.save(state, epoch, metric, last_only_keys=(POSTHOC_CHECKPOINT_KEY,))
 
-    _write_checked(tr, state, write, f"epoch {epoch}", f"after epoch {epoch}")
+    _write_checked(tr, state, write, f"epoch {epoch}", f"after epoch {epoch}", every_rank=dcp)
     if tr.dist.is_main:
         _log_epoch(tr, epoch, metrics, time.perf_counter() - start, train["img_per_sec"])
     return metrics
@@ -284,15 +393,16 @@ def _stop_mid_epoch(tr: Trainer, epoch: int, progress: EpochProgress) -> None:
     signum = next((r["signal"] for r in ranks if r["signal"] is not None), signal.SIGTERM)
     step = progress.steps + progress.skipped
     label = f"epoch {epoch}, step {step}/{tr.updates_per_epoch}"
-    state = None
+    dcp = _dcp_enabled(tr)
+    state = (sharded_checkpoint_state if dcp else checkpoint_state)(tr, epoch - 1, None, {})
     if tr.dist.is_main:
-        state = checkpoint_state(tr, epoch - 1, None, {})
         state[TRAIN_POSITION_KEY] = {
             "epoch": epoch, "steps_done": step, "batches_done": progress.batches,
             "steps_per_epoch": tr.updates_per_epoch, "processes": tr.dist.world_size,
             "batch_size": tr.settings.data.batch_size, "grad_accum_steps": tr.settings.optim.grad_accum_steps,
             "ranks": [{k: v for k, v in r.items() if k != "signal"} for r in ranks]}
-    _write_checked(tr, state, lambda: tr.saver.save_last(state), f"{label} (mid-epoch)", f"at {label}")
+    write = (lambda: _save_dcp_checkpoint(tr, state, None, None)) if dcp else (lambda: tr.saver.save_last(state))
+    _write_checked(tr, state, write, f"{label} (mid-epoch)", f"at {label}", every_rank=dcp)
     raise TrainingInterrupted(f"stopped by {signal_name(signum)} at {label}: wrote the resumable checkpoint "
                               f"{tr.last_good[0]}", tr.last_good[0], 128 + int(signum), error=False)
 

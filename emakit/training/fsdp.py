@@ -36,7 +36,7 @@ from torch import nn
 
 from ..ema import unwrap_model
 
-__all__ = ["shard_blocks", "apply_fsdp", "reshard", "full_model_state", "full_optimizer_state", "load_full_model_state",
+__all__ = ["shard_blocks", "apply_fsdp", "broadcast_buffers_before_forward", "broadcast_buffers", "reshard", "full_model_state", "full_optimizer_state", "load_full_model_state",
            "load_full_optimizer_state", "load_sharded_optimizer_state", "sharded_model_state",
            "sharded_optimizer_state",
            "optimizer_state_to_ids", "optimizer_state_to_names", "training_state", "load_training_state",
@@ -158,6 +158,37 @@ def apply_fsdp(model: nn.Module, *, mp_dtype: torch.dtype | None = None, reshard
     # forward its parameters would stay registered as whole plain tensors until the next backward.
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
     return [name for name, _ in blocks]
+
+
+def broadcast_buffers_before_forward(model: nn.Module) -> Any:
+    """DDP's ``broadcast_buffers`` for an FSDP2 model: before each training forward (the
+    module in train mode, gradients enabled) every buffer (BatchNorm running statistics) is
+    set to rank 0's, one broadcast per dtype, so BatchNorm statistics follow rank 0 exactly as
+    under DDP and an FSDP run matches a DDP run. Returns the hook handle (``.remove()``)."""
+    def hook(module: nn.Module, _args: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            broadcast_buffers(module)
+
+    return model.register_forward_pre_hook(hook)
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Set every buffer of ``model`` to rank 0's, one broadcast per (device, dtype); *collective*
+    (a no-op without a process group or with one process). Buffers are not sharded by FSDP2:
+    between evaluations each rank's BatchNorm statistics are its own."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for buf in model.buffers():
+        groups.setdefault((buf.device, buf.dtype), []).append(buf)
+    with torch.no_grad():
+        for bufs in groups.values():
+            flat = torch.cat([b.reshape(-1) for b in bufs])
+            dist.broadcast(flat, src=0)
+            for b, value in zip(bufs, flat.split([b.numel() for b in bufs])):
+                b.copy_(value.view_as(b))
 
 
 def reshard(model: nn.Module) -> None:

@@ -37,7 +37,8 @@ if TYPE_CHECKING:  # averages imports this module's checks
 
 __all__ = ["checkpoint_arg", "ema_entry_keys", "normalize_resume_checkpoint", "check_ema_entry",
            "check_optimizer_state", "steps_done", "warn_batch_change", "TRAIN_POSITION_KEY", "load_resume",
-           "check_resume", "apply_resume", "check_resume_position", "position_scheduler"]
+           "check_resume", "apply_resume", "check_resume_position", "position_scheduler", "load_resume_folder", "check_resume_folder",
+           "fill_resume_folder"]
 
 _log = logging.getLogger(__name__)
 
@@ -219,6 +220,10 @@ def load_resume(path: str, model_name: str) -> dict[str, Any]:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
         raise UsageError(f"--resume: {one_line(e)}") from None
+    return _check_training_checkpoint(ckpt, path, model_name)
+
+
+def _check_training_checkpoint(ckpt: dict[str, Any], path: str, model_name: str) -> dict[str, Any]:
     # epoch: the last completed one; -1 only in a checkpoint written inside epoch 0 (train_position)
     lowest_epoch = -1 if isinstance(ckpt.get(TRAIN_POSITION_KEY), dict) else 0
     if not isinstance(ckpt.get("state_dict"), dict) or isinstance(ckpt.get("epoch"), bool) \
@@ -233,13 +238,62 @@ def load_resume(path: str, model_name: str) -> dict[str, Any]:
     return normalize_resume_checkpoint(ckpt, path)
 
 
+def load_resume_folder(path: str, model_name: str) -> dict[str, Any]:
+    """A ``--resume`` DCP folder (``--checkpoint-format dcp``: ``last.dcp``) before the model
+    exists: its plain keys (epoch, arch, args, EMA counters, train_position ...) checked like a
+    file's, with empty placeholders for the sharded entries that :func:`fill_resume_folder`
+    reads once the model, optimizer and EMAs are built. ``UsageError`` for any other folder."""
+    from .dcp import read_dcp_meta, resolve_dcp_folder
+
+    check_resume_folder(path)
+    meta = read_dcp_meta(resolve_dcp_folder(path))
+    placeholders = {k: ({"state": {}, "param_groups": []} if k == "optimizer" else {}) for k in meta["sharded_keys"]}
+    ckpt = {**meta.get("plain", {}), **placeholders}
+    return _check_training_checkpoint(ckpt, path, model_name)
+
+
+def check_resume_folder(path: str) -> None:
+    """``UsageError`` unless ``path`` (a ``--resume`` folder) is a complete checkpoint folder
+    written by ``train.py --checkpoint-format dcp``; cheap (reads ``emakit.pt``), run by the
+    flag checks before anything else."""
+    from .dcp import read_dcp_meta, resolve_dcp_folder
+
+    folder = resolve_dcp_folder(path)
+    if folder is None or not read_dcp_meta(folder).get("sharded_keys"):
+        raise UsageError(f"--resume {path} is a folder but not a checkpoint folder written by train.py "
+                         "--checkpoint-format dcp (no .metadata and emakit.pt); pass a last.dcp folder or a file")
+
+
+def fill_resume_folder(ckpt: dict[str, Any], path: str, *, model: nn.Module, averages: Averages,
+                       optimizer: torch.optim.Optimizer | None) -> None:
+    """Read the sharded entries of a ``--resume`` DCP folder into ``ckpt`` (*collective*), in
+    this run's own layout whatever wrote the folder (FSDP, DDP or one process, any world
+    size): DCP reshards. The model and EMA templates are this run's state dicts, filled in
+    place; the optimizer entry is parameter-name keyed. EMAs of the folder beyond this run's
+    stay empty placeholders (``--drop-ema`` / the "more EMAs" warning see them)."""
+    from .dcp import load_dcp
+    from .fsdp import sharded_model_state, sharded_optimizer_state
+
+    templates: dict[str, Any] = {"state_dict": sharded_model_state(model)}
+    if optimizer is not None and "optimizer" in ckpt:
+        templates["optimizer"] = sharded_optimizer_state(model, optimizer)
+    for member, (weights_key, _) in zip(averages.members, ema_entry_keys(ckpt)):
+        templates[weights_key] = member.state_dict_ema(full=False)
+    try:
+        load_dcp(path, templates)
+    except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
+        raise UsageError(f"--resume {path}: the checkpoint folder does not fit this model/optimizer "
+                         f"({one_line(e)[:300]}); check --model, or pass --no-resume-opt") from None
+    ckpt.update(templates)
+
+
 def check_resume(ckpt: dict[str, Any], path: str, settings: TrainSettings, resolved: Resolved, *,
-                 averages: Averages, optimizer: torch.optim.Optimizer) -> None:
+                 averages: Averages, optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> None:
     """Everything about ``--resume`` that could fail or silently lose state, checked before
     anything is loaded or written: the EMA is continued or explicitly dropped
     (``--drop-ema``), EMA weights fit the model, the optimizer state fits this optimizer
     (``--opt``, ``--layer-decay``); a changed batch is named in a warning."""
-    averages.check_resume(ckpt, path, drop_ema=settings.run.drop_ema)
+    averages.check_resume(ckpt, path, drop_ema=settings.run.drop_ema, model=model)
     if settings.run.restore_optimizer:
         check_optimizer_state(ckpt, optimizer, path, opt=settings.optim.opt, layer_decay=settings.optim.layer_decay)
     warn_batch_change(ckpt, path, batch_size=settings.data.batch_size,
@@ -258,15 +312,30 @@ def apply_resume(ckpt: dict[str, Any], path: str, *, model: nn.Module, averages:
     ``--epochs`` extends the cosine instead of replaying the old one (timm does the same).
     ``updates_per_epoch`` sets the EMA update counter of a checkpoint that has none (timm's).
     """
+    from emakit.ema import is_sharded
+
+    from .fsdp import load_full_model_state, load_full_optimizer_state, load_sharded_optimizer_state
+
+    sharded = is_sharded(model)
     try:
-        load_state_dict_strict(model, ckpt["state_dict"])
+        if sharded:  # whole tensors (a file from any writer) or DTensors (a DCP folder): each rank cuts its shards
+            load_full_model_state(model, ckpt["state_dict"])
+        else:
+            load_state_dict_strict(model, {k: _whole(v) for k, v in ckpt["state_dict"].items()})
     except CheckpointError as e:
         raise UsageError(f"--resume {path}: {one_line(e)}") from None
+    except RuntimeError as e:
+        raise UsageError(f"--resume {path}: the weights do not fit the model ({one_line(e)[:300]})") from None
     averages.load_resume(ckpt, path, model, updates_per_epoch=updates_per_epoch)
     if restore_optimizer:
         try:
-            if ckpt.get("optimizer") is not None:
-                optimizer.load_state_dict(ckpt["optimizer"])
+            saved = ckpt.get("optimizer")
+            if saved and _name_keyed(saved):  # from a DCP folder
+                load_sharded_optimizer_state(model, optimizer, saved)
+            elif saved is not None and sharded:
+                load_full_optimizer_state(model, optimizer, saved)
+            elif saved is not None:
+                optimizer.load_state_dict(saved)
             if amp.scaler is not None and ckpt.get("amp_scaler"):
                 amp.scaler.load_state_dict(ckpt["amp_scaler"])
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -280,6 +349,15 @@ def apply_resume(ckpt: dict[str, Any], path: str, *, model: nn.Module, averages:
     else:
         _log.info("resumed from %s: epoch %d done, continuing at epoch %d", path, ckpt["epoch"], start_epoch)
     return start_epoch
+
+
+def _whole(t: Any) -> Any:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _name_keyed(optimizer_state: dict[str, Any]) -> bool:
+    """True for torch's parameter-name keyed layout (a DCP folder), False for integer ids."""
+    return any(isinstance(p, str) for g in optimizer_state.get("param_groups", []) for p in g.get("params", []))
 
 
 def check_resume_position(ckpt: dict[str, Any], path: str, *, world_size: int, batch_size: int,

@@ -21,7 +21,7 @@ from typing import Any
 from .data import AugmentConfig
 
 __all__ = ["DataSettings", "ModelSettings", "EmaSettings", "PosthocSettings", "OptimSettings", "ScheduleSettings",
-           "LossSettings", "RunSettings", "TrainSettings", "Resolved"]
+           "LossSettings", "RunSettings", "ParallelSettings", "TrainSettings", "Resolved"]
 
 
 @dataclass(frozen=True)
@@ -174,6 +174,16 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class ParallelSettings:
+    """How several processes share the model (``--fsdp``, ``--fsdp-reshard-after-forward``)
+    and how checkpoints are written (``--checkpoint-format``)."""
+
+    fsdp: bool = False                          # FSDP2 fully_shard instead of DDP (needs torchrun)
+    reshard_after_forward: bool = True          # free each block's gathered weights after its forward
+    checkpoint_format: str = "file"             # file: one timm-compatible .pth.tar; dcp: a DCP folder
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     """Everything ``train.py`` was asked for; ``flags`` is the parsed flags (read-only)."""
 
@@ -184,6 +194,7 @@ class TrainSettings:
     schedule: ScheduleSettings
     loss: LossSettings
     run: RunSettings
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
     flags: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 

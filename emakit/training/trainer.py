@@ -25,13 +25,17 @@ from . import UsageError
 from .averages import POSTHOC_CHECKPOINT_KEY, Averages
 from .build import (build_amp, build_averages, build_guard, build_loaders, build_losses, build_model, build_optimizer,
                     build_scheduler, check_compile_backend, load_data, resolve_lr, seed_all, wrap_ddp)
+from .bn import has_batchnorm
 from .data import DataSplits, DeviceLoader, resolve_data_config_for
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
 from .engine import AmpSettings, NonfiniteGuard
 from .lifecycle import LastGood, StopSignals
 from .logs import LogSetup
 from .outputs import choose_output_dir, log_posthoc_folder, prepare_output_dir, read_summary, summary_columns
-from .resume import apply_resume, check_resume, check_resume_position, load_resume, position_scheduler
+from .dcp import resolve_dcp_folder
+from .fsdp import apply_fsdp, broadcast_buffers_before_forward
+from .resume import (apply_resume, check_resume, check_resume_position, fill_resume_folder, load_resume,
+                     load_resume_folder, position_scheduler)
 from .rundir import RunLock, checkpoint_is_emakit
 from .settings import Resolved, TrainSettings
 
@@ -75,6 +79,8 @@ class Trainer:
     resume_position: dict[str, Any] | None = None  # train_position of a mid-epoch --resume file
     last_good: LastGood | None = None  # (path, "epoch 3") of the newest intact checkpoint
     nonfinite_at_start: frozenset[str] = frozenset()  # model keys non-finite by design (masks)
+    dcp_folder: str | None = None  # --checkpoint-format dcp: the run folder, known on every rank
+    dcp_best: float | None = None  # --checkpoint-format dcp: the metric of model_best.dcp
 
     @property
     def updates_per_epoch(self) -> int:
@@ -99,7 +105,8 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
     if s.run.drop_ema and not s.run.resume:
         raise UsageError("--drop-ema drops a resumed checkpoint's EMA: it needs --resume PATH")
     path = s.run.resume
-    ckpt = load_resume(path, s.model.name) if path else None
+    dcp_resume = bool(path) and (os.path.isdir(path) or resolve_dcp_folder(path) is not None)
+    ckpt = (load_resume_folder if dcp_resume else load_resume)(path, s.model.name) if path else None
     ckpt_is_ours = ckpt is not None and checkpoint_is_emakit(ckpt)
     resume_position = check_resume_position(ckpt, path, world_size=dist.world_size, batch_size=s.data.batch_size,
                                             grad_accum_steps=s.optim.grad_accum_steps) if ckpt else None
@@ -112,7 +119,7 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
     data_config = resolve_data_config_for(model_without_ddp, img_size=s.data.img_size, crop_pct=s.data.crop_pct,
                                           mean=s.data.mean, std=s.data.std, interpolation=s.data.interpolation)
     train_loader, eval_loader = build_loaders(s.data, data, data_config, dist, seed=s.run.seed)
-    model = wrap_ddp(model_without_ddp, dist)
+    model = shard_or_wrap(model_without_ddp, dist, s)
     updates_per_epoch = math.ceil(len(train_loader) / s.optim.grad_accum_steps)
     resolved = Resolved(num_classes=num_classes, lr=lr, updates_per_epoch=updates_per_epoch,
                         total_steps=updates_per_epoch * s.run.epochs, img_size=data_config["input_size"][-1],
@@ -124,7 +131,10 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
     amp = build_amp(s.run, dist.device)
     start_epoch = 0
     if ckpt is not None:
-        check_resume(ckpt, path, s, resolved, averages=averages, optimizer=optimizer)
+        if dcp_resume:  # the sharded entries, read by every rank into this run's own layout (any world size)
+            fill_resume_folder(ckpt, path, model=model_without_ddp, averages=averages,
+                               optimizer=optimizer if s.run.restore_optimizer else None)
+        check_resume(ckpt, path, s, resolved, averages=averages, optimizer=optimizer, model=model_without_ddp)
         start_epoch = apply_resume(ckpt, path, model=model_without_ddp, averages=averages, optimizer=optimizer,
                                    amp=amp, restore_optimizer=s.run.restore_optimizer,
                                    updates_per_epoch=updates_per_epoch)
@@ -143,6 +153,25 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
                 guard=build_guard(s.run), flags=_resolved_flags(s, resolved),
                 last_good=(os.path.abspath(path), "the checkpoint this run resumed from") if path else None,
                 nonfinite_at_start=frozenset(nonfinite_names(list(model_without_ddp.state_dict().items()))))
+
+
+def shard_or_wrap(model: nn.Module, dist: DistInfo, s: TrainSettings) -> nn.Module:
+    """``--fsdp``: ``fully_shard`` the model's blocks and root in place and return it; else DDP
+    when several processes run. With ``--amp --amp-dtype bfloat16`` the blocks gather and
+    compute in bfloat16 (``MixedPrecisionPolicy``) unless the model has BatchNorm layers, whose
+    float32 running statistics refuse bfloat16 weights: then autocast alone, as under DDP."""
+    if not s.parallel.fsdp:
+        return wrap_ddp(model, dist)
+    bf16 = s.run.amp and s.run.amp_dtype == "bfloat16"
+    mp_dtype = torch.bfloat16 if bf16 and not has_batchnorm(model) else None
+    blocks = apply_fsdp(model, mp_dtype=mp_dtype, reshard_after_forward=s.parallel.reshard_after_forward)
+    if dist.distributed:  # BatchNorm statistics follow rank 0's, as DDP's broadcast_buffers does
+        broadcast_buffers_before_forward(model)
+    shown = ", ".join(blocks[:4]) + (f", ... {blocks[-1]}" if len(blocks) > 4 else "")
+    _log.info("FSDP2 over %d process(es): fully_shard on %d blocks (%s) then the root; reshard after forward %s%s",
+              dist.world_size, len(blocks), shown or "none", s.parallel.reshard_after_forward,
+              ", compute in bfloat16" if mp_dtype is not None else "")
+    return model
 
 
 def _setup_output(tr: Trainer, logs: LogSetup | None) -> None:
@@ -181,7 +210,7 @@ def _setup_output(tr: Trainer, logs: LogSetup | None) -> None:
 def build_trainer(settings: TrainSettings, logs: LogSetup | None = None) -> Trainer:
     """Build everything in the user's expected order; raises ``UsageError`` for bad input
     before the output folder exists. Call :func:`close_trainer` when done."""
-    dist = init_distributed(settings.run.device)
+    dist = init_distributed(settings.run.device, always_group=settings.parallel.fsdp)
     try:
         parts = _build_parts(settings, dist)
         tr = Trainer(settings=settings, dist=dist, summary_columns=summary_columns(parts["averages"].count), **parts)

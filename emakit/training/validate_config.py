@@ -137,7 +137,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Model and weights")
     g.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="checkpoint file, or a folder: every *.pth.tar, *.pth, *.pt, *.safetensors in it "
+                   help="checkpoint file, a train.py --checkpoint-format dcp folder (last.dcp), or a folder: "
+                        "every *.pth.tar, *.pth, *.pt, *.safetensors file and *.dcp folder in it "
                         "(default: None; required unless --posthoc-dir and --model are given)")
     g.add_argument("--model", default=None, metavar="MODEL",
                    help="timm model name (default: None = the checkpoint's training --model / arch)")

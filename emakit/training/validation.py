@@ -80,16 +80,35 @@ def _natural_key(name: str) -> list[Any]:
 
 
 def find_checkpoints(path: str) -> list[str]:
-    """``[path]`` for a file; for a folder every checkpoint file directly in it, in natural order."""
-    if not os.path.exists(path):
+    """``[path]`` for a file or a DCP checkpoint folder (``train.py --checkpoint-format dcp``);
+    for any other folder every checkpoint file and DCP folder directly in it, in natural order."""
+    from .dcp import is_dcp_folder, resolve_dcp_folder
+
+    if not os.path.exists(path) and resolve_dcp_folder(path) is None:
         raise CheckpointError(f"checkpoint not found: {path}; check the path")
-    if not os.path.isdir(path):
+    if not os.path.isdir(path) or is_dcp_folder(path):
         return [path]
-    names = [e.name for e in os.scandir(path) if e.is_file() and not e.name.startswith(".")
-             and e.name.lower().endswith(CHECKPOINT_EXTENSIONS)]
+    names = [e.name for e in os.scandir(path) if not e.name.startswith(".") and (
+        (e.is_file() and e.name.lower().endswith(CHECKPOINT_EXTENSIONS)) or is_dcp_folder(e.path))]
     if not names:
-        raise UsageError(f"{path} holds no checkpoint files ({', '.join('*' + e for e in CHECKPOINT_EXTENSIONS)})")
+        raise UsageError(f"{path} holds no checkpoint files ({', '.join('*' + e for e in CHECKPOINT_EXTENSIONS)}) "
+                         "nor checkpoint folders (*.dcp)")
     return [os.path.join(path, n) for n in sorted(names, key=_natural_key)]
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint file (:func:`emakit.checkpoint.load_checkpoint`), or a DCP checkpoint folder
+    converted offline to the same dict (:func:`emakit.training.dcp.dcp_folder_to_checkpoint`:
+    whole tensors in memory, one process)."""
+    from .dcp import dcp_folder_to_checkpoint, resolve_dcp_folder
+
+    if os.path.isdir(path) or (not os.path.exists(path) and resolve_dcp_folder(path) is not None):
+        try:
+            return dcp_folder_to_checkpoint(path)
+        except (FileNotFoundError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable torch.distributed.checkpoint folder ({one_line(e)[:200]}); "
+                                  "pass a checkpoint file or a last.dcp / model_best.dcp folder") from None
+    return load_checkpoint(path)
 
 
 def _train_args(ckpt: Mapping[str, Any]) -> dict[str, Any]:
@@ -631,7 +650,7 @@ def _evaluate_checkpoint(path: str, settings: ValidateSettings, dist: DistInfo, 
     """Evaluate the weight sets of one file (and export its EMA if asked); the eval setup is
     built from the first checkpoint's training args and reused."""
     wanted = settings.weights
-    ckpt = load_checkpoint(path)
+    ckpt = read_checkpoint(path)
     # Every requested weight set is extracted before anything runs: a missing EMA fails fast.
     chosen = [select_weights(ckpt, w, path) for w in wanted.sets]
     arch = resolve_arch(ckpt, path, wanted.model)
@@ -684,9 +703,9 @@ def _reference_checkpoint(checkpoint: str | None) -> tuple[str | None, dict[str,
     if not checkpoint:
         return None, {}
     paths = find_checkpoints(checkpoint)
-    last = [p for p in paths if os.path.basename(p) == "last.pth.tar"]
+    last = [p for p in paths if os.path.basename(p) in ("last.pth.tar", "last.dcp")]
     path = (last or paths)[-1]
-    return path, load_checkpoint(path)
+    return path, read_checkpoint(path)
 
 
 def run_posthoc(settings: ValidateSettings, dist: DistInfo) -> ValidationReport:
