@@ -12,7 +12,7 @@ from torch import nn
 from emakit import ModelEMA, MultiEMA
 from emakit.training.averages import (auto_posthoc_every, ema_checkpoint_state, posthoc_sweep_command,
                                       recalibrated_bn, resume_ema)
-from emakit.training.fit import best_ema_index, select_metric
+from emakit.training.evaluation import best_ema_index, select_metric
 from emakit.training.outputs import SUMMARY_COLUMNS, summary_columns
 
 

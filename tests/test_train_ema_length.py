@@ -333,7 +333,7 @@ RECAL = ["-b", "24", "--no-aug", "--epochs", "2"]  # one batch = the 24 training
 @pytest.fixture(scope="module")
 def recal_runs(image_folder, tmp_path_factory):
     """(run with --model-ema-bn-recal, run without, EMA state dicts seen by evaluate in the first)."""
-    from emakit.training import fit as run_module
+    from emakit.training import evaluation as run_module
 
     seen: list[dict[str, torch.Tensor]] = []
     evaluate_many = run_module.evaluate_many  # one pass evaluates the raw weights and every EMA

@@ -12,6 +12,7 @@ alone never imports this package. Modules:
 - ``trainer``      ``Trainer`` and ``build_trainer`` / ``close_trainer``
 - ``engine``       ``train_one_epoch`` and ``evaluate`` / ``evaluate_many``
 - ``fit``          the epoch loop: train -> evaluate -> summary -> checkpoints
+- ``evaluation``, ``checkpoints``: an epoch's evaluation and summary row; what it writes
 - ``outputs``      run folder files: args.yaml, summary.csv, summary.png, the result line
 - ``lifecycle``    how a run ends early: stop signals, exit statuses, RNG states, the resume command
 - ``averages``     ``Averages``: the EMAs, the post-hoc EMA tracker (snapshots), BN recalibration

@@ -15,6 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -101,6 +102,15 @@ def shutdown_distributed(dist: DistInfo, *, synchronize: bool = False) -> None:
         if synchronize and dist.distributed:
             torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def gather_objects(obj: Any, dist: DistInfo) -> list[Any]:
+    """``obj`` of every rank, in rank order (a list of one without a process group); *collective*."""
+    if not dist.distributed:
+        return [obj]
+    out: list[Any] = [None] * dist.world_size
+    torch_dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_sum(values: list[float], dist: DistInfo) -> list[float]:
