@@ -237,7 +237,9 @@ def nonfinite_names(named: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
     """The names of the floating-point (or complex) tensors in ``named`` that hold a NaN or an
     infinity, in their order: one fused 2-norm screen per (device, dtype) group and one host
     sync, then an exact check of the tensors of a group whose screen fails (huge finite
-    values can overflow a norm). Integer tensors are never flagged."""
+    values can overflow a norm). Integer tensors are never flagged; a DTensor (FSDP) is
+    checked on this rank's shard (no communication)."""
+    named = [(name, t.to_local() if hasattr(t, "to_local") else t) for name, t in named]  # DTensor: this rank's shard
     named = [(name, t) for name, t in named if (t.is_floating_point() or t.is_complex()) and t.numel()]
     groups: dict[tuple[torch.device, torch.dtype | None], list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in named:
