@@ -436,7 +436,7 @@ class PowerEMA:
         if got != list(self.sigma_rels):
             raise ValueError(f"state sigma_rels {got} do not match this PowerEMA's {list(self.sigma_rels)}")
         for k, saved in enumerate(state["profiles"]):
-            if list(saved.keys()) != self.keys:
+            if set(saved.keys()) != set(self.keys):  # by name: a DCP folder's conversion may reorder them
                 raise ValueError(f"state profile {k} has different keys than the tracked model")
         for member, saved in zip(self.members, state["profiles"]):
             member.load_checkpoint_state(saved)
