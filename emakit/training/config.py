@@ -330,7 +330,8 @@ def _add_posthoc_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-ema-posthoc", action=argparse.BooleanOptionalAction, default=False,
                    help="track power-function EMAs (Karras et al. 2024) and save their snapshots under "
                         "<run>/posthoc/, so validate.py --posthoc-sigma-rel can rebuild any EMA length "
-                        "afterwards (default: False)")
+                        "afterwards; with --fsdp each rank tracks its shards and every snapshot is gathered to "
+                        "rank 0, which writes the same files (default: False)")
     g.add_argument("--posthoc-sigma-rels", type=CommaList(float, "sigma_rel", scalar_if_one=False),
                    default=DEFAULT_POSTHOC_SIGMA_RELS, metavar="S[,S...]",
                    help=f"relative widths of the tracked profiles, each in (0, 0.2887] "
