@@ -105,12 +105,13 @@ class _ShardedState:
     """
 
     def __init__(self, bare: nn.Module, device: torch.device | None, dtype: torch.dtype | None) -> None:
-        persistent = set(bare.state_dict().keys())  # FSDP2's state_dict only wraps shards: no collective
+        persistent = list(bare.state_dict().keys())  # FSDP2's state_dict only wraps shards: no collective
         dtensor = _dtensor_type()
         self.specs: dict[str, tuple[Any, Any, torch.Size, tuple[int, ...]]] = {}
         self.param_names, self.params = self._clone(bare.named_parameters(), device, dtype, dtensor)
         self.buffer_names, self.buffers = self._clone(bare.named_buffers(), device, dtype, dtensor)
-        self.persistent = [n for n in self.param_names + self.buffer_names if n in persistent]
+        held = set(self.param_names + self.buffer_names)
+        self.persistent = [n for n in persistent if n in held]  # the model's state_dict order, as a plain EMA's
 
     def _clone(self, named: Iterator[tuple[str, Tensor]], device, dtype, dtensor) -> tuple[list[str], list[Tensor]]:
         names, tensors = [], []
@@ -155,7 +156,10 @@ class _ShardedState:
                 continue
             whole = dt.full_tensor()  # every rank takes part in the all-gather
             if keep:
-                out[name] = whole.cpu()
+                whole = whole.cpu()
+                if whole.untyped_storage().nbytes() > whole.numel() * whole.element_size():
+                    whole = whole.clone()  # a view into FSDP's padded buffer (uneven shards): no padding saved
+                out[name] = whole
         return out
 
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:

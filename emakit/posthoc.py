@@ -57,7 +57,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -383,9 +383,15 @@ class PowerEMA:
             member.num_updates = value
 
     @property
+    def sharded(self) -> bool:
+        """True when tracking a sharded (FSDP2) model: each profile holds this rank's shards."""
+        return self.members[0].sharded
+
+    @property
     def profiles(self) -> list[list[torch.Tensor]]:
-        """``profiles[k][i]``: profile k's tensor under ``keys[i]`` (shares storage)."""
-        return [list(self.profile_state_dict(k).values()) for k in range(len(self.members))]
+        """``profiles[k][i]``: profile k's tensor under ``keys[i]`` (shares storage). For a
+        sharded model, DTensors over this rank's shards (global shapes, no communication)."""
+        return [list(self.profile_state_dict(k, full=False).values()) for k in range(len(self.members))]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -393,21 +399,34 @@ class PowerEMA:
         current weights, in one fused pass."""
         self.engine.update(model)
 
-    def profile_state_dict(self, index: int) -> dict[str, torch.Tensor]:
-        """Profile ``index``'s current weights as a ``state_dict`` (shares storage)."""
-        return self.members[index].state_dict_ema()
+    def profile_state_dict(self, index: int, full: bool = True, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+        """Profile ``index``'s current weights as a ``state_dict`` (shares storage). A sharded
+        model's profile as ``ModelEMA.state_dict_ema(full, rank0_only)``: whole CPU tensors
+        gathered (*collective*: every rank calls it; with ``rank0_only`` the others get ``{}``),
+        or DTensors over this rank's shards with ``full=False``."""
+        return self.members[index].state_dict_ema(full, rank0_only)
+
+    def gathered_profiles(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """``(k, profile k's state_dict)`` for every profile, one at a time: a sharded model's
+        profile is gathered to rank 0 (CPU tensors; ``{}`` on the other ranks) just before it is
+        yielded, so no rank holds more than one whole profile. *Collective* for a sharded model:
+        every rank iterates to the end."""
+        for k in range(len(self.members)):
+            yield k, self.profile_state_dict(k, full=True, rank0_only=True)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module, index: int = 0) -> None:
         """Write profile ``index``'s weights into ``model`` in place (any wrapping)."""
         self.members[index].copy_to(model)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Plain types and tensors only, so it loads with ``torch.load(weights_only=True)``."""
+    def state_dict(self, full: bool = True, rank0_only: bool = False) -> dict[str, Any]:
+        """Plain types and tensors only, so it loads with ``torch.load(weights_only=True)``.
+        ``full`` / ``rank0_only`` as in :meth:`profile_state_dict` (they matter for a sharded
+        model only: gathered profiles, *collective*, or DTensors for a DCP folder)."""
         return {
             "step": self.step,
             "sigma_rels": list(self.sigma_rels),
-            "profiles": [self.profile_state_dict(k) for k in range(len(self.sigma_rels))],
+            "profiles": [self.profile_state_dict(k, full, rank0_only) for k in range(len(self.sigma_rels))],
         }
 
     @torch.no_grad()
@@ -417,7 +436,7 @@ class PowerEMA:
         if got != list(self.sigma_rels):
             raise ValueError(f"state sigma_rels {got} do not match this PowerEMA's {list(self.sigma_rels)}")
         for k, saved in enumerate(state["profiles"]):
-            if list(saved.keys()) != self.keys:
+            if set(saved.keys()) != set(self.keys):  # by name: a DCP folder's conversion may reorder them
                 raise ValueError(f"state profile {k} has different keys than the tracked model")
         for member, saved in zip(self.members, state["profiles"]):
             member.load_checkpoint_state(saved)
@@ -663,12 +682,15 @@ class SnapshotWriter:
         """Save every profile of ``ema`` at its current step now (then thin if capped)."""
         if ema.step < 1:
             raise ValueError("ema.step must be >= 1 to save a snapshot (call ema.update first)")
-        paths = []
+        paths, error = [], None
         dtype_name = next(k for k, v in DTYPES.items() if v == self.dtype)
-        for k, (sigma_rel, gamma) in enumerate(zip(ema.sigma_rels, ema.gammas)):
+        for k, profile in ema.gathered_profiles():  # a sharded model: one profile gathered at a time
+            if error is not None:
+                continue  # every profile is still gathered, so the other ranks are not left waiting
+            sigma_rel, gamma = ema.sigma_rels[k], ema.gammas[k]
             state = {}
-            for key, t in zip(ema.keys, ema.profiles[k]):
-                t = t.detach().to("cpu")
+            for key in ema.keys:
+                t = profile[key].detach().to("cpu")
                 state[key] = t.to(self.dtype) if t.is_floating_point() else t.clone()
                 if self.dtype != torch.float32 and not torch.isfinite(state[key]).all() \
                         and torch.isfinite(t).all():
@@ -678,9 +700,15 @@ class SnapshotWriter:
                        "sigma_rel": float(sigma_rel), "gamma": float(gamma),
                        "dtype": dtype_name, "state_dict": state}
             path = os.path.join(self.folder, _snapshot_name(ema.step, sigma_rel))
-            _atomic_save(payload, path)
+            try:
+                _atomic_save(payload, path)
+            except OSError as e:
+                error = e
+                continue
             self.bytes_per_file = os.path.getsize(path)
             paths.append(path)
+        if error is not None:
+            raise error
         self._thin()
         return paths
 

@@ -104,9 +104,6 @@ TRAIN_FLAG_CASES = {
                                               "--nproc_per_node=2 train.py --fsdp ... (--nproc_per_node=1 is fine)"),
     "fsdp_float16": (["--fsdp", "--amp"], E + "--fsdp with --amp --amp-dtype float16 is not supported (its gradient "
                                               "scaler does not handle sharded gradients): use --amp-dtype bfloat16"),
-    "fsdp_posthoc": (["--fsdp", "--model-ema-posthoc"],
-                     E + "--model-ema-posthoc is not supported with --fsdp (its snapshots need the whole weights on "
-                         "rank 0 every few steps): drop one of them"),
     "reshard_without_fsdp": (["--no-fsdp-reshard-after-forward"],
                              E + "--no-fsdp-reshard-after-forward applies to --fsdp: add --fsdp or drop it"),
     "checkpoint_format_bogus": (["--checkpoint-format", "zip"],

@@ -13,6 +13,9 @@ their resume.
   engine, so one fused pass updates EMAs and profiles) after every optimizer step and writes
   its snapshots into ``<run>/posthoc/`` (:class:`PosthocTracker`), within ``--posthoc-budget``
   (:func:`posthoc_snapshot_cap`); ``validate.py --posthoc-sigma-rel`` rebuilds any EMA length.
+  Under ``--fsdp`` every rank tracks its shards of the profiles (no collective per update);
+  on a snapshot step every rank takes part in gathering each profile to rank 0, which writes
+  the same files as a one-process run (*gathered snapshots*).
 - **BN recalibration** (``--model-ema-bn-recal N``): :func:`recalibrated_bn` re-estimates an
   EMA's BatchNorm statistics for the evaluation only and puts the averaged ones back.
 """
@@ -39,12 +42,15 @@ from emakit.posthoc import (Footprint, PowerEMA, SnapshotWriter, budget_max_snap
 
 from . import UsageError, one_line
 from .bn import bn_buffers, recalibrate_bn  # bn_buffers: re-exported, the one BatchNorm walker
+from .dcp import POSTHOC_PROFILES_KEY
+from .distributed import DistInfo, broadcast_ints
 from .resume import check_ema_entry, steps_done
 
 __all__ = ["Averages", "ema_members", "ema_label", "ema_selector", "ema_checkpoint_keys", "ema_checkpoint_state",
            "describe_ema", "bn_buffers", "recalibrated_bn", "auto_posthoc_every", "posthoc_snapshot_cap",
            "PosthocTracker",
-           "posthoc_sweep_command", "POSTHOC_CHECKPOINT_KEY", "BN_RECAL_CHECKPOINT_KEY", "SWEEP_SIGMA_RELS"]
+           "posthoc_sweep_command", "POSTHOC_CHECKPOINT_KEY", "POSTHOC_PROFILES_KEY", "BN_RECAL_CHECKPOINT_KEY",
+           "SWEEP_SIGMA_RELS"]
 
 _log = logging.getLogger(__name__)
 
@@ -160,14 +166,24 @@ def posthoc_snapshot_cap(model: nn.Module, budget: str, *, n_profiles: int, snap
 
 
 class PosthocTracker:
-    """Rank 0's power-function EMAs and their snapshot folder (EDM2, ``emakit.posthoc``).
+    """The power-function EMAs and their snapshot folder (EDM2, ``emakit.posthoc``): rank 0's
+    alone for a plain or DDP model, every rank's (its shards) for a sharded (FSDP2) one.
 
     ``update(model)`` follows the EMA update (after every optimizer step that was taken)
     and saves the profiles every ``every`` steps. The tracker is built before the output
-    folder exists (so resume errors leave nothing behind); :meth:`open_folder` then binds
-    the snapshot folder, deletes snapshots newer than the resumed step and fits the
+    folder exists (so resume errors leave nothing behind); :meth:`open_folder` (rank 0) then
+    binds the snapshot folder, deletes snapshots newer than the resumed step and fits the
     planned run into the cap (widening the interval and thinning stored snapshots when a
     resumed run was extended).
+
+    Sharded model (``sharded``), gathered snapshots: only rank 0 has the folder and its
+    writer. On a snapshot step every rank takes part in gathering each profile, one at a
+    time, to rank 0 (CPU tensors), which writes the same files as a one-process run. So that
+    all ranks agree on when to gather, rank 0's interval (planned by :meth:`open_folder`,
+    doubled by thinning) is broadcast after planning (:meth:`sync_interval`) and after each
+    save together with whether rank 0's write failed; a failed write then raises the same
+    ``OSError`` on every rank. :meth:`finish` decides on rank 0 and broadcasts. Updates
+    between snapshots issue no collective.
 
     Args:
         model: the bare model.
@@ -182,12 +198,18 @@ class PosthocTracker:
             ``PowerEMA(alongside=...)``): :meth:`update` then advances them too, the loop must
             not call ``ema.update`` as well (``owns_ema``), and their checkpoint keys and
             state are unchanged. Default None: the EMAs are updated on their own.
+        dist: the run's processes (a sharded tracker broadcasts rank 0's interval and write
+            outcome over them); default None: one process.
     """
 
     def __init__(self, model: nn.Module, *, sigma_rels: Sequence[float], every: int, snapshot_dtype: str,
                  max_snapshots: int | None, total_steps: int, budget_bytes: int | None = None,
-                 device: torch.device | str | None = None, ema: _EmaSet | None = None) -> None:
+                 device: torch.device | str | None = None, ema: _EmaSet | None = None,
+                 dist: DistInfo | None = None) -> None:
         self.power = PowerEMA(model, sigma_rels, dtype=torch.float32, device=device, alongside=ema_members(ema))
+        self.sharded = self.power.sharded
+        self.dist = dist if dist is not None else DistInfo()
+        self._synced_interval: int | None = None  # a sharded tracker without the writer: rank 0's interval
         self.owns_ema = ema is not None
         self.every = int(every)
         self.snapshot_dtype = snapshot_dtype
@@ -199,9 +221,13 @@ class PosthocTracker:
         self._resumed_interval: int | None = None
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """``PowerEMA.state_dict()`` plus the snapshot settings: plain types and tensors."""
-        state = self.power.state_dict()
+    def state_dict(self, *, full: bool = True) -> dict[str, Any]:
+        """``PowerEMA.state_dict()`` plus the snapshot settings: plain types and tensors.
+        Sharded tracker: *collective*; ``full`` gathers whole profiles to rank 0 (the other
+        ranks' ``profiles`` are empty dicts), else DTensors over this rank's shards."""
+        if self.sharded and not full:
+            self._broadcast_buffers()
+        state = self.power.state_dict(full=full, rank0_only=full)
         state.update(snapshot_every=self.every, snapshot_interval=self.interval, snapshot_dtype=self.snapshot_dtype)
         return state
 
@@ -213,8 +239,29 @@ class PosthocTracker:
 
     @property
     def interval(self) -> int:
-        """The snapshot interval in use (the base one until the folder is planned)."""
-        return self.writer.every if self.writer is not None else self.every
+        """The snapshot interval in use (the base one until the folder is planned; on a
+        sharded tracker's other ranks, rank 0's as last broadcast)."""
+        if self.writer is not None:
+            return self.writer.every
+        return self._synced_interval or self.every
+
+    def _broadcast(self, values: list[int]) -> list[int]:
+        return broadcast_ints(values, self.dist) if self.sharded else values
+
+    def _broadcast_buffers(self) -> None:
+        """Sharded tracker: the profiles' buffers (averaged BatchNorm statistics, not sharded,
+        each rank's own) := rank 0's, the ones its snapshots and gathered checkpoints hold, so
+        that a DCP folder (which writes one rank's copy of a replicated tensor) holds them too."""
+        from .fsdp import broadcast_tensors
+
+        broadcast_tensors([t for k in range(len(self.power.members))
+                           for t in self.power.profile_state_dict(k, full=False).values() if not hasattr(t, "to_local")])
+
+    def sync_interval(self) -> None:
+        """Sharded tracker, every rank after rank 0's :meth:`open_folder`: take rank 0's
+        planned interval (*collective*; no-op otherwise)."""
+        if self.sharded:
+            self._synced_interval = self._broadcast([self.interval])[0]
 
     # ------------------------------------------------------------------ snapshots
     def open_folder(self, folder: str) -> None:
@@ -240,10 +287,31 @@ class PosthocTracker:
 
     def update(self, model: nn.Module) -> None:
         """Advance every profile (and the run's EMAs when ``owns_ema``) one step in one fused
-        pass; save the profiles if the step is on the interval."""
+        pass; save the profiles if the step is on the interval (sharded: *collective* on that
+        step only, every rank gathers; ``OSError`` on every rank when rank 0's write failed)."""
         self.power.update(model)
-        if self.writer is not None:
+        if self.sharded:
+            if self.power.step % self.interval == 0:
+                self._save_gathered()
+        elif self.writer is not None:
             self.writer.maybe_save(self.power)
+
+    def _save_gathered(self) -> None:
+        """Sharded tracker, every rank: gather each profile to rank 0, which writes it; then
+        every rank takes rank 0's interval (thinning may have doubled it) and its outcome."""
+        error = None
+        if self.writer is not None:
+            try:
+                self.writer.save(self.power)  # gathers every profile even when a write fails
+            except OSError as e:
+                error = e
+        else:
+            for _ in self.power.gathered_profiles():
+                pass  # this rank's part of each gather
+        interval, failed = self._broadcast([self.interval, int(error is not None)])
+        self._synced_interval = interval
+        if failed:
+            raise error if error is not None else OSError("rank 0 could not write a post-hoc EMA snapshot")
 
     def stored_steps(self) -> list[int]:
         """Steps that have a snapshot in the folder, ascending."""
@@ -253,9 +321,14 @@ class PosthocTracker:
 
     def finish(self) -> None:
         """Save the final step too when it is off the interval, so a post-hoc sweep
-        reconstructs the EMA at the same step as ``last.pth.tar``."""
-        if self.writer is not None and self.power.step > 0 and self.power.step not in self.stored_steps():
-            self.writer.save(self.power)
+        reconstructs the EMA at the same step as ``last.pth.tar``. Sharded tracker: call it on
+        every rank (rank 0 decides, all gather; *collective*)."""
+        needed = self.writer is not None and self.power.step > 0 and self.power.step not in self.stored_steps()
+        if not self.sharded:
+            if needed:
+                self.writer.save(self.power)
+        elif self._broadcast([int(needed)])[0]:
+            self._save_gathered()
 
     def projected_footprint(self) -> Footprint:
         """Disk use the folder will reach after ``total_steps``: the multiples of the
@@ -275,8 +348,10 @@ class PosthocTracker:
         return self.writer.disk_usage() if self.writer is not None else 0
 
     def memory_bytes(self) -> int:
-        """Bytes held by the tracked profiles (float32 accumulation)."""
-        return sum(t.numel() * t.element_size() for profile in self.power.profiles for t in profile)
+        """Bytes held by the tracked profiles in this process (float32 accumulation; this
+        rank's shards for a sharded model)."""
+        return sum(t.numel() * t.element_size() for profile in self.power.profiles
+                   for t in (p.to_local() if hasattr(p, "to_local") else p for p in profile))
 
 
 def posthoc_sweep_command(data: str | None, checkpoint: str, sigma_rels: str = SWEEP_SIGMA_RELS) -> str:
@@ -299,19 +374,20 @@ class AverageTarget:
 
 class Averages:
     """Every weight average of a run: the EMA(s) (one ``ModelEMA`` or a fused ``MultiEMA``),
-    rank 0's post-hoc tracker, BatchNorm recalibration at evaluation, their checkpoint
+    the post-hoc tracker, BatchNorm recalibration at evaluation, their checkpoint
     entries (the keys are spelled in :func:`emakit.checkpoint.ema_checkpoint_keys`) and their
     resume.
 
     The loop calls :meth:`update` after every optimizer step taken (with a post-hoc tracker,
     built with the EMAs in its engine, one fused pass updates EMAs and profiles); evaluation iterates
     :meth:`targets` by name. A failed post-hoc snapshot write (a full disk) does not raise
-    inside the loop on rank 0 alone: it is kept in :attr:`write_error` and the loop stops
-    at the next agreed step boundary.
+    inside the loop: it is kept in :attr:`write_error` (on rank 0; under FSDP on every rank)
+    and the loop stops at the next agreed step boundary.
 
     Args:
         ema: the run's EMA(s), or None without ``--model-ema``.
-        posthoc: rank 0's post-hoc tracker (``--model-ema-posthoc``), else None.
+        posthoc: the post-hoc tracker (``--model-ema-posthoc``; rank 0's, or every rank's
+            under FSDP), else None.
         device: where the EMA weights live (``--model-ema-force-cpu``: the CPU).
         bn_recal: training batches for BatchNorm recalibration before each EMA evaluation (0: off).
     """
@@ -385,10 +461,15 @@ class Averages:
         """The checkpoint entries: every EMA's weights + meta, the post-hoc state and the
         epoch's recalibrated BatchNorm buffers (``{"num_batches": N, "buffers": [per EMA]}``).
         Sharded EMAs: *collective*; ``full`` gathers whole tensors to rank 0 (single file),
-        else DTensors over the shards (a DCP folder)."""
+        else DTensors over the shards (a DCP folder). A sharded post-hoc tracker's profiles
+        then go under :data:`POSTHOC_PROFILES_KEY` (``{"0": DTensors, "1": ...}``, a sharded
+        key of the folder) and ``posthoc_ema`` keeps its plain values."""
         state = ema_checkpoint_state(self.ema, full=full)
         if self.posthoc is not None:
-            state[POSTHOC_CHECKPOINT_KEY] = self.posthoc.state_dict()
+            posthoc = self.posthoc.state_dict(full=full)
+            if self.posthoc.sharded and not full:
+                state[POSTHOC_PROFILES_KEY] = {str(k): p for k, p in enumerate(posthoc.pop("profiles"))}
+            state[POSTHOC_CHECKPOINT_KEY] = posthoc
         if bn_recal:
             state[BN_RECAL_CHECKPOINT_KEY] = {"num_batches": self.bn_recal, "buffers": bn_recal}
         return state

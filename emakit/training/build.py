@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from emakit import ModelEMA, MultiEMA
+from emakit.ema import is_sharded
 from emakit.posthoc import DTYPES
 
 from . import UsageError, one_line
@@ -182,7 +183,10 @@ def build_ema(ema: EmaSettings, model: nn.Module, *, updates_per_epoch: int, glo
 
 def build_posthoc(ema: EmaSettings, model: nn.Module, dist: DistInfo, *, total_steps: int,
                   saved: dict[str, Any] | None, emas: ModelEMA | MultiEMA | None = None) -> PosthocTracker | None:
-    """Rank 0's post-hoc EMA tracker with ``--model-ema-posthoc`` (None elsewhere).
+    """The post-hoc EMA tracker with ``--model-ema-posthoc``: rank 0's (None on the other
+    ranks) for a plain or DDP model; every rank's for a sharded (``--fsdp``) one, which holds
+    this rank's shards and joins the gathers of rank 0's snapshots (gathered snapshots,
+    :class:`PosthocTracker`). The cap and the logs count the whole model's bytes.
 
     ``--posthoc-budget`` (with ``--posthoc-max-snapshots``) caps the snapshot steps
     (:func:`posthoc_snapshot_cap`). The snapshot interval is ``--posthoc-every``, else the
@@ -192,7 +196,7 @@ def build_posthoc(ema: EmaSettings, model: nn.Module, dist: DistInfo, *, total_s
     the profiles (the tracker then owns their updates: ``owns_ema``).
     """
     posthoc = ema.posthoc
-    if posthoc is None or not dist.is_main:
+    if posthoc is None or not (dist.is_main or is_sharded(model)):
         return None
     try:
         budget_bytes, cap = posthoc_snapshot_cap(model, posthoc.budget, n_profiles=len(posthoc.sigma_rels),
@@ -204,7 +208,7 @@ def build_posthoc(ema: EmaSettings, model: nn.Module, dist: DistInfo, *, total_s
     try:
         return PosthocTracker(model, sigma_rels=posthoc.sigma_rels, every=every, snapshot_dtype=posthoc.dtype,
                               max_snapshots=cap, total_steps=total_steps, budget_bytes=budget_bytes,
-                              device="cpu" if ema.force_cpu else None, ema=emas)
+                              device="cpu" if ema.force_cpu else None, ema=emas, dist=dist)
     except ValueError as e:
         raise UsageError(f"invalid post-hoc EMA settings: {one_line(e)}") from None
 

@@ -330,7 +330,8 @@ def _add_posthoc_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-ema-posthoc", action=argparse.BooleanOptionalAction, default=False,
                    help="track power-function EMAs (Karras et al. 2024) and save their snapshots under "
                         "<run>/posthoc/, so validate.py --posthoc-sigma-rel can rebuild any EMA length "
-                        "afterwards (default: False)")
+                        "afterwards; with --fsdp each rank tracks its shards and every snapshot is gathered to "
+                        "rank 0, which writes the same files (default: False)")
     g.add_argument("--posthoc-sigma-rels", type=CommaList(float, "sigma_rel", scalar_if_one=False),
                    default=DEFAULT_POSTHOC_SIGMA_RELS, metavar="S[,S...]",
                    help=f"relative widths of the tracked profiles, each in (0, 0.2887] "
@@ -386,8 +387,10 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
                    help="shard the model, its gradients, the optimizer state and the EMA(s) over the processes "
                         "with FSDP2 (torch fully_shard) instead of replicating them with DDP; needs torchrun "
-                        "(--nproc_per_node=1 is fine). Not with --amp-dtype float16 (use --amp-dtype bfloat16) "
-                        "nor --model-ema-posthoc (default: False = DDP)")
+                        "(--nproc_per_node=1 is fine). Not with --amp-dtype float16 (use --amp-dtype bfloat16). "
+                        "With --model-ema-posthoc every rank tracks its shards of the profiles and the snapshots "
+                        "are gathered: on a snapshot step each profile is gathered to rank 0, which writes the "
+                        "same files as without --fsdp (default: False = DDP)")
     g.add_argument("--fsdp-reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
                    help="with --fsdp, free each block's gathered weights after its forward (least memory, one "
                         "more all-gather per block in backward); --no-fsdp-reshard-after-forward keeps them "
@@ -531,7 +534,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _check_parallel_args(args: argparse.Namespace) -> None:
-    """``--fsdp`` needs torchrun's process group and refuses what it does not support."""
+    """``--fsdp`` needs torchrun's process group and refuses what it does not support
+    (``--amp-dtype float16``)."""
     if not args.fsdp:
         if not args.fsdp_reshard_after_forward:
             raise UsageError("--no-fsdp-reshard-after-forward applies to --fsdp: add --fsdp or drop it")
@@ -539,9 +543,6 @@ def _check_parallel_args(args: argparse.Namespace) -> None:
     if args.amp and args.amp_dtype == "float16":
         raise UsageError("--fsdp with --amp --amp-dtype float16 is not supported (its gradient scaler does not "
                          "handle sharded gradients): use --amp-dtype bfloat16")
-    if args.model_ema_posthoc:
-        raise UsageError("--model-ema-posthoc is not supported with --fsdp (its snapshots need the whole "
-                         "weights on rank 0 every few steps): drop one of them")
     if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
         raise UsageError("--fsdp needs a process group: launch with torchrun, e.g. torchrun --nproc_per_node=2 "
                          "train.py --fsdp ... (--nproc_per_node=1 is fine)")

@@ -7,7 +7,10 @@ split by kind:
   shards; DCP reshards on load, so a folder written by N ranks loads on M ranks or in one
   process): ``state_dict`` (the model, :func:`emakit.training.fsdp.sharded_model_state`),
   ``optimizer`` (parameter-name keyed, :func:`emakit.training.fsdp.sharded_optimizer_state`)
-  and every ``state_dict_ema`` / ``state_dict_ema_<i>`` (``ema.state_dict_ema(full=False)``);
+  every ``state_dict_ema`` / ``state_dict_ema_<i>`` (``ema.state_dict_ema(full=False)``) and,
+  under FSDP with ``--model-ema-posthoc``, ``posthoc_ema_profiles`` (the post-hoc profiles as
+  ``{"0": DTensors, "1": ...}``; ``posthoc_ema`` keeps the plain values: step, sigma_rels,
+  snapshot settings; :func:`join_posthoc_profiles` puts them back together);
 - everything else (epoch, ``ema`` meta, scheduler, args, metrics, ...), taken from rank 0,
   plus each rank's own values (``rank_state``: generator states, progress) in rank order under
   ``ranks``, in one small ``emakit.pt`` inside the folder (``torch.save``, loadable with
@@ -35,20 +38,35 @@ from typing import Any
 
 import torch
 
-__all__ = ["META_FILE", "DCP_LAST", "DCP_BEST", "link_dcp_folder", "is_dcp_folder", "is_sharded_key", "save_dcp", "load_dcp", "read_dcp_meta",
+__all__ = ["META_FILE", "DCP_LAST", "DCP_BEST", "POSTHOC_PROFILES_KEY", "join_posthoc_profiles", "link_dcp_folder", "is_dcp_folder", "is_sharded_key", "save_dcp", "load_dcp", "read_dcp_meta",
            "dcp_folder_to_checkpoint", "resolve_dcp_folder", "load_dcp_training_state"]
 
 META_FILE = "emakit.pt"
 DCP_LAST = "last.dcp"          # train.py --checkpoint-format dcp: the newest checkpoint folder
 DCP_BEST = "model_best.dcp"    # the best epoch's (hard links to the files of that epoch's last.dcp)
 _DCP_METADATA = ".metadata"
-_SHARDED_KEY = re.compile(r"^(state_dict|optimizer|state_dict_ema(_\d+)?)$")
+POSTHOC_PROFILES_KEY = "posthoc_ema_profiles"  # a sharded post-hoc tracker's profiles in a DCP folder
+_SHARDED_KEY = re.compile(r"^(state_dict|optimizer|state_dict_ema(_\d+)?|posthoc_ema_profiles)$")
 
 
 def is_sharded_key(key: str) -> bool:
     """True for the top-level checkpoint keys stored through DCP (``state_dict``,
-    ``optimizer``, ``state_dict_ema``, ``state_dict_ema_<i>``); others go to ``emakit.pt``."""
+    ``optimizer``, ``state_dict_ema``, ``state_dict_ema_<i>``, ``posthoc_ema_profiles``);
+    others go to ``emakit.pt``."""
     return bool(_SHARDED_KEY.match(key))
+
+
+def join_posthoc_profiles(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """``ckpt`` (in place) in the single-file layout of the post-hoc state: the profiles read
+    from a folder's ``posthoc_ema_profiles`` go back under ``posthoc_ema["profiles"]`` (a list,
+    profile order). The key is dropped; an empty one (nothing read) changes nothing else."""
+    from .averages import POSTHOC_CHECKPOINT_KEY
+
+    profiles = ckpt.pop(POSTHOC_PROFILES_KEY, None)
+    state = ckpt.get(POSTHOC_CHECKPOINT_KEY)
+    if profiles and isinstance(state, dict):
+        ckpt[POSTHOC_CHECKPOINT_KEY] = {**state, "profiles": [profiles[str(k)] for k in range(len(profiles))]}
+    return ckpt
 
 
 def is_dcp_folder(path: str | os.PathLike[str]) -> bool:
@@ -295,7 +313,7 @@ def dcp_folder_to_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
     meta = read_dcp_meta(path)
     if meta:
         ckpt = {**meta.get("plain", {}), **ckpt, "dcp_ranks": meta.get("ranks", [])}
-    return ckpt
+    return join_posthoc_profiles(ckpt)
 
 
 def load_dcp_training_state(folder: str | os.PathLike[str], model: Any, optimizer: Any = None,

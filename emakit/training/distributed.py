@@ -24,8 +24,8 @@ from torch import nn
 from . import UsageError
 from .bn import bn_buffers
 
-__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_sum", "distribute_bn",
-           "resolve_device"]
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_sum", "broadcast_ints",
+           "distribute_bn", "resolve_device"]
 
 _log = logging.getLogger(__name__)
 
@@ -121,6 +121,16 @@ def all_reduce_sum(values: list[float], dist: DistInfo) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=comm_device)
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def broadcast_ints(values: list[int], dist: DistInfo) -> list[int]:
+    """Rank 0's plain integers on every rank (as they are without a process group); *collective*."""
+    if not (dist.distributed and torch_dist.is_initialized()):
+        return [int(v) for v in values]
+    comm_device = dist.device if dist.device.type == "cuda" else torch.device("cpu")
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=comm_device)
+    torch_dist.broadcast(t, src=0)
+    return [int(v) for v in t.tolist()]
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from .lifecycle import TrainingInterrupted, diverged, last_good_text, rng_state,
 from .outputs import (FitResult, console_logs_above_progress_bars, describe_result, fit_result, plot_summary_quietly,
                       preload_plotting, report_posthoc, write_summary)
 from .resume import TRAIN_POSITION_KEY
-from .trainer import Trainer
+from .trainer import Trainer, agree
 
 __all__ = ["fit", "run_epoch"]
 
@@ -75,7 +75,7 @@ def run_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
                                 or averages.write_error is not None)
     except TrainingDiverged as e:
         raise diverged(tr.last_good, str(e)) from None
-    if averages.write_error is not None:
+    if not agree(averages.write_error is None, tr.dist):  # every rank stops (rank 0 alone wrote, under DDP)
         raise write_failed(tr.last_good, "a post-hoc EMA snapshot", averages.write_error)
     if train["stopped"]:
         _stop_mid_epoch(tr, epoch, train["progress"])
@@ -194,14 +194,19 @@ def fit(tr: Trainer) -> FitResult:
 
 
 def _finish_run(tr: Trainer) -> None:
-    """After the last epoch: the final post-hoc snapshot and the plot (rank 0)."""
-    if not tr.dist.is_main:
-        return
-    if tr.averages.posthoc is not None:
+    """After the last epoch: the final post-hoc snapshot (rank 0 writes; under FSDP every rank
+    takes part in its gather) and the plot (rank 0)."""
+    posthoc = tr.averages.posthoc
+    if posthoc is not None and (tr.dist.is_main or posthoc.sharded):
         try:
-            report_posthoc(tr.averages.posthoc, tr.settings.data.path, tr.saver.last_path)
+            if tr.dist.is_main:
+                report_posthoc(posthoc, tr.settings.data.path, tr.saver.last_path)
+            else:
+                posthoc.finish()
         except OSError as e:
             raise write_failed(tr.last_good, "the final post-hoc EMA snapshot", e) from None
+    if not tr.dist.is_main:
+        return
     if tr.summary_rows:
         plot_summary_quietly(tr.output_dir)
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..ema import unwrap_model
 
-__all__ = ["shard_blocks", "apply_fsdp", "broadcast_buffers_before_forward", "broadcast_buffers", "reshard", "full_model_state", "full_optimizer_state", "load_full_model_state",
+__all__ = ["shard_blocks", "apply_fsdp", "broadcast_buffers_before_forward", "broadcast_buffers", "broadcast_tensors", "reshard", "full_model_state", "full_optimizer_state", "load_full_model_state",
            "load_full_optimizer_state", "load_sharded_optimizer_state", "sharded_model_state",
            "sharded_optimizer_state",
            "optimizer_state_to_ids", "optimizer_state_to_names", "training_state", "load_training_state",
@@ -176,16 +176,26 @@ def broadcast_buffers(model: nn.Module) -> None:
     """Set every buffer of ``model`` to rank 0's, one broadcast per (device, dtype); *collective*
     (a no-op without a process group or with one process). Buffers are not sharded by FSDP2:
     between evaluations each rank's BatchNorm statistics are its own."""
+    broadcast_tensors(list(model.buffers()))
+
+
+def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
+    """Set every (plain, not sharded) tensor to rank 0's in place, one broadcast per (device,
+    dtype); *collective*, a no-op without a process group or with one process. CPU tensors
+    (``--model-ema-force-cpu``) go through the GPU under nccl."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return
+    nccl = dist.get_backend() == "nccl"
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for buf in model.buffers():
+    for buf in tensors:
         groups.setdefault((buf.device, buf.dtype), []).append(buf)
     with torch.no_grad():
-        for bufs in groups.values():
+        for (device, _), bufs in groups.items():
             flat = torch.cat([b.reshape(-1) for b in bufs])
+            if nccl and device.type == "cpu":
+                flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
             dist.broadcast(flat, src=0)
             for b, value in zip(bufs, flat.split([b.numel() for b in bufs])):
                 b.copy_(value.view_as(b))

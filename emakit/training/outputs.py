@@ -215,8 +215,9 @@ def log_posthoc_folder(posthoc: PosthocTracker, folder: str) -> None:
     except OSError as e:
         raise UsageError(f"cannot write post-hoc snapshots to {folder}: {e.strerror or e}") from None
     sigmas = ", ".join(f"{s:g}" for s in posthoc.power.sigma_rels)
-    _log.info("post-hoc EMA: sigma_rel %s, accumulated in float32 (%.1f MiB in memory); a snapshot every %d "
+    _log.info("post-hoc EMA: sigma_rel %s, accumulated in float32 (%.1f MiB in memory%s); a snapshot every %d "
               "optimizer step(s) in %s into %s; projected footprint %s; %s", sigmas, posthoc.memory_bytes() / 2**20,
+              " per process, its shards; snapshots gathered to rank 0" if posthoc.sharded else "",
               posthoc.writer.every, posthoc.snapshot_dtype, folder, posthoc.projected_footprint(),
               posthoc.describe_budget())
 

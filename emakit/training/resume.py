@@ -270,8 +270,11 @@ def fill_resume_folder(ckpt: dict[str, Any], path: str, *, model: nn.Module, ave
     this run's own layout whatever wrote the folder (FSDP, DDP or one process, any world
     size): DCP reshards. The model and EMA templates are this run's state dicts, filled in
     place; the optimizer entry is parameter-name keyed. EMAs of the folder beyond this run's
-    stay empty placeholders (``--drop-ema`` / the "more EMAs" warning see them)."""
-    from .dcp import load_dcp
+    stay empty placeholders (``--drop-ema`` / the "more EMAs" warning see them). A sharded
+    post-hoc state (``posthoc_ema_profiles``) is read into this run's profiles when their
+    sigma_rels match and put back in the single-file layout (``dcp.join_posthoc_profiles``)."""
+    from .averages import POSTHOC_CHECKPOINT_KEY
+    from .dcp import POSTHOC_PROFILES_KEY, join_posthoc_profiles, load_dcp
     from .fsdp import sharded_model_state, sharded_optimizer_state
 
     templates: dict[str, Any] = {"state_dict": sharded_model_state(model)}
@@ -279,12 +282,19 @@ def fill_resume_folder(ckpt: dict[str, Any], path: str, *, model: nn.Module, ave
         templates["optimizer"] = sharded_optimizer_state(model, optimizer)
     for member, (weights_key, _) in zip(averages.members, ema_entry_keys(ckpt)):
         templates[weights_key] = member.state_dict_ema(full=False)
+    tracker, saved = averages.posthoc, ckpt.get(POSTHOC_CHECKPOINT_KEY)
+    if tracker is not None and POSTHOC_PROFILES_KEY in ckpt and isinstance(saved, dict) \
+            and [float(x) for x in saved.get("sigma_rels", [])] == list(tracker.power.sigma_rels):
+        # (other sigma_rels: left empty, resume_posthoc names the mismatch)
+        templates[POSTHOC_PROFILES_KEY] = {str(k): p for k, p in enumerate(tracker.power.state_dict(full=False)
+                                                                             ["profiles"])}
     try:
         load_dcp(path, templates)
     except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
         raise UsageError(f"--resume {path}: the checkpoint folder does not fit this model/optimizer "
                          f"({one_line(e)[:300]}); check --model, or pass --no-resume-opt") from None
     ckpt.update(templates)
+    join_posthoc_profiles(ckpt)
 
 
 def check_resume(ckpt: dict[str, Any], path: str, settings: TrainSettings, resolved: Resolved, *,

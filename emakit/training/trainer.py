@@ -203,8 +203,23 @@ def _setup_output(tr: Trainer, logs: LogSetup | None) -> None:
         tr.saver.restore(up_to_epoch=tr.start_epoch - 1)
         tr.summary_rows = read_summary(os.path.join(path, "summary.csv"), tr.start_epoch)
     _log.info("output folder: %s", path)
-    if tr.averages.posthoc is not None:
-        log_posthoc_folder(tr.averages.posthoc, os.path.join(path, "posthoc"))
+
+
+def _open_posthoc_folder(tr: Trainer) -> None:
+    """``--model-ema-posthoc``: rank 0 binds and plans the snapshot folder; every rank learns
+    whether that worked, and a sharded tracker's ranks take rank 0's planned interval."""
+    if tr.settings.ema.posthoc is None:
+        return
+    posthoc, error = tr.averages.posthoc, None
+    if tr.dist.is_main and posthoc is not None:
+        try:
+            log_posthoc_folder(posthoc, os.path.join(tr.output_dir, "posthoc"))
+        except UsageError as e:
+            error = e
+    if not agree(error is None, tr.dist):
+        raise error or UsageError("stopping: rank 0 could not open the post-hoc snapshot folder")
+    if posthoc is not None:
+        posthoc.sync_interval()
 
 
 def build_trainer(settings: TrainSettings, logs: LogSetup | None = None) -> Trainer:
@@ -217,6 +232,7 @@ def build_trainer(settings: TrainSettings, logs: LogSetup | None = None) -> Trai
         tr.flags = MappingProxyType(dict(tr.flags))
         try:
             _setup_output(tr, logs)
+            _open_posthoc_folder(tr)
         except BaseException:
             if tr.run_lock is not None:
                 tr.run_lock.release(remove_empty=True)
