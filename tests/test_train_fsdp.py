@@ -5,14 +5,16 @@ rank: 3 optimizer steps per epoch at 2 ranks): an FSDP run and a DDP run with th
 and flags, 1-epoch sources for the resume matrix in both checkpoint formats (FSDP x2, DDP x2,
 one process), and the resumes to 2 epochs. The expectations come from other engines: the DDP
 run (full replicas, torch's own optimizer state dict), the single-file checkpoints a DDP or
-one-process run writes, and timm's ``load_checkpoint``.
+one-process run writes, and timm's ``load_checkpoint``. The FSDP and DDP runs (and the
+FSDP DCP source and its resume) also track post-hoc EMA profiles: under FSDP every rank holds
+its shards and rank 0 writes the gathered snapshots, which must equal the DDP run's (rank 0
+alone tracks them on a full replica, the pre-FSDP engine). Runs of one engine share a
+process (tests/train_many.py): four launches for the fifteen runs.
 """
 from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +29,10 @@ pytestmark = pytest.mark.slow
 TOL = 1e-5
 # Two EMAs (one fused MultiEMA) ride along in every run.
 ARGS = [*FAST_ARGS, "-b", "4", "--seed", "7", "--model-ema-half-life", "2ba,6ba"]
+# Post-hoc EMA profiles (gathered snapshots under FSDP): a snapshot every 2 steps, stored in float32
+POSTHOC = ["--model-ema-posthoc", "--posthoc-every", "2", "--posthoc-dtype", "float32"]
+STEPS, SIGMA_RELS = 6, ("0.050000", "0.100000")  # 2 epochs x 3 steps; the default profiles
+WITH_POSTHOC = ("r_ff_dcp",)  # the matrix row that continues fsdp_dcp1's profiles from its DCP folder
 # BatchNorm recalibration of the EMAs at evaluation (it leaves the training trajectory as it is)
 RECAL = ["--model-ema-bn-recal", "2"]
 WEIGHTS = ("state_dict", "state_dict_ema", "state_dict_ema_1")
@@ -54,13 +60,29 @@ sys.exit(train.main(sys.argv[1:]))
 '''
 
 
+def _argv(data: Path, out: Path, name: str, *flags: str, fsdp: bool = True) -> list[str]:
+    return [str(data), *ARGS, "--output", str(out), "--experiment", name, *(["--fsdp"] if fsdp else []), *flags]
+
+
+def _launcher(ranks: int, fsdp: bool) -> list[str]:
+    return [*torchrun(), "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 or fsdp else [sys.executable]
+
+
 def _train(data: Path, out: Path, name: str, *flags: str, ranks: int = 2, fsdp: bool = True,
            script: str | None = None, **env: str) -> subprocess.CompletedProcess:
-    launcher = [*torchrun(), "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 or fsdp else [sys.executable]
-    cmd = [*launcher, script or str(REPO / "train.py"), str(data), *ARGS, "--output", str(out),
-           "--experiment", name, *(["--fsdp"] if fsdp else []), *flags]
+    cmd = [*_launcher(ranks, fsdp), script or str(REPO / "train.py"), *_argv(data, out, name, *flags, fsdp=fsdp)]
     return subprocess.run(cmd, env=subprocess_env(REPO=str(REPO), **env), capture_output=True, text=True,
                           timeout=400, cwd=str(out.parent))
+
+
+def _train_many(out: Path, runs: list[list[str]], *, ranks: int) -> subprocess.CompletedProcess:
+    """Several train.py runs (argv lists) in order in one launch (tests/train_many.py): one
+    process start and rendezvous for all of them."""
+    listing = out / f"runs-{len(list(out.glob('runs-*.json')))}.json"
+    listing.write_text(json.dumps(runs))
+    return subprocess.run([*_launcher(ranks, ranks > 1), str(REPO / "tests" / "train_many.py"), str(listing)],
+                          env=subprocess_env(REPO=str(REPO)), capture_output=True, text=True,
+                          timeout=120 * len(runs), cwd=str(out.parent))
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -87,8 +109,8 @@ def _rows(run: Path) -> list[dict[str, str]]:
 
 
 # (run name, epochs, launch, format, resume from, extra flags)
-SOURCES = [("fsdp", 2, "fsdp", "file", None), ("ddp", 2, "ddp", "file", None),
-           ("fsdp_dcp1", 1, "fsdp", "dcp", None, *RECAL), ("ddp_dcp1", 1, "ddp", "dcp", None, *RECAL),
+SOURCES = [("fsdp", 2, "fsdp", "file", None, *POSTHOC), ("ddp", 2, "ddp", "file", None, *POSTHOC),
+           ("fsdp_dcp1", 1, "fsdp", "dcp", None, *RECAL, *POSTHOC), ("ddp_dcp1", 1, "ddp", "dcp", None, *RECAL),
            ("one1", 1, "one", "file", None), ("one_dcp1", 1, "one", "dcp", None)]
 # The resume matrix: (row id, run name, launch, written format, resumed checkpoint, reference run, bitwise)
 MATRIX = [
@@ -114,18 +136,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory, image_folder_many: Path) -> P
     out = tmp_path_factory.mktemp("train_fsdp")
     data = image_folder_many
 
-    def launch(name: str, epochs: int, how: str, fmt: str, resume: str | None, *extra: str) -> None:
+    def argv(name: str, epochs: int, how: str, fmt: str, resume: str | None, *extra: str) -> list[str]:
         flags = ["--epochs", str(epochs), "--checkpoint-format", fmt, *extra]
         if resume:
             flags += ["--resume", str(out / resume)]
-        _ok(_train(data, out, name, *flags, ranks=1 if how == "one" else 2, fsdp=how == "fsdp"))
+        return _argv(data, out, name, *flags, fsdp=how == "fsdp")
 
-    for source in SOURCES:
-        launch(*source)
-    for name, how, resume in REFERENCES:
-        launch(name, 2, how, "file", resume)
-    for _, name, how, fmt, resume, _, _ in MATRIX:
-        launch(name, 2, how, fmt, resume)
+    # one launch per engine, in dependency order: 4 process starts for 15 runs
+    runs = [*SOURCES, *((name, 2, how, "file", resume) for name, how, resume in REFERENCES),
+            *((name, 2, how, fmt, resume, *(POSTHOC if name in WITH_POSTHOC else ()))
+              for _, name, how, fmt, resume, _, _ in MATRIX)]
+    order = [("one", lambda r: r[2] == "one" and r[4] is None), ("ddp", lambda r: r[2] == "ddp"),
+             ("fsdp", lambda r: r[2] == "fsdp"), ("one", lambda r: r[2] == "one" and r[4] is not None)]
+    for how, chosen in order:
+        _ok(_train_many(out, [argv(*r) for r in runs if chosen(r)], ranks=1 if how == "one" else 2))
     return out
 
 
@@ -261,3 +285,93 @@ def test_fsdp_stopped_mid_epoch_into_a_dcp_folder_resumes_bitwise(runs, image_fo
     for key in WEIGHTS:
         assert _max_diff(straight[key], resumed[key]) == 0.0, key
     assert resumed["ema"]["num_updates"] == straight["ema"]["num_updates"] == 2 * 3
+
+
+# ----------------------------------------------------------------------------- post-hoc EMA
+def _snapshots(run: Path) -> dict[str, dict]:
+    return {p.name: torch.load(p, map_location="cpu", weights_only=True) for p in sorted((run / "posthoc").glob("*.pt"))}
+
+
+def _profiles_diff(a: dict, b: dict) -> float:
+    assert len(a["profiles"]) == len(b["profiles"]) == 2
+    return max(_max_diff(x, y) for x, y in zip(a["profiles"], b["profiles"]))
+
+
+def _plain(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k != "profiles"}
+
+
+def test_fsdp_posthoc_snapshots_equal_the_ddp_runs(runs):
+    """Post-hoc snapshots under FSDP: the same files (steps x sigma_rels) as the DDP run's, each
+    tensor within 1e-5 (measured: 0.0, bitwise), in the same key order (the one-process layout)."""
+    fsdp, ddp = _snapshots(runs / "fsdp"), _snapshots(runs / "ddp")
+    expected = {f"posthoc-{step:09d}-s{s}.pt" for step in range(2, STEPS + 1, 2) for s in SIGMA_RELS}
+    assert set(fsdp) == set(ddp) == expected
+    diffs = {}
+    for name, snap in fsdp.items():
+        other = ddp[name]
+        assert {k: v for k, v in snap.items() if k != "state_dict"} == \
+            {k: v for k, v in other.items() if k != "state_dict"}  # step, sigma_rel, gamma, dtype, format
+        assert list(snap["state_dict"]) == list(other["state_dict"])
+        assert all(t.dtype == torch.float32 for t in snap["state_dict"].values() if t.is_floating_point())
+        diffs[name] = _max_diff(snap["state_dict"], other["state_dict"])
+    print("FSDP x2 vs DDP x2 post-hoc snapshots, max abs diff:", max(diffs.values()))
+    assert max(diffs.values()) <= TOL, diffs
+    log = (runs / "fsdp" / "train.log").read_text()
+    assert "snapshots gathered to rank 0" in log
+    # the cap and the logged sizes count the whole model on every engine, not a rank's shard
+    budget = "budget 24.4 MiB (17x the model's 1.4 MiB float32 bytes, at most 8 snapshot steps)"
+    assert budget in log and budget in (runs / "ddp" / "train.log").read_text()
+
+
+def test_validate_posthoc_sweep_of_the_fsdp_run_equals_the_ddp_runs(runs, image_folder_many):
+    """validate.py --posthoc-sigma-rel reconstructs and scores the same EMAs from both runs."""
+    procs = {run: subprocess.Popen([sys.executable, str(REPO / "validate.py"), str(image_folder_many), "--checkpoint",
+                                    str(runs / run / "last.pth.tar"), "--posthoc-sigma-rel", "0.03,0.08"],
+                                   env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for run in ("fsdp", "ddp")}  # side by side: one process each
+    records = {}
+    for run, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        records[run] = [json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")]
+    assert [r["sigma_rel"] for r in records["fsdp"]] == [r["sigma_rel"] for r in records["ddp"]] == [0.03, 0.08]
+    for a, b in zip(records["fsdp"], records["ddp"]):
+        assert a["posthoc_step"] == b["posthoc_step"] == STEPS and a["samples"] == b["samples"] == 30
+        assert (a["top1"], a["top5"]) == (b["top1"], b["top5"])
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["loss"], b["loss"])
+
+
+def test_checkpoint_posthoc_state_equals_the_ddp_runs(runs):
+    """last.pth.tar's posthoc_ema, gathered to rank 0, has the DDP run's layout and values
+    (profiles within 1e-5; measured 0.0); the epoch copies hold none, as before."""
+    fsdp, ddp = _load(runs / "fsdp" / "last.pth.tar"), _load(runs / "ddp" / "last.pth.tar")
+    a, b = fsdp["posthoc_ema"], ddp["posthoc_ema"]
+    assert _plain(a) == _plain(b) == {"step": STEPS, "sigma_rels": [0.05, 0.1], "snapshot_every": 2,
+                                      "snapshot_interval": 2, "snapshot_dtype": "float32"}
+    assert [list(p) for p in a["profiles"]] == [list(p) for p in b["profiles"]]
+    diff = _profiles_diff(a, b)
+    print("FSDP x2 vs DDP x2 checkpoint posthoc_ema profiles, max abs diff:", diff)
+    assert diff <= TOL
+    assert "posthoc_ema" not in _load(runs / "fsdp" / "checkpoint-1.pth.tar")
+
+
+def test_fsdp_dcp_resume_continues_the_profiles_bitwise(runs):
+    """fsdp_dcp1 (FSDP x2 into DCP folders, 1 epoch) resumed to 2 epochs (r_ff_dcp): the
+    snapshots of both parts and the final post-hoc state are the uninterrupted FSDP run's,
+    bitwise. The folder holds the profiles as shards (posthoc_ema_profiles, with rank 0's
+    BatchNorm averages) and the rest as plain values."""
+    from emakit.training.dcp import read_dcp_meta
+
+    straight, first, resumed = (_snapshots(runs / run) for run in ("fsdp", "fsdp_dcp1", "r_ff_dcp"))
+    assert sorted(first) == [f"posthoc-{step:09d}-s{s}.pt" for step in (2, 3) for s in SIGMA_RELS]  # 3: its end
+    assert sorted(resumed) == [f"posthoc-{step:09d}-s{s}.pt" for step in (4, 6) for s in SIGMA_RELS]
+    for name in [*(n for n in first if "-000000002-" in n), *resumed]:
+        snap = (first if name in first else resumed)[name]
+        assert _max_diff(snap["state_dict"], straight[name]["state_dict"]) == 0.0, name
+    final = _load(runs / "r_ff_dcp" / "last.dcp")
+    expected = _load(runs / "fsdp" / "last.pth.tar")["posthoc_ema"]
+    assert _plain(final["posthoc_ema"]) == _plain(expected)
+    assert _profiles_diff(final["posthoc_ema"], expected) == 0.0
+    meta = read_dcp_meta(runs / "fsdp_dcp1" / "last.dcp")
+    assert "posthoc_ema_profiles" in meta["sharded_keys"] and "profiles" not in meta["plain"]["posthoc_ema"]
