@@ -19,7 +19,7 @@ train: $(VENV)/.installed
 	$(PY) train.py
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 test-quick: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"

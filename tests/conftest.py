@@ -36,6 +36,10 @@ FAST_ARGS = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "--no-prog
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end runs (train.py / validate.py / torchrun)")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core (pytest -n):
+        import torch                            # one compute thread each, as every child process has
+
+        torch.set_num_threads(1)
 
 
 def make_image_folder(root: Path, classes: tuple[str, ...] = CLASSES, train_per_class: int = TRAIN_PER_CLASS,
