@@ -102,8 +102,6 @@ TRAIN_FLAG_CASES = {
     # issue 10: --fsdp and the checkpoint format (no torchrun environment in these processes)
     "fsdp_without_torchrun": (["--fsdp"], E + "--fsdp needs a process group: launch with torchrun, e.g. torchrun "
                                               "--nproc_per_node=2 train.py --fsdp ... (--nproc_per_node=1 is fine)"),
-    "fsdp_float16": (["--fsdp", "--amp"], E + "--fsdp with --amp --amp-dtype float16 is not supported (its gradient "
-                                              "scaler does not handle sharded gradients): use --amp-dtype bfloat16"),
     "reshard_without_fsdp": (["--no-fsdp-reshard-after-forward"],
                              E + "--no-fsdp-reshard-after-forward applies to --fsdp: add --fsdp or drop it"),
     "checkpoint_format_bogus": (["--checkpoint-format", "zip"],

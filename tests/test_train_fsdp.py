@@ -33,6 +33,9 @@ ARGS = [*FAST_ARGS, "-b", "4", "--seed", "7", "--model-ema-half-life", "2ba,6ba"
 POSTHOC = ["--model-ema-posthoc", "--posthoc-every", "2", "--posthoc-dtype", "float32"]
 STEPS, SIGMA_RELS = 6, ("0.050000", "0.100000")  # 2 epochs x 3 steps; the default profiles
 WITH_POSTHOC = ("r_ff_dcp",)  # the matrix row that continues fsdp_dcp1's profiles from its DCP folder
+# float16 autocast with a gradient scaler (ShardedGradScaler under FSDP); its first scale,
+# 2**16, overflows this model's float16 gradients, so the first steps are skipped
+FP16 = ["--amp", "--amp-dtype", "float16"]
 # BatchNorm recalibration of the EMAs at evaluation (it leaves the training trajectory as it is)
 RECAL = ["--model-ema-bn-recal", "2"]
 WEIGHTS = ("state_dict", "state_dict_ema", "state_dict_ema_1")
@@ -111,7 +114,8 @@ def _rows(run: Path) -> list[dict[str, str]]:
 # (run name, epochs, launch, format, resume from, extra flags)
 SOURCES = [("fsdp", 2, "fsdp", "file", None, *POSTHOC), ("ddp", 2, "ddp", "file", None, *POSTHOC),
            ("fsdp_dcp1", 1, "fsdp", "dcp", None, *RECAL, *POSTHOC), ("ddp_dcp1", 1, "ddp", "dcp", None, *RECAL),
-           ("one1", 1, "one", "file", None), ("one_dcp1", 1, "one", "dcp", None)]
+           ("one1", 1, "one", "file", None), ("one_dcp1", 1, "one", "dcp", None),
+           ("fsdp_fp16", 2, "fsdp", "file", None, *FP16), ("ddp_fp16", 2, "ddp", "file", None, *FP16)]
 # The resume matrix: (row id, run name, launch, written format, resumed checkpoint, reference run, bitwise)
 MATRIX = [
     ("fsdp2->fsdp2 file", "r_ff", "fsdp", "file", "fsdp/checkpoint-0.pth.tar", "fsdp", True),
@@ -187,6 +191,20 @@ def test_fsdp_run_equals_ddp_run(runs):
                 assert f"{float(ra[col]):.4f}" == f"{float(rb[col]):.4f}", (col, ra[col], rb[col])
     log = (runs / "fsdp" / "train.log").read_text()
     assert "FSDP2 over 2 process(es): fully_shard on 4 blocks (layer1.0, layer2.0, layer3.0, layer4.0)" in log
+
+
+def test_fsdp_float16_with_its_sharded_scaler_equals_ddp(runs):
+    """--amp --amp-dtype float16 under FSDP (torch's ShardedGradScaler) vs DDP (GradScaler):
+    the same weights, EMA and scaler state (measured: bitwise), through steps the scaler
+    skipped on every rank (the scale backed off from 2**16) and ones it took."""
+    fsdp, ddp = _load(runs / "fsdp_fp16" / "last.pth.tar"), _load(runs / "ddp_fp16" / "last.pth.tar")
+    for key in WEIGHTS[:2]:
+        assert _max_diff(fsdp[key], ddp[key]) <= TOL, key
+    assert fsdp["amp_scaler"] == ddp["amp_scaler"] and fsdp["amp_scaler"]["scale"] < 2.0 ** 16
+    initial = _load(runs / "fsdp" / "last.pth.tar")["state_dict"]
+    assert _max_diff(fsdp["state_dict"], initial) > 0  # float16 steps were taken: not the fp32 run's weights
+    log = (runs / "fsdp_fp16" / "train.log").read_text()
+    assert "AMP: autocast float16 on cpu with a gradient scaler" in log
 
 
 def test_gathered_checkpoint_loads_in_timm_and_validate_reproduces_the_ema_top1(runs, image_folder_many):

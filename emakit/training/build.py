@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -311,12 +312,22 @@ def build_guard(run: RunSettings) -> NonfiniteGuard:
         raise UsageError(f"--on-nonfinite/--max-nonfinite-skips: {e}") from None
 
 
-def build_amp(run: RunSettings, device: torch.device) -> AmpSettings:
-    """Autocast settings; a GradScaler only for float16 (bfloat16 needs none)."""
+def build_amp(run: RunSettings, device: torch.device, *, sharded: bool = False) -> AmpSettings:
+    """Autocast settings; a GradScaler only for float16 (bfloat16 needs none). ``sharded``
+    (``--fsdp``): torch's ``ShardedGradScaler``, which agrees on a skipped step across ranks."""
     if not run.amp:
         return AmpSettings()
     dtype = DTYPES[run.amp_dtype]
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    scaler = None
+    if dtype == torch.float16:
+        if sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            # its one-element found_inf / scale meet DTensor gradients, which warns on every step
+            warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1", category=UserWarning)
+            scaler = ShardedGradScaler(device.type)
+        else:
+            scaler = torch.amp.GradScaler(device.type)
     _log.info("AMP: autocast %s on %s%s", run.amp_dtype, device.type, " with a gradient scaler" if scaler else "")
     return AmpSettings(enabled=True, dtype=dtype, scaler=scaler)
 

@@ -387,7 +387,7 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
                    help="shard the model, its gradients, the optimizer state and the EMA(s) over the processes "
                         "with FSDP2 (torch fully_shard) instead of replicating them with DDP; needs torchrun "
-                        "(--nproc_per_node=1 is fine). Not with --amp-dtype float16 (use --amp-dtype bfloat16). "
+                        "(--nproc_per_node=1 is fine); --amp-dtype float16 uses torch's ShardedGradScaler. "
                         "With --model-ema-posthoc every rank tracks its shards of the profiles and the snapshots "
                         "are gathered: on a snapshot step each profile is gathered to rank 0, which writes the "
                         "same files as without --fsdp (default: False = DDP)")
@@ -540,9 +540,6 @@ def _check_parallel_args(args: argparse.Namespace) -> None:
         if not args.fsdp_reshard_after_forward:
             raise UsageError("--no-fsdp-reshard-after-forward applies to --fsdp: add --fsdp or drop it")
         return
-    if args.amp and args.amp_dtype == "float16":
-        raise UsageError("--fsdp with --amp --amp-dtype float16 is not supported (its gradient scaler does not "
-                         "handle sharded gradients): use --amp-dtype bfloat16")
     if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
         raise UsageError("--fsdp needs a process group: launch with torchrun, e.g. torchrun --nproc_per_node=2 "
                          "train.py --fsdp ... (--nproc_per_node=1 is fine)")

@@ -128,7 +128,7 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
                               saved_posthoc=ckpt.get(POSTHOC_CHECKPOINT_KEY) if ckpt else None)
     optimizer = build_optimizer(s.optim, model_without_ddp, lr)
     lr_scheduler = build_scheduler(s.schedule, optimizer, updates_per_epoch, eval_metric=s.run.eval_metric)
-    amp = build_amp(s.run, dist.device)
+    amp = build_amp(s.run, dist.device, sharded=s.parallel.fsdp)
     start_epoch = 0
     if ckpt is not None:
         if dcp_resume:  # the sharded entries, read by every rank into this run's own layout (any world size)
