@@ -254,11 +254,10 @@ def nonfinite_names(named: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
 
 def _collect_float_tensors(obj: Any, where: str, skip_keys: frozenset[str],
                            out: list[tuple[str, torch.Tensor]]) -> None:
-    """Append (key path, tensor) for every non-empty floating or complex tensor in ``obj``."""
+    """Append (key path, tensor) for every tensor in ``obj`` (:func:`nonfinite_names` keeps
+    the non-empty floating and complex ones, a DTensor's local shard)."""
     if isinstance(obj, torch.Tensor):
-        obj = obj.to_local() if hasattr(obj, "to_local") else obj  # a DTensor: this rank's shard
-        if (obj.is_floating_point() or obj.is_complex()) and obj.numel():
-            out.append((where, obj))
+        out.append((where, obj))
     elif isinstance(obj, Mapping):
         for key, value in obj.items():
             if key not in skip_keys:
