@@ -102,6 +102,9 @@ TRAIN_FLAG_CASES = {
     # issue 10: --fsdp and the checkpoint format (no torchrun environment in these processes)
     "fsdp_without_torchrun": (["--fsdp"], E + "--fsdp needs a process group: launch with torchrun, e.g. torchrun "
                                               "--nproc_per_node=2 train.py --fsdp ... (--nproc_per_node=1 is fine)"),
+    "fsdp_torchcompile": (["--fsdp", "--torchcompile"], E + "--torchcompile with --fsdp is not supported "
+                          "(torch.compile of the sharded model fails in inductor while compiling the backward): "
+                          "drop --torchcompile"),
     "reshard_without_fsdp": (["--no-fsdp-reshard-after-forward"],
                              E + "--no-fsdp-reshard-after-forward applies to --fsdp: add --fsdp or drop it"),
     "checkpoint_format_bogus": (["--checkpoint-format", "zip"],

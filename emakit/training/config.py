@@ -387,7 +387,8 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
                    help="shard the model, its gradients, the optimizer state and the EMA(s) over the processes "
                         "with FSDP2 (torch fully_shard) instead of replicating them with DDP; needs torchrun "
-                        "(--nproc_per_node=1 is fine); --amp-dtype float16 uses torch's ShardedGradScaler. "
+                        "(--nproc_per_node=1 is fine); --amp-dtype float16 uses torch's ShardedGradScaler; not with "
+                        "--torchcompile. "
                         "With --model-ema-posthoc every rank tracks its shards of the profiles and the snapshots "
                         "are gathered: on a snapshot step each profile is gathered to rank 0, which writes the "
                         "same files as without --fsdp (default: False = DDP)")
@@ -540,6 +541,9 @@ def _check_parallel_args(args: argparse.Namespace) -> None:
         if not args.fsdp_reshard_after_forward:
             raise UsageError("--no-fsdp-reshard-after-forward applies to --fsdp: add --fsdp or drop it")
         return
+    if args.torchcompile:
+        raise UsageError("--torchcompile with --fsdp is not supported (torch.compile of the sharded model fails in "
+                         "inductor while compiling the backward): drop --torchcompile")
     if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
         raise UsageError("--fsdp needs a process group: launch with torchrun, e.g. torchrun --nproc_per_node=2 "
                          "train.py --fsdp ... (--nproc_per_node=1 is fine)")
