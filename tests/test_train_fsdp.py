@@ -70,6 +70,27 @@ def _argv(data: Path, out: Path, name: str, *flags: str, fsdp: bool = True) -> l
 def _launcher(ranks: int, fsdp: bool) -> list[str]:
     return [*torchrun(), "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 or fsdp else [sys.executable]
 
+# rank 0 of a train.py --fsdp --model-ema-posthoc run finds the disk full when it writes the
+# second snapshot step's first file; each rank writes its exit status to STATUS_FILE.rankN.
+FULL_DISK_AT_SECOND_SNAPSHOT = r'''
+import errno, os, sys
+sys.path.insert(0, os.environ["REPO"])
+import emakit.posthoc as posthoc
+original, writes = posthoc._atomic_save, []
+
+def fill_the_disk(obj, path):
+    writes.append(path)
+    if len(writes) == 3 and os.environ["RANK"] == "0":
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    return original(obj, path)
+
+posthoc._atomic_save = fill_the_disk
+import train
+code = train.main(sys.argv[1:])
+open(os.environ["STATUS_FILE"] + ".rank" + os.environ["RANK"], "w").write(str(code))
+sys.exit(code)
+'''
+
 
 def _train(data: Path, out: Path, name: str, *flags: str, ranks: int = 2, fsdp: bool = True,
            script: str | None = None, **env: str) -> subprocess.CompletedProcess:
@@ -393,3 +414,28 @@ def test_fsdp_dcp_resume_continues_the_profiles_bitwise(runs):
     assert _profiles_diff(final["posthoc_ema"], expected) == 0.0
     meta = read_dcp_meta(runs / "fsdp_dcp1" / "last.dcp")
     assert "posthoc_ema_profiles" in meta["sharded_keys"] and "profiles" not in meta["plain"]["posthoc_ema"]
+
+
+def test_a_full_disk_at_a_gathered_snapshot_stops_every_rank_with_exit_2(image_folder_many, tmp_path):
+    """Rank 0 alone writes the gathered snapshots: when its disk is full at the second snapshot
+    step (step 4, in epoch 1), every rank stops at the next agreed boundary with exit 2 (none
+    waits in a gather), rank 0 says so in one line naming the intact epoch-0 checkpoint, and no
+    temporary file is left."""
+    script = tmp_path / "full_disk_train.py"
+    script.write_text(FULL_DISK_AT_SECOND_SNAPSHOT)
+    out, status = tmp_path / "out", tmp_path / "status"
+    out.mkdir()
+    proc = _train(image_folder_many, out, "full", "--epochs", "3", *POSTHOC, script=str(script),
+                  STATUS_FILE=str(status))
+    assert [(tmp_path / f"status.rank{r}").read_text() for r in (0, 1)] == ["2", "2"], proc.stderr[-3000:]
+    run, last = out / "full", out / "full" / "last.pth.tar"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"train.py: error: could not write a post-hoc EMA snapshot ({run / 'posthoc'}"), proc.stderr[-3000:]
+    assert f"No space left on device; the last good checkpoint is {last} (epoch 0)" in errors[0]
+    # torchrun prints its own traceback for children that exit non-zero; none comes from a rank
+    assert not [ln for ln in proc.stderr.splitlines() if ln.startswith("[rank") and "Traceback" in ln]
+    assert f'File "{REPO / "emakit"}' not in proc.stderr and f'File "{REPO / "train.py"}' not in proc.stderr
+    assert _load(last)["epoch"] == 0
+    assert sorted(p.name for p in (run / "posthoc").iterdir()) == [f"posthoc-000000002-s{s}.pt" for s in SIGMA_RELS]
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp") or ".tmp-" in p.name]
