@@ -239,7 +239,9 @@ def nonfinite_names(named: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
     sync, then an exact check of the tensors of a group whose screen fails (huge finite
     values can overflow a norm). Integer tensors are never flagged; a DTensor (FSDP) is
     checked on this rank's shard (no communication)."""
-    named = [(name, t.to_local() if hasattr(t, "to_local") else t) for name, t in named]  # DTensor: this rank's shard
+    from .ema import local_shard
+
+    named = [(name, local_shard(t)) for name, t in named]  # a DTensor: this rank's shard
     named = [(name, t) for name, t in named if (t.is_floating_point() or t.is_complex()) and t.numel()]
     groups: dict[tuple[torch.device, torch.dtype | None], list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in named:

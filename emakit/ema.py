@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import schedules as _sched
 
-__all__ = ["ModelEMA", "MultiEMA", "unwrap_model", "is_sharded", "reshard_fsdp"]
+__all__ = ["ModelEMA", "MultiEMA", "unwrap_model", "is_sharded", "local_shard", "reshard_fsdp"]
 
 _log = logging.getLogger(__name__)
 _DEFAULT_DECAY = 0.9999
@@ -74,7 +74,7 @@ def _rank() -> int:
     return dist.get_rank() if dist is not None and dist.is_available() and dist.is_initialized() else 0
 
 
-def _local(t: Tensor) -> Tensor:
+def local_shard(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor (a view of the live storage, no communication); a
     plain tensor as it is."""
     dtensor = _dtensor_type()
@@ -87,7 +87,7 @@ def _module_tensors(module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
     params, buffers = list(module.parameters()), list(module.buffers())
     if _dtensor_type() is None:
         return params, buffers
-    return [_local(p) for p in params], [_local(b) for b in buffers]
+    return [local_shard(p) for p in params], [local_shard(b) for b in buffers]
 
 
 def _flat(tensors: tuple[list[Tensor], list[Tensor]]) -> list[Tensor]:
@@ -118,7 +118,7 @@ class _ShardedState:
         for name, t in named:
             if dtensor is not None and isinstance(t, dtensor):
                 self.specs[name] = (t.device_mesh, t.placements, t.shape, t.stride())
-            local = _local(t).detach()
+            local = local_shard(t).detach()
             cast = dtype if dtype is not None and local.is_floating_point() else None
             names.append(name)
             tensors.append(local.to(device=device, dtype=cast, copy=True))

@@ -35,6 +35,7 @@ from torch import nn
 
 from emakit import ModelEMA, MultiEMA
 from emakit.checkpoint import ema_checkpoint_keys, ema_indices
+from emakit.ema import local_shard
 from emakit.schedules import parse_half_life
 from emakit.posthoc import DTYPES as _DTYPES
 from emakit.posthoc import (Footprint, PowerEMA, SnapshotWriter, budget_max_snapshots, estimate_footprint, human_bytes,
@@ -351,7 +352,7 @@ class PosthocTracker:
         """Bytes held by the tracked profiles in this process (float32 accumulation; this
         rank's shards for a sharded model)."""
         return sum(t.numel() * t.element_size() for profile in self.power.profiles
-                   for t in (p.to_local() if hasattr(p, "to_local") else p for p in profile))
+                   for t in map(local_shard, profile))
 
 
 def posthoc_sweep_command(data: str | None, checkpoint: str, sigma_rels: str = SWEEP_SIGMA_RELS) -> str:

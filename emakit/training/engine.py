@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from emakit.ema import local_shard
+
 from .distributed import DistInfo, all_reduce_sum
 
 if TYPE_CHECKING:  # averages imports this module's types through resume
@@ -272,7 +274,7 @@ def _check_step(model: nn.Module, group_loss: torch.Tensor, opts: TrainOptions, 
     grads = [p.grad for p in model.parameters() if p.grad is not None] if opts.amp.scaler is None else []
     # FSDP: each rank checks its own gradient shards (no gather); the verdict is summed below.
     sharded = any(hasattr(g, "to_local") for g in grads)
-    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    grads = [local_shard(g) for g in grads]
     # The 2-norm per tensor is a fused, vectorised read of the gradients (the inf-norm is 20x
     # slower on CPU); it is non-finite when an element is, or when a huge finite gradient
     # overflows it, which the exact check below tells apart (only then, so rarely).
