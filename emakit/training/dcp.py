@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 __all__ = ["META_FILE", "DCP_LAST", "DCP_BEST", "POSTHOC_PROFILES_KEY", "join_posthoc_profiles", "link_dcp_folder", "is_dcp_folder", "is_sharded_key", "save_dcp", "load_dcp", "read_dcp_meta",
-           "dcp_folder_to_checkpoint", "resolve_dcp_folder", "load_dcp_training_state"]
+           "dcp_folder_to_checkpoint", "resolve_dcp_folder", "names_dcp_folder", "load_dcp_training_state"]
 
 META_FILE = "emakit.pt"
 DCP_LAST = "last.dcp"          # train.py --checkpoint-format dcp: the newest checkpoint folder
@@ -90,6 +90,12 @@ def resolve_dcp_folder(folder: str | os.PathLike[str]) -> str | None:
         return None
     old = sorted(p for p in glob.glob(_side_names(folder, "old") + "*") if is_dcp_folder(p))
     return old[-1] if old else None
+
+
+def names_dcp_folder(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is read as a checkpoint folder: a directory, or a DCP folder that a
+    save killed between its two renames left beside ``path`` (:func:`resolve_dcp_folder`)."""
+    return os.path.isdir(path) or resolve_dcp_folder(path) is not None
 
 
 def _tidy(folder: str) -> None:

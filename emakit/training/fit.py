@@ -155,7 +155,7 @@ def _stop_mid_epoch(tr: Trainer, epoch: int, progress: EpochProgress) -> None:
 
 def _stop_after_epoch(tr: Trainer, epoch: int) -> None:
     """After an epoch's checkpoint: stop (every rank) when a signal arrived on any rank."""
-    signals = [_stop_signal(tr)] if not tr.dist.distributed else gather_objects(_stop_signal(tr), tr.dist)
+    signals = gather_objects(_stop_signal(tr), tr.dist)
     signum = next((s for s in signals if s is not None), None)
     if signum is None:
         return

@@ -32,7 +32,7 @@ from .engine import AmpSettings, NonfiniteGuard
 from .lifecycle import LastGood, StopSignals
 from .logs import LogSetup
 from .outputs import choose_output_dir, log_posthoc_folder, prepare_output_dir, read_summary, summary_columns
-from .dcp import resolve_dcp_folder
+from .dcp import names_dcp_folder
 from .fsdp import apply_fsdp, broadcast_buffers_before_forward
 from .resume import (apply_resume, check_resume, check_resume_position, fill_resume_folder, load_resume,
                      load_resume_folder, position_scheduler)
@@ -105,7 +105,7 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
     if s.run.drop_ema and not s.run.resume:
         raise UsageError("--drop-ema drops a resumed checkpoint's EMA: it needs --resume PATH")
     path = s.run.resume
-    dcp_resume = bool(path) and (os.path.isdir(path) or resolve_dcp_folder(path) is not None)
+    dcp_resume = bool(path) and names_dcp_folder(path)
     ckpt = (load_resume_folder if dcp_resume else load_resume)(path, s.model.name) if path else None
     ckpt_is_ours = ckpt is not None and checkpoint_is_emakit(ckpt)
     resume_position = check_resume_position(ckpt, path, world_size=dist.world_size, batch_size=s.data.batch_size,

@@ -100,9 +100,9 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     """A checkpoint file (:func:`emakit.checkpoint.load_checkpoint`), or a DCP checkpoint folder
     converted offline to the same dict (:func:`emakit.training.dcp.dcp_folder_to_checkpoint`:
     whole tensors in memory, one process)."""
-    from .dcp import dcp_folder_to_checkpoint, resolve_dcp_folder
+    from .dcp import dcp_folder_to_checkpoint, names_dcp_folder
 
-    if os.path.isdir(path) or (not os.path.exists(path) and resolve_dcp_folder(path) is not None):
+    if names_dcp_folder(path):
         try:
             return dcp_folder_to_checkpoint(path)
         except (FileNotFoundError, RuntimeError, ValueError) as e:
