@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -412,6 +413,16 @@ def test_fsdp_dcp_resume_continues_the_profiles_bitwise(runs):
     expected = _load(runs / "fsdp" / "last.pth.tar")["posthoc_ema"]
     assert _plain(final["posthoc_ema"]) == _plain(expected)
     assert _profiles_diff(final["posthoc_ema"], expected) == 0.0
+    # the logged sweep command names the checkpoint the run wrote (the folder, in this format),
+    # and it runs: validate.py finds posthoc/ beside last.dcp and sweeps the run's last step
+    log = (runs / "fsdp_dcp1" / "train.log").read_text()
+    command = shlex.split(log.split("choose the EMA length now: ", 1)[1].splitlines()[0])
+    assert command[:2] == ["python", "validate.py"] and \
+        command[command.index("--checkpoint") + 1] == str(runs / "fsdp_dcp1" / "last.dcp")
+    proc = _ok(subprocess.run([sys.executable, str(REPO / "validate.py"), *command[2:]], env=subprocess_env(),
+                              capture_output=True, text=True, timeout=300))
+    records = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert [r["posthoc_step"] for r in records] == [3] * 4 and len({r["sigma_rel"] for r in records}) == 4
     meta = read_dcp_meta(runs / "fsdp_dcp1" / "last.dcp")
     assert "posthoc_ema_profiles" in meta["sharded_keys"] and "profiles" not in meta["plain"]["posthoc_ema"]
 

@@ -200,7 +200,8 @@ def _finish_run(tr: Trainer) -> None:
     if posthoc is not None and (tr.dist.is_main or posthoc.sharded):
         try:
             if tr.dist.is_main:
-                report_posthoc(posthoc, tr.settings.data.path, tr.saver.last_path)
+                last = tr.last_good[0] if tr.last_good else tr.saver.last_path  # last.dcp in the dcp format
+                report_posthoc(posthoc, tr.settings.data.path, last)
             else:
                 posthoc.finish()
         except OSError as e:

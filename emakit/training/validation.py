@@ -454,10 +454,14 @@ def timm_load_hint(arch: str, path: str, num_classes: int) -> str:
 
 # =========================================================================== post-hoc
 def resolve_posthoc_dir(flag: str | None, checkpoint: str | None) -> str:
-    """``--posthoc-dir``, else ``posthoc/`` in the checkpoint's folder (or in the folder given)."""
+    """``--posthoc-dir``, else ``posthoc/`` in the checkpoint's folder (or in the run folder
+    given; a DCP checkpoint folder such as ``last.dcp`` is a checkpoint: its parent's)."""
+    from .dcp import resolve_dcp_folder
+
     if flag:
         return flag
-    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
+    run_folder = os.path.isdir(checkpoint) and resolve_dcp_folder(checkpoint) is None
+    folder = checkpoint if run_folder else os.path.dirname(os.path.abspath(checkpoint))
     return os.path.join(folder, "posthoc")
 
 
