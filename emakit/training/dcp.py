@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["META_FILE", "DCP_LAST", "DCP_BEST", "POSTHOC_PROFILES_KEY", "join_posthoc_profiles", "link_dcp_folder", "is_dcp_folder", "is_sharded_key", "save_dcp", "load_dcp", "read_dcp_meta",
+__all__ = ["META_FILE", "DCP_LAST", "DCP_BEST", "POSTHOC_PROFILES_KEY", "join_posthoc_profiles", "link_dcp_folder",
+           "is_dcp_folder", "is_sharded_key", "save_dcp", "load_dcp", "read_dcp_meta",
            "dcp_folder_to_checkpoint", "resolve_dcp_folder", "names_dcp_folder", "load_dcp_training_state"]
 
 META_FILE = "emakit.pt"

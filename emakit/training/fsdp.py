@@ -36,11 +36,11 @@ from torch import nn
 
 from ..ema import unwrap_model
 
-__all__ = ["shard_blocks", "apply_fsdp", "broadcast_buffers_before_forward", "broadcast_buffers", "broadcast_tensors", "reshard", "full_model_state", "full_optimizer_state", "load_full_model_state",
+__all__ = ["shard_blocks", "apply_fsdp", "broadcast_buffers_before_forward", "broadcast_buffers", "broadcast_tensors",
+           "reshard", "full_model_state", "full_optimizer_state", "load_full_model_state",
            "load_full_optimizer_state", "load_sharded_optimizer_state", "sharded_model_state",
-           "sharded_optimizer_state",
-           "optimizer_state_to_ids", "optimizer_state_to_names", "training_state", "load_training_state",
-           "DEFAULT_MIN_BLOCK_PARAMS"]
+           "sharded_optimizer_state", "optimizer_state_to_ids", "optimizer_state_to_names",
+           "training_state", "load_training_state", "DEFAULT_MIN_BLOCK_PARAMS"]
 
 # Containers of repeated blocks, in the order they are looked for (timm ViT/DeiT/EVA/Mixer:
 # blocks; Swin/MaxViT-like: layers; ConvNeXt/EfficientNet/RegNet-like: stages; ResNets: layer1..4).

@@ -37,8 +37,8 @@ if TYPE_CHECKING:  # averages imports this module's checks
 
 __all__ = ["checkpoint_arg", "ema_entry_keys", "normalize_resume_checkpoint", "check_ema_entry",
            "check_optimizer_state", "steps_done", "warn_batch_change", "TRAIN_POSITION_KEY", "load_resume",
-           "check_resume", "apply_resume", "check_resume_position", "position_scheduler", "load_resume_folder", "check_resume_folder",
-           "fill_resume_folder"]
+           "check_resume", "apply_resume", "check_resume_position", "position_scheduler",
+           "load_resume_folder", "check_resume_folder", "fill_resume_folder"]
 
 _log = logging.getLogger(__name__)
 
