@@ -1,7 +1,5 @@
 """``python -m emakit``: the ``emakit`` command (see :mod:`emakit.training.cli`)."""
-import sys
-
-from emakit.training.cli import main
+from emakit.training.cli import console_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import shutil
 import signal
 import sys
 import tempfile
@@ -84,7 +85,10 @@ def main() -> None:
     import emakit.training.validation  # noqa: F401
 
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
+    # mkdtemp, not TemporaryDirectory: the scripts end with exit_process, which runs the
+    # atexit handlers, and a TemporaryDirectory's finalizer would run (delete it) in each child.
+    tmp = tempfile.mkdtemp()
+    try:
         os.chmod(tmp, 0o777)  # a child running as another user writes its output files here
         for i, case in enumerate(cases):
             out_path, err_path = os.path.join(tmp, f"{i}.out"), os.path.join(tmp, f"{i}.err")
@@ -99,6 +103,8 @@ def main() -> None:
             with open(err_path, encoding="utf-8", errors="backslashreplace") as f:
                 err = f.read()
             results.append({"rc": rc, "stdout": out, "stderr": err})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     json.dump(results, sys.stdout)
 
 

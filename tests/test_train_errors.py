@@ -165,3 +165,38 @@ def test_pretrained_path_missing(run_train, tmp_path, image_folder):
     code, _, err = run_train(fast(image_folder, tmp_path / "out", "--pretrained", "--pretrained-path",
                                   tmp_path / "weights.pth"))
     assert_clean_failure(code, err, tmp_path / "out", "weights.pth", "no such file")
+
+
+# --------------------------------------------------------------------------- print_error under torchrun
+def test_print_error_on_rank_0_prints_at_once(monkeypatch, capsys):
+    import emakit.training as training
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(training.time, "sleep", lambda s: pytest.fail("rank 0 must not wait"))
+    training.print_error("train.py", training.UsageError("bad flag\n  fix it"))
+    assert capsys.readouterr().err == "train.py: error: bad flag fix it\n"
+
+
+def test_print_error_on_another_rank_waits_then_names_the_rank(monkeypatch, capsys):
+    """The error rank 0 did not meet is still printed, after the grace period."""
+    import emakit.training as training
+
+    waited = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(training.time, "sleep", waited.append)
+    training.print_error("train.py", "only this rank saw it")
+    assert waited == [training.PEER_ERROR_GRACE_S]
+    assert capsys.readouterr().err == "train.py: error: rank 1: only this rank saw it\n"
+
+
+def test_print_error_on_another_rank_stopped_while_waiting_prints_nothing(monkeypatch, capsys):
+    """torchrun's SIGTERM once rank 0 has exited (StopSignals raises it as an interrupt)."""
+    import emakit.training as training
+
+    def stopped(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(training.time, "sleep", stopped)
+    training.print_error("train.py", "the same error rank 0 printed")
+    assert capsys.readouterr().err == ""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 __all__ = ["UsageError", "one_line", "print_error"]
 
@@ -53,9 +54,25 @@ def one_line(error: BaseException | str) -> str:
     return " ".join(lines)
 
 
+# How long a rank other than 0 waits for rank 0 to print the same input error (see print_error).
+PEER_ERROR_GRACE_S = 30.0
+
+
 def print_error(prog: str, error: BaseException | str) -> None:
-    """Print ``<prog>: error: <one line>`` on stderr, once per job: under torchrun only the
-    process with ``RANK`` 0 prints (every rank meets the same input error and exits 2)."""
-    if os.environ.get("RANK", "0") not in ("0", ""):
-        return
-    print(f"{prog}: error: {one_line(error)}", file=sys.stderr, flush=True)
+    """Print ``<prog>: error: <one line>`` on stderr, once per job.
+
+    Under torchrun every rank meets the same input error and exits 2, and rank 0 prints it.
+    Another rank first waits up to ``PEER_ERROR_GRACE_S`` seconds: torchrun stops it
+    (SIGTERM) once rank 0 has exited, so the line is printed once, and rank 0 is not stopped
+    before it could print (a rank that exits first has torchrun stop the others at once).
+    An error that rank 0 did not meet is printed after the wait, as ``rank N: <line>``.
+    """
+    rank = os.environ.get("RANK", "0")
+    line = one_line(error)
+    if rank not in ("0", ""):
+        try:
+            time.sleep(PEER_ERROR_GRACE_S)
+        except KeyboardInterrupt:  # torchrun's SIGTERM (StopSignals raises it): rank 0 has spoken
+            return
+        line = f"rank {rank}: {line}"
+    print(f"{prog}: error: {line}", file=sys.stderr, flush=True)

@@ -24,6 +24,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from . import UsageError, print_error
 from .kinds import POSITIVE_INT, Number, OutputFile, Parser, check_parsed, parse_sigma_rels
@@ -31,7 +32,7 @@ from .kinds import POSITIVE_INT, Number, OutputFile, Parser, check_parsed, parse
 # Post-hoc weights: safetensors, or a checkpoint with them as state_dict_ema (validate.py's --posthoc-save).
 _POSTHOC_SUFFIXES = (".safetensors", ".pth.tar", ".pth", ".pt")
 
-__all__ = ["main", "build_parser", "parse_command", "run_command", "equivalent_ema", "ExportSettings",
+__all__ = ["main", "console_main", "build_parser", "parse_command", "run_command", "equivalent_ema", "ExportSettings",
            "PosthocSettings", "PlotSettings"]
 
 
@@ -344,6 +345,14 @@ def run_command(settings: ExportSettings | PosthocSettings | PlotSettings) -> li
     if isinstance(settings, PosthocSettings):
         return _cmd_posthoc(settings)
     return _cmd_export(settings) if isinstance(settings, ExportSettings) else _cmd_plot(settings)
+
+
+def console_main() -> NoReturn:
+    """The ``emakit`` console script and ``python -m emakit``: :func:`main`, then
+    :func:`~emakit.training.lifecycle.exit_process` (no interpreter teardown)."""
+    from .lifecycle import exit_process
+
+    exit_process(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
