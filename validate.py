@@ -14,7 +14,6 @@ Exit status: 0 done, 2 bad input or checkpoint (one line on stderr).
 """
 from __future__ import annotations
 
-import sys
 
 
 def main(argv: list[str] | None = None) -> int:

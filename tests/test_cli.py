@@ -208,7 +208,6 @@ def test_posthoc_sweep_runs_validate_and_saves_the_best(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- plot
 def test_plot_writes_the_summary_png(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     from PIL import Image
 
     summary = tmp_path / "summary.csv"

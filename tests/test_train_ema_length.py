@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -402,14 +401,3 @@ def test_bn_recal_metrics_equal_evaluating_an_independently_recalibrated_copy(re
     assert got["loss"] == pytest.approx(logged["ema_eval_loss"], rel=1e-4)
     _, rows = read_summary(recal / "summary.csv")
     assert float(rows[-1]["ema_eval_top1"]) == logged["ema_eval_top1"]
-
-
-# --------------------------------------------------------------------------- plot without matplotlib
-def test_without_matplotlib_the_run_finishes_with_a_one_line_notice(run_train, tmp_path, image_folder, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    code, _, err = run_train(fast(image_folder, tmp_path, "--epochs", "1"))
-    assert code == 0, err
-    notices = [ln for ln in err.splitlines() if "matplotlib is not installed" in ln]
-    assert len(notices) == 1 and "pip install matplotlib" in notices[0]
-    assert "matplotlib is not installed" in (tmp_path / "run" / "train.log").read_text()
-    assert not (tmp_path / "run" / "summary.png").exists() and (tmp_path / "run" / "summary.csv").is_file()

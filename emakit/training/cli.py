@@ -11,7 +11,7 @@
 Also ``python -m emakit`` (``emakit/__main__.py``). Exit status: 0 done, 2 bad input (one
 line on stderr). The parser turns the command line into a frozen :class:`ExportSettings`,
 :class:`PosthocSettings` or :class:`PlotSettings`; the commands below it take those. The
-heavy modules (timm, safetensors, matplotlib, the validation work) are imported inside the
+heavy modules (timm, safetensors, Pillow, the validation work) are imported inside the
 commands, so ``python -m emakit posthoc --equivalent ...`` needs torch alone.
 """
 from __future__ import annotations
@@ -307,8 +307,7 @@ def _cmd_plot(s: PlotSettings) -> list[str]:
         out = plot_summary(s.summary_csv, s.output)
     except (ValueError, KeyError) as e:
         raise UsageError(f"{s.summary_csv}: not a training summary ({e})") from None
-    return [f"wrote {out}"] if out is not None else ["matplotlib is not installed: no plot written "
-                                                     "(pip install matplotlib)"]
+    return [f"wrote {out}"]
 
 
 # --------------------------------------------------------------------------- main

@@ -35,7 +35,7 @@ from .evaluation import epoch_metrics, evaluate_raw_and_emas, log_epoch, select_
 from .lifecycle import TrainingInterrupted, diverged, last_good_text, rng_state, set_rng_state, signal_name, \
     write_failed
 from .outputs import (FitResult, console_logs_above_progress_bars, describe_result, fit_result, plot_summary_quietly,
-                      preload_plotting, report_posthoc, write_summary)
+                      report_posthoc, write_summary)
 from .resume import TRAIN_POSITION_KEY
 from .trainer import Trainer, agree
 
@@ -80,8 +80,6 @@ def run_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
     if train["stopped"]:
         _stop_mid_epoch(tr, epoch, train["progress"])
     raw, emas, bn_recal = evaluate_raw_and_emas(tr)
-    if tr.dist.is_main and epoch == s.run.epochs - 1:
-        preload_plotting()  # overlaps matplotlib's import with the last checkpoint write
     metrics = epoch_metrics(tr, epoch, train, raw, emas)
     metric = select_metric(raw, emas, s.run.eval_metric, s.ema.select)
     tr.lr_scheduler.step(epoch + 1, metric)

@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import sys
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,7 +24,7 @@ from .rundir import RunLock, claim_run_folder, write_marker
 
 __all__ = ["SUMMARY_COLUMNS", "summary_columns", "read_summary", "write_summary", "wanted_output_dir",
            "choose_output_dir", "prepare_output_dir", "FitResult", "best_in_column", "best_of_emas",
-           "fit_result", "describe_result", "plot_summary_quietly", "preload_plotting",
+           "fit_result", "describe_result", "plot_summary_quietly",
            "console_logs_above_progress_bars", "report_posthoc", "log_posthoc_folder"]
 
 _log = logging.getLogger(__name__)
@@ -169,17 +168,9 @@ def describe_result(result: FitResult) -> str:
 
 
 # --------------------------------------------------------------------------- plots
-def preload_plotting() -> None:
-    """Import pyplot for ``summary.png`` on a daemon thread. Start it only after the last
-    evaluation, when every loader worker has been forked (no fork while it holds import locks)."""
-    from .plots import preload_pyplot
-
-    threading.Thread(target=preload_pyplot, name="preload-pyplot", daemon=True).start()
-
-
 def plot_summary_quietly(output_dir: str) -> None:
-    """``summary.png`` beside ``summary.csv``; without matplotlib, plots.py logs a notice.
-    A plot is a convenience: any failure is a warning, never a failed run."""
+    """``summary.png`` beside ``summary.csv``. A plot is a convenience: any failure is a
+    warning, never a failed run."""
     from .plots import plot_summary
 
     path = os.path.join(output_dir, "summary.csv")
@@ -187,11 +178,10 @@ def plot_summary_quietly(output_dir: str) -> None:
         return
     try:
         png = plot_summary(path)
-    except Exception as e:  # noqa: BLE001 - matplotlib can fail in many ways (fonts, backends)
+    except Exception as e:  # noqa: BLE001 - a bad row, a font, a full disk: a warning only
         _log.warning("could not plot %s: %s", path, one_line(e)[:300])
         return
-    if png is not None:
-        _log.info("plot: %s", png)
+    _log.info("plot: %s", png)
 
 
 def console_logs_above_progress_bars(enabled: bool):

@@ -583,7 +583,7 @@ def write_sweep_outputs(rows: Sequence[SweepRow], best: int, out_dir: str, fmt: 
     The table accumulates: one row per sigma_rel per sweep, each tagged with the sweep's
     ``sweep_id`` and ``sweep_time`` (UTC) and ``best`` within its sweep; earlier sweeps'
     rows are kept as they were and the file is rewritten atomically. The PNG shows top-1
-    against sigma_rel for every sweep in the table (skipped with a notice without matplotlib).
+    against sigma_rel for every sweep in the table.
     """
     from .plots import plot_sweeps
 
@@ -597,8 +597,7 @@ def write_sweep_outputs(rows: Sequence[SweepRow], best: int, out_dir: str, fmt: 
     sweeps = _sweep_series(earlier + new)
     png = plot_sweeps(sweeps, os.path.join(out_dir, "posthoc_sweep.png"),
                       title=f"post-hoc EMA sweeps ({len(sweeps)}), top-1 vs EMA length")
-    if png is not None:
-        written.append(str(png))
+    written.append(str(png))
     return written
 
 
