@@ -25,7 +25,11 @@ Measured per process, from outside:
 - train img/s per epoch: images of steps 2..N of the epoch divided by the time between the
   epoch's first-step and last-step lines (the first step is left out, its start is not
   logged by either trainer); epoch seconds: first-step line to the next epoch's first-step
-  line (training, evaluation and checkpoints of one epoch).
+  line (training, evaluation and checkpoints of one epoch);
+- last line -> exit: from the last output line to the process's exit (the interpreter's
+  teardown, unless skipped);
+- steal: CPU time the hypervisor gave to other guests during the run (``/proc/stat``), a
+  gauge of how much outside noise a run on a shared VM met.
 
 Prints medians and the median of per-pair ratios (emakit / timm: below 1 is faster), and
 writes bench/results/vs_timm.json (after every pair). timm's train.py is not in the timm wheel; bench/README.md
@@ -115,8 +119,10 @@ def run_one(cmd: list[str], cwd: Path, log_path: Path) -> dict:
 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
+    steal = steal_seconds()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    steal = steal_seconds() - steal
     proc.returncode = os.waitstatus_to_exitcode(status)
     thread.join()
     log_path.write_text("".join(f"{t:9.3f} {s}\n" for t, s in lines))
@@ -124,7 +130,19 @@ def run_one(cmd: list[str], cwd: Path, log_path: Path) -> dict:
         tail = "\n".join(s for _, s in lines[-15:])
         raise SystemExit(f"vs_timm.py: {cmd[1]} exited with {proc.returncode}; last output:\n{tail}")
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "user": usage.ru_utime, "sys": usage.ru_stime,
-            "peak_rss_mib": usage.ru_maxrss / 1024.0, "lines": lines}
+            "peak_rss_mib": usage.ru_maxrss / 1024.0, "lines": lines, "steal": steal,
+            "exit_after_output": wall - (lines[-1][0] if lines else 0.0)}
+
+
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests so far, all CPUs (``/proc/stat``'s steal
+    column; 0 where there is none): a noise gauge for a run on a shared VM."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def step_times(lines: list[tuple[float, str]], pattern: re.Pattern, zero_based: bool) -> dict[int, dict[int, float]]:
@@ -146,7 +164,7 @@ def derive(run: dict, pattern: re.Pattern, zero_based: bool, epochs: int, steps_
         raise SystemExit(f"vs_timm.py: missing first/last step log lines: {steps}")
     train_ips = [(steps_per_epoch - 1) * BATCH / (steps[e][steps_per_epoch] - steps[e][1]) for e in range(epochs)]
     firsts = [steps[e][1] for e in range(epochs)] + [run["wall"]]
-    out = {k: run[k] for k in ("wall", "cpu", "user", "sys", "peak_rss_mib")}
+    out = {k: run[k] for k in ("wall", "cpu", "user", "sys", "peak_rss_mib", "steal", "exit_after_output")}
     out.update(first_step=steps[0][1], train_img_per_sec=train_ips,
                epoch_seconds=[firsts[e + 1] - firsts[e] for e in range(epochs)])
     return out
@@ -161,7 +179,8 @@ def loadavg() -> list[float]:
 
 METRICS = [("wall", "wall s"), ("cpu", "cpu s (user+sys)"), ("user", "user s"), ("sys", "sys s"),
            ("peak_rss_mib", "peak RSS MiB"), ("first_step", "launch -> 1st step s"),
-           ("train_img_per_sec", "train img/s (epoch mean)"), ("epoch_seconds", "epoch s (mean)")]
+           ("train_img_per_sec", "train img/s (epoch mean)"), ("epoch_seconds", "epoch s (mean)"),
+           ("exit_after_output", "last line -> exit s")]
 
 
 def summarize(results: dict[str, list[dict]]) -> dict:
@@ -225,6 +244,7 @@ def main() -> int:
                 r = results[name][-1]
                 print(f"pair {pair} {name:>6}: wall {r['wall']:.2f}s cpu {r['cpu']:.2f}s first step "
                       f"{r['first_step']:.2f}s train img/s {' '.join(f'{x:.0f}' for x in r['train_img_per_sec'])}"
+                      f" exit {r['exit_after_output']:.2f}s after the last line, steal {r['steal']:.2f}s"
                       f" load {loadavg()}" + (f"  log {log}" if args.keep_logs else ""), flush=True)
                 shutil.rmtree(out_dir)
             load["load_average_after"] = loadavg()
@@ -241,6 +261,9 @@ def main() -> int:
         per_epoch = [statistics.median(r["train_img_per_sec"][e] for r in results[name]) for e in range(args.epochs)]
         print(f"{name} train img/s per epoch (medians): {' '.join(f'{x:.1f}' for x in per_epoch)}")
     print(f"load average before {load['load_average_before']}, after {load['load_average_after']}")
+    stolen = {n: sum(r["steal"] for r in results[n]) for n in results}
+    print(f"CPU time stolen by the hypervisor during the runs (all pairs): emakit {stolen['emakit']:.1f} s, "
+          f"timm {stolen['timm']:.1f} s")
     print(f"wrote {args.out}")
     return 0
 

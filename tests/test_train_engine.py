@@ -123,3 +123,72 @@ def test_pretrained_backbone_weights_come_from_the_local_file(tmp_path):
         if not key.startswith(head + "."):
             assert torch.equal(model.state_dict()[key], value), key
     assert model.state_dict()[head + ".weight"].shape == source.state_dict()[head + ".weight"].shape
+
+
+# --------------------------------------------------------------------------- the optimizer's kernel
+def test_sgd_adam_adamw_use_torchs_fused_kernel_unless_turned_off_or_sharded():
+    import timm
+
+    from emakit.training.build import build_optimizer
+    from emakit.training.config import parse_settings
+    from emakit.training.settings import OptimSettings
+
+    model = timm.create_model("test_resnet", num_classes=3)
+    for opt in ("sgd", "momentum", "adam", "adamw"):
+        fused = build_optimizer(OptimSettings(opt=opt), model, 0.1)
+        assert all(g["fused"] is True for g in fused.param_groups), opt
+        loop = build_optimizer(OptimSettings(opt=opt, fused=False), model, 0.1)
+        assert not any(g.get("fused") for g in loop.param_groups), opt
+    assert not any(g.get("fused") for g in build_optimizer(OptimSettings(), model, 0.1, sharded=True).param_groups)
+    lamb = build_optimizer(OptimSettings(opt="lamb"), model, 0.1)  # timm's own class: no fused kernel, no error
+    assert type(lamb).__name__ == "Lamb" and not lamb.defaults.get("fused")
+    assert parse_settings([]).optim.fused is True
+    assert parse_settings(["--no-opt-fused"]).optim.fused is False
+
+
+def test_the_fused_sgd_step_is_nesterov_sgd_with_weight_decay():
+    """Against the update written out in float64: g += wd p; b = m b + g; p -= lr (g + m b)."""
+    import timm
+
+    from emakit.training.build import build_optimizer
+    from emakit.training.settings import OptimSettings
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    optimizer = build_optimizer(OptimSettings(weight_decay=0.01), model, 0.05)
+    assert all(g["fused"] for g in optimizer.param_groups)
+    decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert set(decays.values()) == {0.0, 0.01}  # timm: no decay for biases and norms
+    params = list(model.parameters())
+    ref = [p.detach().double().clone() for p in params]
+    bufs = [None] * len(params)
+    for _ in range(4):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        for i, (p, g) in enumerate(zip(params, grads)):
+            g = g.double() + decays[id(p)] * ref[i]
+            bufs[i] = g.clone() if bufs[i] is None else 0.9 * bufs[i] + g
+            ref[i] -= 0.05 * (g + 0.9 * bufs[i])
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach().double(), r, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_optimizer_keeps_this_runs_kernel_choice():
+    import timm
+
+    from emakit.training.build import build_optimizer
+    from emakit.training.resume import load_optimizer_state
+    from emakit.training.settings import OptimSettings
+
+    model = timm.create_model("test_resnet", num_classes=3)
+    for before, after in ((True, False), (False, True)):
+        saved_by = build_optimizer(OptimSettings(fused=before), model, 0.1)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        saved_by.step()
+        resumed = build_optimizer(OptimSettings(fused=after), model, 0.1)
+        load_optimizer_state(resumed, saved_by.state_dict())
+        assert all(bool(g.get("fused")) is after for g in resumed.param_groups)
+        assert len(resumed.state) == len(saved_by.state)  # the momentum buffers came along

@@ -257,8 +257,20 @@ def resolve_lr(optim: OptimSettings, batch_size: int, world_size: int) -> float:
     return lr
 
 
-def build_optimizer(optim: OptimSettings, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """timm ``create_optimizer_v2`` (weight decay skips biases and norms, as in timm)."""
+# torch optimizers with a fused kernel on CPU and CUDA; timm's names for them map to these classes.
+_FUSABLE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def build_optimizer(optim: OptimSettings, model: nn.Module, lr: float, *, sharded: bool = False
+                    ) -> torch.optim.Optimizer:
+    """timm ``create_optimizer_v2`` (weight decay skips biases and norms, as in timm).
+
+    With ``optim.fused`` (the default) an optimizer that is torch's SGD, Adam or AdamW uses
+    torch's fused kernel: one pass over all parameters per step instead of a loop of
+    elementwise ops (bench/vs_timm.py: the larger part of the per-step host time on CPU). Not
+    for a ``sharded`` (FSDP2) model, and not where torch refuses it (a device without the
+    kernel): those keep the loop.
+    """
     from timm.optim import create_optimizer_v2
 
     kwargs: dict[str, Any] = {"momentum": optim.momentum}
@@ -267,8 +279,15 @@ def build_optimizer(optim: OptimSettings, model: nn.Module, lr: float) -> torch.
     if optim.betas is not None:
         kwargs["betas"] = tuple(optim.betas)
     try:
-        return create_optimizer_v2(model, opt=optim.opt, lr=lr, weight_decay=optim.weight_decay,
-                                   layer_decay=optim.layer_decay, **kwargs)
+        optimizer = create_optimizer_v2(model, opt=optim.opt, lr=lr, weight_decay=optim.weight_decay,
+                                        layer_decay=optim.layer_decay, **kwargs)
+        if optim.fused and not sharded and type(optimizer) in _FUSABLE:
+            try:
+                optimizer = create_optimizer_v2(model, opt=optim.opt, lr=lr, weight_decay=optim.weight_decay,
+                                                layer_decay=optim.layer_decay, fused=True, **kwargs)
+            except RuntimeError as e:  # e.g. parameters on a device without the fused kernel
+                _log.info("optimizer: %s without its fused kernel (%s)", type(optimizer).__name__, one_line(e))
+        return optimizer
     except (AssertionError, ValueError, KeyError) as e:
         raise UsageError(f"--opt {optim.opt}: {one_line(e) or 'unknown optimizer'}") from None
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # averages imports this module's checks
 __all__ = ["checkpoint_arg", "ema_entry_keys", "normalize_resume_checkpoint", "check_ema_entry",
            "check_optimizer_state", "steps_done", "warn_batch_change", "TRAIN_POSITION_KEY", "load_resume",
            "check_resume", "apply_resume", "check_resume_position", "position_scheduler",
-           "load_resume_folder", "check_resume_folder", "fill_resume_folder"]
+           "load_resume_folder", "check_resume_folder", "fill_resume_folder", "load_optimizer_state"]
 
 _log = logging.getLogger(__name__)
 
@@ -47,6 +47,16 @@ _ELEMENTWISE_STATE = {"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_s
                       "sum", "exp_inf", "grad_avg", "ax", "prev", "mu_product"}
 # Group options that every group carries whatever the optimizer (set by timm / the LR scheduler).
 _GROUP_BOOKKEEPING = {"params", "lr", "initial_lr", "weight_decay", "lr_scale", "param_names"}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """``optimizer.load_state_dict(saved)``, keeping this run's kernel choice (``fused`` /
+    ``foreach``): torch would take it from the saved groups, so a checkpoint written with the
+    fused kernel would turn it on under ``--no-opt-fused`` (and off the other way)."""
+    chosen = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, keep in zip(optimizer.param_groups, chosen):
+        group.update(keep)
 
 
 def checkpoint_arg(ckpt: dict[str, Any], name: str, default: Any = None) -> Any:
@@ -345,7 +355,7 @@ def apply_resume(ckpt: dict[str, Any], path: str, *, model: nn.Module, averages:
             elif saved is not None and sharded:
                 load_full_optimizer_state(model, optimizer, saved)
             elif saved is not None:
-                optimizer.load_state_dict(saved)
+                load_optimizer_state(optimizer, saved)
             if amp.scaler is not None and ckpt.get("amp_scaler"):
                 amp.scaler.load_state_dict(ckpt["amp_scaler"])
         except (ValueError, KeyError, TypeError, RuntimeError) as e:

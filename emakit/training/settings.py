@@ -111,6 +111,7 @@ class OptimSettings:
     clip_grad: float | None = None
     clip_mode: str = "norm"
     grad_accum_steps: int = 1
+    fused: bool = True                          # torch's fused kernel for SGD/Adam/AdamW (not --no-opt-fused)
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
                         global_batch_size=s.data.batch_size * dist.world_size * s.optim.grad_accum_steps)
     averages = build_averages(s.ema, model_without_ddp, dist, resolved, model_name=s.model.name,
                               saved_posthoc=ckpt.get(POSTHOC_CHECKPOINT_KEY) if ckpt else None)
-    optimizer = build_optimizer(s.optim, model_without_ddp, lr)
+    optimizer = build_optimizer(s.optim, model_without_ddp, lr, sharded=s.parallel.fsdp)
     lr_scheduler = build_scheduler(s.schedule, optimizer, updates_per_epoch, eval_metric=s.run.eval_metric)
     amp = build_amp(s.run, dist.device, sharded=s.parallel.fsdp)
     start_epoch = 0
