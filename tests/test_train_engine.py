@@ -189,6 +189,6 @@ def test_a_resumed_optimizer_keeps_this_runs_kernel_choice():
             p.grad = torch.ones_like(p)
         saved_by.step()
         resumed = build_optimizer(OptimSettings(fused=after), model, 0.1)
-        load_optimizer_state(resumed, saved_by.state_dict())
+        load_optimizer_state(model, resumed, saved_by.state_dict())
         assert all(bool(g.get("fused")) is after for g in resumed.param_groups)
         assert len(resumed.state) == len(saved_by.state)  # the momentum buffers came along

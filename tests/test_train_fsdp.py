@@ -30,8 +30,11 @@ pytestmark = pytest.mark.slow
 TOL = 1e-5
 # Two EMAs (one fused MultiEMA) ride along in every run.
 # --no-opt-fused: DDP's SGD would take torch's fused kernel, which FSDP2 cannot (torch has no
-# sharded one); with the loop on both, FSDP and DDP runs stay comparable bit for bit.
-ARGS = [*FAST_ARGS, "-b", "4", "--seed", "7", "--model-ema-half-life", "2ba,6ba", "--no-opt-fused"]
+# sharded one); with the loop on both, FSDP and DDP runs stay comparable bit for bit. The
+# one-process sources (FUSED) keep the fused kernel: their checkpoints' optimizer groups say
+# fused=True, which the FSDP2 and DDP runs that resume them must not take over.
+ARGS = [*FAST_ARGS, "-b", "4", "--seed", "7", "--model-ema-half-life", "2ba,6ba"]
+FUSED = ("one1", "one_dcp1")
 # Post-hoc EMA profiles (gathered snapshots under FSDP): a snapshot every 2 steps, stored in float32
 POSTHOC = ["--model-ema-posthoc", "--posthoc-every", "2", "--posthoc-dtype", "float32"]
 STEPS, SIGMA_RELS = 6, ("0.050000", "0.100000")  # 2 epochs x 3 steps; the default profiles
@@ -67,7 +70,9 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 def _argv(data: Path, out: Path, name: str, *flags: str, fsdp: bool = True) -> list[str]:
-    return [str(data), *ARGS, "--output", str(out), "--experiment", name, *(["--fsdp"] if fsdp else []), *flags]
+    kernel = [] if name in FUSED else ["--no-opt-fused"]
+    return [str(data), *ARGS, *kernel, "--output", str(out), "--experiment", name, *(["--fsdp"] if fsdp else []),
+            *flags]
 
 
 def _launcher(ranks: int, fsdp: bool) -> list[str]:
@@ -267,6 +272,21 @@ def test_dcp_folder_exports_offline_to_the_ema_weights(runs, tmp_path):
     assert _max_diff(load_file(str(out)), epoch0["state_dict_ema"]) == 0.0
     assert sorted(p.name for p in (runs / "fsdp_dcp1").iterdir() if p.suffix == ".dcp") == ["last.dcp",
                                                                                           "model_best.dcp"]
+
+
+def test_a_resume_keeps_its_own_optimizer_kernel(runs):
+    """A one-process checkpoint written with torch's fused SGD kernel, resumed under FSDP2 (a
+    file, and a DCP folder) and under DDP: the resumed run keeps the loop it chose (FSDP2 has no
+    fused kernel for sharded parameters; --no-opt-fused under DDP), and its checkpoints say so."""
+    def kernels(run: str) -> set:
+        path = runs / run / "last.pth.tar"
+        return {g["fused"] for g in _load(path if path.exists() else runs / run / "last.dcp")["optimizer"][
+            "param_groups"]}
+
+    assert kernels("one1") == kernels("one_dcp1") == {True}
+    for run in ("r_sf", "r_sf_dcp", "ref_sd"):
+        assert True not in kernels(run), run  # torch's "not asked for" (None), or False
+        assert "resumed from" in (runs / run / "train.log").read_text()
 
 
 @pytest.mark.parametrize("row, name, how, fmt, resume, reference, bitwise", MATRIX, ids=[m[0] for m in MATRIX])

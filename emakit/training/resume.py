@@ -49,12 +49,24 @@ _ELEMENTWISE_STATE = {"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_s
 _GROUP_BOOKKEEPING = {"params", "lr", "initial_lr", "weight_decay", "lr_scale", "param_names"}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """``optimizer.load_state_dict(saved)``, keeping this run's kernel choice (``fused`` /
-    ``foreach``): torch would take it from the saved groups, so a checkpoint written with the
-    fused kernel would turn it on under ``--no-opt-fused`` (and off the other way)."""
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a checkpoint's ``optimizer`` entry into ``optimizer`` of ``model``: a DCP folder's
+    name-keyed shards, a single file's whole state into a sharded (FSDP2) model, or
+    ``optimizer.load_state_dict`` for a plain one. Every path keeps this run's kernel choice
+    (``fused`` / ``foreach``): torch would take it from the saved groups, so a checkpoint
+    written with the fused kernel would turn it on under ``--no-opt-fused``, or under
+    ``--fsdp``, where torch has no kernel for sharded parameters."""
+    from emakit.ema import is_sharded
+
+    from .fsdp import load_full_optimizer_state, load_sharded_optimizer_state
+
     chosen = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(saved)
+    if _name_keyed(saved):  # from a DCP folder
+        load_sharded_optimizer_state(model, optimizer, saved)
+    elif is_sharded(model):
+        load_full_optimizer_state(model, optimizer, saved)
+    else:
+        optimizer.load_state_dict(saved)
     for group, keep in zip(optimizer.param_groups, chosen):
         group.update(keep)
 
@@ -334,7 +346,7 @@ def apply_resume(ckpt: dict[str, Any], path: str, *, model: nn.Module, averages:
     """
     from emakit.ema import is_sharded
 
-    from .fsdp import load_full_model_state, load_full_optimizer_state, load_sharded_optimizer_state
+    from .fsdp import load_full_model_state
 
     sharded = is_sharded(model)
     try:
@@ -349,13 +361,8 @@ def apply_resume(ckpt: dict[str, Any], path: str, *, model: nn.Module, averages:
     averages.load_resume(ckpt, path, model, updates_per_epoch=updates_per_epoch)
     if restore_optimizer:
         try:
-            saved = ckpt.get("optimizer")
-            if saved and _name_keyed(saved):  # from a DCP folder
-                load_sharded_optimizer_state(model, optimizer, saved)
-            elif saved is not None and sharded:
-                load_full_optimizer_state(model, optimizer, saved)
-            elif saved is not None:
-                load_optimizer_state(optimizer, saved)
+            if ckpt.get("optimizer") is not None:
+                load_optimizer_state(model, optimizer, ckpt["optimizer"])
             if amp.scaler is not None and ckpt.get("amp_scaler"):
                 amp.scaler.load_state_dict(ckpt["amp_scaler"])
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
