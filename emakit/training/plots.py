@@ -133,9 +133,10 @@ def _draw_panel(img: Image.Image, box: tuple[int, int, int, int], panel: Panel, 
     k = _SCALE
     draw = ImageDraw.Draw(img)
     tick_font, label_font, title_font = _font(11 * k), _font(12 * k), _font(13 * k)
-    drawn = [s for s in panel.series if _points(s)]
-    xs = [x for s in drawn for x, _ in _points(s)]
-    ys = [y for s in drawn for _, y in _points(s)]
+    finite = [(s, _points(s)) for s in panel.series]
+    drawn = [(s, points) for s, points in finite if points]
+    xs = [x for _, points in drawn for x, _ in points]
+    ys = [y for _, points in drawn for _, y in points]
     (x_lo, x_hi), (y_lo, y_hi) = _range(xs), _range(ys)
     x_ticks = [t for t in nice_ticks(x_lo, x_hi, integer=panel.integer_x) if x_lo <= t <= x_hi]
     y_ticks = [t for t in nice_ticks(y_lo, y_hi) if y_lo <= t <= y_hi]
@@ -169,8 +170,8 @@ def _draw_panel(img: Image.Image, box: tuple[int, int, int, int], panel: Panel, 
         strip = strip.rotate(90, expand=True)
         img.paste(strip, (int(box[0] + 2 * k), int((ax[1] + ax[3]) / 2 - width / 2)), strip)
 
-    for s in drawn:
-        line = [to_px(x, y) for x, y in _points(s)]
+    lines = [[to_px(x, y) for x, y in points] for _, points in drawn]
+    for (s, _), line in zip(drawn, lines):
         pieces = _dashes(line, 7 * k, 4 * k) if s.dashed else [line]
         for piece in pieces:
             if len(piece) > 1:
@@ -184,15 +185,16 @@ def _draw_panel(img: Image.Image, box: tuple[int, int, int, int], panel: Panel, 
                 draw.ellipse([px - 8 * k, py - 8 * k, px + 8 * k, py + 8 * k], outline=s.colour, width=2 * k)
     draw.rectangle((ax[0], ax[1], ax[2] + k - 1, ax[3] + k - 1), outline=_AXES, width=k)  # whole pixels
     if drawn:
-        lines = [[to_px(x, y) for x, y in _points(s)] for s in drawn]
-        _draw_legend(draw, ax, drawn, [p for line in lines for p in _along(line, 4 * k)], _font(legend_px * k))
+        _draw_legend(draw, ax, [s for s, _ in drawn], [p for line in lines for p in _along(line, 4 * k)],
+                     _font(legend_px * k))
 
 
 def _draw_legend(draw: ImageDraw.ImageDraw, ax: tuple[float, float, float, float], series: list[Series],
                  points: list[tuple[float, float]], font) -> None:
     """A framed legend where it covers the fewest of ``points`` (drawn points, sampled along
-    the lines): matplotlib's "best", its ten places tried in its order (upper right, upper
-    left, lower left, lower right, right, centre left, centre right, lower, upper, centre)."""
+    the lines): matplotlib's "best", its places tried in its order (upper right, upper left,
+    lower left, lower right, right, centre left, lower, upper, centre; its tenth, "center
+    right", is the same place as "right")."""
     k = _SCALE
     row = font.size + 4 * k if hasattr(font, "size") else 14 * k
     width = 34 * k + max(draw.textlength(s.label, font=font) for s in series) + 8 * k
@@ -201,7 +203,7 @@ def _draw_legend(draw: ImageDraw.ImageDraw, ax: tuple[float, float, float, float
     left, right, centre_x = ax[0] + inset, ax[2] - inset - width, (ax[0] + ax[2] - width) / 2
     top, bottom, centre_y = ax[1] + inset, ax[3] - inset - height, (ax[1] + ax[3] - height) / 2
     corners = [(right, top), (left, top), (left, bottom), (right, bottom), (right, centre_y), (left, centre_y),
-               (right, centre_y), (centre_x, bottom), (centre_x, top), (centre_x, centre_y)]
+               (centre_x, bottom), (centre_x, top), (centre_x, centre_y)]
 
     def covered(corner: tuple[float, float]) -> int:
         x0, y0 = corner
