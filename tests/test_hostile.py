@@ -107,6 +107,11 @@ TRAIN_FLAG_CASES = {
                           "drop --torchcompile"),
     "reshard_without_fsdp": (["--no-fsdp-reshard-after-forward"],
                              E + "--no-fsdp-reshard-after-forward applies to --fsdp: add --fsdp or drop it"),
+    # a value given to an on/off flag: argparse's "ignored explicit argument", reworded
+    "on_off_with_value": (["--model-ema=1"], E + "argument --model-ema/--no-model-ema: invalid value '1' (an on/off "
+                                                 "flag takes no value); give --model-ema or --no-model-ema alone"),
+    "store_true_with_value": (["--no-opt-fused=yes"], E + "argument --no-opt-fused: invalid value 'yes' (an on/off "
+                                                          "flag takes no value); give --no-opt-fused alone"),
     "checkpoint_format_bogus": (["--checkpoint-format", "zip"],
                                 E + "argument --checkpoint-format: invalid choice: 'zip' (choose from 'file', 'dcp')"),
 }
@@ -227,7 +232,7 @@ def _cases(w: dict[str, Path]) -> dict[str, dict]:
     for k, flags in {
         "crop_pct": ["--crop-pct", "-1"], "mean": ["--mean", "1", "2"], "std": ["--std", "0", "0", "0"],
         "interpolation": ["--interpolation", "bogus"], "device": ["--device", "meta"], "batch": ["-b", "0"],
-        "num_classes": ["--num-classes", "0"], "results_dir": ["--results-file", str(root / "a_folder.csv")],
+        "num_classes": ["--num-classes", "0"], "use_ema_value": ["--use-ema=1"], "results_dir": ["--results-file", str(root / "a_folder.csv")],
         "results_unwritable": ["--results-file", "/proc/emakit-results.csv"],
         "results_under_a_file": ["--results-file", str(root / "a_file" / "r.csv")],
         "results_over_checkpoint": ["--results-file", ckpt],
@@ -345,6 +350,7 @@ VALIDATE_LINES = {
     "device": f"argument --device: invalid value 'meta' (meta devices cannot train or evaluate); {DEVICE_FIX}",
     "batch": "argument -b/--batch-size: invalid value '0' (too small); give an integer >= 1",
     "num_classes": "argument --num-classes: invalid value '0' (too small); give an integer >= 1",
+    "use_ema_value": "argument --use-ema: invalid value '1' (an on/off flag takes no value); give --use-ema alone",
 }
 OUT_FIX = "give a file path in a writable folder, not a training checkpoint"
 ST_FIX = "give a file path ending in .safetensors in a writable folder, not a training checkpoint"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -379,7 +380,14 @@ class Parser(argparse.ArgumentParser):
         self.see_help = see_help
 
     def error(self, message: str) -> NoReturn:
-        """Raise ``UsageError(message)`` instead of exiting."""
+        """Raise ``UsageError(message)`` instead of exiting. argparse's line for a value given
+        to an on/off flag (``--model-ema=1``: "ignored explicit argument '1'") is reworded to
+        say what to give instead."""
+        valued = re.fullmatch(r"argument (\S+): ignored explicit argument (.*)", message)
+        if valued:
+            flags = valued.group(1).split("/")
+            message = (f"argument {valued.group(1)}: invalid value {valued.group(2)} (an on/off flag takes no "
+                       f"value); give {' or '.join(flags)} alone")
         raise UsageError(f"{message} (see {self.prog} --help)" if self.see_help else message)
 
 
