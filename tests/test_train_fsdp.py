@@ -65,7 +65,8 @@ def write_then_die(self, plan, planner):
 
 filesystem.FileSystemWriter.write_data = write_then_die
 import train
-sys.exit(train.main(sys.argv[1:]))
+from emakit.training.lifecycle import exit_process
+exit_process(train.main(sys.argv[1:]))
 '''
 
 
@@ -94,9 +95,10 @@ def fill_the_disk(obj, path):
 
 posthoc._atomic_save = fill_the_disk
 import train
+from emakit.training.lifecycle import exit_process
 code = train.main(sys.argv[1:])
 open(os.environ["STATUS_FILE"] + ".rank" + os.environ["RANK"], "w").write(str(code))
-sys.exit(code)
+exit_process(code)
 '''
 
 
