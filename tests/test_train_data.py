@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from PIL import Image
 
 from conftest import CLASSES, count_images, make_image_folder
 from emakit.training import UsageError, one_line
+from emakit.training import data as data_module
 from emakit.training.data import (BadImageError, ImageListDataset, ShardSampler, build_datasets,
                                   build_eval_loader, build_train_loader, check_images, load_digits_splits,
                                   load_image_folder, set_epoch)
@@ -114,6 +116,27 @@ def test_header_check_names_a_garbage_file_and_decode_check_names_a_truncated_on
     decoded = {ds.items[i] for i, _ in check_images(ds, decode=True)}
     assert header == {str(garbage)}
     assert decoded == {str(garbage), str(truncated)}
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_the_check_finds_each_bad_file_in_every_chunk_in_one_thread_and_in_the_pool(image_folder_copy, monkeypatch,
+                                                                                    threaded):
+    """200 files (4 tasks of 64): bad ones in the first, untimed file, the timed rest of the
+    first chunk, and the later chunks, found at their own indices whether the later chunks
+    run here or in the pool."""
+    good = sorted(str(p) for p in (image_folder_copy / "train").rglob("*.jpg"))
+    bad = {0: "zero.jpg", 5: "five.jpg", 64: "sixty-four.jpg", 130: "one-thirty.jpg", 199: "last.jpg"}
+    for name in bad.values():
+        (image_folder_copy / name).write_bytes(b"not an image")
+    items = [str(image_folder_copy / bad[i]) if i in bad else good[i % len(good)] for i in range(200)]
+    pools = []
+    monkeypatch.setattr(data_module, "_THREADED_CHECK_S", 0.0 if threaded else float("inf"))
+    monkeypatch.setattr(data_module, "ThreadPoolExecutor",
+                        lambda **kw: pools.append(kw) or ThreadPoolExecutor(**kw))
+    found = check_images(ImageListDataset(items, [0] * 200), decode=False, threads=3)
+    assert [i for i, _ in found] == sorted(bad)
+    assert all(reason for _, reason in found)
+    assert pools == ([{"max_workers": 3}] if threaded else [])
 
 
 def test_skip_bad_images_drops_exactly_the_unreadable_files(image_folder_copy):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -275,15 +276,36 @@ def _check_one(path: str, decode: bool) -> str | None:
         return _reason(e)
 
 
+# Files slower than this to check (large decodes, network storage) are checked by a thread
+# pool; faster ones (small local files) in the calling thread, where the pool's hand-offs of
+# the GIL cost more than they save (800 64-px JPEGs, header only: 0.05 s in one thread,
+# 0.10 s with 2 threads, 0.13 s with a future per file).
+_THREADED_CHECK_S = 0.5e-3
+_CHECK_CHUNK = 64
+
+
 def check_images(dataset: ImageListDataset, decode: bool, threads: int = 4) -> list[tuple[int, str]]:
     """``(index, reason)`` for every file that cannot be opened (header only) or, with
-    ``decode``, fully decoded. In-memory images are skipped."""
+    ``decode``, fully decoded. In-memory images are skipped. The first 64 files are checked
+    in this thread; the rest too where those took under 0.5 ms a file, else by ``threads``
+    threads, 64 files to a task."""
     paths = [(i, p) for i, p in enumerate(dataset.items) if isinstance(p, str)]
-    if not paths:
+    chunks = [paths[k:k + _CHECK_CHUNK] for k in range(0, len(paths), _CHECK_CHUNK)]
+
+    def check(chunk: list[tuple[int, str]]) -> list[tuple[int, str | None]]:
+        return [(i, _check_one(p, decode)) for i, p in chunk]
+
+    if not chunks:
         return []
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = list(pool.map(lambda ip: _check_one(ip[1], decode), paths, chunksize=64))
-    return [(i, reason) for (i, _), reason in zip(paths, results) if reason is not None]
+    done = [check(chunks[0][:1])]  # the first file pays for loading PIL's plugins: not timed
+    start = time.perf_counter()
+    done.append(check(chunks[0][1:]))
+    if threads > 1 and len(chunks) > 1 and time.perf_counter() - start > _THREADED_CHECK_S * (len(chunks[0]) - 1):
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            done += pool.map(check, chunks[1:])
+    else:
+        done += map(check, chunks[1:])
+    return [(i, reason) for chunk in done for i, reason in chunk if reason is not None]
 
 
 def _drop_bad(dataset: ImageListDataset, skip_bad: bool, threads: int) -> None:
