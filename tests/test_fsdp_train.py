@@ -25,8 +25,17 @@ TOL = 1e-5
 
 
 def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], env=subprocess_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=str(REPO))
+    # faulthandler: a rank that dies of a signal (CI once saw rank 1 of the FSDP job die of
+    # SIGSEGV inside torch) prints its Python stack, which _failed() shows.
+    return subprocess.run([sys.executable, *args], env=subprocess_env(PYTHONFAULTHANDLER="1"), capture_output=True,
+                          text=True, timeout=timeout, cwd=str(REPO))
+
+
+def _failed(proc: subprocess.CompletedProcess) -> str:
+    """The failure message: a crashed rank's faulthandler stack, if any, then the stderr tail."""
+    at = proc.stderr.find("Fatal Python error")
+    crash = proc.stderr[at:at + 4000] + "\n...\n" if at >= 0 else ""
+    return crash + proc.stderr[-3000:]
 
 
 def _torchrun(mode: str, out) -> subprocess.CompletedProcess:
@@ -41,9 +50,9 @@ def _load(path) -> dict:
 def runs(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("fsdp_train")
     proc = _run([WORKER, "single", str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _failed(proc)
     proc = _torchrun("fsdp", out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _failed(proc)
     ranks = [json.loads((out / f"fsdp_rank{r}.json").read_text()) for r in range(2)]
     return out, ranks
 
