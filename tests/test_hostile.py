@@ -232,7 +232,8 @@ def _cases(w: dict[str, Path]) -> dict[str, dict]:
     for k, flags in {
         "crop_pct": ["--crop-pct", "-1"], "mean": ["--mean", "1", "2"], "std": ["--std", "0", "0", "0"],
         "interpolation": ["--interpolation", "bogus"], "device": ["--device", "meta"], "batch": ["-b", "0"],
-        "num_classes": ["--num-classes", "0"], "use_ema_value": ["--use-ema=1"], "results_dir": ["--results-file", str(root / "a_folder.csv")],
+        "num_classes": ["--num-classes", "0"], "use_ema_value": ["--use-ema=1"],
+        "results_dir": ["--results-file", str(root / "a_folder.csv")],
         "results_unwritable": ["--results-file", "/proc/emakit-results.csv"],
         "results_under_a_file": ["--results-file", str(root / "a_file" / "r.csv")],
         "results_over_checkpoint": ["--results-file", ckpt],

@@ -298,9 +298,10 @@ def check_images(dataset: ImageListDataset, decode: bool, threads: int = 4) -> l
     if not chunks:
         return []
     done = [check(chunks[0][:1])]  # the first file pays for loading PIL's plugins: not timed
-    start = time.perf_counter()
-    done.append(check(chunks[0][1:]))
-    if threads > 1 and len(chunks) > 1 and time.perf_counter() - start > _THREADED_CHECK_S * (len(chunks[0]) - 1):
+    timed, start = chunks[0][1:], time.perf_counter()
+    done.append(check(timed))
+    slow = time.perf_counter() - start > _THREADED_CHECK_S * len(timed)
+    if threads > 1 and len(chunks) > 1 and slow:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             done += pool.map(check, chunks[1:])
     else:

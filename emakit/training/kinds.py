@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
