@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from emakit import ModelEMA, MultiEMA
+from emakit import ModelEMA
 import emakit.posthoc  # noqa: F401  (multi_updaters reads it from sys.modules)
 
 

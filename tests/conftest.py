@@ -13,9 +13,13 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:  # the annotations only: torch is imported where a helper needs it
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
