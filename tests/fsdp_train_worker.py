@@ -146,6 +146,38 @@ def max_diff(a: dict, b: dict) -> float:
     return 0.0
 
 
+def ema_gather(ema) -> dict:
+    """The sharded EMA's gathered state dict against the expectation, one
+    ``DTensor.full_tensor()`` per tensor (torch's own gather), at the default bucket size and
+    at 4 KiB buckets (several collectives): bitwise equal, the model's key order, and the
+    number of collectives."""
+    import emakit.ema as ema_mod
+    from torch.distributed.tensor import DTensor
+    from fsdp_ema_worker import count_python_collectives
+
+    shards = ema._shards
+    expected = {}
+    for name in shards.persistent:
+        local = shards.named()[name]
+        if name in shards.specs:
+            mesh, placements, shape, stride = shards.specs[name]
+            local = DTensor.from_local(local, mesh, placements, shape=shape, stride=stride, run_check=False).full_tensor()
+        expected[name] = local
+    report = {"sharded": len(shards.specs)}
+    default = ema_mod.GATHER_BUCKET_BYTES
+    for label, size in (("default", default), ("4KiB", 4096)):
+        ema_mod.GATHER_BUCKET_BYTES = size
+        try:
+            got = {}
+            python, ops = count_python_collectives(lambda: got.update(ema.state_dict_ema(full=True)))
+        finally:
+            ema_mod.GATHER_BUCKET_BYTES = default
+        report[label] = {"python": python, "ops": len(ops), "keys_in_order": list(got) == list(expected),
+                         "equal": all(torch.equal(got[k], expected[k]) and got[k].device.type == "cpu"
+                                      for k in expected)}
+    return report
+
+
 def fsdp(out: str) -> None:
     import torch.distributed as dist
 
@@ -184,6 +216,7 @@ def fsdp(out: str) -> None:
     results["ema_reload_collectives"] = [reload[0], len(reload[1])]  # DCP's case: the EMA's own sharding
     results["full_state_sizes"] = [len(full_model_state(model)), len(full_optimizer_state(model, opt)),
                                    len(emas[0].state_dict_ema(full=True, rank0_only=True))]
+    results["ema_gather"] = ema_gather(emas[0])
     results["forward_collectives"] = len(count_python_collectives(lambda: model(data[0][0][:2]))[1])
     with torch.no_grad():  # an evaluation forward leaves every parameter sharded (EMA updates need that)
         model(data[0][0][:2])

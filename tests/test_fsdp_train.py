@@ -93,6 +93,18 @@ def test_ema_update_issues_no_collective_under_fsdp(runs):
         assert r["sharded_after_eval_forward"] is True       # apply_fsdp reshards the root after forward too
 
 
+@pytest.mark.slow
+def test_a_sharded_ema_is_gathered_in_buckets_with_the_bytes_of_full_tensor(runs):
+    _, ranks = runs
+    for r in ranks:
+        g = r["ema_gather"]
+        assert g["sharded"] > 20                               # test_vit: every parameter is a DTensor
+        for label in ("default", "4KiB"):
+            assert g[label]["equal"] and g[label]["keys_in_order"], (label, g)
+        assert g["default"]["python"] == g["default"]["ops"] == 1  # the whole EMA in one all-gather, not one per tensor
+        assert 1 < g["4KiB"]["python"] == g["4KiB"]["ops"] < g["sharded"]  # small buckets: several, still fewer
+
+
 # ----------------------------------------------------------------------------- (c)
 @pytest.mark.slow
 def test_gathered_checkpoint_has_the_one_process_layout(runs):
