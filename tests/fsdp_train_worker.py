@@ -19,6 +19,7 @@ Modes (``python fsdp_train_worker.py <mode> <out>``):
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -186,7 +187,9 @@ def fsdp(out: str) -> None:
     from emakit.training.fsdp import full_model_state, full_optimizer_state
     from fsdp_ema_worker import count_python_collectives
 
-    dist.init_process_group("gloo")
+    # gloo's timeout turns a transport deadlock into an error that test_fsdp_train recognises
+    # (default 30 min); no collective here waits on a rank for more than a few seconds.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     data = batches()
     results: dict = {"world": world}

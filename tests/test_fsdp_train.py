@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -46,15 +48,46 @@ def _load(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# A gloo transport fault, not a failure of the code under test: a rank killed by SIGSEGV/SIGABRT/
+# SIGBUS inside torch (torchrun's summary: "exitcode  : -11"), or gloo's own timeout (the worker
+# sets 120 s) ending a deadlock in which one rank's allgather never returns from destroying its
+# buffer (gdb: ~UnboundBuffer spinning in sched_yield) while the other waits in waitSend for the
+# next one. Seen once each in about 40 jobs of this worker; never in train.py's CLI tests.
+_TRANSPORT_FAULT = re.compile(r"exitcode\s*:\s*-(?:11|6|7)\b|Timed out waiting \d+ms for (?:send|recv) operation")
+
+
+def _transport_fault(proc: subprocess.CompletedProcess) -> bool:
+    return proc.returncode != 0 and bool(_TRANSPORT_FAULT.search(proc.stderr))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("fsdp_train")
-    proc = _run([WORKER, "single", str(out)])
-    assert proc.returncode == 0, _failed(proc)
-    proc = _torchrun("fsdp", out)
-    assert proc.returncode == 0, _failed(proc)
+    for attempt in (1, 2):  # a second attempt only after a transport fault, and it is reported
+        out = tmp_path_factory.mktemp("fsdp_train")
+        proc = _run([WORKER, "single", str(out)])
+        assert proc.returncode == 0, _failed(proc)
+        proc = _torchrun("fsdp", out)
+        if attempt == 1 and _transport_fault(proc):
+            warnings.warn(f"FSDP worker job hit a gloo transport fault, run again once:\n{_failed(proc)}")
+            continue
+        assert proc.returncode == 0, _failed(proc)
+        break
     ranks = [json.loads((out / f"fsdp_rank{r}.json").read_text()) for r in range(2)]
     return out, ranks
+
+
+def test_only_a_transport_fault_earns_a_second_run():
+    """The retry's trigger, on torchrun's real summaries: a rank's signal death or gloo's
+    timeout, never a Python error of a rank (exit 1) nor the SIGTERM torchrun sends the rest."""
+    def proc(rc, err):
+        return subprocess.CompletedProcess([], rc, "", err)
+
+    segv = "  exitcode  : -11 (pid: 25234)\n  traceback : Signal 11 (SIGSEGV) received by PID 25234"
+    timeout = "RuntimeError: [gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 120000ms for send operation to complete"
+    assert _transport_fault(proc(1, segv)) and _transport_fault(proc(1, timeout))
+    assert not _transport_fault(proc(1, "  exitcode  : 1 (pid: 7)\n  error_file: <N/A>\nAssertionError: 0.5 > 1e-05"))
+    assert not _transport_fault(proc(1, "  exitcode  : -15 (pid: 25233)  (SIGTERM)"))
+    assert not _transport_fault(proc(0, segv))  # a job that succeeded is never rerun
 
 
 def _worker():
