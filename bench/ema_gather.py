@@ -35,22 +35,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def per_tensor(ema) -> dict:
-    """The old gather: one ``full_tensor()`` per sharded tensor, rank 0 keeps CPU copies."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
-    shards, out = ema._shards, {}
-    for name in shards.persistent:
-        local = shards.named()[name]
-        if name in shards.specs:
-            mesh, placements, shape, stride = shards.specs[name]
-            local = DTensor.from_local(local, mesh, placements, shape=shape, stride=stride, run_check=False).full_tensor()
-        if dist.get_rank() == 0:
-            out[name] = local.cpu().clone()
-    return out
-
-
 def worker(models: list[str], rounds: int, out: str) -> None:
     """One rank: every model's EMA gathered both ways, interleaved; rank 0 writes ``out``."""
     import timm
@@ -61,7 +45,7 @@ def worker(models: list[str], rounds: int, out: str) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from emakit import ModelEMA
     from emakit.training.fsdp import apply_fsdp
-    from fsdp_ema_worker import count_python_collectives
+    from fsdp_ema_worker import count_python_collectives, per_tensor_full_state
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -71,7 +55,8 @@ def worker(models: list[str], rounds: int, out: str) -> None:
         model = timm.create_model(name, num_classes=1000)
         apply_fsdp(model)
         ema = ModelEMA(model, decay=0.999)
-        ways = {"emakit": lambda: ema.state_dict_ema(full=True, rank0_only=True), "per tensor": lambda: per_tensor(ema)}
+        ways = {"emakit": lambda: ema.state_dict_ema(full=True, rank0_only=True),
+                "per tensor": lambda: per_tensor_full_state(ema, keep=rank == 0)}
         gathered = {label: fn() for label, fn in ways.items()}  # warm-up, and the bytes to compare
         same = rank != 0 or (list(gathered["emakit"]) == list(gathered["per tensor"]) and all(
             torch.equal(gathered["emakit"][k], v) for k, v in gathered["per tensor"].items()))
@@ -121,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             print(proc.stderr[-3000:], file=sys.stderr)
             return proc.returncode
         rows = json.loads(Path(part).read_text())
-    print(f"{'model':<24}{'gather':<12}{'EMA MB':>8}{'all-gathers':>13}{'median s':>10}{'vs per tensor':>15}  same bytes")
+    print(f"{'model':<24}{'gather':<12}{'EMA MB':>8}{'all-gathers':>13}{'median s':>10}{'vs per tensor':>15}"
+          "  same bytes")
     base = {r["model"]: r["median_s"] for r in rows if r["way"] == "per tensor"}
     for r in rows:
         print(f"{r['model']:<24}{r['way']:<12}{r['ema_mb']:>8}{r['all_gathers']:>13}{r['median_s']:>10.3f}"

@@ -58,6 +58,25 @@ def count_python_collectives(fn) -> tuple[int, list[str]]:
     return len(seen), counter.calls
 
 
+def per_tensor_full_state(ema, keep: bool = True) -> dict:
+    """A sharded EMA's whole state dict the way torch gathers a DTensor, one
+    ``full_tensor()`` per sharded tensor, as CPU copies (``{}`` unless ``keep``; the gathers
+    run either way): the expectation for the EMA's bucketed gather, and the baseline
+    ``bench/ema_gather.py`` times it against."""
+    from torch.distributed.tensor import DTensor
+
+    shards, out = ema._shards, {}
+    for name in shards.persistent:
+        local = shards.named()[name]
+        if name in shards.specs:
+            mesh, placements, shape, stride = shards.specs[name]
+            local = DTensor.from_local(local, mesh, placements, shape=shape, stride=stride,
+                                       run_check=False).full_tensor()
+        if keep:
+            out[name] = local.cpu().clone()
+    return out
+
+
 def main(out: str) -> None:
     import timm
     from torch.distributed.checkpoint import FileSystemWriter, save

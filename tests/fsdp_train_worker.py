@@ -153,18 +153,10 @@ def ema_gather(ema) -> dict:
     at 4 KiB buckets (several collectives): bitwise equal, the model's key order, and the
     number of collectives."""
     import emakit.ema as ema_mod
-    from torch.distributed.tensor import DTensor
-    from fsdp_ema_worker import count_python_collectives
+    from fsdp_ema_worker import count_python_collectives, per_tensor_full_state
 
-    shards = ema._shards
-    expected = {}
-    for name in shards.persistent:
-        local = shards.named()[name]
-        if name in shards.specs:
-            mesh, placements, shape, stride = shards.specs[name]
-            local = DTensor.from_local(local, mesh, placements, shape=shape, stride=stride, run_check=False).full_tensor()
-        expected[name] = local
-    report = {"sharded": len(shards.specs)}
+    expected = per_tensor_full_state(ema)
+    report = {"sharded": len(ema._shards.specs)}
     default = ema_mod.GATHER_BUCKET_BYTES
     for label, size in (("default", default), ("4KiB", 4096)):
         ema_mod.GATHER_BUCKET_BYTES = size
