@@ -28,6 +28,7 @@ from emakit import ModelEMA
 from emakit.training import engine
 from emakit.training.averages import Averages
 from emakit.training.engine import TrainOptions, train_one_epoch
+from emakit.training.settings import RunSettings
 
 
 def _sync(device: torch.device) -> None:
@@ -64,8 +65,8 @@ def main() -> None:
         try:
             _sync(device)
             start = time.perf_counter()
-            train_one_epoch(0, model, batches, opt, loss_fn, device=device, opts=TrainOptions(log_interval=10**9),
-                            averages=Averages(ema))
+            train_one_epoch(0, model, batches, opt, loss_fn, device=device,
+                            opts=TrainOptions(run=RunSettings(log_interval=10**9)), averages=Averages(ema))
             _sync(device)
             return (time.perf_counter() - start) / args.steps
         finally:

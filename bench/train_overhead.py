@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from emakit import ModelEMA  # noqa: E402
 from emakit.training.averages import Averages  # noqa: E402
 from emakit.training.engine import TrainOptions, train_one_epoch  # noqa: E402
+from emakit.training.settings import RunSettings  # noqa: E402
 
 MODES = ("off", "every 1", "every 4")
 
@@ -56,7 +57,7 @@ def parse() -> argparse.Namespace:
 def measure(model: nn.Module, batches: list, ema: ModelEMA | None, optimizer: torch.optim.Optimizer) -> float:
     """img/s of one train_one_epoch call over ``batches``."""
     out = train_one_epoch(0, model, batches, optimizer, nn.CrossEntropyLoss(), device=torch.device("cpu"),
-                          opts=TrainOptions(log_interval=10**9),
+                          opts=TrainOptions(run=RunSettings(log_interval=10**9)),
                           averages=Averages(ema) if ema is not None else None)
     return out["img_per_sec"]
 

@@ -172,13 +172,17 @@ def test_update_every_k_equals_k_updates_toward_a_constant_target(k):
     every = ModelEMA(model, decay=0.9, update_every=k)
     single = ModelEMA(model, decay=0.9)
     set_weights(model, lambda i, p: p + 1.0)  # constant new target
+    last = [p.clone() for p in every.module.parameters()]
     for call in range(1, 3 * k + 1):
         every.update(model)
         single.update(model)
-        if call % k:
+        if call % k:  # between averaging calls the EMA stands still (so ignoring update_every shows)
+            for a, before in zip(every.module.parameters(), last):
+                assert torch.equal(a, before)
             continue
         for a, b in zip(every.module.parameters(), single.module.parameters()):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        last = [p.clone() for p in every.module.parameters()]
     assert every.num_updates == single.num_updates == 3 * k
 
 

@@ -120,8 +120,8 @@ TRAIN_FLAG_CASES = {
 def _float_flags() -> list[str]:
     """Every train.py flag whose values are floats (read from the parser, so a new float flag
     is covered without editing this test)."""
-    from emakit.training.config import CommaList, build_parser
-    from emakit.training.kinds import Items, Number
+    from emakit.training.config import build_parser
+    from emakit.training.kinds import CommaList, Items, Number
 
     flags = []
     for action in build_parser()._actions:

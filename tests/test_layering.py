@@ -8,7 +8,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Modules that define command-line flags: they build the parser and turn its namespace into settings.
-FLAG_MODULES = {"emakit/training/config.py", "emakit/training/validate_config.py", "emakit/training/kinds.py"}
+FLAG_MODULES = {"emakit/training/config.py", "emakit/training/validate_config.py", "emakit/training/kinds.py",
+                "emakit/training/options.py"}
 # Being restructured into settings/build/outputs/fit (issue 9); remove each from here once it is.
 PENDING: set[str] = set()
 

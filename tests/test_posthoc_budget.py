@@ -12,7 +12,7 @@ from torch import nn
 from conftest import FAST_ARGS
 from emakit import posthoc as ph
 from emakit.training.averages import PosthocTracker, auto_posthoc_every, posthoc_snapshot_cap
-from emakit.training.config import DEFAULT_POSTHOC_BUDGET
+from emakit.training.settings import DEFAULT_POSTHOC_BUDGET
 
 TRACKED = (0.05, 0.10)
 

@@ -8,7 +8,7 @@ import yaml
 
 from conftest import REPO
 from emakit.training import UsageError
-from emakit.training.config import args_to_yaml, build_parser, parse_args, resolve_ema_decay
+from emakit.training.config import args_to_yaml, build_parser, parse_args, parse_settings
 
 
 def write_yaml(path, mapping) -> str:
@@ -69,11 +69,22 @@ def test_a_yaml_true_boolean_can_be_turned_off_on_the_command_line(tmp_path):
     assert args.amp is False and args.channels_last is True
 
 
-def test_digits_preset_is_exactly_the_defaults():
+# What `python train.py` (no data path, no --config) changes from timm's defaults: the README's
+# digits preset, written out here so that a change to configs/digits.yaml or to the preset
+# logic shows up as a failure.
+DIGITS_PRESET_VALUES = {"model": "resnet18", "img_size": 32, "crop_pct": 1.0, "batch_size": 64, "workers": 0,
+                        "epochs": 10, "lr_base": 0.8, "warmup_epochs": 0, "weight_decay": 5e-5, "scale": [0.5, 1.0],
+                        "hflip": 0.0, "model_ema": True, "model_ema_half_life": "0.5ep"}
+
+
+def test_digits_preset_is_exactly_the_defaults(tmp_path):
     default = vars(parse_args([]))
     preset = vars(parse_args(["--config", str(REPO / "configs" / "digits.yaml")]))
-    default.pop("config"), preset.pop("config")
+    timm = vars(parse_args([str(tmp_path)]))  # a data path: timm's defaults, no preset
+    for flags in (default, preset, timm):
+        flags.pop("config"), flags.pop("data")
     assert preset == default
+    assert {k: v for k, v in default.items() if timm[k] != v} == DIGITS_PRESET_VALUES
 
 
 def test_imagenette_recipe_parses_and_sets_a_resnet34():
@@ -116,11 +127,16 @@ def test_resolved_args_yaml_loads_back_as_a_config(tmp_path):
 
 
 def test_ema_time_constant_comes_from_exactly_one_source():
-    assert resolve_ema_decay(parse_args([])) == (None, "0.5ep", "constant")  # the preset's half-life
-    assert resolve_ema_decay(parse_args(["--model-ema-decay", "0.9998"])) == (0.9998, None, "constant")
+    assert _ema_source([]) == (None, ("0.5ep",), "constant")  # the preset's half-life
+    assert _ema_source(["--model-ema-decay", "0.9998"]) == ((0.9998,), None, "constant")
     with pytest.raises(UsageError, match=r"argument --model-ema-half-life: invalid value '' \(empty\)"):
         parse_args(["--model-ema-half-life", ""])  # issue 8: refused, not a silent switch to the default decay
-    assert resolve_ema_decay(parse_args(["--model-ema-warmup"]))[2] == "warmup"
+    assert _ema_source(["--model-ema-warmup"])[2] == "warmup"
+
+
+def _ema_source(argv: list[str]) -> tuple:
+    ema = parse_settings(argv).ema
+    return ema.decays, ema.half_lives, ema.schedule
 
 
 def test_model_ema_warmup_conflicting_with_another_schedule_is_an_error():
@@ -134,11 +150,9 @@ def test_pretrained_without_a_local_file_is_an_error():
 
 
 def test_with_a_data_path_the_defaults_are_timms(tmp_path):
-    from emakit.training.config import resolve_ema_decay
-
     args = parse_args([str(tmp_path), "--model-ema"])
     assert (args.model, args.batch_size, args.img_size, args.epochs, args.hflip) == ("resnet50", 128, None, 300, 0.5)
-    assert resolve_ema_decay(args) == (0.9998, None, "constant")  # timm's --model-ema-decay default
+    assert _ema_source([str(tmp_path), "--model-ema"]) == ((0.9998,), None, "constant")  # timm's default decay
     assert parse_args([str(tmp_path)]).model_ema is False        # EMA is opt-in, as in timm
     assert parse_args([]).model_ema is True                      # the digits preset turns it on
 
@@ -148,7 +162,7 @@ def test_a_comma_list_of_decays_or_half_lives_gives_one_value_per_ema():
     assert parse_args(["--model-ema-decay", "0.999,0.9998,0.9999"]).model_ema_decay == [0.999, 0.9998, 0.9999]
     assert parse_args(["--model-ema-half-life", "2000ba, 0.5ep"]).model_ema_half_life == ["2000ba", "0.5ep"]
     assert parse_args(["--model-ema-decay", "0.9998"]).model_ema_decay == 0.9998  # one value: a scalar, as before
-    assert resolve_ema_decay(parse_args(["--model-ema-decay", "0.99,0.999"]))[:2] == ([0.99, 0.999], None)
+    assert _ema_source(["--model-ema-decay", "0.99,0.999"])[:2] == ((0.99, 0.999), None)
 
 
 @pytest.mark.parametrize("value", [[0.999, 0.9999], "0.999,0.9999"])
@@ -206,3 +220,83 @@ def test_bad_list_values_in_yaml_name_the_key(tmp_path, mapping, needle):
     with pytest.raises(UsageError) as info:
         parse_args(["--config", cfg])
     assert needle in str(info.value)
+
+
+# --------------------------------------------------------------------------- one declaration (issue 20)
+def test_each_settings_field_is_one_flag_with_the_same_default_in_the_parser_and_the_settings(tmp_path):
+    """The parser, the YAML keys and the frozen settings come from the same declarations: the
+    settings built from timm's defaults (a data path, no preset) equal the dataclasses' own
+    defaults, and every declared field has exactly one parser action with its dest."""
+    import dataclasses
+
+    from emakit.training.options import flag_fields
+    from emakit.training.settings import TrainSettings
+
+    built = parse_settings([str(tmp_path)])
+    assert dataclasses.replace(built, flags={}, data=dataclasses.replace(built.data, path=None)) == \
+        dataclasses.replace(TrainSettings(), flags={})
+    dests = [a.dest for a in build_parser()._actions]
+    declared = []
+
+    def walk(cls):
+        for f, flag in flag_fields(cls):
+            if flag is not None:
+                declared.append(flag.key)
+                if flag.section is not None:
+                    walk(flag.section)
+            elif dataclasses.is_dataclass(f.default_factory):
+                walk(f.default_factory)
+    walk(TrainSettings)
+    assert sorted(declared) == sorted(d for d in dests if d not in ("help", "config"))
+
+
+def test_a_flag_reaches_its_settings_field_from_the_command_line_and_from_yaml(tmp_path):
+    cli = parse_settings([str(tmp_path), "--clip-grad", "2.5", "--log-interval", "7", "--on-nonfinite", "skip",
+                          "--no-opt-fused", "--no-prefetcher", "--scale", "0.3", "1"])
+    assert (cli.optim.clip_grad, cli.run.log_interval, cli.run.on_nonfinite) == (2.5, 7, "skip")
+    assert (cli.optim.fused, cli.data.prefetcher, cli.data.augment.scale) == (False, False, (0.3, 1.0))
+    config = tmp_path / "c.yaml"
+    config.write_text("clip_grad: 2.5\nlog_interval: 7\non_nonfinite: skip\nno_opt_fused: true\nscale: [0.3, 1]\n")
+    yaml_run = parse_settings([str(tmp_path), "--config", str(config)])
+    assert (yaml_run.optim, yaml_run.run.log_interval, yaml_run.data.augment.scale) == (cli.optim, 7, (0.3, 1.0))
+    assert parse_settings([str(tmp_path), "--model-ema-posthoc"]).ema.posthoc.sigma_rels == (0.05, 0.1)
+    assert parse_settings([str(tmp_path)]).ema.posthoc is None
+
+
+def test_help_shows_the_declared_default_once():
+    text = build_parser().format_help().replace("\n", " ")
+    text = " ".join(text.split())
+    assert "--clip-grad NORM clip gradients at this norm/value > 0 (default: None = no clipping)" in text
+    assert "--posthoc-sigma-rels S[,S...]" in text and "(default: 0.05,0.1)" in text
+    assert "--no-opt-fused" in text and "(default: False = fused where torch has it)" in text
+
+
+# --------------------------------------------------------------------------- hostile YAML (issue 19)
+@pytest.mark.parametrize("content, needle", [
+    (b"model: \xff\xfe\n", "not UTF-8 text (byte 7); save it as UTF-8"),
+    (b"model_ema_half_life: 0.5\n", "0.5 in '0.5' is not a half-life with a unit"),
+    (b"".join(b"%s: &%s [%s]\n" % (bytes([97 + i]), bytes([97 + i]), b",".join([b"*" + bytes([96 + i])] * 9)
+                                   if i else b"x,x,x,x,x,x,x,x,x") for i in range(9)), "more than 10000 values"),
+    (b"".join(b"k%d: &a%d [1]\n" % (i, i) for i in range(60)) + b"z: [" + b",".join(b"*a%d" % (i % 60) for i in range(101))
+     + b"]\n", "more than 100 YAML aliases"),
+])
+def test_a_hostile_config_is_one_short_line_and_nothing_expands(tmp_path, content, needle):
+    """A non-UTF-8 file, a half-life without its unit (EMA off), nested anchors ("billion
+    laughs", 300 bytes that expand to 9**9 values) and alias floods: one short UsageError,
+    before anything is built."""
+    config = tmp_path / "c.yaml"
+    config.write_bytes(content)
+    with pytest.raises(UsageError) as info:
+        parse_args(["--config", str(config)])
+    message = str(info.value)
+    assert needle in message and "\n" not in message and len(message) < 400, message[:500]
+
+
+def test_a_huge_value_in_a_config_is_echoed_shortened():
+    parser = build_parser()
+    with pytest.raises(UsageError) as info:
+        from emakit.training.config import _check_value
+
+        _check_value("model", next(a for a in parser._actions if a.dest == "model"), [[1] * 50] * 50)
+    assert "expected a string" in str(info.value) and len(str(info.value)) < 200
+

@@ -11,6 +11,7 @@ from torch import nn
 from emakit import ModelEMA
 from emakit.training.averages import Averages
 from emakit.training.engine import AmpSettings, TrainOptions, evaluate, train_one_epoch
+from emakit.training.settings import OptimSettings
 
 CPU = torch.device("cpu")
 
@@ -37,7 +38,7 @@ def test_ema_is_updated_once_per_optimizer_step_under_gradient_accumulation(num_
     ema = ModelEMA(model, decay=0.9)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     out = train_one_epoch(0, model, batches(num_batches), opt, nn.CrossEntropyLoss(), device=CPU,
-                          opts=TrainOptions(grad_accum_steps=accum), averages=Averages(ema))
+                          opts=TrainOptions(optim=OptimSettings(grad_accum_steps=accum)), averages=Averages(ema))
     steps = math.ceil(num_batches / accum)
     assert out["optimizer_steps"] == steps
     assert ema.num_updates == steps
@@ -50,7 +51,7 @@ def test_accumulating_k_micro_batches_equals_one_step_on_their_concatenation():
     opt_a = torch.optim.SGD(accumulated.parameters(), lr=0.5)
     opt_s = torch.optim.SGD(single.parameters(), lr=0.5)
     train_one_epoch(0, accumulated, data, opt_a, nn.CrossEntropyLoss(), device=CPU,
-                    opts=TrainOptions(grad_accum_steps=4))
+                    opts=TrainOptions(optim=OptimSettings(grad_accum_steps=4)))
     big = [(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data]))]
     train_one_epoch(0, single, big, opt_s, nn.CrossEntropyLoss(), device=CPU, opts=TrainOptions())
     for a, s in zip(accumulated.parameters(), single.parameters()):

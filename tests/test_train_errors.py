@@ -97,8 +97,15 @@ def test_unknown_model_says_how_to_list_models(run_train, tmp_path, image_folder
     assert_clean_failure(code, err, tmp_path / "out", "unknown model 'resnet18x'", "timm.list_models")
 
 
+def test_a_half_life_without_a_unit_is_refused_when_parsed_even_with_the_ema_off(run_train, tmp_path, image_folder):
+    """Checked by its kind at parse time, so also when --model-ema is off (issue 19: a YAML
+    ``model_ema_half_life: 0.5`` was accepted silently with EMA off)."""
+    for value in ("3parsecs", "0.5"):
+        code, _, err = run_train(fast(image_folder, tmp_path / "out", "--no-model-ema", "--model-ema-half-life", value))
+        assert_clean_failure(code, err, tmp_path / "out", "--model-ema-half-life", repr(value), "2000ba, 0.5ep")
+
+
 @pytest.mark.parametrize("flags, needle", [
-    (["--model-ema-half-life", "3parsecs"], "half_life='3parsecs' is malformed"),
     (["--model-ema-decay", "1.5"], "decay=1.5 is outside [0, 1)"),
     (["--model-ema-every", "0"], "update_every=0 must be a positive integer"),
     (["--model-ema-schedule", "cosine"], "schedule='cosine' is unknown"),

@@ -24,10 +24,11 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import ClassVar, NoReturn
 
 from . import UsageError, print_error
 from .kinds import POSITIVE_INT, Number, OutputFile, Parser, check_parsed, parse_sigma_rels
+from .options import MODEL, NUM_CLASSES, Flag, add_flags, from_flags
 
 # Post-hoc weights: safetensors, or a checkpoint with them as state_dict_ema (validate.py's --posthoc-save).
 _POSTHOC_SUFFIXES = (".safetensors", ".pth.tar", ".pth", ".pt")
@@ -40,29 +41,51 @@ __all__ = ["main", "console_main", "build_parser", "parse_command", "run_command
 class ExportSettings:
     """``emakit export``: one weight set of ``checkpoint`` to ``output``."""
 
-    checkpoint: str
-    output: str
-    weights: str = "ema"
-    model: str | None = None
-    num_classes: int | None = None
+    HELP: ClassVar[str] = "write one weight set of a checkpoint alone (safetensors or .pth)"
+    DESCRIPTION: ClassVar[str] = ("Write one weight set of a checkpoint, unprefixed and atomically. A .safetensors "
+                                  "file loads with timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay="
+                                  "dict(file=FILE, num_classes=N), num_classes=N).")
+    checkpoint: str = Flag("checkpoint", metavar="CKPT",
+                           help="checkpoint file (ours, timm, SuperGradients, torchvision) or a train.py "
+                                "--checkpoint-format dcp folder (last.dcp)")(None)
+    output: str = Flag("-o", "--output", required=True, kind=OutputFile(), metavar="FILE",
+                       help="output: .safetensors, or any other name for a torch.save'd bare state dict; never the "
+                            "input checkpoint or another training checkpoint")(None)
+    weights: str = Flag("--weights", metavar="SET", help="raw, ema or ema:N")("ema")
+    model: str | None = MODEL(None, help="timm model name recorded in the metadata", note="= the checkpoint's")
+    num_classes: int | None = NUM_CLASSES(None, help="class count recorded in the metadata", note="= the checkpoint's")
 
 
 @dataclass(frozen=True)
 class PosthocSettings:
     """``emakit posthoc``: reconstruct, sweep (``validate_argv``: the flags after ``--``) or convert."""
 
-    snapshot_dir: str | None = None
-    sigma_rel: str | None = None  # as given: one value or a comma-separated list
-    step: int | None = None
-    output: str | None = None
-    checkpoint: str | None = None
-    model: str | None = None
-    num_classes: int | None = None
-    data: str | None = None
-    evaluate: bool = False
-    equivalent: bool = False
-    decay: float | None = None
-    half_life: str | None = None
+    HELP: ClassVar[str] = "post-hoc EMA: reconstruct, sweep, or convert sigma_rel/decay/half-life"
+    DESCRIPTION: ClassVar[str] = ("Reconstruct the EMA of any length from post-hoc snapshots (EDM2). One --sigma-rel "
+                                  "with -o: write those weights. Several (or --evaluate): run validate.py's sweep; "
+                                  "validate.py flags go after --, e.g. -- -b 128 --img-size 64. --equivalent: "
+                                  "convert between sigma_rel, decay and half-life at --step.")
+    snapshot_dir: str | None = Flag("snapshot_dir", nargs="?", metavar="DIR", help="snapshot folder")(
+        None, note="= <--checkpoint folder>/posthoc")
+    sigma_rel: str | None = Flag("--sigma-rel", metavar="S[,S...]",
+                                 help="relative EMA length(s), e.g. 0.05 or 0.02,0.05,0.1")(None)
+    step: int | None = Flag("--step", kind=POSITIVE_INT, metavar="N",
+                            help="reconstruct at this snapshot step; with --equivalent: the update count the "
+                                 "conversion is for")(None, note="= the last snapshot step")
+    output: str | None = Flag("-o", "--output", kind=OutputFile(_POSTHOC_SUFFIXES), metavar="FILE",
+                              help="write the (best) weights: .safetensors, or .pth.tar/.pth/.pt checkpoint with them "
+                                   "as state_dict_ema; never over a training checkpoint")(None)
+    checkpoint: str | None = Flag("--checkpoint", metavar="CKPT",
+                                  help="the run's checkpoint: model name, args and raw weights for the output")(None)
+    model: str | None = MODEL(None, note="= the checkpoint's")
+    num_classes: int | None = NUM_CLASSES(None, help="class count", note="= the checkpoint's or the classifier shape")
+    data: str | None = Flag("--data", metavar="DIR", help="sweep data, validate.py's DIR")(None, note="= embedded digits")
+    evaluate: bool = Flag("--evaluate", action="store_true", help="evaluate even a single --sigma-rel")(False)
+    equivalent: bool = Flag("--equivalent", action="store_true",
+                            help="only convert: give --step and one of --decay, --sigma-rel, --half-life")(False)
+    decay: float | None = Flag("--decay", kind=Number(0, 1, lo_open=True, hi_open=True), metavar="D",
+                               help="classic per-update decay in (0, 1)")(None)
+    half_life: str | None = Flag("--half-life", metavar="H", help="half-life in updates, e.g. 3466 or 3466ba")(None)
     validate_argv: tuple[str, ...] = ()
 
 
@@ -70,67 +93,14 @@ class PosthocSettings:
 class PlotSettings:
     """``emakit plot``: the PNG of ``summary_csv`` (``output``: None = summary.png beside it)."""
 
-    summary_csv: str
-    output: str | None = None
+    HELP: ClassVar[str] = "PNG of raw vs EMA top-1 and loss per epoch from summary.csv"
+    DESCRIPTION: ClassVar[str] = "Plot top-1 and loss per epoch of the raw weights and every EMA."
+    summary_csv: str = Flag("summary_csv", metavar="CSV", help="output/<run>/summary.csv")(None)
+    output: str | None = Flag("-o", "--output", kind=OutputFile((".png",)), metavar="FILE.png", help="image path")(
+        None, note="= summary.png beside the CSV")
 
 
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write one weight set of a checkpoint alone (safetensors or .pth)",
-                       description="Write one weight set of a checkpoint, unprefixed and atomically. A "
-                                   ".safetensors file loads with timm.create_model(NAME, pretrained=True, "
-                                   "pretrained_cfg_overlay=dict(file=FILE, num_classes=N), num_classes=N).")
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (ours, timm, SuperGradients, torchvision) "
-                                                      "or a train.py --checkpoint-format dcp folder (last.dcp)")
-    p.add_argument("--weights", default="ema", metavar="SET", help="raw, ema or ema:N (default: ema)")
-    p.add_argument("-o", "--output", required=True, type=OutputFile(), metavar="FILE",
-                   help="output: .safetensors, or any other name for a torch.save'd bare state dict; never the "
-                        "input checkpoint or another training checkpoint (required)")
-    p.add_argument("--model", default=None, metavar="MODEL",
-                   help="timm model name recorded in the metadata (default: None = the checkpoint's)")
-    p.add_argument("--num-classes", type=POSITIVE_INT, default=None, metavar="N",
-                   help="class count recorded in the metadata (default: None = the checkpoint's)")
-
-
-def _add_posthoc(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("posthoc", help="post-hoc EMA: reconstruct, sweep, or convert sigma_rel/decay/half-life",
-                       description="Reconstruct the EMA of any length from post-hoc snapshots (EDM2). One "
-                                   "--sigma-rel with -o: write those weights. Several (or --evaluate): run "
-                                   "validate.py's sweep; validate.py flags go after --, e.g. -- -b 128 "
-                                   "--img-size 64. --equivalent: "
-                                   "convert between sigma_rel, decay and half-life at --step.")
-    p.add_argument("snapshot_dir", nargs="?", default=None, metavar="DIR",
-                   help="snapshot folder (default: None = <--checkpoint folder>/posthoc)")
-    p.add_argument("--sigma-rel", default=None, metavar="S[,S...]",
-                   help="relative EMA length(s), e.g. 0.05 or 0.02,0.05,0.1 (default: None)")
-    p.add_argument("--step", type=POSITIVE_INT, default=None, metavar="N",
-                   help="reconstruct at this snapshot step; with --equivalent: the update count the "
-                        "conversion is for (default: None = the last snapshot step)")
-    p.add_argument("-o", "--output", default=None, type=OutputFile(_POSTHOC_SUFFIXES), metavar="FILE",
-                   help="write the (best) weights: .safetensors, or .pth.tar/.pth/.pt checkpoint with "
-                        "them as state_dict_ema; never over a training checkpoint (default: None)")
-    p.add_argument("--checkpoint", default=None, metavar="CKPT",
-                   help="the run's checkpoint: model name, args and raw weights for the output (default: None)")
-    p.add_argument("--model", default=None, metavar="MODEL", help="timm model name (default: None = the checkpoint's)")
-    p.add_argument("--num-classes", type=POSITIVE_INT, default=None, metavar="N",
-                   help="class count (default: None = the checkpoint's or the classifier shape)")
-    p.add_argument("--data", default=None, metavar="DIR",
-                   help="sweep data, validate.py's DIR (default: None = embedded digits)")
-    p.add_argument("--evaluate", action="store_true", default=False,
-                   help="evaluate even a single --sigma-rel (default: False)")
-    p.add_argument("--equivalent", action="store_true", default=False,
-                   help="only convert: give --step and one of --decay, --sigma-rel, --half-life (default: False)")
-    p.add_argument("--decay", type=Number(0, 1, lo_open=True, hi_open=True), default=None, metavar="D",
-                   help="classic per-update decay in (0, 1) (default: None)")
-    p.add_argument("--half-life", default=None, metavar="H",
-                   help="half-life in updates, e.g. 3466 or 3466ba (default: None)")
-
-
-def _add_plot(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="PNG of raw vs EMA top-1 and loss per epoch from summary.csv",
-                       description="Plot top-1 and loss per epoch of the raw weights and every EMA.")
-    p.add_argument("summary_csv", metavar="CSV", help="output/<run>/summary.csv")
-    p.add_argument("-o", "--output", default=None, type=OutputFile((".png",)), metavar="FILE.png",
-                   help="image path (default: None = summary.png beside the CSV)")
+COMMANDS = {"export": ExportSettings, "posthoc": PosthocSettings, "plot": PlotSettings}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="emakit", description="emakit tools: export weights, post-hoc EMA, plots.", see_help=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
                                 parser_class=functools.partial(Parser, see_help=True))
-    for add in (_add_export, _add_posthoc, _add_plot):
-        add(sub)
+    for name, settings in COMMANDS.items():
+        add_flags(sub.add_parser(name, help=settings.HELP, description=settings.DESCRIPTION), settings,
+                  title=f"{name} flags")
     return parser
 
 
@@ -326,17 +297,10 @@ def parse_command(argv: Sequence[str]) -> ExportSettings | PosthocSettings | Plo
     sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
     check_parsed(sub, args, sub.error)
     if args.command == "posthoc":
-        return PosthocSettings(snapshot_dir=args.snapshot_dir, sigma_rel=args.sigma_rel, step=args.step,
-                               output=args.output, checkpoint=args.checkpoint, model=args.model,
-                               num_classes=args.num_classes, data=args.data, evaluate=args.evaluate,
-                               equivalent=args.equivalent, decay=args.decay, half_life=args.half_life,
-                               validate_argv=extra)
+        return from_flags(PosthocSettings, args, validate_argv=extra)
     if extra:
         raise UsageError(f"emakit {args.command} takes no arguments after --: {' '.join(extra)}")
-    if args.command == "export":
-        return ExportSettings(checkpoint=args.checkpoint, output=args.output, weights=args.weights,
-                              model=args.model, num_classes=args.num_classes)
-    return PlotSettings(summary_csv=args.summary_csv, output=args.output)
+    return from_flags(COMMANDS[args.command], args)
 
 
 def run_command(settings: ExportSettings | PosthocSettings | PlotSettings) -> list[str]:

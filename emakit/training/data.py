@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from . import UsageError, one_line
 from .distributed import DistInfo
+from .settings import AugmentConfig
 
 __all__ = [
     "BadImageError", "DataSplits", "ImageListDataset", "DIGITS_NAME", "load_digits_splits",
@@ -363,23 +364,6 @@ def flip_labels(dataset: ImageListDataset, fraction: float, num_classes: int, se
     for index, shift in zip(flipped, shifts):
         dataset.targets[index] = (dataset.targets[index] + shift) % num_classes
     return flipped
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Training augmentation settings (timm ``create_transform`` arguments)."""
-
-    no_aug: bool = False
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    hflip: float = 0.5
-    vflip: float = 0.0
-    color_jitter: float = 0.4
-    auto_augment: str | None = None
-    interpolation: str = "random"
-    re_prob: float = 0.0
-    re_mode: str = "pixel"
-    re_count: int = 1
 
 
 def resolve_data_config_for(model: Any, *, img_size: int | None = None, crop_pct: float | None = None,

@@ -28,6 +28,7 @@ from torch import nn
 from emakit.ema import local_shard
 
 from .distributed import DistInfo, all_reduce_sum
+from .settings import OptimSettings, RunSettings
 
 if TYPE_CHECKING:  # averages imports this module's types through resume
     from .averages import Averages
@@ -56,13 +57,13 @@ class AmpSettings:
 
 @dataclass
 class TrainOptions:
-    """Per-step settings of :func:`train_one_epoch`."""
+    """Per-step settings of :func:`train_one_epoch`: the run's optimizer settings (gradient
+    accumulation, clipping) and run settings (log interval) as declared, plus what the
+    trainer derives (channels_last, whether this rank shows a progress bar, AMP)."""
 
-    grad_accum_steps: int = 1
-    clip_grad: float | None = None
-    clip_mode: str = "norm"
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    run: RunSettings = field(default_factory=RunSettings)
     channels_last: bool = False
-    log_interval: int = 50
     progress: bool = False
     amp: AmpSettings = field(default_factory=AmpSettings)
 
@@ -131,11 +132,11 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, opts: Tra
     from timm.utils import dispatch_clip_grad
 
     scaler = opts.amp.scaler
-    if scaler is not None and opts.clip_grad is not None:
+    if scaler is not None and opts.optim.clip_grad is not None:
         scaler.unscale_(optimizer)
-    if opts.clip_grad is not None:
-        params = model_parameters(model, exclude_head="agc" in opts.clip_mode)
-        dispatch_clip_grad(params, value=opts.clip_grad, mode=opts.clip_mode)
+    if opts.optim.clip_grad is not None:
+        params = model_parameters(model, exclude_head="agc" in opts.optim.clip_mode)
+        dispatch_clip_grad(params, value=opts.optim.clip_grad, mode=opts.optim.clip_mode)
     if scaler is None:
         optimizer.step()
         return True
@@ -187,7 +188,7 @@ def train_one_epoch(
     """Train one epoch; update ``averages`` (the run's EMAs and post-hoc tracker,
     :class:`~emakit.training.averages.Averages`) after every optimizer step that was taken.
 
-    With ``opts.grad_accum_steps = k`` an optimizer step (and an EMA update) happens once
+    With ``opts.optim.grad_accum_steps = k`` an optimizer step (and an EMA update) happens once
     per k micro-batches and at the end of the epoch. ``guard`` (default: stop) decides what
     a non-finite loss or gradient does; such a step is never taken. ``stop_requested`` is
     polled at every step boundary (agreed over ranks): when it holds, the epoch ends there
@@ -202,7 +203,7 @@ def train_one_epoch(
     model.train()
     guard = guard or NonfiniteGuard()
     num_batches = len(loader)  # type: ignore[arg-type]
-    accum = max(1, opts.grad_accum_steps)
+    accum = max(1, opts.optim.grad_accum_steps)
     updates_per_epoch = math.ceil(num_batches / accum)
     last_group_start = num_batches - (num_batches % accum or accum)
     prog = EpochProgress(**vars(start)) if start is not None else EpochProgress()
@@ -252,7 +253,7 @@ def train_one_epoch(
         prog.batches = batch_idx + 1
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=epoch * updates_per_epoch + done)
-        if dist.is_main and (done == 1 or done % opts.log_interval == 0 or done == updates_per_epoch):
+        if dist.is_main and (done == 1 or done % opts.run.log_interval == 0 or done == updates_per_epoch):
             _log.info("train %d [%d/%d] loss %.4f lr %.3e", epoch, done, updates_per_epoch,
                       loss.item(), _mean_lr(optimizer))
         if stopped and prog.batches < num_batches:

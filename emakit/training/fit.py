@@ -47,9 +47,8 @@ _log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- one epoch
 def _train_options(tr: Trainer) -> TrainOptions:
     s = tr.settings
-    return TrainOptions(grad_accum_steps=s.optim.grad_accum_steps, clip_grad=s.optim.clip_grad,
-                        clip_mode=s.optim.clip_mode, channels_last=s.model.channels_last,
-                        log_interval=s.run.log_interval, progress=tr.dist.is_main and s.run.progress, amp=tr.amp)
+    return TrainOptions(optim=s.optim, run=s.run, channels_last=s.model.channels_last,
+                        progress=tr.dist.is_main and s.run.progress, amp=tr.amp)
 
 
 def run_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
@@ -166,25 +165,25 @@ def _stop_after_epoch(tr: Trainer, epoch: int) -> None:
 def fit(tr: Trainer) -> FitResult:
     """Run the epochs from ``tr.start_epoch``. A stop signal, a divergence or a failed write
     raises :class:`RunStopped` (see :func:`run_epoch`)."""
-    run = tr.settings.run
-    if tr.dist.is_main and tr.start_epoch >= run.epochs:
+    run, epochs = tr.settings.run, tr.settings.schedule.epochs
+    if tr.dist.is_main and tr.start_epoch >= epochs:
         _log.warning("nothing to train: the checkpoint finished epoch %d of %d; raise --epochs to continue",
-                     tr.start_epoch - 1, run.epochs)
+                     tr.start_epoch - 1, epochs)
     elif tr.dist.is_main:
-        _log.info("training epochs %d-%d, %d optimizer steps per epoch", tr.start_epoch, run.epochs - 1,
+        _log.info("training epochs %d-%d, %d optimizer steps per epoch", tr.start_epoch, epochs - 1,
                   tr.updates_per_epoch)
     deferred = tr.signals.deferred() if tr.signals is not None else contextlib.nullcontext()
     try:
         with deferred, console_logs_above_progress_bars(tr.dist.is_main and run.progress):
-            for epoch in range(tr.start_epoch, run.epochs):
+            for epoch in range(tr.start_epoch, epochs):
                 run_epoch(tr, epoch)
-                if epoch < run.epochs - 1:  # after the last epoch, training is done: finish normally
+                if epoch < epochs - 1:  # after the last epoch, training is done: finish normally
                     _stop_after_epoch(tr, epoch)
             _finish_run(tr)
     except KeyboardInterrupt:  # signals not taken over (train.main not in the main thread)
         last = tr.last_good[0] if tr.last_good else None
         raise TrainingInterrupted(f"interrupted; {last_good_text(tr.last_good)}", last, 130, error=False) from None
-    result = fit_result(tr.output_dir, run.epochs - tr.start_epoch, tr.summary_rows, tr.averages.count,
+    result = fit_result(tr.output_dir, epochs - tr.start_epoch, tr.summary_rows, tr.averages.count,
                         run.eval_metric)
     if tr.dist.is_main:
         _log.info("%s", describe_result(result))

@@ -29,7 +29,7 @@ __all__ = [
     "Kind", "Number", "Items", "OneOf", "Device", "AutoAugment", "OutputFile", "SEED_MAX",
     "FINITE", "POSITIVE", "NON_NEGATIVE", "PROBABILITY", "UNIT_INTERVAL", "FRACTION", "RATE", "POSITIVE_INT",
     "NON_NEGATIVE_INT", "SEED", "EVAL_INTERPOLATION", "TRAIN_INTERPOLATION", "MEAN", "STD", "check_parsed",
-    "flag_name", "is_training_checkpoint", "KindError", "Parser", "parse_sigma_rels", "check_sigma_rels",
+    "flag_name", "is_training_checkpoint", "KindError", "Parser", "parse_sigma_rels", "check_sigma_rels", "CommaList",
 ]
 
 # numpy's legacy seeding takes [0, 2**32 - 1]; torch.manual_seed takes more, so numpy bounds the seed.
@@ -83,8 +83,13 @@ class Kind:
         return self.expected
 
 
+def _clip(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters (an echoed value never floods the one error line)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _invalid(value: Any, reason: str, expected: str) -> str:
-    shown = repr(value) if isinstance(value, str) else _show(value)
+    shown = _clip(repr(value) if isinstance(value, str) else _show(value))
     return f"invalid value {shown} ({reason}); give {expected}"
 
 
@@ -389,6 +394,59 @@ class Parser(argparse.ArgumentParser):
             message = (f"argument {valued.group(1)}: invalid value {valued.group(2)} (an on/off flag takes no "
                        f"value); give {' or '.join(flags)} alone")
         raise UsageError(f"{message} (see {self.prog} --help)" if self.see_help else message)
+
+
+class CommaList:
+    """argparse ``type`` for a comma-separated list, e.g. ``0.999,0.9998,0.9999``.
+
+    Each item is converted with ``item`` and must be unique. With ``scalar_if_one`` a
+    single item stays a scalar, so a one-value flag reads exactly as it did before lists
+    (``args.model_ema_decay == 0.9998``). In a ``--config`` YAML file the value may be a
+    scalar, a YAML list or the same comma-separated string (:meth:`from_yaml`).
+    """
+
+    def __init__(self, item: Callable[[Any], Any], what: str, *, scalar_if_one: bool = True,
+                 hint: str = "") -> None:
+        self.item = item
+        self.what = what
+        self.hint = hint  # what a valid item looks like, after "is not a <what>"
+        self.scalar_if_one = scalar_if_one
+        self.__name__ = f"comma-separated {what}s"  # argparse names the type in some messages
+
+    def __call__(self, text: str) -> Any:
+        if not str(text).strip():
+            raise argparse.ArgumentTypeError(f"invalid value {str(text)!r} (empty); give one or more "
+                                             f"{self.what} values separated by commas, or leave the flag out")
+        return self._convert([part.strip() for part in str(text).split(",")], str(text))
+
+    def _convert(self, parts: list[Any], shown: str) -> Any:
+        values = []
+        for part in parts:
+            if part == "" or part is None:
+                raise argparse.ArgumentTypeError(f"empty item in {shown!r}; separate {self.what}s with commas")
+            try:
+                value = self.item(part)
+            except (TypeError, ValueError):
+                raise argparse.ArgumentTypeError(f"{part!r} in {shown!r} is not a {self.what}{self.hint}") from None
+            if isinstance(part, bool) or (self.item is float and not math.isfinite(value)):
+                raise argparse.ArgumentTypeError(f"{part!r} in {shown!r} is not a {self.what}")
+            values.append(value)
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"{shown!r} lists a {self.what} twice")
+        return values[0] if self.scalar_if_one and len(values) == 1 else values
+
+    def from_yaml(self, key: str, value: Any) -> Any:
+        """A YAML scalar, list or comma-separated string -> what the command line gives."""
+        try:
+            if isinstance(value, list):
+                if not value:
+                    raise argparse.ArgumentTypeError(f"expected at least one {self.what}")
+                return self._convert(value, _clip(",".join(map(str, value))))
+            if isinstance(value, str):
+                return self(value)
+            return self._convert([value], _clip(str(value)))
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"config key {key!r}: {e}") from None
 
 
 # --------------------------------------------------------------------------- after parsing

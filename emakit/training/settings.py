@@ -1,149 +1,229 @@
-"""What a training run was asked to do, as frozen dataclasses.
+"""What a training run was asked to do: every ``train.py`` option, declared once.
 
-``config.parse_settings`` builds a :class:`TrainSettings` once from the command line and
-the ``--config`` YAML; everything below the CLI layer (build, resume, outputs, the loops)
-reads these objects and never an ``argparse.Namespace``. Values that depend on the data,
-the model or the process count (the number of classes, the scaled learning rate, the run
-folder) are resolved once during the build and kept in :class:`Resolved`, never written
-back into the settings.
+Each field below is one option: its :class:`~.options.Flag` gives the command-line flag
+(timm's name, kind, help), its default is the field's default, its ``--config`` YAML key is
+the flag's dest, and ``config.parse_settings`` builds these frozen dataclasses from the parsed
+flags by the same declarations (:func:`~.options.from_flags`). Adding a flag that reaches the
+training loop is its field here and its use there.
 
-Field names follow the flags (``--model-ema-every`` -> ``ema.every``), so a timm user finds
-each one; ``TrainSettings.flags`` keeps the parsed flags as a read-only mapping for
-``args.yaml`` and the checkpoint's ``args`` entry (timm's layout).
+Everything below the CLI layer (build, resume, outputs, the loops) reads these objects and
+never an ``argparse.Namespace``. Values that depend on the data, the model or the process
+count (the number of classes, the scaled learning rate, the run folder) are resolved once
+during the build and kept in :class:`Resolved`. ``TrainSettings.flags`` keeps the parsed
+flags as a read-only mapping for ``args.yaml`` and the checkpoint's ``args`` entry (timm's
+layout).
 """
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
-from .data import AugmentConfig
+from emakit.schedules import parse_half_life
 
-__all__ = ["DataSettings", "ModelSettings", "EmaSettings", "PosthocSettings", "OptimSettings", "ScheduleSettings",
-           "LossSettings", "RunSettings", "ParallelSettings", "TrainSettings", "Resolved"]
+from .kinds import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, RATE, SEED,
+                    SEED_MAX, TRAIN_INTERPOLATION, UNIT_INTERVAL, AutoAugment, CommaList, Items, Number, OneOf)
+from .options import (AMP_DTYPE, BATCH_SIZE, CHANNELS_LAST, CROP_PCT, DEVICE, IMG_SIZE, INTERPOLATION, MEAN_FLAG,
+                      MODEL, NO_PROGRESS, NUM_CLASSES, STD_FLAG, WORKERS, Flag)
+
+__all__ = ["AugmentConfig", "DataSettings", "ModelSettings", "EmaSettings", "PosthocSettings", "OptimSettings",
+           "ScheduleSettings", "LossSettings", "RunSettings", "ParallelSettings", "TrainSettings", "Resolved",
+           "DEFAULT_EMA_DECAY", "DEFAULT_POSTHOC_BUDGET"]
+
+ON_OFF = argparse.BooleanOptionalAction
+DEFAULT_EMA_DECAY = 0.9998  # timm's --model-ema-decay default
+# 16 snapshot steps reconstruct sigma_rel 0.02-0.20 within 0.3% relative L2 in float16
+# (bench/posthoc_budget.py); one step of the two float16 profiles is the model's float32
+# bytes plus torch.save headers, so 17x holds 16 steps.
+DEFAULT_POSTHOC_BUDGET = "17x"
+# The kinds of train.py's multi-value flags (the scalar kinds live in .kinds).
+SCALE = Items(FRACTION, "two numbers MIN MAX with 0 < MIN <= MAX <= 1", (2,), increasing=True)
+RATIO = Items(POSITIVE, "two numbers MIN MAX with 0 < MIN <= MAX", (2,), increasing=True)
+BETAS = Items(Number(0, 1, hi_open=True), "1 to 3 numbers in [0, 1)", (1, 2, 3))
+MILESTONES = Items(NON_NEGATIVE_INT, "increasing epochs >= 0", increasing=True, strict=True)
+
+
+def half_life_text(value: Any) -> str:
+    """One ``--model-ema-half-life`` item, checked by its unit whether or not the EMA is on:
+    ``2000ba``, ``0.5ep``, ``1.2Mimg`` (``ValueError`` otherwise: a bare ``0.5`` has no unit)."""
+    text = str(value).strip()
+    parse_half_life(text)
+    return text
+
+
+HALF_LIVES = CommaList(half_life_text, "half-life", hint=" with a unit: 2000ba, 0.5ep or 1.2Mimg")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation (timm ``create_transform`` arguments)."""
+
+    GROUP: ClassVar[str] = "Augmentation parameters"
+    no_aug: bool = Flag("--no-aug", action="store_true", help="disable all training augmentation")(False)
+    scale: tuple[float, float] = Flag("--scale", kind=SCALE, nargs="+", metavar="PCT",
+                                      help="random-resized-crop area range MIN MAX, 0 < MIN <= MAX <= 1")(
+        (0.08, 1.0), note="; digits preset: 0.5 1.0")
+    ratio: tuple[float, float] = Flag("--ratio", kind=RATIO, nargs="+", metavar="RATIO",
+                                      help="random-resized-crop aspect ratio range MIN MAX, 0 < MIN <= MAX")(
+        (3.0 / 4.0, 4.0 / 3.0))
+    hflip: float = Flag("--hflip", kind=PROBABILITY, help="horizontal flip probability in [0, 1]")(
+        0.5, note="; digits preset: 0.0, digits are not mirror-symmetric")
+    vflip: float = Flag("--vflip", kind=PROBABILITY, help="vertical flip probability in [0, 1]")(0.0)
+    color_jitter: float = Flag("--color-jitter", kind=NON_NEGATIVE, metavar="PCT", help="color jitter >= 0")(0.4)
+    auto_augment: str | None = Flag("--aa", kind=AutoAugment(), metavar="NAME",
+                                    help="timm AutoAugment policy, e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, "
+                                         "original, v0; checked by building it with timm")(None)
+    interpolation: str = Flag("--train-interpolation", kind=TRAIN_INTERPOLATION,
+                              help="training resize interpolation: random, nearest, bilinear, bicubic, box, "
+                                   "hamming, lanczos, or '' = the validation one")("random")
+    re_prob: float = Flag("--reprob", kind=PROBABILITY, metavar="PCT",
+                          help="random erase probability in [0, 1]")(0.0)
+    re_mode: str = Flag("--remode", kind=OneOf(("pixel", "rand", "const")),
+                        help="random erase mode: pixel, rand or const (timm's)")("pixel")
+    re_count: int = Flag("--recount", kind=POSITIVE_INT, help="random erase count >= 1")(1)
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    """Dataset, loaders and transforms (``--data``, ``--train-split``, ``-b``, ``--workers``, ...)."""
+    """Dataset, loaders and transforms."""
 
-    path: str | None = None                    # ImageFolder root; None: the embedded digits dataset
-    train_split: str = "train"
-    val_split: str | None = None
-    skip_bad_images: bool = False
-    label_noise: float = 0.0                   # fraction of training labels flipped (seeded)
-    num_classes: int | None = None             # --num-classes; None: the classes found in the data
-    batch_size: int = 128                      # per process
-    eval_batch_size: int | None = None         # --validation-batch-size; None: batch_size
-    workers: int = 4
-    pin_memory: bool = False
-    prefetcher: bool = True                    # the GPU input path (not --no-prefetcher)
-    img_size: int | None = None
-    crop_pct: float | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    interpolation: str = ""
+    GROUP: ClassVar[str] = "Dataset parameters"
+    path: str | None = Flag("data", nargs="?", metavar="DIR",
+                            help="ImageFolder root with train/ and val/ (or validation/) class folders; omitted: the "
+                                 "embedded digits dataset")(None)
+    train_split: str = Flag("--train-split", metavar="NAME", help="train split folder")("train")
+    val_split: str | None = Flag("--val-split", metavar="NAME", help="validation split folder")(
+        None, note="= val/ or validation/, whichever exists")
+    label_noise: float = Flag("--label-noise", kind=RATE, metavar="FRAC",
+                              help="flip this fraction of the training labels to a random other class, chosen with "
+                                   "--seed (the same flips on resume); validation labels stay clean. Any dataset; "
+                                   "configs/digits-noisy.yaml uses 0.4 to show what the EMA length does")(0.0)
+    skip_bad_images: bool = Flag("--skip-bad-images", action=ON_OFF,
+                                 help="decode every image before training and skip unreadable ones with a warning, "
+                                      "instead of stopping with an error naming the file")(False)
+    num_classes: int | None = NUM_CLASSES(None, note="= number of class folders in the data")
+    batch_size: int = BATCH_SIZE(128, note="; digits preset: 64")
+    eval_batch_size: int | None = Flag("-vb", "--validation-batch-size", kind=POSITIVE_INT, metavar="N",
+                                       help="validation batch size")(None, note="= --batch-size")
+    workers: int = WORKERS(4, note="; digits preset: 0 = load in the main process, fastest for in-memory images")
+    pin_memory: bool = Flag("--pin-mem", action=ON_OFF, help="pin CPU memory in the data loaders")(False)
+    prefetcher: bool = Flag("--no-prefetcher", action="store_true", invert=True,
+                            help="on CUDA, do not use the GPU input path (uint8 batches copied on a side stream, "
+                                 "normalised and randomly erased on the GPU); the CPU always normalises in the "
+                                 "loader workers")(True)
+    img_size: int | None = IMG_SIZE(None, note="= model default; digits preset: 32")
+    crop_pct: float | None = CROP_PCT(None, note="= model default; digits preset: 1.0")
+    mean: tuple[float, ...] | None = MEAN_FLAG(None, note="= model default")
+    std: tuple[float, ...] | None = STD_FLAG(None, note="= model default")
+    interpolation: str = INTERPOLATION("", note="= model default")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """The timm model (``--model``, ``--drop``, ``--drop-path``, ``--pretrained-path``, ...)."""
+    """The timm model."""
 
-    name: str = "resnet50"
-    drop_rate: float = 0.0
-    drop_path_rate: float | None = None
-    pretrained_path: str | None = None          # set only with --pretrained
-    channels_last: bool = False
-    compile_backend: str | None = None          # --torchcompile
-
-
-@dataclass(frozen=True)
-class PosthocSettings:
-    """The post-hoc EMA (``--model-ema-posthoc`` and ``--posthoc-*``)."""
-
-    sigma_rels: tuple[float, ...] = (0.05, 0.10)
-    every: int | None = None                    # snapshot interval; None: planned from the budget
-    dtype: str = "float16"
-    budget: str = "17x"
-    max_snapshots: int | None = None
-
-
-@dataclass(frozen=True)
-class EmaSettings:
-    """The EMA(s) (``--model-ema*``). Exactly one of ``decays`` / ``half_lives`` is set; one
-    value is one EMA, several are one fused ``MultiEMA``."""
-
-    enabled: bool = False
-    decays: tuple[float, ...] | None = (0.9998,)
-    half_lives: tuple[str, ...] | None = None
-    schedule: str = "constant"
-    every: int = 1
-    after: int = 0
-    force_cpu: bool = False
-    dtype: str | None = None
-    buffers: str = "average"
-    bn_recal: int = 0                           # training batches for BatchNorm recalibration
-    select: str = "first"                       # which EMA picks model_best: first | best
-    posthoc: PosthocSettings | None = None      # --model-ema-posthoc
+    GROUP: ClassVar[str] = "Model parameters"
+    name: str = MODEL("resnet50", note="; digits preset: resnet18")
+    pretrained: bool = Flag("--pretrained", action=ON_OFF,
+                            help="start from pretrained weights in the local file --pretrained-path; nothing is "
+                                 "ever downloaded")(False)
+    pretrained_path: str | None = Flag("--pretrained-path", metavar="FILE",
+                                       help="local weights file for --pretrained (.pth/.safetensors)")(None)
+    drop_rate: float = Flag("--drop", kind=RATE, metavar="PCT", help="dropout rate in [0, 1)")(0.0)
+    drop_path_rate: float | None = Flag("--drop-path", kind=RATE, metavar="PCT", help="drop-path rate in [0, 1)")(None)
+    channels_last: bool = CHANNELS_LAST(False)
+    compile_backend: str | None = Flag("--torchcompile", nargs="?", const="inductor", metavar="BACKEND",
+                                       help="torch.compile the model with BACKEND")(None, note="; bare flag: inductor")
 
     @property
-    def count(self) -> int:
-        """How many EMAs the run keeps (0 without ``--model-ema``)."""
-        return len(self.decays or self.half_lives or ()) if self.enabled else 0
+    def weights_file(self) -> str | None:
+        """The local weights file to start from (``--pretrained-path`` with ``--pretrained``)."""
+        return self.pretrained_path if self.pretrained else None
 
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """The optimizer and gradient handling (``--opt``, ``--lr``, ``--clip-grad``, ...)."""
+    """The optimizer, the learning rate and gradient handling."""
 
-    opt: str = "sgd"
-    lr: float | None = None                     # None: lr_base scaled by the global batch
-    lr_base: float = 0.1
-    lr_base_size: int = 256
-    lr_base_scale: str = ""
-    momentum: float = 0.9
-    weight_decay: float = 2e-5
-    eps: float | None = None
-    betas: tuple[float, ...] | None = None
-    layer_decay: float | None = None
-    clip_grad: float | None = None
-    clip_mode: str = "norm"
-    grad_accum_steps: int = 1
-    fused: bool = True                          # torch's fused kernel for SGD/Adam/AdamW (not --no-opt-fused)
+    GROUP: ClassVar[str] = "Optimizer parameters"
+    opt: str = Flag("--opt", metavar="OPTIMIZER", help="timm optimizer name")("sgd")
+    eps: float | None = Flag("--opt-eps", kind=POSITIVE, metavar="EPS", help="optimizer epsilon > 0")(
+        None, note="= the optimizer's")
+    betas: tuple[float, ...] | None = Flag("--opt-betas", kind=BETAS, nargs="+", metavar="BETA",
+                                           help="optimizer betas, 1 to 3 numbers in [0, 1)")(
+        None, note="= the optimizer's")
+    fused: bool = Flag("--no-opt-fused", action="store_true", invert=True,
+                       help="step SGD, Adam and AdamW with torch's loop over parameters instead of its fused kernel "
+                            "(one pass over all parameters: resnet18's SGD step takes 10 ms instead of 48 ms on a "
+                            "2-core CPU; the results differ from the loop's in the last bits). Not fused under "
+                            "--fsdp, where torch has no sharded SGD kernel")(True, note="= fused where torch has it")
+    momentum: float = Flag("--momentum", kind=UNIT_INTERVAL, metavar="M", help="SGD momentum in [0, 1]")(0.9)
+    weight_decay: float = Flag("--weight-decay", kind=NON_NEGATIVE, metavar="WD", help="weight decay >= 0")(
+        2e-5, note="; digits preset: 5e-5")
+    clip_grad: float | None = Flag("--clip-grad", kind=POSITIVE, metavar="NORM",
+                                   help="clip gradients at this norm/value > 0")(None, note="= no clipping")
+    clip_mode: str = Flag("--clip-mode", choices=("norm", "value", "agc"), help="gradient clipping mode")("norm")
+    layer_decay: float | None = Flag("--layer-decay", kind=POSITIVE, metavar="RATE",
+                                     help="layer-wise learning-rate decay > 0")(None, note="= off")
+    grad_accum_steps: int = Flag("--grad-accum-steps", kind=POSITIVE_INT, metavar="N",
+                                 help="micro-batches per optimizer step")(1)
+    lr: float | None = Flag("--lr", kind=POSITIVE, metavar="LR", help="learning rate > 0")(
+        None, note="= lr-base * global batch / lr-base-size")
+    lr_base: float = Flag("--lr-base", kind=POSITIVE, metavar="LR",
+                          help="base learning rate (> 0) at --lr-base-size images per step")(
+        0.1, note="; digits preset: 0.8")
+    lr_base_size: int = Flag("--lr-base-size", kind=POSITIVE_INT, metavar="N", help="batch size of --lr-base")(256)
+    lr_base_scale: str = Flag("--lr-base-scale", choices=("", "linear", "sqrt"),
+                              help="lr scaling with batch size")("", note="= sqrt for ada*/lamb, else linear")
 
 
 @dataclass(frozen=True)
 class ScheduleSettings:
-    """The LR schedule (``--sched``, ``--warmup-epochs``, ...), timm's ``create_scheduler_v2``."""
+    """The LR schedule, timm's ``create_scheduler_v2``."""
 
-    name: str = "cosine"
-    epochs: int = 300
-    decay_epochs: float = 90
-    decay_milestones: tuple[int, ...] = (90, 180, 270)
-    cooldown_epochs: int = 0
-    patience_epochs: int = 10
-    decay_rate: float = 0.1
-    min_lr: float = 0.0
-    warmup_lr: float = 1e-5
-    warmup_epochs: int = 5
-    warmup_prefix: bool = False
-    on_updates: bool = False                    # --sched-on-updates
+    GROUP: ClassVar[str] = "Learning rate schedule parameters"
+    name: str = Flag("--sched", metavar="SCHEDULER",
+                     help="timm LR scheduler: cosine, step, multistep, plateau, poly, tanh, or none (= constant: the "
+                          "lr stays at --lr after --warmup-epochs)")("cosine")
+    on_updates: bool = Flag("--sched-on-updates", action=ON_OFF,
+                            help="step the LR schedule every optimizer update instead of every epoch")(False)
+    warmup_lr: float = Flag("--warmup-lr", kind=NON_NEGATIVE, metavar="LR", help="warmup start lr >= 0")(1e-5)
+    min_lr: float = Flag("--min-lr", kind=NON_NEGATIVE, metavar="LR", help="lr floor >= 0")(0.0)
+    epochs: int = Flag("--epochs", kind=POSITIVE_INT, metavar="N", help="epochs to train")(
+        300, note="; digits preset: 10")
+    warmup_epochs: int = Flag("--warmup-epochs", kind=NON_NEGATIVE_INT, metavar="N", help="lr warmup epochs")(
+        5, note="; digits preset: 0")
+    warmup_prefix: bool = Flag("--warmup-prefix", action=ON_OFF, help="exclude warmup from the decay schedule")(False)
+    cooldown_epochs: int = Flag("--cooldown-epochs", kind=NON_NEGATIVE_INT, metavar="N", help="cooldown epochs")(0)
+    decay_epochs: float = Flag("--decay-epochs", kind=POSITIVE, metavar="N", help="step-decay interval > 0")(90)
+    decay_milestones: tuple[int, ...] = Flag("--decay-milestones", kind=MILESTONES, nargs="+", metavar="EPOCH",
+                                             help="multistep decay epochs, increasing")((90, 180, 270))
+    decay_rate: float = Flag("--decay-rate", kind=POSITIVE, metavar="RATE", help="lr decay rate > 0")(0.1)
+    patience_epochs: int = Flag("--patience-epochs", kind=NON_NEGATIVE_INT, metavar="N",
+                                help="plateau scheduler patience")(10)
 
 
 @dataclass(frozen=True)
 class LossSettings:
     """Loss, label smoothing and mixup/cutmix (timm's flags)."""
 
-    smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    cutmix_minmax: tuple[float, float] | None = None
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-    mixup_off_epoch: int = 0
+    GROUP: ClassVar[str] = "Loss, label smoothing and mixup parameters"
+    smoothing: float = Flag("--smoothing", kind=RATE, help="label smoothing in [0, 1)")(0.1)
+    mixup: float = Flag("--mixup", kind=NON_NEGATIVE, help="mixup alpha >= 0, on if > 0")(0.0)
+    cutmix: float = Flag("--cutmix", kind=NON_NEGATIVE, help="cutmix alpha >= 0, on if > 0")(0.0)
+    cutmix_minmax: tuple[float, float] | None = Flag(
+        "--cutmix-minmax", kind=SCALE, nargs="+",
+        help="cutmix box area range MIN MAX, 0 < MIN <= MAX <= 1; replaces --cutmix alpha")(None)
+    mixup_prob: float = Flag("--mixup-prob", kind=PROBABILITY,
+                             help="probability of mixup/cutmix per batch, in [0, 1]")(1.0)
+    mixup_switch_prob: float = Flag("--mixup-switch-prob", kind=PROBABILITY,
+                                    help="probability of cutmix instead of mixup when both are on, in [0, 1]")(0.5)
+    mixup_mode: str = Flag("--mixup-mode", choices=("batch", "pair", "elem"), help="mixup/cutmix granularity")("batch")
+    mixup_off_epoch: int = Flag("--mixup-off-epoch", kind=NON_NEGATIVE_INT, metavar="N",
+                                help="turn mixup off from this epoch, 0 = never")(0)
 
     @property
     def mixup_enabled(self) -> bool:
@@ -152,49 +232,168 @@ class LossSettings:
 
 
 @dataclass(frozen=True)
+class PosthocSettings:
+    """The post-hoc EMA (``--model-ema-posthoc`` and ``--posthoc-*``)."""
+
+    GROUP: ClassVar[str] = "Post-hoc EMA (EDM2): snapshots to choose the EMA length after training"
+    sigma_rels: tuple[float, ...] = Flag("--posthoc-sigma-rels", kind=CommaList(float, "sigma_rel", scalar_if_one=False),
+                                         metavar="S[,S...]",
+                                         help="relative widths of the tracked profiles, each in (0, 0.2887]")(
+        (0.05, 0.10))
+    budget: str = Flag("--posthoc-budget", metavar="SIZE",
+                       help="disk budget of the snapshot folder: a multiple of the model's float32 bytes (8x), a size "
+                            "(512MiB, 2GiB, 500MB) or none. The snapshot interval is chosen from the planned steps so "
+                            "the run fits; a run extended with --resume thins older snapshots (every other one) to "
+                            "stay inside it. One snapshot step of the default two float16 profiles takes about 1x")(
+        DEFAULT_POSTHOC_BUDGET, note="= 16 snapshot steps, enough for < 0.3% reconstruction error over sigma_rel "
+                                     "0.02-0.20, see BENCHMARKS.md")
+    every: int | None = Flag("--posthoc-every", kind=POSITIVE_INT, metavar="N",
+                             help="optimizer steps between snapshots, plus one at the last step; widened (doubled) "
+                                  "when the run would not fit --posthoc-budget")(
+        None, note="= ceil(total steps / the snapshot steps the budget holds), or ceil(total steps / 50) with "
+                   "--posthoc-budget none; a resumed run keeps its interval")
+    dtype: str = Flag("--posthoc-dtype", choices=("float16", "bfloat16", "float32"),
+                      help="dtype of the stored snapshots; the profiles are accumulated in float32")(
+        "float16", note=", as EDM2")
+    max_snapshots: int | None = Flag("--posthoc-max-snapshots", kind=Number(2, integer=True), metavar="N",
+                                     help="also bound the folder to N snapshot steps: when full, every other one is "
+                                          "deleted and the interval doubles")(
+        None, note="= only --posthoc-budget bounds it")
+
+
+@dataclass(frozen=True)
+class EmaSettings:
+    """The EMA(s). After construction exactly one of ``decays`` / ``half_lives`` is set (an
+    explicit decay wins; neither given: timm's default decay); one value is one EMA, several
+    are one fused ``MultiEMA``. ``--model-ema-warmup`` is the ``warmup`` schedule."""
+
+    GROUP: ClassVar[str] = "Model exponential moving average parameters"
+    enabled: bool = Flag("--model-ema", action=ON_OFF, help="track an EMA of the weights and validate it every epoch")(
+        False, note="as in timm; digits preset: True")
+    decays: tuple[float, ...] | None = Flag(
+        "--model-ema-decay", kind=CommaList(float, "decay"), metavar="DECAY[,DECAY...]",
+        help="per-step EMA decay; a comma list (0.999,0.9998,0.9999) tracks one EMA per value in one fused update")(
+        None, note=f"= {DEFAULT_EMA_DECAY} unless --model-ema-half-life is given")
+    warmup: bool = Flag("--model-ema-warmup", action=ON_OFF,
+                        help="timm's EMA warmup: same as --model-ema-schedule warmup")(False)
+    force_cpu: bool = Flag("--model-ema-force-cpu", action=ON_OFF,
+                           help="keep the EMA on the CPU; unlike timm it is still validated")(False)
+    half_lives: tuple[str, ...] | None = Flag(
+        "--model-ema-half-life", kind=HALF_LIVES, metavar="TIME[,TIME...]",
+        help="EMA half-life instead of a decay: '2000ba' (steps), '0.5ep' (epochs), '1.2Mimg' (images); a comma list "
+             "tracks one EMA per value; ignored when --model-ema-decay is given")(None, note="; digits preset: 0.5ep")
+    schedule: str = Flag("--model-ema-schedule", metavar="NAME",
+                         help="decay schedule: constant, warmup, threshold, exp")("constant")
+    every: int = Flag("--model-ema-every", kind=int, metavar="K", help="average every K optimizer steps with decay**K")(1)
+    after: int = Flag("--model-ema-after", kind=NON_NEGATIVE_INT, metavar="N",
+                      help="copy the model instead of averaging for the first N optimizer steps and the first averaging "
+                           "one after them, as timm's ModelEmaV3(update_after_step=N)")(0, note=": the first step copies")
+    dtype: str | None = Flag("--model-ema-dtype", metavar="DTYPE",
+                             help="EMA dtype, e.g. float32 master weights under bf16 AMP")(None, note="= model's")
+    buffers: str = Flag("--model-ema-buffers", choices=("average", "copy"),
+                        help="average float buffers (BatchNorm statistics) or copy them")("average")
+    select: str = Flag("--model-ema-select", choices=("first", "best"),
+                       help="with several EMAs, the one whose --eval-metric picks model_best: first (the first "
+                            "decay/half-life, stored as state_dict_ema) or best (the best EMA of each epoch)")("first")
+    bn_recal: int = Flag("--model-ema-bn-recal", kind=NON_NEGATIVE_INT, metavar="N",
+                         help="before evaluating each EMA, recompute its BatchNorm statistics over N training batches "
+                              "per process; the EMA's averaged statistics are restored after the evaluation, so "
+                              "averaging goes on unchanged")(0, note="= off")
+    posthoc: PosthocSettings | None = Flag(
+        "--model-ema-posthoc", action=ON_OFF, section=PosthocSettings,
+        help="track power-function EMAs (Karras et al. 2024) and save their snapshots under <run>/posthoc/, so "
+             "validate.py --posthoc-sigma-rel can rebuild any EMA length afterwards; with --fsdp each rank tracks its "
+             "shards and every snapshot is gathered to rank 0, which writes the same files")(None)
+
+    def __post_init__(self) -> None:
+        if self.decays is not None:
+            object.__setattr__(self, "half_lives", None)
+        elif not self.half_lives:
+            object.__setattr__(self, "decays", (DEFAULT_EMA_DECAY,))
+            object.__setattr__(self, "half_lives", None)
+        if self.warmup:
+            object.__setattr__(self, "schedule", "warmup")
+
+    @property
+    def count(self) -> int:
+        """How many EMAs the run keeps (0 without ``--model-ema``)."""
+        return len(self.decays or self.half_lives or ()) if self.enabled else 0
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """The run itself: device, precision, outputs, resume, logging, failure policy."""
 
-    epochs: int = 300
-    seed: int = 42
-    device: str | None = None
-    amp: bool = False
-    amp_dtype: str = "float16"
-    output: str = "./output"
-    experiment: str = ""
-    resume: str = ""
-    restore_optimizer: bool = True              # not --no-resume-opt
-    drop_ema: bool = False
-    log_interval: int = 50
-    progress: bool = True                       # not --no-progress
-    checkpoint_hist: int = 10
-    eval_metric: str = "top1"
-    on_nonfinite: str = "stop"
-    max_nonfinite_skips: int = 10
-    dist_bn: str = "reduce"
+    GROUP: ClassVar[str] = "Miscellaneous parameters"
+    seed: int = Flag("--seed", kind=SEED, metavar="S", help=f"random seed in [0, {SEED_MAX}] (numpy's range)")(42)
+    log_interval: int = Flag("--log-interval", kind=POSITIVE_INT, metavar="N",
+                             help="optimizer steps between training log lines")(50)
+    checkpoint_hist: int = Flag("--checkpoint-hist", kind=NON_NEGATIVE_INT, metavar="N",
+                                help="number of best epoch checkpoints to keep")(10)
+    amp: bool = Flag("--amp", action=ON_OFF, help="mixed precision with torch.autocast")(False)
+    amp_dtype: str = AMP_DTYPE("float16", help="autocast dtype; float16 uses a gradient scaler")
+    device: str | None = DEVICE(None, note="= cuda if available, else cpu; cuda:<local rank> under torchrun")
+    output: str = Flag("--output", metavar="PATH", help="parent folder of the run folder")("./output")
+    experiment: str = Flag("--experiment", metavar="NAME", help="run folder name")(
+        "", note="= YYYYMMDD-HHMMSS-<model>-<img size>, or the resumed checkpoint's folder with --resume")
+    eval_metric: str = Flag("--eval-metric", choices=("top1", "top5", "loss"),
+                            help="metric that picks model_best, on the EMA when it is on (see --model-ema-select)")(
+        "top1")
+    progress: bool = NO_PROGRESS(True)
+    resume: str = Flag("--resume", metavar="PATH",
+                       help="resume model, EMA, optimizer, scheduler and scaler from this checkpoint")("")
+    restore_optimizer: bool = Flag("--no-resume-opt", action="store_true", invert=True,
+                                   help="on --resume, do not restore optimizer/scheduler/scaler state")(True)
+    drop_ema: bool = Flag("--drop-ema", action="store_true",
+                          help="on --resume without --model-ema, drop the checkpoint's EMA(s) instead of refusing to "
+                               "resume")(False)
+    on_nonfinite: str = Flag("--on-nonfinite", choices=("stop", "skip"),
+                             help="a step whose loss or gradients are NaN/inf is never taken and never reaches the "
+                                  "EMA; stop: end the run (exit 3) naming the step and the last good checkpoint; "
+                                  "skip: skip the step, as the fp16 gradient scaler does, and stop after "
+                                  "--max-nonfinite-skips such steps in a row")("stop")
+    max_nonfinite_skips: int = Flag("--max-nonfinite-skips", kind=POSITIVE_INT, metavar="N",
+                                    help="with --on-nonfinite skip: stop (exit 3) after N non-finite steps in a row")(10)
+    dist_bn: str = Flag("--dist-bn", choices=("reduce", "broadcast", ""),
+                        help="sync BatchNorm buffers across ranks before each evaluation, raw and EMA")(
+        "reduce", note="; '' = off")
 
 
 @dataclass(frozen=True)
 class ParallelSettings:
-    """How several processes share the model (``--fsdp``, ``--fsdp-reshard-after-forward``)
-    and how checkpoints are written (``--checkpoint-format``)."""
+    """How several processes share the model and how checkpoints are written."""
 
-    fsdp: bool = False                          # FSDP2 fully_shard instead of DDP (needs torchrun)
-    reshard_after_forward: bool = True          # free each block's gathered weights after its forward
-    checkpoint_format: str = "file"             # file: one timm-compatible .pth.tar; dcp: a DCP folder
+    GROUP: ClassVar[str] = "Scaling out (torchrun)"
+    fsdp: bool = Flag("--fsdp", action=ON_OFF,
+                      help="shard the model, its gradients, the optimizer state and the EMA(s) over the processes "
+                           "with FSDP2 (torch fully_shard) instead of replicating them with DDP; needs torchrun "
+                           "(--nproc_per_node=1 is fine); --amp-dtype float16 uses torch's ShardedGradScaler; not with "
+                           "--torchcompile. With --model-ema-posthoc every rank tracks its shards of the profiles and "
+                           "the snapshots are gathered: on a snapshot step each profile is gathered to rank 0, which "
+                           "writes the same files as without --fsdp")(False, note="= DDP")
+    reshard_after_forward: bool = Flag(
+        "--fsdp-reshard-after-forward", action=ON_OFF,
+        help="with --fsdp, free each block's gathered weights after its forward (least memory, one more all-gather "
+             "per block in backward); --no-fsdp-reshard-after-forward keeps them until the backward")(True)
+    checkpoint_format: str = Flag(
+        "--checkpoint-format", choices=("file", "dcp"),
+        help="file: last.pth.tar / model_best.pth.tar / checkpoint-<epoch>.pth.tar, one timm-compatible file gathered "
+             "on rank 0; dcp: last.dcp and model_best.dcp, torch.distributed.checkpoint folders every rank writes its "
+             "shards into (no gather; --checkpoint-hist does not apply). Both resume on any process count, with or "
+             "without --fsdp")("file")
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """Everything ``train.py`` was asked for; ``flags`` is the parsed flags (read-only)."""
 
-    data: DataSettings
-    model: ModelSettings
-    ema: EmaSettings
-    optim: OptimSettings
-    schedule: ScheduleSettings
-    loss: LossSettings
-    run: RunSettings
+    data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    loss: LossSettings = field(default_factory=LossSettings)
+    ema: EmaSettings = field(default_factory=EmaSettings)
+    run: RunSettings = field(default_factory=RunSettings)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
     flags: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 

@@ -115,14 +115,14 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
     check_compile_backend(s.model.compile_backend)
     model_without_ddp = build_model(s.model.name, num_classes, dist.device, drop_rate=s.model.drop_rate,
                                     drop_path_rate=s.model.drop_path_rate, channels_last=s.model.channels_last,
-                                    pretrained_path=s.model.pretrained_path)
+                                    pretrained_path=s.model.weights_file)
     data_config = resolve_data_config_for(model_without_ddp, img_size=s.data.img_size, crop_pct=s.data.crop_pct,
                                           mean=s.data.mean, std=s.data.std, interpolation=s.data.interpolation)
     train_loader, eval_loader = build_loaders(s.data, data, data_config, dist, seed=s.run.seed)
     model = shard_or_wrap(model_without_ddp, dist, s)
     updates_per_epoch = math.ceil(len(train_loader) / s.optim.grad_accum_steps)
     resolved = Resolved(num_classes=num_classes, lr=lr, updates_per_epoch=updates_per_epoch,
-                        total_steps=updates_per_epoch * s.run.epochs, img_size=data_config["input_size"][-1],
+                        total_steps=updates_per_epoch * s.schedule.epochs, img_size=data_config["input_size"][-1],
                         global_batch_size=s.data.batch_size * dist.world_size * s.optim.grad_accum_steps)
     averages = build_averages(s.ema, model_without_ddp, dist, resolved, model_name=s.model.name,
                               saved_posthoc=ckpt.get(POSTHOC_CHECKPOINT_KEY) if ckpt else None)
