@@ -125,10 +125,11 @@ def _cases(w: dict[str, Path]) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def batch(world: dict[str, Path]) -> dict[str, dict]:
+    """Run every case once (see tests/cli_batch.py); results by case id."""
     cases = _cases(world)
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "cli_batch.py")], input=json.dumps(list(cases.values())),
-                          capture_output=True, text=True, env=subprocess_env(CLI_BATCH_TIMEOUT="200"),
-                          cwd=str(world["root"]), timeout=900)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "cli_batch.py")],
+                          input=json.dumps(list(cases.values())), capture_output=True, text=True,
+                          env=subprocess_env(CLI_BATCH_TIMEOUT="200"), cwd=str(world["root"]), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(zip(cases, json.loads(proc.stdout)))
 
