@@ -17,6 +17,13 @@ Every write goes to a temporary file in the target folder, is flushed and fsynce
 then ``os.replace``-d over the target, so a crash at any instant leaves either the old
 file or the new one, never a torn one.
 
+Integrity: every file :func:`save_torch_file` writes (checkpoints, bare state dicts, post-hoc
+snapshots) carries the SHA-256 of its bytes in the zip archive's comment (the end record
+torch.save leaves empty), computed while torch writes, so torch.load and timm read the file
+unchanged. A full read checks it first: bytes damaged after the write (a bit flip, a zeroed
+block) are an error naming the file and the previous intact checkpoint beside it, not a run
+that resumes from wrong numbers. Files without the comment (timm's, older ones) load unchecked.
+
 Only torch and the standard library are imported here; safetensors is imported inside
 the functions that need it.
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -34,6 +42,7 @@ import re
 import secrets
 import shutil
 import struct
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,7 +63,14 @@ __all__ = [
     "remove_stale_temp_files",
     "write_text_atomic",
     "CheckpointError",
+    "UnsafeCheckpointError",
+    "DamagedCheckpointError",
     "CheckpointSaver",
+    "describe_nonfinite",
+    "previous_intact_checkpoint",
+    "save_torch_file",
+    "state_dict_mismatch",
+    "verify_checksum",
     "check_state_dict_compat",
     "describe_format",
     "extract_state_dict",
@@ -91,6 +107,21 @@ _CHECKPOINT_EXT = ".pth.tar"
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be written, read or used; the message says why and what to do."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that ``torch.load(weights_only=True)`` refused: it asks to import or run code
+    (``code``: what, e.g. ``" (posix.system)"``, or ``""``). Nothing in it was run; the file is
+    not (necessarily) damaged."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A file whose bytes are truncated, corrupt, not a checkpoint, or no longer match the
+    checksum written with it."""
 
 
 # --------------------------------------------------------------------------- writing
@@ -254,6 +285,26 @@ def nonfinite_names(named: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
     return [name for name, _ in named if name in bad]
 
 
+def describe_nonfinite(obj: Any, where: str = "", skip_keys: frozenset[str] = frozenset()) -> str | None:
+    """None when every floating-point tensor in ``obj`` (a state dict or a nested checkpoint
+    dict) is finite; else ``"fc.weight holds NaN (and 2 more tensors)"`` naming the first bad
+    tensor by its key path (``where`` prefixes it; ``""``: a state dict's own key). One
+    :func:`find_nonfinite` pass (a fused norm screen per dtype group; on a resnet50
+    checkpoint with EMA and optimizer state, 307 MB, it takes 14 ms, 3% of its torch.load)."""
+    found: list[tuple[str, torch.Tensor]] = []
+    _collect_float_tensors(obj, where, skip_keys, found)
+    bad = nonfinite_names(found)
+    if not bad:
+        return None
+    first = next(t for name, t in found if name == bad[0])
+    from .ema import local_shard
+
+    kind = "NaN" if bool(torch.isnan(local_shard(first)).any()) else "an infinity"
+    name = re.sub(r"^\['([^']*)'\]", r"\1", bad[0])  # ['state_dict']['fc.weight'] -> state_dict['fc.weight']
+    more = f" (and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+    return f"{name} holds {kind}{more}"
+
+
 def _collect_float_tensors(obj: Any, where: str, skip_keys: frozenset[str],
                            out: list[tuple[str, torch.Tensor]]) -> None:
     """Append (key path, tensor) for every tensor in ``obj`` (:func:`nonfinite_names` keeps
@@ -291,6 +342,151 @@ def find_unplain(obj: Any, where: str) -> tuple[str, Any] | None:
     return where, obj
 
 
+# --------------------------------------------------------------------------- integrity
+# torch.save writes a zip archive whose end record (22 bytes, "PK\x05\x06") has an empty
+# comment; ours holds "emakit-sha256:<64 hex>", the SHA-256 of the bytes torch wrote (comment
+# length 0). Zip readers (torch.load, with or without mmap, and so timm) ignore the comment.
+# Measured on a resnet50 checkpoint with EMA and SGD momentum (307 MB, one core): sha256 1.8
+# GB/s (0.17 s; blake2b 0.9 GB/s, md5 0.8 GB/s), hashed from the page cache after torch.save
+# (which keeps writing to a path, so its full-disk errors and the tests' patches stay as they
+# were) and once before a full load, against 0.2-0.9 s for torch.save / torch.load of that file
+# from the page cache and the fsync of every write; metadata reads (mmap) skip it.
+_CHECKSUM_TAG = b"emakit-sha256:"
+_CHECKSUM_LEN = len(_CHECKSUM_TAG) + 64
+_EOCD_SIG, _EOCD_SIZE = b"PK\x05\x06", 22
+_HASH_CHUNK = 1 << 20
+
+
+def _file_sha256(path: str, length: int) -> "hashlib._Hash | None":
+    """SHA-256 of the first ``length`` bytes of ``path`` (None if the file is shorter); read
+    into one reused buffer (no per-chunk bytes objects; both the read and the hash release the GIL)."""
+    h, buf = hashlib.sha256(), bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while length > 0:
+            n = f.readinto(view[:min(_HASH_CHUNK, length)])
+            if not n:
+                return None
+            h.update(view[:n])
+            length -= n
+    return h
+
+
+def _append_checksum(path: str) -> None:
+    """Put the SHA-256 of ``path``'s bytes in its zip comment; nothing is added when the file
+    does not end in an empty-comment zip end record (not a torch.save zip)."""
+    size = os.path.getsize(path)
+    if size < _EOCD_SIZE:
+        return
+    with open(path, "rb") as f:
+        f.seek(size - _EOCD_SIZE)
+        end = f.read(_EOCD_SIZE)
+    if end[:4] != _EOCD_SIG or end[-2:] != b"\0\0":
+        return
+    h = _file_sha256(path, size)
+    comment = _CHECKSUM_TAG + h.hexdigest().encode()  # type: ignore[union-attr]
+    with open(path, "r+b") as f:
+        f.seek(size - 2)
+        f.write(struct.pack("<H", len(comment)) + comment)
+
+
+def save_torch_file(obj: Any, path: PathLike, *, through_handle: bool = False) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (:func:`atomic_write`), then the checksum that
+    :func:`verify_checksum` checks on a full load. ``through_handle``: torch.save to an open
+    file rather than a path (the post-hoc snapshot layout). No check of ``obj``'s types (see
+    :func:`save_checkpoint`)."""
+
+    def write(tmp: str) -> None:
+        if through_handle:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+        else:
+            torch.save(obj, tmp)
+        _append_checksum(tmp)
+
+    atomic_write(path, write)
+
+
+def _stored_checksum(path: str) -> tuple[int, str] | None:
+    """(bytes covered, hex digest) of a file written by :func:`save_torch_file`; None for a
+    file without our checksum. A file cut inside the checksum comment gives a digest that
+    matches nothing, so it reads as damaged."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            f.seek(max(0, size - _EOCD_SIZE - _CHECKSUM_LEN))
+            tail = f.read()
+    except OSError:
+        return None
+    at = tail.rfind(_EOCD_SIG)
+    if at < 0 or len(tail) < at + _EOCD_SIZE:
+        return None
+    end, comment = tail[at:at + _EOCD_SIZE], tail[at + _EOCD_SIZE:]
+    if end[-2:] != struct.pack("<H", _CHECKSUM_LEN) or not comment.startswith(_CHECKSUM_TAG[:len(comment)]):
+        return None
+    if len(comment) != _CHECKSUM_LEN:
+        return size, "cut short"
+    return size - _CHECKSUM_LEN - 2, comment[len(_CHECKSUM_TAG):].decode("ascii", "replace")
+
+
+def verify_checksum(path: PathLike) -> bool | None:
+    """True when ``path``'s bytes match the checksum written with them, False when they do
+    not (damaged after the write), None when the file has no checksum (not ours, or older)."""
+    path = os.fspath(path)
+    stored = _stored_checksum(path)
+    if stored is None:
+        return None
+    covered, digest = stored
+    h = _file_sha256(path, covered)
+    if h is None:
+        return False
+    h.update(b"\0\0")  # the comment length torch wrote
+    return h.hexdigest() == digest
+
+
+_NUMBERED_RE = re.compile(r"^checkpoint-(\d+)" + re.escape(".pth.tar") + "$")
+
+
+def previous_intact_checkpoint(path: PathLike, limit: int = 3) -> str | None:
+    """The newest checkpoint beside ``path`` whose checksum holds: ``checkpoint-<N>.pth.tar``
+    (older than ``path`` when it is one itself), then ``model_best.pth.tar``; never ``path``
+    nor a hard link to it. At most ``limit`` files with a checksum are hashed; None if none."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    own = _NUMBERED_RE.match(os.path.basename(path))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    numbered = sorted(((int(m.group(1)), n) for n in names if (m := _NUMBERED_RE.match(n))), reverse=True)
+    candidates = [n for epoch, n in numbered if own is None or epoch < int(own.group(1))]
+    candidates += ["model_best" + _CHECKPOINT_EXT] if "model_best" + _CHECKPOINT_EXT in names else []
+    for name in candidates:
+        candidate = os.path.join(folder, name)
+        try:
+            if os.path.samefile(candidate, path):
+                continue
+        except OSError:
+            continue
+        verdict = verify_checksum(candidate)
+        if verdict is None:
+            continue
+        if verdict:
+            return candidate
+        limit -= 1
+        if limit <= 0:
+            break
+    return None
+
+
+def _checksum_error(path: str) -> DamagedCheckpointError:
+    previous = previous_intact_checkpoint(path) if path.endswith(_CHECKPOINT_EXT) else None
+    fix = (f"the previous intact checkpoint is {previous}: use that one" if previous
+           else "re-copy it or pick another checkpoint")
+    return DamagedCheckpointError(f"cannot read {path}: the file is truncated or corrupt (its bytes no longer "
+                                  f"match the SHA-256 checksum written with it); {fix}")
+
+
 def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
     """Write ``state`` to ``path`` with ``torch.save``, atomically.
 
@@ -310,7 +506,7 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
             f"cannot save checkpoint {os.fspath(path)}: {where} is a {kind}, which torch.load(weights_only=True) "
             "refuses; convert it to tensors or plain types (int, float, bool, str, list, tuple, dict) before saving"
         )
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    save_torch_file(state, path)
 
 
 def _as_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str] | None:
@@ -388,6 +584,12 @@ _REFUSED_RES = (
 )
 
 
+# Opcodes that only build objects from importable names (INST, OBJ, the copyreg extension
+# registry); the weights_only unpickler has none of them, so meeting one means a pickle that
+# wants code, not damaged bytes.
+_CODE_OPCODES = {ord("i"): "INST", ord("o"): "OBJ", 0x82: "EXT1", 0x83: "EXT2", 0x84: "EXT4"}
+
+
 def _refused_global(error: BaseException) -> str | None:
     """The global a weights_only load refused, or "" if the refusal names none; None if the
     error is not about code at all (then the file is damaged or not a checkpoint)."""
@@ -396,8 +598,11 @@ def _refused_global(error: BaseException) -> str | None:
         match = pattern.search(text)
         if match:
             return match.group(1)
-    if "Can only build" in text:  # BUILD on an object outside the allowlist
+    if "Can only build" in text or "Can only create new object" in text:  # BUILD / NEWOBJ outside the allowlist
         return ""
+    match = re.search(r"Unsupported operand (\d+)", text)
+    if match and int(match.group(1)) in _CODE_OPCODES:
+        return f"pickle opcode {_CODE_OPCODES[int(match.group(1))]}"
     return None
 
 
@@ -435,30 +640,63 @@ def _damage_reason(error: BaseException) -> str:
     return first[:120]
 
 
+class _Verifier(threading.Thread):
+    """:func:`verify_checksum` of one file in a background thread, so a full load hashes the
+    file while torch.load reads it (on a resnet50 checkpoint the hash costs about what the
+    load does; side by side the load takes about as long as before on a machine with a spare core)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(daemon=True, name="emakit-checksum")
+        self.path, self.verdict, self.error = path, None, None
+        self.start()
+
+    def run(self) -> None:
+        """Hash the file."""
+        try:
+            self.verdict = verify_checksum(self.path)
+        except OSError as e:  # unreadable: torch.load reports it
+            self.error = e
+
+    def damaged(self) -> bool:
+        """Wait for the hash; True when the file does not match its checksum."""
+        self.join()
+        return self.verdict is False
+
+
 def safe_torch_load(path: str, map_location: Any, mmap: bool = False) -> Any:
-    """``torch.load(weights_only=True)`` with Namespace allowed and errors made readable."""
+    """``torch.load(weights_only=True)`` with Namespace allowed and errors made readable: a
+    pickle that weights_only refused (it asks to import or run code) is an
+    :class:`UnsafeCheckpointError`, a file whose bytes are damaged (truncated, corrupt, not a
+    torch file, or not matching the checksum written with it) a :class:`DamagedCheckpointError`.
+    A full read (not ``mmap``, which reads metadata only) checks the checksum, alongside the load."""
     kwargs: dict[str, Any] = {"map_location": map_location, "weights_only": True}
     if mmap:
         kwargs["mmap"] = True
+    verifier = None if mmap or not os.path.isfile(path) else _Verifier(path)
     try:
         with _namespace_allowed():
-            return torch.load(path, **kwargs)
+            loaded = torch.load(path, **kwargs)
     except Exception as error:
+        if verifier is not None and verifier.damaged():  # the checksum says why, whatever torch tripped over
+            raise _checksum_error(path) from None
         refused = _refused_global(error) if isinstance(error, pickle.UnpicklingError) else None
         if refused is not None:
             what = f" ({refused})" if refused else ""
-            raise CheckpointError(
-                f"refusing to load {path}: it asks to import or run code{what} that is not plain tensor data, "
-                "and loading it would execute that code; re-save the weights from trusted code with "
-                "tensors and plain types only"
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it is unsafe, it asks to import or run code{what}, which "
+                "torch.load(weights_only=True) refused, so nothing in it was run; load only files from trusted "
+                "sources, or re-save the weights from trusted code with tensors and plain types only", what
             ) from None
         if _is_damage(error):
-            raise CheckpointError(
+            raise DamagedCheckpointError(
                 f"cannot read {path}: the file is truncated, corrupt or not a torch checkpoint "
                 f"({_damage_reason(error)}); "
                 "re-copy it or pick another checkpoint"
             ) from None
         raise
+    if verifier is not None and verifier.damaged():
+        raise _checksum_error(path)
+    return loaded
 
 
 def _load_safetensors(path: str, map_location: Any) -> dict[str, Any]:
@@ -651,12 +889,10 @@ def describe_format(ckpt: Mapping[str, Any]) -> str:
     return "unknown"
 
 
-def check_state_dict_compat(model: nn.Module, state_dict: Mapping[str, Any], max_listed: int = 5) -> None:
-    """Raise :class:`CheckpointError` unless ``state_dict`` has exactly ``model``'s keys and
-    shapes; the message names the first missing, unexpected and mismatched keys.
-
-    ``model`` is the bare module (unwrap DDP / compile first); ``state_dict`` is unprefixed.
-    """
+def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, Any], max_listed: int = 5) -> str | None:
+    """None when ``state_dict`` has exactly ``model``'s keys and shapes, else what differs:
+    ``"1 shape mismatches: fc.weight (checkpoint [10, 512] vs model [5, 512])"`` (the first
+    missing, unexpected and mismatched keys). ``model`` may live on the meta device."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -670,9 +906,19 @@ def check_state_dict_compat(model: nn.Module, state_dict: Mapping[str, Any], max
     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
         if keys:
             problems.append(f"{len(keys)} {label}: {_key_list(keys, max_listed)}")
+    return "; ".join(problems) or None
+
+
+def check_state_dict_compat(model: nn.Module, state_dict: Mapping[str, Any], max_listed: int = 5) -> None:
+    """Raise :class:`CheckpointError` unless ``state_dict`` has exactly ``model``'s keys and
+    shapes; the message names the first missing, unexpected and mismatched keys.
+
+    ``model`` is the bare module (unwrap DDP / compile first); ``state_dict`` is unprefixed.
+    """
+    problems = state_dict_mismatch(model, state_dict, max_listed)
     if problems:
         raise CheckpointError(
-            f"checkpoint does not fit {type(model).__name__}: {'; '.join(problems)}; check --model and --num-classes"
+            f"checkpoint does not fit {type(model).__name__}: {problems}; check --model and --num-classes"
         )
 
 

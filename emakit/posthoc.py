@@ -578,7 +578,7 @@ def _snapshot_name(step: int, sigma_rel: float) -> str:
 # fixed part is the pickle frame, metadata and zip trailer. Measured on torch 2.4-2.15;
 # the test checks the estimate against bytes on disk.
 _BYTES_PER_TENSOR = 260
-_BYTES_FIXED = 1000
+_BYTES_FIXED = 1080  # with the 80-byte checksum comment (checkpoint.save_torch_file)
 
 
 def _file_bytes(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> int:
@@ -626,14 +626,11 @@ def snapshot_count(total_steps: int, every: int, max_snapshots: int | None = Non
 
 
 def _atomic_save(obj: Any, path: str) -> None:
-    """torch.save through :func:`emakit.checkpoint.atomic_write` (temp file, fsync, replace)."""
-    from .checkpoint import atomic_write
+    """torch.save through :func:`emakit.checkpoint.save_torch_file` (temp file, fsync, replace,
+    with the checksum a full read checks)."""
+    from .checkpoint import save_torch_file
 
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a handle, not a path: the footprint estimate assumes its layout
-            torch.save(obj, f)
-
-    atomic_write(path, write)
+    save_torch_file(obj, path, through_handle=True)  # the footprint estimate assumes its layout
 
 
 class SnapshotWriter:
@@ -802,13 +799,19 @@ def list_snapshots(snapshot_dir: str | os.PathLike, *, missing_ok: bool = False)
 
 def _load(path: str, mmap: bool = False) -> dict[str, Any]:
     """One snapshot file; ``ValueError`` naming it if it cannot be read or is not a snapshot."""
-    from .checkpoint import CheckpointError, safe_torch_load
+    from .checkpoint import CheckpointError, UnsafeCheckpointError, safe_torch_load
 
     fix = "move it out of the folder to reconstruct from the others"
     try:
         obj = safe_torch_load(path, "cpu", mmap=mmap)
-    except CheckpointError:  # truncated, corrupt, not a torch file, or asks to run code
-        raise ValueError(f"cannot read snapshot {path}: the file is damaged or not a torch file; {fix}") from None
+    except UnsafeCheckpointError as e:  # weights_only refused it: code, not damage
+        raise ValueError(f"refused snapshot {path} as unsafe: it asks to import or run code{e.code}, which "
+                         "torch.load(weights_only=True) refused, so nothing in it was run; it is not one of "
+                         f"our snapshots: {fix}") from None
+    except CheckpointError as e:  # truncated, corrupt, not a torch file, or its checksum fails
+        checksum = " (its checksum does not match)" if "checksum" in str(e) else ""
+        raise ValueError(f"cannot read snapshot {path}: the file is damaged or not a torch file{checksum}; "
+                         f"{fix}") from None
     except OSError as e:
         raise ValueError(f"cannot read snapshot {path}: {e.strerror or e}; {fix}") from None
     if not isinstance(obj, dict) or obj.get("format") != _FORMAT:
@@ -856,6 +859,8 @@ def reconstruct_many(snapshot_dir: str | os.PathLike, sigma_rels: Sequence[float
     """
     import numpy as np
 
+    from .checkpoint import describe_nonfinite
+
     sigma_rels = [_check_sigma_rel(s, "sigma_rel") for s in sigma_rels]
     if not sigma_rels:
         raise ValueError("sigma_rel must name at least one profile")
@@ -877,6 +882,10 @@ def reconstruct_many(snapshot_dir: str | os.PathLike, sigma_rels: Sequence[float
     keys: list[str] | None = None
     for i, s in enumerate(inputs):
         sd = _load(s.path)["state_dict"]
+        problem = describe_nonfinite(sd)
+        if problem:
+            raise ValueError(f"snapshot {s.path}: {problem}, so every reconstruction from it would too; "
+                             "move it out of the folder to reconstruct from the others")
         if keys is None:
             keys = list(sd.keys())
             outs = [{k: torch.zeros(t.shape, dtype=torch.float32) if t.is_floating_point() else t.clone()

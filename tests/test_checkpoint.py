@@ -174,7 +174,7 @@ def _saved_bytes(tmp_path) -> bytes:
 def test_damaged_file_is_a_checkpoint_error_naming_the_file(tmp_path, make_bytes):
     path = tmp_path / "bad.pth.tar"
     path.write_bytes(make_bytes(_saved_bytes(tmp_path)))
-    with pytest.raises(CheckpointError, match="truncated, corrupt or not a torch checkpoint") as info:
+    with pytest.raises(CheckpointError, match="truncated(,| or) corrupt") as info:
         load_checkpoint(path)
     assert str(path) in str(info.value)
 

@@ -220,7 +220,8 @@ def _posthoc_single(s: PosthocSettings, sigma_rel: float) -> list[str]:
         arch = resolve_arch(reference, s.checkpoint or snapshot_dir, s.model)
         num_classes = resolve_num_classes(reference, state_dict, arch, s.checkpoint or snapshot_dir, s.num_classes)
     save_posthoc_weights(s.output, state_dict, sigma_rel=sigma_rel, step=step, arch=arch,
-                         num_classes=num_classes, snapshot_dir=snapshot_dir, reference=reference or None)
+                         num_classes=num_classes, snapshot_dir=snapshot_dir, reference=reference or None,
+                         reference_path=s.checkpoint)
     eq = equivalent_ema(step, sigma_rel=sigma_rel)
     return [f"wrote {s.output}: post-hoc EMA sigma_rel {sigma_rel:g} at step {step} "
             f"(~ decay {eq['decay']:.6g}, half-life {eq['half_life']:.1f} updates)"]

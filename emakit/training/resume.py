@@ -10,6 +10,8 @@ checked here first and reported as one ``UsageError`` line naming the problem an
   not a ``{"state", "param_groups"}`` dict;
 - an optimizer state that does not fit this run's optimizer (another ``--opt``, another
   ``--layer-decay``): torch would load it and fail with a KeyError at the first step;
+- non-finite values: a NaN or an infinity in the weights, an EMA, the post-hoc profiles or
+  the optimizer state (a diverged or damaged file; training from it would diverge again);
 - ``module.`` / ``_orig_mod.`` prefixes (timm checkpoints saved from a DDP/compiled model)
   are stripped (:func:`emakit.checkpoint.strip_prefixes`), as validate.py does.
 
@@ -19,13 +21,15 @@ It also names what a resume changes without failing: another batch size or
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from emakit.checkpoint import (CheckpointError, check_state_dict_compat, ema_checkpoint_keys, ema_indices,
-                               load_checkpoint, load_state_dict_strict, strip_prefixes)
+from emakit.checkpoint import (CheckpointError, check_state_dict_compat, describe_nonfinite, ema_checkpoint_keys,
+                               ema_indices, load_checkpoint, load_state_dict_strict, nonfinite_names,
+                               previous_intact_checkpoint, strip_prefixes)
 
 from . import UsageError, one_line
 from .engine import AmpSettings, EpochProgress
@@ -37,7 +41,7 @@ if TYPE_CHECKING:  # averages imports this module's checks
 
 __all__ = ["checkpoint_arg", "ema_entry_keys", "normalize_resume_checkpoint", "check_ema_entry",
            "check_optimizer_state", "steps_done", "warn_batch_change", "TRAIN_POSITION_KEY", "load_resume",
-           "check_resume", "apply_resume", "check_resume_position", "position_scheduler",
+           "check_resume", "check_resume_finite", "apply_resume", "check_resume_position", "position_scheduler",
            "load_resume_folder", "check_resume_folder", "fill_resume_folder", "load_optimizer_state"]
 
 _log = logging.getLogger(__name__)
@@ -323,8 +327,11 @@ def check_resume(ckpt: dict[str, Any], path: str, settings: TrainSettings, resol
                  averages: Averages, optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> None:
     """Everything about ``--resume`` that could fail or silently lose state, checked before
     anything is loaded or written: the EMA is continued or explicitly dropped
-    (``--drop-ema``), EMA weights fit the model, the optimizer state fits this optimizer
-    (``--opt``, ``--layer-decay``); a changed batch is named in a warning."""
+    (``--drop-ema``), every float tensor that will be loaded is finite, EMA weights fit the
+    model, the optimizer state fits this optimizer (``--opt``, ``--layer-decay``); a changed
+    batch is named in a warning."""
+    check_resume_finite(ckpt, path, model=model, restore_optimizer=settings.run.restore_optimizer,
+                        drop_ema=settings.run.drop_ema)
     averages.check_resume(ckpt, path, drop_ema=settings.run.drop_ema, model=model)
     if settings.run.restore_optimizer:
         check_optimizer_state(ckpt, optimizer, path, opt=settings.optim.opt, layer_decay=settings.optim.layer_decay)
@@ -332,6 +339,31 @@ def check_resume(ckpt: dict[str, Any], path: str, settings: TrainSettings, resol
                       grad_accum_steps=settings.optim.grad_accum_steps, lr=resolved.lr,
                       updates_per_epoch=resolved.updates_per_epoch, has_ema=averages.count > 0,
                       ema_in_images=averages.in_images)
+
+
+def check_resume_finite(ckpt: dict[str, Any], path: str, *, model: nn.Module | None = None,
+                        restore_optimizer: bool = True, drop_ema: bool = False) -> None:
+    """``UsageError`` naming the first tensor (and the file) when a float tensor the resume
+    would load holds NaN or an infinity: weights, EMAs, post-hoc profiles, optimizer state
+    (not with ``--no-resume-opt``; EMAs not with ``--drop-ema``). Tensors that the freshly
+    built ``model`` holds non-finite by design (masks) are left out, as the checkpoint writer
+    leaves them out. A sharded model's ranks each check their shards and agree (*collective*)."""
+    from emakit.ema import is_sharded
+
+    skip = set(nonfinite_names(list(model.state_dict().items()))) if model is not None else set()
+    skip |= set() if restore_optimizer else {"optimizer"}
+    skip |= {k for k, _ in ema_entry_keys(ckpt)} if drop_ema else set()
+    problem = describe_nonfinite(ckpt, skip_keys=frozenset(skip))
+    if model is not None and is_sharded(model) and torch.distributed.is_initialized():
+        found: list[str | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(found, problem)
+        problem = next((p for p in found if p), None)
+    if problem:
+        previous = previous_intact_checkpoint(path) if os.path.isfile(path) else None
+        instead = f"resume from {previous} instead" if previous else \
+            "resume from an earlier checkpoint (checkpoint-<epoch>.pth.tar) or start afresh"
+        raise UsageError(f"--resume {path}: {problem}; the file is damaged or from a diverged run and training "
+                         f"from it would diverge: {instead}")
 
 
 def apply_resume(ckpt: dict[str, Any], path: str, *, model: nn.Module, averages: Averages,

@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from emakit.checkpoint import (CheckpointError, check_state_dict_compat, extract_state_dict, load_checkpoint,
-                               save_checkpoint, save_safetensors, strip_prefixes, write_text_atomic)
+from emakit.checkpoint import (CheckpointError, check_state_dict_compat, describe_nonfinite, extract_state_dict,
+                               load_checkpoint, save_checkpoint, save_safetensors, state_dict_mismatch, strip_prefixes,
+                               write_text_atomic)
 
 from . import UsageError, one_line
 from .build import build_model as _build_model, check_model_name
@@ -56,7 +57,8 @@ __all__ = [
     "run_checkpoints", "run_posthoc", "find_checkpoints", "resolve_arch", "resolve_num_classes", "select_weights",
     "build_model", "load_weights", "load_eval_dataset", "eval_data_config", "torchvision_eval_settings",
     "evaluate_weights", "evaluate_weight_sets",
-    "write_results", "export_weights", "timm_load_hint", "resolve_posthoc_dir", "reconstruct_profiles",
+    "write_results", "export_weights", "check_weights_fit", "timm_load_hint", "resolve_posthoc_dir",
+    "reconstruct_profiles",
     "posthoc_equivalents", "pick_best", "save_posthoc_weights", "new_sweep_id", "read_sweep_table",
     "write_sweep_outputs", "run",
     "report_lines", "format_results_table", "format_sweep_table",
@@ -197,14 +199,58 @@ def select_weights(ckpt: Mapping[str, Any], weights: str, source: str) -> tuple[
     A ``.safetensors`` file holds one weight set; its metadata ``weights`` (``ema`` for files
     from ``--export-ema``) is the label, and ``--weights ema`` is accepted for such a file.
     Missing EMA weights are a :class:`CheckpointError` listing the keys found (no fallback).
+    Every weight set validate.py scores or ``emakit export`` writes comes through here, and
+    here it must be finite: a tensor holding NaN or an infinity is a :class:`CheckpointError`
+    naming the file, the weight set and the tensor (a score of such weights is meaningless).
     """
     stored = _metadata(ckpt).get("weights", "")
     if ckpt.get("format") == "safetensors" and stored:
         if weights == "raw" or weights == stored or {weights, stored} <= {"ema", "ema:0"}:
-            return strip_prefixes(ckpt["state_dict"]), stored
-        raise CheckpointError(f"{source} holds only its {stored!r} weights, not {weights!r}; "
-                              "evaluate it with --weights raw")
-    return extract_state_dict(ckpt, weights, source=source), weights
+            state_dict, label = strip_prefixes(ckpt["state_dict"]), stored
+        else:
+            raise CheckpointError(f"{source} holds only its {stored!r} weights, not {weights!r}; "
+                                  "evaluate it with --weights raw")
+    else:
+        state_dict, label = extract_state_dict(ckpt, weights, source=source), weights
+    problem = describe_nonfinite(state_dict)
+    if problem:
+        raise CheckpointError(f"{source}: its {label} weights are not finite: {problem}; the file is damaged or "
+                              "from a diverged run, use another checkpoint (e.g. an earlier "
+                              "checkpoint-<epoch>.pth.tar)")
+    return state_dict, label
+
+
+def check_weights_fit(state_dict: Mapping[str, Any], arch: str, num_classes: int, *, output: str,
+                      in_chans: int | None = None, fix: str = "pass --model with the name of the model "
+                      "that wrote them") -> None:
+    """``UsageError`` unless ``state_dict`` has exactly the keys and shapes of timm's ``arch``
+    with ``num_classes`` classes, the labels about to be written to ``output`` with it: a
+    wrong class count says the right one, another architecture ends with ``fix``. The models
+    are built on the meta device (no memory, no init), so this costs milliseconds."""
+    problem = state_dict_mismatch(_shape_model(arch, num_classes, in_chans), state_dict, max_listed=2)
+    if problem is None:
+        return
+    found = _classifier_outputs(arch, state_dict)
+    if found is not None and found != num_classes \
+            and state_dict_mismatch(_shape_model(arch, found, in_chans), state_dict) is None:
+        raise UsageError(f"refusing to write {output}: the weights have {found} classes but would be labelled "
+                         f"num_classes={num_classes}; pass --num-classes {found} (or leave --num-classes out)")
+    raise UsageError(f"refusing to write {output}: the weights do not fit {arch} with {num_classes} classes, the "
+                     f"model they would be labelled with ({problem}); {fix}")
+
+
+def _shape_model(arch: str, num_classes: int, in_chans: int | None) -> nn.Module:
+    """timm's ``arch`` on the meta device (parameter names and shapes only); on the CPU for a
+    model whose constructor computes with its tensors."""
+    import timm
+
+    check_model_name(arch)
+    kwargs: dict[str, Any] = {"num_classes": num_classes, **({"in_chans": in_chans} if in_chans else {})}
+    try:
+        with torch.device("meta"):
+            return timm.create_model(arch, **kwargs)
+    except Exception:  # noqa: BLE001 - any failure on meta: the real build says what is wrong, if anything
+        return timm.create_model(arch, **kwargs)
 
 
 # =========================================================================== model
@@ -429,8 +475,10 @@ def export_weights(state_dict: Mapping[str, torch.Tensor], path: str, *, arch: s
     """Write one weight set alone, unprefixed, atomically: ``.safetensors`` (metadata arch,
     num_classes, weights, source, and ``args``: the eval-transform settings as JSON, so that
     validate.py scores the file as the checkpoint) or, for any other name, a bare state
-    dict ``torch.save``."""
+    dict ``torch.save``. The labels must fit the weights (:func:`check_weights_fit`)."""
     tensors = dict(strip_prefixes(state_dict))
+    if arch and num_classes:
+        check_weights_fit(tensors, arch, num_classes, output=path, in_chans=_in_chans(train_args or {}))
     meta = {"format": "pt", "weights": weights, "source": os.path.basename(source),
             "args": _export_args(train_args or {}, arch, num_classes)}
     if arch:
@@ -511,10 +559,16 @@ def pick_best(rows: Sequence[SweepRow]) -> int:
 
 def save_posthoc_weights(path: str, state_dict: Mapping[str, torch.Tensor], *, sigma_rel: float, step: int,
                          arch: str | None, num_classes: int | None, snapshot_dir: str,
-                         reference: Mapping[str, Any] | None = None) -> None:
+                         reference: Mapping[str, Any] | None = None, reference_path: str | None = None) -> None:
     """Save reconstructed weights: ``.safetensors`` alone (metadata says post-hoc, sigma_rel,
     step), or a checkpoint in our schema with them as ``state_dict_ema`` (timm's
-    ``--use-ema`` key) plus the reference checkpoint's raw weights, epoch and args."""
+    ``--use-ema`` key) plus the reference checkpoint's raw weights, epoch and args.
+
+    Nothing is written unless the labels fit: the weights (and the reference's raw weights)
+    have ``arch``'s parameter names and shapes with ``num_classes`` classes, and every tensor
+    is finite; else a ``UsageError`` naming what differs and the fix."""
+    _check_posthoc_output(path, state_dict, arch=arch, num_classes=num_classes, snapshot_dir=snapshot_dir,
+                          reference=reference or {}, reference_path=reference_path or "")
     info = {"sigma_rel": float(sigma_rel), "step": int(step), "snapshot_dir": os.path.abspath(snapshot_dir),
             **{k: v for k, v in posthoc_equivalents(sigma_rel, step).items() if k.endswith("_equiv")}}
     if path.lower().endswith(".safetensors"):
@@ -529,6 +583,42 @@ def save_posthoc_weights(path: str, state_dict: Mapping[str, torch.Tensor], *, s
     if ref.get("state_dict") is not None:
         state["state_dict"] = strip_prefixes(ref["state_dict"])
     save_checkpoint(state, path)
+
+
+def _check_posthoc_output(path: str, state_dict: Mapping[str, torch.Tensor], *, arch: str | None,
+                          num_classes: int | None, snapshot_dir: str, reference: Mapping[str, Any],
+                          reference_path: str) -> None:
+    """What :func:`save_posthoc_weights` refuses before writing (see there)."""
+    problem = describe_nonfinite(state_dict)
+    if problem:
+        raise UsageError(f"refusing to write {path}: the post-hoc weights from {snapshot_dir} are not finite "
+                         f"({problem}); move the snapshot that holds them out of the folder")
+    raw = reference.get("state_dict")
+    if isinstance(raw, Mapping):
+        raw = strip_prefixes(raw)
+        differ = set(raw) != set(state_dict) or any(
+            isinstance(v, torch.Tensor) and isinstance(raw.get(k), torch.Tensor) and v.shape != raw[k].shape
+            for k, v in state_dict.items())
+        if differ:
+            raise UsageError(f"refusing to write {path}: --checkpoint {reference_path} holds another model than "
+                             f"the snapshots in {snapshot_dir} ({_shape_difference(state_dict, raw)}); pass the "
+                             "checkpoint of the run that wrote the snapshots")
+    if arch and num_classes:
+        check_weights_fit(state_dict, arch, num_classes, output=path, in_chans=_in_chans(_train_args(reference)),
+                          fix="pass --checkpoint of the run that wrote the snapshots, or --model NAME")
+
+
+def _shape_difference(ours: Mapping[str, Any], theirs: Mapping[str, Any], limit: int = 2) -> str:
+    """The first keys only in the snapshots, only in the checkpoint, and of other shapes."""
+    only_ours = [k for k in ours if k not in theirs]
+    only_theirs = [k for k in theirs if k not in ours]
+    shapes = [f"{k} {list(v.shape)} vs {list(theirs[k].shape)}" for k, v in ours.items()
+              if k in theirs and isinstance(v, torch.Tensor) and isinstance(theirs[k], torch.Tensor)
+              and v.shape != theirs[k].shape]
+    parts = [f"{label}: {', '.join(keys[:limit])}{' ...' if len(keys) > limit else ''}" for label, keys in
+             (("only in the snapshots", only_ours), ("only in the checkpoint", only_theirs),
+              ("shapes differ", shapes)) if keys]
+    return "; ".join(parts)
 
 
 def new_sweep_id(now: datetime | None = None) -> tuple[str, str]:
@@ -748,7 +838,7 @@ def run_posthoc(settings: ValidateSettings, dist: DistInfo) -> ValidationReport:
             best = report.sweep[report.best]
             save_posthoc_weights(posthoc.save, state_dicts[report.best], sigma_rel=best.sigma_rel,
                                  step=step, arch=arch, num_classes=num_classes, snapshot_dir=snapshot_dir,
-                                 reference=ref or None)
+                                 reference=ref or None, reference_path=ref_path)
             report.written.append(posthoc.save)
     return report
 
