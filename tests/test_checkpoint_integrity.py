@@ -105,3 +105,19 @@ def test_resume_refuses_a_checkpoint_with_zeroed_optimizer_bytes(image_folder, t
                           cwd=str(REPO), env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "checksum" in proc.stderr and str(last) in proc.stderr
+
+
+def test_a_damaged_training_checkpoint_is_still_never_an_output_target(tmp_path):
+    """Output flags (``-o``, ``--results-file``, ``--export-ema``) never replace a training
+    checkpoint; one whose bytes no longer match its checksum is still one (its keys are read
+    memory-mapped, without the full read that would refuse it)."""
+    from emakit.training.kinds import is_training_checkpoint
+
+    state = _model_state(0)
+    path = tmp_path / "last.pth.tar"
+    save_checkpoint({"epoch": 1, "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}, path)
+    _zero_inside(path, state["conv1.weight"] if "conv1.weight" in state else next(
+        v for v in state.values() if v.numel() * v.element_size() >= 4096))
+    with pytest.raises(DamagedCheckpointError):
+        load_checkpoint(path)
+    assert is_training_checkpoint(str(path))

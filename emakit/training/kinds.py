@@ -328,14 +328,19 @@ def is_training_checkpoint(path: str) -> bool:
     (bare state dicts, safetensors) and for other files (a results CSV, damaged bytes)."""
     if path.lower().endswith(".safetensors"):
         return False
-    from emakit.checkpoint import CheckpointError, load_checkpoint
+    from emakit.checkpoint import UnsafeCheckpointError, load_checkpoint, safe_torch_load
 
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as e:
-        return str(e).startswith("refusing to load")
+    try:  # the keys only (memory-mapped, no checksum), so a damaged training checkpoint is still one
+        ckpt = safe_torch_load(path, "cpu", mmap=True)
+    except UnsafeCheckpointError:
+        return True
     except Exception:
-        return False
+        try:  # not a zip-format torch file: read it whole, as before
+            ckpt = load_checkpoint(path)
+        except UnsafeCheckpointError:
+            return True
+        except Exception:
+            return False
     if not isinstance(ckpt, dict):
         return False
     weights = any(k in ckpt for k in ("state_dict", "model", "net"))
