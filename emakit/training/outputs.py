@@ -1,6 +1,6 @@
 """What a run leaves on disk and prints: the run folder (claimed by :mod:`.rundir`), ``args.yaml``,
-``summary.csv`` (written and read back here only), ``summary.png``, the post-hoc report and
-the result line.
+``summary.csv`` (written and read back here only; :mod:`.plots` draws ``summary.png`` from it),
+the post-hoc report and the result line.
 """
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from typing import Any
 
 from emakit.checkpoint import write_text_atomic
 
-from . import UsageError, one_line
+from . import UsageError
 from .averages import PosthocTracker, ema_label, ema_selector, posthoc_sweep_command
 from .config import args_to_yaml
 from .rundir import RunLock, claim_run_folder, write_marker
 
 __all__ = ["SUMMARY_COLUMNS", "summary_columns", "read_summary", "write_summary", "wanted_output_dir",
            "choose_output_dir", "prepare_output_dir", "FitResult", "best_in_column", "best_of_emas",
-           "fit_result", "describe_result", "plot_summary_quietly",
+           "fit_result", "describe_result",
            "console_logs_above_progress_bars", "report_posthoc", "log_posthoc_folder"]
 
 _log = logging.getLogger(__name__)
@@ -167,23 +167,7 @@ def describe_result(result: FitResult) -> str:
             f"{fmt(result.best_ema)}{best_any}; outputs in {result.output_dir}")
 
 
-# --------------------------------------------------------------------------- plots
-def plot_summary_quietly(output_dir: str) -> None:
-    """``summary.png`` beside ``summary.csv``. A plot is a convenience: any failure is a
-    warning, never a failed run."""
-    from .plots import plot_summary
-
-    path = os.path.join(output_dir, "summary.csv")
-    if not os.path.isfile(path):
-        return
-    try:
-        png = plot_summary(path)
-    except Exception as e:  # noqa: BLE001 - a bad row, a font, a full disk: a warning only
-        _log.warning("could not plot %s: %s", path, one_line(e)[:300])
-        return
-    _log.info("plot: %s", png)
-
-
+# --------------------------------------------------------------------------- console
 def console_logs_above_progress_bars(enabled: bool):
     """Route console log lines through tqdm.write while bars may be shown, so they do not
     land in the middle of a bar (a context manager; a no-op when off or not a terminal)."""
