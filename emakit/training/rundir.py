@@ -123,7 +123,7 @@ def lock_holder(folder: str) -> LockInfo | None:
     """Who keeps ``folder`` from being locked now (without creating anything): the holder of
     a held lock, or a left-over lock that is refused (see the module docstring); None when
     a run could take it."""
-    from filelock import FileLock, Timeout
+    from filelock import FileLock, Timeout  # here, not at import (see RunLock._take)
 
     path = os.path.join(folder, LOCK_NAME)
     if not os.path.isfile(path):
@@ -160,22 +160,7 @@ class RunLock:
         """Take the lock (creating the folder if needed). A held lock, another host's or an
         unreadable one -> ``UsageError``; one left by a run that died -> taken over, with a
         log line. A failed write (a full disk) -> ``UsageError``, and nothing is left."""
-        from filelock import FileLock, Timeout
-
-        try:
-            self.created_folder = not os.path.isdir(self.folder)
-            os.makedirs(self.folder, exist_ok=True)
-        except OSError as e:
-            raise _write_error(self.folder, e) from None
-        self.created_file = not os.path.lexists(self.path)
-        lock = FileLock(self.path, timeout=0, thread_local=False)
-        try:
-            lock.acquire()
-        except Timeout:
-            raise _locked_error(self.folder, read_lock(self.folder)) from None
-        except OSError as e:
-            self._abandon()
-            raise _write_error(self.folder, e) from None
+        lock = self._take()
         try:
             left = read_lock(self.folder)  # what a run that died while holding it wrote
         except UsageError:
@@ -193,6 +178,27 @@ class RunLock:
         if left is not None:
             _log.warning("%s: took over the stale lock of %s (that process is gone)", self.folder, left.describe())
         return self
+
+    def _take(self):
+        """The OS lock on :attr:`path` (a held ``filelock.FileLock``), creating the folder and
+        the file as needed; a lock held by another process -> ``UsageError``."""
+        from filelock import FileLock, Timeout  # here, not at import: ~0.1 s that --help need not pay
+
+        try:
+            self.created_folder = not os.path.isdir(self.folder)
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as e:
+            raise _write_error(self.folder, e) from None
+        self.created_file = not os.path.lexists(self.path)
+        lock = FileLock(self.path, timeout=0, thread_local=False)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise _locked_error(self.folder, read_lock(self.folder)) from None
+        except OSError as e:
+            self._abandon()
+            raise _write_error(self.folder, e) from None
+        return lock
 
     def _record(self, text: str) -> None:
         """Write ``text`` into the held lock file, durably (in place: the locked file is this inode)."""
