@@ -9,8 +9,12 @@ files) and leaves with the script's exit status. The parent waits (a case that r
 ``{"rc", "stdout", "stderr"}``. With ``"user": "nobody"`` a child started as root drops to
 that user first, so file permissions apply to it (root ignores them).
 
-Importing torch costs seconds of CPU; ~40 hostile cases as separate interpreters would
-cost minutes on a small machine, as forks they cost about one import.
+Why forks and not ``subprocess.run`` per case (measured for issue 20, 2-core machine shared
+with other jobs): ``pytest tests/test_hostile.py -m "not slow"`` (about 96 cases) took 45 s
+with this runner; with one plain ``python train.py ...`` process per case it had spent 7 min
+before the ~76th case, i.e. about 9 min in all (each interpreter imports torch and timm,
+~1.6 s of CPU). And the ``"user": "nobody"`` case cannot exec a fresh interpreter where
+python lives under root's home (``PermissionError``); a fork already has it loaded.
 """
 from __future__ import annotations
 

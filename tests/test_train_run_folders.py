@@ -6,7 +6,9 @@ also checked directly on :func:`emakit.training.rundir.claim_run_folder` (no tra
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -17,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST_ARGS
+from conftest import FAST_ARGS, subprocess_env
 from emakit.training import UsageError
-from emakit.training.rundir import LOCK_NAME, MARKER_NAME, RunLock, claim_run_folder, read_lock
+from emakit.training.rundir import LOCK_NAME, MARKER_NAME, RunLock, claim_run_folder, lock_holder, read_lock
 
 TIMM_SUMMARY = "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n0,1.1,1.0,40.0,100.0,0.05\n"
 TIMM_FLAGS = ("model", "batch_size", "grad_accum_steps", "opt", "lr", "layer_decay", "epochs", "model_ema",
@@ -48,6 +50,16 @@ def write_stale_lock(folder: Path, pid: int) -> None:
                                                 "started": "2026-01-01T00:00:00"}))
 
 
+def assert_released(folder: Path) -> None:
+    """The run's lock is let go: its file names nobody and another process takes it at once."""
+    assert read_lock(str(folder)) is None and lock_holder(str(folder)) is None
+    code = ("import sys; from emakit.training.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('taken')")
+    proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=120)
+    assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, "taken", "")  # no takeover warning
+
+
 @pytest.fixture(scope="module")
 def first_run(image_folder, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, int]:
     """One finished 1-epoch run in ``out/run``, started over a stale lock of a dead process."""
@@ -66,7 +78,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_log_line_and_releas
     out, proc, pid = first_run
     line = f"{out / 'run'}: took over the stale lock of pid {pid} on host {socket.gethostname()}"
     assert line in proc.stderr and line in (out / "run" / "train.log").read_text()
-    assert not (out / "run" / LOCK_NAME).exists()  # released on exit
+    assert_released(out / "run")
     assert json.loads((out / "run" / MARKER_NAME).read_text())["tool"] == "emakit"
 
 
@@ -81,7 +93,7 @@ def test_a_fresh_run_into_a_folder_holding_a_run_goes_to_a_suffixed_folder(first
             f"to {out / 'run-1'} instead, so nothing of it is overwritten") in proc.stderr
     assert proc.stdout.strip().endswith(f"outputs in {out / 'run-1'}")
     assert torch.load(out / "run-1" / "last.pth.tar", weights_only=True)["epoch"] == 0
-    assert not (out / "run-1" / LOCK_NAME).exists()
+    assert_released(out / "run-1")
 
 
 def test_a_second_run_into_a_folder_in_use_exits_2_with_one_line_and_writes_nothing(tmp_path, image_folder,
@@ -121,7 +133,7 @@ def test_a_lock_held_by_a_live_process_is_refused_and_released_by_its_holder(tmp
     with pytest.raises(UsageError, match=f"is in use by another run \\(pid {os.getpid()} on host"):
         claim_run_folder(str(folder))
     lock.release()
-    assert not (folder / LOCK_NAME).exists()
+    assert_released(folder)
     path, again = claim_run_folder(str(folder))
     again.release()
     assert path == str(folder)
@@ -217,3 +229,82 @@ def test_the_default_timestamped_folder_moves_on_when_locked_but_a_named_one_ref
             claim_run_folder(str(tmp_path / "stamp"), named=True)
     finally:
         held.release()
+
+
+# ----------------------------------------------------------------------------------- the lock itself
+def test_the_lock_of_a_killed_process_is_free_and_taken_over_with_its_holder_named(tmp_path, caplog):
+    """kill -9 leaves the lock file naming its holder, but the kernel has dropped the OS lock:
+    the next run takes it over and says whose it was; while the holder lived it was refused."""
+    folder = tmp_path / "run"
+    code = ("import os, signal, sys; from emakit.training.rundir import RunLock; "
+            "held = RunLock(sys.argv[1]).acquire(); print(os.getpid(), flush=True); sys.stdin.readline(); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        pid = int(holder.stdout.readline())
+        with pytest.raises(UsageError, match=f"is in use by another run \\(pid {pid} on host"):
+            claim_run_folder(str(folder))
+    finally:
+        holder.stdin.close()  # the holder reads EOF and kills itself (SIGKILL: no release)
+        holder.wait(timeout=60)
+    assert holder.returncode == -9 and read_lock(str(folder)).pid == pid  # left behind, naming it
+    with caplog.at_level(logging.WARNING, logger="emakit"):
+        path, lock = claim_run_folder(str(folder))
+    try:
+        assert path == str(folder) and read_lock(path).pid == os.getpid()
+        assert f"{folder}: took over the stale lock of pid {pid} on host {socket.gethostname()}" in caplog.text
+    finally:
+        lock.release()
+
+
+@pytest.mark.parametrize("text, shown", [
+    (json.dumps({"pid": 4242, "host": "another-host.example", "started": "2026-01-01T00:00:00"}),
+     "pid 4242 on host another-host.example, started 2026-01-01T00:00:00"),
+    ("garbage", "an unreadable lock ('garbage')"),
+])
+def test_a_free_lock_naming_another_host_or_unreadable_is_refused_not_taken_over(tmp_path, text, shown):
+    """A run on another host may hold a lock this host cannot see (a network filesystem need
+    not carry it): such a lock is refused, as an unreadable one; the timestamped default name
+    moves on to the next suffix; nothing of the lock file is changed."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / LOCK_NAME).write_text(text)
+    with pytest.raises(UsageError) as error:
+        claim_run_folder(str(folder))
+    assert str(error.value) == (f"{folder} is in use by another run ({shown}); wait for it to end or pass another "
+                                f"--experiment (if no run uses it, delete {folder / LOCK_NAME})")
+    with pytest.raises(UsageError, match="is in use by another run"):
+        RunLock(str(folder)).acquire()
+    path, lock = claim_run_folder(str(folder), named=False)
+    lock.release()
+    assert path == f"{folder}-1" and (folder / LOCK_NAME).read_text() == text
+
+
+@pytest.mark.parametrize("failing, precreated", [(LOCK_NAME, False), (MARKER_NAME, False), ("args.yaml", False),
+                                                 ("args.yaml", True)])
+def test_a_full_disk_while_claiming_the_run_folder_exits_2_and_leaves_nothing(tmp_path, image_folder, run_train,
+                                                                              monkeypatch, failing, precreated):
+    """ENOSPC when the lock's holder, the marker or args.yaml is written: exit 2 with one line
+    naming the folder and the fix, and the folder as it was (gone when the run created it)."""
+    folder = tmp_path / "out" / "run"
+    if precreated:
+        folder.mkdir(parents=True)
+    real_fsync = os.fsync
+
+    def fsync(fd):  # what a full disk reports when the data reaches it
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if name == failing or (name.startswith(f".{failing}.") and name.endswith(".tmp")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    code, out, err = run_train(fast(image_folder, tmp_path / "out", "--epochs", "1"))
+    assert (code, out) == (2, ""), err
+    assert err.strip().splitlines()[-1] == (f"train.py: error: cannot write to output folder {folder}: No space left "
+                                            "on device; pass --output PATH with a writable folder")
+    assert "Traceback" not in err
+    if precreated:
+        assert list(folder.iterdir()) == []
+    else:
+        assert not folder.exists() and list((tmp_path / "out").iterdir()) == []

@@ -34,8 +34,9 @@ from .engine import EpochProgress, TrainingDiverged, TrainOptions, train_one_epo
 from .evaluation import epoch_metrics, evaluate_raw_and_emas, log_epoch, select_metric
 from .lifecycle import TrainingInterrupted, diverged, last_good_text, rng_state, set_rng_state, signal_name, \
     write_failed
-from .outputs import (FitResult, console_logs_above_progress_bars, describe_result, fit_result, plot_summary_quietly,
-                      report_posthoc, write_summary)
+from .outputs import (FitResult, console_logs_above_progress_bars, describe_result, fit_result, report_posthoc,
+                      write_summary)
+from .plots import plot_summary_quietly
 from .resume import TRAIN_POSITION_KEY
 from .trainer import Trainer, agree
 

@@ -6,28 +6,20 @@ and ``.close()`` at the end, so in-process calls do not pile up handlers.
 """
 from __future__ import annotations
 
-import collections
 import logging
+import logging.handlers
 import os
 import sys
 
 __all__ = ["LogSetup", "configure_logging"]
 
 
-class _EarlyRecords(logging.Handler):
-    """Keeps the last ``capacity`` records until a log file can receive them (bounded)."""
-
-    def __init__(self, capacity: int = 10_000) -> None:
-        super().__init__()
-        self.records: collections.deque[logging.LogRecord] = collections.deque(maxlen=capacity)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def replay(self, target: logging.Handler) -> None:
-        """Hand the kept records to ``target`` and forget them."""
-        while self.records:
-            target.handle(self.records.popleft())
+def _early_records(capacity: int = 10_000) -> logging.handlers.MemoryHandler:
+    """A buffer of the records logged before a log file exists (the standard library's
+    ``MemoryHandler``): never flushed by level, only by :meth:`LogSetup.add_file`. Its target
+    until then is a ``NullHandler``, so a tool that never opens a file (validate.py) keeps at
+    most ``capacity`` records: a full buffer is dropped, not grown."""
+    return logging.handlers.MemoryHandler(capacity, flushLevel=logging.CRITICAL + 1, target=logging.NullHandler())
 
 
 class _LogFile(logging.FileHandler):
@@ -57,7 +49,7 @@ class LogSetup:
         self.logger = logging.getLogger("emakit")
         self.handlers: list[logging.Handler] = []
         self.old_level = self.logger.level
-        self.early = _EarlyRecords()
+        self.early = _early_records()
         self.add(self.early, logging.INFO, "%(message)s")
 
     def add(self, handler: logging.Handler, level: int, fmt: str) -> None:
@@ -72,7 +64,8 @@ class LogSetup:
         # backslashreplace: a non-UTF-8 file name in a message must not break the log file
         handler = _LogFile(path, encoding="utf-8", errors="backslashreplace")
         self.add(handler, logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.early.replay(handler)
+        self.early.setTarget(handler)
+        self.early.flush()
         self._drop(self.early)
 
     def discard_early(self) -> None:

@@ -1,9 +1,10 @@
 """What a run leaves on disk and prints: the run folder (claimed by :mod:`.rundir`), ``args.yaml``,
-``summary.csv`` (written and read back here only), ``summary.png``, the post-hoc report and
-the result line.
+``summary.csv`` (written and read back here only; :mod:`.plots` draws ``summary.png`` from it),
+the post-hoc report and the result line.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -17,14 +18,14 @@ from typing import Any
 
 from emakit.checkpoint import write_text_atomic
 
-from . import UsageError, one_line
+from . import UsageError
 from .averages import PosthocTracker, ema_label, ema_selector, posthoc_sweep_command
 from .config import args_to_yaml
-from .rundir import RunLock, claim_run_folder, write_marker
+from .rundir import MARKER_NAME, RunLock, claim_run_folder, write_marker
 
 __all__ = ["SUMMARY_COLUMNS", "summary_columns", "read_summary", "write_summary", "wanted_output_dir",
            "choose_output_dir", "prepare_output_dir", "FitResult", "best_in_column", "best_of_emas",
-           "fit_result", "describe_result", "plot_summary_quietly",
+           "fit_result", "describe_result",
            "console_logs_above_progress_bars", "report_posthoc", "log_posthoc_folder"]
 
 _log = logging.getLogger(__name__)
@@ -61,12 +62,17 @@ def choose_output_dir(*, output: str, experiment: str, resume: str, model_name: 
 
 def prepare_output_dir(path: str, flags: Mapping[str, Any]) -> None:
     """Create the run folder, mark it as ours and write ``args.yaml`` (the flags with their
-    resolved values); OSError -> UsageError."""
+    resolved values); OSError (a full disk) -> UsageError, and a marker written by this call is
+    removed again (a failed run leaves nothing)."""
+    marked = False
     try:
         os.makedirs(path, exist_ok=True)
-        write_marker(path)
+        marked = write_marker(path)
         write_text_atomic(os.path.join(path, "args.yaml"), args_to_yaml(flags))
     except OSError as e:
+        if marked:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(path, MARKER_NAME))
         raise UsageError(f"cannot write to output folder {path}: {e.strerror or e}; "
                          "pass --output PATH with a writable folder") from None
 
@@ -167,28 +173,10 @@ def describe_result(result: FitResult) -> str:
             f"{fmt(result.best_ema)}{best_any}; outputs in {result.output_dir}")
 
 
-# --------------------------------------------------------------------------- plots
-def plot_summary_quietly(output_dir: str) -> None:
-    """``summary.png`` beside ``summary.csv``. A plot is a convenience: any failure is a
-    warning, never a failed run."""
-    from .plots import plot_summary
-
-    path = os.path.join(output_dir, "summary.csv")
-    if not os.path.isfile(path):
-        return
-    try:
-        png = plot_summary(path)
-    except Exception as e:  # noqa: BLE001 - a bad row, a font, a full disk: a warning only
-        _log.warning("could not plot %s: %s", path, one_line(e)[:300])
-        return
-    _log.info("plot: %s", png)
-
-
+# --------------------------------------------------------------------------- console
 def console_logs_above_progress_bars(enabled: bool):
     """Route console log lines through tqdm.write while bars may be shown, so they do not
     land in the middle of a bar (a context manager; a no-op when off or not a terminal)."""
-    import contextlib
-
     if not enabled or not sys.stderr.isatty():
         return contextlib.nullcontext()
     from tqdm.contrib.logging import logging_redirect_tqdm

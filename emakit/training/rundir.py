@@ -19,11 +19,18 @@ Rules (rank 0 applies them before anything is written; docs/CONTRACTS.md repeats
 4. A directory (or any non-regular file) where a run file goes (``args.yaml``,
    ``summary.csv``, ``train.log``, ``last.pth.tar``, ``model_best.pth.tar``) in the wanted
    folder is a ``UsageError``.
-5. The folder a run writes to is locked by :data:`LOCK_NAME` (JSON: pid, host, process
-   start time, start date), created exclusively and removed when the run ends. A lock of a
-   live process is a ``UsageError`` (a second run into the same folder writes nothing); a
-   lock left by a process of this host that is gone is taken over with a log line. With
-   the default timestamped name a locked folder is simply taken and the next suffix used.
+5. The folder a run writes to is locked by :data:`LOCK_NAME`: an OS lock (``flock``, through
+   the ``filelock`` package) held while the run lives, and in the file the holder's JSON
+   (pid, host, start date), cleared when the run ends. A held lock is a ``UsageError`` (a
+   second run into the same folder writes nothing). The kernel drops the lock of a process
+   that dies, so a lock file whose lock is free but that still names its holder was left by
+   a run that was killed: it is taken over with a log line. One naming another host is
+   refused (a network filesystem may not carry the lock between hosts), and so is one that
+   cannot be read. With the default timestamped name a locked folder is simply skipped and
+   the next suffix used. The lock file itself stays in the folder (``filelock``'s rule:
+   removing a lock's path while another process may have it open lets two processes lock
+   two different files); it is removed with the folder when a run that created the folder
+   fails before writing anything.
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ from emakit.checkpoint import write_text_atomic
 
 from . import UsageError
 
-__all__ = ["LOCK_NAME", "MARKER_NAME", "RUN_FILES", "RUN_ENTRIES", "RunLock", "LockInfo", "read_lock",
+__all__ = ["LOCK_NAME", "MARKER_NAME", "RUN_FILES", "RUN_ENTRIES", "RunLock", "LockInfo", "read_lock", "lock_holder",
            "run_entries", "check_run_files", "folder_is_ours", "checkpoint_is_emakit", "claim_run_folder",
            "write_marker"]
 
@@ -56,52 +63,33 @@ _MAX_SUFFIX = 10_000
 # --------------------------------------------------------------------------- the lock
 @dataclass(frozen=True)
 class LockInfo:
-    """Who holds a folder: from the lock file's JSON (``raw`` when it cannot be parsed)."""
+    """Who holds (or held) a folder: from the lock file's JSON (``raw`` when it cannot be parsed)."""
 
     pid: int | None
     host: str | None
-    proc_start: str | None = None
     started: str | None = None
     raw: str = ""
 
     def describe(self) -> str:
         if self.pid is None:
-            return f"an unreadable lock ({self.raw[:60]!r})"
+            return f"an unreadable lock ({self.raw[:60]!r})" if self.raw.strip() else "a run that did not record itself"
         return f"pid {self.pid} on host {self.host}" + (f", started {self.started}" if self.started else "")
 
 
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22):
-    with the pid it names a process uniquely, so a reused pid is not mistaken for the holder."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            stat = f.read()
-    except OSError:
+def _parse_lock(raw: str) -> LockInfo | None:
+    """The holder named by a lock file's text; None for an empty file (no holder recorded)."""
+    if not raw.strip():
         return None
-    fields = stat[stat.rfind(")") + 2:].split()
-    return fields[19] if len(fields) > 19 else None
-
-
-def _alive(info: LockInfo) -> bool:
-    """False only when the holder is provably gone: same host and no such process (or the
-    pid now belongs to a process started at another time)."""
-    if info.pid is None or info.host != socket.gethostname():
-        return True
     try:
-        os.kill(info.pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if info.proc_start is not None:
-        now = _process_start(info.pid)
-        if now is not None and now != info.proc_start:
-            return False
-    return True
+        data = json.loads(raw)
+        return LockInfo(pid=int(data["pid"]), host=str(data["host"]), started=data.get("started"), raw=raw)
+    except (ValueError, KeyError, TypeError):
+        return LockInfo(pid=None, host=None, raw=raw)
 
 
 def read_lock(folder: str) -> LockInfo | None:
-    """The lock of ``folder``, or None when there is none."""
+    """The holder recorded in the lock file of ``folder``, or None when there is no lock file
+    or it names nobody (a released lock). Whether the lock is held is :func:`lock_holder`'s."""
     path = os.path.join(folder, LOCK_NAME)
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -111,17 +99,45 @@ def read_lock(folder: str) -> LockInfo | None:
     except OSError as e:
         raise UsageError(f"cannot read the run lock {path}: {e.strerror or e}; remove it if no run uses "
                          f"{folder}") from None
-    try:
-        data = json.loads(raw)
-        return LockInfo(pid=int(data["pid"]), host=str(data["host"]), proc_start=data.get("proc_start"),
-                        started=data.get("started"), raw=raw)
-    except (ValueError, KeyError, TypeError):
-        return LockInfo(pid=None, host=None, raw=raw)
+    return _parse_lock(raw)
 
 
-def _locked_error(folder: str, info: LockInfo) -> UsageError:
-    return UsageError(f"{folder} is in use by another run ({info.describe()}); wait for it to end or pass another "
+def _locked_error(folder: str, info: LockInfo | None) -> UsageError:
+    who = info.describe() if info is not None else "a run that did not record itself"
+    return UsageError(f"{folder} is in use by another run ({who}); wait for it to end or pass another "
                       f"--experiment (if no run uses it, delete {os.path.join(folder, LOCK_NAME)})")
+
+
+def _write_error(folder: str, error: OSError) -> UsageError:
+    return UsageError(f"cannot write to output folder {folder}: {error.strerror or error}; "
+                      "pass --output PATH with a writable folder")
+
+
+def _refused_leftover(info: LockInfo | None) -> bool:
+    """A free lock whose file still names a holder that cannot be known gone: another host's
+    (its lock may not reach this host), or unreadable text."""
+    return info is not None and (info.pid is None or info.host != socket.gethostname())
+
+
+def lock_holder(folder: str) -> LockInfo | None:
+    """Who keeps ``folder`` from being locked now (without creating anything): the holder of
+    a held lock, or a left-over lock that is refused (see the module docstring); None when
+    a run could take it."""
+    from filelock import FileLock, Timeout  # here, not at import (see RunLock._take)
+
+    path = os.path.join(folder, LOCK_NAME)
+    if not os.path.isfile(path):
+        return None
+    info = read_lock(folder)
+    probe = FileLock(path, timeout=0, thread_local=False)
+    try:
+        probe.acquire()
+    except Timeout:
+        return info or LockInfo(pid=None, host=None)
+    except OSError:
+        return info  # cannot open it (a read-only folder): judge by what it says
+    probe.release()
+    return info if _refused_leftover(info) else None
 
 
 class RunLock:
@@ -131,74 +147,94 @@ class RunLock:
         self.folder = folder
         self.path = os.path.join(folder, LOCK_NAME)
         self.pid = os.getpid()
-        self.proc_start = _process_start(self.pid)
         self.held = False
         self.created_folder = False  # acquire() created the folder (release(remove_empty=True) removes it)
+        self.created_file = False  # acquire() created the lock file (likewise)
+        self._lock = None  # the filelock.FileLock while held
 
     def _content(self) -> str:
-        return json.dumps({"pid": self.pid, "host": socket.gethostname(), "proc_start": self.proc_start,
+        return json.dumps({"pid": self.pid, "host": socket.gethostname(),
                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
 
-    def _try_create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        except OSError as e:
-            raise UsageError(f"cannot write to output folder {self.folder}: {e.strerror or e}; "
-                             "pass --output PATH with a writable folder") from None
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(self._content())
-            f.flush()
-            os.fsync(f.fileno())
-        self.held = True
-        return True
-
     def acquire(self) -> RunLock:
-        """Take the lock (creating the folder if needed). A live holder -> ``UsageError``;
-        a dead holder of this host -> its lock is taken over, with a log line."""
+        """Take the lock (creating the folder if needed). A held lock, another host's or an
+        unreadable one -> ``UsageError``; one left by a run that died -> taken over, with a
+        log line. A failed write (a full disk) -> ``UsageError``, and nothing is left."""
+        lock = self._take()
+        try:
+            left = read_lock(self.folder)  # what a run that died while holding it wrote
+        except UsageError:
+            lock.release()
+            raise
+        if _refused_leftover(left):
+            lock.release()
+            raise _locked_error(self.folder, left)
+        self._lock, self.held = lock, True
+        try:
+            self._record(self._content())
+        except OSError as e:
+            self.release(remove_empty=True)
+            raise _write_error(self.folder, e) from None
+        if left is not None:
+            _log.warning("%s: took over the stale lock of %s (that process is gone)", self.folder, left.describe())
+        return self
+
+    def _take(self):
+        """The OS lock on :attr:`path` (a held ``filelock.FileLock``), creating the folder and
+        the file as needed; a lock held by another process -> ``UsageError``."""
+        from filelock import FileLock, Timeout  # here, not at import: ~0.1 s that --help need not pay
+
         try:
             self.created_folder = not os.path.isdir(self.folder)
             os.makedirs(self.folder, exist_ok=True)
         except OSError as e:
-            raise UsageError(f"cannot write to output folder {self.folder}: {e.strerror or e}; "
-                             "pass --output PATH with a writable folder") from None
-        for _ in range(3):
-            if self._try_create():
-                return self
-            info = read_lock(self.folder)
-            if info is None:
-                continue  # released in between
-            if _alive(info):
-                raise _locked_error(self.folder, info)
-            # Move the stale lock aside first: of two runs taking it over, one rename wins.
-            aside = f"{self.path}.stale.{self.pid}"
-            try:
-                os.rename(self.path, aside)
-            except FileNotFoundError:
-                continue
-            os.unlink(aside)
-            _log.warning("%s: took over the stale lock of %s (that process is gone)", self.folder, info.describe())
-        info = read_lock(self.folder)
-        raise _locked_error(self.folder, info or LockInfo(pid=None, host=None, raw="(lock kept changing)"))
+            raise _write_error(self.folder, e) from None
+        self.created_file = not os.path.lexists(self.path)
+        lock = FileLock(self.path, timeout=0, thread_local=False)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise _locked_error(self.folder, read_lock(self.folder)) from None
+        except OSError as e:
+            self._abandon()
+            raise _write_error(self.folder, e) from None
+        return lock
+
+    def _record(self, text: str) -> None:
+        """Write ``text`` into the held lock file, durably (in place: the locked file is this inode)."""
+        with open(self.path, "r+", encoding="utf-8") as f:
+            f.truncate(0)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _abandon(self) -> None:
+        """Remove what :meth:`acquire` created: the lock file (safe while it is held, or
+        never taken: ``filelock`` re-checks that a file it locked is still linked) and the
+        folder, if nothing else is in it."""
+        try:
+            if self.created_file:
+                os.unlink(self.path)
+            if self.created_folder:
+                os.rmdir(self.folder)
+        except OSError:
+            pass  # something else is there: keep it
 
     def release(self, *, remove_empty: bool = False) -> None:
-        """Remove the lock file if it is still ours; with ``remove_empty`` also the folder
-        when :meth:`acquire` created it and nothing else was written (a run that failed)."""
+        """Clear the holder from the lock file and let the lock go; with ``remove_empty`` also
+        remove the folder when :meth:`acquire` created it and nothing else was written (a
+        run that failed)."""
         if not self.held:
             return
         self.held = False
-        info = read_lock(self.folder) if os.path.isfile(self.path) else None
-        if info is not None and info.pid == self.pid:
-            try:
-                os.unlink(self.path)
-            except OSError as e:
-                _log.warning("could not remove the run lock %s: %s", self.path, e.strerror or e)
-        if remove_empty and self.created_folder:
-            try:
-                os.rmdir(self.folder)
-            except OSError:
-                pass  # not empty: something was written, keep it
+        try:
+            self._record("")
+        except OSError as e:
+            _log.warning("could not clear the run lock %s: %s", self.path, e.strerror or e)
+        if remove_empty:
+            self._abandon()  # while still locked: no other run is using the file we remove
+        self._lock.release()
+        self._lock = None
 
 
 # --------------------------------------------------------------------------- folder contents
@@ -262,15 +298,16 @@ def folder_is_ours(folder: str, resumed_by_emakit: bool) -> tuple[bool, str]:
     return True, "an emakit run folder written before run markers existed"
 
 
-def write_marker(folder: str) -> None:
-    """Mark ``folder`` as an emakit run folder (kept if present)."""
+def write_marker(folder: str) -> bool:
+    """Mark ``folder`` as an emakit run folder (kept if present); True when it was written now."""
     path = os.path.join(folder, MARKER_NAME)
     if os.path.isfile(path):
-        return
+        return False
     from emakit import __version__
 
     write_text_atomic(path, json.dumps({"tool": "emakit", "version": __version__,
                                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    return True
 
 
 # --------------------------------------------------------------------------- the choice
@@ -294,8 +331,8 @@ def claim_run_folder(wanted: str, *, resume: str | None = None, resumed_by_emaki
             return wanted, RunLock(wanted).acquire()
         _log.warning("--resume %s: its folder %s is not an emakit run folder (%s); its files stay untouched",
                      resume, wanted, why)
-    holder = read_lock(wanted)
-    if holder is not None and named and _alive(holder):
+    holder = lock_holder(wanted) if named else None
+    if holder is not None:
         raise _locked_error(wanted, holder)
     candidate = wanted
     for n in range(1, _MAX_SUFFIX):
