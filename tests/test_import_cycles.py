@@ -16,12 +16,6 @@ from conftest import REPO
 
 PACKAGE = REPO / "emakit"
 
-# issue 20: being removed (the lead restructures the checkpoint layout; the modules' run state
-# gets one owner). Only this exact component is tolerated; any other cycle fails.
-KNOWN_CYCLES = [
-    {"emakit.training.averages", "emakit.training.dcp", "emakit.training.engine", "emakit.training.resume"},
-]
-
 
 def module_files() -> dict[str, Path]:
     """Dotted module name -> file, for every ``.py`` file under ``emakit/``."""
@@ -131,13 +125,5 @@ def test_function_level_imports_are_edges(tmp_path):
 def test_no_import_cycles_among_emakit_modules():
     graph = import_graph()
     assert "emakit.training.plots" in graph and len(graph) > 20  # the walk found the package
-    unexpected = [sorted(c) for c in cycles(graph) if c not in KNOWN_CYCLES]
-    assert not unexpected, f"import cycles (function-level imports count): {unexpected}"
-
-
-def test_the_known_cycle_is_still_exactly_as_listed():
-    """When the lead's restructuring removes (or changes) the known cycle, this fails so the
-    exception is taken out of KNOWN_CYCLES rather than left to cover a new one."""
-    found = cycles(import_graph())
-    for known in KNOWN_CYCLES:
-        assert known in found, f"{sorted(known)} is no longer a cycle: remove it from KNOWN_CYCLES"
+    found = [sorted(c) for c in cycles(graph)]
+    assert not found, f"import cycles (function-level imports count): {found}"

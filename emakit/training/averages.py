@@ -43,21 +43,19 @@ from emakit.posthoc import (Footprint, PowerEMA, SnapshotWriter, budget_max_snap
 
 from . import UsageError, one_line
 from .bn import bn_buffers, recalibrate_bn  # bn_buffers: re-exported, the one BatchNorm walker
-from .dcp import POSTHOC_PROFILES_KEY
 from .distributed import DistInfo, broadcast_ints
-from .resume import check_ema_entry, steps_done
+from .fsdp import broadcast_tensors
+from .state import BN_RECAL, EPOCH, POSTHOC, POSTHOC_PROFILES, check_ema_entry, steps_done
 
 __all__ = ["Averages", "ema_members", "ema_label", "ema_selector", "ema_checkpoint_keys", "ema_checkpoint_state",
            "describe_ema", "bn_buffers", "recalibrated_bn", "auto_posthoc_every", "posthoc_snapshot_cap",
            "PosthocTracker",
-           "posthoc_sweep_command", "POSTHOC_CHECKPOINT_KEY", "POSTHOC_PROFILES_KEY", "BN_RECAL_CHECKPOINT_KEY",
+           "posthoc_sweep_command",
            "SWEEP_SIGMA_RELS"]
 
 _log = logging.getLogger(__name__)
 
 _EmaSet = Union[ModelEMA, MultiEMA]
-POSTHOC_CHECKPOINT_KEY = "posthoc_ema"
-BN_RECAL_CHECKPOINT_KEY = "ema_bn_recal"
 SWEEP_SIGMA_RELS = "0.02,0.05,0.08,0.15"  # the sweep suggested at the end of a post-hoc run
 
 
@@ -253,8 +251,6 @@ class PosthocTracker:
         """Sharded tracker: the profiles' buffers (averaged BatchNorm statistics, not sharded,
         each rank's own) := rank 0's, the ones its snapshots and gathered checkpoints hold, so
         that a DCP folder (which writes one rank's copy of a replicated tensor) holds them too."""
-        from .fsdp import broadcast_tensors
-
         broadcast_tensors([t for k in range(len(self.power.members))
                            for t in self.power.profile_state_dict(k, full=False).values() if not hasattr(t, "to_local")])
 
@@ -463,16 +459,16 @@ class Averages:
         epoch's recalibrated BatchNorm buffers (``{"num_batches": N, "buffers": [per EMA]}``).
         Sharded EMAs: *collective*; ``full`` gathers whole tensors to rank 0 (single file),
         else DTensors over the shards (a DCP folder). A sharded post-hoc tracker's profiles
-        then go under :data:`POSTHOC_PROFILES_KEY` (``{"0": DTensors, "1": ...}``, a sharded
+        then go under :data:`POSTHOC_PROFILES` (``{"0": DTensors, "1": ...}``, a sharded
         key of the folder) and ``posthoc_ema`` keeps its plain values."""
         state = ema_checkpoint_state(self.ema, full=full)
         if self.posthoc is not None:
             posthoc = self.posthoc.state_dict(full=full)
             if self.posthoc.sharded and not full:
-                state[POSTHOC_PROFILES_KEY] = {str(k): p for k, p in enumerate(posthoc.pop("profiles"))}
-            state[POSTHOC_CHECKPOINT_KEY] = posthoc
+                state[POSTHOC_PROFILES] = {str(k): p for k, p in enumerate(posthoc.pop("profiles"))}
+            state[POSTHOC] = posthoc
         if bn_recal:
-            state[BN_RECAL_CHECKPOINT_KEY] = {"num_batches": self.bn_recal, "buffers": bn_recal}
+            state[BN_RECAL] = {"num_batches": self.bn_recal, "buffers": bn_recal}
         return state
 
     def rank_buffers(self) -> list[dict[str, torch.Tensor]]:
@@ -521,7 +517,7 @@ class Averages:
             resume_ema(self.ema, ckpt, path, model, updates_per_epoch=updates_per_epoch)
         if self.posthoc is not None:
             resume_posthoc(self.posthoc, ckpt, path)
-        elif ckpt.get(POSTHOC_CHECKPOINT_KEY) is not None:
+        elif ckpt.get(POSTHOC) is not None:
             _log.info("--resume %s tracked a post-hoc EMA; it stops here (no --model-ema-posthoc)", path)
 
 
@@ -543,7 +539,7 @@ def resume_ema(ema: _EmaSet, ckpt: dict[str, Any], path: str, model: nn.Module, 
     continues its warmup instead of being overwritten by the raw weights.
     """
     members, missing, uncounted = ema_members(ema), [], []
-    steps = steps_done(ckpt["epoch"], updates_per_epoch) if isinstance(ckpt.get("epoch"), int) else 0
+    steps = steps_done(ckpt[EPOCH], updates_per_epoch) if isinstance(ckpt.get(EPOCH), int) else 0
     for i, member in enumerate(members):
         weights_key, meta_key = ema_checkpoint_keys(i)
         if ckpt.get(weights_key) is None:
@@ -559,7 +555,7 @@ def resume_ema(ema: _EmaSet, ckpt: dict[str, Any], path: str, model: nn.Module, 
     if uncounted:
         _log.info("--resume %s has no EMA update counter (a timm checkpoint): set to %d = (epoch %s + 1) x %d "
                   "optimizer steps per epoch, the step timm's train.py continues from", path, steps,
-                  ckpt.get("epoch"), updates_per_epoch)
+                  ckpt.get(EPOCH), updates_per_epoch)
     counter = max((m.num_updates for i, m in enumerate(members) if i not in missing), default=steps)
     for i in missing:
         _log.warning("--resume %s has no weights for %s (%s): it restarts from the resumed weights", path,
@@ -574,7 +570,7 @@ def resume_ema(ema: _EmaSet, ckpt: dict[str, Any], path: str, model: nn.Module, 
 
 def resume_posthoc(posthoc: PosthocTracker, ckpt: dict[str, Any], path: str) -> None:
     """The power EMA's profiles and step from the checkpoint; without them it starts now."""
-    state = ckpt.get(POSTHOC_CHECKPOINT_KEY)
+    state = ckpt.get(POSTHOC)
     if state is None:
         _log.warning("--resume %s has no post-hoc EMA state: the post-hoc EMA starts at the resumed epoch "
                      "(its snapshots cover training from here on; older ones in posthoc/ are deleted)", path)

@@ -215,7 +215,7 @@ def _check_args(args: argparse.Namespace) -> None:
     _check_posthoc_args(args)
     _check_parallel_args(args)
     if args.resume and os.path.isdir(args.resume):
-        from .resume import check_resume_folder
+        from .resume import check_resume_folder  # here, not at the top: --help stays free of the trainer
 
         check_resume_folder(args.resume)
 

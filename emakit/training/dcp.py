@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import re
 import secrets
 import shutil
 import tempfile
@@ -38,35 +37,25 @@ from typing import Any
 
 import torch
 
-__all__ = ["META_FILE", "DCP_LAST", "DCP_BEST", "POSTHOC_PROFILES_KEY", "join_posthoc_profiles", "link_dcp_folder",
-           "is_dcp_folder", "is_sharded_key", "save_dcp", "load_dcp", "read_dcp_meta",
+from .state import OPTIMIZER, POSTHOC, POSTHOC_PROFILES, is_sharded_key
+
+__all__ = ["META_FILE", "DCP_LAST", "DCP_BEST", "join_posthoc_profiles", "link_dcp_folder",
+           "is_dcp_folder", "save_dcp", "load_dcp", "read_dcp_meta",
            "dcp_folder_to_checkpoint", "resolve_dcp_folder", "names_dcp_folder", "load_dcp_training_state"]
 
 META_FILE = "emakit.pt"
 DCP_LAST = "last.dcp"          # train.py --checkpoint-format dcp: the newest checkpoint folder
 DCP_BEST = "model_best.dcp"    # the best epoch's (hard links to the files of that epoch's last.dcp)
 _DCP_METADATA = ".metadata"
-POSTHOC_PROFILES_KEY = "posthoc_ema_profiles"  # a sharded post-hoc tracker's profiles in a DCP folder
-_SHARDED_KEY = re.compile(r"^(state_dict|optimizer|state_dict_ema(_\d+)?|posthoc_ema_profiles)$")
-
-
-def is_sharded_key(key: str) -> bool:
-    """True for the top-level checkpoint keys stored through DCP (``state_dict``,
-    ``optimizer``, ``state_dict_ema``, ``state_dict_ema_<i>``, ``posthoc_ema_profiles``);
-    others go to ``emakit.pt``."""
-    return bool(_SHARDED_KEY.match(key))
-
 
 def join_posthoc_profiles(ckpt: dict[str, Any]) -> dict[str, Any]:
     """``ckpt`` (in place) in the single-file layout of the post-hoc state: the profiles read
     from a folder's ``posthoc_ema_profiles`` go back under ``posthoc_ema["profiles"]`` (a list,
     profile order). The key is dropped; an empty one (nothing read) changes nothing else."""
-    from .averages import POSTHOC_CHECKPOINT_KEY
-
-    profiles = ckpt.pop(POSTHOC_PROFILES_KEY, None)
-    state = ckpt.get(POSTHOC_CHECKPOINT_KEY)
+    profiles = ckpt.pop(POSTHOC_PROFILES, None)
+    state = ckpt.get(POSTHOC)
     if profiles and isinstance(state, dict):
-        ckpt[POSTHOC_CHECKPOINT_KEY] = {**state, "profiles": [profiles[str(k)] for k in range(len(profiles))]}
+        ckpt[POSTHOC] = {**state, "profiles": [profiles[str(k)] for k in range(len(profiles))]}
     return ckpt
 
 
@@ -313,10 +302,10 @@ def dcp_folder_to_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
         out = os.path.join(tmp, "checkpoint.pt")
         dcp_to_torch_save(path, out)
         ckpt = torch.load(out, map_location="cpu", weights_only=True)
-    opt = ckpt.get("optimizer")
+    opt = ckpt.get(OPTIMIZER)
     if isinstance(opt, dict) and opt.get("param_groups") and any(
             isinstance(n, str) for g in opt["param_groups"] for n in g["params"]):
-        ckpt["optimizer"] = optimizer_state_to_ids(opt)
+        ckpt[OPTIMIZER] = optimizer_state_to_ids(opt)
     meta = read_dcp_meta(path)
     if meta:
         ckpt = {**meta.get("plain", {}), **ckpt, "dcp_ranks": meta.get("ranks", [])}

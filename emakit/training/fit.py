@@ -25,7 +25,6 @@ import time
 from typing import Any
 
 from . import UsageError
-from .averages import POSTHOC_CHECKPOINT_KEY
 from .build import seed_all
 from .checkpoints import checkpoint_state, dcp_enabled, save_dcp_checkpoint, sharded_checkpoint_state, write_checked
 from .data import ResumableSampler, epoch_seed, set_epoch
@@ -37,7 +36,7 @@ from .lifecycle import TrainingInterrupted, diverged, last_good_text, rng_state,
 from .outputs import (FitResult, console_logs_above_progress_bars, describe_result, fit_result, report_posthoc,
                       write_summary)
 from .plots import plot_summary_quietly
-from .resume import TRAIN_POSITION_KEY
+from .state import POSTHOC, TRAIN_POSITION
 from .trainer import Trainer, agree
 
 __all__ = ["fit", "run_epoch"]
@@ -94,7 +93,7 @@ def run_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
         tr.summary_rows.append(metrics)
         write_summary(os.path.join(tr.output_dir, "summary.csv"), tr.summary_rows, tr.summary_columns)
         if not dcp:
-            tr.saver.save(state, epoch, metric, last_only_keys=(POSTHOC_CHECKPOINT_KEY,))
+            tr.saver.save(state, epoch, metric, last_only_keys=(POSTHOC,))
 
     write_checked(tr, state, write, f"epoch {epoch}", f"after epoch {epoch}", every_rank=dcp)
     if tr.dist.is_main:
@@ -140,7 +139,7 @@ def _stop_mid_epoch(tr: Trainer, epoch: int, progress: EpochProgress) -> None:
     dcp = dcp_enabled(tr)
     state = (sharded_checkpoint_state if dcp else checkpoint_state)(tr, epoch - 1, None, {})
     if tr.dist.is_main:
-        state[TRAIN_POSITION_KEY] = {
+        state[TRAIN_POSITION] = {
             "epoch": epoch, "steps_done": step, "batches_done": progress.batches,
             "steps_per_epoch": tr.updates_per_epoch, "processes": tr.dist.world_size,
             "batch_size": tr.settings.data.batch_size, "grad_accum_steps": tr.settings.optim.grad_accum_steps,

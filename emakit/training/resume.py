@@ -22,27 +22,34 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from emakit.checkpoint import (CheckpointError, check_state_dict_compat, describe_nonfinite, ema_checkpoint_keys,
-                               ema_indices, load_checkpoint, load_state_dict_strict, nonfinite_names,
-                               previous_intact_checkpoint, strip_prefixes)
+from emakit.checkpoint import (CheckpointError, describe_nonfinite, load_checkpoint, load_state_dict_strict,
+                               nonfinite_names, previous_intact_checkpoint, strip_prefixes)
+from emakit.ema import is_sharded
 
 from . import UsageError, one_line
+from .averages import Averages
+from .dcp import join_posthoc_profiles, load_dcp, names_dcp_folder, read_dcp_meta, resolve_dcp_folder
 from .engine import AmpSettings, EpochProgress
+from .fsdp import (load_full_model_state, load_full_optimizer_state, load_sharded_optimizer_state,
+                   sharded_model_state, sharded_optimizer_state)
+from .rundir import checkpoint_is_emakit
 from .settings import Resolved, TrainSettings
+from .state import (ARCH, ARGS, EPOCH, MODEL, OPTIMIZER, POSTHOC, POSTHOC_PROFILES, SCALER, SCHEDULER, TRAIN_POSITION,
+                    checkpoint_arg, ema_entry_keys)
 
-if TYPE_CHECKING:  # averages imports this module's checks
-    from .averages import Averages
+if TYPE_CHECKING:
     from timm.scheduler.scheduler import Scheduler
 
-__all__ = ["checkpoint_arg", "ema_entry_keys", "normalize_resume_checkpoint", "check_ema_entry",
-           "check_optimizer_state", "steps_done", "warn_batch_change", "TRAIN_POSITION_KEY", "load_resume",
-           "check_resume", "check_resume_finite", "apply_resume", "check_resume_position", "position_scheduler",
-           "load_resume_folder", "check_resume_folder", "fill_resume_folder", "load_optimizer_state"]
+__all__ = ["ResumeSource", "read_resume", "restore", "normalize_resume_checkpoint", "check_optimizer_state",
+           "warn_batch_change", "load_resume", "check_resume", "check_resume_finite", "apply_resume",
+           "check_resume_position", "position_scheduler", "load_resume_folder", "check_resume_folder",
+           "fill_resume_folder", "load_optimizer_state"]
 
 _log = logging.getLogger(__name__)
 
@@ -60,10 +67,6 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
     (``fused`` / ``foreach``): torch would take it from the saved groups, so a checkpoint
     written with the fused kernel would turn it on under ``--no-opt-fused``, or under
     ``--fsdp``, where torch has no kernel for sharded parameters."""
-    from emakit.ema import is_sharded
-
-    from .fsdp import load_full_optimizer_state, load_sharded_optimizer_state
-
     chosen = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
     if _name_keyed(saved):  # from a DCP folder
         load_sharded_optimizer_state(model, optimizer, saved)
@@ -75,17 +78,8 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
         group.update(keep)
 
 
-def checkpoint_arg(ckpt: dict[str, Any], name: str, default: Any = None) -> Any:
-    """A training flag recorded in the checkpoint's ``args`` (ours, or timm's Namespace, which
-    :func:`emakit.checkpoint.load_checkpoint` turns into a dict)."""
-    args = ckpt.get("args")
-    return args.get(name, default) if isinstance(args, dict) else default
 
 
-def ema_entry_keys(ckpt: dict[str, Any]) -> list[tuple[str, str]]:
-    """(weights key, meta key) of every EMA the checkpoint holds: ``state_dict_ema`` / ``ema``,
-    then ``state_dict_ema_<i>`` / ``ema_<i>``."""
-    return [ema_checkpoint_keys(i) for i in ema_indices(ckpt)]
 
 
 def _is_tensor_dict(value: Any) -> bool:
@@ -96,7 +90,7 @@ def _is_tensor_dict(value: Any) -> bool:
 def normalize_resume_checkpoint(ckpt: dict[str, Any], path: str) -> dict[str, Any]:
     """Strip wrapper prefixes from every weights entry and check the shape of the EMA and
     optimizer entries (types, required keys); malformed -> ``UsageError``. Returns ``ckpt``."""
-    for weights_key in ["state_dict"] + [k for k, _ in ema_entry_keys(ckpt)]:
+    for weights_key in [MODEL] + [k for k, _ in ema_entry_keys(ckpt)]:
         value = ckpt.get(weights_key)
         if value is None:
             continue
@@ -110,7 +104,7 @@ def normalize_resume_checkpoint(ckpt: dict[str, Any], path: str) -> dict[str, An
             raise UsageError(f"--resume {path}: {weights_key}: {one_line(e)}") from None
     for weights_key, meta_key in ema_entry_keys(ckpt):
         _check_ema_meta(ckpt.get(meta_key), meta_key, path)
-    _check_optimizer_entry(ckpt.get("optimizer"), path)
+    _check_optimizer_entry(ckpt.get(OPTIMIZER), path)
     return ckpt
 
 
@@ -137,12 +131,6 @@ def _check_optimizer_entry(opt: Any, path: str) -> None:
                          "--no-resume-opt to start a fresh optimizer state")
 
 
-def check_ema_entry(module: torch.nn.Module, state_dict_ema: dict[str, Any], key: str, path: str) -> None:
-    """The EMA weights must have exactly the model's keys and shapes."""
-    try:
-        check_state_dict_compat(module, state_dict_ema)
-    except CheckpointError as e:
-        raise UsageError(f"--resume {path}: {key}: {one_line(e)}") from None
 
 
 def _options(group: dict[str, Any]) -> set[str]:
@@ -177,7 +165,7 @@ def check_optimizer_state(ckpt: dict[str, Any], optimizer: torch.optim.Optimizer
                           opt: str | None, layer_decay: float | None) -> None:
     """``UsageError`` naming the mismatch (``--opt``, ``--layer-decay``, structure) and the fix
     when the checkpoint's optimizer state does not fit this run's optimizer."""
-    saved = ckpt.get("optimizer")
+    saved = ckpt.get(OPTIMIZER)
     if saved is None:
         return
     changed, current = [], {"opt": opt, "layer_decay": layer_decay}
@@ -185,7 +173,7 @@ def check_optimizer_state(ckpt: dict[str, Any], optimizer: torch.optim.Optimizer
         before, now = checkpoint_arg(ckpt, name), current[name]
         if name == "opt" and before is not None:
             before, now = str(before).lower(), str(now).lower()
-        if before != now and (before is not None or now is not None) and ckpt.get("args") is not None:
+        if before != now and (before is not None or now is not None) and ckpt.get(ARGS) is not None:
             changed.append(f"{flag} {before} (checkpoint) vs {now} (now)")
     reason = "; ".join(changed) or _optimizer_mismatch(saved, optimizer)
     if reason:
@@ -196,10 +184,6 @@ def check_optimizer_state(ckpt: dict[str, Any], optimizer: torch.optim.Optimizer
                          f"({reason}); {hint}--no-resume-opt to start a fresh optimizer state")
 
 
-def steps_done(epoch: int, updates_per_epoch: int) -> int:
-    """Optimizer steps a run has taken after finishing ``epoch`` (0-based), counted as
-    timm's train.py counts them: ``(epoch + 1) * updates_per_epoch``."""
-    return (int(epoch) + 1) * int(updates_per_epoch)
 
 
 def warn_batch_change(ckpt: dict[str, Any], path: str, *, batch_size: int, grad_accum_steps: int, lr: float,
@@ -235,7 +219,60 @@ def warn_batch_change(ckpt: dict[str, Any], path: str, *, batch_size: int, grad_
 
 
 # --------------------------------------------------------------------------- the resume flow
-TRAIN_POSITION_KEY = "train_position"  # mid-epoch checkpoints: where the stopped epoch resumes
+@dataclass
+class ResumeSource:
+    """A ``--resume`` checkpoint read and checked before the model exists: the file's entries
+    (a DCP folder's plain ones, its shards read later by :func:`restore`), where a stopped
+    epoch continues (``position``), and whether emakit wrote it (run-folder rules)."""
+
+    path: str
+    ckpt: dict[str, Any]
+    folder: bool
+    position: dict[str, Any] | None
+    by_emakit: bool
+
+    @property
+    def posthoc_state(self) -> dict[str, Any] | None:
+        """The post-hoc tracker's saved state (its snapshot plan), if the checkpoint has one."""
+        return self.ckpt.get(POSTHOC)
+
+
+def read_resume(settings: TrainSettings, world_size: int) -> ResumeSource | None:
+    """The ``--resume`` checkpoint of ``settings`` read and checked (training checkpoint of this
+    ``--model``, well-formed entries, a mid-epoch position this run can continue), or None
+    without ``--resume``. ``UsageError`` for anything that would make the resume unfaithful."""
+    path = settings.run.resume
+    if settings.run.drop_ema and not path:
+        raise UsageError("--drop-ema drops a resumed checkpoint's EMA: it needs --resume PATH")
+    if not path:
+        return None
+    folder = names_dcp_folder(path)
+    ckpt = (load_resume_folder if folder else load_resume)(path, settings.model.name)
+    position = check_resume_position(ckpt, path, world_size=world_size, batch_size=settings.data.batch_size,
+                                     grad_accum_steps=settings.optim.grad_accum_steps)
+    return ResumeSource(path, ckpt, folder, position, checkpoint_is_emakit(ckpt))
+
+
+def restore(src: ResumeSource, settings: TrainSettings, resolved: Resolved, *, model: nn.Module,
+            averages: Averages, optimizer: torch.optim.Optimizer, amp: AmpSettings, lr_scheduler: Scheduler) -> int:
+    """Load ``src`` into this run's parts and return the epoch to start at: a DCP folder's
+    shards are read in this run's layout (*collective*), everything is checked
+    (:func:`check_resume`), then weights, averages, optimizer and scaler are loaded and the LR
+    schedule set to the resumed step. ``src.ckpt`` is released afterwards."""
+    restore_optimizer, per_epoch = settings.run.restore_optimizer, resolved.updates_per_epoch
+    if src.folder:  # the sharded entries, read by every rank into this run's own layout (any world size)
+        fill_resume_folder(src.ckpt, src.path, model=model, averages=averages,
+                           optimizer=optimizer if restore_optimizer else None)
+    check_resume(src.ckpt, src.path, settings, resolved, averages=averages, optimizer=optimizer, model=model)
+    start_epoch = apply_resume(src.ckpt, src.path, model=model, averages=averages, optimizer=optimizer, amp=amp,
+                               restore_optimizer=restore_optimizer, updates_per_epoch=per_epoch)
+    position_scheduler(lr_scheduler, start_epoch, per_epoch, settings.schedule.on_updates,
+                       src.ckpt.get(SCHEDULER) if restore_optimizer else None)
+    if src.position is not None:  # the LR of the step the stopped epoch continues at
+        lr_scheduler.step_update(num_updates=start_epoch * per_epoch + src.position["steps_done"])
+    src.ckpt = {}
+    return start_epoch
+
 
 
 def load_resume(path: str, model_name: str) -> dict[str, Any]:
@@ -251,13 +288,13 @@ def load_resume(path: str, model_name: str) -> dict[str, Any]:
 
 def _check_training_checkpoint(ckpt: dict[str, Any], path: str, model_name: str) -> dict[str, Any]:
     # epoch: the last completed one; -1 only in a checkpoint written inside epoch 0 (train_position)
-    lowest_epoch = -1 if isinstance(ckpt.get(TRAIN_POSITION_KEY), dict) else 0
-    if not isinstance(ckpt.get("state_dict"), dict) or isinstance(ckpt.get("epoch"), bool) \
-            or not isinstance(ckpt.get("epoch"), int) or ckpt["epoch"] < lowest_epoch:
+    lowest_epoch = -1 if isinstance(ckpt.get(TRAIN_POSITION), dict) else 0
+    if not isinstance(ckpt.get(MODEL), dict) or isinstance(ckpt.get(EPOCH), bool) \
+            or not isinstance(ckpt.get(EPOCH), int) or ckpt[EPOCH] < lowest_epoch:
         found = ", ".join(sorted(map(str, ckpt))[:8])
         raise UsageError(f"--resume {path} is not a training checkpoint (keys: {found}); "
                          "it needs state_dict and epoch, as written by train.py")
-    arch = ckpt.get("arch")
+    arch = ckpt.get(ARCH)
     if arch and arch != model_name:
         raise UsageError(f"--resume {path} is a checkpoint of {arch}, but --model is {model_name}; "
                          f"pass --model {arch}")
@@ -269,11 +306,9 @@ def load_resume_folder(path: str, model_name: str) -> dict[str, Any]:
     exists: its plain keys (epoch, arch, args, EMA counters, train_position ...) checked like a
     file's, with empty placeholders for the sharded entries that :func:`fill_resume_folder`
     reads once the model, optimizer and EMAs are built. ``UsageError`` for any other folder."""
-    from .dcp import read_dcp_meta, resolve_dcp_folder
-
     check_resume_folder(path)
     meta = read_dcp_meta(resolve_dcp_folder(path))
-    placeholders = {k: ({"state": {}, "param_groups": []} if k == "optimizer" else {}) for k in meta["sharded_keys"]}
+    placeholders = {k: ({"state": {}, "param_groups": []} if k == OPTIMIZER else {}) for k in meta["sharded_keys"]}
     ckpt = {**meta.get("plain", {}), **placeholders}
     return _check_training_checkpoint(ckpt, path, model_name)
 
@@ -282,8 +317,6 @@ def check_resume_folder(path: str) -> None:
     """``UsageError`` unless ``path`` (a ``--resume`` folder) is a complete checkpoint folder
     written by ``train.py --checkpoint-format dcp``; cheap (reads ``emakit.pt``), run by the
     flag checks before anything else."""
-    from .dcp import read_dcp_meta, resolve_dcp_folder
-
     folder = resolve_dcp_folder(path)
     if folder is None or not read_dcp_meta(folder).get("sharded_keys"):
         raise UsageError(f"--resume {path} is a folder but not a checkpoint folder written by train.py "
@@ -299,20 +332,16 @@ def fill_resume_folder(ckpt: dict[str, Any], path: str, *, model: nn.Module, ave
     stay empty placeholders (``--drop-ema`` / the "more EMAs" warning see them). A sharded
     post-hoc state (``posthoc_ema_profiles``) is read into this run's profiles when their
     sigma_rels match and put back in the single-file layout (``dcp.join_posthoc_profiles``)."""
-    from .averages import POSTHOC_CHECKPOINT_KEY
-    from .dcp import POSTHOC_PROFILES_KEY, join_posthoc_profiles, load_dcp
-    from .fsdp import sharded_model_state, sharded_optimizer_state
-
-    templates: dict[str, Any] = {"state_dict": sharded_model_state(model)}
-    if optimizer is not None and "optimizer" in ckpt:
-        templates["optimizer"] = sharded_optimizer_state(model, optimizer)
+    templates: dict[str, Any] = {MODEL: sharded_model_state(model)}
+    if optimizer is not None and OPTIMIZER in ckpt:
+        templates[OPTIMIZER] = sharded_optimizer_state(model, optimizer)
     for member, (weights_key, _) in zip(averages.members, ema_entry_keys(ckpt)):
         templates[weights_key] = member.state_dict_ema(full=False)
-    tracker, saved = averages.posthoc, ckpt.get(POSTHOC_CHECKPOINT_KEY)
-    if tracker is not None and POSTHOC_PROFILES_KEY in ckpt and isinstance(saved, dict) \
+    tracker, saved = averages.posthoc, ckpt.get(POSTHOC)
+    if tracker is not None and POSTHOC_PROFILES in ckpt and isinstance(saved, dict) \
             and [float(x) for x in saved.get("sigma_rels", [])] == list(tracker.power.sigma_rels):
         # (other sigma_rels: left empty, resume_posthoc names the mismatch)
-        templates[POSTHOC_PROFILES_KEY] = {str(k): p for k, p in enumerate(tracker.power.state_dict(full=False)
+        templates[POSTHOC_PROFILES] = {str(k): p for k, p in enumerate(tracker.power.state_dict(full=False)
                                                                              ["profiles"])}
     try:
         load_dcp(path, templates)
@@ -348,10 +377,8 @@ def check_resume_finite(ckpt: dict[str, Any], path: str, *, model: nn.Module | N
     (not with ``--no-resume-opt``; EMAs not with ``--drop-ema``). Tensors that the freshly
     built ``model`` holds non-finite by design (masks) are left out, as the checkpoint writer
     leaves them out. A sharded model's ranks each check their shards and agree (*collective*)."""
-    from emakit.ema import is_sharded
-
     skip = set(nonfinite_names(list(model.state_dict().items()))) if model is not None else set()
-    skip |= set() if restore_optimizer else {"optimizer"}
+    skip |= set() if restore_optimizer else {OPTIMIZER}
     skip |= {k for k, _ in ema_entry_keys(ckpt)} if drop_ema else set()
     problem = describe_nonfinite(ckpt, skip_keys=frozenset(skip))
     if model is not None and is_sharded(model) and torch.distributed.is_initialized():
@@ -376,16 +403,12 @@ def apply_resume(ckpt: dict[str, Any], path: str, *, model: nn.Module, averages:
     ``--epochs`` extends the cosine instead of replaying the old one (timm does the same).
     ``updates_per_epoch`` sets the EMA update counter of a checkpoint that has none (timm's).
     """
-    from emakit.ema import is_sharded
-
-    from .fsdp import load_full_model_state
-
     sharded = is_sharded(model)
     try:
         if sharded:  # whole tensors (a file from any writer) or DTensors (a DCP folder): each rank cuts its shards
-            load_full_model_state(model, ckpt["state_dict"])
+            load_full_model_state(model, ckpt[MODEL])
         else:
-            load_state_dict_strict(model, {k: _whole(v) for k, v in ckpt["state_dict"].items()})
+            load_state_dict_strict(model, {k: _whole(v) for k, v in ckpt[MODEL].items()})
     except CheckpointError as e:
         raise UsageError(f"--resume {path}: {one_line(e)}") from None
     except RuntimeError as e:
@@ -393,20 +416,20 @@ def apply_resume(ckpt: dict[str, Any], path: str, *, model: nn.Module, averages:
     averages.load_resume(ckpt, path, model, updates_per_epoch=updates_per_epoch)
     if restore_optimizer:
         try:
-            if ckpt.get("optimizer") is not None:
-                load_optimizer_state(model, optimizer, ckpt["optimizer"])
-            if amp.scaler is not None and ckpt.get("amp_scaler"):
-                amp.scaler.load_state_dict(ckpt["amp_scaler"])
+            if ckpt.get(OPTIMIZER) is not None:
+                load_optimizer_state(model, optimizer, ckpt[OPTIMIZER])
+            if amp.scaler is not None and ckpt.get(SCALER):
+                amp.scaler.load_state_dict(ckpt[SCALER])
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise UsageError(f"--resume {path}: cannot restore the optimizer state ({one_line(e)[:200]});"
                              " pass --no-resume-opt to start a fresh optimizer state") from None
-    start_epoch = int(ckpt["epoch"]) + 1
-    position = ckpt.get(TRAIN_POSITION_KEY)
+    start_epoch = int(ckpt[EPOCH]) + 1
+    position = ckpt.get(TRAIN_POSITION)
     if isinstance(position, dict):
         _log.info("resumed from %s: stopped in epoch %d after step %s, continuing there", path, start_epoch,
                   position.get("steps_done"))
     else:
-        _log.info("resumed from %s: epoch %d done, continuing at epoch %d", path, ckpt["epoch"], start_epoch)
+        _log.info("resumed from %s: epoch %d done, continuing at epoch %d", path, ckpt[EPOCH], start_epoch)
     return start_epoch
 
 
@@ -426,10 +449,10 @@ def check_resume_position(ckpt: dict[str, Any], path: str, *, world_size: int, b
     Continuing a stopped epoch exactly needs the same process count, batch size and
     accumulation (they fix which samples each rank has seen); otherwise a ``UsageError``
     names what differs and the way out (the epoch-end checkpoint)."""
-    position = ckpt.get(TRAIN_POSITION_KEY)
+    position = ckpt.get(TRAIN_POSITION)
     if position is None:
         return None
-    malformed = UsageError(f"--resume {path}: its {TRAIN_POSITION_KEY} entry is malformed; resume from an "
+    malformed = UsageError(f"--resume {path}: its {TRAIN_POSITION} entry is malformed; resume from an "
                            "epoch-end checkpoint (checkpoint-<epoch>.pth.tar) instead")
     ranks = position.get("ranks") if isinstance(position, dict) else None
     if not isinstance(ranks, list) or not all(isinstance(r, dict) and isinstance(r.get("rng"), dict)
@@ -449,7 +472,7 @@ def check_resume_position(ckpt: dict[str, Any], path: str, *, world_size: int, b
         raise UsageError(f"--resume {path} stopped in the middle of epoch {position.get('epoch')}; continuing "
                          f"it needs the same {', '.join(now)} ({'; '.join(differ)}): use those, or "
                          + (f"resume from checkpoint-{int(ckpt['epoch'])}.pth.tar (the end of the epoch before)"
-                            if int(ckpt["epoch"]) >= 0 else "start a fresh run"))
+                            if int(ckpt[EPOCH]) >= 0 else "start a fresh run"))
     return position
 
 

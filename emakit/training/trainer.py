@@ -22,7 +22,7 @@ from torch import nn
 from emakit.checkpoint import CheckpointSaver, nonfinite_names, remove_stale_temp_files
 
 from . import UsageError
-from .averages import POSTHOC_CHECKPOINT_KEY, Averages
+from .averages import Averages
 from .build import (build_amp, build_averages, build_guard, build_loaders, build_losses, build_model, build_optimizer,
                     build_scheduler, check_compile_backend, load_data, resolve_lr, seed_all, wrap_ddp)
 from .bn import has_batchnorm
@@ -32,11 +32,9 @@ from .engine import AmpSettings, NonfiniteGuard
 from .lifecycle import LastGood, StopSignals
 from .logs import LogSetup
 from .outputs import choose_output_dir, log_posthoc_folder, prepare_output_dir, read_summary, summary_columns
-from .dcp import names_dcp_folder
 from .fsdp import apply_fsdp, broadcast_buffers_before_forward
-from .resume import (apply_resume, check_resume, check_resume_position, fill_resume_folder, load_resume,
-                     load_resume_folder, position_scheduler)
-from .rundir import RunLock, checkpoint_is_emakit
+from .resume import read_resume, restore
+from .rundir import RunLock
 from .settings import Resolved, TrainSettings
 
 if TYPE_CHECKING:
@@ -102,14 +100,7 @@ def _resolved_flags(settings: TrainSettings, resolved: Resolved) -> dict[str, An
 
 def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
     data, num_classes = load_data(s.data, s.run.seed)
-    if s.run.drop_ema and not s.run.resume:
-        raise UsageError("--drop-ema drops a resumed checkpoint's EMA: it needs --resume PATH")
-    path = s.run.resume
-    dcp_resume = bool(path) and names_dcp_folder(path)
-    ckpt = (load_resume_folder if dcp_resume else load_resume)(path, s.model.name) if path else None
-    ckpt_is_ours = ckpt is not None and checkpoint_is_emakit(ckpt)
-    resume_position = check_resume_position(ckpt, path, world_size=dist.world_size, batch_size=s.data.batch_size,
-                                            grad_accum_steps=s.optim.grad_accum_steps) if ckpt else None
+    resume = read_resume(s, dist.world_size)  # checked before anything is built or written
     lr = resolve_lr(s.optim, s.data.batch_size, dist.world_size)
     seed_all(s.run.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     check_compile_backend(s.model.compile_backend)
@@ -125,33 +116,22 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
                         total_steps=updates_per_epoch * s.schedule.epochs, img_size=data_config["input_size"][-1],
                         global_batch_size=s.data.batch_size * dist.world_size * s.optim.grad_accum_steps)
     averages = build_averages(s.ema, model_without_ddp, dist, resolved, model_name=s.model.name,
-                              saved_posthoc=ckpt.get(POSTHOC_CHECKPOINT_KEY) if ckpt else None)
+                              saved_posthoc=resume.posthoc_state if resume else None)
     optimizer = build_optimizer(s.optim, model_without_ddp, lr, sharded=s.parallel.fsdp)
     lr_scheduler = build_scheduler(s.schedule, optimizer, updates_per_epoch, eval_metric=s.run.eval_metric)
     amp = build_amp(s.run, dist.device, sharded=s.parallel.fsdp)
-    start_epoch = 0
-    if ckpt is not None:
-        if dcp_resume:  # the sharded entries, read by every rank into this run's own layout (any world size)
-            fill_resume_folder(ckpt, path, model=model_without_ddp, averages=averages,
-                               optimizer=optimizer if s.run.restore_optimizer else None)
-        check_resume(ckpt, path, s, resolved, averages=averages, optimizer=optimizer, model=model_without_ddp)
-        start_epoch = apply_resume(ckpt, path, model=model_without_ddp, averages=averages, optimizer=optimizer,
-                                   amp=amp, restore_optimizer=s.run.restore_optimizer,
-                                   updates_per_epoch=updates_per_epoch)
-        position_scheduler(lr_scheduler, start_epoch, updates_per_epoch, s.schedule.on_updates,
-                           ckpt.get("scheduler") if s.run.restore_optimizer else None)
-        if resume_position is not None:  # the LR of the step the stopped epoch continues at
-            lr_scheduler.step_update(num_updates=start_epoch * updates_per_epoch + resume_position["steps_done"])
-        del ckpt
+    start_epoch = 0 if resume is None else restore(resume, s, resolved, model=model_without_ddp, averages=averages,
+                                                   optimizer=optimizer, amp=amp, lr_scheduler=lr_scheduler)
     if s.model.compile_backend:
         model = torch.compile(model, backend=s.model.compile_backend)  # after DDP, as timm does
     train_loss_fn, eval_loss_fn, mixup_fn = build_losses(s.loss, num_classes, dist.device)
     return dict(resolved=resolved, data=data, model=model, model_without_ddp=model_without_ddp, averages=averages,
                 optimizer=optimizer, lr_scheduler=lr_scheduler, amp=amp, train_loader=train_loader,
                 eval_loader=eval_loader, train_loss_fn=train_loss_fn, eval_loss_fn=eval_loss_fn, mixup_fn=mixup_fn,
-                start_epoch=start_epoch, resumed_by_emakit=ckpt_is_ours, resume_position=resume_position,
-                guard=build_guard(s.run), flags=_resolved_flags(s, resolved),
-                last_good=(os.path.abspath(path), "the checkpoint this run resumed from") if path else None,
+                start_epoch=start_epoch, resumed_by_emakit=bool(resume and resume.by_emakit),
+                resume_position=resume.position if resume else None, guard=build_guard(s.run),
+                flags=_resolved_flags(s, resolved),
+                last_good=(os.path.abspath(resume.path), "the checkpoint this run resumed from") if resume else None,
                 nonfinite_at_start=frozenset(nonfinite_names(list(model_without_ddp.state_dict().items()))))
 
 
