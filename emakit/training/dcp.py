@@ -50,8 +50,8 @@ import torch
 
 from . import UsageError, one_line
 
-__all__ = ["DamagedFolder", "META_FILE", "DCP_LAST", "DCP_BEST", "POSTHOC_PROFILES_KEY", "join_posthoc_profiles", "link_dcp_folder",
-           "is_dcp_folder", "is_sharded_key", "save_dcp", "load_dcp", "read_dcp_meta",
+__all__ = ["DamagedFolder", "META_FILE", "DCP_LAST", "DCP_BEST", "POSTHOC_PROFILES_KEY", "join_posthoc_profiles",
+           "link_dcp_folder", "is_dcp_folder", "is_sharded_key", "save_dcp", "load_dcp", "read_dcp_meta",
            "dcp_folder_to_checkpoint", "resolve_dcp_folder", "names_dcp_folder", "load_dcp_training_state"]
 
 META_FILE = "emakit.pt"
@@ -133,7 +133,10 @@ def _read_metadata(folder: str) -> Any:
         name = getattr(info, "relative_path", None)
         if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
             raise DamagedFolder(folder, _DCP_METADATA, f"names a file outside the folder ({name!r})")
-        ends[name] = max(ends.get(name, 0), int(info.offset) + int(info.length))
+        try:
+            ends[name] = max(ends.get(name, 0), int(info.offset) + int(info.length))
+        except (AttributeError, TypeError, ValueError):
+            raise DamagedFolder(folder, _DCP_METADATA, "is not DCP metadata") from None
     for name, end in sorted(ends.items()):
         try:
             size = os.stat(os.path.join(folder, name)).st_size
