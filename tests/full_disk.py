@@ -5,9 +5,9 @@
 MODE ``files``: every atomic write of a file (emakit's temp files ``.<name>.<8 hex>.tmp``) has
 its data written, then ``fsync`` fails with ENOSPC, as on a disk that is full when the data
 is flushed; whatever the writer (torch.save, safetensors, PNG, text), the real atomic-write
-path runs. MODE ``dcp:N``: the N-th ``torch.distributed.checkpoint`` save of the process finds
-the disk full while writing its shards: part of an item is written, then the RuntimeError
-torch's own zip writer raises on a full disk (``unexpected pos``).
+path runs. MODE ``dcp:N`` (``dcp:N:R``: on rank R only): the N-th ``torch.distributed.checkpoint``
+save of the process finds the disk full while writing its shards: part of an item is written,
+then the RuntimeError torch's own zip writer raises on a full disk (``unexpected pos``).
 
 The process exits with the CLI's status (``lifecycle.exit_process``: no interpreter teardown).
 """
@@ -37,8 +37,11 @@ def _full_files() -> None:
     os.fsync = fsync
 
 
-def _full_at_dcp_save(n: int) -> None:
+def _full_at_dcp_save(n: int, rank: str | None) -> None:
     from torch.distributed.checkpoint import filesystem
+
+    if rank is not None and os.environ.get("RANK", "0") != rank:
+        return
 
     real_write_data, real_write_item, saves = filesystem.FileSystemWriter.write_data, filesystem._write_item, []
 
@@ -62,7 +65,8 @@ def main() -> None:
     if mode == "files":
         _full_files()
     else:
-        _full_at_dcp_save(int(mode.split(":", 1)[1]))
+        _, n, *rank = mode.split(":")
+        _full_at_dcp_save(int(n), rank[0] if rank else None)
     if rest[0] == "-m":
         sys.argv = [rest[1], *rest[2:]]
         runpy.run_module(rest[1], run_name="__main__", alter_sys=True)

@@ -232,8 +232,8 @@ def _assert_dcp_stop(proc: subprocess.CompletedProcess, run: Path) -> None:
     assert len(lines) == 1 and proc.stderr.strip().splitlines()[-1] == lines[0], proc.stderr[-3000:]
     assert re.fullmatch(rf"{T}could not write the outputs of epoch 1 \({re.escape(str(last))}\): No space left on "
                         rf"device; the last good checkpoint is {re.escape(str(last))} \(epoch 0\); free space \(or "
-                        rf"fix the folder\), then resume with: python \S*train\.py .* --resume {re.escape(str(last))}",
-                        lines[0]), lines[0]
+                        rf"fix the folder\), then resume with: (python|torchrun) .*train\.py .* --resume "
+                        rf"{re.escape(str(last))}", lines[0]), lines[0]
     assert dcp_folder_to_checkpoint(last)["epoch"] == 0  # intact, and the epoch it says
     assert not [p.name for p in run.iterdir() if ".dcp-" in p.name or p.name.endswith(".tmp")]
 
@@ -244,6 +244,25 @@ def test_a_full_disk_while_writing_a_dcp_folder_stops_like_the_file_format(tmp_p
     proc = _run([REPO / "tests" / "full_disk.py", "dcp:2", REPO / "train.py", image_folder, *FAST_ARGS,
                  "--epochs", "3", "--checkpoint-format", "dcp", "--output", tmp_path, "--experiment", "run"])
     _assert_dcp_stop(proc, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_under_torchrun_one_ranks_full_disk_stops_every_rank_with_exit_2(tmp_path, image_folder):
+    """Rank 1 alone finds the disk full at the second save: DCP tells every rank, each exits 2,
+    the stop line is printed once and the temp folder is gone."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this python")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "full_disk.py"),
+                           "dcp:2:1", str(REPO / "train.py"), str(image_folder), *FAST_ARGS, "--epochs", "3",
+                           "--checkpoint-format", "dcp", "--output", str(tmp_path), "--experiment", "run"],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=str(tmp_path))
+    reported = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", proc.stderr))
+    assert proc.returncode == 1 and set(reported.values()) <= {"2", "-15"} and "2" in reported.values(), \
+        proc.stderr[-4000:]
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("train.py: ")]
+    assert len(ours) == 1, proc.stderr[-4000:]
+    _assert_dcp_stop(subprocess.CompletedProcess([], 2, "", ours[0] + "\n"), tmp_path / "run")
 
 
 @pytest.mark.slow

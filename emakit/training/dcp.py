@@ -386,10 +386,10 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
         with _single_process_quiet():
             save(sharded, storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=not _distributed())
     except BaseException as e:  # DCP's CheckpointException is a BaseException; every rank gets it
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) or not (is_disk_full(e) or _chained_os_error(e)):
+            raise  # not a failed write (a rank died, ...): the next save deletes the temp folder
         if rank == 0:  # every rank's writes ended before DCP raised (its results are gathered first)
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (KeyboardInterrupt, SystemExit)) or not (is_disk_full(e) or _chained_os_error(e)):
-            raise
         raise _folder_error(folder, _write_error(e)) from None
     if rank == 0:  # DCP returns on every rank after its coordinator wrote .metadata: the folder is complete
         error = _put_in_place(tmp, folder, old)
