@@ -135,6 +135,24 @@ def test_resume_from_a_damaged_folder_stops_before_writing(case, dcp_checkpoint,
 
 
 @pytest.mark.slow
+def test_a_damaged_model_best_beside_an_intact_last_is_replaced(dcp_checkpoint, tmp_path, image_folder):
+    """Resuming from an intact last.dcp whose model_best.dcp is damaged is not an error: a
+    warning names it, and the next epoch's folder replaces it."""
+    run = tmp_path / "run"
+    shutil.copytree(dcp_checkpoint.parent, run)
+    best_meta = run / "model_best.dcp" / "emakit.pt"
+    best_meta.unlink()  # a hard link to last.dcp's file: a new file damages model_best alone
+    best_meta.write_bytes(b"\0" * 100)
+    proc = _run([REPO / "train.py", image_folder, *FAST_ARGS, "--epochs", "2", "--checkpoint-format", "dcp",
+                 "--resume", run / "last.dcp"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{run / 'model_best.dcp'} is damaged (emakit.pt cannot be read)" in proc.stderr
+    from emakit.training.dcp import read_dcp_meta
+
+    assert read_dcp_meta(run / "model_best.dcp")["plain"]["epoch"] == 1
+
+
+@pytest.mark.slow
 def test_a_code_running_value_in_a_shard_is_refused(tmp_path, image_folder):
     """DCP itself loads a shard's non-tensor values with weights_only=False (torch's
     dcp_to_torch_save runs this code); ours refuses them."""

@@ -91,8 +91,9 @@ def _dcp_run_folder(tr: Trainer) -> str:
         if tr.start_epoch > 0 and is_dcp_folder(best):
             try:
                 tr.dcp_best = read_dcp_meta(best).get("plain", {}).get("metric")
-            except DamagedFolder as e:  # the next best epoch replaces it
-                _log.warning("%s; it is replaced at the next best epoch", e)
+            except DamagedFolder as e:  # no best so far: the next epoch's folder replaces it
+                _log.warning("%s is damaged (%s cannot be read): the next epoch's checkpoint replaces it",
+                             e.folder, e.name)
     return tr.dcp_folder
 
 
