@@ -41,7 +41,6 @@ import pickle
 import re
 import secrets
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
