@@ -59,6 +59,7 @@ __all__ = [
     "find_unplain",
     "nonfinite_names",
     "fsync_dir",
+    "is_disk_full",
     "safe_torch_load",
     "remove_stale_temp_files",
     "write_text_atomic",
@@ -205,7 +206,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as error:
-        full = isinstance(error, RuntimeError) and _disk_full(folder)  # measured while the temp file still exists
+        full = not isinstance(error, OSError) and (is_disk_full(error) or (
+            isinstance(error, RuntimeError) and _disk_full(folder)))  # measured while the temp file still exists
         with contextlib.suppress(OSError):
             os.remove(tmp)
         if full:
@@ -226,6 +228,33 @@ def _drop_tracebacks(error: BaseException | None) -> None:
         seen.add(id(error))
         error.__traceback__ = None
         error = error.__context__ or error.__cause__
+
+
+# How writers that are not Python's say "disk full": torch's C++ zip writer ("unexpected pos"),
+# safetensors' Rust writer ("os error 28"), and the strerror of ENOSPC / EDQUOT.
+_DISK_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os error (28|122)\b|unexpected pos")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True when ``error`` or an exception chained to it (``__cause__``, ``__context__``, the
+    per-rank failures of torch.distributed.checkpoint's ``CheckpointException``) says the disk
+    is full: errno ENOSPC / EDQUOT, or the words torch's and safetensors' writers use."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return True
+        elif _DISK_FULL_TEXT.search(str(e)):
+            return True
+        failures = getattr(e, "failures", None)
+        failures = failures.values() if isinstance(failures, dict) else ()
+        todo += [e.__cause__, e.__context__, *(f[0] if isinstance(f, tuple) else getattr(f, "exc", None)
+                                               for f in failures)]
+    return False
 
 
 def _disk_full(folder: str, slack: int = 1 << 20) -> bool:

@@ -9,6 +9,7 @@ buffers of that epoch), ``train_position`` (mid-epoch files).
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 
 from emakit.checkpoint import find_nonfinite
 
-from .dcp import DCP_BEST, DCP_LAST, is_dcp_folder, link_dcp_folder, read_dcp_meta, save_dcp
+from .dcp import DCP_BEST, DCP_LAST, DamagedFolder, is_dcp_folder, link_dcp_folder, read_dcp_meta, save_dcp
 from .distributed import all_reduce_sum, gather_objects
 from .fsdp import (broadcast_buffers, full_model_state, full_optimizer_state, sharded_model_state,
                    sharded_optimizer_state)
@@ -26,6 +27,8 @@ from .trainer import Trainer
 
 __all__ = ["CHECKPOINT_VERSION", "checkpoint_state", "sharded_checkpoint_state", "dcp_enabled", "save_dcp_checkpoint",
            "write_checked"]
+
+_log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 2  # timm writes version 2 with the same keys
 
@@ -86,7 +89,11 @@ def _dcp_run_folder(tr: Trainer) -> str:
         tr.dcp_folder = gather_objects(tr.output_dir, tr.dist)[0]
         best = os.path.join(tr.dcp_folder, DCP_BEST)
         if tr.start_epoch > 0 and is_dcp_folder(best):
-            tr.dcp_best = read_dcp_meta(best).get("plain", {}).get("metric")
+            try:
+                tr.dcp_best = read_dcp_meta(best).get("plain", {}).get("metric")
+            except DamagedFolder as e:  # no best so far: the next epoch's folder replaces it
+                _log.warning("%s is damaged (%s cannot be read): the next epoch's checkpoint replaces it",
+                             e.folder, e.name)
     return tr.dcp_folder
 
 

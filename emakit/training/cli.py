@@ -271,12 +271,14 @@ def _run_validate(argv: list[str]) -> list[str]:
 
 # --------------------------------------------------------------------------- plot
 def _cmd_plot(s: PlotSettings) -> list[str]:
+    from .outputs import writing_output
     from .plots import plot_summary
 
     if not os.path.isfile(s.summary_csv):
         raise UsageError(f"{s.summary_csv}: no such file (give output/<run>/summary.csv)")
     try:
-        out = plot_summary(s.summary_csv, s.output)
+        with writing_output(s.output or os.path.join(os.path.dirname(s.summary_csv), "summary.png")):
+            out = plot_summary(s.summary_csv, s.output)
     except (ValueError, KeyError) as e:
         raise UsageError(f"{s.summary_csv}: not a training summary ({e})") from None
     return [f"wrote {out}"]

@@ -11,21 +11,21 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from emakit.checkpoint import write_text_atomic
 
-from . import UsageError
+from . import UsageError, one_line
 from .averages import PosthocTracker, ema_label, ema_selector, posthoc_sweep_command
 from .config import args_to_yaml
 from .rundir import MARKER_NAME, RunLock, claim_run_folder, write_marker
 
 __all__ = ["SUMMARY_COLUMNS", "summary_columns", "read_summary", "write_summary", "wanted_output_dir",
            "choose_output_dir", "prepare_output_dir", "FitResult", "best_in_column", "best_of_emas",
-           "fit_result", "describe_result",
+           "fit_result", "describe_result", "writing_output",
            "console_logs_above_progress_bars", "report_posthoc", "log_posthoc_folder"]
 
 _log = logging.getLogger(__name__)
@@ -33,6 +33,26 @@ _log = logging.getLogger(__name__)
 SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5",
                    "ema_eval_loss", "ema_eval_top1", "ema_eval_top5", "lr"]
 _EVAL_KEYS = ("loss", "top1", "top5")
+
+
+# --------------------------------------------------------------------------- output files
+WRITE_FIX = "free space on that disk or write to another folder, then run the command again"
+
+
+@contextlib.contextmanager
+def writing_output(path: str) -> Iterator[None]:
+    """Around the write of the output file ``path`` of a command (``emakit export -o``,
+    ``validate.py --export-ema`` / ``--results-file``, ``emakit plot``, post-hoc weights): an
+    ``OSError`` (a full disk, a read-only folder) becomes one :class:`UsageError` line naming
+    the file, what happened and the fix (exit 2). The writes inside are atomic
+    (``emakit.checkpoint.atomic_write``), so no partial or temporary file is left."""
+    from emakit.checkpoint import is_disk_full
+
+    try:
+        yield
+    except OSError as e:
+        why = "no space left on device" if is_disk_full(e) else (e.strerror or one_line(e))
+        raise UsageError(f"could not write {path}: {why}; {WRITE_FIX}") from None
 
 
 # --------------------------------------------------------------------------- run folder

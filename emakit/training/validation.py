@@ -50,6 +50,7 @@ from .data import (AugmentConfig, DeviceLoader, ImageListDataset, build_eval_loa
                    load_digits_splits, scan_split)
 from .distributed import DistInfo
 from .engine import AmpSettings, EvalTarget, evaluate_many
+from .outputs import writing_output
 from .validate_config import CHECKPOINT_EXTENSIONS, EVAL_DATA_KEYS as _DATA_KEYS, ValidateSettings
 
 __all__ = [
@@ -465,8 +466,10 @@ def _table_text(rows: Sequence[Mapping[str, Any]], fmt: str) -> str:
 
 
 def write_results(records: Sequence[ResultRecord], path: str, fmt: str) -> None:
-    """All records as CSV (one row each, ``RESULT_FIELDS`` columns) or a JSON list, atomically."""
-    write_text_atomic(path, _table_text([r.as_dict() for r in records], fmt))
+    """All records as CSV (one row each, ``RESULT_FIELDS`` columns) or a JSON list, atomically;
+    a failed write (a full disk) is a one-line ``UsageError`` (:func:`~.outputs.writing_output`)."""
+    with writing_output(path):
+        write_text_atomic(path, _table_text([r.as_dict() for r in records], fmt))
 
 
 def export_weights(state_dict: Mapping[str, torch.Tensor], path: str, *, arch: str | None,
@@ -475,7 +478,8 @@ def export_weights(state_dict: Mapping[str, torch.Tensor], path: str, *, arch: s
     """Write one weight set alone, unprefixed, atomically: ``.safetensors`` (metadata arch,
     num_classes, weights, source, and ``args``: the eval-transform settings as JSON, so that
     validate.py scores the file as the checkpoint) or, for any other name, a bare state
-    dict ``torch.save``. The labels must fit the weights (:func:`check_weights_fit`)."""
+    dict ``torch.save``. The labels must fit the weights (:func:`check_weights_fit`). A failed write
+    (a full disk) is a one-line ``UsageError``."""
     tensors = dict(strip_prefixes(state_dict))
     if arch and num_classes:
         check_weights_fit(tensors, arch, num_classes, output=path, in_chans=_in_chans(train_args or {}))
@@ -485,10 +489,11 @@ def export_weights(state_dict: Mapping[str, torch.Tensor], path: str, *, arch: s
         meta["arch"] = arch
     if num_classes:
         meta["num_classes"] = str(int(num_classes))
-    if path.lower().endswith(".safetensors"):
-        save_safetensors(tensors, path, metadata=meta)
-    else:
-        save_checkpoint(tensors, path)
+    with writing_output(path):
+        if path.lower().endswith(".safetensors"):
+            save_safetensors(tensors, path, metadata=meta)
+        else:
+            save_checkpoint(tensors, path)
 
 
 def timm_load_hint(arch: str, path: str, num_classes: int) -> str:
@@ -566,7 +571,8 @@ def save_posthoc_weights(path: str, state_dict: Mapping[str, torch.Tensor], *, s
 
     Nothing is written unless the labels fit: the weights (and the reference's raw weights)
     have ``arch``'s parameter names and shapes with ``num_classes`` classes, and every tensor
-    is finite; else a ``UsageError`` naming what differs and the fix."""
+    is finite; else a ``UsageError`` naming what differs and the fix. A failed write (a full disk) is a
+    one-line ``UsageError``."""
     _check_posthoc_output(path, state_dict, arch=arch, num_classes=num_classes, snapshot_dir=snapshot_dir,
                           reference=reference or {}, reference_path=reference_path or "")
     info = {"sigma_rel": float(sigma_rel), "step": int(step), "snapshot_dir": os.path.abspath(snapshot_dir),
@@ -575,14 +581,16 @@ def save_posthoc_weights(path: str, state_dict: Mapping[str, torch.Tensor], *, s
         meta = {"format": "pt", "weights": "ema", "posthoc": json.dumps(info),
                 "args": _export_args(_train_args(reference or {}), arch, num_classes)}
         meta.update({k: str(v) for k, v in (("arch", arch), ("num_classes", num_classes)) if v})
-        save_safetensors(strip_prefixes(state_dict), path, metadata=meta)
+        with writing_output(path):
+            save_safetensors(strip_prefixes(state_dict), path, metadata=meta)
         return
     ref = reference or {}
     state: dict[str, Any] = {"arch": arch, "epoch": ref.get("epoch"), "version": ref.get("version"),
                              "state_dict_ema": dict(state_dict), "args": _train_args(ref), "posthoc": info}
     if ref.get("state_dict") is not None:
         state["state_dict"] = strip_prefixes(ref["state_dict"])
-    save_checkpoint(state, path)
+    with writing_output(path):
+        save_checkpoint(state, path)
 
 
 def _check_posthoc_output(path: str, state_dict: Mapping[str, torch.Tensor], *, arch: str | None,
@@ -682,11 +690,13 @@ def write_sweep_outputs(rows: Sequence[SweepRow], best: int, out_dir: str, fmt: 
     sweep_id, sweep_time = new_sweep_id()
     new = [{"sweep_id": sweep_id, "sweep_time": sweep_time, **r.record.as_dict(), "best": i == best}
            for i, r in enumerate(rows)]
-    write_text_atomic(table, _table_text(earlier + new, fmt))
+    with writing_output(table):
+        write_text_atomic(table, _table_text(earlier + new, fmt))
     written = [table]
     sweeps = _sweep_series(earlier + new)
-    png = plot_sweeps(sweeps, os.path.join(out_dir, "posthoc_sweep.png"),
-                      title=f"post-hoc EMA sweeps ({len(sweeps)}), top-1 vs EMA length")
+    png_path = os.path.join(out_dir, "posthoc_sweep.png")
+    with writing_output(png_path):
+        png = plot_sweeps(sweeps, png_path, title=f"post-hoc EMA sweeps ({len(sweeps)}), top-1 vs EMA length")
     written.append(str(png))
     return written
 
