@@ -86,20 +86,20 @@ def ema_keys(i: int) -> tuple[str, str]:
 
 def full_checkpoint(model, opt, emas, epoch: int) -> dict:
     """A single-file checkpoint dict, gathered (collective); meaningful on rank 0."""
-    from emakit.training.fsdp import training_state
+    from emakit.training.state import training_state
 
     return {**training_state(model, opt, emas, full=True), "epoch": epoch}
 
 
 def sharded_checkpoint(model, opt, emas, epoch: int) -> dict:
     """The same keys in sharded form, for save_dcp."""
-    from emakit.training.fsdp import training_state
+    from emakit.training.state import training_state
 
     return {**training_state(model, opt, emas, full=False), "epoch": epoch}
 
 
 def load_full(model, opt, emas, ckpt: dict) -> None:
-    from emakit.training.fsdp import load_training_state
+    from emakit.training.state import load_training_state
 
     load_training_state(model, opt, emas, ckpt)
 

@@ -45,7 +45,7 @@ from . import UsageError, one_line
 from .bn import bn_buffers, recalibrate_bn  # bn_buffers: re-exported, the one BatchNorm walker
 from .distributed import DistInfo, broadcast_ints
 from .fsdp import broadcast_tensors
-from .state import BN_RECAL, EPOCH, POSTHOC, POSTHOC_PROFILES, check_ema_entry, steps_done
+from .state import BN_RECAL, EPOCH, POSTHOC, POSTHOC_PROFILES, check_ema_entry, ema_entries, steps_done
 
 __all__ = ["Averages", "ema_members", "ema_label", "ema_selector", "ema_checkpoint_keys", "ema_checkpoint_state",
            "describe_ema", "bn_buffers", "recalibrated_bn", "auto_posthoc_every", "posthoc_snapshot_cap",
@@ -78,15 +78,8 @@ def ema_selector(index: int) -> str:
 
 
 def ema_checkpoint_state(ema: _EmaSet | None, *, full: bool = True) -> dict[str, Any]:
-    """Every EMA's weights and meta (update counter, settings) under its checkpoint keys.
-    A sharded (FSDP) EMA gives whole tensors on rank 0 (``{}`` elsewhere; *collective*) with
-    ``full``, else DTensors over its shards (for a DCP folder)."""
-    state: dict[str, Any] = {}
-    for i, member in enumerate(ema_members(ema)):
-        weights_key, meta_key = ema_checkpoint_keys(i)
-        part = member.checkpoint_state(full=full, rank0_only=full)
-        state[weights_key], state[meta_key] = part["state_dict_ema"], part["ema"]
-    return state
+    """Every EMA's weights and meta under its checkpoint keys (:func:`~.state.ema_entries`)."""
+    return ema_entries(ema_members(ema), full=full)
 
 
 def describe_ema(member: ModelEMA) -> str:

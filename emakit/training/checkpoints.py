@@ -20,46 +20,36 @@ from emakit.checkpoint import find_nonfinite
 
 from .dcp import DCP_BEST, DCP_LAST, DamagedFolder, is_dcp_folder, link_dcp_folder, read_dcp_meta, save_dcp
 from .distributed import all_reduce_sum, gather_objects
-from .fsdp import (broadcast_buffers, full_model_state, full_optimizer_state, sharded_model_state,
-                   sharded_optimizer_state)
+from .fsdp import broadcast_buffers
 from .lifecycle import diverged, write_failed
+from .state import METRIC, model_entries, run_entries
 from .trainer import Trainer
 
-__all__ = ["CHECKPOINT_VERSION", "checkpoint_state", "sharded_checkpoint_state", "dcp_enabled", "save_dcp_checkpoint",
+__all__ = ["checkpoint_state", "sharded_checkpoint_state", "dcp_enabled", "save_dcp_checkpoint",
            "write_checked"]
 
 _log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 2  # timm writes version 2 with the same keys
-
 
 def checkpoint_state(tr: Trainer, epoch: int, metric: float | None, metrics: dict[str, Any],
                      bn_recal: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any] | None:
-    """The single-file checkpoint dict (DESIGN.md section 3): tensors and plain types only;
-    timm's keys plus every average's entries (:meth:`Averages.checkpoint_state`). Call it on
-    every rank: under FSDP the model, optimizer and EMA(s) are gathered to whole CPU tensors
-    (*collective*) in the layout a one-process run writes. Rank 0 gets the dict, others None."""
-    sharded = tr.settings.parallel.fsdp
-    if not sharded and not tr.dist.is_main:
+    """The single-file checkpoint dict (docs/DESIGN.md section 3): tensors and plain types only;
+    timm's keys plus every average's entries (:meth:`Averages.checkpoint_state`), laid out by
+    :mod:`.state`. Call it on every rank: under FSDP the model, optimizer and EMA(s) are gathered
+    to whole CPU tensors (*collective*) in the layout a one-process run writes. Rank 0 gets the
+    dict, others None."""
+    if not tr.settings.parallel.fsdp and not tr.dist.is_main:
         return None
-    if sharded:
-        weights = full_model_state(tr.model_without_ddp)
-        optimizer = full_optimizer_state(tr.model_without_ddp, tr.optimizer)
-    else:
-        weights, optimizer = tr.model_without_ddp.state_dict(), tr.optimizer.state_dict()
+    parts = model_entries(tr.model_without_ddp, tr.optimizer)
     averages = tr.averages.checkpoint_state(bn_recal)
     if not tr.dist.is_main:
         return None
-    state = _plain_state(tr, epoch, metric, metrics)
-    state.update(state_dict=weights, optimizer=optimizer, **averages)
-    return state
+    return {**_run_entries(tr, epoch, metric, metrics), **parts, **averages}
 
 
-def _plain_state(tr: Trainer, epoch: int, metric: float | None, metrics: dict[str, Any]) -> dict[str, Any]:
-    return {"epoch": epoch, "arch": tr.settings.model.name, "version": CHECKPOINT_VERSION,
-            "scheduler": tr.lr_scheduler.state_dict(),
-            "amp_scaler": tr.amp.scaler.state_dict() if tr.amp.scaler is not None else None,
-            "args": dict(tr.flags), "metric": metric, "metrics": dict(metrics)}
+def _run_entries(tr: Trainer, epoch: int, metric: float | None, metrics: dict[str, Any]) -> dict[str, Any]:
+    return run_entries(epoch=epoch, arch=tr.settings.model.name, scheduler=tr.lr_scheduler, scaler=tr.amp.scaler,
+                       flags=tr.flags, metric=metric, metrics=metrics)
 
 
 def sharded_checkpoint_state(tr: Trainer, epoch: int, metric: float | None, metrics: dict[str, Any],
@@ -71,11 +61,8 @@ def sharded_checkpoint_state(tr: Trainer, epoch: int, metric: float | None, metr
     # BatchNorm statistics differ by rank, and rank 0's are the run's (the file format's, and
     # the ones the next training forward takes, as DDP's broadcast_buffers does).
     broadcast_buffers(tr.model_without_ddp)
-    state = _plain_state(tr, epoch, metric, metrics)
-    state.update(state_dict=sharded_model_state(tr.model_without_ddp),
-                 optimizer=sharded_optimizer_state(tr.model_without_ddp, tr.optimizer),
-                 **tr.averages.checkpoint_state(bn_recal, full=False))
-    return state
+    return {**_run_entries(tr, epoch, metric, metrics), **model_entries(tr.model_without_ddp, tr.optimizer, full=False),
+            **tr.averages.checkpoint_state(bn_recal, full=False)}
 
 
 def dcp_enabled(tr: Trainer) -> bool:
@@ -90,7 +77,7 @@ def _dcp_run_folder(tr: Trainer) -> str:
         best = os.path.join(tr.dcp_folder, DCP_BEST)
         if tr.start_epoch > 0 and is_dcp_folder(best):
             try:
-                tr.dcp_best = read_dcp_meta(best).get("plain", {}).get("metric")
+                tr.dcp_best = read_dcp_meta(best).get("plain", {}).get(METRIC)
             except DamagedFolder as e:  # no best so far: the next epoch's folder replaces it
                 _log.warning("%s is damaged (%s cannot be read): the next epoch's checkpoint replaces it",
                              e.folder, e.name)

@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- export
 def _cmd_export(s: ExportSettings) -> list[str]:
+    from .state import ARGS
     from .validation import (export_weights, read_checkpoint, resolve_arch, resolve_num_classes, select_weights,
                              timm_load_hint)
 
@@ -127,7 +128,7 @@ def _cmd_export(s: ExportSettings) -> list[str]:
     arch = resolve_arch(ckpt, s.checkpoint, s.model)
     num_classes = resolve_num_classes(ckpt, state_dict, arch, s.checkpoint, s.num_classes)
     export_weights(state_dict, s.output, arch=arch, num_classes=num_classes, weights=label,
-                   source=s.checkpoint, train_args=ckpt.get("args") if isinstance(ckpt.get("args"), dict) else None)
+                   source=s.checkpoint, train_args=ckpt.get(ARGS) if isinstance(ckpt.get(ARGS), dict) else None)
     lines = [f"wrote {s.output}: {label} weights of {s.checkpoint} ({arch}, {num_classes} classes, "
              f"{len(state_dict)} tensors)"]
     if s.output.lower().endswith(".safetensors"):

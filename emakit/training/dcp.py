@@ -46,8 +46,12 @@ from typing import Any
 
 import torch
 
+from emakit.checkpoint import (CheckpointError, _damage_reason, _refused_global, ema_checkpoint_keys, find_unplain,
+                               fsync_dir, is_disk_full, save_checkpoint)
+
 from . import UsageError, one_line
-from .state import OPTIMIZER, POSTHOC, POSTHOC_PROFILES, is_sharded_key
+from .fsdp import load_full_model_state, load_sharded_optimizer_state, optimizer_state_to_ids
+from .state import MODEL, OPTIMIZER, POSTHOC, POSTHOC_PROFILES, is_sharded_key, sharded_templates
 
 __all__ = ["DamagedFolder", "META_FILE", "DCP_LAST", "DCP_BEST", "join_posthoc_profiles",
            "link_dcp_folder", "is_dcp_folder", "save_dcp", "load_dcp", "read_dcp_meta",
@@ -101,8 +105,6 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def _refusal(error: BaseException) -> str:
     """What a refused or failed read of one file says: unsafe (it would import code) or damaged."""
-    from emakit.checkpoint import _damage_reason, _refused_global
-
     text = str(error)
     refused = text[len("refused global "):] if text.startswith("refused global ") else (
         _refused_global(error) if isinstance(error, pickle.UnpicklingError) else None)
@@ -343,8 +345,6 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
     """
     from torch.distributed.checkpoint import FileSystemWriter, save
 
-    from ..checkpoint import CheckpointError, find_unplain, is_disk_full, save_checkpoint
-
     folder = os.path.abspath(os.fspath(folder))
     rank = _rank()
     sharded = {k: v for k, v in state.items() if is_sharded_key(k)}
@@ -403,8 +403,6 @@ def _chained_os_error(error: BaseException) -> OSError | None:
 def _write_error(error: BaseException) -> tuple[int | None, str]:
     """(errno, text) of a failed write, picklable for the other ranks: ENOSPC for a full disk
     however the writer said it (:func:`emakit.checkpoint.is_disk_full`)."""
-    from ..checkpoint import is_disk_full
-
     if is_disk_full(error):
         return errno.ENOSPC, os.strerror(errno.ENOSPC)
     found = _chained_os_error(error)
@@ -425,8 +423,6 @@ def _folder_error(folder: str, error: tuple[int | None, str] | str, verb: str = 
 def _put_in_place(tmp: str, folder: str, old: str) -> str | None:
     """Rank 0: the complete ``tmp`` folder becomes ``folder`` (the previous one moved to ``old``
     first, deleted last); the error text, or None."""
-    from ..checkpoint import fsync_dir
-
     try:
         fsync_dir(tmp)
         replaced = os.path.exists(folder)
@@ -530,7 +526,6 @@ def dcp_folder_to_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
     is a :class:`DamagedFolder`."""
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 
-    from .fsdp import optimizer_state_to_ids
 
     path = resolve_dcp_folder(folder)
     if path is None:
@@ -550,24 +545,16 @@ def dcp_folder_to_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_dcp_training_state(folder: str | os.PathLike[str], model: Any, optimizer: Any = None,
                             emas: Sequence[Any] = ()) -> dict[str, Any]:
-    """Restore a folder written by :func:`save_dcp` (from ``fsdp.training_state(..., full=False)``
+    """Restore a folder written by :func:`save_dcp` (from ``state.training_state(..., full=False)``
     plus plain keys) into a plain, DDP or sharded ``model``, its ``optimizer`` (None: skipped)
     and ``emas`` (ModelEMA members in checkpoint order), on any world size. *Collective*.
     Returns ``emakit.pt``'s dict: ``plain`` (epoch, scheduler, ``ema`` metas, ...) and
     ``ranks`` (every writing rank's ``rank_state``, in rank order)."""
-    from emakit.checkpoint import ema_checkpoint_keys
-    from .fsdp import load_full_model_state, load_sharded_optimizer_state, sharded_model_state, \
-        sharded_optimizer_state
-
-    state: dict[str, Any] = {"state_dict": sharded_model_state(model)}
-    if optimizer is not None:
-        state["optimizer"] = sharded_optimizer_state(model, optimizer)
-    for i, ema in enumerate(emas):
-        state[ema_checkpoint_keys(i)[0]] = ema.state_dict_ema(full=False)
+    state = sharded_templates(model, optimizer, emas)
     meta = load_dcp(folder, state)
-    load_full_model_state(model, state["state_dict"])
+    load_full_model_state(model, state[MODEL])
     if optimizer is not None:
-        load_sharded_optimizer_state(model, optimizer, state["optimizer"])
+        load_sharded_optimizer_state(model, optimizer, state[OPTIMIZER])
     plain = meta.get("plain", {})
     for i, ema in enumerate(emas):
         weights_key, meta_key = ema_checkpoint_keys(i)

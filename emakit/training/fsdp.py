@@ -28,7 +28,6 @@ functions marked *collective* must be called by every rank.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -40,7 +39,7 @@ __all__ = ["shard_blocks", "apply_fsdp", "broadcast_buffers_before_forward", "br
            "reshard", "full_model_state", "full_optimizer_state", "load_full_model_state",
            "load_full_optimizer_state", "load_sharded_optimizer_state", "sharded_model_state",
            "sharded_optimizer_state", "optimizer_state_to_ids", "optimizer_state_to_names",
-           "training_state", "load_training_state", "DEFAULT_MIN_BLOCK_PARAMS"]
+           "DEFAULT_MIN_BLOCK_PARAMS"]
 
 # Containers of repeated blocks, in the order they are looked for (timm ViT/DeiT/EVA/Mixer:
 # blocks; Swin/MaxViT-like: layers; ConvNeXt/EfficientNet/RegNet-like: stages; ResNets: layer1..4).
@@ -349,49 +348,3 @@ def load_sharded_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimi
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state)
-
-
-
-# ----------------------------------------------------------------------------- whole training states
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, emas: Sequence[Any] = (), *,
-                   full: bool) -> dict[str, Any]:
-    """Model, optimizer and EMA entries of a checkpoint under the single-file keys
-    (``state_dict``, ``optimizer``, ``state_dict_ema`` + ``ema``, ``state_dict_ema_<i>`` +
-    ``ema_<i>`` for ``emas[i]``, the ModelEMA members in order). *Collective*.
-
-    ``full=True``: gathered whole CPU tensors, the optimizer in the standard layout, meaningful
-    on rank 0 only (the other ranks get empty weight dicts): for a single-file checkpoint.
-    ``full=False``: this rank's shards (DTensors), no communication: for :func:`emakit.training.dcp.save_dcp`.
-    Add the plain keys (epoch, scheduler, args, ...) to the returned dict."""
-    from emakit.checkpoint import ema_checkpoint_keys
-
-    if full:
-        state: dict[str, Any] = {"state_dict": full_model_state(model)}
-        if optimizer is not None:
-            state["optimizer"] = full_optimizer_state(model, optimizer)
-    else:
-        state = {"state_dict": sharded_model_state(model)}
-        if optimizer is not None:
-            state["optimizer"] = sharded_optimizer_state(model, optimizer)
-    for i, ema in enumerate(emas):
-        weights_key, meta_key = ema_checkpoint_keys(i)
-        part = ema.checkpoint_state(full=full, rank0_only=full)
-        state[weights_key], state[meta_key] = part["state_dict_ema"], part["ema"]
-    return state
-
-
-def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, emas: Sequence[Any],
-                        ckpt: dict[str, Any]) -> None:
-    """Load a single-file checkpoint dict (whole tensors, standard optimizer layout, written by
-    any world size, DDP, FSDP or one process) into a plain or sharded model, its optimizer
-    (skipped when None or when the checkpoint has none) and ``emas`` (ModelEMA members in
-    checkpoint order; each needs its ``state_dict_ema[_i]``). Every rank passes the whole
-    dict; each cuts its own shards, no communication."""
-    from emakit.checkpoint import ema_checkpoint_keys
-
-    load_full_model_state(model, ckpt["state_dict"])
-    if optimizer is not None and ckpt.get("optimizer"):
-        load_full_optimizer_state(model, optimizer, ckpt["optimizer"])
-    for i, ema in enumerate(emas):
-        weights_key, meta_key = ema_checkpoint_keys(i)
-        ema.load_checkpoint_state(ckpt[weights_key], ckpt.get(meta_key))

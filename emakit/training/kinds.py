@@ -317,10 +317,6 @@ class OutputFile(Kind):
             raise KindError("an existing training checkpoint; write to another file")
 
 
-# Keys only a checkpoint written to resume training holds (ours, timm's, torchvision's, SuperGradients').
-_TRAINING_KEYS = ("optimizer", "optimizer_state_dict", "scheduler", "lr_scheduler")
-
-
 def is_training_checkpoint(path: str) -> bool:
     """True for a torch file holding a training checkpoint: optimizer or scheduler state, or
     an epoch with weights and no ``posthoc`` entry (a post-hoc result may be replaced), or a
@@ -329,6 +325,8 @@ def is_training_checkpoint(path: str) -> bool:
     if path.lower().endswith(".safetensors"):
         return False
     from emakit.checkpoint import UnsafeCheckpointError, load_checkpoint, safe_torch_load
+
+    from .state import holds_training_state  # here: kinds stays light for --help (no torch)
 
     try:  # the keys only (memory-mapped, no checksum), so a damaged training checkpoint is still one
         ckpt = safe_torch_load(path, "cpu", mmap=True)
@@ -341,10 +339,7 @@ def is_training_checkpoint(path: str) -> bool:
             return True
         except Exception:
             return False
-    if not isinstance(ckpt, dict):
-        return False
-    weights = any(k in ckpt for k in ("state_dict", "model", "net"))
-    return any(k in ckpt for k in _TRAINING_KEYS) or ("epoch" in ckpt and weights and "posthoc" not in ckpt)
+    return holds_training_state(ckpt)
 
 
 # --------------------------------------------------------------------------- sigma_rel lists

@@ -36,12 +36,10 @@ from . import UsageError, one_line
 from .averages import Averages
 from .dcp import join_posthoc_profiles, load_dcp, names_dcp_folder, read_dcp_meta, resolve_dcp_folder
 from .engine import AmpSettings, EpochProgress
-from .fsdp import (load_full_model_state, load_full_optimizer_state, load_sharded_optimizer_state,
-                   sharded_model_state, sharded_optimizer_state)
-from .rundir import checkpoint_is_emakit
+from .fsdp import load_full_model_state, load_full_optimizer_state, load_sharded_optimizer_state
 from .settings import Resolved, TrainSettings
 from .state import (ARCH, ARGS, EPOCH, MODEL, OPTIMIZER, POSTHOC, POSTHOC_PROFILES, SCALER, SCHEDULER, TRAIN_POSITION,
-                    checkpoint_arg, ema_entry_keys)
+                    checkpoint_arg, checkpoint_is_emakit, ema_entry_keys, sharded_templates)
 
 if TYPE_CHECKING:
     from timm.scheduler.scheduler import Scheduler
@@ -332,11 +330,8 @@ def fill_resume_folder(ckpt: dict[str, Any], path: str, *, model: nn.Module, ave
     stay empty placeholders (``--drop-ema`` / the "more EMAs" warning see them). A sharded
     post-hoc state (``posthoc_ema_profiles``) is read into this run's profiles when their
     sigma_rels match and put back in the single-file layout (``dcp.join_posthoc_profiles``)."""
-    templates: dict[str, Any] = {MODEL: sharded_model_state(model)}
-    if optimizer is not None and OPTIMIZER in ckpt:
-        templates[OPTIMIZER] = sharded_optimizer_state(model, optimizer)
-    for member, (weights_key, _) in zip(averages.members, ema_entry_keys(ckpt)):
-        templates[weights_key] = member.state_dict_ema(full=False)
+    members = list(averages.members)[:len(ema_entry_keys(ckpt))]  # the folder's extra EMAs stay placeholders
+    templates = sharded_templates(model, optimizer if OPTIMIZER in ckpt else None, members)
     tracker, saved = averages.posthoc, ckpt.get(POSTHOC)
     if tracker is not None and POSTHOC_PROFILES in ckpt and isinstance(saved, dict) \
             and [float(x) for x in saved.get("sigma_rels", [])] == list(tracker.power.sigma_rels):

@@ -12,7 +12,7 @@ Rules (rank 0 applies them before anything is written; docs/CONTRACTS.md repeats
    from timm's (or any other tool's) folder never rewrites that folder's files.
 3. A folder is ours when it holds the marker :data:`MARKER_NAME` (written by every run), or,
    for emakit folders written before the marker existed, when the resumed checkpoint was
-   written by emakit's train.py (:func:`checkpoint_is_emakit`: ``ema`` metadata, or a
+   written by emakit's train.py (:func:`.state.checkpoint_is_emakit`: ``ema`` metadata, or a
    ``model_ema_schedule`` arg, which timm's train.py has not) and the folder's
    ``summary.csv``, if any, has emakit's ``ema_eval_top1`` column (timm's has ``eval_*``
    columns only). The marker is then added.
@@ -41,14 +41,13 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from emakit.checkpoint import write_text_atomic
 
 from . import UsageError
 
 __all__ = ["LOCK_NAME", "MARKER_NAME", "RUN_FILES", "RUN_ENTRIES", "RunLock", "LockInfo", "read_lock", "lock_holder",
-           "run_entries", "check_run_files", "folder_is_ours", "checkpoint_is_emakit", "claim_run_folder",
+           "run_entries", "check_run_files", "folder_is_ours", "claim_run_folder",
            "write_marker"]
 
 _log = logging.getLogger(__name__)
@@ -266,13 +265,6 @@ def check_run_files(folder: str) -> None:
                          "move it away or pass another --experiment")
 
 
-def checkpoint_is_emakit(ckpt: dict[str, Any]) -> bool:
-    """Written by emakit's train.py: it has EMA metadata (``ema``, which timm does not write)
-    or its ``args`` hold ``model_ema_schedule``, a flag timm's train.py does not have."""
-    args = ckpt.get("args")
-    return isinstance(ckpt.get("ema"), dict) or (isinstance(args, dict) and "model_ema_schedule" in args)
-
-
 def _summary_is_ours(folder: str) -> bool | None:
     """True/False when ``summary.csv`` has/lacks emakit's ``ema_eval_top1`` column; None without one."""
     path = os.path.join(folder, "summary.csv")
@@ -319,7 +311,7 @@ def claim_run_folder(wanted: str, *, resume: str | None = None, resumed_by_emaki
                      named: bool = True) -> tuple[str, RunLock]:
     """Apply the rules of this module to ``wanted``; returns (folder, its held lock).
 
-    ``resume``: the ``--resume`` path; ``resumed_by_emakit``: :func:`checkpoint_is_emakit`
+    ``resume``: the ``--resume`` path; ``resumed_by_emakit``: :func:`.state.checkpoint_is_emakit`
     of it; ``named``: the user named the folder (``--experiment`` or ``--resume``) rather
     than the default timestamp, so a live lock on it is an error, not a reason to suffix.
     """

@@ -22,17 +22,22 @@ The constants below are the only spelling of these keys in the trainer; ``emakit
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from emakit.checkpoint import CheckpointError, check_state_dict_compat, ema_checkpoint_keys, ema_indices
+from emakit.ema import is_sharded, unwrap_model
 
 from . import UsageError, one_line
+from .fsdp import (full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state,
+                   sharded_model_state, sharded_optimizer_state)
 
 __all__ = ["EPOCH", "ARCH", "VERSION", "MODEL", "OPTIMIZER", "SCHEDULER", "SCALER", "ARGS", "METRIC", "METRICS",
            "POSTHOC", "POSTHOC_PROFILES", "BN_RECAL", "TRAIN_POSITION", "is_sharded_key", "ema_entry_keys",
-           "checkpoint_arg", "steps_done", "check_ema_entry"]
+           "checkpoint_arg", "checkpoint_is_emakit", "holds_training_state", "steps_done", "check_ema_entry", "CHECKPOINT_VERSION", "model_entries", "ema_entries",
+           "run_entries", "sharded_templates", "training_state", "load_training_state"]
 
 EPOCH, ARCH, VERSION = "epoch", "arch", "version"
 MODEL = "state_dict"
@@ -42,6 +47,7 @@ POSTHOC = "posthoc_ema"
 POSTHOC_PROFILES = "posthoc_ema_profiles"  # a sharded post-hoc tracker's profiles in a DCP folder
 BN_RECAL = "ema_bn_recal"
 TRAIN_POSITION = "train_position"  # mid-epoch checkpoints: where the stopped epoch resumes
+CHECKPOINT_VERSION = 2  # timm writes version 2 with the same keys
 # The entries a DCP folder stores as shards (every rank writes its own); the rest is plain.
 _SHARDED = re.compile(rf"^({MODEL}|{OPTIMIZER}|state_dict_ema(_\d+)?|{POSTHOC_PROFILES})$")
 
@@ -65,6 +71,28 @@ def checkpoint_arg(ckpt: dict[str, Any], name: str, default: Any = None) -> Any:
     return args.get(name, default) if isinstance(args, dict) else default
 
 
+def checkpoint_is_emakit(ckpt: Mapping[str, Any]) -> bool:
+    """Written by emakit's train.py: it has EMA metadata (``ema``, which timm does not write)
+    or its ``args`` hold ``model_ema_schedule``, a flag timm's train.py does not have."""
+    args = ckpt.get(ARGS)
+    return isinstance(ckpt.get(ema_checkpoint_keys(0)[1]), dict) or (isinstance(args, dict)
+                                                                     and "model_ema_schedule" in args)
+
+
+# Keys only a checkpoint written to resume training holds (ours, timm's, torchvision's, SuperGradients').
+_TRAINING_KEYS = (OPTIMIZER, "optimizer_state_dict", SCHEDULER, "lr_scheduler")
+_WEIGHTS_KEYS = (MODEL, "model", "net")
+
+
+def holds_training_state(ckpt: Any) -> bool:
+    """True for a training checkpoint's entries (ours or a peer's): optimizer or scheduler
+    state, or an epoch with weights and no ``posthoc`` entry (a post-hoc result may be replaced)."""
+    if not isinstance(ckpt, dict):
+        return False
+    weights = any(k in ckpt for k in _WEIGHTS_KEYS)
+    return any(k in ckpt for k in _TRAINING_KEYS) or (EPOCH in ckpt and weights and "posthoc" not in ckpt)
+
+
 def steps_done(epoch: int, updates_per_epoch: int) -> int:
     """Optimizer steps a run has taken after finishing ``epoch`` (0-based), counted as
     timm's train.py counts them: ``(epoch + 1) * updates_per_epoch``."""
@@ -78,3 +106,80 @@ def check_ema_entry(module: torch.nn.Module, state_dict_ema: dict[str, Any], key
         check_state_dict_compat(module, state_dict_ema)
     except CheckpointError as e:
         raise UsageError(f"--resume {path}: {key}: {one_line(e)}") from None
+
+
+# --------------------------------------------------------------------------- the entries each part writes
+def model_entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *, full: bool = True
+                  ) -> dict[str, Any]:
+    """The model's and the optimizer's entries (``optimizer`` None: the model's alone).
+
+    ``full``: whole tensors in the layout a one-process run writes: a plain (or DDP) model's
+    own state dicts, a sharded (FSDP2) model's gathered to CPU (*collective*; meaningful on
+    rank 0). Not ``full``: this rank's shards (DTensors; parameter-name keyed optimizer state)
+    for a DCP folder, no communication."""
+    if not full:
+        state = {MODEL: sharded_model_state(model)}
+        if optimizer is not None:
+            state[OPTIMIZER] = sharded_optimizer_state(model, optimizer)
+    elif is_sharded(model):
+        state = {MODEL: full_model_state(model)}
+        if optimizer is not None:
+            state[OPTIMIZER] = full_optimizer_state(model, optimizer)
+    else:
+        state = {MODEL: unwrap_model(model).state_dict()}  # a DDP wrapper's keys without module.
+        if optimizer is not None:
+            state[OPTIMIZER] = optimizer.state_dict()
+    return state
+
+
+def ema_entries(members: Sequence[Any], *, full: bool = True) -> dict[str, Any]:
+    """Every EMA's weights and meta (update counter, settings) under its checkpoint keys
+    (``members``: the ModelEMA members in order). A sharded (FSDP) EMA gives whole tensors on
+    rank 0 (``{}`` elsewhere; *collective*) with ``full``, else DTensors over its shards."""
+    own_weights, own_meta = ema_checkpoint_keys(0)  # what ModelEMA.checkpoint_state returns
+    state: dict[str, Any] = {}
+    for i, member in enumerate(members):
+        weights_key, meta_key = ema_checkpoint_keys(i)
+        part = member.checkpoint_state(full=full, rank0_only=full)
+        state[weights_key], state[meta_key] = part[own_weights], part[own_meta]
+    return state
+
+
+def run_entries(*, epoch: int, arch: str, scheduler: Any, scaler: Any, flags: Mapping[str, Any],
+                metric: float | None, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The plain entries of a training checkpoint (timm's ``epoch``/``arch``/``version``/
+    ``scheduler``/``args``/``metric`` and ours): ``scheduler`` and ``scaler`` are the LR
+    scheduler and the GradScaler (None: no scaler)."""
+    return {EPOCH: epoch, ARCH: arch, VERSION: CHECKPOINT_VERSION, SCHEDULER: scheduler.state_dict(),
+            SCALER: scaler.state_dict() if scaler is not None else None, ARGS: dict(flags), METRIC: metric,
+            METRICS: dict(metrics)}
+
+
+def sharded_templates(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                      members: Sequence[Any]) -> dict[str, Any]:
+    """The sharded entries of this run's own layout (model, optimizer, EMA weights as DTensors
+    or whole tensors), as templates for a DCP read, which reshards into them."""
+    state = model_entries(model, optimizer, full=False)
+    for i, member in enumerate(members):
+        state[ema_checkpoint_keys(i)[0]] = member.state_dict_ema(full=False)
+    return state
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, members: Sequence[Any] = (), *,
+                   full: bool) -> dict[str, Any]:
+    """Model, optimizer and EMA entries of a checkpoint (:func:`model_entries` and
+    :func:`ema_entries`, as the trainer's checkpoints write them). *Collective* under FSDP."""
+    return {**model_entries(model, optimizer, full=full), **ema_entries(members, full=full)}
+
+
+def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, members: Sequence[Any],
+                        ckpt: Mapping[str, Any]) -> None:
+    """Load a single-file checkpoint dict (whole tensors, written by any world size) into a
+    plain or sharded model, its optimizer (skipped when None or absent) and EMA ``members``;
+    every rank passes the whole dict and cuts its own shards, no communication."""
+    load_full_model_state(model, ckpt[MODEL])
+    if optimizer is not None and ckpt.get(OPTIMIZER):
+        load_full_optimizer_state(model, optimizer, ckpt[OPTIMIZER])
+    for i, member in enumerate(members):
+        weights_key, meta_key = ema_checkpoint_keys(i)
+        member.load_checkpoint_state(ckpt[weights_key], ckpt.get(meta_key))
