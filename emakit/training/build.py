@@ -332,13 +332,15 @@ def build_guard(run: RunSettings) -> NonfiniteGuard:
 
 
 def build_amp(run: RunSettings, device: torch.device, *, sharded: bool = False) -> AmpSettings:
-    """Autocast settings; a GradScaler only for float16 (bfloat16 needs none). ``sharded``
-    (``--fsdp``): torch's ``ShardedGradScaler``, which agrees on a skipped step across ranks."""
+    """Autocast settings; a GradScaler only for float16 on CUDA, as timm's train.py (bfloat16
+    needs none; on the CPU torch's fused SGD with a scaler turned the weights non-finite one
+    step after a skipped step, and timm trains there without one). ``sharded`` (``--fsdp``):
+    torch's ``ShardedGradScaler``, which agrees on a skipped step across ranks."""
     if not run.amp:
         return AmpSettings()
     dtype = DTYPES[run.amp_dtype]
     scaler = None
-    if dtype == torch.float16:
+    if dtype == torch.float16 and device.type == "cuda":
         if sharded:
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 

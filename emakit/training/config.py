@@ -188,7 +188,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     pre.add_argument("-c", "--config", default="")
     known, _ = pre.parse_known_args(argv)
     config = known.config
-    if not config and parser.parse_args(argv).data is None:
+    given = parser.parse_args(argv)
+    if not config and given.data is None and given.data_dir is None:
         config = DIGITS_PRESET
         if not os.path.isfile(config):
             raise UsageError(f"the embedded dataset's preset {config} is missing; pass --config FILE or a data path")
