@@ -101,3 +101,32 @@ def test_rand_augment_inc1_meets_zero_bit_posterize_without_error(monkeypatch):
         out = train_tf(img)
         assert out.shape == (3, 16, 16)
     assert 0 in calls, f"no 0-bit posterize in {len(calls)} posterize calls"
+
+
+# --------------------------------------------------------------------------- --pretrained
+def test_pretrained_asks_timm_for_the_models_weights(run_train, tmp_path, image_folder, monkeypatch):
+    """``--pretrained`` alone loads the model's pretrained weights as timm does: timm's
+    ``load_pretrained`` is called with the model's hub config (here recorded and answered
+    with the freshly initialised weights, since tests never reach the hub)."""
+    from timm.models import _builder
+
+    asked = []
+    monkeypatch.setattr(_builder, "load_pretrained", lambda model, pretrained_cfg=None, **kw: asked.append(
+        (type(model).__name__, dict(pretrained_cfg or {}))))
+    code, _, err = run_train([str(image_folder), *FAST_ARGS, "--epochs", "1", "--pretrained",
+                              "--output", str(tmp_path / "out"), "--experiment", "run"])
+    assert code == 0, err
+    assert len(asked) == 1 and asked[0][1].get("hf_hub_id", "").startswith("timm/test_resnet")
+
+
+@pytest.mark.slow
+def test_pretrained_weights_out_of_reach_are_one_line(train_subprocess, tmp_path, image_folder):
+    """Offline with an empty hub cache: the hub is asked, and its failure is one line naming
+    the model and the way out (--pretrained-path), exit 2, no run folder."""
+    proc = train_subprocess([str(image_folder), *FAST_ARGS, "--epochs", "1", "--pretrained", "--output",
+                             str(tmp_path / "out"), "--experiment", "run"], HF_HUB_OFFLINE="1",
+                            HF_HOME=str(tmp_path / "hf"))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train.py: error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "pretrained weights of test_resnet" in lines[0] and "--pretrained-path" in lines[0]
+    assert not (tmp_path / "out" / "run").exists()

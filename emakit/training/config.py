@@ -204,8 +204,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Rules that relate several flags (each flag's own rule is its kind, see :mod:`.kinds`)."""
-    if args.pretrained and not args.pretrained_path:
-        raise UsageError("--pretrained needs --pretrained-path FILE: emakit never downloads weights")
     mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixup and args.batch_size % 2:
         raise UsageError(f"--mixup/--cutmix need an even --batch-size, got {args.batch_size}")

@@ -142,10 +142,11 @@ class ModelSettings:
     GROUP: ClassVar[str] = "Model parameters"
     name: str = MODEL("resnet50", note="; digits preset: resnet18")
     pretrained: bool = Flag("--pretrained", action=ON_OFF,
-                            help="start from pretrained weights in the local file --pretrained-path; nothing is "
-                                 "ever downloaded")(False)
+                            help="start from the model's pretrained weights, downloaded from the Hugging Face hub "
+                                 "(or its cache) as timm does, or from --pretrained-path")(False)
     pretrained_path: str | None = Flag("--pretrained-path", metavar="FILE",
-                                       help="local weights file for --pretrained (.pth/.safetensors)")(None)
+                                       help="with --pretrained: a local weights file (.pth/.safetensors) instead of "
+                                            "the download")(None)
     drop_rate: float = Flag("--drop", kind=RATE, metavar="PCT", help="dropout rate in [0, 1)")(0.0)
     drop_path_rate: float | None = Flag("--drop-path", kind=RATE, metavar="PCT", help="drop-path rate in [0, 1)")(None)
     channels_last: bool = CHANNELS_LAST(False)
