@@ -144,9 +144,9 @@ def test_model_ema_warmup_conflicting_with_another_schedule_is_an_error():
         parse_args(["--model-ema-warmup", "--model-ema-schedule", "threshold"])
 
 
-def test_pretrained_without_a_local_file_is_an_error():
-    with pytest.raises(UsageError, match="never downloads"):
-        parse_args(["--pretrained"])
+def test_pretrained_alone_asks_for_the_models_own_weights_as_in_timm(tmp_path):
+    s = parse_settings([str(tmp_path), "--pretrained"]).model
+    assert s.pretrained and s.weights_file is None
 
 
 def test_with_a_data_path_the_defaults_are_timms(tmp_path):

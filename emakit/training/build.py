@@ -52,14 +52,15 @@ def check_model_name(name: str) -> None:
 
 
 def build_model(name: str, num_classes: int, device: torch.device, *, drop_rate: float = 0.0,
-                drop_path_rate: float | None = None, pretrained_path: str | None = None,
+                drop_path_rate: float | None = None, pretrained: bool = False, pretrained_path: str | None = None,
                 channels_last: bool = False, in_chans: int | None = None, log: bool = True) -> nn.Module:
     """``timm.create_model`` moved to ``device`` (channels_last if asked), in train mode.
 
-    ``pretrained_path``: start from this local weights file (timm's ``pretrained_cfg_overlay``
-    ``file``); nothing is ever downloaded. ``in_chans``: input channels when not 3 (a
-    checkpoint's training args). An unknown name is a ``UsageError`` saying how to list the
-    models. ``log``: log the parameter count (train.py).
+    ``pretrained``: start from the model's pretrained weights as timm does (its hub download
+    and cache); ``pretrained_path``: from this local weights file instead (timm's
+    ``pretrained_cfg_overlay`` ``file``). ``in_chans``: input channels when not 3 (a
+    checkpoint's training args). An unknown name, a missing file or weights that cannot be
+    fetched is a ``UsageError``. ``log``: log the parameter count (train.py).
     """
     import timm
 
@@ -73,20 +74,26 @@ def build_model(name: str, num_classes: int, device: torch.device, *, drop_rate:
         if not os.path.isfile(pretrained_path):
             raise UsageError(f"--pretrained-path {pretrained_path}: no such file")
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(pretrained_path)})
+    elif pretrained:
+        kwargs["pretrained"] = True
     try:
         model = timm.create_model(name, **kwargs)
-    except (RuntimeError, ValueError, OSError, KeyError) as e:
+    except Exception as e:  # the hub's and the loaders' errors have no common base
         if pretrained_path:
             raise UsageError(f"cannot load --pretrained-path {pretrained_path} into {name}: "
                              f"{one_line(e)[:300]}") from None
+        if pretrained:
+            raise UsageError(f"cannot get the pretrained weights of {name} ({type(e).__name__}: "
+                             f"{one_line(e)[:200]}); check the network or the hub cache, or pass --pretrained-path "
+                             "FILE") from None
         raise
     model.to(device=device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if log:
+        source = f", weights from {pretrained_path}" if pretrained_path else ", pretrained weights" if pretrained else ""
         _log.info("model %s: %.2fM parameters, %d classes%s", name,
-                  sum(p.numel() for p in model.parameters()) / 1e6, num_classes,
-                  f", weights from {pretrained_path}" if pretrained_path else "")
+                  sum(p.numel() for p in model.parameters()) / 1e6, num_classes, source)
     return model
 
 
@@ -332,13 +339,15 @@ def build_guard(run: RunSettings) -> NonfiniteGuard:
 
 
 def build_amp(run: RunSettings, device: torch.device, *, sharded: bool = False) -> AmpSettings:
-    """Autocast settings; a GradScaler only for float16 (bfloat16 needs none). ``sharded``
-    (``--fsdp``): torch's ``ShardedGradScaler``, which agrees on a skipped step across ranks."""
+    """Autocast settings; a GradScaler only for float16 on CUDA, as timm's train.py (bfloat16
+    needs none; on the CPU torch's fused SGD with a scaler turned the weights non-finite one
+    step after a skipped step, and timm trains there without one). ``sharded`` (``--fsdp``):
+    torch's ``ShardedGradScaler``, which agrees on a skipped step across ranks."""
     if not run.amp:
         return AmpSettings()
     dtype = DTYPES[run.amp_dtype]
     scaler = None
-    if dtype == torch.float16:
+    if dtype == torch.float16 and device.type == "cuda":
         if sharded:
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 

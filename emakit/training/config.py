@@ -188,7 +188,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     pre.add_argument("-c", "--config", default="")
     known, _ = pre.parse_known_args(argv)
     config = known.config
-    if not config and parser.parse_args(argv).data is None:
+    given = parser.parse_args(argv)
+    if not config and given.data is None and given.data_dir is None:
         config = DIGITS_PRESET
         if not os.path.isfile(config):
             raise UsageError(f"the embedded dataset's preset {config} is missing; pass --config FILE or a data path")
@@ -203,8 +204,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Rules that relate several flags (each flag's own rule is its kind, see :mod:`.kinds`)."""
-    if args.pretrained and not args.pretrained_path:
-        raise UsageError("--pretrained needs --pretrained-path FILE: emakit never downloads weights")
     mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixup and args.batch_size % 2:
         raise UsageError(f"--mixup/--cutmix need an even --batch-size, got {args.batch_size}")

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from . import UsageError, one_line
@@ -376,6 +376,28 @@ def resolve_data_config_for(model: Any, *, img_size: int | None = None, crop_pct
     return resolve_data_config({k: v for k, v in given.items() if v not in (None, "")}, model=model)
 
 
+def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's RandAugment/AutoAugment posterize op as Pillow <= 12 did it: ``bits_to_keep`` 0
+    gives a black image. Pillow 13 refuses 0 bits (``ValueError: bits must be between or equal
+    to 1 and 8``), which RandAugment's ``inc1`` policies ask for in about 0.2% of calls, and
+    timm's own op passes it through: one such call ends the run in its first epoch."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _zero_bit_posterize_is_black() -> None:
+    """Point timm's posterize ops at :func:`posterize` (before transforms are built: each op
+    keeps the function it finds in ``NAME_TO_OP`` when it is made). Idempotent."""
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = posterize
+
+
 def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: bool = False) -> tuple[Callable, Callable]:
     """(train, eval) transforms from timm's ``create_transform`` and a resolved data config.
 
@@ -384,6 +406,7 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
     """
     from timm.data import create_transform
 
+    _zero_bit_posterize_is_black()
     train_interp = data_config["interpolation"] if aug.no_aug or not aug.interpolation else aug.interpolation
     train_tf = create_transform(
         data_config["input_size"], is_training=True, no_aug=aug.no_aug, scale=tuple(aug.scale),

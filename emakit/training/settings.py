@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from emakit.schedules import parse_half_life
 
+from . import UsageError
 from .kinds import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, RATE, SEED,
                     SEED_MAX, TRAIN_INTERPOLATION, UNIT_INTERVAL, AutoAugment, CommaList, Items, Number, OneOf)
 from .options import (AMP_DTYPE, BATCH_SIZE, CHANNELS_LAST, CROP_PCT, DEVICE, IMG_SIZE, INTERPOLATION, MEAN_FLAG,
@@ -43,6 +44,14 @@ SCALE = Items(FRACTION, "two numbers MIN MAX with 0 < MIN <= MAX <= 1", (2,), in
 RATIO = Items(POSITIVE, "two numbers MIN MAX with 0 < MIN <= MAX", (2,), increasing=True)
 BETAS = Items(Number(0, 1, hi_open=True), "1 to 3 numbers in [0, 1)", (1, 2, 3))
 MILESTONES = Items(NON_NEGATIVE_INT, "increasing epochs >= 0", increasing=True, strict=True)
+
+
+def data_root(positional: str | None, data_dir: str | None) -> str | None:
+    """The data root from timm's two spellings, ``DIR`` and ``--data-dir DIR`` (``UsageError``
+    when both are given and differ)."""
+    if positional and data_dir and positional != data_dir:
+        raise UsageError(f"two data roots: {positional} and --data-dir {data_dir}; give one of them")
+    return positional or data_dir
 
 
 def half_life_text(value: Any) -> str:
@@ -91,8 +100,10 @@ class DataSettings:
 
     GROUP: ClassVar[str] = "Dataset parameters"
     path: str | None = Flag("data", nargs="?", metavar="DIR",
-                            help="ImageFolder root with train/ and val/ (or validation/) class folders; omitted: the "
-                                 "embedded digits dataset")(None)
+                            help="ImageFolder root with train/ and val/ (or validation/) class folders, as --data-dir "
+                                 "(timm calls this positional form deprecated; both work); omitted: the embedded "
+                                 "digits dataset")(None)
+    data_dir: str | None = Flag("--data-dir", metavar="DIR", help="the data root, timm's spelling of DIR")(None)
     train_split: str = Flag("--train-split", metavar="NAME", help="train split folder")("train")
     val_split: str | None = Flag("--val-split", metavar="NAME", help="validation split folder")(
         None, note="= val/ or validation/, whichever exists")
@@ -120,6 +131,9 @@ class DataSettings:
     interpolation: str = INTERPOLATION("", note="= model default")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", data_root(self.path, self.data_dir))
+
 
 @dataclass(frozen=True)
 class ModelSettings:
@@ -128,10 +142,11 @@ class ModelSettings:
     GROUP: ClassVar[str] = "Model parameters"
     name: str = MODEL("resnet50", note="; digits preset: resnet18")
     pretrained: bool = Flag("--pretrained", action=ON_OFF,
-                            help="start from pretrained weights in the local file --pretrained-path; nothing is "
-                                 "ever downloaded")(False)
+                            help="start from the model's pretrained weights, downloaded from the Hugging Face hub "
+                                 "(or its cache) as timm does, or from --pretrained-path")(False)
     pretrained_path: str | None = Flag("--pretrained-path", metavar="FILE",
-                                       help="local weights file for --pretrained (.pth/.safetensors)")(None)
+                                       help="with --pretrained: a local weights file (.pth/.safetensors) instead of "
+                                            "the download")(None)
     drop_rate: float = Flag("--drop", kind=RATE, metavar="PCT", help="dropout rate in [0, 1)")(0.0)
     drop_path_rate: float | None = Flag("--drop-path", kind=RATE, metavar="PCT", help="drop-path rate in [0, 1)")(None)
     channels_last: bool = CHANNELS_LAST(False)
@@ -331,7 +346,7 @@ class RunSettings:
     checkpoint_hist: int = Flag("--checkpoint-hist", kind=NON_NEGATIVE_INT, metavar="N",
                                 help="number of best epoch checkpoints to keep")(10)
     amp: bool = Flag("--amp", action=ON_OFF, help="mixed precision with torch.autocast")(False)
-    amp_dtype: str = AMP_DTYPE("float16", help="autocast dtype; float16 uses a gradient scaler")
+    amp_dtype: str = AMP_DTYPE("float16", help="autocast dtype; float16 on CUDA uses a gradient scaler, as timm")
     device: str | None = DEVICE(None, note="= cuda if available, else cpu; cuda:<local rank> under torchrun")
     output: str = Flag("--output", metavar="PATH", help="parent folder of the run folder")("./output")
     experiment: str = Flag("--experiment", metavar="NAME", help="run folder name")(

@@ -106,7 +106,7 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
     check_compile_backend(s.model.compile_backend)
     model_without_ddp = build_model(s.model.name, num_classes, dist.device, drop_rate=s.model.drop_rate,
                                     drop_path_rate=s.model.drop_path_rate, channels_last=s.model.channels_last,
-                                    pretrained_path=s.model.weights_file)
+                                    pretrained=s.model.pretrained, pretrained_path=s.model.weights_file)
     data_config = resolve_data_config_for(model_without_ddp, img_size=s.data.img_size, crop_pct=s.data.crop_pct,
                                           mean=s.data.mean, std=s.data.std, interpolation=s.data.interpolation)
     train_loader, eval_loader = build_loaders(s.data, data, data_config, dist, seed=s.run.seed)

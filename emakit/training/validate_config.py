@@ -24,6 +24,7 @@ from . import UsageError
 from .kinds import OutputFile, Parser, POSITIVE_INT, check_parsed, parse_sigma_rels
 from .options import (AMP_DTYPE, BATCH_SIZE, CHANNELS_LAST, CROP_PCT, DEVICE, IMG_SIZE, INTERPOLATION, MEAN_FLAG,
                       MODEL, NO_PROGRESS, NUM_CLASSES, STD_FLAG, WORKERS, Flag, add_flags, from_flags)
+from .settings import data_root
 
 __all__ = ["CHECKPOINT_EXTENSIONS", "EVAL_DATA_KEYS", "EvalDataSettings", "WeightSettings", "RuntimeSettings",
            "OutputSettings", "PosthocSettings", "ValidateSettings", "build_parser", "parse_args"]
@@ -47,8 +48,9 @@ class EvalDataSettings:
 
     GROUP: ClassVar[str] = "Dataset parameters"
     root: str | None = Flag("data", nargs="?", metavar="DIR",
-                            help="ImageFolder root with val/ or validation/ class folders, or a split folder itself; "
-                                 "omitted: the embedded digits val split train.py uses")(None)
+                            help="ImageFolder root with val/ or validation/ class folders, or a split folder itself, "
+                                 "as --data-dir; omitted: the embedded digits val split train.py uses")(None)
+    data_dir: str | None = Flag("--data-dir", metavar="DIR", help="the data root, timm's spelling of DIR")(None)
     split: str | None = Flag("--split", metavar="NAME", help="split folder under DIR")(
         None, note="= the checkpoint's --val-split, else val/ or validation/; for the embedded digits: val, or train")
     img_size: int | None = IMG_SIZE(None, note="= " + _flag_help("--img-size"))
@@ -59,6 +61,9 @@ class EvalDataSettings:
         None, note="= the checkpoint's training --interpolation (torchvision's for its checkpoints), else model default")
     batch_size: int = BATCH_SIZE(256, help="batch size per process; does not change the results")
     workers: int = WORKERS(0, note="= main process, as train.py; timm: 4")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", data_root(self.root, self.data_dir))
 
     @property
     def overrides(self) -> Mapping[str, Any]:
