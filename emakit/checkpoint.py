@@ -53,6 +53,8 @@ from torch import nn
 
 __all__ = [
     "atomic_write",
+    "damage_reason",
+    "refused_global",
     "ema_checkpoint_keys",
     "ema_indices",
     "find_nonfinite",
@@ -619,7 +621,7 @@ _REFUSED_RES = (
 _CODE_OPCODES = {ord("i"): "INST", ord("o"): "OBJ", 0x82: "EXT1", 0x83: "EXT2", 0x84: "EXT4"}
 
 
-def _refused_global(error: BaseException) -> str | None:
+def refused_global(error: BaseException) -> str | None:
     """The global a weights_only load refused, or "" if the refusal names none; None if the
     error is not about code at all (then the file is damaged or not a checkpoint)."""
     text = str(error)
@@ -653,7 +655,7 @@ def _is_damage(error: BaseException) -> bool:
     return False
 
 
-def _damage_reason(error: BaseException) -> str:
+def damage_reason(error: BaseException) -> str:
     """A few words on what torch tripped over; its own messages run to paragraphs."""
     if isinstance(error, EOFError):
         return "the data ends early"
@@ -708,7 +710,7 @@ def safe_torch_load(path: str, map_location: Any, mmap: bool = False) -> Any:
     except Exception as error:
         if verifier is not None and verifier.damaged():  # the checksum says why, whatever torch tripped over
             raise _checksum_error(path) from None
-        refused = _refused_global(error) if isinstance(error, pickle.UnpicklingError) else None
+        refused = refused_global(error) if isinstance(error, pickle.UnpicklingError) else None
         if refused is not None:
             what = f" ({refused})" if refused else ""
             raise UnsafeCheckpointError(
@@ -719,7 +721,7 @@ def safe_torch_load(path: str, map_location: Any, mmap: bool = False) -> Any:
         if _is_damage(error):
             raise DamagedCheckpointError(
                 f"cannot read {path}: the file is truncated, corrupt or not a torch checkpoint "
-                f"({_damage_reason(error)}); "
+                f"({damage_reason(error)}); "
                 "re-copy it or pick another checkpoint"
             ) from None
         raise

@@ -3,8 +3,10 @@
 Needs timm, torchvision, yaml and tqdm (``pip install emakit[train]``); ``import emakit``
 alone never imports this package. Modules:
 
-- ``config``       train.py's flags, ``--config`` YAML as defaults, ``settings_from_args``
-- ``settings``     the frozen settings every module below the CLI reads (``TrainSettings``)
+- ``options``      one declaration per option: ``Flag`` fields -> argparse flags, YAML keys, settings
+- ``settings``     every train.py option declared on the frozen settings the modules read (``TrainSettings``)
+- ``config``       train.py's parser (from ``settings``), ``--config`` YAML as defaults, ``parse_settings``
+- ``state``        the checkpoint layout: its keys and the entries each part writes
 - ``data``         ImageFolder and the embedded digits dataset, transforms, loaders, samplers
 - ``distributed``  ``DistInfo`` (rank, world size, device, ``is_main``), init, reductions
 - ``build``        the parts of a run from its settings (model, loaders, averages, optimizer, ...)

@@ -46,8 +46,8 @@ from typing import Any
 
 import torch
 
-from emakit.checkpoint import (CheckpointError, _damage_reason, _refused_global, ema_checkpoint_keys, find_unplain,
-                               fsync_dir, is_disk_full, save_checkpoint)
+from emakit.checkpoint import (CheckpointError, damage_reason, ema_checkpoint_keys, find_unplain, fsync_dir,
+                               is_disk_full, refused_global, save_checkpoint)
 
 from . import UsageError, one_line
 from .fsdp import load_full_model_state, load_sharded_optimizer_state, optimizer_state_to_ids
@@ -107,10 +107,10 @@ def _refusal(error: BaseException) -> str:
     """What a refused or failed read of one file says: unsafe (it would import code) or damaged."""
     text = str(error)
     refused = text[len("refused global "):] if text.startswith("refused global ") else (
-        _refused_global(error) if isinstance(error, pickle.UnpicklingError) else None)
+        refused_global(error) if isinstance(error, pickle.UnpicklingError) else None)
     if refused is not None:
         return f"was refused as unsafe (loading it would run code{f': {refused}' if refused else ''})"
-    return f"is truncated or corrupt ({_damage_reason(error)})"
+    return f"is truncated or corrupt ({damage_reason(error)})"
 
 
 def _read_metadata(folder: str) -> Any:

@@ -30,7 +30,7 @@ from emakit.ema import local_shard
 from .distributed import DistInfo, all_reduce_sum
 from .settings import OptimSettings, RunSettings
 
-if TYPE_CHECKING:  # averages imports this module's types through resume
+if TYPE_CHECKING:  # for annotations only
     from .averages import Averages
     from timm.scheduler.scheduler import Scheduler
 

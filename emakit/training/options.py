@@ -4,8 +4,7 @@ and the frozen settings field all come from one :class:`Flag` on a dataclass fie
 A settings dataclass (``settings.py``, ``validate_config.py``, ``cli.py``) declares each of
 its options as a field::
 
-    clip_grad: float | None = Flag("--clip-grad", kind=POSITIVE, metavar="NORM",
-                                   help="clip gradients at this norm/value > 0")(None, note="= no clipping")
+    warmup_lr: float = Flag("--warmup-lr", kind=NON_NEGATIVE, metavar="LR", help="warmup start lr >= 0")(1e-5)
 
 :func:`add_flags` turns the fields of a settings class into argparse flags (the help ends with
 ``(default: ...)`` made from the field's default), and :func:`from_flags` builds the frozen

@@ -38,8 +38,8 @@ from .dcp import join_posthoc_profiles, load_dcp, names_dcp_folder, read_dcp_met
 from .engine import AmpSettings, EpochProgress
 from .fsdp import load_full_model_state, load_full_optimizer_state, load_sharded_optimizer_state
 from .settings import Resolved, TrainSettings
-from .state import (ARCH, ARGS, EPOCH, MODEL, OPTIMIZER, POSTHOC, POSTHOC_PROFILES, SCALER, SCHEDULER, TRAIN_POSITION,
-                    checkpoint_arg, checkpoint_is_emakit, ema_entry_keys, sharded_templates)
+from .state import (ARCH, ARGS, EPOCH, METRICS, MODEL, OPTIMIZER, POSTHOC, POSTHOC_PROFILES, SCALER, SCHEDULER,
+                    TRAIN_POSITION, checkpoint_arg, checkpoint_is_emakit, ema_entry_keys, sharded_templates)
 
 if TYPE_CHECKING:
     from timm.scheduler.scheduler import Scheduler
@@ -197,7 +197,7 @@ def warn_batch_change(ckpt: dict[str, Any], path: str, *, batch_size: int, grad_
                (("-b", old_b, batch_size), ("--grad-accum-steps", old_accum, grad_accum_steps)) if old != now]
     if not changes:
         return None
-    metrics = ckpt.get("metrics") if isinstance(ckpt.get("metrics"), dict) else {}
+    metrics = ckpt.get(METRICS) if isinstance(ckpt.get(METRICS), dict) else {}
     old_steps = metrics.get("optimizer_steps")
     steps = (f"steps per epoch {old_steps} -> {updates_per_epoch}" if isinstance(old_steps, int)
              else f"{updates_per_epoch} steps per epoch now")
@@ -466,7 +466,7 @@ def check_resume_position(ckpt: dict[str, Any], path: str, *, world_size: int, b
     if differ:
         raise UsageError(f"--resume {path} stopped in the middle of epoch {position.get('epoch')}; continuing "
                          f"it needs the same {', '.join(now)} ({'; '.join(differ)}): use those, or "
-                         + (f"resume from checkpoint-{int(ckpt['epoch'])}.pth.tar (the end of the epoch before)"
+                         + (f"resume from checkpoint-{int(ckpt[EPOCH])}.pth.tar (the end of the epoch before)"
                             if int(ckpt[EPOCH]) >= 0 else "start a fresh run"))
     return position
 
