@@ -91,7 +91,8 @@ def build_model(name: str, num_classes: int, device: torch.device, *, drop_rate:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if log:
-        source = f", weights from {pretrained_path}" if pretrained_path else ", pretrained weights" if pretrained else ""
+        source = f", weights from {pretrained_path}" if pretrained_path else (
+            ", pretrained weights" if pretrained else "")
         _log.info("model %s: %.2fM parameters, %d classes%s", name,
                   sum(p.numel() for p in model.parameters()) / 1e6, num_classes, source)
     return model

@@ -79,7 +79,8 @@ class PosthocSettings:
                                   help="the run's checkpoint: model name, args and raw weights for the output")(None)
     model: str | None = MODEL(None, note="= the checkpoint's")
     num_classes: int | None = NUM_CLASSES(None, help="class count", note="= the checkpoint's or the classifier shape")
-    data: str | None = Flag("--data", metavar="DIR", help="sweep data, validate.py's DIR")(None, note="= embedded digits")
+    data: str | None = Flag("--data", metavar="DIR", help="sweep data, validate.py's DIR")(
+        None, note="= embedded digits")
     evaluate: bool = Flag("--evaluate", action="store_true", help="evaluate even a single --sigma-rel")(False)
     equivalent: bool = Flag("--equivalent", action="store_true",
                             help="only convert: give --step and one of --decay, --sigma-rel, --half-life")(False)

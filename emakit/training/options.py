@@ -27,7 +27,8 @@ from typing import Any
 
 from .kinds import EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE_INT, POSITIVE_INT, STD, CommaList, Device
 
-__all__ = ["Flag", "add_flags", "from_flags", "flag_fields", "MODEL", "NUM_CLASSES", "IMG_SIZE", "CROP_PCT", "MEAN_FLAG",
+__all__ = ["Flag", "add_flags", "from_flags", "flag_fields", "MODEL", "NUM_CLASSES", "IMG_SIZE", "CROP_PCT",
+           "MEAN_FLAG",
            "STD_FLAG", "INTERPOLATION", "BATCH_SIZE", "WORKERS", "DEVICE", "AMP_DTYPE", "CHANNELS_LAST", "NO_PROGRESS"]
 
 _META = "emakit.flag"
@@ -172,7 +173,8 @@ IMG_SIZE = Flag("--img-size", kind=POSITIVE_INT, metavar="N", help="image size")
 CROP_PCT = Flag("--crop-pct", kind=FRACTION, metavar="PCT", help="validation center-crop fraction in (0, 1]")
 MEAN_FLAG = Flag("--mean", kind=MEAN, nargs="+", metavar="MEAN",
                  help="normalisation mean: 3 numbers (R G B) or 1 for all")
-STD_FLAG = Flag("--std", kind=STD, nargs="+", metavar="STD", help="normalisation std: 3 numbers > 0 (R G B) or 1 for all")
+STD_FLAG = Flag("--std", kind=STD, nargs="+", metavar="STD",
+                help="normalisation std: 3 numbers > 0 (R G B) or 1 for all")
 INTERPOLATION = Flag("--interpolation", kind=EVAL_INTERPOLATION, metavar="NAME",
                      help="resize interpolation for validation: nearest, bilinear, bicubic, box, hamming, lanczos")
 BATCH_SIZE = Flag("-b", "--batch-size", kind=POSITIVE_INT, metavar="N", help="batch size per process")

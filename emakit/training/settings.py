@@ -251,8 +251,8 @@ class PosthocSettings:
     """The post-hoc EMA (``--model-ema-posthoc`` and ``--posthoc-*``)."""
 
     GROUP: ClassVar[str] = "Post-hoc EMA (EDM2): snapshots to choose the EMA length after training"
-    sigma_rels: tuple[float, ...] = Flag("--posthoc-sigma-rels", kind=CommaList(float, "sigma_rel", scalar_if_one=False),
-                                         metavar="S[,S...]",
+    sigma_rels: tuple[float, ...] = Flag("--posthoc-sigma-rels", metavar="S[,S...]",
+                                         kind=CommaList(float, "sigma_rel", scalar_if_one=False),
                                          help="relative widths of the tracked profiles, each in (0, 0.2887]")(
         (0.05, 0.10))
     budget: str = Flag("--posthoc-budget", metavar="SIZE",
@@ -299,10 +299,12 @@ class EmaSettings:
              "tracks one EMA per value; ignored when --model-ema-decay is given")(None, note="; digits preset: 0.5ep")
     schedule: str = Flag("--model-ema-schedule", metavar="NAME",
                          help="decay schedule: constant, warmup, threshold, exp")("constant")
-    every: int = Flag("--model-ema-every", kind=int, metavar="K", help="average every K optimizer steps with decay**K")(1)
+    every: int = Flag("--model-ema-every", kind=int, metavar="K",
+                      help="average every K optimizer steps with decay**K")(1)
     after: int = Flag("--model-ema-after", kind=NON_NEGATIVE_INT, metavar="N",
-                      help="copy the model instead of averaging for the first N optimizer steps and the first averaging "
-                           "one after them, as timm's ModelEmaV3(update_after_step=N)")(0, note=": the first step copies")
+                      help="copy the model instead of averaging for the first N optimizer steps and the first "
+                           "averaging one after them, as timm's ModelEmaV3(update_after_step=N)")(
+        0, note=": the first step copies")
     dtype: str | None = Flag("--model-ema-dtype", metavar="DTYPE",
                              help="EMA dtype, e.g. float32 master weights under bf16 AMP")(None, note="= model's")
     buffers: str = Flag("--model-ema-buffers", choices=("average", "copy"),
@@ -368,7 +370,8 @@ class RunSettings:
                                   "skip: skip the step, as the fp16 gradient scaler does, and stop after "
                                   "--max-nonfinite-skips such steps in a row")("stop")
     max_nonfinite_skips: int = Flag("--max-nonfinite-skips", kind=POSITIVE_INT, metavar="N",
-                                    help="with --on-nonfinite skip: stop (exit 3) after N non-finite steps in a row")(10)
+                                    help="with --on-nonfinite skip: stop (exit 3) after N non-finite steps in a "
+                                         "row")(10)
     dist_bn: str = Flag("--dist-bn", choices=("reduce", "broadcast", ""),
                         help="sync BatchNorm buffers across ranks before each evaluation, raw and EMA")(
         "reduce", note="; '' = off")

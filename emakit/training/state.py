@@ -36,7 +36,8 @@ from .fsdp import (full_model_state, full_optimizer_state, load_full_model_state
 
 __all__ = ["EPOCH", "ARCH", "VERSION", "MODEL", "OPTIMIZER", "SCHEDULER", "SCALER", "ARGS", "METRIC", "METRICS",
            "POSTHOC", "POSTHOC_PROFILES", "BN_RECAL", "TRAIN_POSITION", "is_sharded_key", "ema_entry_keys",
-           "checkpoint_arg", "checkpoint_is_emakit", "holds_training_state", "steps_done", "check_ema_entry", "CHECKPOINT_VERSION", "model_entries", "ema_entries",
+           "checkpoint_arg", "checkpoint_is_emakit", "holds_training_state", "steps_done", "check_ema_entry",
+           "CHECKPOINT_VERSION", "model_entries", "ema_entries",
            "run_entries", "sharded_templates", "training_state", "load_training_state"]
 
 EPOCH, ARCH, VERSION = "epoch", "arch", "version"

@@ -58,7 +58,8 @@ class EvalDataSettings:
     mean: tuple[float, ...] | None = MEAN_FLAG(None, note="= " + _flag_help("--mean"))
     std: tuple[float, ...] | None = STD_FLAG(None, note="= " + _flag_help("--std"))
     interpolation: str | None = INTERPOLATION(
-        None, note="= the checkpoint's training --interpolation (torchvision's for its checkpoints), else model default")
+        None, note="= the checkpoint's training --interpolation (torchvision's for its checkpoints), else model "
+                   "default")
     batch_size: int = BATCH_SIZE(256, help="batch size per process; does not change the results")
     workers: int = WORKERS(0, note="= main process, as train.py; timm: 4")
 
