@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..ema import unwrap_model
+from ..ema import reshard_fsdp, unwrap_model
 
 __all__ = ["shard_blocks", "apply_fsdp", "broadcast_buffers_before_forward", "broadcast_buffers", "broadcast_tensors",
            "reshard", "full_model_state", "full_optimizer_state", "load_full_model_state",
@@ -204,8 +204,6 @@ def reshard(model: nn.Module) -> None:
     """Free the gathered parameters of every FSDP2 module in ``model`` (no communication; a
     no-op for a plain model or one already sharded), so its parameters are the sharded
     DTensors again, e.g. after an evaluation forward with ``reshard_after_forward=False``."""
-    from ..ema import reshard_fsdp
-
     reshard_fsdp(unwrap_model(model))
 
 

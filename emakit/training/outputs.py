@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from emakit.checkpoint import write_text_atomic
+from emakit.checkpoint import is_disk_full, write_text_atomic
 
 from . import UsageError, one_line
 from .averages import PosthocTracker, ema_label, ema_selector, posthoc_sweep_command
@@ -46,8 +46,6 @@ def writing_output(path: str) -> Iterator[None]:
     ``OSError`` (a full disk, a read-only folder) becomes one :class:`UsageError` line naming
     the file, what happened and the fix (exit 2). The writes inside are atomic
     (``emakit.checkpoint.atomic_write``), so no partial or temporary file is left."""
-    from emakit.checkpoint import is_disk_full
-
     try:
         yield
     except OSError as e:

@@ -43,14 +43,17 @@ from torch import nn
 from emakit.checkpoint import (CheckpointError, check_state_dict_compat, describe_nonfinite, extract_state_dict,
                                load_checkpoint, save_checkpoint, save_safetensors, state_dict_mismatch, strip_prefixes,
                                write_text_atomic)
+from emakit.posthoc import list_snapshots, reconstruct_many, sigma_rel_to_decay, sigma_rel_to_half_life
 
 from . import UsageError, one_line
 from .build import build_model as _build_model, check_model_name
 from .data import (AugmentConfig, DeviceLoader, ImageListDataset, build_eval_loader, build_transforms, class_folders,
                    load_digits_splits, scan_split)
 from .distributed import DistInfo
+from .dcp import dcp_folder_to_checkpoint, is_dcp_folder, names_dcp_folder, resolve_dcp_folder
 from .engine import AmpSettings, EvalTarget, evaluate_many
 from .outputs import writing_output
+from .plots import plot_sweeps
 from .validate_config import CHECKPOINT_EXTENSIONS, EVAL_DATA_KEYS as _DATA_KEYS, ValidateSettings
 
 __all__ = [
@@ -85,8 +88,6 @@ def _natural_key(name: str) -> list[Any]:
 def find_checkpoints(path: str) -> list[str]:
     """``[path]`` for a file or a DCP checkpoint folder (``train.py --checkpoint-format dcp``);
     for any other folder every checkpoint file and DCP folder directly in it, in natural order."""
-    from .dcp import is_dcp_folder, resolve_dcp_folder
-
     if not os.path.exists(path) and resolve_dcp_folder(path) is None:
         raise CheckpointError(f"checkpoint not found: {path}; check the path")
     if not os.path.isdir(path) or is_dcp_folder(path):
@@ -103,8 +104,6 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     """A checkpoint file (:func:`emakit.checkpoint.load_checkpoint`), or a DCP checkpoint folder
     converted offline to the same dict (:func:`emakit.training.dcp.dcp_folder_to_checkpoint`:
     whole tensors in memory, one process)."""
-    from .dcp import dcp_folder_to_checkpoint, names_dcp_folder
-
     if names_dcp_folder(path):
         try:
             return dcp_folder_to_checkpoint(path)
@@ -509,8 +508,6 @@ def timm_load_hint(arch: str, path: str, num_classes: int) -> str:
 def resolve_posthoc_dir(flag: str | None, checkpoint: str | None) -> str:
     """``--posthoc-dir``, else ``posthoc/`` in the checkpoint's folder (or in the run folder
     given; a DCP checkpoint folder such as ``last.dcp`` is a checkpoint: its parent's)."""
-    from .dcp import resolve_dcp_folder
-
     if flag:
         return flag
     run_folder = os.path.isdir(checkpoint) and resolve_dcp_folder(checkpoint) is None
@@ -522,8 +519,6 @@ def reconstruct_profiles(snapshot_dir: str, sigma_rels: Sequence[float],
                          step: int | None) -> tuple[list[dict[str, torch.Tensor]], int]:
     """(state dicts, step): ``reconstruct_many`` (one pass over the files) at ``step``
     (default: the last snapshot step); a bad folder or step is a ``UsageError``."""
-    from emakit.posthoc import list_snapshots, reconstruct_many
-
     if not os.path.isdir(snapshot_dir):
         raise UsageError(f"post-hoc EMA: no snapshot folder {snapshot_dir}; train with --model-ema-posthoc "
                          "or pass --posthoc-dir")
@@ -540,8 +535,6 @@ def reconstruct_profiles(snapshot_dir: str, sigma_rels: Sequence[float],
 
 def posthoc_equivalents(sigma_rel: float, step: int) -> dict[str, float]:
     """The classic EMA of the same width at ``step``: per-update decay and half-life (updates)."""
-    from emakit.posthoc import sigma_rel_to_decay, sigma_rel_to_half_life
-
     return {"sigma_rel": sigma_rel, "posthoc_step": step, "decay_equiv": sigma_rel_to_decay(sigma_rel, step),
             "half_life_equiv": sigma_rel_to_half_life(sigma_rel, step)}
 
@@ -683,8 +676,6 @@ def write_sweep_outputs(rows: Sequence[SweepRow], best: int, out_dir: str, fmt: 
     rows are kept as they were and the file is rewritten atomically. The PNG shows top-1
     against sigma_rel for every sweep in the table.
     """
-    from .plots import plot_sweeps
-
     table = os.path.join(out_dir, f"posthoc_sweep.{fmt}")
     earlier = read_sweep_table(table, fmt)
     sweep_id, sweep_time = new_sweep_id()
