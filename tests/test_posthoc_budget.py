@@ -243,11 +243,11 @@ def test_a_tracker_given_the_runs_emas_updates_them_and_the_profiles_in_one_fuse
 
 # --------------------------------------------------------------------------- sweeps accumulate
 def test_sweep_table_keeps_every_sweep_and_the_plot_draws_each(tmp_path, monkeypatch):
-    from emakit.training import plots, validation
+    from emakit.training import validation
     from emakit.training.validation import ResultRecord, SweepRow
 
     drawn = []
-    monkeypatch.setattr(plots, "plot_sweeps", lambda sweeps, out, title: drawn.append(sweeps))
+    monkeypatch.setattr(validation, "plot_sweeps", lambda sweeps, out, title: drawn.append(sweeps))
 
     def sweep(sigmas, top1s):
         rows = [SweepRow(s, 90, 0.9, 10.0, ResultRecord("m", "c", f"posthoc:{s:g}", t, 99.0, 0.5, 1.0, 32, 1.0,
