@@ -32,7 +32,7 @@ from test_train_signals import ARGS, COMPARED, _resume_argv
 # launcher's), and the logging call returns once this process has received it. Each rank
 # writes its exit status to STATUS_FILE.rank<N> when STATUS_FILE is set.
 GROUP_SIGNALLING_TRAIN = r'''
-import logging, os, signal, sys, time
+import logging, os, signal, subprocess, sys, time
 sys.path.insert(0, os.environ["REPO"])
 from emakit.training import lifecycle
 
@@ -58,7 +58,9 @@ class SignalGroup(logging.Handler):
         # group (started with start_new_session), so that no process outside the test is hit.
         leader = os.getppid() if "RANK" in os.environ else os.getpid()
         assert os.getpgid(leader) == leader, "the signalled group must be the test's own"
-        os.killpg(leader, getattr(signal, os.environ["SIGNAL"]))
+        # Sent by another process, as `timeout` or Slurm would (not by the loader workers' parent).
+        subprocess.run([sys.executable, "-I", "-c", "import os, sys; os.killpg(int(sys.argv[1]), int(sys.argv[2]))",
+                        str(leader), str(int(getattr(signal, os.environ["SIGNAL"])))])
         deadline = time.monotonic() + 300
         while not received and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -132,24 +134,53 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class _ReportsSignals:
-    """A dataset whose items say, in the loader worker that fetches them, whether each stop
-    signal is ignored there and whether it is still blocked."""
+    """A dataset whose items say, in the loader worker that fetches them, its pid, whether
+    SIGINT and SIGHUP are ignored there, and which stop signals are blocked."""
 
     def __len__(self) -> int:
-        return 2
+        return 4
 
-    def __getitem__(self, index: int) -> tuple[list[int], list[int]]:
+    def __getitem__(self, index: int) -> tuple[int, list[int], list[int]]:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        return ([int(signal.getsignal(s) == signal.SIG_IGN) for s in STOP_SIGNALS],
+        return (os.getpid(), [int(signal.getsignal(s) == signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGHUP)],
                 [int(s in blocked) for s in STOP_SIGNALS])
 
 
-def test_loader_workers_ignore_the_stop_signals_and_leave_them_unblocked():
+def _kill_from_another_process(pid: int, signum: int) -> None:
+    subprocess.run([sys.executable, "-I", "-c", "import os, sys; os.kill(int(sys.argv[1]), int(sys.argv[2]))",
+                    str(pid), str(int(signum))], check=True)
+
+
+def test_a_loader_worker_ignores_stop_signals_from_others_and_ends_on_its_parents_sigterm():
+    import multiprocessing
+
     from emakit.training.data import StopSafeLoader
 
-    items = list(StopSafeLoader(_ReportsSignals(), batch_size=None, num_workers=1))
-    assert [(ignored, blocked) for ignored, blocked in items] == [([1, 1, 1], [0, 0, 0])] * 2
+    batches = iter(StopSafeLoader(_ReportsSignals(), batch_size=None, num_workers=1, persistent_workers=True))
+    pid, ignored, blocked = next(batches)
+    assert (ignored, blocked) == ([1, 1], [0, 1, 0])  # SIGTERM: blocked, taken by the worker's own thread
+    for signum in STOP_SIGNALS:  # what a signal to the whole process group does to it
+        _kill_from_another_process(pid, signum)
+    assert next(batches)[0] == pid  # still serving
     assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # this process is untouched
+
+    # Its parent's SIGTERM (the loader's or multiprocessing's terminate at exit) ends it at once.
+    worker = next(p for p in multiprocessing.active_children() if p.pid == pid)
+    os.kill(pid, signal.SIGTERM)
+    worker.join(timeout=120)
+    assert worker.exitcode == 0
+
+
+def test_a_loader_kept_until_the_interpreter_exits_does_not_hold_up_the_exit():
+    """multiprocessing's exit handler terminates (SIGTERM) and joins the daemonic workers of a
+    loader that is still referenced: a worker that ignored SIGTERM outright would hang it."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from emakit.training.data import StopSafeLoader; "
+            "from test_signals_group import _ReportsSignals; "
+            "batches = iter(StopSafeLoader(_ReportsSignals(), batch_size=None, num_workers=2, "
+            "persistent_workers=True)); next(batches); print('served')")
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO / "tests")], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stdout) == (0, "served\n"), proc.stderr[-3000:]
 
 
 def test_a_process_started_while_workers_start_begins_with_the_stop_signals_blocked():

@@ -500,10 +500,11 @@ def sample_seed(base: int, index: int) -> int:
 
 
 class StopSafeLoader(DataLoader):
-    """A DataLoader whose worker processes ignore SIGINT, SIGTERM and SIGHUP from their start
-    (:func:`.lifecycle.loader_workers_started`, :func:`.lifecycle.ignore_stop_signals`): a
-    signal to the whole process group (``timeout``, Slurm, torchrun) is the main process's to
-    act on, and PyTorch's worker would otherwise die of it and fail the run."""
+    """A DataLoader whose worker processes ignore SIGINT, SIGHUP, and a SIGTERM not sent by
+    their main process, from their start (:func:`.lifecycle.loader_workers_started`,
+    :func:`.lifecycle.ignore_stop_signals`): a signal to the whole process group (``timeout``,
+    Slurm, torchrun) is the main process's to act on, and PyTorch's worker would otherwise die
+    of it and fail the run."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("num_workers", 0) > 0:

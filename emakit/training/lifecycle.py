@@ -14,10 +14,10 @@ terminal's SIGINT cannot tear the save; ``kill -9`` still stops at once and leav
 previous checkpoint intact (writes are atomic).
 
 A signal sent to the whole process group (``timeout``, Slurm, Kubernetes, and torchrun,
-which signals each rank's group) also reaches the data-loader worker processes. They ignore
-the three stop signals from their first instruction (:func:`loader_workers_started`,
-:func:`ignore_stop_signals`): the main process decides, and shuts its workers down as it
-exits. (PyTorch's own worker handler would otherwise end a worker on a SIGTERM that its parent
+which signals each rank's group) also reaches the data-loader worker processes. From their
+first instruction they ignore the three stop signals unless their own main process sends a
+SIGTERM (its shutdown of them) (:func:`loader_workers_started`, :func:`ignore_stop_signals`):
+the main process decides, and shuts its workers down as it exits. (PyTorch's own worker handler would otherwise end a worker on a SIGTERM that its parent
 did not send, and the loader would fail the run with "DataLoader worker is killed by signal".)
 
 Exit statuses of ``train.py``: 0 done, 2 bad input or a failed write (one line says which
@@ -204,13 +204,33 @@ def loader_workers_started() -> Iterator[None]:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A data-loader worker's ``worker_init_fn``: ignore SIGINT, SIGTERM and SIGHUP (a
-    signal to the process group reaches the workers too; the main process decides what it
-    means and ends its workers itself), then unblock them (:func:`loader_workers_started`)."""
-    for signum in _SIGNALS:
+    """A data-loader worker's ``worker_init_fn``: a signal to the process group reaches the
+    workers too, and the main process alone decides what it means.
+
+    SIGINT and SIGHUP are ignored. SIGTERM stays blocked (from :func:`loader_workers_started`)
+    and a thread takes it with ``sigwaitinfo``, which says who sent it: from the parent (the
+    loader's or multiprocessing's shutdown, ``Process.terminate``) the worker ends at once, as
+    PyTorch's own worker handler does; from anyone else it is dropped. (Ignoring SIGTERM
+    outright would make the parent's ``terminate`` + ``join`` at exit wait forever.) Where
+    ``sigwaitinfo`` does not exist (macOS), SIGTERM keeps PyTorch's handling.
+    """
+    others = tuple(s for s in _SIGNALS if s != signal.SIGTERM)
+    for signum in others:
         signal.signal(signum, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    if not hasattr(signal, "pthread_sigmask"):
+        return
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, others)
+    if not hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here inherit it
+    threading.Thread(target=_take_sigterm, args=(os.getppid(),), name="emakit-sigterm", daemon=True).start()
+
+
+def _take_sigterm(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)  # what PyTorch's worker does on its parent's SIGTERM (nothing of ours to flush)
 
 
 # --------------------------------------------------------------------------- RNG states
