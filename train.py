@@ -15,21 +15,39 @@ names the intact checkpoint and the exact command that resumes from it.
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from emakit.training.lifecycle import StopSignals
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse -> build -> run; returns the process exit status."""
+    # The stop signals first: the module is standard library only, so a Ctrl-C or SIGTERM while
+    # torch and timm load (1-2 s) ends with the one line and 128 + signal, like any later one.
+    from emakit.training.lifecycle import StopSignals, report_stop_before_training
+
+    signals = StopSignals().install()
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv), signals)
+    except KeyboardInterrupt as e:  # before the run existed (the imports, the logging set-up)
+        return report_stop_before_training("train.py", e)
+    finally:
+        signals.restore()
+
+
+def _run(argv: list[str], signals: StopSignals) -> int:
+    """:func:`main` once the stop signals are taken over."""
     from emakit.training import UsageError, print_error
     from emakit.training.config import parse_settings
     from emakit.training.fit import fit
-    from emakit.training.lifecycle import RunStopped, SignalInterrupt, StopSignals, resume_command, signal_name
+    from emakit.training.lifecycle import (RunStopped, interrupt_signal, report_stop_before_training, resume_command,
+                                           signal_name)
     from emakit.training.logs import configure_logging
     from emakit.training.outputs import describe_result
     from emakit.training.trainer import build_trainer, close_trainer
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     logs = configure_logging()
-    signals = StopSignals().install()
     trainer = None
     try:
         settings = parse_settings(argv)
@@ -53,22 +71,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train.py: {'error: ' if e.error else ''}{line}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (SignalInterrupt), outside the training loop
-        signum = e.signum if isinstance(e, SignalInterrupt) else 2
         last = trainer.last_good if trainer is not None else None
         if last is None:
-            print(f"train.py: stopped by {signal_name(signum)} before training started: no checkpoint was written",
-                  file=sys.stderr)
-        elif trainer.dist.is_main:
+            return report_stop_before_training("train.py", e)
+        signum = interrupt_signal(e)
+        if trainer.dist.is_main:
             print(f"train.py: stopped by {signal_name(signum)}; the last good checkpoint is {last[0]} ({last[1]}); "
                   f"resume with: {resume_command(argv, last[0])}", file=sys.stderr)
         return 128 + signum
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     finally:
-        signals.restore()
         logs.close()
 
 
 if __name__ == "__main__":
-    from emakit.training.lifecycle import exit_process
-    exit_process(main())
+    sys.exit(main())

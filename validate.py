@@ -10,14 +10,31 @@
     torchrun --standalone --nproc_per_node=2 validate.py DATA --checkpoint CKPT --weights both
 
 Prints a table per checkpoint and one JSON result line per weight set on stdout.
-Exit status: 0 done, 2 bad input or checkpoint (one line on stderr).
+Exit status: 0 done, 2 bad input or checkpoint (one line on stderr), 130 / 143 / 129
+stopped by SIGINT / SIGTERM / SIGHUP (files are written whole or not at all).
 """
 from __future__ import annotations
 
+import sys
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse -> build -> run; returns the process exit status."""
+    # The stop signals first (standard library only): a signal while torch loads, or at any
+    # later point, stops at once with one line and 128 + signal (atomic writes leave no half files).
+    from emakit.training.lifecycle import StopSignals, report_stop_before_training
+
+    signals = StopSignals().install()
+    try:
+        return _run(argv)
+    except KeyboardInterrupt as e:
+        return report_stop_before_training("validate.py", e, "before the results were reported")
+    finally:
+        signals.restore()
+
+
+def _run(argv: list[str] | None) -> int:
+    """:func:`main` once the stop signals are taken over."""
     from emakit.checkpoint import CheckpointError
     from emakit.training import UsageError, print_error
     from emakit.training.distributed import init_distributed, shutdown_distributed
@@ -47,5 +64,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from emakit.training.lifecycle import exit_process
-    exit_process(main())
+    sys.exit(main())

@@ -89,8 +89,8 @@ def main() -> None:
     import emakit.training.validation  # noqa: F401
 
     results = []
-    # mkdtemp, not TemporaryDirectory: the scripts end with exit_process, which runs the
-    # atexit handlers, and a TemporaryDirectory's finalizer would run (delete it) in each child.
+    # mkdtemp, not TemporaryDirectory: a child must never run its finalizer (which deletes it);
+    # the children leave with os._exit.
     tmp = tempfile.mkdtemp()
     try:
         os.chmod(tmp, 0o777)  # a child running as another user writes its output files here

@@ -9,7 +9,7 @@ path runs. MODE ``dcp:N`` (``dcp:N:R``: on rank R only): the N-th ``torch.distri
 save of the process finds the disk full while writing its shards: part of an item is written,
 then the RuntimeError torch's own zip writer raises on a full disk (``unexpected pos``).
 
-The process exits with the CLI's status (``lifecycle.exit_process``: no interpreter teardown).
+The process exits with the CLI's status (its ``sys.exit``).
 """
 from __future__ import annotations
 

@@ -332,12 +332,11 @@ def test_under_torchrun_an_input_error_is_printed_once_and_every_rank_exits_2(tm
     # torchrun itself always exits 1 when a worker fails, and reports each failed worker's status:
     # 2 (ours), or, for a rank it stopped with SIGTERM once the first one had failed, -15 (killed
     # while waiting for rank 0 to print) or 143 (the signal came before that rank reached the error:
-    # our handler's 128 + SIGTERM, with its own "stopped by SIGTERM before training started" line).
+    # our handler's 128 + SIGTERM; a rank other than 0 prints no line of its own for it).
     assert proc.returncode == 1
     reported = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", proc.stderr))
     assert reported and set(reported.values()) <= {"2", "-15", "143"} and "2" in reported.values(), proc.stderr
-    if "143" in reported.values():
-        assert "train.py: stopped by SIGTERM before training started: no checkpoint was written" in proc.stderr
+    assert "stopped by SIGTERM" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

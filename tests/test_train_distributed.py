@@ -61,12 +61,11 @@ def fit_then_dump(tr):
 
 fit_module.fit = fit_then_dump
 import train
-from emakit.training.lifecycle import exit_process
 code = train.main(sys.argv[1:])
 log = os.environ["AUDIT_LOG"] + ".rank" + os.environ.get("RANK", "0")
 with open(log, "w") as f:
     f.write("\n".join(writes))
-exit_process(code)
+sys.exit(code)
 '''
 
 

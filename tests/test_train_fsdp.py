@@ -65,8 +65,7 @@ def write_then_die(self, plan, planner):
 
 filesystem.FileSystemWriter.write_data = write_then_die
 import train
-from emakit.training.lifecycle import exit_process
-exit_process(train.main(sys.argv[1:]))
+sys.exit(train.main(sys.argv[1:]))
 '''
 
 
@@ -95,10 +94,9 @@ def fill_the_disk(obj, path):
 
 posthoc._atomic_save = fill_the_disk
 import train
-from emakit.training.lifecycle import exit_process
 code = train.main(sys.argv[1:])
 open(os.environ["STATUS_FILE"] + ".rank" + os.environ["RANK"], "w").write(str(code))
-exit_process(code)
+sys.exit(code)
 '''
 
 

@@ -167,7 +167,6 @@ SIGNALLING_TRAIN = r'''
 import logging, os, signal, sys
 sys.path.insert(0, os.environ["REPO"])
 import train
-from emakit.training.lifecycle import exit_process
 
 class SignalAgent(logging.Handler):
     fired = False
@@ -182,7 +181,7 @@ if os.environ.get("RANK") == "0":
 code = train.main(sys.argv[1:])
 with open(os.environ["STATUS_FILE"] + ".rank" + os.environ["RANK"], "w") as f:
     f.write(str(code))
-exit_process(code)
+sys.exit(code)
 '''
 
 

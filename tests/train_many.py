@@ -9,9 +9,7 @@ its train.log). Stops at the first run that does not exit 0, with that status.
 
 Under torchrun the runs share one process group: the first run starts it and it is destroyed
 after the last. (A default group destroyed and started again inside one torchrun launch
-rendezvouses under the same store keys as the first and hangs in gloo's connect.) It ends
-with ``exit_process`` as train.py does: the full interpreter teardown can abort in gloo's
-threads ("terminate called without an active exception"), which train.py never runs.
+rendezvouses under the same store keys as the first and hangs in gloo's connect.)
 """
 import json
 import os
@@ -21,7 +19,6 @@ import torch.distributed as torch_dist
 
 sys.path.insert(0, os.environ["REPO"])
 import train  # noqa: E402
-from emakit.training.lifecycle import exit_process  # noqa: E402
 
 if __name__ == "__main__":
     destroy = torch_dist.destroy_process_group
@@ -37,4 +34,4 @@ if __name__ == "__main__":
     finally:
         if torch_dist.is_initialized():
             destroy()
-    exit_process(code)
+    sys.exit(code)

@@ -316,11 +316,8 @@ def run_command(settings: ExportSettings | PosthocSettings | PlotSettings) -> li
 
 
 def console_main() -> NoReturn:
-    """The ``emakit`` console script and ``python -m emakit``: :func:`main`, then
-    :func:`~emakit.training.lifecycle.exit_process` (no interpreter teardown)."""
-    from .lifecycle import exit_process
-
-    exit_process(main())
+    """The ``emakit`` console script and ``python -m emakit``: exits with :func:`main`'s status."""
+    sys.exit(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

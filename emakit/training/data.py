@@ -26,13 +26,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from . import UsageError, one_line
 from .distributed import DistInfo
+from .lifecycle import ignore_stop_signals, loader_workers_started
 from .settings import AugmentConfig
 
 __all__ = [
     "BadImageError", "DataSplits", "ImageListDataset", "DIGITS_NAME", "load_digits_splits",
     "load_image_folder", "class_folders", "scan_split", "build_datasets", "check_images", "build_transforms",
     "ShardSampler", "ResumableSampler",
-    "build_train_loader", "build_eval_loader", "epoch_seed", "sample_seed", "SeededDataset",
+    "StopSafeLoader", "build_train_loader", "build_eval_loader", "epoch_seed", "sample_seed", "SeededDataset",
     "DeviceLoader", "normalize_uint8", "device_random_erasing", "resolve_data_config_for", "set_epoch",
     "AugmentConfig", "shown_path", "flip_labels",
 ]
@@ -505,6 +506,24 @@ def sample_seed(base: int, index: int) -> int:
     return (base * 1_000_003 + index) % (2**63 - 1)
 
 
+class StopSafeLoader(DataLoader):
+    """A DataLoader whose worker processes ignore SIGINT, SIGHUP, and a SIGTERM not sent by
+    their main process, from their start (:func:`.lifecycle.loader_workers_started`,
+    :func:`.lifecycle.ignore_stop_signals`): a signal to the whole process group (``timeout``,
+    Slurm, torchrun) is the main process's to act on, and PyTorch's worker would otherwise die
+    of it and fail the run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("num_workers", 0) > 0:
+            kwargs["worker_init_fn"] = ignore_stop_signals
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self) -> Any:
+        """The loader's iterator; worker processes (if any) start with the stop signals blocked."""
+        with loader_workers_started():
+            return super().__iter__()
+
+
 def build_train_loader(dataset: Dataset, batch_size: int, dist: DistInfo, *, seed: int, workers: int = 0,
                        pin_memory: bool = False, collate_fn: Callable | None = None) -> DataLoader:
     """Shuffled, sharded training loader; call :func:`set_epoch` before each epoch.
@@ -520,9 +539,9 @@ def build_train_loader(dataset: Dataset, batch_size: int, dist: DistInfo, *, see
     if per_rank < batch_size:
         raise UsageError(f"the train split has {len(dataset)} images, {per_rank} per process: fewer than "  # type: ignore[arg-type]
                          f"one batch of {batch_size}; lower -b/--batch-size")
-    return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
-                      generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)
+    return StopSafeLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
+                          pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
+                          generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)
 
 
 def build_eval_loader(dataset: Dataset, batch_size: int, dist: DistInfo, *, workers: int = 0,
@@ -530,8 +549,8 @@ def build_eval_loader(dataset: Dataset, batch_size: int, dist: DistInfo, *, work
     """In-order evaluation loader over this rank's disjoint share of ``dataset``; its
     ``workers`` worker processes persist across passes."""
     sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)  # type: ignore[arg-type]
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, drop_last=False, persistent_workers=workers > 0)
+    return StopSafeLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                          pin_memory=pin_memory, drop_last=False, persistent_workers=workers > 0)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:

@@ -1,27 +1,33 @@
 """How a run ends early: signals, divergence, failed writes, and the command that resumes it.
 
 Signals. SIGINT (Ctrl-C), SIGTERM (schedulers, ``timeout``, torchrun forwarding a Ctrl-C)
-and SIGHUP (a closed terminal) are caught by :class:`StopSignals`. Before training starts
-they stop the process at once (:class:`SignalInterrupt`). While training runs they only
-set a flag: the loop stops at the next optimizer-step boundary that every rank agrees on,
-writes a resumable ``last.pth.tar`` (mid-epoch: the step, sampler position and every
-rank's random-number-generator states) and exits with 128 + the signal number (130, 143,
-129). Further signals while stopping are logged and ignored, so a second Ctrl-C or
-torchrun's SIGTERM after the terminal's SIGINT cannot tear the save; ``kill -9`` still
-stops at once and leaves the previous checkpoint intact (writes are atomic).
+and SIGHUP (a closed terminal) are caught by :class:`StopSignals`, which ``train.py`` and
+``validate.py`` install first thing in ``main`` (this module imports only the standard
+library, so a signal while torch is being imported is caught too). Before training starts
+they stop the process at once (:class:`SignalInterrupt`; the one line is
+:func:`report_stop_before_training`). While training runs they only set a flag: the loop
+stops at the next optimizer-step boundary that every rank agrees on, writes a resumable
+``last.pth.tar`` (mid-epoch: the step, sampler position and every rank's random-number-generator
+states) and exits with 128 + the signal number (130, 143, 129). Further signals while
+stopping are logged and ignored, so a second Ctrl-C or torchrun's SIGTERM after the
+terminal's SIGINT cannot tear the save; ``kill -9`` still stops at once and leaves the
+previous checkpoint intact (writes are atomic).
+
+A signal sent to the whole process group (``timeout``, Slurm, Kubernetes, and torchrun,
+which signals each rank's group) also reaches the data-loader worker processes. From their
+first instruction they ignore the three stop signals unless their own main process sends a
+SIGTERM (its shutdown of them) (:func:`loader_workers_started`, :func:`ignore_stop_signals`):
+the main process decides, and shuts its workers down as it exits. (PyTorch's own worker handler would otherwise end a worker on a SIGTERM that its parent
+did not send, and the loader would fail the run with "DataLoader worker is killed by signal".)
 
 Exit statuses of ``train.py``: 0 done, 2 bad input or a failed write (one line says which
 checkpoint is intact), 3 diverged (``--on-nonfinite``), 128 + signal number when stopped
-by a signal. The command-line scripts end through :func:`exit_process`, which skips the
-interpreter's teardown once every file is written.
+by a signal. The scripts end with ``sys.exit(main())`` and the interpreter's normal teardown.
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
-import gc
 import logging
-import multiprocessing
 import os
 import random
 import shlex
@@ -29,14 +35,15 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["StopSignals", "SignalInterrupt", "RunStopped", "TrainingInterrupted", "LastGood", "last_good_text",
            "diverged", "write_failed", "EXIT_DIVERGED", "EXIT_WRITE_FAILED", "signal_name",
-           "rng_state", "set_rng_state", "resume_command", "exit_process"]
+           "rng_state", "set_rng_state", "resume_command", "report_stop_before_training", "interrupt_signal",
+           "loader_workers_started", "ignore_stop_signals"]
 
 _log = logging.getLogger(__name__)
 
@@ -110,8 +117,8 @@ class StopSignals:
 
     ``install()`` in the main thread (elsewhere it does nothing: Python delivers signals
     to the main thread only); ``restore()`` puts the previous handlers back. Inside
-    :meth:`deferred` a signal only sets :attr:`received`; outside, it raises
-    :class:`SignalInterrupt`.
+    :meth:`deferred` a signal only sets :attr:`received`; outside, the first one raises
+    :class:`SignalInterrupt` and later ones are ignored (the process is already stopping).
     """
 
     def __init__(self) -> None:
@@ -151,7 +158,9 @@ class StopSignals:
         if first:
             self.received = signum
         if not self._deferred:
-            raise SignalInterrupt(signum)
+            if first:  # a later one would interrupt the stop itself (its line, the clean-up)
+                raise SignalInterrupt(signum)
+            return
         if first:
             _log.warning("%s received: stopping at the next step boundary with a resumable checkpoint",
                          signal_name(signum))
@@ -161,10 +170,78 @@ class StopSignals:
                          signal_name(self.received))
 
 
+def interrupt_signal(error: KeyboardInterrupt) -> int:
+    """The signal behind a :class:`KeyboardInterrupt`: a :class:`SignalInterrupt`'s, else SIGINT."""
+    return error.signum if isinstance(error, SignalInterrupt) else int(signal.SIGINT)
+
+
+def report_stop_before_training(prog: str, error: KeyboardInterrupt,
+                                 outcome: str = "before training started: no checkpoint was written") -> int:
+    """Print ``<prog>: stopped by SIGTERM <outcome>`` on stderr (rank 0 alone under torchrun)
+    for a stop signal or Ctrl-C that came before there was anything to save; returns the exit
+    status, 128 + the signal number."""
+    signum = interrupt_signal(error)
+    if os.environ.get("RANK", "0") in ("0", ""):
+        print(f"{prog}: stopped by {signal_name(signum)} {outcome}", file=sys.stderr, flush=True)
+    return 128 + signum
+
+
+@contextlib.contextmanager
+def loader_workers_started() -> Iterator[None]:
+    """Around the code that starts data-loader worker processes (``iter(loader)``): the stop
+    signals are blocked in this thread meanwhile, so a forked worker starts with them blocked
+    and cannot be ended by one before :func:`ignore_stop_signals` runs in it. A signal that
+    arrives meanwhile is delivered when the block ends (or at once to another thread; Python
+    runs its handler in the main thread either way)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A data-loader worker's ``worker_init_fn``: a signal to the process group reaches the
+    workers too, and the main process alone decides what it means.
+
+    SIGINT and SIGHUP are ignored. SIGTERM stays blocked (from :func:`loader_workers_started`)
+    and a thread takes it with ``sigwaitinfo``, which says who sent it: from the parent (the
+    loader's or multiprocessing's shutdown, ``Process.terminate``) the worker ends at once, as
+    PyTorch's own worker handler does; from anyone else it is dropped. (Ignoring SIGTERM
+    outright would make the parent's ``terminate`` + ``join`` at exit wait forever.) Where
+    ``sigwaitinfo`` does not exist (macOS), SIGTERM keeps PyTorch's handling.
+    """
+    others = tuple(s for s in _SIGNALS if s != signal.SIGTERM)
+    for signum in others:
+        signal.signal(signum, signal.SIG_IGN)
+    if not hasattr(signal, "pthread_sigmask"):
+        return
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, others)
+    if not hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here inherit it
+    threading.Thread(target=_take_sigterm, args=(os.getppid(),), name="emakit-sigterm", daemon=True).start()
+
+
+def _take_sigterm(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)  # what PyTorch's worker does on its parent's SIGTERM (nothing of ours to flush)
+
+
 # --------------------------------------------------------------------------- RNG states
+# numpy and torch are imported in the functions: the scripts import this module before torch
+# (see the module docstring), and these run only once a run is built.
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's python, numpy, torch (and CUDA ``device``) generator states, as plain
     types and tensors so a checkpoint holding them loads with ``weights_only=True``."""
+    import numpy as np
+    import torch
+
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -178,6 +255,9 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     """Inverse of :func:`rng_state`."""
+    import numpy as np
+    import torch
+
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -213,32 +293,3 @@ def resume_command(argv: Sequence[str], checkpoint: str) -> str:
     if per_node == world:
         return f"torchrun --standalone --nproc_per_node={per_node} {shlex.quote(script)} {args}"
     return f"torchrun <your multi-node flags> --nproc_per_node={per_node} {shlex.quote(script)} {args}"
-
-
-def exit_process(status: int) -> NoReturn:
-    """End the process with exit status ``status`` once its work is done, without the
-    interpreter's teardown; for a script's ``if __name__ == "__main__":`` block only.
-
-    With torch, torchvision and timm loaded, CPython's finalization (clearing some 2,700
-    modules and collecting their objects) costs 1-2 s of wall and CPU after the last file was
-    written (bench/vs_timm.py; timm's train.py pays it too). Here: the ``atexit`` handlers run
-    as at a normal exit (logging's flush and close of train.log, multiprocessing's and
-    ``weakref.finalize``'s clean-ups), stdout and stderr are flushed, then ``os._exit``.
-    Where the teardown could still do work that matters, it is not skipped: with a
-    non-daemon thread or a child process (a data-loader worker) still alive this is plain
-    ``sys.exit(status)``. Files must be closed by then (the scripts' own writes all are).
-    """
-    main = threading.main_thread()
-    if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
-        sys.exit(status)
-    if multiprocessing.active_children():
-        gc.collect()  # a loader in a reference cycle keeps its workers until collected
-        if multiprocessing.active_children():
-            sys.exit(status)
-    atexit._run_exitfuncs()  # noqa: SLF001 - what Py_FinalizeEx would run first; the rest is skipped
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said
-            pass
-    os._exit(status)
