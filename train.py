@@ -40,17 +40,20 @@ def _run(argv: list[str], signals: StopSignals) -> int:
     """:func:`main` once the stop signals are taken over."""
     from emakit.training import UsageError, print_error
     from emakit.training.config import parse_settings
-    from emakit.training.fit import fit
     from emakit.training.lifecycle import (RunStopped, interrupt_signal, report_stop_before_training, resume_command,
                                            signal_name)
     from emakit.training.logs import configure_logging
-    from emakit.training.outputs import describe_result
-    from emakit.training.trainer import build_trainer, close_trainer
 
     logs = configure_logging()
     trainer = None
     try:
         settings = parse_settings(argv)
+        # the trainer (timm, torchvision, the loops) loads once the flags are good: --help and a bad
+        # flag answer without it
+        from emakit.training.fit import fit
+        from emakit.training.outputs import describe_result
+        from emakit.training.trainer import build_trainer, close_trainer
+
         trainer = build_trainer(settings, logs)
         trainer.signals = signals
         try:

@@ -204,35 +204,39 @@ STD = Items(POSITIVE, "3 numbers > 0 (one per RGB channel) or 1 for all", (1, 3)
 # --------------------------------------------------------------------------- names
 class OneOf(Kind):
     """A name from a set; ``names`` is a list or a function giving it (called only when a
-    value is checked or the message is written, so timm is imported only then)."""
+    value is checked or the message is written, so timm is imported only then). ``always``:
+    names allowed without asking ``names`` (the defaults: argparse checks a string default
+    at every parse, ``--help`` included, and that must not load timm)."""
 
-    def __init__(self, names: Iterable[str] | Callable[[], Iterable[str]]) -> None:
-        self._names = names
+    def __init__(self, names: Iterable[str] | Callable[[], Iterable[str]], always: Iterable[str] = ()) -> None:
+        self._names, self.always = names, tuple(always)
 
     def names(self) -> list[str]:
         """The allowed names."""
-        return list(self._names() if callable(self._names) else self._names)
+        return list(self.always) + list(self._names() if callable(self._names) else self._names)
 
     @property
     def expected(self) -> str:  # type: ignore[override]
         return "one of " + ", ".join(repr(n) if n == "" else n for n in self.names())
 
+    @property
+    def __name__(self) -> str:  # argparse asks every help line for it: not the names, which may load timm
+        return "name"
+
     def validate(self, value: Any) -> None:
-        if value not in self.names():
+        if value not in self.always and value not in self.names():
             raise KindError("unknown")
 
 
-def _interpolations(*extra: str) -> Callable[[], list[str]]:
-    def names() -> list[str]:
-        from timm.data.transforms import _str_to_pil_interpolation
+def _interpolations() -> list[str]:
+    from timm.data.transforms import _str_to_pil_interpolation
 
-        return list(extra) + list(_str_to_pil_interpolation)
-    return names
+    return list(_str_to_pil_interpolation)
 
 
 # '' = the model's default; 'random' = timm's random choice per image (training only).
-EVAL_INTERPOLATION = OneOf(_interpolations(""))
-TRAIN_INTERPOLATION = OneOf(_interpolations("", "random"))
+EVAL_INTERPOLATION = OneOf(_interpolations, always=("",))
+TRAIN_INTERPOLATION = OneOf(_interpolations, always=("", "random"))
 
 
 class Device(Kind):
