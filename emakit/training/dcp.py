@@ -206,17 +206,18 @@ def _dcp_failure(error: BaseException) -> BaseException | None:
     return first[0] if isinstance(first, tuple) else getattr(first, "exc", first)
 
 
-def _load_checked(folder: str, state: dict[str, Any], planner: Any) -> None:
+def _load_checked(folder: str, state: dict[str, Any], planner: Any, *, alone: bool = False) -> None:
     """DCP ``load`` of ``state`` from ``folder`` through the safe reader and ``planner``:
     ``DamagedFolder`` naming the file for damage, a ``RuntimeError`` (one line) for a folder
-    that does not fit ``state``. *Collective* under a process group."""
+    that does not fit ``state``. *Collective* under a process group, unless ``alone`` (this
+    process reads the whole folder by itself, e.g. rank 0 converting it offline)."""
     from torch.distributed.checkpoint import load
 
     metadata = _read_metadata(folder)
     try:
         with _single_process_quiet():
             load(state, storage_reader=_checked_reader(folder, metadata), planner=planner,
-                 no_dist=not _distributed())
+                 no_dist=alone or not _distributed())
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -532,7 +533,7 @@ def dcp_folder_to_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(f"{os.fspath(folder)} is not a complete torch.distributed.checkpoint folder")
     meta = read_dcp_meta(path)
     planner = _safe_planner(_EmptyStateDictLoadPlanner)
-    _load_checked(path, {}, planner)
+    _load_checked(path, {}, planner, alone=True)  # offline: no collective, whatever process group exists
     ckpt = dict(planner.original_state_dict)  # the planner builds the state from .metadata
     opt = ckpt.get(OPTIMIZER)
     if isinstance(opt, dict) and opt.get("param_groups") and any(
