@@ -89,4 +89,6 @@ def _run(argv: list[str], signals: StopSignals) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from emakit.training.lifecycle import end_process
+
+    end_process(main())

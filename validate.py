@@ -15,8 +15,6 @@ stopped by SIGINT / SIGTERM / SIGHUP (files are written whole or not at all).
 """
 from __future__ import annotations
 
-import sys
-
 
 def main(argv: list[str] | None = None) -> int:
     """Parse -> build -> run; returns the process exit status."""
@@ -64,4 +62,6 @@ def _run(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from emakit.training.lifecycle import end_process
+
+    end_process(main())

@@ -60,3 +60,32 @@ def test_train_py_and_validate_py_exit_through_the_normal_teardown_with_everythi
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"weights": "ema"' in proc.stdout
     assert {p.name for p in marks.iterdir()} == {"atexit", "teardown"}
+
+
+@pytest.mark.parametrize("torchrun_rank", [False, True])
+def test_end_process_skips_the_teardown_only_in_a_torchrun_rank(tmp_path, torchrun_rank):
+    """A torchrun rank (RANK and WORLD_SIZE set) leaves with os._exit after flushing its
+    outputs and log handlers: gloo's threads can abort the interpreter's teardown there. Any
+    other process ends with sys.exit and the normal teardown."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = tmp_path / "end.py"
+    script.write_text("import logging, sys\n"
+                      f"logging.basicConfig(filename={str(tmp_path / 'log.txt')!r}, level=logging.INFO)\n"
+                      "logging.getLogger('x').info('a logged line')\n"
+                      "print('a line still in stdout\\'s buffer'); sys.stderr.write('and one on stderr\\n')\n"
+                      "from emakit.training.lifecycle import end_process\n"
+                      "end_process(7)\n")
+    env = subprocess_env()
+    env.pop("PYTHONUNBUFFERED", None)
+    for key in ("RANK", "WORLD_SIZE"):
+        env.pop(key, None)
+    if torchrun_rank:
+        env.update(RANK="0", WORLD_SIZE="2")
+    proc = subprocess.run([sys.executable, "-c", RUN_SCRIPT, str(marks), str(script)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 7
+    assert "a line still in stdout's buffer" in proc.stdout and "and one on stderr" in proc.stderr
+    assert "a logged line" in (tmp_path / "log.txt").read_text()
+    ran = {p.name for p in marks.iterdir()}
+    assert ran == (set() if torchrun_rank else {"atexit", "teardown"})

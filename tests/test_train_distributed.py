@@ -65,7 +65,8 @@ code = train.main(sys.argv[1:])
 log = os.environ["AUDIT_LOG"] + ".rank" + os.environ.get("RANK", "0")
 with open(log, "w") as f:
     f.write("\n".join(writes))
-sys.exit(code)
+from emakit.training.lifecycle import end_process
+end_process(code)
 '''
 
 

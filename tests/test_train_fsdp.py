@@ -65,7 +65,8 @@ def write_then_die(self, plan, planner):
 
 filesystem.FileSystemWriter.write_data = write_then_die
 import train
-sys.exit(train.main(sys.argv[1:]))
+from emakit.training.lifecycle import end_process
+end_process(train.main(sys.argv[1:]))
 '''
 
 
@@ -96,7 +97,8 @@ posthoc._atomic_save = fill_the_disk
 import train
 code = train.main(sys.argv[1:])
 open(os.environ["STATUS_FILE"] + ".rank" + os.environ["RANK"], "w").write(str(code))
-sys.exit(code)
+from emakit.training.lifecycle import end_process
+end_process(code)
 '''
 
 

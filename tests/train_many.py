@@ -19,6 +19,7 @@ import torch.distributed as torch_dist
 
 sys.path.insert(0, os.environ["REPO"])
 import train  # noqa: E402
+from emakit.training.lifecycle import end_process  # noqa: E402
 
 if __name__ == "__main__":
     destroy = torch_dist.destroy_process_group
@@ -34,4 +35,4 @@ if __name__ == "__main__":
     finally:
         if torch_dist.is_initialized():
             destroy()
-    sys.exit(code)
+    end_process(code)  # as train.py ends (a torchrun rank: no teardown, see lifecycle.end_process)

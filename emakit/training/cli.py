@@ -316,8 +316,11 @@ def run_command(settings: ExportSettings | PosthocSettings | PlotSettings) -> li
 
 
 def console_main() -> NoReturn:
-    """The ``emakit`` console script and ``python -m emakit``: exits with :func:`main`'s status."""
-    sys.exit(main())
+    """The ``emakit`` console script and ``python -m emakit``: exits with :func:`main`'s status
+    (:func:`~.lifecycle.end_process`)."""
+    from .lifecycle import end_process
+
+    end_process(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

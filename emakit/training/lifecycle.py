@@ -35,7 +35,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 __all__ = ["StopSignals", "SignalInterrupt", "RunStopped", "TrainingInterrupted", "LastGood", "last_good_text",
            "diverged", "write_failed", "EXIT_DIVERGED", "EXIT_WRITE_FAILED", "signal_name",
            "rng_state", "set_rng_state", "resume_command", "report_stop_before_training", "interrupt_signal",
-           "loader_workers_started", "ignore_stop_signals"]
+           "loader_workers_started", "ignore_stop_signals", "end_process"]
 
 _log = logging.getLogger(__name__)
 
@@ -293,3 +293,21 @@ def resume_command(argv: Sequence[str], checkpoint: str) -> str:
     if per_node == world:
         return f"torchrun --standalone --nproc_per_node={per_node} {shlex.quote(script)} {args}"
     return f"torchrun <your multi-node flags> --nproc_per_node={per_node} {shlex.quote(script)} {args}"
+
+
+def end_process(status: int) -> NoReturn:
+    """End a command with ``status``: ``sys.exit`` (the interpreter's normal teardown), except
+    in a rank that torchrun started (``RANK`` and ``WORLD_SIZE`` set). There torch's gloo
+    threads can abort the teardown after the process group is gone ("terminate called without
+    an active exception", SIGABRT): seen in a loaded CI run, where a rank that had printed its
+    one-line input error ended -6 instead of 2, and earlier in the FSDP test jobs. Such a rank
+    flushes stdout, stderr and the log handlers and leaves with ``os._exit(status)``; its
+    atexit handlers do not run (every file it writes is complete before this point)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        sys.exit(status)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(status)
+
