@@ -28,8 +28,8 @@ from typing import Any
 from .kinds import EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE_INT, POSITIVE_INT, STD, CommaList, Device
 
 __all__ = ["Flag", "add_flags", "from_flags", "flag_fields", "MODEL", "NUM_CLASSES", "IMG_SIZE", "CROP_PCT",
-           "MEAN_FLAG",
-           "STD_FLAG", "INTERPOLATION", "BATCH_SIZE", "WORKERS", "DEVICE", "AMP_DTYPE", "CHANNELS_LAST", "NO_PROGRESS"]
+           "MEAN_FLAG", "STD_FLAG", "INTERPOLATION", "BATCH_SIZE", "WORKERS", "DEVICE", "AMP_DTYPE", "CHANNELS_LAST",
+           "NO_PROGRESS"]
 
 _META = "emakit.flag"
 
@@ -54,8 +54,7 @@ class Flag:
     """
 
     _OPTIONS = {"metavar": None, "choices": None, "nargs": None, "action": None, "const": None, "dest": None,
-                "required": None,
-                "invert": False, "section": None, "default": None, "note": ""}
+                "required": None, "invert": False, "section": None, "default": None, "note": ""}
 
     def __init__(self, *names: str, help: str = "", kind: Callable[[str], Any] | None = None, **options: Any) -> None:
         unknown = set(options) - set(self._OPTIONS)
