@@ -127,10 +127,10 @@ def main() -> None:
             row = last_row(work / name)
             grid_epoch_times += epoch_seconds(log)
             rec["grid"].append({"sigma_rel": sigma, "decay": decay, "seconds": seconds,
-                                "raw_top1": float(row["eval_top1"]), "ema_top1": float(row["ema_eval_top1"]),
+                                "raw_top1": float(row["raw_eval_top1"]), "ema_top1": float(row["ema_eval_top1"]),
                                 "disk_bytes": folder_bytes(work / name),
                                 "last_ckpt_bytes": (work / name / "last.pth.tar").stat().st_size})
-            print(f"seed {seed} grid sigma_rel {sigma:g} (decay {decay:.5f}): raw {row['eval_top1']} "
+            print(f"seed {seed} grid sigma_rel {sigma:g} (decay {decay:.5f}): raw {row['raw_eval_top1']} "
                   f"EMA {row['ema_eval_top1']} in {seconds:.0f}s", flush=True)
         name = f"posthoc-s{seed}"
         train_s, log = run(base + ["--seed", str(seed), "--experiment", name])
@@ -146,7 +146,7 @@ def main() -> None:
         ratio = float(re.search(r"bytes, ([\d.]+)x the model's float32 bytes", log).group(1))
         ph_epoch = epoch_seconds(log)
         rec["posthoc"] = {
-            "train_seconds": train_s, "sweep_seconds": sweep_s, "raw_top1": float(row["eval_top1"]),
+            "train_seconds": train_s, "sweep_seconds": sweep_s, "raw_top1": float(row["raw_eval_top1"]),
             "ema_top1": float(row["ema_eval_top1"]), "pick_sigma_rel": float(best["sigma_rel"]),
             "pick_top1": float(best["top1"]), "sweep": [{"sigma_rel": r["sigma_rel"], "top1": r["top1"]} for r in swept],
             "snapshot_bytes": used, "snapshot_x_model": ratio, "snapshot_steps": len({p.name.split("-")[1]
@@ -157,7 +157,7 @@ def main() -> None:
             "epoch_s_median": statistics.median(ph_epoch), "grid_epoch_s_median": statistics.median(grid_epoch_times)}
         raws = {g["raw_top1"] for g in rec["grid"]} | {rec["posthoc"]["raw_top1"]}
         rec["raw_identical"] = len(raws) == 1
-        print(f"seed {seed} post-hoc: raw {row['eval_top1']} EMA {row['ema_eval_top1']}, pick sigma_rel "
+        print(f"seed {seed} post-hoc: raw {row['raw_eval_top1']} EMA {row['ema_eval_top1']}, pick sigma_rel "
               f"{best['sigma_rel']} top1 {best['top1']}; train {train_s:.0f}s + sweep {sweep_s:.0f}s; "
               f"snapshots {used / 2**20:.1f} MiB = {ratio}x model (budget {budget.group(1)})", flush=True)
         seeds.append(rec)

@@ -36,10 +36,11 @@ def test_train_summary_log_and_checkpoint_top5_match_topk_of_the_saved_weights(r
     raw, ema = plain_eval(ckpt["state_dict"], images, labels), plain_eval(ckpt["state_dict_ema"], images, labels)
     with open(run / "summary.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
-    _assert_topk(float(row["eval_top1"]), float(row["eval_top5"]), raw, "summary raw")
+    _assert_topk(float(row["raw_eval_top1"]), float(row["raw_eval_top5"]), raw, "summary raw")
+    _assert_topk(float(row["eval_top1"]), float(row["eval_top5"]), ema, "summary eval_* (timm's: the EMA)")
     _assert_topk(float(row["ema_eval_top1"]), float(row["ema_eval_top5"]), ema, "summary EMA")
     m = ckpt["metrics"]
-    _assert_topk(m["eval_top1"], m["eval_top5"], raw, "checkpoint raw")
+    _assert_topk(m["raw_eval_top1"], m["raw_eval_top5"], raw, "checkpoint raw")
     _assert_topk(m["ema_eval_top1"], m["ema_eval_top5"], ema, "checkpoint EMA")
     log = (run / "train.log").read_text()
     assert f"raw top1 {raw['top1']:.2f} top5 {raw['top5']:.2f}" in log

@@ -12,7 +12,7 @@ from torch import nn
 from emakit import ModelEMA, MultiEMA
 from emakit.training.averages import (auto_posthoc_every, ema_checkpoint_state, posthoc_sweep_command,
                                       recalibrated_bn, resume_ema)
-from emakit.training.evaluation import best_ema_index, select_metric
+from emakit.training.evaluation import best_ema_index, chosen_metrics
 from emakit.training.outputs import SUMMARY_COLUMNS, summary_columns
 
 
@@ -24,10 +24,10 @@ def bn_net(seed: int = 0) -> nn.Module:
 def test_select_first_keeps_eval_metric_on_the_first_ema_and_best_takes_the_best_one():
     raw = {"top1": 50.0, "loss": 1.0}
     emas = [{"top1": 60.0, "loss": 0.9}, {"top1": 70.0, "loss": 0.95}, {"top1": 70.0, "loss": 0.8}]
-    assert select_metric(raw, [], "top1", "best") == 50.0             # no EMA: the raw weights
-    assert select_metric(raw, emas, "top1", "first") == 60.0
-    assert select_metric(raw, emas, "top1", "best") == 70.0
-    assert select_metric(raw, emas, "loss", "best") == 0.8            # lower is better
+    assert chosen_metrics(raw, [], "top1", "best")["top1"] == 50.0             # no EMA: the raw weights
+    assert chosen_metrics(raw, emas, "top1", "first")["top1"] == 60.0
+    assert chosen_metrics(raw, emas, "top1", "best")["top1"] == 70.0
+    assert chosen_metrics(raw, emas, "loss", "best")["loss"] == 0.8            # lower is better
     assert best_ema_index(emas, "top1") == 1                           # a tie goes to the first
     assert best_ema_index(emas, "loss") == 2
 
@@ -35,8 +35,8 @@ def test_select_first_keeps_eval_metric_on_the_first_ema_and_best_takes_the_best
 def test_summary_columns_are_unchanged_for_one_ema_and_grow_per_extra_ema():
     assert summary_columns(0) == summary_columns(1) == SUMMARY_COLUMNS
     cols = summary_columns(3)
-    assert cols[:8] == SUMMARY_COLUMNS[:8] and cols[-2:] == ["ema_best", "lr"]
-    assert cols[8:14] == ["ema1_eval_loss", "ema1_eval_top1", "ema1_eval_top5",
+    assert cols[:11] == SUMMARY_COLUMNS[:11] and cols[-2:] == ["ema_best", "lr"]
+    assert cols[11:17] == ["ema1_eval_loss", "ema1_eval_top1", "ema1_eval_top5",
                           "ema2_eval_loss", "ema2_eval_top1", "ema2_eval_top5"]
 
 

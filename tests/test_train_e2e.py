@@ -21,7 +21,7 @@ from conftest import FAST_ARGS, REPO, count_images, subprocess_env
 pytestmark = pytest.mark.slow
 
 SUMMARY_HEADER = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5",
-                  "ema_eval_loss", "ema_eval_top1", "ema_eval_top5", "lr"]
+                  "raw_eval_loss", "raw_eval_top1", "raw_eval_top5", "ema_eval_loss", "ema_eval_top1", "ema_eval_top5", "lr"]
 CHECKPOINT_KEYS = {"epoch", "arch", "version", "state_dict", "state_dict_ema", "ema", "optimizer",
                    "scheduler", "amp_scaler", "args", "metric", "metrics"}
 
@@ -79,7 +79,7 @@ def test_no_argument_run_trains_on_digits_writes_all_outputs_and_the_ema_reaches
     assert "digits" in (run / "train.log").read_text()
     ema_top1 = float(rows[-1]["ema_eval_top1"])
     record_property("digits_preset_ema_top1", ema_top1)
-    print(f"\ndigits preset: EMA top-1 {ema_top1:.2f}% (raw {float(rows[-1]['eval_top1']):.2f}%), wall {wall:.1f}s")
+    print(f"\ndigits preset: EMA top-1 {ema_top1:.2f}% (raw {float(rows[-1]['raw_eval_top1']):.2f}%), wall {wall:.1f}s")
     assert ema_top1 >= 90.0
     assert load(run / "last.pth.tar")["metrics"]["ema_eval_samples"] == 360  # 20% of 1797, every one counted
 
@@ -100,7 +100,7 @@ def test_image_folder_run_writes_outputs_and_the_summary_matches_the_log(run_tra
     assert header == SUMMARY_HEADER
     logged = [m.groups() for m in LOG_LINE.finditer((run / "train.log").read_text())]
     assert len(logged) == len(rows) == 3
-    logged_columns = [("train_loss", 4), ("eval_top1", 2), ("eval_top5", 2), ("eval_loss", 4),
+    logged_columns = [("train_loss", 4), ("raw_eval_top1", 2), ("raw_eval_top5", 2), ("raw_eval_loss", 4),
                       ("ema_eval_top1", 2), ("ema_eval_top5", 2), ("ema_eval_loss", 4)]
     for row, line in zip(rows, logged):
         assert int(line[0]) == int(row["epoch"])
@@ -109,7 +109,8 @@ def test_image_folder_run_writes_outputs_and_the_summary_matches_the_log(run_tra
         assert float(row["lr"]) == pytest.approx(float(line[-1]), rel=1e-3)
     n_val = count_images(image_folder / "val")
     for row in rows:  # top-1 is a whole number of correct images out of n_val
-        for col in ("eval_top1", "ema_eval_top1"):
+        assert row["eval_top1"] == row["ema_eval_top1"]  # timm's meaning under --model-ema
+        for col in ("raw_eval_top1", "ema_eval_top1"):
             correct = float(row[col]) * n_val / 100
             assert abs(correct - round(correct)) < 1e-6
     ckpt = load(run / "last.pth.tar")

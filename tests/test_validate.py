@@ -577,7 +577,7 @@ def test_validate_reports_the_ema_top1_train_py_logged_for_that_epoch(tmp_path, 
         assert rec["loss"] == pytest.approx(float(logged[epoch]["ema_eval_loss"]), rel=1e-5)
     code, out, _ = _run(capsys, ["--checkpoint", run / "last.pth.tar", "--weights", "both"])
     raw_rec, ema_rec = _json_lines(out)
-    assert round(raw_rec["top1"] * 3.6) == round(float(logged[1]["eval_top1"]) * 3.6)
+    assert round(raw_rec["top1"] * 3.6) == round(float(logged[1]["raw_eval_top1"]) * 3.6)
     assert round(ema_rec["top1"] * 3.6) == round(float(logged[1]["ema_eval_top1"]) * 3.6)
     ckpt = torch.load(run / "last.pth.tar", weights_only=True)
     model = timm.create_model("test_resnet", num_classes=10)

@@ -16,7 +16,7 @@ from .engine import EvalTarget, evaluate_many
 from .fsdp import reshard
 from .trainer import Trainer
 
-__all__ = ["evaluate_raw_and_emas", "best_ema_index", "select_metric", "epoch_metrics", "log_epoch", "ema_autocast"]
+__all__ = ["evaluate_raw_and_emas", "best_ema_index", "chosen_metrics", "epoch_metrics", "log_epoch", "ema_autocast"]
 
 _log = logging.getLogger(__name__)
 
@@ -101,19 +101,22 @@ def best_ema_index(emas: list[dict[str, float]], eval_metric: str) -> int | None
     return min(range(len(emas)), key=lambda i: (sign * emas[i][eval_metric], i))
 
 
-def select_metric(raw: dict[str, float], emas: list[dict[str, float]], eval_metric: str, select: str) -> float:
-    """The value that picks ``model_best``: the raw weights' without EMA, else the first
-    EMA's (``--model-ema-select first``) or the best EMA's (``best``)."""
+def chosen_metrics(raw: dict[str, float], emas: list[dict[str, float]], eval_metric: str,
+                   select: str) -> dict[str, float]:
+    """The metrics of the weights that pick ``model_best`` (timm's ``eval_*``): the raw weights'
+    without EMA, else the first EMA's (``--model-ema-select first``) or the best EMA's (``best``)."""
     if not emas:
-        return raw[eval_metric]
-    index = best_ema_index(emas, eval_metric) if select == "best" else 0
-    return emas[index][eval_metric]
+        return raw
+    return emas[best_ema_index(emas, eval_metric) if select == "best" else 0]
 
 
 def epoch_metrics(tr: Trainer, epoch: int, train: dict[str, float], raw: dict[str, float],
                    emas: list[dict[str, float]]) -> dict[str, Any]:
-    row: dict[str, Any] = {"epoch": epoch, "train_loss": train["loss"], "eval_loss": raw["loss"],
-                           "eval_top1": raw["top1"], "eval_top5": raw["top5"], "lr": train["lr"],
+    # eval_* keep timm's meaning: the weights that pick model_best (the EMA when there is one)
+    chosen = chosen_metrics(raw, emas, tr.settings.run.eval_metric, tr.settings.ema.select)
+    row: dict[str, Any] = {"epoch": epoch, "train_loss": train["loss"], "eval_loss": chosen["loss"],
+                           "eval_top1": chosen["top1"], "eval_top5": chosen["top5"], "raw_eval_loss": raw["loss"],
+                           "raw_eval_top1": raw["top1"], "raw_eval_top5": raw["top5"], "lr": train["lr"],
                            "eval_samples": raw["samples"], "train_samples": train["samples"],
                            "optimizer_steps": train["optimizer_steps"], "ema_updates": train["ema_updates"],
                            "skipped_steps": train["skipped_steps"]}
@@ -137,5 +140,6 @@ def log_epoch(tr: Trainer, epoch: int, m: dict[str, Any], seconds: float, img_pe
     if len(names) > 1:
         ema += f" | best of {len(names)} EMAs: {m['ema_best']}"
     _log.info("epoch %d/%d: train loss %.4f | raw top1 %.2f top5 %.2f loss %.4f%s | lr %.4g | %.1fs, %.0f img/s",
-              epoch, tr.settings.schedule.epochs - 1, m["train_loss"], m["eval_top1"], m["eval_top5"], m["eval_loss"],
+              epoch, tr.settings.schedule.epochs - 1, m["train_loss"], m["raw_eval_top1"], m["raw_eval_top5"],
+              m["raw_eval_loss"],
               ema, m["lr"], seconds, img_per_sec)

@@ -30,7 +30,7 @@ from .checkpoints import checkpoint_state, dcp_enabled, save_dcp_checkpoint, sha
 from .data import ResumableSampler, epoch_seed, set_epoch
 from .distributed import gather_objects
 from .engine import EpochProgress, TrainingDiverged, TrainOptions, train_one_epoch
-from .evaluation import epoch_metrics, evaluate_raw_and_emas, log_epoch, select_metric
+from .evaluation import epoch_metrics, evaluate_raw_and_emas, log_epoch
 from .lifecycle import TrainingInterrupted, diverged, last_good_text, rng_state, set_rng_state, signal_name, \
     write_failed
 from .outputs import (FitResult, console_logs_above_progress_bars, describe_result, fit_result, report_posthoc,
@@ -80,7 +80,7 @@ def run_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
         _stop_mid_epoch(tr, epoch, train["progress"])
     raw, emas, bn_recal = evaluate_raw_and_emas(tr)
     metrics = epoch_metrics(tr, epoch, train, raw, emas)
-    metric = select_metric(raw, emas, s.run.eval_metric, s.ema.select)
+    metric = metrics[f"eval_{s.run.eval_metric}"]  # what picks model_best
     tr.lr_scheduler.step(epoch + 1, metric)
     dcp = dcp_enabled(tr)
     state = (sharded_checkpoint_state if dcp else checkpoint_state)(tr, epoch, metric, metrics, bn_recal)

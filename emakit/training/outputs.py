@@ -30,8 +30,10 @@ __all__ = ["SUMMARY_COLUMNS", "summary_columns", "read_summary", "write_summary"
 
 _log = logging.getLogger(__name__)
 
-SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5",
-                   "ema_eval_loss", "ema_eval_top1", "ema_eval_top5", "lr"]
+# timm's columns first, with timm's meaning: eval_* are the weights that pick model_best (the
+# EMA under --model-ema, as timm's train.py writes them); the raw weights' and each EMA's beside.
+SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "raw_eval_loss", "raw_eval_top1",
+                   "raw_eval_top5", "ema_eval_loss", "ema_eval_top1", "ema_eval_top5", "lr"]
 _EVAL_KEYS = ("loss", "top1", "top5")
 
 
@@ -174,7 +176,8 @@ def fit_result(output_dir: str | None, epochs_run: int, rows: list[dict[str, Any
                eval_metric: str) -> FitResult:
     """The :class:`FitResult` of a run's summary rows."""
     lower = eval_metric == "loss"
-    return FitResult(output_dir, epochs_run, best_in_column(rows, f"eval_{eval_metric}", lower),
+    raw = f"raw_eval_{eval_metric}" if rows and f"raw_eval_{eval_metric}" in rows[0] else f"eval_{eval_metric}"
+    return FitResult(output_dir, epochs_run, best_in_column(rows, raw, lower),
                      best_in_column(rows, f"ema_eval_{eval_metric}", lower), eval_metric,
                      best_of_emas(rows, num_emas, eval_metric))
 

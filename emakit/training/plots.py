@@ -70,7 +70,8 @@ def _read_columns(path: str | os.PathLike) -> dict[str, list[float]]:
 
 def _series(columns: dict[str, list[float]], metric: str) -> list[tuple[str, str]]:
     """(label, column) pairs for the raw weights and every EMA column of ``metric``."""
-    pairs = [("raw", f"eval_{metric}")] if f"eval_{metric}" in columns else []
+    raw = next((c for c in (f"raw_eval_{metric}", f"eval_{metric}") if c in columns), None)  # timm's: eval_*
+    pairs = [("raw", raw)] if raw else []
     for name in columns:
         if name.endswith(f"eval_{metric}") and name.startswith("ema"):
             pairs.append((name[: -len(f"_eval_{metric}")], name))
