@@ -10,6 +10,11 @@ source; this script regenerates the file where one is at hand:
 
     python bench/timm_recipes.py /tmp/timm_src                      # a folder with both .mdx files
     python bench/timm_recipes.py --mirror /work/.mirror/huggingface+pytorch-image-models/repo
+
+With ``--timm-train PATH`` (timm's train.py) it also writes ``tests/data/timm_args/<name>.yaml``:
+the ``args.yaml`` timm's train.py writes (``yaml.safe_dump(args.__dict__)`` of its parsed
+arguments) for each of ``SEEDED`` (three published recipes made tiny, with ``--seed``), its
+argv on the first line. The tests build both trainers from them and give them to ``--config``.
 """
 from __future__ import annotations
 
@@ -20,6 +25,25 @@ from pathlib import Path
 
 SOURCES = ("training_script.mdx", "changes.mdx")
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "timm_recipes.txt"
+ARGS_DIR = OUT.parent / "timm_args"
+# Published recipes built on timm's train.py, with a tiny model, 32 px, batch 8, no workers,
+# --num-classes 3 (the tests' ImageFolder; timm does not infer it) and DATA for the data folder.
+_TINY = "--data-dir DATA --img-size 32 -b 8 -j 0 --num-classes 3"
+SEEDED = {
+    # ResNet strikes back A3 (arXiv 2110.00476, timm's hparams): LAMB, BCE, repeated augmentation.
+    "rsb_a3": f"{_TINY} --model test_resnet --epochs 100 --opt lamb --lr 8e-3 --weight-decay 0.02 --sched cosine "
+              "--warmup-epochs 5 --smoothing 0.0 --bce-loss --bce-target-thresh 0.2 --mixup 0.1 --cutmix 1.0 "
+              "--aa rand-m6-mstd0.5-inc1 --reprob 0.0 --aug-repeats 3 --drop-path 0.05 --amp --seed 0",
+    # DeiT (facebookresearch/deit's main.py defaults in timm's spelling), without --aug-repeats.
+    "deit": f"{_TINY} --model test_vit --epochs 300 --opt adamw --lr 5e-4 --weight-decay 0.05 --sched cosine "
+            "--warmup-epochs 5 --warmup-lr 1e-6 --min-lr 1e-5 --smoothing 0.1 --mixup 0.8 --cutmix 1.0 "
+            "--aa rand-m9-mstd0.5-inc1 --reprob 0.25 --remode pixel --drop-path 0.1 --model-ema "
+            "--model-ema-decay 0.99996 --seed 0",
+    # A ViT fine-tune (BEiT / MAE style): layer-wise LR decay, short cosine, gradient clipping.
+    "vit_finetune": f"{_TINY} --model test_vit --epochs 10 --opt adamw --lr 1e-4 --layer-decay 0.75 "
+                    "--weight-decay 0.05 --sched cosine --warmup-epochs 2 --smoothing 0.1 --drop-path 0.1 "
+                    "--clip-grad 1.0 --seed 42",
+}
 # A command inside a line of markdown: the script name followed by arguments (a flag or a
 # path first, so prose such as "train.py to scale" is not one), up to a backtick or the end.
 COMMAND = re.compile(r"(?:\./distributed_train\.sh\s+(?P<procs>\d+)|(?:python\s+)?(?P<script>train|validate)\.py)"
@@ -50,11 +74,33 @@ def render(texts: dict[str, str], origin: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_args_yaml(timm_train: Path, out_dir: Path = ARGS_DIR) -> None:
+    """Parse each of ``SEEDED`` with timm's own train.py parser; write what it dumps."""
+    import importlib.util
+    import shlex
+    import sys
+
+    spec = importlib.util.spec_from_file_location("timm_train_script", timm_train)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = sys.argv
+    try:
+        for name, argv in SEEDED.items():
+            sys.argv = ["train.py", *shlex.split(argv)]
+            _, args_text = module._parse_args()
+            (out_dir / f"{name}.yaml").write_text(f"# argv: {argv}\n{args_text}", encoding="utf-8")
+            print(f"{out_dir / name}.yaml: {args_text.count(chr(10))} keys")
+    finally:
+        sys.argv = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", nargs="?", help="a folder holding training_script.mdx and changes.mdx")
     parser.add_argument("--mirror", help="a timm git directory: read hfdocs/source/*.mdx at --rev")
     parser.add_argument("--rev", default="HEAD", help="the revision read from --mirror (default: HEAD)")
+    parser.add_argument("--timm-train", type=Path, help="timm's train.py: also write tests/data/timm_args/*.yaml")
     parser.add_argument("--out", type=Path, default=OUT, help=f"the file written (default: {OUT})")
     args = parser.parse_args()
     if args.mirror:
@@ -74,6 +120,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
     print(f"{args.out}: {sum(1 for ln in text.splitlines() if not ln.startswith('#'))} commands")
+    if args.timm_train:
+        write_args_yaml(args.timm_train)
 
 
 if __name__ == "__main__":
