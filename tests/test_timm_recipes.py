@@ -37,6 +37,7 @@ missing flags named (``PENDING``); the marks go when those flags land.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -46,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 DATA = Path(__file__).resolve().parent / "data"
 RECIPES_FILE = DATA / "timm_recipes.txt"
@@ -269,10 +271,8 @@ SEEDED = ("rsb_a3", "deit", "vit_finetune")
 SEEDED_PENDING = {"rsb_a3": "--bce-loss, --bce-target-thresh, --aug-repeats (parity / parity-v)"}
 
 
-def timm_args(name: str, data_dir: Path) -> tuple[list[str], "argparse.Namespace"]:
+def timm_args(name: str, data_dir: Path) -> tuple[list[str], argparse.Namespace]:
     """(the recipe's argv, timm's parsed args as its train.py dumped them) with DATA = data_dir."""
-    import argparse
-
     import yaml
 
     text = (ARGS_DIR / f"{name}.yaml").read_text(encoding="utf-8")
@@ -300,7 +300,7 @@ def timm_build(args) -> dict:
     from torch import nn
 
     assert not args.aug_splits and not args.jsd_loss and args.lr is not None  # not in these recipes
-    device = __import__("torch").device("cpu")
+    device = torch.device("cpu")
     utils.random_seed(args.seed, 0)
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
     model = create_model(args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
@@ -387,11 +387,10 @@ def lrs_per_epoch(built: dict) -> list[list[float]]:
     return lrs
 
 
-def transformed(transform, image, seed: int) -> "torch.Tensor":
+def transformed(transform, image, seed: int) -> torch.Tensor:
     import random
 
     import numpy as np
-    import torch
 
     random.seed(seed)
     np.random.seed(seed)  # RandAugment picks its ops with numpy
@@ -401,8 +400,6 @@ def transformed(transform, image, seed: int) -> "torch.Tensor":
 
 def loss_values(loss_fn, mixup_fn, num_classes: int = 3) -> list[float]:
     """The loss of fixed logits against hard labels, or with mixup the mixed soft targets."""
-    import torch
-
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(8, num_classes, generator=g)
     labels = torch.randint(0, num_classes, (8,), generator=g)
@@ -429,7 +426,7 @@ def test_a_seeded_recipe_builds_as_timms_train_py(name, image_folder, tmp_path):
 
     a, b = theirs["model"].state_dict(), ours["model"].state_dict()
     assert list(a) == list(b)
-    assert [k for k in a if not __import__("torch").equal(a[k], b[k])] == [], "initial weights differ"
+    assert [k for k in a if not torch.equal(a[k], b[k])] == [], "initial weights differ"
 
     assert type(ours["optimizer"]) is type(theirs["optimizer"])
     assert optimizer_groups(ours["optimizer"], ours["model"]) == optimizer_groups(theirs["optimizer"], theirs["model"])
@@ -443,7 +440,7 @@ def test_a_seeded_recipe_builds_as_timms_train_py(name, image_folder, tmp_path):
     for key in ("train_transform", "eval_transform"):
         assert str(ours[key]) == str(theirs[key]), key
         for seed in range(5):
-            assert __import__("torch").equal(transformed(ours[key], image, seed), transformed(theirs[key], image, seed))
+            assert torch.equal(transformed(ours[key], image, seed), transformed(theirs[key], image, seed))
 
     assert type(ours["train_loss_fn"]) is type(theirs["train_loss_fn"])
     assert loss_values(ours["train_loss_fn"], ours["mixup_fn"]) == loss_values(theirs["train_loss_fn"],
@@ -458,7 +455,6 @@ def timm_train_steps(model, optimizer, loss_fn, batches, amp_dtype, clip_grad=No
     """timm's ``train_one_epoch`` for one process on the CPU with ``--amp``: ``loss_scaler`` is
     None there (timm makes a ``NativeScaler`` for CUDA float16 only), so each step is autocast
     forward + loss, ``loss.backward()``, optional clipping, ``optimizer.step()``, ``zero_grad``."""
-    import torch
     from timm.utils import dispatch_clip_grad
 
     losses = []
@@ -475,6 +471,7 @@ def timm_train_steps(model, optimizer, loss_fn, batches, amp_dtype, clip_grad=No
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--warmup-epochs", "0"]], ids=["as-documented", "no-warmup"])
 def test_amp_float16_on_the_cpu_trains_as_timm(extra, image_folder, tmp_path):
     """Must-show 4: training_script.mdx:15 (seresnet34 -> test_resnet, --amp float16, SGD) on the
@@ -491,7 +488,6 @@ def test_amp_float16_on_the_cpu_trains_as_timm(extra, image_folder, tmp_path):
     """
     import copy
 
-    import torch
     from timm.loss import LabelSmoothingCrossEntropy
     from timm.optim import create_optimizer_v2
 
@@ -510,7 +506,12 @@ def test_amp_float16_on_the_cpu_trains_as_timm(extra, image_folder, tmp_path):
     s = tr.settings
 
     ours: list[float] = []
-    record = lambda out, target: (lambda loss: (ours.append(loss.item()), loss)[1])(tr.train_loss_fn(out, target))
+
+    def record(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # emakit's loss, each value kept
+        loss = tr.train_loss_fn(output, target)
+        ours.append(loss.item())
+        return loss
+
     train_one_epoch(0, tr.model, batches, tr.optimizer, record, device=torch.device("cpu"),
                     opts=TrainOptions(optim=s.optim, run=s.run, amp=tr.amp))
     timm_opt = create_optimizer_v2(reference, opt=s.optim.opt, lr=tr.optimizer.param_groups[0]["lr"],
