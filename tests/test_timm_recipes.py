@@ -132,6 +132,32 @@ def _groups(args: tuple[str, ...]) -> tuple[list[str], list[list[str]]]:
     return positional, groups
 
 
+def test_the_extractor_finds_commands_and_skips_prose(tmp_path):
+    """bench/timm_recipes.py: a command in backticks or a code block, ./distributed_train.sh N
+    as train.py, and never prose that names a script ("`validate.py` to trigger", "train.py to")."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("timm_recipes", DATA.parents[1] / "bench" / "timm_recipes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    text = ("* Add `--reparam` arg to `benchmark.py`, and `validate.py` to trigger fusion\n"
+            "* Added `--head-init-scale` to train.py to scale the head\n"
+            "./distributed_train.sh 2 --data-dir /imagenet/ --model resnet50  --amp\n"
+            "  * `python validate.py /imagenet --amp -j 8 --model vit_base_patch16_224` and more\n"
+            "  * `train.py --data-dir /imagenet --model resnet50 --amp --model-kwargs output_stride=16`\n")
+    assert bench.extract("x.mdx", text) == [
+        ("x.mdx:3 ./distributed_train.sh 2 (torchrun, 2 processes)",
+         "train.py --data-dir /imagenet/ --model resnet50 --amp"),
+        ("x.mdx:4", "validate.py /imagenet --amp -j 8 --model vit_base_patch16_224"),
+        ("x.mdx:5", "train.py --data-dir /imagenet --model resnet50 --amp --model-kwargs output_stride=16")]
+    rendered = bench.render({"training_script.mdx": text, "changes.mdx": ""}, "here")
+    path = tmp_path / "r.txt"
+    path.write_text(rendered)
+    assert [(r.source, r.script) for r in load_recipes(path)] == [
+        ("training_script.mdx:3", "train.py"), ("training_script.mdx:4", "validate.py"),
+        ("training_script.mdx:5", "train.py")]
+
+
 def tiny_argv(recipe: Recipe, data_root: Path, out: Path) -> list[str]:
     """The recipe's arguments with only the substitutions of the module docstring."""
     args = tuple(TYPOS.get(a, a) for a in recipe.args)
@@ -236,6 +262,9 @@ def test_timm_train_recipe_runs(recipe, run_train, image_folder, tmp_path):
     with open(out / "run" / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and _finite(rows[0]["train_loss"]) and _finite(rows[0]["eval_loss"]), rows
+    if "--amp" in recipe.args:  # float16 autocast on the CPU, as timm: no gradient scaler
+        log = (out / "run" / "train.log").read_text()
+        assert "AMP: autocast float16 on cpu" in log and "gradient scaler" not in log
 
 
 @pytest.mark.slow
@@ -360,8 +389,10 @@ def emakit_build(argv: list[str], out: Path) -> dict:
 
     tr = build_trainer(parse_settings([*argv, "--output", str(out)]))
     close_trainer(tr)
+    # the epochs trained: the scheduler's count (warmup prefix, cooldown) once the parity work adds it
+    epochs = getattr(tr.resolved, "epochs", tr.settings.schedule.epochs)
     return dict(model=tr.model_without_ddp, optimizer=tr.optimizer, lr_scheduler=tr.lr_scheduler,
-                num_epochs=tr.settings.schedule.epochs, train_transform=tr.data.train.transform,
+                num_epochs=epochs, train_transform=tr.data.train.transform,
                 eval_transform=tr.data.val.transform, train_loss_fn=tr.train_loss_fn, mixup_fn=tr.mixup_fn,
                 updates_per_epoch=tr.updates_per_epoch)
 
