@@ -78,7 +78,7 @@ _SIZE_FLAGS = ("--img-size", "--input-size")
 # Commands that need flags not in emakit yet: recipe -> the missing flags (strict xfail).
 PENDING = {
     "training_script.mdx:30": "validate.py --pretrained (parity-v)",
-    "training_script.mdx:80": "--aug-splits, --resplit, --split-bn, --jsd (parity / parity-v)",
+    "training_script.mdx:80": "--aug-splits, --resplit, --split-bn (parity-v), --jsd-loss (parity)",
     "training_script.mdx:92": "--lr-noise (parity)",
     "changes.mdx:119": "validate.py --model-kwargs, --naflex-loader, --naflex-max-seq-len (parity-v refuses "
                        "--naflex-loader in one line: no NaFlex loader; REFUSED)",
