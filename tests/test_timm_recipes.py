@@ -618,8 +618,6 @@ def test_train_py_config_reads_timms_args_yaml(run_train, image_folder, tmp_path
 
 # --------------------------------------------------------------------------- summary.csv as timm's tools read it
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="evaluation.epoch_metrics (structure-b) writes the raw model's metrics in "
-                   "eval_*; timm's eval_* are the EMA's with --model-ema (what picks model_best)")
 def test_summary_eval_columns_mean_what_timm_means(run_train, image_folder, tmp_path):
     """timm's train.py with --model-ema writes the EMA's metrics as eval_loss/eval_top1/eval_top5
     (``eval_metrics = ema_eval_metrics``) and picks model_best by them; its tools read
