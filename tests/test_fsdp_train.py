@@ -172,12 +172,12 @@ def test_gathered_checkpoint_loads_in_timm_and_continues_in_one_process(runs):
         load_checkpoint(model, str(path), use_ema=use_ema)
         assert _equal(model.state_dict(), saved[key]), key
     # FSDP x2 -> one process through the single file, with torch's own optimizer.load_state_dict.
-    model, opt, emas = w.build(False)
-    model.load_state_dict(saved["state_dict"])
-    opt.load_state_dict(saved["optimizer"])
-    for i, ema in enumerate(emas):
+    p = w.build(False)
+    p.model.load_state_dict(saved["state_dict"])
+    p.opt.load_state_dict(saved["optimizer"])
+    for i, ema in enumerate(p.averages.members):
         ema.load_checkpoint_state(saved[w.ema_keys(i)[0]], saved[w.ema_keys(i)[1]])
-    done = w.continue_from(model, opt, emas, w.batches())
+    done = w.continue_from(p, w.batches())
     final = _load(out / "fsdp_final.pt")
     assert max(w.max_diff(done[k], final[k]) for k in WEIGHT_KEYS) <= TOL
 
@@ -227,11 +227,10 @@ def test_dcp_two_ranks_to_one_process(runs):
     out, _ = runs
     w = _worker()
     saved, final = _load(out / "fsdp2.pth"), _load(out / "fsdp_final.pt")
-    model, opt, emas = w.build(False)
-    meta = w.load_folder(str(out / "dcp2"), model, opt, emas)
-    loaded = w.full_checkpoint(model, opt, emas, epoch=meta["plain"]["epoch"])
+    p = w.build(False)
+    loaded = w.full_checkpoint(p, epoch=w.resume(p, out / "dcp2"))
     assert all(_equal(loaded[k], saved[k]) for k in (*WEIGHT_KEYS, "ema", "ema_1", "epoch"))
-    done = w.continue_from(model, opt, emas, w.batches())
+    done = w.continue_from(p, w.batches())
     diff = max(w.max_diff(done[k], final[k]) for k in WEIGHT_KEYS)
     print(f"DCP x2 -> one process, 2 more steps vs FSDP x2 throughout: max abs diff {diff:.3g}")
     assert diff <= TOL
@@ -279,14 +278,13 @@ def test_kill_9_during_dcp_save_keeps_the_previous_folder(tmp_path):
     stale = list(tmp_path.glob(".killdcp.dcp-tmp-*"))
     assert len(stale) == 1 and list(stale[0].glob("*.distcp"))   # the new folder was half written
     assert not (stale[0] / ".metadata").exists()
-    model, opt, emas = w.build(False)
-    meta = w.load_folder(str(tmp_path / "killdcp"), model, opt, emas)
+    p = w.build(False)
     expected = _load(tmp_path / "kill_saved.pt")
-    loaded = w.full_checkpoint(model, opt, emas, epoch=meta["plain"]["epoch"])
+    loaded = w.full_checkpoint(p, epoch=w.resume(p, tmp_path / "killdcp"))
     assert all(_equal(loaded[k], expected[k]) for k in (*WEIGHT_KEYS, "ema", "epoch"))
-    save_dcp(tmp_path / "killdcp", w.sharded_checkpoint(model, opt, emas, epoch=5))  # next save tidies up
+    save_dcp(tmp_path / "killdcp", w.sharded_checkpoint(p, epoch=5))  # next save tidies up
     assert not list(tmp_path.glob(".killdcp.dcp-*"))
-    assert w.load_folder(str(tmp_path / "killdcp"), model, opt, emas)["plain"]["epoch"] == 5
+    assert w.resume(p, tmp_path / "killdcp") == 5
 
 
 # ----------------------------------------------------------------------------- fast units

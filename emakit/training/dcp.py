@@ -36,26 +36,29 @@ import contextlib
 import errno
 import glob
 import io
+import logging
 import os
 import pickle
 import secrets
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from emakit.checkpoint import (CheckpointError, damage_reason, ema_checkpoint_keys, find_unplain, fsync_dir,
-                               is_disk_full, refused_global, save_checkpoint)
+from emakit.checkpoint import (CheckpointError, damage_reason, find_unplain, fsync_dir, is_disk_full, refused_global,
+                               save_checkpoint)
 
 from . import UsageError, one_line
-from .fsdp import load_full_model_state, load_sharded_optimizer_state, optimizer_state_to_ids
-from .state import MODEL, OPTIMIZER, POSTHOC, POSTHOC_PROFILES, is_sharded_key, sharded_templates
+from .fsdp import optimizer_state_to_ids
+from .state import METRIC, OPTIMIZER, POSTHOC, POSTHOC_PROFILES, is_sharded_key
 
-__all__ = ["DamagedFolder", "META_FILE", "DCP_LAST", "DCP_BEST", "join_posthoc_profiles",
+__all__ = ["DamagedFolder", "DcpSaver", "META_FILE", "DCP_LAST", "DCP_BEST", "join_posthoc_profiles",
            "link_dcp_folder", "is_dcp_folder", "save_dcp", "load_dcp", "read_dcp_meta",
-           "dcp_folder_to_checkpoint", "resolve_dcp_folder", "names_dcp_folder", "load_dcp_training_state"]
+           "dcp_folder_to_checkpoint", "resolve_dcp_folder", "names_dcp_folder"]
+
+_log = logging.getLogger(__name__)
 
 META_FILE = "emakit.pt"
 DCP_LAST = "last.dcp"          # train.py --checkpoint-format dcp: the newest checkpoint folder
@@ -463,6 +466,37 @@ def link_dcp_folder(src: str | os.PathLike[str], folder: str | os.PathLike[str])
     return folder
 
 
+class DcpSaver:
+    """``--checkpoint-format dcp``'s counterpart of :class:`emakit.checkpoint.CheckpointSaver`,
+    on every rank: ``last.dcp`` (every rank writes its shards) and ``model_best.dcp`` (hard
+    links to the same files) when the metric beats the best so far. Saves are *collective*;
+    ``resumed``: the best so far is the metric of the run folder's ``model_best.dcp``."""
+
+    def __init__(self, folder: str, *, decreasing: bool, resumed: bool = False) -> None:
+        self.folder, self.decreasing, self.best = folder, decreasing, None
+        self.last_path = os.path.join(folder, DCP_LAST)
+        best = os.path.join(folder, DCP_BEST)
+        if resumed and is_dcp_folder(best):
+            try:
+                self.best = read_dcp_meta(best).get("plain", {}).get(METRIC)
+            except DamagedFolder as e:  # no best so far: the next epoch's folder replaces it
+                _log.warning("%s is damaged (%s cannot be read): the next epoch's checkpoint replaces it",
+                             e.folder, e.name)
+
+    def save_last(self, state: dict[str, Any]) -> str:
+        """Write ``last.dcp`` alone (a mid-epoch stop)."""
+        return save_dcp(self.last_path, state)
+
+    def save(self, state: dict[str, Any], epoch: int, metric: float | None) -> str:
+        """Write ``last.dcp``, then link ``model_best.dcp`` to it when ``metric`` is the best."""
+        last = self.save_last(state)
+        best = self.best
+        if metric is not None and (best is None or (metric < best if self.decreasing else metric > best)):
+            self.best = metric
+            link_dcp_folder(last, os.path.join(self.folder, DCP_BEST))
+        return last
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -542,22 +576,3 @@ def dcp_folder_to_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if meta:
         ckpt = {**meta.get("plain", {}), **ckpt, "dcp_ranks": meta.get("ranks", [])}
     return join_posthoc_profiles(ckpt)
-
-
-def load_dcp_training_state(folder: str | os.PathLike[str], model: Any, optimizer: Any = None,
-                            emas: Sequence[Any] = ()) -> dict[str, Any]:
-    """Restore a folder written by :func:`save_dcp` (from ``state.training_state(..., full=False)``
-    plus plain keys) into a plain, DDP or sharded ``model``, its ``optimizer`` (None: skipped)
-    and ``emas`` (ModelEMA members in checkpoint order), on any world size. *Collective*.
-    Returns ``emakit.pt``'s dict: ``plain`` (epoch, scheduler, ``ema`` metas, ...) and
-    ``ranks`` (every writing rank's ``rank_state``, in rank order)."""
-    state = sharded_templates(model, optimizer, emas)
-    meta = load_dcp(folder, state)
-    load_full_model_state(model, state[MODEL])
-    if optimizer is not None:
-        load_sharded_optimizer_state(model, optimizer, state[OPTIMIZER])
-    plain = meta.get("plain", {})
-    for i, ema in enumerate(emas):
-        weights_key, meta_key = ema_checkpoint_keys(i)
-        ema.load_checkpoint_state(state[weights_key], plain.get(meta_key))
-    return meta
