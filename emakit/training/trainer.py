@@ -167,7 +167,7 @@ def _setup_output(s: TrainSettings, dist: DistInfo, parts: dict[str, Any], logs:
             error = e
     if not agree(error is None, dist):
         raise error or UsageError("stopping: rank 0 could not create the output folder")
-    if run.checkpoint_format == "dcp":  # every rank writes the folders: the run folder on every rank (collective)
+    if s.parallel.checkpoint_format == "dcp":  # every rank writes the folders: the run folder on every rank (C)
         out["saver"] = DcpSaver(gather_objects(path, dist)[0], decreasing=run.eval_metric == "loss",
                                 resumed=start_epoch > 0)
     if not dist.is_main:
@@ -179,7 +179,7 @@ def _setup_output(s: TrainSettings, dist: DistInfo, parts: dict[str, Any], logs:
         logs.add_file(os.path.join(path, "train.log"))
     for stale in remove_stale_temp_files(path) + remove_stale_temp_files(os.path.join(path, "posthoc")):
         _log.info("removed %s, a temp file left by an interrupted write", stale)
-    if run.checkpoint_format != "dcp":
+    if s.parallel.checkpoint_format != "dcp":
         out["saver"] = CheckpointSaver(path, max_history=run.checkpoint_hist, decreasing=run.eval_metric == "loss")
         if start_epoch > 0:
             out["saver"].restore(up_to_epoch=start_epoch - 1)
