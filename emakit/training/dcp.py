@@ -46,6 +46,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as torch_dist
 
 from emakit.checkpoint import (CheckpointError, damage_reason, find_unplain, fsync_dir, is_disk_full, refused_global,
                                save_checkpoint)
@@ -288,29 +289,21 @@ def _tidy(folder: str) -> None:
 
 
 def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
+    return torch_dist.is_available() and torch_dist.is_initialized()
 
 
 def _broadcast(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (as is without a process group)."""
-    if not _distributed():
-        return obj
-    import torch.distributed as dist
-
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    if _distributed():
+        torch_dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def _all_gather(obj: Any) -> list[Any]:
-    if not _distributed():
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [obj] * (torch_dist.get_world_size() if _distributed() else 1)
+    if _distributed():
+        torch_dist.all_gather_object(out, obj)
     return out
 
 
@@ -321,12 +314,6 @@ def _single_process_quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if _distributed() else 0
 
 
 def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_state: Any = None) -> str:
@@ -350,7 +337,7 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
     from torch.distributed.checkpoint import FileSystemWriter, save
 
     folder = os.path.abspath(os.fspath(folder))
-    rank = _rank()
+    rank = torch_dist.get_rank() if _distributed() else 0
     sharded = {k: v for k, v in state.items() if is_sharded_key(k)}
     ranks = _all_gather(rank_state)
     token, error = None, None
@@ -449,7 +436,7 @@ def link_dcp_folder(src: str | os.PathLike[str], folder: str | os.PathLike[str])
     (a copy where links are refused), replacing ``folder`` atomically like :func:`save_dcp`.
     *Collective* (rank 0 works, every rank learns the outcome); raises OSError on every rank."""
     folder, error = os.path.abspath(os.fspath(folder)), None
-    if _rank() == 0:
+    if not _distributed() or torch_dist.get_rank() == 0:
         token = secrets.token_hex(6)
         tmp, old = _side_names(folder, "tmp") + token, _side_names(folder, "old") + token
         try:

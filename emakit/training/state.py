@@ -229,5 +229,5 @@ class TrainPosition:
         return position
 
     def entry(self) -> dict[str, Any]:
-        """The checkpoint's ``train_position`` value (plain types and tensors)."""
-        return dict(vars(self))
+        """The checkpoint entry: ``{"train_position": {...}}`` (plain types and tensors)."""
+        return {TRAIN_POSITION: dict(vars(self))}
