@@ -189,7 +189,7 @@ def test_dcp_two_ranks_to_two_ranks_is_bitwise(runs):
     loaded, saved = _load(out / "fsdp_loaded_dcp2.pt"), _load(out / "fsdp2.pth")
     assert all(_equal(loaded[k], saved[k]) for k in (*WEIGHT_KEYS, "ema", "ema_1"))
     assert _equal(_load(out / "fsdp_resumed_dcp2.pt"), _load(out / "fsdp_final.pt"))  # continues bitwise
-    assert all(r["dcp2_meta_world"] == 2 and r["dcp2_meta_rank_ok"] for r in ranks)
+    assert all(r["dcp2_meta_world"] == 2 for r in ranks)
 
 
 def _resumed_on_fsdp(out, folder_label: str, file_label: str, written) -> None:
@@ -243,10 +243,8 @@ def test_dcp_folder_converts_offline_to_the_single_file_layout(runs):
     out, _ = runs
     saved = _load(out / "fsdp2.pth")
     ckpt = dcp_folder_to_checkpoint(out / "dcp2")
-    assert {k: v for k, v in ckpt.items() if k != "dcp_ranks"}.keys() == saved.keys()
+    assert ckpt.keys() == saved.keys()
     assert all(_equal(ckpt[k], saved[k]) for k in saved)   # weights, EMAs, optimizer ids, plain values
-    assert [r["rank"] for r in ckpt["dcp_ranks"]] == [0, 1]
-    assert ckpt["dcp_ranks"][0]["rng"].dtype == torch.uint8
 
 
 @pytest.mark.slow
@@ -325,7 +323,7 @@ def test_save_dcp_replaces_a_folder_only_when_complete(tmp_path):
     from emakit.training.dcp import is_dcp_folder, load_dcp, resolve_dcp_folder, save_dcp
 
     folder = tmp_path / "last.dcp"
-    save_dcp(folder, {"state_dict": {"w": torch.ones(3)}, "epoch": 1}, rank_state={"seed": 1})
+    save_dcp(folder, {"state_dict": {"w": torch.ones(3)}, "epoch": 1})
     assert is_dcp_folder(folder) and not is_dcp_folder(tmp_path)
     save_dcp(folder, {"state_dict": {"w": torch.full((3,), 2.0)}, "epoch": 2})
     assert sorted(os.listdir(tmp_path)) == ["last.dcp"]         # old copy and temp folder gone
@@ -335,7 +333,7 @@ def test_save_dcp_replaces_a_folder_only_when_complete(tmp_path):
     assert resolve_dcp_folder(folder) == str(old)
     template = {"state_dict": {"w": torch.zeros(3)}}
     meta = load_dcp(folder, template)
-    assert meta["plain"]["epoch"] == 2 and meta["ranks"] == [None]
+    assert meta["plain"]["epoch"] == 2 and meta["world_size"] == 1
     assert torch.equal(template["state_dict"]["w"], torch.full((3,), 2.0))
     save_dcp(folder, {"state_dict": {"w": torch.full((3,), 3.0)}, "epoch": 3})  # puts it back, then replaces
     assert sorted(os.listdir(tmp_path)) == ["last.dcp"]

@@ -11,9 +11,8 @@ split by kind:
   under FSDP with ``--model-ema-posthoc``, ``posthoc_ema_profiles`` (the post-hoc profiles as
   ``{"0": DTensors, "1": ...}``; ``posthoc_ema`` keeps the plain values: step, sigma_rels,
   snapshot settings; :func:`join_posthoc_profiles` puts them back together);
-- everything else (epoch, ``ema`` meta, scheduler, args, metrics, ...), taken from rank 0,
-  plus each rank's own values (``rank_state``: generator states, progress) in rank order under
-  ``ranks``, in one small ``emakit.pt`` inside the folder (``torch.save``, loadable with
+- everything else (epoch, ``ema`` meta, scheduler, args, metrics, ``train_position``, ...),
+  taken from rank 0, in one small ``emakit.pt`` inside the folder (``torch.save``, loadable with
   ``weights_only=True``).
 
 Writes are atomic at the folder level: every rank writes into ``.<name>.dcp-tmp-<token>``
@@ -300,13 +299,6 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _all_gather(obj: Any) -> list[Any]:
-    out = [obj] * (torch_dist.get_world_size() if _distributed() else 1)
-    if _distributed():
-        torch_dist.all_gather_object(out, obj)
-    return out
-
-
 @contextlib.contextmanager
 def _single_process_quiet() -> Iterator[None]:
     """Silence DCP's warning that one process without a process group saves/loads alone:
@@ -316,7 +308,7 @@ def _single_process_quiet() -> Iterator[None]:
         yield
 
 
-def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_state: Any = None) -> str:
+def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any]) -> str:
     """Write ``state`` as a DCP checkpoint folder, atomically at the folder level. *Collective*:
     every rank calls it with its own sharded state (or one process without a process group).
 
@@ -325,9 +317,8 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
             one is complete.
         state: checkpoint keys as in a single-file checkpoint; the sharded keys (see
             :func:`is_sharded_key`) hold sharded state dicts, the others plain values (tensors
-            allowed) of which rank 0's are written.
-        rank_state: this rank's own values (generator states, progress): stored in rank order
-            as ``ranks`` in ``emakit.pt``; picklable plain types and tensors.
+            allowed) of which rank 0's are written (a rank's own values, e.g. its generator
+            states, are gathered into a plain value first: ``train_position``).
 
     Returns the folder's path. Raises OSError on every rank when rank 0 could not write or
     finish the folder (a full disk, a value ``torch.load(weights_only=True)`` would refuse among
@@ -339,7 +330,6 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
     folder = os.path.abspath(os.fspath(folder))
     rank = torch_dist.get_rank() if _distributed() else 0
     sharded = {k: v for k, v in state.items() if is_sharded_key(k)}
-    ranks = _all_gather(rank_state)
     token, error = None, None
     if rank == 0:  # the small file first: a value torch.load(weights_only=True) refuses fails before any shard
         try:
@@ -352,8 +342,9 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
                 raise CheckpointError(f"{found[0]} is a {type(found[1]).__module__}.{type(found[1]).__qualname__}, "
                                       "which torch.load(weights_only=True) refuses; convert it to tensors or plain "
                                       "types (int, float, bool, str, list, tuple, dict) before saving")
-            meta = {"format": "emakit-dcp", "version": 1, "world_size": len(ranks), "sharded_keys": sorted(sharded),
-                    "plain": plain, "ranks": ranks}
+            world = torch_dist.get_world_size() if _distributed() else 1
+            meta = {"format": "emakit-dcp", "version": 1, "world_size": world, "sharded_keys": sorted(sharded),
+                    "plain": plain}
             save_checkpoint(meta, os.path.join(_side_names(folder, "tmp") + token, META_FILE))
         except (OSError, CheckpointError) as e:
             error = _write_error(e)
@@ -492,8 +483,8 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def read_dcp_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """``emakit.pt`` of a folder written by :func:`save_dcp` (``plain``, ``ranks``,
-    ``world_size``, ``sharded_keys``); ``{}`` for a DCP folder another writer made.
+    """``emakit.pt`` of a folder written by :func:`save_dcp` (``plain``, ``world_size``,
+    ``sharded_keys``); ``{}`` for a DCP folder another writer made.
     :class:`DamagedFolder` when it, or DCP's ``.metadata`` (read and checked too, with the
     sizes of the shard files it names), is truncated, corrupt, missing or asks to run code."""
     if os.path.isfile(os.path.join(os.fspath(folder), _DCP_METADATA)):
@@ -522,7 +513,7 @@ def load_dcp(folder: str | os.PathLike[str], state: dict[str, Any]) -> dict[str,
     ``fsdp.load_full_model_state`` / ``fsdp.load_sharded_optimizer_state`` /
     ``ema.load_checkpoint_state``. A template key the folder lacks, or one of another shape,
     raises ``RuntimeError``; a damaged folder :class:`DamagedFolder` (every rank). Returns the
-    folder's ``emakit.pt`` (``plain`` values and per-rank ``ranks``; ``{}`` for a foreign folder).
+    folder's ``emakit.pt`` (``plain`` values, ``world_size``; ``{}`` for a foreign folder).
     """
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
@@ -542,8 +533,7 @@ def dcp_folder_to_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """A DCP folder as the dict of a single-file checkpoint, offline (one process, no process
     group): whole CPU tensors under ``state_dict`` / ``state_dict_ema*``, ``optimizer`` in the
     standard integer-id layout, and the plain keys (epoch, ``ema`` meta, scheduler, ...) of
-    ``emakit.pt``; for a folder written by ``save_dcp``, the per-rank values under
-    ``dcp_ranks``. The whole checkpoint is read into memory (as torch's
+    ``emakit.pt``. The whole checkpoint is read into memory (as torch's
     ``format_utils.dcp_to_torch_save`` does, without its temporary file). A damaged folder
     is a :class:`DamagedFolder`."""
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
@@ -561,5 +551,5 @@ def dcp_folder_to_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
             isinstance(n, str) for g in opt["param_groups"] for n in g["params"]):
         ckpt[OPTIMIZER] = optimizer_state_to_ids(opt)
     if meta:
-        ckpt = {**meta.get("plain", {}), **ckpt, "dcp_ranks": meta.get("ranks", [])}
+        ckpt = {**meta.get("plain", {}), **ckpt}
     return join_posthoc_profiles(ckpt)

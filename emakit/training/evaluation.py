@@ -40,9 +40,7 @@ def ema_autocast(tr: Trainer) -> Callable[[], contextlib.AbstractContextManager]
     if tr.amp.enabled:
         return lambda: tr.amp.autocast(device)
     dtype = _ema_input_dtype(tr)
-    if dtype is None:
-        return None
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+    return None if dtype is None else lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def evaluate_raw_and_emas(tr: Trainer) -> tuple[dict[str, float], list[dict[str, float]],

@@ -68,12 +68,6 @@ class RunState:
 
 
 # --------------------------------------------------------------------------- one epoch
-def _train_options(tr: Trainer) -> TrainOptions:
-    s = tr.settings
-    return TrainOptions(optim=s.optim, run=s.run, channels_last=s.model.channels_last,
-                        progress=tr.dist.is_main and s.run.progress, amp=tr.amp)
-
-
 def run_epoch(tr: Trainer, run: RunState, epoch: int) -> dict[str, Any]:
     """Train, validate raw and every EMA, step the LR schedule, write summary and checkpoints.
 
@@ -89,9 +83,11 @@ def run_epoch(tr: Trainer, run: RunState, epoch: int) -> dict[str, Any]:
         tr.mixup_fn.mixup_enabled = False
     resumed = _continue_stopped_epoch(tr, run, epoch)
     averages = tr.averages
+    opts = TrainOptions(optim=s.optim, run=s.run, channels_last=s.model.channels_last,
+                        progress=tr.dist.is_main and s.run.progress, amp=tr.amp)
     try:
         train = train_one_epoch(epoch, tr.model, tr.train_loader, tr.optimizer, tr.train_loss_fn,
-                                device=tr.dist.device, opts=_train_options(tr), dist=tr.dist, averages=averages,
+                                device=tr.dist.device, opts=opts, dist=tr.dist, averages=averages,
                                 lr_scheduler=tr.lr_scheduler, mixup_fn=tr.mixup_fn, guard=tr.guard, start=resumed,
                                 stop_requested=lambda: run.stop_signal() is not None
                                 or averages.write_error is not None)

@@ -158,12 +158,12 @@ def _check_optimizer_state(ckpt: dict[str, Any], optimizer: torch.optim.Optimize
     saved = ckpt.get(OPTIMIZER)
     if saved is None:
         return
-    changed, current = [], {"opt": opt, "layer_decay": layer_decay}
-    for flag, name in (("--opt", "opt"), ("--layer-decay", "layer_decay")):
-        before, now = checkpoint_arg(ckpt, name), current[name]
+    changed = []
+    for flag, name, now in (("--opt", "opt", opt), ("--layer-decay", "layer_decay", layer_decay)):
+        before = checkpoint_arg(ckpt, name)
         if name == "opt" and before is not None:
             before, now = str(before).lower(), str(now).lower()
-        if before != now and (before is not None or now is not None) and ckpt.get(ARGS) is not None:
+        if before != now and ckpt.get(ARGS) is not None:
             changed.append(f"{flag} {before} (checkpoint) vs {now} (now)")
     reason = "; ".join(changed) or _optimizer_mismatch(saved, optimizer)
     if reason:

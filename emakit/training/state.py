@@ -210,8 +210,7 @@ class TrainPosition:
             if not isinstance(position.ranks, list) or len(position.ranks) != position.processes \
                     or not isinstance(position.steps_done, int):
                 raise TypeError(TRAIN_POSITION)
-            for r in range(len(position.ranks)):
-                rng, progress, _ = position.rank(r)
+            for rng, progress, _ in map(position.rank, range(position.processes)):
                 parse_progress(progress)
                 if not {"python", "numpy", "torch"} <= rng.keys():
                     raise KeyError("rng")
@@ -221,11 +220,10 @@ class TrainPosition:
         now = {"processes": world_size, "batch_size": batch_size, "grad_accum_steps": grad_accum_steps}
         differ = [f"{k} {getattr(position, k)} -> {v}" for k, v in now.items() if getattr(position, k) != v]
         if differ:
-            epoch = int(ckpt[EPOCH])
             raise UsageError(f"--resume {path} stopped in the middle of epoch {position.epoch}; continuing "
                              f"it needs the same {', '.join(now)} ({'; '.join(differ)}): use those, or "
-                             + (f"resume from checkpoint-{epoch}.pth.tar (the end of the epoch before)"
-                                if epoch >= 0 else "start a fresh run"))
+                             + (f"resume from checkpoint-{int(ckpt[EPOCH])}.pth.tar (the end of the epoch before)"
+                                if int(ckpt[EPOCH]) >= 0 else "start a fresh run"))
         return position
 
     def entry(self) -> dict[str, Any]:

@@ -88,13 +88,6 @@ def agree(ok: bool, dist: DistInfo) -> bool:
     return all_reduce_sum([0.0 if ok else 1.0], dist)[0] == 0.0
 
 
-def _resolved_flags(settings: TrainSettings, resolved: Resolved) -> dict[str, Any]:
-    """The parsed flags with the values resolved during the build (timm's ``args`` layout)."""
-    flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.flags.items()}
-    flags.update(num_classes=resolved.num_classes, lr=resolved.lr)
-    return flags
-
-
 def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
     data, num_classes = load_data(s.data, s.run.seed)
     resume = read_resume(s, dist.world_size)  # checked before anything is built or written
@@ -125,7 +118,10 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
     return dict(resolved=resolved, data=data, model=model, model_without_ddp=model_without_ddp, averages=averages,
                 optimizer=optimizer, lr_scheduler=lr_scheduler, amp=amp, train_loader=train_loader,
                 eval_loader=eval_loader, train_loss_fn=train_loss_fn, eval_loss_fn=eval_loss_fn, mixup_fn=mixup_fn,
-                start_epoch=start_epoch, resume=resume, guard=build_guard(s.run), flags=_resolved_flags(s, resolved),
+                start_epoch=start_epoch, resume=resume, guard=build_guard(s.run),
+                # the parsed flags with the values resolved during the build, in timm's ``args`` layout
+                flags={**{k: (list(v) if isinstance(v, tuple) else v) for k, v in s.flags.items()},
+                       "num_classes": num_classes, "lr": lr},
                 nonfinite_at_start=frozenset(nonfinite_names(list(model_without_ddp.state_dict().items()))),
                 summary_columns=summary_columns(averages.count))
 
