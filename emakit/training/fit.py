@@ -35,7 +35,7 @@ from .evaluation import epoch_metrics, evaluate_raw_and_emas, log_epoch, select_
 from .lifecycle import (LastGood, StopSignals, TrainingInterrupted, diverged, last_good_text, rng_state, set_rng_state,
                         signal_name, write_failed)
 from .outputs import (FitResult, console_logs_above_progress_bars, describe_result, fit_result, report_posthoc,
-                      write_summary)
+                      summary_columns, write_summary)
 from .plots import plot_summary_quietly
 from .state import POSTHOC, TrainPosition
 from .trainer import Trainer, agree
@@ -109,7 +109,8 @@ def run_epoch(tr: Trainer, run: RunState, epoch: int) -> dict[str, Any]:
             tr.saver.save(state, epoch, metric)
         if tr.dist.is_main:
             run.summary_rows.append(metrics)
-            write_summary(os.path.join(tr.output_dir, "summary.csv"), run.summary_rows, tr.summary_columns)
+            write_summary(os.path.join(tr.output_dir, "summary.csv"), run.summary_rows,
+                          summary_columns(tr.averages.count))
             if not dcp:
                 tr.saver.save(state, epoch, metric, last_only_keys=(POSTHOC,))
 

@@ -32,7 +32,7 @@ from .dcp import DcpSaver
 from .distributed import DistInfo, all_reduce_sum, gather_objects, init_distributed, shutdown_distributed
 from .engine import AmpSettings, NonfiniteGuard
 from .logs import LogSetup
-from .outputs import choose_output_dir, log_posthoc_folder, prepare_output_dir, read_summary, summary_columns
+from .outputs import choose_output_dir, log_posthoc_folder, prepare_output_dir, read_summary
 from .fsdp import apply_fsdp, broadcast_buffers_before_forward
 from .resume import ResumeSource, read_resume, restore
 from .rundir import RunLock
@@ -69,7 +69,6 @@ class Trainer:
     guard: NonfiniteGuard  # --on-nonfinite
     flags: Mapping[str, Any]  # args.yaml / the checkpoint's "args", resolved
     nonfinite_at_start: frozenset[str]  # model keys non-finite by design (masks)
-    summary_columns: list[str]
     start_epoch: int
     resume: ResumeSource | None  # the --resume checkpoint (its entries released once loaded)
     output_dir: str | None = None  # rank 0
@@ -122,8 +121,7 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
                 # the parsed flags with the values resolved during the build, in timm's ``args`` layout
                 flags={**{k: (list(v) if isinstance(v, tuple) else v) for k, v in s.flags.items()},
                        "num_classes": num_classes, "lr": lr},
-                nonfinite_at_start=frozenset(nonfinite_names(list(model_without_ddp.state_dict().items()))),
-                summary_columns=summary_columns(averages.count))
+                nonfinite_at_start=frozenset(nonfinite_names(list(model_without_ddp.state_dict().items()))))
 
 
 def shard_or_wrap(model: nn.Module, dist: DistInfo, s: TrainSettings) -> nn.Module:
