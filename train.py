@@ -45,19 +45,19 @@ def _run(argv: list[str], signals: StopSignals) -> int:
     from emakit.training.logs import configure_logging
 
     logs = configure_logging()
-    trainer = None
+    trainer = run = None
     try:
         settings = parse_settings(argv)
         # the trainer (timm, torchvision, the loops) loads once the flags are good: --help and a bad
         # flag answer without it
-        from emakit.training.fit import fit
+        from emakit.training.fit import RunState, fit
         from emakit.training.outputs import describe_result
         from emakit.training.trainer import build_trainer, close_trainer
 
         trainer = build_trainer(settings, logs)
-        trainer.signals = signals
+        run = RunState.start(trainer, signals)
         try:
-            result = fit(trainer)
+            result = fit(trainer, run)
         except BaseException:
             close_trainer(trainer)
             raise
@@ -74,7 +74,7 @@ def _run(argv: list[str], signals: StopSignals) -> int:
             print(f"train.py: {'error: ' if e.error else ''}{line}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (SignalInterrupt), outside the training loop
-        last = trainer.last_good if trainer is not None else None
+        last = run.last_good if run is not None else None
         if last is None:
             return report_stop_before_training("train.py", e)
         signum = interrupt_signal(e)

@@ -3,7 +3,7 @@
 Modes (``python fsdp_train_worker.py <mode> <out>``):
 
 - ``single``: one process, a plain tiny ViT, AdamW from timm's ``create_optimizer_v2`` (two
-  param groups), two EMAs; trains 4 steps on fixed batches of 8. Writes the reference
+  param groups), two EMAs (an ``Averages``); trains 4 steps on fixed batches of 8. Writes the reference
   states after steps 2 and 4, a single-file checkpoint after step 2 (``single2.pth``, standard
   layout) and a DCP folder after step 2 (``dcp1``) written by one process.
 - ``fsdp`` (torchrun, 2 ranks): first 2 steps under DDP (``ddp2.pth``, ``dcp_ddp``); then the
@@ -11,6 +11,8 @@ Modes (``python fsdp_train_worker.py <mode> <out>``):
   its half of every batch; counts collectives during the EMA updates; after step 2 writes
   the gathered single-file checkpoint ``fsdp2.pth`` and the DCP folder ``dcp2``; then resumes
   fresh sharded models from ``dcp2``, ``dcp1``, ``single2.pth``, ``dcp_ddp`` and ``ddp2.pth`` and continues to step 4.
+  Checkpoints are written and resumed by train.py's own path: ``checkpoints.checkpoint_state``
+  (``state.run_entries`` + the model's and averages' entries), ``resume.read_resume`` + ``resume.restore``.
   Also shards test_resnet / test_convnext / resnet18 (and a bf16 mixed-precision ViT) and runs
   a step. Rank 0 writes ``fsdp.json`` and ``fsdp*.pt``.
 - ``kill`` (torchrun, 2 ranks): writes ``killdcp`` after step 1, trains a step, and saves again
@@ -24,6 +26,8 @@ import json
 import os
 import signal
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,12 +48,32 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(STEPS)]
 
 
-def build(sharded: bool):
-    """(model, optimizer, [ModelEMA, ModelEMA]) with the same initial weights everywhere."""
+def settings(*extra: str):
+    """train.py's settings of this training (a constant LR: the resume positions the schedule)."""
+    from emakit.training.config import parse_settings
+
+    return parse_settings(["--model", "test_vit", "--device", "cpu", "-b", str(BATCH), "--opt", "adamw",
+                           "--lr", str(LR), "--weight-decay", "0.05", "--sched", "none", "--warmup-epochs", "0",
+                           "--model-ema-decay", ",".join(map(str, EMA_DECAYS)), *extra])
+
+
+@dataclass
+class Parts:
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    averages: Any  # emakit.training.averages.Averages: the two EMAs in one MultiEMA
+    scheduler: Any
+
+
+def build(sharded: bool, ddp: bool = False) -> Parts:
+    """The parts of the run, with the same initial weights everywhere: a plain, DDP-wrapped or
+    sharded model, timm's AdamW (two param groups), the EMAs and train.py's scheduler."""
     import timm
     from timm.optim import create_optimizer_v2
 
-    from emakit import ModelEMA
+    from emakit import MultiEMA
+    from emakit.training.averages import Averages
+    from emakit.training.build import build_scheduler
     from emakit.training.fsdp import apply_fsdp
 
     torch.manual_seed(0)
@@ -57,25 +81,25 @@ def build(sharded: bool):
     if sharded:
         apply_fsdp(model)
     opt = create_optimizer_v2(model, "adamw", lr=LR, weight_decay=0.05)
-    emas = [ModelEMA(model, decay=d) for d in EMA_DECAYS]
-    return model, opt, emas
+    averages = Averages(MultiEMA(model, decays=EMA_DECAYS))
+    model = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    return Parts(model, opt, averages, build_scheduler(settings().schedule, opt, 1))
 
 
-def step(model, opt, emas, k: int, data, rank: int = 0, world: int = 1, counts: list | None = None) -> None:
-    """Optimizer step ``k`` on this rank's slice of batch ``k``, then the EMA updates (their
+def step(p: Parts, k: int, data, rank: int = 0, world: int = 1, counts: list | None = None) -> None:
+    """Optimizer step ``k`` on this rank's slice of batch ``k``, then the EMA update (its
     collectives counted into ``counts`` when given)."""
     x, y = data[k]
     n = BATCH // world
-    opt.zero_grad()
-    torch.nn.functional.cross_entropy(model(x[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n]).backward()
-    opt.step()
+    p.opt.zero_grad()
+    torch.nn.functional.cross_entropy(p.model(x[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n]).backward()
+    p.opt.step()
     if counts is None:
-        for ema in emas:
-            ema.update(model)
+        p.averages.update(p.model)
         return
     from fsdp_ema_worker import count_python_collectives
 
-    count, ops = count_python_collectives(lambda: [ema.update(model) for ema in emas])
+    count, ops = count_python_collectives(lambda: p.averages.update(p.model))
     counts.append([count, len(ops)])
 
 
@@ -84,30 +108,41 @@ def ema_keys(i: int) -> tuple[str, str]:
     return ("state_dict_ema", "ema") if i == 0 else (f"state_dict_ema_{i}", f"ema_{i}")
 
 
-def full_checkpoint(model, opt, emas, epoch: int) -> dict:
-    """A single-file checkpoint dict, gathered (collective); meaningful on rank 0."""
-    from emakit.training.state import training_state
+def _is_main() -> bool:
+    import torch.distributed as dist
 
-    return {**training_state(model, opt, emas, full=True), "epoch": epoch}
-
-
-def sharded_checkpoint(model, opt, emas, epoch: int) -> dict:
-    """The same keys in sharded form, for save_dcp."""
-    from emakit.training.state import training_state
-
-    return {**training_state(model, opt, emas, full=False), "epoch": epoch}
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def load_full(model, opt, emas, ckpt: dict) -> None:
-    from emakit.training.state import load_training_state
+def full_checkpoint(p: Parts, epoch: int, *, sharded: bool = False) -> dict | None:
+    """The checkpoint train.py writes (checkpoints.checkpoint_state): the single-file dict,
+    gathered (collective; rank 0's, None elsewhere), or the sharded form for save_dcp."""
+    from emakit.training.checkpoints import checkpoint_state
+    from emakit.training.state import run_entries
 
-    load_training_state(model, opt, emas, ckpt)
+    plain = run_entries(epoch=epoch, arch="test_vit", scheduler=p.scheduler, scaler=None, flags=settings().flags,
+                        metric=None, metrics={})
+    return checkpoint_state(p.model, p.opt, p.averages, plain, sharded=sharded, is_main=_is_main())
 
 
-def load_folder(folder: str, model, opt, emas) -> dict:
-    from emakit.training.dcp import load_dcp_training_state
+def sharded_checkpoint(p: Parts, epoch: int) -> dict:
+    return full_checkpoint(p, epoch, sharded=True)
 
-    return load_dcp_training_state(folder, model, opt, emas)
+
+def resume(p: Parts, path, world: int = 1) -> int:
+    """train.py's ``--resume path`` into ``p`` (resume.read_resume + resume.restore; collective
+    for a sharded model or a folder read by several ranks); returns the checkpoint's epoch."""
+    from emakit.ema import is_sharded
+    from emakit.training.build import build_amp
+    from emakit.training.resume import read_resume, restore
+    from emakit.training.settings import Resolved
+
+    s = settings("--resume", str(path))
+    resolved = Resolved(num_classes=CLASSES, lr=LR, updates_per_epoch=1, total_steps=STEPS, img_size=32,
+                        global_batch_size=BATCH)
+    return restore(read_resume(s, world), s, resolved, model=p.model, averages=p.averages, optimizer=p.opt,
+                   amp=build_amp(s.run, torch.device("cpu"), sharded=is_sharded(p.model)),
+                   lr_scheduler=p.scheduler) - 1
 
 
 def single(out: str) -> None:
@@ -115,22 +150,22 @@ def single(out: str) -> None:
     from emakit.training.dcp import save_dcp
 
     data = batches()
-    model, opt, emas = build(False)
+    p = build(False)
     for k in range(STEPS):
-        step(model, opt, emas, k, data)
+        step(p, k, data)
         if k == 1:
-            ckpt = full_checkpoint(model, opt, emas, epoch=1)
-            ckpt["standard_optimizer"] = opt.state_dict()
+            ckpt = full_checkpoint(p, epoch=1)
+            ckpt["standard_optimizer"] = p.opt.state_dict()
             save_checkpoint(ckpt, os.path.join(out, "single2.pth"))
-            save_dcp(os.path.join(out, "dcp1"), sharded_checkpoint(model, opt, emas, epoch=1), rank_state={"rank": 0})
-    save_checkpoint(full_checkpoint(model, opt, emas, epoch=3), os.path.join(out, "single4.pth"))
+            save_dcp(os.path.join(out, "dcp1"), sharded_checkpoint(p, epoch=1))
+    save_checkpoint(full_checkpoint(p, epoch=3), os.path.join(out, "single4.pth"))
 
 
-def continue_from(model, opt, emas, data, rank: int = 0, world: int = 1) -> dict:
+def continue_from(p: Parts, data, rank: int = 0, world: int = 1) -> dict | None:
     """Steps 3 and 4, then the gathered checkpoint."""
     for k in range(2, STEPS):
-        step(model, opt, emas, k, data, rank, world)
-    return full_checkpoint(model, opt, emas, epoch=3)
+        step(p, k, data, rank, world)
+    return full_checkpoint(p, epoch=3)
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -175,7 +210,7 @@ def fsdp(out: str) -> None:
     import torch.distributed as dist
 
     from emakit.checkpoint import save_checkpoint
-    from emakit.training.dcp import save_dcp
+    from emakit.training.dcp import read_dcp_meta, save_dcp
     from emakit.training.fsdp import full_model_state, full_optimizer_state
     from fsdp_ema_worker import count_python_collectives
 
@@ -186,55 +221,50 @@ def fsdp(out: str) -> None:
     data = batches()
     results: dict = {"world": world}
     # DDP x2 for two steps (each rank on its half batch): a single file and a DCP folder to resume from.
-    bare, ddp_opt, ddp_emas = build(False)
-    ddp = torch.nn.parallel.DistributedDataParallel(bare)
+    p = build(False, ddp=True)
     for k in range(2):
-        step(ddp, ddp_opt, ddp_emas, k, data, rank, world)
-    ddp2 = full_checkpoint(ddp, ddp_opt, ddp_emas, epoch=1)
+        step(p, k, data, rank, world)
+    ddp2 = full_checkpoint(p, epoch=1)
     if rank == 0:
-        save_checkpoint({**ddp2, "standard_optimizer": ddp_opt.state_dict()}, os.path.join(out, "ddp2.pth"))
-    save_dcp(os.path.join(out, "dcp_ddp"), sharded_checkpoint(ddp, ddp_opt, ddp_emas, epoch=1))
-    del ddp, bare, ddp_opt, ddp_emas
+        save_checkpoint({**ddp2, "standard_optimizer": p.opt.state_dict()}, os.path.join(out, "ddp2.pth"))
+    save_dcp(os.path.join(out, "dcp_ddp"), sharded_checkpoint(p, epoch=1))
+    del p
 
-    model, opt, emas = build(True)
+    p = build(True)
+    model, emas = p.model, p.averages.members
     update_counts = []
     for k in range(STEPS):
-        step(model, opt, emas, k, data, rank, world, counts=update_counts)
+        step(p, k, data, rank, world, counts=update_counts)
         if k == 1:
-            ckpt2 = full_checkpoint(model, opt, emas, epoch=1)
+            ckpt2 = full_checkpoint(p, epoch=1)
             if rank == 0:
                 save_checkpoint(ckpt2, os.path.join(out, "fsdp2.pth"))
-            save_dcp(os.path.join(out, "dcp2"), sharded_checkpoint(model, opt, emas, epoch=1),
-                     rank_state={"rank": rank, "rng": torch.get_rng_state()})
+            save_dcp(os.path.join(out, "dcp2"), sharded_checkpoint(p, epoch=1))
     results["update_collectives"] = update_counts
     reload = count_python_collectives(lambda: emas[0].load_checkpoint_state(emas[0].state_dict_ema(full=False)))
     results["ema_reload_collectives"] = [reload[0], len(reload[1])]  # DCP's case: the EMA's own sharding
-    results["full_state_sizes"] = [len(full_model_state(model)), len(full_optimizer_state(model, opt)),
+    results["full_state_sizes"] = [len(full_model_state(model)), len(full_optimizer_state(model, p.opt)),
                                    len(emas[0].state_dict_ema(full=True, rank0_only=True))]
     results["ema_gather"] = ema_gather(emas[0])
     results["forward_collectives"] = len(count_python_collectives(lambda: model(data[0][0][:2]))[1])
     with torch.no_grad():  # an evaluation forward leaves every parameter sharded (EMA updates need that)
         model(data[0][0][:2])
     from torch.distributed.tensor import DTensor
-    results["sharded_after_eval_forward"] = all(isinstance(p, DTensor) for p in model.parameters())
-    final = full_checkpoint(model, opt, emas, epoch=3)
+    results["sharded_after_eval_forward"] = all(isinstance(t, DTensor) for t in model.parameters())
+    final = full_checkpoint(p, epoch=3)
 
-    # Resume fresh sharded models from each source and continue steps 3-4.
+    # Resume fresh sharded models from each source, as train.py --resume does, and continue steps 3-4.
     resumed = {}
     for label in ("dcp2", "dcp1", "single2", "dcp_ddp", "ddp2"):
-        m, o, e = build(True)
-        if label in ("single2", "ddp2"):
-            ckpt = torch.load(os.path.join(out, f"{label}.pth"), weights_only=True)
-            load_full(m, o, e, ckpt)
-        else:
-            meta = load_folder(os.path.join(out, label), m, o, e)
-            if label == "dcp2":
-                results["dcp2_meta_world"] = meta["world_size"]
-                results["dcp2_meta_rank_ok"] = meta["ranks"][rank]["rank"] == rank
-        loaded = full_checkpoint(m, o, e, epoch=1)
+        r = build(True)
+        path = os.path.join(out, f"{label}.pth" if label in ("single2", "ddp2") else label)
+        assert resume(r, path, world) == 1
+        if label == "dcp2":
+            results["dcp2_meta_world"] = read_dcp_meta(path)["world_size"]
+        loaded = full_checkpoint(r, epoch=1)
         if rank == 0:
             torch.save(loaded, os.path.join(out, f"fsdp_loaded_{label}.pt"))
-        resumed[label] = continue_from(m, o, e, data, rank, world)
+        resumed[label] = continue_from(r, data, rank, world)
 
     # Other model families: shard, one step, names of the units.
     import timm
@@ -279,14 +309,14 @@ def kill(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     data = batches()
-    model, opt, emas = build(True)
+    p = build(True)
     folder = os.path.join(out, "killdcp")
-    step(model, opt, emas, 0, data, rank, world)
-    save_dcp(folder, sharded_checkpoint(model, opt, emas, epoch=0))
-    saved = full_checkpoint(model, opt, emas, epoch=0)
+    step(p, 0, data, rank, world)
+    save_dcp(folder, sharded_checkpoint(p, epoch=0))
+    saved = full_checkpoint(p, epoch=0)
     if rank == 0:
         torch.save(saved, os.path.join(out, "kill_saved.pt"))
-    step(model, opt, emas, 1, data, rank, world)
+    step(p, 1, data, rank, world)
     original = filesystem.FileSystemWriter.write_data
 
     def write_then_die(self, plan, planner):
@@ -299,7 +329,7 @@ def kill(out: str) -> None:
         return future
 
     filesystem.FileSystemWriter.write_data = write_then_die
-    save_dcp(folder, sharded_checkpoint(model, opt, emas, epoch=1))
+    save_dcp(folder, sharded_checkpoint(p, epoch=1))
     with open(os.path.join(out, f"survived_rank{rank}"), "w") as f:  # never reached
         f.write("saved")
 

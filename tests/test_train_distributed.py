@@ -50,9 +50,9 @@ import emakit.training.fit as fit_module
 
 fit = fit_module.fit
 
-def fit_then_dump(tr):
+def fit_then_dump(tr, *args):
     """Every rank saves its EMA weights after training (outside AUDIT_WATCH), for the test."""
-    result = fit(tr)
+    result = fit(tr, *args)
     folder = os.environ["DUMP_EMA_DIR"]
     os.makedirs(folder, exist_ok=True)
     for average in tr.averages.targets():

@@ -37,7 +37,7 @@ def fit_beside_timm(argv: list, *, timm_ema_from: dict | None = None) -> tuple[d
     from timm.utils import ModelEmaV3
 
     from emakit.training.config import parse_args, settings_from_args
-    from emakit.training.fit import run_epoch
+    from emakit.training.fit import RunState, run_epoch
     from emakit.training.trainer import build_trainer, close_trainer
 
     args = parse_args([str(a) for a in argv])
@@ -58,8 +58,9 @@ def fit_beside_timm(argv: list, *, timm_ema_from: dict | None = None) -> tuple[d
             reference.update(tr.model_without_ddp, step=step["n"])
 
         ours.update = update_both
+        run = RunState.start(tr)
         for epoch in range(tr.start_epoch, args.epochs):  # fit() without its end-of-run plot
-            run_epoch(tr, epoch)
+            run_epoch(tr, run, epoch)
         assert step["n"] == args.epochs * tr.updates_per_epoch
         return ours.module.state_dict(), reference.module.state_dict(), tr
     finally:

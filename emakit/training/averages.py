@@ -49,9 +49,7 @@ from .state import BN_RECAL, EPOCH, POSTHOC, POSTHOC_PROFILES, check_ema_entry, 
 
 __all__ = ["Averages", "ema_members", "ema_label", "ema_selector", "ema_checkpoint_keys", "ema_checkpoint_state",
            "describe_ema", "bn_buffers", "recalibrated_bn", "auto_posthoc_every", "posthoc_snapshot_cap",
-           "PosthocTracker",
-           "posthoc_sweep_command",
-           "SWEEP_SIGMA_RELS"]
+           "PosthocTracker", "posthoc_sweep_command", "SWEEP_SIGMA_RELS"]
 
 _log = logging.getLogger(__name__)
 
@@ -423,22 +421,6 @@ class Averages:
             except OSError as e:
                 self.write_error = e
         return self.ema is not None
-
-    # ------------------------------------------------------------------ evaluation
-    @contextlib.contextmanager
-    def recalibrated(self, loader: Iterable, *, channels_last: bool = False,
-                     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-                     ) -> Iterator[list[dict[str, torch.Tensor]]]:
-        """With ``bn_recal`` > 0: every EMA carries BatchNorm statistics re-estimated for its
-        own weights within the block (:func:`recalibrated_bn`) and yields their copies, one
-        dict per EMA; otherwise a no-op yielding []."""
-        with contextlib.ExitStack() as stack:
-            if self.bn_recal <= 0:
-                yield []
-                return
-            yield [stack.enter_context(recalibrated_bn(m.module, loader, self.bn_recal, self.device,
-                                                       channels_last=channels_last, autocast=autocast))
-                   for m in self.members]
 
     # ------------------------------------------------------------------ checkpoints
     @property

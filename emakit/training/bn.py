@@ -10,8 +10,9 @@ are pooled exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -49,15 +50,9 @@ def has_batchnorm(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def recalibrate_bn(
-    module: nn.Module,
-    loader: Iterable,
-    num_batches: int,
-    device: torch.device,
-    *,
-    channels_last: bool = False,
-    autocast=None,
-) -> int:
+def recalibrate_bn(module: nn.Module, loader: Iterable, num_batches: int, device: torch.device, *,
+                   channels_last: bool = False, autocast: Callable[[], contextlib.AbstractContextManager] | None = None
+                   ) -> int:
     """Re-estimate every BatchNorm's running mean/var of ``module`` over ``num_batches``.
 
     Args:
@@ -89,10 +84,7 @@ def recalibrate_bn(
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            if autocast is not None:
-                with autocast():
-                    module(images)
-            else:
+            with autocast() if autocast is not None else contextlib.nullcontext():
                 module(images)
             used += 1
     finally:

@@ -11,9 +11,8 @@ split by kind:
   under FSDP with ``--model-ema-posthoc``, ``posthoc_ema_profiles`` (the post-hoc profiles as
   ``{"0": DTensors, "1": ...}``; ``posthoc_ema`` keeps the plain values: step, sigma_rels,
   snapshot settings; :func:`join_posthoc_profiles` puts them back together);
-- everything else (epoch, ``ema`` meta, scheduler, args, metrics, ...), taken from rank 0,
-  plus each rank's own values (``rank_state``: generator states, progress) in rank order under
-  ``ranks``, in one small ``emakit.pt`` inside the folder (``torch.save``, loadable with
+- everything else (epoch, ``ema`` meta, scheduler, args, metrics, ``train_position``, ...),
+  taken from rank 0, in one small ``emakit.pt`` inside the folder (``torch.save``, loadable with
   ``weights_only=True``).
 
 Writes are atomic at the folder level: every rank writes into ``.<name>.dcp-tmp-<token>``
@@ -36,26 +35,30 @@ import contextlib
 import errno
 import glob
 import io
+import logging
 import os
 import pickle
 import secrets
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as torch_dist
 
-from emakit.checkpoint import (CheckpointError, damage_reason, ema_checkpoint_keys, find_unplain, fsync_dir,
-                               is_disk_full, refused_global, save_checkpoint)
+from emakit.checkpoint import (CheckpointError, damage_reason, find_unplain, fsync_dir, is_disk_full, refused_global,
+                               save_checkpoint)
 
 from . import UsageError, one_line
-from .fsdp import load_full_model_state, load_sharded_optimizer_state, optimizer_state_to_ids
-from .state import MODEL, OPTIMIZER, POSTHOC, POSTHOC_PROFILES, is_sharded_key, sharded_templates
+from .fsdp import optimizer_state_to_ids
+from .state import METRIC, OPTIMIZER, POSTHOC, POSTHOC_PROFILES, is_sharded_key
 
-__all__ = ["DamagedFolder", "META_FILE", "DCP_LAST", "DCP_BEST", "join_posthoc_profiles",
+__all__ = ["DamagedFolder", "DcpSaver", "META_FILE", "DCP_LAST", "DCP_BEST", "join_posthoc_profiles",
            "link_dcp_folder", "is_dcp_folder", "save_dcp", "load_dcp", "read_dcp_meta",
-           "dcp_folder_to_checkpoint", "resolve_dcp_folder", "names_dcp_folder", "load_dcp_training_state"]
+           "dcp_folder_to_checkpoint", "resolve_dcp_folder", "names_dcp_folder"]
+
+_log = logging.getLogger(__name__)
 
 META_FILE = "emakit.pt"
 DCP_LAST = "last.dcp"          # train.py --checkpoint-format dcp: the newest checkpoint folder
@@ -285,30 +288,15 @@ def _tidy(folder: str) -> None:
 
 
 def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
+    return torch_dist.is_available() and torch_dist.is_initialized()
 
 
 def _broadcast(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (as is without a process group)."""
-    if not _distributed():
-        return obj
-    import torch.distributed as dist
-
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    if _distributed():
+        torch_dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    if not _distributed():
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 @contextlib.contextmanager
@@ -320,13 +308,7 @@ def _single_process_quiet() -> Iterator[None]:
         yield
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if _distributed() else 0
-
-
-def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_state: Any = None) -> str:
+def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any]) -> str:
     """Write ``state`` as a DCP checkpoint folder, atomically at the folder level. *Collective*:
     every rank calls it with its own sharded state (or one process without a process group).
 
@@ -335,9 +317,8 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
             one is complete.
         state: checkpoint keys as in a single-file checkpoint; the sharded keys (see
             :func:`is_sharded_key`) hold sharded state dicts, the others plain values (tensors
-            allowed) of which rank 0's are written.
-        rank_state: this rank's own values (generator states, progress): stored in rank order
-            as ``ranks`` in ``emakit.pt``; picklable plain types and tensors.
+            allowed) of which rank 0's are written (a rank's own values, e.g. its generator
+            states, are gathered into a plain value first: ``train_position``).
 
     Returns the folder's path. Raises OSError on every rank when rank 0 could not write or
     finish the folder (a full disk, a value ``torch.load(weights_only=True)`` would refuse among
@@ -347,9 +328,8 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
     from torch.distributed.checkpoint import FileSystemWriter, save
 
     folder = os.path.abspath(os.fspath(folder))
-    rank = _rank()
+    rank = torch_dist.get_rank() if _distributed() else 0
     sharded = {k: v for k, v in state.items() if is_sharded_key(k)}
-    ranks = _all_gather(rank_state)
     token, error = None, None
     if rank == 0:  # the small file first: a value torch.load(weights_only=True) refuses fails before any shard
         try:
@@ -362,8 +342,9 @@ def save_dcp(folder: str | os.PathLike[str], state: dict[str, Any], *, rank_stat
                 raise CheckpointError(f"{found[0]} is a {type(found[1]).__module__}.{type(found[1]).__qualname__}, "
                                       "which torch.load(weights_only=True) refuses; convert it to tensors or plain "
                                       "types (int, float, bool, str, list, tuple, dict) before saving")
-            meta = {"format": "emakit-dcp", "version": 1, "world_size": len(ranks), "sharded_keys": sorted(sharded),
-                    "plain": plain, "ranks": ranks}
+            world = torch_dist.get_world_size() if _distributed() else 1
+            meta = {"format": "emakit-dcp", "version": 1, "world_size": world, "sharded_keys": sorted(sharded),
+                    "plain": plain}
             save_checkpoint(meta, os.path.join(_side_names(folder, "tmp") + token, META_FILE))
         except (OSError, CheckpointError) as e:
             error = _write_error(e)
@@ -446,7 +427,7 @@ def link_dcp_folder(src: str | os.PathLike[str], folder: str | os.PathLike[str])
     (a copy where links are refused), replacing ``folder`` atomically like :func:`save_dcp`.
     *Collective* (rank 0 works, every rank learns the outcome); raises OSError on every rank."""
     folder, error = os.path.abspath(os.fspath(folder)), None
-    if _rank() == 0:
+    if not _distributed() or torch_dist.get_rank() == 0:
         token = secrets.token_hex(6)
         tmp, old = _side_names(folder, "tmp") + token, _side_names(folder, "old") + token
         try:
@@ -463,6 +444,37 @@ def link_dcp_folder(src: str | os.PathLike[str], folder: str | os.PathLike[str])
     return folder
 
 
+class DcpSaver:
+    """``--checkpoint-format dcp``'s counterpart of :class:`emakit.checkpoint.CheckpointSaver`,
+    on every rank: ``last.dcp`` (every rank writes its shards) and ``model_best.dcp`` (hard
+    links to the same files) when the metric beats the best so far. Saves are *collective*;
+    ``resumed``: the best so far is the metric of the run folder's ``model_best.dcp``."""
+
+    def __init__(self, folder: str, *, decreasing: bool, resumed: bool = False) -> None:
+        self.folder, self.decreasing, self.best = folder, decreasing, None
+        self.last_path = os.path.join(folder, DCP_LAST)
+        best = os.path.join(folder, DCP_BEST)
+        if resumed and is_dcp_folder(best):
+            try:
+                self.best = read_dcp_meta(best).get("plain", {}).get(METRIC)
+            except DamagedFolder as e:  # no best so far: the next epoch's folder replaces it
+                _log.warning("%s is damaged (%s cannot be read): the next epoch's checkpoint replaces it",
+                             e.folder, e.name)
+
+    def save_last(self, state: dict[str, Any]) -> str:
+        """Write ``last.dcp`` alone (a mid-epoch stop)."""
+        return save_dcp(self.last_path, state)
+
+    def save(self, state: dict[str, Any], epoch: int, metric: float | None) -> str:
+        """Write ``last.dcp``, then link ``model_best.dcp`` to it when ``metric`` is the best."""
+        last = self.save_last(state)
+        best = self.best
+        if metric is not None and (best is None or (metric < best if self.decreasing else metric > best)):
+            self.best = metric
+            link_dcp_folder(last, os.path.join(self.folder, DCP_BEST))
+        return last
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -471,8 +483,8 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def read_dcp_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """``emakit.pt`` of a folder written by :func:`save_dcp` (``plain``, ``ranks``,
-    ``world_size``, ``sharded_keys``); ``{}`` for a DCP folder another writer made.
+    """``emakit.pt`` of a folder written by :func:`save_dcp` (``plain``, ``world_size``,
+    ``sharded_keys``); ``{}`` for a DCP folder another writer made.
     :class:`DamagedFolder` when it, or DCP's ``.metadata`` (read and checked too, with the
     sizes of the shard files it names), is truncated, corrupt, missing or asks to run code."""
     if os.path.isfile(os.path.join(os.fspath(folder), _DCP_METADATA)):
@@ -501,7 +513,7 @@ def load_dcp(folder: str | os.PathLike[str], state: dict[str, Any]) -> dict[str,
     ``fsdp.load_full_model_state`` / ``fsdp.load_sharded_optimizer_state`` /
     ``ema.load_checkpoint_state``. A template key the folder lacks, or one of another shape,
     raises ``RuntimeError``; a damaged folder :class:`DamagedFolder` (every rank). Returns the
-    folder's ``emakit.pt`` (``plain`` values and per-rank ``ranks``; ``{}`` for a foreign folder).
+    folder's ``emakit.pt`` (``plain`` values, ``world_size``; ``{}`` for a foreign folder).
     """
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
@@ -521,8 +533,7 @@ def dcp_folder_to_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """A DCP folder as the dict of a single-file checkpoint, offline (one process, no process
     group): whole CPU tensors under ``state_dict`` / ``state_dict_ema*``, ``optimizer`` in the
     standard integer-id layout, and the plain keys (epoch, ``ema`` meta, scheduler, ...) of
-    ``emakit.pt``; for a folder written by ``save_dcp``, the per-rank values under
-    ``dcp_ranks``. The whole checkpoint is read into memory (as torch's
+    ``emakit.pt``. The whole checkpoint is read into memory (as torch's
     ``format_utils.dcp_to_torch_save`` does, without its temporary file). A damaged folder
     is a :class:`DamagedFolder`."""
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
@@ -540,24 +551,5 @@ def dcp_folder_to_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
             isinstance(n, str) for g in opt["param_groups"] for n in g["params"]):
         ckpt[OPTIMIZER] = optimizer_state_to_ids(opt)
     if meta:
-        ckpt = {**meta.get("plain", {}), **ckpt, "dcp_ranks": meta.get("ranks", [])}
+        ckpt = {**meta.get("plain", {}), **ckpt}
     return join_posthoc_profiles(ckpt)
-
-
-def load_dcp_training_state(folder: str | os.PathLike[str], model: Any, optimizer: Any = None,
-                            emas: Sequence[Any] = ()) -> dict[str, Any]:
-    """Restore a folder written by :func:`save_dcp` (from ``state.training_state(..., full=False)``
-    plus plain keys) into a plain, DDP or sharded ``model``, its ``optimizer`` (None: skipped)
-    and ``emas`` (ModelEMA members in checkpoint order), on any world size. *Collective*.
-    Returns ``emakit.pt``'s dict: ``plain`` (epoch, scheduler, ``ema`` metas, ...) and
-    ``ranks`` (every writing rank's ``rank_state``, in rank order)."""
-    state = sharded_templates(model, optimizer, emas)
-    meta = load_dcp(folder, state)
-    load_full_model_state(model, state[MODEL])
-    if optimizer is not None:
-        load_sharded_optimizer_state(model, optimizer, state[OPTIMIZER])
-    plain = meta.get("plain", {})
-    for i, ema in enumerate(emas):
-        weights_key, meta_key = ema_checkpoint_keys(i)
-        ema.load_checkpoint_state(state[weights_key], plain.get(meta_key))
-    return meta

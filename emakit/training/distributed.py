@@ -21,7 +21,6 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from . import UsageError
 from .bn import bn_buffers
 
 __all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_sum", "broadcast_ints",
@@ -52,17 +51,11 @@ class DistInfo:
 
 
 def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
-    """``--device``: default cuda (``cuda:<local_rank>``) when available, else cpu."""
-    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    """``--device`` (the flag's kind, ``kinds.Device``, checked it is available): default cuda
+    (``cuda:<local_rank>``) when available, else cpu."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
     return device
 
 

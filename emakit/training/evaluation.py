@@ -40,9 +40,7 @@ def ema_autocast(tr: Trainer) -> Callable[[], contextlib.AbstractContextManager]
     if tr.amp.enabled:
         return lambda: tr.amp.autocast(device)
     dtype = _ema_input_dtype(tr)
-    if dtype is None:
-        return None
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+    return None if dtype is None else lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def evaluate_raw_and_emas(tr: Trainer) -> tuple[dict[str, float], list[dict[str, float]],
@@ -59,15 +57,27 @@ def evaluate_raw_and_emas(tr: Trainer) -> tuple[dict[str, float], list[dict[str,
         return _evaluate_sharded(tr)
     run, channels_last = tr.settings.run, tr.settings.model.channels_last
     distribute_bn(tr.model_without_ddp, tr.dist, run.dist_bn)
-    targets = [EvalTarget(tr.model_without_ddp, tr.dist.device)]
-    input_dtype = _ema_input_dtype(tr)
-    for average in tr.averages.targets():
-        distribute_bn(average.module, tr.dist, run.dist_bn)
-        targets.append(EvalTarget(average.module, tr.averages.device, input_dtype, f" ({average.name.upper()})"))
-    with tr.averages.recalibrated(tr.train_loader, channels_last=channels_last, autocast=ema_autocast(tr)) as recal:
+    targets, recal, input_dtype = [EvalTarget(tr.model_without_ddp, tr.dist.device)], [], _ema_input_dtype(tr)
+    with contextlib.ExitStack() as stack:
+        for average in tr.averages.targets():
+            distribute_bn(average.module, tr.dist, run.dist_bn)
+            recal += _recalibrated(tr, stack, average.module, tr.averages.device)
+            targets.append(EvalTarget(average.module, tr.averages.device, input_dtype, f" ({average.name.upper()})"))
         results = evaluate_many(targets, tr.eval_loader, tr.eval_loss_fn, amp=tr.amp, channels_last=channels_last,
                                 dist=tr.dist, progress=tr.dist.is_main and run.progress)
     return results[0], results[1:], recal
+
+
+def _recalibrated(tr: Trainer, stack: contextlib.ExitStack, module: torch.nn.Module, device: torch.device
+                  ) -> list[dict[str, torch.Tensor]]:
+    """``--model-ema-bn-recal``: ``module`` (an EMA's weights) carries BatchNorm statistics
+    re-estimated for its own weights until ``stack`` closes (:func:`.averages.recalibrated_bn`);
+    ``[their copies]``, or ``[]`` without the flag."""
+    if tr.averages.bn_recal <= 0:
+        return []
+    return [stack.enter_context(recalibrated_bn(module, tr.train_loader, tr.averages.bn_recal, device,
+                                                channels_last=tr.settings.model.channels_last,
+                                                autocast=ema_autocast(tr)))]
 
 
 def _evaluate_sharded(tr: Trainer) -> tuple[dict[str, float], list[dict[str, float]],
@@ -84,10 +94,7 @@ def _evaluate_sharded(tr: Trainer) -> tuple[dict[str, float], list[dict[str, flo
     for member, average in zip(tr.averages.members, tr.averages.targets()):
         with member.swapped_into(model) as swapped, contextlib.ExitStack() as stack:
             distribute_bn(swapped, tr.dist, run.dist_bn)  # the EMA's own buffers, as the DDP path does
-            if tr.averages.bn_recal > 0:
-                recal.append(stack.enter_context(recalibrated_bn(
-                    swapped, tr.train_loader, tr.averages.bn_recal, tr.dist.device, channels_last=channels_last,
-                    autocast=ema_autocast(tr))))
+            recal += _recalibrated(tr, stack, swapped, tr.dist.device)
             emas += evaluate_many([EvalTarget(swapped, tr.dist.device, None, f" ({average.name.upper()})")],
                                   tr.eval_loader, tr.eval_loss_fn, **kwargs)
     return raw, emas, recal

@@ -22,36 +22,53 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from . import UsageError
 from .build import seed_all
-from .checkpoints import checkpoint_state, dcp_enabled, save_dcp_checkpoint, sharded_checkpoint_state, write_checked
+from .checkpoints import run_checkpoint_state, write_checked
 from .data import ResumableSampler, epoch_seed, set_epoch
 from .distributed import gather_objects
 from .engine import EpochProgress, TrainingDiverged, TrainOptions, train_one_epoch
 from .evaluation import epoch_metrics, evaluate_raw_and_emas, log_epoch
-from .lifecycle import TrainingInterrupted, diverged, last_good_text, rng_state, set_rng_state, signal_name, \
-    write_failed
+from .lifecycle import (LastGood, StopSignals, TrainingInterrupted, diverged, last_good_text, rng_state, set_rng_state,
+                        signal_name, write_failed)
 from .outputs import (FitResult, console_logs_above_progress_bars, describe_result, fit_result, report_posthoc,
-                      write_summary)
+                      summary_columns, write_summary)
 from .plots import plot_summary_quietly
-from .state import POSTHOC, TRAIN_POSITION
+from .state import POSTHOC, TrainPosition
 from .trainer import Trainer, agree
 
-__all__ = ["fit", "run_epoch"]
+__all__ = ["RunState", "fit", "run_epoch"]
 
 _log = logging.getLogger(__name__)
 
 
+@dataclass
+class RunState:
+    """What changes while the epochs run; :func:`fit` and its helpers alone change it (the
+    :class:`Trainer` holds the parts, which never change)."""
+
+    summary_rows: list[dict[str, Any]]  # rank 0: summary.csv's rows so far
+    last_good: LastGood | None  # (path, "epoch 3") of the newest intact checkpoint
+    position: TrainPosition | None = None  # a mid-epoch --resume's, until its epoch starts
+    signals: StopSignals | None = None  # train.py's; None: Ctrl-C raises KeyboardInterrupt
+
+    @classmethod
+    def start(cls, tr: Trainer, signals: StopSignals | None = None) -> RunState:
+        """The state a run starts in: fresh, or where its ``--resume`` checkpoint left it."""
+        src = tr.resume
+        last = (os.path.abspath(src.path), "the checkpoint this run resumed from") if src else None
+        return cls(list(tr.summary_rows), last, src.position if src else None, signals)
+
+    def stop_signal(self) -> int | None:
+        """The stop signal received by this process, if any."""
+        return self.signals.received if self.signals is not None else None
+
+
 # --------------------------------------------------------------------------- one epoch
-def _train_options(tr: Trainer) -> TrainOptions:
-    s = tr.settings
-    return TrainOptions(optim=s.optim, run=s.run, channels_last=s.model.channels_last,
-                        progress=tr.dist.is_main and s.run.progress, amp=tr.amp)
-
-
-def run_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
+def run_epoch(tr: Trainer, run: RunState, epoch: int) -> dict[str, Any]:
     """Train, validate raw and every EMA, step the LR schedule, write summary and checkpoints.
 
     Ends the run with a :class:`RunStopped` when a stop signal arrives during training (after
@@ -64,147 +81,139 @@ def run_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
     set_epoch(tr.train_loader, epoch, s.run.seed, tr.dist.rank)
     if tr.mixup_fn is not None and s.loss.mixup_off_epoch and epoch >= s.loss.mixup_off_epoch:
         tr.mixup_fn.mixup_enabled = False
-    resumed = _continue_stopped_epoch(tr, epoch)
+    resumed = _continue_stopped_epoch(tr, run, epoch)
     averages = tr.averages
+    opts = TrainOptions(optim=s.optim, run=s.run, channels_last=s.model.channels_last,
+                        progress=tr.dist.is_main and s.run.progress, amp=tr.amp)
     try:
         train = train_one_epoch(epoch, tr.model, tr.train_loader, tr.optimizer, tr.train_loss_fn,
-                                device=tr.dist.device, opts=_train_options(tr), dist=tr.dist, averages=averages,
+                                device=tr.dist.device, opts=opts, dist=tr.dist, averages=averages,
                                 lr_scheduler=tr.lr_scheduler, mixup_fn=tr.mixup_fn, guard=tr.guard, start=resumed,
-                                stop_requested=lambda: _stop_signal(tr) is not None
+                                stop_requested=lambda: run.stop_signal() is not None
                                 or averages.write_error is not None)
     except TrainingDiverged as e:
-        raise diverged(tr.last_good, str(e)) from None
+        raise diverged(run.last_good, str(e)) from None
     if not agree(averages.write_error is None, tr.dist):  # every rank stops (rank 0 alone wrote, under DDP)
-        raise write_failed(tr.last_good, "a post-hoc EMA snapshot", averages.write_error)
+        raise write_failed(run.last_good, "a post-hoc EMA snapshot", averages.write_error)
     if train["stopped"]:
-        _stop_mid_epoch(tr, epoch, train["progress"])
+        _stop_mid_epoch(tr, run, epoch, train["progress"])
     raw, emas, bn_recal = evaluate_raw_and_emas(tr)
     metrics = epoch_metrics(tr, epoch, train, raw, emas)
     metric = metrics[f"eval_{s.run.eval_metric}"]  # what picks model_best
     tr.lr_scheduler.step(epoch + 1, metric)
-    dcp = dcp_enabled(tr)
-    state = (sharded_checkpoint_state if dcp else checkpoint_state)(tr, epoch, metric, metrics, bn_recal)
+    dcp = s.parallel.checkpoint_format == "dcp"
+    state = run_checkpoint_state(tr, epoch, metric, metrics, bn_recal)
 
     def write() -> None:
         if dcp:
-            save_dcp_checkpoint(tr, state, epoch, metric)
-            if not tr.dist.is_main:
-                return
-        tr.summary_rows.append(metrics)
-        write_summary(os.path.join(tr.output_dir, "summary.csv"), tr.summary_rows, tr.summary_columns)
-        if not dcp:
-            tr.saver.save(state, epoch, metric, last_only_keys=(POSTHOC,))
+            tr.saver.save(state, epoch, metric)
+        if tr.dist.is_main:
+            run.summary_rows.append(metrics)
+            write_summary(os.path.join(tr.output_dir, "summary.csv"), run.summary_rows,
+                          summary_columns(tr.averages.count))
+            if not dcp:
+                tr.saver.save(state, epoch, metric, last_only_keys=(POSTHOC,))
 
-    write_checked(tr, state, write, f"epoch {epoch}", f"after epoch {epoch}", every_rank=dcp)
+    run.last_good = write_checked(tr, run.last_good, state, write, f"epoch {epoch}", f"after epoch {epoch}")
     if tr.dist.is_main:
         log_epoch(tr, epoch, metrics, time.perf_counter() - start, train["img_per_sec"])
     return metrics
 
 
 # --------------------------------------------------------------------------- stopping
-def _stop_signal(tr: Trainer) -> int | None:
-    return tr.signals.received if tr.signals is not None else None
-
-
-def _continue_stopped_epoch(tr: Trainer, epoch: int) -> EpochProgress | None:
+def _continue_stopped_epoch(tr: Trainer, run: RunState, epoch: int) -> EpochProgress | None:
     """For the epoch a mid-epoch checkpoint stopped in: make the sampler skip the batches
     already trained on and restore this rank's generator states; the progress to continue."""
-    position, tr.resume_position = tr.resume_position, None
+    position, run.position = run.position, None
     if position is None or epoch != tr.start_epoch:
         return None
-    mine = position["ranks"][tr.dist.rank]
-    progress = EpochProgress.from_dict(mine["progress"])
+    rng, progress, ema_buffers = position.rank(tr.dist.rank)
+    progress = EpochProgress.from_dict(progress)
     if not isinstance(tr.train_loader.sampler, ResumableSampler):
         raise UsageError("this training loader cannot start mid-epoch; resume from an epoch-end checkpoint")
     tr.train_loader.sampler.skip(progress.batches * tr.settings.data.batch_size)
-    set_rng_state(mine["rng"], tr.dist.device)
-    tr.averages.load_rank_buffers(mine.get("ema_buffers") or [])
+    set_rng_state(rng, tr.dist.device)
+    tr.averages.load_rank_buffers(ema_buffers)
     if tr.dist.is_main:
         _log.info("continuing epoch %d at step %d/%d (%d batches done)", epoch, progress.steps + progress.skipped,
                   tr.updates_per_epoch, progress.batches)
     return progress
 
 
-def _stop_mid_epoch(tr: Trainer, epoch: int, progress: EpochProgress) -> None:
+def _stop_mid_epoch(tr: Trainer, run: RunState, epoch: int, progress: EpochProgress) -> None:
     """Write a resumable mid-epoch ``last.pth.tar`` (every rank's generator states and
     progress, gathered on rank 0) and raise :class:`TrainingInterrupted`."""
-    mine: dict[str, Any] = {"rng": rng_state(tr.dist.device), "progress": progress.to_dict(),
-                            "signal": _stop_signal(tr)}
-    if tr.dist.distributed:  # each rank's EMA averaged its own BatchNorm statistics since the last evaluation
-        mine["ema_buffers"] = tr.averages.rank_buffers()
-    ranks = gather_objects(mine, tr.dist)
-    signum = next((r["signal"] for r in ranks if r["signal"] is not None), signal.SIGTERM)
+    # under DDP each rank's EMA averaged its own BatchNorm statistics since the last evaluation
+    buffers = tr.averages.rank_buffers() if tr.dist.distributed else None
+    mine = TrainPosition.rank_entry(rng_state(tr.dist.device), progress.to_dict(), buffers)
+    ranks = gather_objects((run.stop_signal(), mine), tr.dist)
+    signum = next((s for s, _ in ranks if s is not None), signal.SIGTERM)
     step = progress.steps + progress.skipped
     label = f"epoch {epoch}, step {step}/{tr.updates_per_epoch}"
-    dcp = dcp_enabled(tr)
-    state = (sharded_checkpoint_state if dcp else checkpoint_state)(tr, epoch - 1, None, {})
+    state = run_checkpoint_state(tr, epoch - 1, None, {})
     if tr.dist.is_main:
-        state[TRAIN_POSITION] = {
-            "epoch": epoch, "steps_done": step, "batches_done": progress.batches,
-            "steps_per_epoch": tr.updates_per_epoch, "processes": tr.dist.world_size,
-            "batch_size": tr.settings.data.batch_size, "grad_accum_steps": tr.settings.optim.grad_accum_steps,
-            "ranks": [{k: v for k, v in r.items() if k != "signal"} for r in ranks]}
-    write = (lambda: save_dcp_checkpoint(tr, state, None, None)) if dcp else (lambda: tr.saver.save_last(state))
-    write_checked(tr, state, write, f"{label} (mid-epoch)", f"at {label}", every_rank=dcp)
+        state.update(TrainPosition(
+            epoch=epoch, steps_done=step, batches_done=progress.batches, steps_per_epoch=tr.updates_per_epoch,
+            processes=tr.dist.world_size, batch_size=tr.settings.data.batch_size,
+            grad_accum_steps=tr.settings.optim.grad_accum_steps, ranks=[r for _, r in ranks]).entry())
+    run.last_good = write_checked(tr, run.last_good, state, lambda: tr.saver.save_last(state), f"{label} (mid-epoch)",
+                                  f"at {label}")
     raise TrainingInterrupted(f"stopped by {signal_name(signum)} at {label}: wrote the resumable checkpoint "
-                              f"{tr.last_good[0]}", tr.last_good[0], 128 + int(signum), error=False)
+                              f"{run.last_good[0]}", run.last_good[0], 128 + int(signum), error=False)
 
 
-def _stop_after_epoch(tr: Trainer, epoch: int) -> None:
+def _stop_after_epoch(tr: Trainer, run: RunState, epoch: int) -> None:
     """After an epoch's checkpoint: stop (every rank) when a signal arrived on any rank."""
-    signals = gather_objects(_stop_signal(tr), tr.dist)
-    signum = next((s for s in signals if s is not None), None)
+    signum = next((s for s in gather_objects(run.stop_signal(), tr.dist) if s is not None), None)
     if signum is None:
         return
-    last = tr.last_good[0] if tr.last_good else None
+    last = run.last_good[0] if run.last_good else None
     raise TrainingInterrupted(f"stopped by {signal_name(signum)} after epoch {epoch}: the resumable checkpoint is "
                               f"{last} (end of epoch {epoch})", last, 128 + int(signum), error=False)
 
 
 # --------------------------------------------------------------------------- the run
-def fit(tr: Trainer) -> FitResult:
-    """Run the epochs from ``tr.start_epoch``. A stop signal, a divergence or a failed write
-    raises :class:`RunStopped` (see :func:`run_epoch`)."""
-    run, epochs = tr.settings.run, tr.settings.schedule.epochs
+def fit(tr: Trainer, run: RunState | None = None) -> FitResult:
+    """Run the epochs from ``tr.start_epoch`` (``run``: default :meth:`RunState.start`). A stop
+    signal, a divergence or a failed write raises :class:`RunStopped` (see :func:`run_epoch`)."""
+    run = run if run is not None else RunState.start(tr)
+    epochs = tr.settings.schedule.epochs
     if tr.dist.is_main and tr.start_epoch >= epochs:
         _log.warning("nothing to train: the checkpoint finished epoch %d of %d; raise --epochs to continue",
                      tr.start_epoch - 1, epochs)
     elif tr.dist.is_main:
         _log.info("training epochs %d-%d, %d optimizer steps per epoch", tr.start_epoch, epochs - 1,
                   tr.updates_per_epoch)
-    deferred = tr.signals.deferred() if tr.signals is not None else contextlib.nullcontext()
+    deferred = run.signals.deferred() if run.signals is not None else contextlib.nullcontext()
     try:
-        with deferred, console_logs_above_progress_bars(tr.dist.is_main and run.progress):
+        with deferred, console_logs_above_progress_bars(tr.dist.is_main and tr.settings.run.progress):
             for epoch in range(tr.start_epoch, epochs):
-                run_epoch(tr, epoch)
+                run_epoch(tr, run, epoch)
                 if epoch < epochs - 1:  # after the last epoch, training is done: finish normally
-                    _stop_after_epoch(tr, epoch)
-            _finish_run(tr)
+                    _stop_after_epoch(tr, run, epoch)
+            _finish_run(tr, run)
     except KeyboardInterrupt:  # signals not taken over (train.main not in the main thread)
-        last = tr.last_good[0] if tr.last_good else None
-        raise TrainingInterrupted(f"interrupted; {last_good_text(tr.last_good)}", last, 130, error=False) from None
-    result = fit_result(tr.output_dir, epochs - tr.start_epoch, tr.summary_rows, tr.averages.count,
-                        run.eval_metric)
+        last = run.last_good[0] if run.last_good else None
+        raise TrainingInterrupted(f"interrupted; {last_good_text(run.last_good)}", last, 130, error=False) from None
+    result = fit_result(tr.output_dir, epochs - tr.start_epoch, run.summary_rows, tr.averages.count,
+                        tr.settings.run.eval_metric)
     if tr.dist.is_main:
         _log.info("%s", describe_result(result))
     return result
 
 
-def _finish_run(tr: Trainer) -> None:
+def _finish_run(tr: Trainer, run: RunState) -> None:
     """After the last epoch: the final post-hoc snapshot (rank 0 writes; under FSDP every rank
     takes part in its gather) and the plot (rank 0)."""
     posthoc = tr.averages.posthoc
     if posthoc is not None and (tr.dist.is_main or posthoc.sharded):
         try:
             if tr.dist.is_main:
-                last = tr.last_good[0] if tr.last_good else tr.saver.last_path  # last.dcp in the dcp format
+                last = run.last_good[0] if run.last_good else tr.saver.last_path
                 report_posthoc(posthoc, tr.settings.data.path, last)
             else:
                 posthoc.finish()
         except OSError as e:
-            raise write_failed(tr.last_good, "the final post-hoc EMA snapshot", e) from None
-    if not tr.dist.is_main:
-        return
-    if tr.summary_rows:
+            raise write_failed(run.last_good, "the final post-hoc EMA snapshot", e) from None
+    if tr.dist.is_main and run.summary_rows:
         plot_summary_quietly(tr.output_dir)
-

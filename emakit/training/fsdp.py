@@ -239,15 +239,8 @@ def load_full_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor],
     communication. Returns torch's (missing_keys, unexpected_keys); ``strict`` raises on either."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    dtensor = _dtensor_type()
-    full = not any(dtensor is not None and isinstance(v, dtensor) for v in state_dict.values())
+    full = not any(hasattr(v, "to_local") for v in state_dict.values())  # DTensors: a DCP folder's shards
     return set_model_state_dict(model, state_dict, options=_options(full_state_dict=full, strict=strict))
-
-
-def _dtensor_type() -> type | None:
-    import sys
-
-    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
 def optimizer_state_to_ids(state: dict[str, Any]) -> dict[str, Any]:

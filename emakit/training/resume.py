@@ -39,15 +39,13 @@ from .engine import AmpSettings, EpochProgress
 from .fsdp import load_full_model_state, load_full_optimizer_state, load_sharded_optimizer_state
 from .settings import Resolved, TrainSettings
 from .state import (ARCH, ARGS, EPOCH, METRICS, MODEL, OPTIMIZER, POSTHOC, POSTHOC_PROFILES, SCALER, SCHEDULER,
-                    TRAIN_POSITION, checkpoint_arg, checkpoint_is_emakit, ema_entry_keys, sharded_templates)
+                    TRAIN_POSITION, TrainPosition, checkpoint_arg, checkpoint_is_emakit, ema_entry_keys,
+                    sharded_templates)
 
 if TYPE_CHECKING:
     from timm.scheduler.scheduler import Scheduler
 
-__all__ = ["ResumeSource", "read_resume", "restore", "normalize_resume_checkpoint", "check_optimizer_state",
-           "warn_batch_change", "load_resume", "check_resume", "check_resume_finite", "apply_resume",
-           "check_resume_position", "position_scheduler", "load_resume_folder", "check_resume_folder",
-           "fill_resume_folder", "load_optimizer_state"]
+__all__ = ["ResumeSource", "read_resume", "restore", "check_resume_folder", "load_optimizer_state"]
 
 _log = logging.getLogger(__name__)
 
@@ -76,16 +74,12 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
         group.update(keep)
 
 
-
-
-
-
 def _is_tensor_dict(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                            for k, v in value.items())
 
 
-def normalize_resume_checkpoint(ckpt: dict[str, Any], path: str) -> dict[str, Any]:
+def _normalize(ckpt: dict[str, Any], path: str) -> dict[str, Any]:
     """Strip wrapper prefixes from every weights entry and check the shape of the EMA and
     optimizer entries (types, required keys); malformed -> ``UsageError``. Returns ``ckpt``."""
     for weights_key in [MODEL] + [k for k, _ in ema_entry_keys(ckpt)]:
@@ -129,8 +123,6 @@ def _check_optimizer_entry(opt: Any, path: str) -> None:
                          "--no-resume-opt to start a fresh optimizer state")
 
 
-
-
 def _options(group: dict[str, Any]) -> set[str]:
     return set(group) - _GROUP_BOOKKEEPING
 
@@ -159,19 +151,19 @@ def _optimizer_mismatch(saved: dict[str, Any], optimizer: torch.optim.Optimizer)
     return None
 
 
-def check_optimizer_state(ckpt: dict[str, Any], optimizer: torch.optim.Optimizer, path: str, *,
+def _check_optimizer_state(ckpt: dict[str, Any], optimizer: torch.optim.Optimizer, path: str, *,
                           opt: str | None, layer_decay: float | None) -> None:
     """``UsageError`` naming the mismatch (``--opt``, ``--layer-decay``, structure) and the fix
     when the checkpoint's optimizer state does not fit this run's optimizer."""
     saved = ckpt.get(OPTIMIZER)
     if saved is None:
         return
-    changed, current = [], {"opt": opt, "layer_decay": layer_decay}
-    for flag, name in (("--opt", "opt"), ("--layer-decay", "layer_decay")):
-        before, now = checkpoint_arg(ckpt, name), current[name]
+    changed = []
+    for flag, name, now in (("--opt", "opt", opt), ("--layer-decay", "layer_decay", layer_decay)):
+        before = checkpoint_arg(ckpt, name)
         if name == "opt" and before is not None:
             before, now = str(before).lower(), str(now).lower()
-        if before != now and (before is not None or now is not None) and ckpt.get(ARGS) is not None:
+        if before != now and ckpt.get(ARGS) is not None:
             changed.append(f"{flag} {before} (checkpoint) vs {now} (now)")
     reason = "; ".join(changed) or _optimizer_mismatch(saved, optimizer)
     if reason:
@@ -182,38 +174,35 @@ def check_optimizer_state(ckpt: dict[str, Any], optimizer: torch.optim.Optimizer
                          f"({reason}); {hint}--no-resume-opt to start a fresh optimizer state")
 
 
-
-
-def warn_batch_change(ckpt: dict[str, Any], path: str, *, batch_size: int, grad_accum_steps: int, lr: float,
-                      updates_per_epoch: int, has_ema: bool, ema_in_images: bool) -> str | None:
+def _warn_batch_change(ckpt: dict[str, Any], path: str, settings: TrainSettings, resolved: Resolved,
+                       averages: Averages) -> None:
     """Warn when ``-b`` or ``--grad-accum-steps`` differs from the checkpoint's run, naming
     what changes: the lr, the steps per epoch and the EMA time constant (unless it is a
-    half-life in images). Returns the warning, None when neither flag changed."""
+    half-life in images)."""
+    batch_size, grad_accum_steps = settings.data.batch_size, settings.optim.grad_accum_steps
     old_b, old_accum = checkpoint_arg(ckpt, "batch_size"), checkpoint_arg(ckpt, "grad_accum_steps", 1)
     if not isinstance(old_b, int) or old_b <= 0:
-        return None
+        return
     old_accum = old_accum if isinstance(old_accum, int) and old_accum > 0 else 1
     changes = [f"{flag} {old} -> {now}" for flag, old, now in
                (("-b", old_b, batch_size), ("--grad-accum-steps", old_accum, grad_accum_steps)) if old != now]
     if not changes:
-        return None
+        return
     metrics = ckpt.get(METRICS) if isinstance(ckpt.get(METRICS), dict) else {}
-    old_steps = metrics.get("optimizer_steps")
-    steps = (f"steps per epoch {old_steps} -> {updates_per_epoch}" if isinstance(old_steps, int)
-             else f"{updates_per_epoch} steps per epoch now")
-    old_lr, lr = checkpoint_arg(ckpt, "lr"), float(lr)
+    old_steps, per_epoch = metrics.get("optimizer_steps"), resolved.updates_per_epoch
+    steps = (f"steps per epoch {old_steps} -> {per_epoch}" if isinstance(old_steps, int)
+             else f"{per_epoch} steps per epoch now")
+    old_lr, lr = checkpoint_arg(ckpt, "lr"), float(resolved.lr)
     same_global = old_b * old_accum == batch_size * grad_accum_steps
     lr_text = (f"lr {old_lr:.4g} -> {lr:.4g}" if isinstance(old_lr, (int, float)) and old_lr != lr else
                f"lr stays {lr:.4g} ({'same global batch' if same_global else 'an explicit --lr is not rescaled'})")
     effects = [lr_text, steps]
-    if has_ema:
+    if averages.count > 0:
         ratio = (batch_size * grad_accum_steps) / (old_b * old_accum)
-        effects.append("the EMA half-life (in images or epochs) stays the same" if ema_in_images else
+        effects.append("the EMA half-life (in images or epochs) stays the same" if averages.in_images else
                        f"the EMA time constant changes: each EMA step now averages {ratio:g}x the images (give "
                        "--model-ema-half-life in images, e.g. '1.2Mimg', to keep it fixed)")
-    message = f"--resume {path}: {', '.join(changes)}: {'; '.join(effects)}"
-    _log.warning("%s", message)
-    return message
+    _log.warning("--resume %s: %s: %s", path, ", ".join(changes), "; ".join(effects))
 
 
 # --------------------------------------------------------------------------- the resume flow
@@ -226,7 +215,7 @@ class ResumeSource:
     path: str
     ckpt: dict[str, Any]
     folder: bool
-    position: dict[str, Any] | None
+    position: TrainPosition | None
     by_emakit: bool
 
     @property
@@ -245,46 +234,64 @@ def read_resume(settings: TrainSettings, world_size: int) -> ResumeSource | None
     if not path:
         return None
     folder = names_dcp_folder(path)
-    ckpt = (load_resume_folder if folder else load_resume)(path, settings.model.name)
-    position = check_resume_position(ckpt, path, world_size=world_size, batch_size=settings.data.batch_size,
-                                     grad_accum_steps=settings.optim.grad_accum_steps)
+    ckpt = _check_training_checkpoint(_read_folder(path) if folder else _read_file(path), path, settings.model.name)
+    position = TrainPosition.read(ckpt, path, world_size=world_size, batch_size=settings.data.batch_size,
+                                  grad_accum_steps=settings.optim.grad_accum_steps,
+                                  parse_progress=EpochProgress.from_dict)
     return ResumeSource(path, ckpt, folder, position, checkpoint_is_emakit(ckpt))
 
 
 def restore(src: ResumeSource, settings: TrainSettings, resolved: Resolved, *, model: nn.Module,
             averages: Averages, optimizer: torch.optim.Optimizer, amp: AmpSettings, lr_scheduler: Scheduler) -> int:
-    """Load ``src`` into this run's parts and return the epoch to start at: a DCP folder's
-    shards are read in this run's layout (*collective*), everything is checked
-    (:func:`check_resume`), then weights, averages, optimizer and scaler are loaded and the LR
-    schedule set to the resumed step. ``src.ckpt`` is released afterwards."""
-    restore_optimizer, per_epoch = settings.run.restore_optimizer, resolved.updates_per_epoch
+    """Load ``src`` into this run's parts and return the epoch to start at; ``src.ckpt`` is
+    released afterwards.
+
+    A DCP folder's shards are read in this run's layout first (*collective*). Then everything
+    that could fail or silently lose state is checked before anything is loaded: every float
+    tensor that will be loaded is finite, the EMA is continued or explicitly dropped
+    (``--drop-ema``) and its weights fit the model, the optimizer state fits this optimizer
+    (``--opt``, ``--layer-decay``); a changed batch is named in a warning. Then weights,
+    averages, optimizer and scaler are loaded. The LR schedule is not restored: it is a
+    function of the flags and the epoch (:func:`_position_scheduler`), so ``--resume`` with a
+    larger ``--epochs`` extends the cosine instead of replaying the old one (timm does the
+    same); a stopped epoch continues at the LR of its step."""
+    ckpt, path, run, per_epoch = src.ckpt, src.path, settings.run, resolved.updates_per_epoch
     if src.folder:  # the sharded entries, read by every rank into this run's own layout (any world size)
-        fill_resume_folder(src.ckpt, src.path, model=model, averages=averages,
-                           optimizer=optimizer if restore_optimizer else None)
-    check_resume(src.ckpt, src.path, settings, resolved, averages=averages, optimizer=optimizer, model=model)
-    start_epoch = apply_resume(src.ckpt, src.path, model=model, averages=averages, optimizer=optimizer, amp=amp,
-                               restore_optimizer=restore_optimizer, updates_per_epoch=per_epoch)
-    position_scheduler(lr_scheduler, start_epoch, per_epoch, settings.schedule.on_updates,
-                       src.ckpt.get(SCHEDULER) if restore_optimizer else None)
+        _fill_from_folder(ckpt, path, model=model, averages=averages,
+                          optimizer=optimizer if run.restore_optimizer else None)
+    _check_finite(ckpt, path, model, restore_optimizer=run.restore_optimizer, drop_ema=run.drop_ema)
+    averages.check_resume(ckpt, path, drop_ema=run.drop_ema, model=model)
+    if run.restore_optimizer:
+        _check_optimizer_state(ckpt, optimizer, path, opt=settings.optim.opt, layer_decay=settings.optim.layer_decay)
+    _warn_batch_change(ckpt, path, settings, resolved, averages)
+    _load_weights(ckpt, path, model)
+    averages.load_resume(ckpt, path, model, updates_per_epoch=per_epoch)
+    if run.restore_optimizer:
+        _load_optimizer_and_scaler(ckpt, path, model, optimizer, amp)
+    start_epoch = int(ckpt[EPOCH]) + 1
+    if src.position is not None:
+        _log.info("resumed from %s: stopped in epoch %d after step %s, continuing there", path, start_epoch,
+                  src.position.steps_done)
+    else:
+        _log.info("resumed from %s: epoch %d done, continuing at epoch %d", path, ckpt[EPOCH], start_epoch)
+    _position_scheduler(lr_scheduler, start_epoch, per_epoch, settings.schedule.on_updates,
+                        ckpt.get(SCHEDULER) if run.restore_optimizer else None)
     if src.position is not None:  # the LR of the step the stopped epoch continues at
-        lr_scheduler.step_update(num_updates=start_epoch * per_epoch + src.position["steps_done"])
+        lr_scheduler.step_update(num_updates=start_epoch * per_epoch + src.position.steps_done)
     src.ckpt = {}
     return start_epoch
 
 
-
-def load_resume(path: str, model_name: str) -> dict[str, Any]:
-    """Read a ``--resume`` file and check it is a training checkpoint of ``model_name``;
-    wrapper prefixes (``module.``, ``_orig_mod.``) are stripped and the EMA / optimizer
-    entries checked for shape (:func:`normalize_resume_checkpoint`)."""
+def _read_file(path: str) -> dict[str, Any]:
     try:
-        ckpt = load_checkpoint(path)
+        return load_checkpoint(path)
     except CheckpointError as e:
         raise UsageError(f"--resume: {one_line(e)}") from None
-    return _check_training_checkpoint(ckpt, path, model_name)
 
 
 def _check_training_checkpoint(ckpt: dict[str, Any], path: str, model_name: str) -> dict[str, Any]:
+    """A training checkpoint of ``model_name``; wrapper prefixes (``module.``, ``_orig_mod.``)
+    are stripped and the EMA / optimizer entries checked for shape."""
     # epoch: the last completed one; -1 only in a checkpoint written inside epoch 0 (train_position)
     lowest_epoch = -1 if isinstance(ckpt.get(TRAIN_POSITION), dict) else 0
     if not isinstance(ckpt.get(MODEL), dict) or isinstance(ckpt.get(EPOCH), bool) \
@@ -296,19 +303,18 @@ def _check_training_checkpoint(ckpt: dict[str, Any], path: str, model_name: str)
     if arch and arch != model_name:
         raise UsageError(f"--resume {path} is a checkpoint of {arch}, but --model is {model_name}; "
                          f"pass --model {arch}")
-    return normalize_resume_checkpoint(ckpt, path)
+    return _normalize(ckpt, path)
 
 
-def load_resume_folder(path: str, model_name: str) -> dict[str, Any]:
+def _read_folder(path: str) -> dict[str, Any]:
     """A ``--resume`` DCP folder (``--checkpoint-format dcp``: ``last.dcp``) before the model
-    exists: its plain keys (epoch, arch, args, EMA counters, train_position ...) checked like a
-    file's, with empty placeholders for the sharded entries that :func:`fill_resume_folder`
-    reads once the model, optimizer and EMAs are built. ``UsageError`` for any other folder."""
+    exists: its plain keys (epoch, arch, args, EMA counters, train_position ...), with empty
+    placeholders for the sharded entries that :func:`_fill_from_folder` reads once the model,
+    optimizer and EMAs are built. ``UsageError`` for any other folder."""
     check_resume_folder(path)
     meta = read_dcp_meta(resolve_dcp_folder(path))
     placeholders = {k: ({"state": {}, "param_groups": []} if k == OPTIMIZER else {}) for k in meta["sharded_keys"]}
-    ckpt = {**meta.get("plain", {}), **placeholders}
-    return _check_training_checkpoint(ckpt, path, model_name)
+    return {**meta.get("plain", {}), **placeholders}
 
 
 def check_resume_folder(path: str) -> None:
@@ -321,8 +327,8 @@ def check_resume_folder(path: str) -> None:
                          "--checkpoint-format dcp (no .metadata and emakit.pt); pass a last.dcp folder or a file")
 
 
-def fill_resume_folder(ckpt: dict[str, Any], path: str, *, model: nn.Module, averages: Averages,
-                       optimizer: torch.optim.Optimizer | None) -> None:
+def _fill_from_folder(ckpt: dict[str, Any], path: str, *, model: nn.Module, averages: Averages,
+                      optimizer: torch.optim.Optimizer | None) -> None:
     """Read the sharded entries of a ``--resume`` DCP folder into ``ckpt`` (*collective*), in
     this run's own layout whatever wrote the folder (FSDP, DDP or one process, any world
     size): DCP reshards. The model and EMA templates are this run's state dicts, filled in
@@ -347,36 +353,18 @@ def fill_resume_folder(ckpt: dict[str, Any], path: str, *, model: nn.Module, ave
     join_posthoc_profiles(ckpt)
 
 
-def check_resume(ckpt: dict[str, Any], path: str, settings: TrainSettings, resolved: Resolved, *,
-                 averages: Averages, optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> None:
-    """Everything about ``--resume`` that could fail or silently lose state, checked before
-    anything is loaded or written: the EMA is continued or explicitly dropped
-    (``--drop-ema``), every float tensor that will be loaded is finite, EMA weights fit the
-    model, the optimizer state fits this optimizer (``--opt``, ``--layer-decay``); a changed
-    batch is named in a warning."""
-    check_resume_finite(ckpt, path, model=model, restore_optimizer=settings.run.restore_optimizer,
-                        drop_ema=settings.run.drop_ema)
-    averages.check_resume(ckpt, path, drop_ema=settings.run.drop_ema, model=model)
-    if settings.run.restore_optimizer:
-        check_optimizer_state(ckpt, optimizer, path, opt=settings.optim.opt, layer_decay=settings.optim.layer_decay)
-    warn_batch_change(ckpt, path, batch_size=settings.data.batch_size,
-                      grad_accum_steps=settings.optim.grad_accum_steps, lr=resolved.lr,
-                      updates_per_epoch=resolved.updates_per_epoch, has_ema=averages.count > 0,
-                      ema_in_images=averages.in_images)
-
-
-def check_resume_finite(ckpt: dict[str, Any], path: str, *, model: nn.Module | None = None,
-                        restore_optimizer: bool = True, drop_ema: bool = False) -> None:
+def _check_finite(ckpt: dict[str, Any], path: str, model: nn.Module, *, restore_optimizer: bool,
+                  drop_ema: bool) -> None:
     """``UsageError`` naming the first tensor (and the file) when a float tensor the resume
     would load holds NaN or an infinity: weights, EMAs, post-hoc profiles, optimizer state
     (not with ``--no-resume-opt``; EMAs not with ``--drop-ema``). Tensors that the freshly
     built ``model`` holds non-finite by design (masks) are left out, as the checkpoint writer
     leaves them out. A sharded model's ranks each check their shards and agree (*collective*)."""
-    skip = set(nonfinite_names(list(model.state_dict().items()))) if model is not None else set()
+    skip = set(nonfinite_names(list(model.state_dict().items())))
     skip |= set() if restore_optimizer else {OPTIMIZER}
     skip |= {k for k, _ in ema_entry_keys(ckpt)} if drop_ema else set()
     problem = describe_nonfinite(ckpt, skip_keys=frozenset(skip))
-    if model is not None and is_sharded(model) and torch.distributed.is_initialized():
+    if is_sharded(model) and torch.distributed.is_initialized():
         found: list[str | None] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(found, problem)
         problem = next((p for p in found if p), None)
@@ -388,19 +376,9 @@ def check_resume_finite(ckpt: dict[str, Any], path: str, *, model: nn.Module | N
                          f"from it would diverge: {instead}")
 
 
-def apply_resume(ckpt: dict[str, Any], path: str, *, model: nn.Module, averages: Averages,
-                 optimizer: torch.optim.Optimizer, amp: AmpSettings, restore_optimizer: bool = True,
-                 updates_per_epoch: int = 0) -> int:
-    """Load weights, averages, optimizer and scaler state; returns the epoch to start at.
-
-    Run :func:`check_resume` first. The LR schedule is not restored here: it is a function of
-    the flags and the epoch, set by :func:`position_scheduler`, so ``--resume`` with a larger
-    ``--epochs`` extends the cosine instead of replaying the old one (timm does the same).
-    ``updates_per_epoch`` sets the EMA update counter of a checkpoint that has none (timm's).
-    """
-    sharded = is_sharded(model)
+def _load_weights(ckpt: dict[str, Any], path: str, model: nn.Module) -> None:
     try:
-        if sharded:  # whole tensors (a file from any writer) or DTensors (a DCP folder): each rank cuts its shards
+        if is_sharded(model):  # whole tensors (a file from any writer) or DTensors (a DCP folder): each rank cuts
             load_full_model_state(model, ckpt[MODEL])
         else:
             load_state_dict_strict(model, {k: _whole(v) for k, v in ckpt[MODEL].items()})
@@ -408,24 +386,18 @@ def apply_resume(ckpt: dict[str, Any], path: str, *, model: nn.Module, averages:
         raise UsageError(f"--resume {path}: {one_line(e)}") from None
     except RuntimeError as e:
         raise UsageError(f"--resume {path}: the weights do not fit the model ({one_line(e)[:300]})") from None
-    averages.load_resume(ckpt, path, model, updates_per_epoch=updates_per_epoch)
-    if restore_optimizer:
-        try:
-            if ckpt.get(OPTIMIZER) is not None:
-                load_optimizer_state(model, optimizer, ckpt[OPTIMIZER])
-            if amp.scaler is not None and ckpt.get(SCALER):
-                amp.scaler.load_state_dict(ckpt[SCALER])
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise UsageError(f"--resume {path}: cannot restore the optimizer state ({one_line(e)[:200]});"
-                             " pass --no-resume-opt to start a fresh optimizer state") from None
-    start_epoch = int(ckpt[EPOCH]) + 1
-    position = ckpt.get(TRAIN_POSITION)
-    if isinstance(position, dict):
-        _log.info("resumed from %s: stopped in epoch %d after step %s, continuing there", path, start_epoch,
-                  position.get("steps_done"))
-    else:
-        _log.info("resumed from %s: epoch %d done, continuing at epoch %d", path, ckpt[EPOCH], start_epoch)
-    return start_epoch
+
+
+def _load_optimizer_and_scaler(ckpt: dict[str, Any], path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                               amp: AmpSettings) -> None:
+    try:
+        if ckpt.get(OPTIMIZER) is not None:
+            load_optimizer_state(model, optimizer, ckpt[OPTIMIZER])
+        if amp.scaler is not None and ckpt.get(SCALER):
+            amp.scaler.load_state_dict(ckpt[SCALER])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UsageError(f"--resume {path}: cannot restore the optimizer state ({one_line(e)[:200]});"
+                         " pass --no-resume-opt to start a fresh optimizer state") from None
 
 
 def _whole(t: Any) -> Any:
@@ -437,42 +409,8 @@ def _name_keyed(optimizer_state: dict[str, Any]) -> bool:
     return any(isinstance(p, str) for g in optimizer_state.get("param_groups", []) for p in g.get("params", []))
 
 
-def check_resume_position(ckpt: dict[str, Any], path: str, *, world_size: int, batch_size: int,
-                          grad_accum_steps: int) -> dict[str, Any] | None:
-    """The ``train_position`` of a checkpoint written mid-epoch (None for an epoch-end one).
-
-    Continuing a stopped epoch exactly needs the same process count, batch size and
-    accumulation (they fix which samples each rank has seen); otherwise a ``UsageError``
-    names what differs and the way out (the epoch-end checkpoint)."""
-    position = ckpt.get(TRAIN_POSITION)
-    if position is None:
-        return None
-    malformed = UsageError(f"--resume {path}: its {TRAIN_POSITION} entry is malformed; resume from an "
-                           "epoch-end checkpoint (checkpoint-<epoch>.pth.tar) instead")
-    ranks = position.get("ranks") if isinstance(position, dict) else None
-    if not isinstance(ranks, list) or not all(isinstance(r, dict) and isinstance(r.get("rng"), dict)
-                                              and isinstance(r.get("progress"), dict) for r in ranks) \
-            or len(ranks) != position.get("processes") or not isinstance(position.get("steps_done"), int):
-        raise malformed
-    try:
-        for r in ranks:
-            EpochProgress.from_dict(r["progress"])
-            if not {"python", "numpy", "torch"} <= r["rng"].keys():
-                raise KeyError("rng")
-    except (TypeError, KeyError):
-        raise malformed from None
-    now = {"processes": world_size, "batch_size": batch_size, "grad_accum_steps": grad_accum_steps}
-    differ = [f"{k} {position.get(k)} -> {v}" for k, v in now.items() if position.get(k) != v]
-    if differ:
-        raise UsageError(f"--resume {path} stopped in the middle of epoch {position.get('epoch')}; continuing "
-                         f"it needs the same {', '.join(now)} ({'; '.join(differ)}): use those, or "
-                         + (f"resume from checkpoint-{int(ckpt[EPOCH])}.pth.tar (the end of the epoch before)"
-                            if int(ckpt[EPOCH]) >= 0 else "start a fresh run"))
-    return position
-
-
-def position_scheduler(lr_scheduler: Scheduler, start_epoch: int, updates_per_epoch: int, on_updates: bool,
-                       saved_state: dict[str, Any] | None) -> None:
+def _position_scheduler(lr_scheduler: Scheduler, start_epoch: int, updates_per_epoch: int, on_updates: bool,
+                        saved_state: dict[str, Any] | None) -> None:
     """Set the LR for ``start_epoch``. Only the plateau scheduler carries state that the
     epoch number cannot rebuild (best metric, bad epochs); it is restored from the checkpoint."""
     from timm.scheduler import PlateauLRScheduler

@@ -22,7 +22,8 @@ The constants below are the only spelling of these keys in the trainer; ``emakit
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,14 +32,12 @@ from emakit.checkpoint import CheckpointError, check_state_dict_compat, ema_chec
 from emakit.ema import is_sharded, unwrap_model
 
 from . import UsageError, one_line
-from .fsdp import (full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state,
-                   sharded_model_state, sharded_optimizer_state)
+from .fsdp import full_model_state, full_optimizer_state, sharded_model_state, sharded_optimizer_state
 
 __all__ = ["EPOCH", "ARCH", "VERSION", "MODEL", "OPTIMIZER", "SCHEDULER", "SCALER", "ARGS", "METRIC", "METRICS",
            "POSTHOC", "POSTHOC_PROFILES", "BN_RECAL", "TRAIN_POSITION", "is_sharded_key", "ema_entry_keys",
            "checkpoint_arg", "checkpoint_is_emakit", "holds_training_state", "steps_done", "check_ema_entry",
-           "CHECKPOINT_VERSION", "model_entries", "ema_entries",
-           "run_entries", "sharded_templates", "training_state", "load_training_state"]
+           "CHECKPOINT_VERSION", "model_entries", "ema_entries", "run_entries", "sharded_templates", "TrainPosition"]
 
 EPOCH, ARCH, VERSION = "epoch", "arch", "version"
 MODEL = "state_dict"
@@ -166,21 +165,67 @@ def sharded_templates(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     return state
 
 
-def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, members: Sequence[Any] = (), *,
-                   full: bool) -> dict[str, Any]:
-    """Model, optimizer and EMA entries of a checkpoint (:func:`model_entries` and
-    :func:`ema_entries`, as the trainer's checkpoints write them). *Collective* under FSDP."""
-    return {**model_entries(model, optimizer, full=full), **ema_entries(members, full=full)}
+# --------------------------------------------------------------------------- a stop inside an epoch
+@dataclass(frozen=True)
+class TrainPosition:
+    """The ``train_position`` entry of a checkpoint written inside an epoch: where the epoch
+    stopped, what fixes which samples each rank has seen (processes, batch size,
+    accumulation), and per rank its generator states, epoch progress and (DDP) EMA buffers."""
 
+    epoch: int
+    steps_done: int
+    batches_done: int
+    steps_per_epoch: int
+    processes: int
+    batch_size: int
+    grad_accum_steps: int
+    ranks: list[dict[str, Any]]
 
-def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, members: Sequence[Any],
-                        ckpt: Mapping[str, Any]) -> None:
-    """Load a single-file checkpoint dict (whole tensors, written by any world size) into a
-    plain or sharded model, its optimizer (skipped when None or absent) and EMA ``members``;
-    every rank passes the whole dict and cuts its own shards, no communication."""
-    load_full_model_state(model, ckpt[MODEL])
-    if optimizer is not None and ckpt.get(OPTIMIZER):
-        load_full_optimizer_state(model, optimizer, ckpt[OPTIMIZER])
-    for i, member in enumerate(members):
-        weights_key, meta_key = ema_checkpoint_keys(i)
-        member.load_checkpoint_state(ckpt[weights_key], ckpt.get(meta_key))
+    @staticmethod
+    def rank_entry(rng: dict[str, Any], progress: dict[str, Any], ema_buffers: list | None) -> dict[str, Any]:
+        """One rank's part of ``ranks`` (``progress``: ``EpochProgress.to_dict()``; ``ema_buffers``
+        None: not kept)."""
+        entry = {"rng": rng, "progress": progress}
+        return entry if ema_buffers is None else {**entry, "ema_buffers": ema_buffers}
+
+    def rank(self, rank: int) -> tuple[dict[str, Any], dict[str, Any], list]:
+        """(generator states, progress, EMA buffers) of ``rank``."""
+        mine = self.ranks[rank]
+        return mine["rng"], mine["progress"], mine.get("ema_buffers") or []
+
+    @classmethod
+    def read(cls, ckpt: Mapping[str, Any], path: str, *, world_size: int, batch_size: int, grad_accum_steps: int,
+             parse_progress: Callable[[dict[str, Any]], Any]) -> TrainPosition | None:
+        """The position of a checkpoint written mid-epoch (None for an epoch-end one).
+
+        Continuing a stopped epoch exactly needs the same process count, batch size and
+        accumulation; otherwise a ``UsageError`` names what differs and the way out (the
+        epoch-end checkpoint). A malformed entry (``parse_progress`` raises TypeError or
+        KeyError on a rank's progress) is a ``UsageError`` too."""
+        entry = ckpt.get(TRAIN_POSITION)
+        if entry is None:
+            return None
+        try:
+            position = cls(**entry)
+            if not isinstance(position.ranks, list) or len(position.ranks) != position.processes \
+                    or not isinstance(position.steps_done, int):
+                raise TypeError(TRAIN_POSITION)
+            for rng, progress, _ in map(position.rank, range(position.processes)):
+                parse_progress(progress)
+                if not {"python", "numpy", "torch"} <= rng.keys():
+                    raise KeyError("rng")
+        except (TypeError, KeyError, AttributeError):
+            raise UsageError(f"--resume {path}: its {TRAIN_POSITION} entry is malformed; resume from an "
+                             "epoch-end checkpoint (checkpoint-<epoch>.pth.tar) instead") from None
+        now = {"processes": world_size, "batch_size": batch_size, "grad_accum_steps": grad_accum_steps}
+        differ = [f"{k} {getattr(position, k)} -> {v}" for k, v in now.items() if getattr(position, k) != v]
+        if differ:
+            raise UsageError(f"--resume {path} stopped in the middle of epoch {position.epoch}; continuing "
+                             f"it needs the same {', '.join(now)} ({'; '.join(differ)}): use those, or "
+                             + (f"resume from checkpoint-{int(ckpt[EPOCH])}.pth.tar (the end of the epoch before)"
+                                if int(ckpt[EPOCH]) >= 0 else "start a fresh run"))
+        return position
+
+    def entry(self) -> dict[str, Any]:
+        """The checkpoint entry: ``{"train_position": {...}}`` (plain types and tensors)."""
+        return {TRAIN_POSITION: dict(vars(self))}

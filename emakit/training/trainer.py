@@ -8,11 +8,12 @@ created, so a bad command leaves nothing behind. The loop itself is in :mod:`.fi
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -27,13 +28,13 @@ from .build import (build_amp, build_averages, build_guard, build_loaders, build
                     build_scheduler, check_compile_backend, load_data, resolve_lr, seed_all, wrap_ddp)
 from .bn import has_batchnorm
 from .data import DataSplits, DeviceLoader, resolve_data_config_for
-from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
+from .dcp import DcpSaver
+from .distributed import DistInfo, all_reduce_sum, gather_objects, init_distributed, shutdown_distributed
 from .engine import AmpSettings, NonfiniteGuard
-from .lifecycle import LastGood, StopSignals
 from .logs import LogSetup
-from .outputs import choose_output_dir, log_posthoc_folder, prepare_output_dir, read_summary, summary_columns
+from .outputs import choose_output_dir, log_posthoc_folder, prepare_output_dir, read_summary
 from .fsdp import apply_fsdp, broadcast_buffers_before_forward
-from .resume import read_resume, restore
+from .resume import ResumeSource, read_resume, restore
 from .rundir import RunLock
 from .settings import Resolved, TrainSettings
 
@@ -45,9 +46,10 @@ __all__ = ["Trainer", "build_trainer", "close_trainer", "agree"]
 _log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Trainer:
-    """Everything the loop needs, built by :func:`build_trainer`."""
+    """Every part of a run, built by :func:`build_trainer` and never replaced; what changes
+    while the epochs run is :class:`.fit.RunState`."""
 
     settings: TrainSettings
     resolved: Resolved
@@ -64,21 +66,15 @@ class Trainer:
     train_loss_fn: Callable
     eval_loss_fn: Callable
     mixup_fn: Any | None
-    start_epoch: int = 0
-    flags: Mapping[str, Any] = field(default_factory=dict)  # args.yaml / the checkpoint's "args", resolved
-    output_dir: str | None = None
-    saver: CheckpointSaver | None = None
-    run_lock: RunLock | None = None      # rank 0: the run folder's lock, released by close_trainer
-    resumed_by_emakit: bool = False      # the --resume checkpoint was written by emakit (rundir rules)
-    summary_rows: list[dict[str, Any]] = field(default_factory=list)
-    summary_columns: list[str] = field(default_factory=list)
-    guard: NonfiniteGuard = field(default_factory=NonfiniteGuard)  # --on-nonfinite
-    signals: StopSignals | None = None  # set by train.py; None: Ctrl-C raises KeyboardInterrupt
-    resume_position: dict[str, Any] | None = None  # train_position of a mid-epoch --resume file
-    last_good: LastGood | None = None  # (path, "epoch 3") of the newest intact checkpoint
-    nonfinite_at_start: frozenset[str] = frozenset()  # model keys non-finite by design (masks)
-    dcp_folder: str | None = None  # --checkpoint-format dcp: the run folder, known on every rank
-    dcp_best: float | None = None  # --checkpoint-format dcp: the metric of model_best.dcp
+    guard: NonfiniteGuard  # --on-nonfinite
+    flags: Mapping[str, Any]  # args.yaml / the checkpoint's "args", resolved
+    nonfinite_at_start: frozenset[str]  # model keys non-finite by design (masks)
+    start_epoch: int
+    resume: ResumeSource | None  # the --resume checkpoint (its entries released once loaded)
+    output_dir: str | None = None  # rank 0
+    saver: CheckpointSaver | DcpSaver | None = None  # rank 0's files, or every rank's --checkpoint-format dcp
+    run_lock: RunLock | None = None  # rank 0: the run folder's lock, released by close_trainer
+    summary_rows: tuple[dict[str, Any], ...] = ()  # rank 0: summary.csv's rows before start_epoch
 
     @property
     def updates_per_epoch(self) -> int:
@@ -89,13 +85,6 @@ class Trainer:
 def agree(ok: bool, dist: DistInfo) -> bool:
     """True on every rank when ``ok`` holds on every rank (so all fail together, none hang)."""
     return all_reduce_sum([0.0 if ok else 1.0], dist)[0] == 0.0
-
-
-def _resolved_flags(settings: TrainSettings, resolved: Resolved) -> dict[str, Any]:
-    """The parsed flags with the values resolved during the build (timm's ``args`` layout)."""
-    flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.flags.items()}
-    flags.update(num_classes=resolved.num_classes, lr=resolved.lr)
-    return flags
 
 
 def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
@@ -128,10 +117,10 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
     return dict(resolved=resolved, data=data, model=model, model_without_ddp=model_without_ddp, averages=averages,
                 optimizer=optimizer, lr_scheduler=lr_scheduler, amp=amp, train_loader=train_loader,
                 eval_loader=eval_loader, train_loss_fn=train_loss_fn, eval_loss_fn=eval_loss_fn, mixup_fn=mixup_fn,
-                start_epoch=start_epoch, resumed_by_emakit=bool(resume and resume.by_emakit),
-                resume_position=resume.position if resume else None, guard=build_guard(s.run),
-                flags=_resolved_flags(s, resolved),
-                last_good=(os.path.abspath(resume.path), "the checkpoint this run resumed from") if resume else None,
+                start_epoch=start_epoch, resume=resume, guard=build_guard(s.run),
+                # the parsed flags with the values resolved during the build, in timm's ``args`` layout
+                flags={**{k: (list(v) if isinstance(v, tuple) else v) for k, v in s.flags.items()},
+                       "num_classes": num_classes, "lr": lr},
                 nonfinite_at_start=frozenset(nonfinite_names(list(model_without_ddp.state_dict().items()))))
 
 
@@ -154,49 +143,58 @@ def shard_or_wrap(model: nn.Module, dist: DistInfo, s: TrainSettings) -> nn.Modu
     return model
 
 
-def _setup_output(tr: Trainer, logs: LogSetup | None) -> None:
+def _setup_output(s: TrainSettings, dist: DistInfo, parts: dict[str, Any], logs: LogSetup | None,
+                  undo: contextlib.ExitStack) -> dict[str, Any]:
     """Rank 0 creates the folder, args.yaml, the log file and the checkpoint saver; every
-    rank learns whether that worked, so a failure stops all of them."""
-    run, error = tr.settings.run, None
-    if tr.dist.is_main:
+    rank learns whether that worked, so a failure stops all of them. Returns the output parts
+    of the :class:`Trainer`; ``undo`` releases the folder's lock if the build fails later."""
+    run, start_epoch, resume, path, error, out = s.run, parts["start_epoch"], parts["resume"], None, None, {}
+    if dist.is_main:
         try:
-            path, tr.run_lock = choose_output_dir(output=run.output, experiment=run.experiment, resume=run.resume,
-                                                  model_name=tr.settings.model.name, img_size=tr.resolved.img_size,
-                                                  resumed_by_emakit=tr.resumed_by_emakit)
-            tr.flags = MappingProxyType({**tr.flags, "experiment": os.path.basename(os.path.normpath(path))})
-            prepare_output_dir(path, tr.flags)
+            path, out["run_lock"] = choose_output_dir(
+                output=run.output, experiment=run.experiment, resume=run.resume, model_name=s.model.name,
+                img_size=parts["resolved"].img_size, resumed_by_emakit=bool(resume and resume.by_emakit))
+            undo.callback(out["run_lock"].release, remove_empty=True)
+            parts["flags"] = {**parts["flags"], "experiment": os.path.basename(os.path.normpath(path))}
+            prepare_output_dir(path, parts["flags"])
         except UsageError as e:
             error = e
-    if not agree(error is None, tr.dist):
+    if not agree(error is None, dist):
         raise error or UsageError("stopping: rank 0 could not create the output folder")
-    if not tr.dist.is_main:
+    if s.parallel.checkpoint_format == "dcp":  # every rank writes the folders: the run folder on every rank (C)
+        out["saver"] = DcpSaver(gather_objects(path, dist)[0], decreasing=run.eval_metric == "loss",
+                                resumed=start_epoch > 0)
+    if not dist.is_main:
         if logs is not None:
             logs.discard_early()
-        return
-    tr.output_dir = path
+        return out
+    out["output_dir"] = path
     if logs is not None:
         logs.add_file(os.path.join(path, "train.log"))
     for stale in remove_stale_temp_files(path) + remove_stale_temp_files(os.path.join(path, "posthoc")):
         _log.info("removed %s, a temp file left by an interrupted write", stale)
-    tr.saver = CheckpointSaver(path, max_history=run.checkpoint_hist, decreasing=run.eval_metric == "loss")
-    if tr.start_epoch > 0:
-        tr.saver.restore(up_to_epoch=tr.start_epoch - 1)
-        tr.summary_rows = read_summary(os.path.join(path, "summary.csv"), tr.start_epoch)
+    if s.parallel.checkpoint_format != "dcp":
+        out["saver"] = CheckpointSaver(path, max_history=run.checkpoint_hist, decreasing=run.eval_metric == "loss")
+        if start_epoch > 0:
+            out["saver"].restore(up_to_epoch=start_epoch - 1)
+    if start_epoch > 0:
+        out["summary_rows"] = tuple(read_summary(os.path.join(path, "summary.csv"), start_epoch))
     _log.info("output folder: %s", path)
+    return out
 
 
-def _open_posthoc_folder(tr: Trainer) -> None:
+def _open_posthoc_folder(s: TrainSettings, dist: DistInfo, averages: Averages, output_dir: str | None) -> None:
     """``--model-ema-posthoc``: rank 0 binds and plans the snapshot folder; every rank learns
     whether that worked, and a sharded tracker's ranks take rank 0's planned interval."""
-    if tr.settings.ema.posthoc is None:
+    if s.ema.posthoc is None:
         return
-    posthoc, error = tr.averages.posthoc, None
-    if tr.dist.is_main and posthoc is not None:
+    posthoc, error = averages.posthoc, None
+    if dist.is_main and posthoc is not None:
         try:
-            log_posthoc_folder(posthoc, os.path.join(tr.output_dir, "posthoc"))
+            log_posthoc_folder(posthoc, os.path.join(output_dir, "posthoc"))
         except UsageError as e:
             error = e
-    if not agree(error is None, tr.dist):
+    if not agree(error is None, dist):
         raise error or UsageError("stopping: rank 0 could not open the post-hoc snapshot folder")
     if posthoc is not None:
         posthoc.sync_interval()
@@ -206,21 +204,14 @@ def build_trainer(settings: TrainSettings, logs: LogSetup | None = None) -> Trai
     """Build everything in the user's expected order; raises ``UsageError`` for bad input
     before the output folder exists. Call :func:`close_trainer` when done."""
     dist = init_distributed(settings.run.device, always_group=settings.parallel.fsdp)
-    try:
+    with contextlib.ExitStack() as undo:  # on a failure: release the run folder's lock, end the process group
+        undo.callback(shutdown_distributed, dist)
         parts = _build_parts(settings, dist)
-        tr = Trainer(settings=settings, dist=dist, summary_columns=summary_columns(parts["averages"].count), **parts)
-        tr.flags = MappingProxyType(dict(tr.flags))
-        try:
-            _setup_output(tr, logs)
-            _open_posthoc_folder(tr)
-        except BaseException:
-            if tr.run_lock is not None:
-                tr.run_lock.release(remove_empty=True)
-            raise
-        return tr
-    except BaseException:
-        shutdown_distributed(dist)
-        raise
+        output = _setup_output(settings, dist, parts, logs, undo)
+        _open_posthoc_folder(settings, dist, parts["averages"], output.get("output_dir"))
+        parts["flags"] = MappingProxyType(dict(parts["flags"]))
+        undo.pop_all()
+        return Trainer(settings=settings, dist=dist, **parts, **output)
 
 
 def close_trainer(tr: Trainer, *, synchronize: bool = False) -> None:
