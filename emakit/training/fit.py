@@ -165,7 +165,7 @@ def _stop_after_epoch(tr: Trainer, epoch: int) -> None:
 def fit(tr: Trainer) -> FitResult:
     """Run the epochs from ``tr.start_epoch``. A stop signal, a divergence or a failed write
     raises :class:`RunStopped` (see :func:`run_epoch`)."""
-    run, epochs = tr.settings.run, tr.settings.schedule.epochs
+    run, epochs = tr.settings.run, tr.resolved.epochs
     if tr.dist.is_main and tr.start_epoch >= epochs:
         _log.warning("nothing to train: the checkpoint finished epoch %d of %d; raise --epochs to continue",
                      tr.start_epoch - 1, epochs)

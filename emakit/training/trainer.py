@@ -23,17 +23,18 @@ from emakit.checkpoint import CheckpointSaver, nonfinite_names, remove_stale_tem
 
 from . import UsageError
 from .averages import Averages
-from .build import (build_amp, build_averages, build_guard, build_loaders, build_losses, build_model, build_optimizer,
-                    build_scheduler, check_compile_backend, load_data, resolve_lr, seed_all, wrap_ddp)
+from .build import (build_amp, build_averages, build_guard, build_loaders, build_losses, build_optimizer, build_scheduler,
+                    build_train_model, check_compile_backend, convert_sync_bn, import_device_modules, load_data,
+                    resolve_lr, scheduled_epochs, seed_all, train_data_config, wrap_ddp)
 from .bn import has_batchnorm
-from .data import DataSplits, DeviceLoader, resolve_data_config_for
+from .data import DataSplits, DeviceLoader
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
 from .engine import AmpSettings, NonfiniteGuard
 from .lifecycle import LastGood, StopSignals
 from .logs import LogSetup
 from .outputs import choose_output_dir, log_posthoc_folder, prepare_output_dir, read_summary, summary_columns
 from .fsdp import apply_fsdp, broadcast_buffers_before_forward
-from .resume import read_resume, restore
+from .resume import position_scheduler, read_resume, restore
 from .rundir import RunLock
 from .settings import Resolved, TrainSettings
 
@@ -104,32 +105,38 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
     lr = resolve_lr(s.optim, s.data.batch_size, dist.world_size)
     seed_all(s.run.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     check_compile_backend(s.model.compile_backend)
-    model_without_ddp = build_model(s.model.name, num_classes, dist.device, drop_rate=s.model.drop_rate,
-                                    drop_path_rate=s.model.drop_path_rate, channels_last=s.model.channels_last,
-                                    pretrained=s.model.pretrained, pretrained_path=s.model.weights_file)
-    data_config = resolve_data_config_for(model_without_ddp, img_size=s.data.img_size, crop_pct=s.data.crop_pct,
-                                          mean=s.data.mean, std=s.data.std, interpolation=s.data.interpolation)
+    model_without_ddp = build_train_model(s.model, num_classes, dist.device)
+    data_config = train_data_config(model_without_ddp, s.data, s.model)
+    model_without_ddp = convert_sync_bn(model_without_ddp, dist, s.parallel)
     train_loader, eval_loader = build_loaders(s.data, data, data_config, dist, seed=s.run.seed)
     model = shard_or_wrap(model_without_ddp, dist, s)
     updates_per_epoch = math.ceil(len(train_loader) / s.optim.grad_accum_steps)
+    epochs = scheduled_epochs(s.schedule)  # timm's: with lr cycles, cooldown and a warmup prefix
     resolved = Resolved(num_classes=num_classes, lr=lr, updates_per_epoch=updates_per_epoch,
-                        total_steps=updates_per_epoch * s.schedule.epochs, img_size=data_config["input_size"][-1],
-                        global_batch_size=s.data.batch_size * dist.world_size * s.optim.grad_accum_steps)
+                        total_steps=updates_per_epoch * epochs, img_size=data_config["input_size"][-1],
+                        global_batch_size=s.data.batch_size * dist.world_size * s.optim.grad_accum_steps,
+                        epochs=epochs)
     averages = build_averages(s.ema, model_without_ddp, dist, resolved, model_name=s.model.name,
                               saved_posthoc=resume.posthoc_state if resume else None)
     optimizer = build_optimizer(s.optim, model_without_ddp, lr, sharded=s.parallel.fsdp)
-    lr_scheduler = build_scheduler(s.schedule, optimizer, updates_per_epoch, eval_metric=s.run.eval_metric)
+    lr_scheduler = build_scheduler(s.schedule, optimizer, updates_per_epoch, eval_metric=s.run.eval_metric,
+                                   seed=s.run.seed)
     amp = build_amp(s.run, dist.device, sharded=s.parallel.fsdp)
     start_epoch = 0 if resume is None else restore(resume, s, resolved, model=model_without_ddp, averages=averages,
                                                    optimizer=optimizer, amp=amp, lr_scheduler=lr_scheduler)
+    if s.schedule.start_epoch is not None:  # timm's --start-epoch: overrides the resumed epoch, LR included
+        start_epoch = s.schedule.start_epoch
+        position_scheduler(lr_scheduler, start_epoch, updates_per_epoch, s.schedule.on_updates, None)
     if s.model.compile_backend:
         model = torch.compile(model, backend=s.model.compile_backend)  # after DDP, as timm does
-    train_loss_fn, eval_loss_fn, mixup_fn = build_losses(s.loss, num_classes, dist.device)
+    train_loss_fn, eval_loss_fn, mixup_fn = build_losses(s.loss, num_classes, dist.device,
+                                                         num_aug_splits=getattr(s.data.augment, "aug_splits", 0))
     return dict(resolved=resolved, data=data, model=model, model_without_ddp=model_without_ddp, averages=averages,
                 optimizer=optimizer, lr_scheduler=lr_scheduler, amp=amp, train_loader=train_loader,
                 eval_loader=eval_loader, train_loss_fn=train_loss_fn, eval_loss_fn=eval_loss_fn, mixup_fn=mixup_fn,
                 start_epoch=start_epoch, resumed_by_emakit=bool(resume and resume.by_emakit),
-                resume_position=resume.position if resume else None, guard=build_guard(s.run),
+                resume_position=resume.position if resume and s.schedule.start_epoch is None else None,
+                guard=build_guard(s.run),
                 flags=_resolved_flags(s, resolved),
                 last_good=(os.path.abspath(resume.path), "the checkpoint this run resumed from") if resume else None,
                 nonfinite_at_start=frozenset(nonfinite_names(list(model_without_ddp.state_dict().items()))))
@@ -141,7 +148,7 @@ def shard_or_wrap(model: nn.Module, dist: DistInfo, s: TrainSettings) -> nn.Modu
     compute in bfloat16 (``MixedPrecisionPolicy``) unless the model has BatchNorm layers, whose
     float32 running statistics refuse bfloat16 weights: then autocast alone, as under DDP."""
     if not s.parallel.fsdp:
-        return wrap_ddp(model, dist)
+        return wrap_ddp(model, dist, broadcast_buffers=s.parallel.ddp_broadcast_buffers)
     bf16 = s.run.amp and s.run.amp_dtype == "bfloat16"
     mp_dtype = torch.bfloat16 if bf16 and not has_batchnorm(model) else None
     blocks = apply_fsdp(model, mp_dtype=mp_dtype, reshard_after_forward=s.parallel.reshard_after_forward)
@@ -205,6 +212,7 @@ def _open_posthoc_folder(tr: Trainer) -> None:
 def build_trainer(settings: TrainSettings, logs: LogSetup | None = None) -> Trainer:
     """Build everything in the user's expected order; raises ``UsageError`` for bad input
     before the output folder exists. Call :func:`close_trainer` when done."""
+    import_device_modules(settings.run.device_modules)  # before the device is chosen, as timm
     dist = init_distributed(settings.run.device, always_group=settings.parallel.fsdp)
     try:
         parts = _build_parts(settings, dist)
