@@ -200,7 +200,7 @@ def test_model_kwargs_img_size_builds_a_vit_at_240(tmp_path: Path) -> None:
     """timm's documented ViT fine-tune at another resolution: --model-kwargs img_size=240."""
     from emakit.training.build import build_train_model, train_data_config
 
-    s = _settings(tmp_path, "--model", "test_vit", "--img-size", "240", "--model-kwargs", "img_size=240")
+    s = _settings(tmp_path, "--model", "vit_tiny_patch16_224", "--img-size", "240", "--model-kwargs", "img_size=240")
     model = build_train_model(s.model, 3, CPU).eval()
     config = train_data_config(model, s.data, s.model)
     assert config["input_size"] == (3, 240, 240)
@@ -267,17 +267,20 @@ def _timm_args(**overrides) -> argparse.Namespace:
     return argparse.Namespace(**values)
 
 
-def test_optimizer_flags_reach_create_optimizer_v2(tmp_path: Path) -> None:
+@pytest.mark.parametrize("min_scale,no_opt_scale", [(0.2, None), (0.0, 0.3)], ids=["min-scale", "no-opt-scale"])
+def test_optimizer_flags_reach_create_optimizer_v2(min_scale: float, no_opt_scale: float | None,
+                                                   tmp_path: Path) -> None:
+    """Param groups (lr scale, weight decay, parameters) as timm's train.py makes them."""
     import timm
     from timm.optim import create_optimizer_v2, optimizer_kwargs
 
     from emakit.training.build import build_optimizer
 
-    flags = dict(opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75, layer_decay_min_scale=0.3,
-                 layer_decay_no_opt_scale=0.35)
-    s = _settings(tmp_path, "--opt", "adamw", "--lr", "1e-3", "--weight-decay", "0.05", "--layer-decay", "0.75",
-                  "--layer-decay-min-scale", "0.3", "--layer-decay-no-opt-scale", "0.35", "--opt-kwargs",
-                  "amsgrad=True", "--no-opt-fused")
+    flags = dict(opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5, layer_decay_min_scale=min_scale,
+                 layer_decay_no_opt_scale=no_opt_scale)
+    no_opt = ["--layer-decay-no-opt-scale", str(no_opt_scale)] if no_opt_scale else []
+    s = _settings(tmp_path, "--opt", "adamw", "--lr", "1e-3", "--weight-decay", "0.05", "--layer-decay", "0.5",
+                  "--layer-decay-min-scale", str(min_scale), *no_opt, "--opt-kwargs", "amsgrad=True", "--no-opt-fused")
     torch.manual_seed(0)
     model = timm.create_model("test_vit", num_classes=3)
     ours = build_optimizer(s.optim, model, 1e-3)
@@ -285,9 +288,14 @@ def test_optimizer_flags_reach_create_optimizer_v2(tmp_path: Path) -> None:
     assert type(ours) is type(theirs) and ours.defaults["amsgrad"] is True
 
     def groups(opt):
-        return [(g["lr_scale"], g["weight_decay"], len(g["params"])) for g in opt.param_groups]
+        return [(g["lr_scale"], g["weight_decay"], [id(p) for p in g["params"] if p.requires_grad])
+                for g in opt.param_groups]
     assert groups(ours) == groups(theirs)
-    assert min(g["lr_scale"] for g in ours.param_groups) >= 0.3
+    scales = [g["lr_scale"] for g in ours.param_groups]
+    if min_scale:
+        assert min(scales) == min_scale  # clamped: 0.5 ** depth goes below it
+    else:
+        assert min(scales) >= no_opt_scale  # the layers scaled below it are not optimized
 
 
 SCHEDULES = {
