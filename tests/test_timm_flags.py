@@ -374,3 +374,75 @@ def test_lr_cycles_train_timms_scheduled_epochs(run_train, image_folder: Path, t
     assert code == 0, err
     rows = (tmp_path / "cycles" / "summary.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2
+
+
+# --------------------------------------------------------------------------- distillation
+def test_kd_from_the_runs_ema_is_timms_logit_distillation(tmp_path: Path) -> None:
+    """--kd-model-name ema: timm's LogitDistillationTask with this run's EMA as the teacher; the
+    loop's step computes task loss + T^2 KL(teacher || student), checked by a formula here."""
+    import torch.nn.functional as F
+
+    from emakit.training.build import build_averages, build_distillation, build_losses, build_train_model
+    from emakit.training.distributed import DistInfo
+    from emakit.training.engine import TrainOptions, _forward_backward
+    from emakit.training.settings import Resolved
+
+    s = _settings(tmp_path, "--model", "test_resnet", "--model-ema", "--kd-model-name", "ema", "--kd-temperature",
+                  "2", "--distill-loss-weight", "0.7", "--task-loss-weight", "0.4", "--smoothing", "0")
+    torch.manual_seed(0)
+    model = build_train_model(s.model, 3, CPU)
+    resolved = Resolved(num_classes=3, lr=0.1, updates_per_epoch=1, total_steps=1, img_size=32,
+                        global_batch_size=4, epochs=1)
+    averages = build_averages(s.ema, model, DistInfo(), resolved)
+    teacher = averages.members[0].module
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the EMA lags the model
+    criterion = build_losses(s.loss, 3, CPU)[0]
+    task = build_distillation(s.loss.distill, model, model, criterion, CPU, averages=averages)
+    inputs, target = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    model.train()
+    loss = _forward_backward(model, inputs, target, task, TrainOptions(run=s.run, optim=s.optim), CPU, 1, True)
+    with torch.no_grad():
+        student, ema = model(inputs), teacher(inputs)
+        kl = F.kl_div(F.log_softmax(student / 2, -1), F.log_softmax(ema / 2, -1), reduction="batchmean",
+                      log_target=True) * 4
+        expected = 0.4 * F.cross_entropy(student, target) + 0.7 * kl
+    assert kl > 0 and float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_kd_with_a_named_teacher_asks_timm_for_its_pretrained_weights(tmp_path: Path, monkeypatch) -> None:
+    from emakit.training.build import build_distillation
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    seen = {}
+
+    def fake_create_model(model_name, **kwargs):  # what timm's DistillationTeacher asks the factory for
+        seen.update(kwargs, name=model_name)
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr("timm.task.distillation.create_model", fake_create_model)
+    s = _settings(tmp_path, "--kd-model-name", "test_resnet")
+    with pytest.raises(UsageError, match="--kd-model-name test_resnet: cannot build the teacher"):
+        build_distillation(s.loss.distill, torch.nn.Identity(), __import__("timm").create_model("test_resnet"),
+                           torch.nn.CrossEntropyLoss(), CPU)
+    assert seen["name"] == "test_resnet" and seen["pretrained"] is True
+
+
+@pytest.mark.parametrize("flags,match", [(("--kd-model-name", "ema"), "add --model-ema"),
+                                         (("--kd-model-name", "x", "--kd-distill-type", "feature"), "feature is not")])
+def test_kd_refusals(flags: tuple[str, ...], match: str, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=match):
+        _settings(tmp_path, *flags)
+
+
+@pytest.mark.slow
+def test_self_distillation_from_the_ema_trains(run_train, image_folder: Path, tmp_path: Path) -> None:
+    from conftest import FAST_ARGS
+
+    code, out, err = run_train([str(image_folder), *FAST_ARGS, "--epochs", "1", "--kd-model-name", "ema",
+                                "--output", str(tmp_path), "--experiment", "kd"])
+    assert code == 0, err
+    assert "distillation: logit from this run's EMA" in (tmp_path / "kd" / "train.log").read_text()

@@ -26,11 +26,11 @@ from .data import (DataSplits, DeviceLoader, build_datasets, build_eval_loader, 
                    device_random_erasing, flip_labels)
 from .distributed import DistInfo
 from .engine import AmpSettings, NonfiniteGuard
-from .settings import (DataSettings, EmaSettings, LossSettings, ModelSettings, OptimSettings, ParallelSettings,
+from .settings import (DataSettings, DistillSettings, EmaSettings, LossSettings, ModelSettings, OptimSettings, ParallelSettings,
                        Resolved, RunSettings, ScheduleSettings)
 
 __all__ = ["build_model", "build_train_model", "model_factory_kwargs", "import_device_modules", "train_data_config",
-           "convert_sync_bn", "scheduled_epochs", "check_model_name", "seed_all", "check_compile_backend", "load_data", "build_loaders",
+           "convert_sync_bn", "scheduled_epochs", "build_distillation", "check_model_name", "seed_all", "check_compile_backend", "load_data", "build_loaders",
            "wrap_ddp", "build_ema", "build_posthoc", "build_averages", "resolve_lr", "build_optimizer",
            "build_scheduler", "build_guard", "build_amp", "build_losses"]
 
@@ -465,6 +465,42 @@ def build_amp(run: RunSettings, device: torch.device, *, sharded: bool = False) 
             scaler = torch.amp.GradScaler(device.type)
     _log.info("AMP: autocast %s on %s%s", run.amp_dtype, device.type, " with a gradient scaler" if scaler else "")
     return AmpSettings(enabled=True, dtype=dtype, scaler=scaler)
+
+
+def build_distillation(distill: DistillSettings, model: nn.Module, student: nn.Module, criterion: nn.Module,
+                       device: torch.device, *, averages: Averages | None = None, verbose: bool = True) -> Any:
+    """``--kd-model-name``: timm's ``LogitDistillationTask`` / ``TokenDistillationTask`` around
+    the train loss ``criterion``, or None. The teacher is the named timm model with its
+    pretrained weights (as timm's train.py), or with ``ema`` this run's first EMA (a mean
+    teacher that follows the training). The task runs ``model`` (what trains: DDP-wrapped or
+    compiled) and is the loop's train loss (:func:`engine.train_one_epoch` calls it with the
+    inputs); ``student`` is the bare module, whose pretrained config gives the normalization."""
+    if distill.model_name is None:
+        return None
+    from timm.task import LogitDistillationTask, TokenDistillationTask
+
+    teacher: Any = distill.model_name
+    if teacher == "ema":
+        teacher = averages.members[0].module if averages is not None and averages.members else None
+        if teacher is None:
+            raise UsageError("--kd-model-name ema needs an unsharded EMA on the model's device (--model-ema)")
+    common = dict(student_model=student, teacher_model=teacher, criterion=criterion,
+                  distill_loss_weight=distill.distill_weight, task_loss_weight=distill.task_weight,
+                  temperature=distill.temperature, device=device, verbose=verbose)
+    try:
+        if distill.distill_type == "token":
+            task = TokenDistillationTask(distill_type=distill.token_type, **common)
+        else:
+            task = LogitDistillationTask(loss_type=distill.loss_type, **common)
+    except Exception as e:  # the hub's and the model factories' errors have no common base
+        raise UsageError(f"--kd-model-name {distill.model_name}: cannot build the teacher ({type(e).__name__}: "
+                         f"{one_line(e)[:200]})") from None
+    task.trainable_module = model  # the student as it trains (timm: prepare_distributed / compile)
+    if verbose:
+        _log.info("distillation: %s from %s, temperature %g, weights task %g / distillation %g",
+                  distill.distill_type, "this run's EMA" if distill.model_name == "ema" else distill.model_name,
+                  distill.temperature, task.task_loss_weight, task.distill_loss_weight)
+    return task
 
 
 def build_losses(loss: LossSettings, num_classes: int, device: torch.device, *,

@@ -298,6 +298,11 @@ def _check_distill_args(args: argparse.Namespace) -> None:
                          "model, so the EMA, the checkpoints and --resume would miss it; use logit or token")
     if args.kd_model_name == "ema" and not args.model_ema:
         raise UsageError("--kd-model-name ema distills from this run's EMA: add --model-ema")
+    if args.kd_model_name == "ema" and (args.model_ema_force_cpu or args.fsdp):
+        raise UsageError("--kd-model-name ema needs the EMA next to the model: drop --model-ema-force-cpu / --fsdp")
+    if args.fsdp:
+        raise UsageError("--kd-model-name with --fsdp is not supported: the teacher would be a full copy on every "
+                         "rank beside the sharded student; drop --fsdp")
     if args.kd_model_name == "ema" and args.kd_distill_type != "logit":
         raise UsageError("--kd-model-name ema works with --kd-distill-type logit (the EMA has the student's head)")
 

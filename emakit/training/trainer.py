@@ -23,7 +23,7 @@ from emakit.checkpoint import CheckpointSaver, nonfinite_names, remove_stale_tem
 
 from . import UsageError
 from .averages import Averages
-from .build import (build_amp, build_averages, build_guard, build_loaders, build_losses, build_optimizer, build_scheduler,
+from .build import (build_amp, build_averages, build_distillation, build_guard, build_loaders, build_losses, build_optimizer, build_scheduler,
                     build_train_model, check_compile_backend, convert_sync_bn, import_device_modules, load_data,
                     resolve_lr, scheduled_epochs, seed_all, train_data_config, wrap_ddp)
 from .bn import has_batchnorm
@@ -131,6 +131,8 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
         model = torch.compile(model, backend=s.model.compile_backend)  # after DDP, as timm does
     train_loss_fn, eval_loss_fn, mixup_fn = build_losses(s.loss, num_classes, dist.device,
                                                          num_aug_splits=getattr(s.data.augment, "aug_splits", 0))
+    train_loss_fn = build_distillation(s.loss.distill, model, model_without_ddp, train_loss_fn, dist.device,
+                                       averages=averages, verbose=dist.is_main) or train_loss_fn
     return dict(resolved=resolved, data=data, model=model, model_without_ddp=model_without_ddp, averages=averages,
                 optimizer=optimizer, lr_scheduler=lr_scheduler, amp=amp, train_loader=train_loader,
                 eval_loader=eval_loader, train_loss_fn=train_loss_fn, eval_loss_fn=eval_loss_fn, mixup_fn=mixup_fn,
