@@ -440,9 +440,15 @@ def test_kd_refusals(flags: tuple[str, ...], match: str, tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_self_distillation_from_the_ema_trains(run_train, image_folder: Path, tmp_path: Path) -> None:
+    """The EMA teacher changes the training loss (the same seeded run without it differs)."""
     from conftest import FAST_ARGS
 
-    code, out, err = run_train([str(image_folder), *FAST_ARGS, "--epochs", "1", "--kd-model-name", "ema",
-                                "--output", str(tmp_path), "--experiment", "kd"])
-    assert code == 0, err
+    losses = {}
+    for name, extra in (("kd", ["--kd-model-name", "ema"]), ("plain", [])):
+        code, out, err = run_train([str(image_folder), *FAST_ARGS, "--epochs", "1", *extra, "--output", str(tmp_path),
+                                    "--experiment", name])
+        assert code == 0, err
+        header, row = (tmp_path / name / "summary.csv").read_text().strip().splitlines()[:2]
+        losses[name] = float(row.split(",")[header.split(",").index("train_loss")])
     assert "distillation: logit from this run's EMA" in (tmp_path / "kd" / "train.log").read_text()
+    assert losses["kd"] != losses["plain"]
