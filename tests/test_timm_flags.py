@@ -259,6 +259,34 @@ def test_initial_checkpoint_loads_the_weights(tmp_path: Path) -> None:
         build_train_model(_settings(tmp_path, "--initial-checkpoint", str(tmp_path / "missing.pth")).model, 3, CPU)
 
 
+def test_sync_bn_converts_batchnorm_when_several_processes_train(tmp_path: Path) -> None:
+    from emakit.training.build import build_train_model, convert_sync_bn
+    from emakit.training.distributed import DistInfo
+
+    s = _settings(tmp_path, "--model", "test_resnet", "--sync-bn", "--no-ddp-bb")
+    assert s.parallel.ddp_broadcast_buffers is False and s.flags["no_ddp_bb"] is True  # timm's dest
+    model = build_train_model(s.model, 3, CPU)
+    assert convert_sync_bn(model, DistInfo(), s.parallel) is model  # one process: nothing to sync
+    synced = convert_sync_bn(model, DistInfo(world_size=2), s.parallel)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+
+
+def test_fast_norm_and_device_modules(tmp_path: Path) -> None:
+    from timm.layers import is_fast_norm, set_fast_norm
+
+    from emakit.training.build import build_train_model, import_device_modules
+
+    try:
+        build_train_model(_settings(tmp_path, "--model", "test_resnet", "--fast-norm").model, 3, CPU)
+        assert is_fast_norm()
+    finally:
+        set_fast_norm(False)
+    import_device_modules(["json"])
+    with pytest.raises(UsageError, match="--device-modules no_such_backend_xyz: cannot import it"):
+        import_device_modules(["no_such_backend_xyz"])
+
+
 # --------------------------------------------------------------------------- optimizer, schedule, loss
 def _timm_args(**overrides) -> argparse.Namespace:
     """timm's train.py args: every dest at timm's pinned default, then ``overrides``."""
@@ -452,3 +480,28 @@ def test_self_distillation_from_the_ema_trains(run_train, image_folder: Path, tm
         losses[name] = float(row.split(",")[header.split(",").index("train_loss")])
     assert "distillation: logit from this run's EMA" in (tmp_path / "kd" / "train.log").read_text()
     assert losses["kd"] != losses["plain"]
+
+
+@pytest.mark.slow
+def test_start_epoch_starts_there_with_its_lr(run_train, image_folder: Path, tmp_path: Path) -> None:
+    """--start-epoch 2 of --epochs 3 trains epoch 2 only, at the schedule's LR of epoch 2 (timm)."""
+    from conftest import FAST_ARGS
+
+    code, out, err = run_train([str(image_folder), *FAST_ARGS, "--epochs", "3", "--start-epoch", "2",
+                                "--warmup-epochs", "0", "--lr", "0.1", "--output", str(tmp_path),
+                                "--experiment", "start"])
+    assert code == 0, err
+    header, *rows = (tmp_path / "start" / "summary.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["2"]
+    lr = float(rows[0].split(",")[header.split(",").index("lr")])
+    # cosine at epoch 2 of 3 with no warmup: 0.1 * (1 + cos(pi * 2 / 3)) / 2
+    assert lr == pytest.approx(0.025)
+
+
+@pytest.mark.slow
+def test_refused_flag_exits_2_in_one_line_leaving_nothing(run_train, image_folder: Path, tmp_path: Path) -> None:
+    from conftest import FAST_ARGS
+
+    code, out, err = run_train([str(image_folder), *FAST_ARGS, "--naflex-loader", "--output", str(tmp_path / "out")])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--naflex-loader" in err
+    assert not (tmp_path / "out").exists()
