@@ -29,6 +29,7 @@ Flags parsed with timm's default and refused otherwise (one line, exit 2: ``conf
 | ``--naflex-*`` | timm's NaFlex loader replaces the loader and the input format |
 | ``--in-chans`` / ``--input-size`` C other than 3 | the loaders decode RGB images |
 | ``--kd-distill-type feature`` | its projection layer is trained outside the model (EMA, checkpoints, resume would miss it) |
+| ``--kd-model-name`` with ``--fsdp`` | the teacher would be a full copy on every rank beside the sharded student |
 
 Flags not known yet, each owned by another piece of work (``PENDING``): the data-source and
 wandb flags (the data-sources work empties ``DATA_SOURCE_FLAGS``), and the augmentation flags
