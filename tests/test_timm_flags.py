@@ -288,6 +288,24 @@ def test_fast_norm_and_device_modules(tmp_path: Path) -> None:
         import_device_modules(["no_such_backend_xyz"])
 
 
+def test_torchcompile_mode_reaches_torch_compile(tmp_path: Path, monkeypatch) -> None:
+    from emakit.training.build import compile_model
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    model = torch.nn.Linear(2, 2)
+    assert compile_model(model, _settings(tmp_path).model) is model and not calls
+    compile_model(model, _settings(tmp_path, "--torchcompile", "--torchcompile-mode", "max-autotune").model)
+    assert calls == [{"backend": "inductor", "mode": "max-autotune"}]
+
+
+def test_a_model_refusing_a_factory_flag_is_one_line(tmp_path: Path) -> None:
+    from emakit.training.build import build_train_model
+
+    with pytest.raises(UsageError, match="refused its arguments"):
+        build_train_model(_settings(tmp_path, "--model", "test_resnet", "--gp", "no_such_pool").model, 3, CPU)
+
+
 # --------------------------------------------------------------------------- optimizer, schedule, loss
 def _timm_args(**overrides) -> argparse.Namespace:
     """timm's train.py args: every dest at timm's pinned default, then ``overrides``."""

@@ -30,7 +30,7 @@ from .settings import (DataSettings, DistillSettings, EmaSettings, LossSettings,
                        Resolved, RunSettings, ScheduleSettings)
 
 __all__ = ["build_model", "build_train_model", "model_factory_kwargs", "import_device_modules", "train_data_config",
-           "convert_sync_bn", "scheduled_epochs", "build_distillation", "check_model_name", "seed_all", "check_compile_backend", "load_data", "build_loaders",
+           "convert_sync_bn", "scheduled_epochs", "build_distillation", "compile_model", "check_model_name", "seed_all", "check_compile_backend", "load_data", "build_loaders",
            "wrap_ddp", "build_ema", "build_posthoc", "build_averages", "resolve_lr", "build_optimizer",
            "build_scheduler", "build_guard", "build_amp", "build_losses"]
 
@@ -99,6 +99,10 @@ def build_model(name: str, num_classes: int, device: torch.device, *, drop_rate:
             raise UsageError(f"cannot get the pretrained weights of {name} ({type(e).__name__}: "
                              f"{one_line(e)[:200]}); check the network or the hub cache, or pass --pretrained-path "
                              "FILE") from None
+        if factory_kwargs and isinstance(e, (AssertionError, ValueError, KeyError, RuntimeError)):
+            raise UsageError(f"timm.create_model({name!r}) refused its arguments ({type(e).__name__}: "
+                             f"{one_line(e)[:300]}); check --model-kwargs, --gp, --bn-momentum/--bn-eps and "
+                             "--drop-block for this model") from None
         raise
     model.to(device=device)
     if channels_last:
@@ -176,6 +180,14 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def compile_model(model: nn.Module, settings: ModelSettings) -> nn.Module:
+    """``--torchcompile BACKEND`` (with ``--torchcompile-mode``): ``torch.compile`` of what
+    trains (after DDP, as timm does), or ``model`` unchanged."""
+    if not settings.compile_backend:
+        return model
+    return torch.compile(model, backend=settings.compile_backend, mode=settings.compile_mode)
 
 
 def check_compile_backend(backend: str | None) -> None:

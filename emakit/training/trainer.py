@@ -24,7 +24,7 @@ from emakit.checkpoint import CheckpointSaver, nonfinite_names, remove_stale_tem
 from . import UsageError
 from .averages import Averages
 from .build import (build_amp, build_averages, build_distillation, build_guard, build_loaders, build_losses, build_optimizer, build_scheduler,
-                    build_train_model, check_compile_backend, convert_sync_bn, import_device_modules, load_data,
+                    build_train_model, check_compile_backend, compile_model, convert_sync_bn, import_device_modules, load_data,
                     resolve_lr, scheduled_epochs, seed_all, train_data_config, wrap_ddp)
 from .bn import has_batchnorm
 from .data import DataSplits, DeviceLoader
@@ -127,8 +127,7 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
     if s.schedule.start_epoch is not None:  # timm's --start-epoch: overrides the resumed epoch, LR included
         start_epoch = s.schedule.start_epoch
         position_scheduler(lr_scheduler, start_epoch, updates_per_epoch, s.schedule.on_updates, None)
-    if s.model.compile_backend:
-        model = torch.compile(model, backend=s.model.compile_backend)  # after DDP, as timm does
+    model = compile_model(model, s.model)  # after DDP, as timm does
     train_loss_fn, eval_loss_fn, mixup_fn = build_losses(s.loss, num_classes, dist.device,
                                                          num_aug_splits=getattr(s.data.augment, "aug_splits", 0))
     train_loss_fn = build_distillation(s.loss.distill, model, model_without_ddp, train_loss_fn, dist.device,
