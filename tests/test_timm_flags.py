@@ -24,7 +24,6 @@ Flags parsed with timm's default and refused otherwise (one line, exit 2: ``conf
 | ``--model-dtype`` (not float32) | an EMA of float16/bfloat16 weights cannot move at decay 0.9998 |
 | ``--epoch-repeats`` | timm applies it to iterable (tfds/wds) datasets only |
 | ``--recovery-interval`` | a stop signal writes a resumable mid-epoch checkpoint instead |
-| ``--val-interval`` (not 1) | every epoch is validated and checkpointed, raw and EMA |
 | ``--train-img-sizes`` and ``--train-*``, ``--variable-batch-loss-scale`` | timm's scheduled loader replaces the loader emakit's exact resume relies on |
 | ``--naflex-*`` | timm's NaFlex loader replaces the loader and the input format |
 | ``--in-chans`` / ``--input-size`` C other than 3 | the loaders decode RGB images |
@@ -169,7 +168,7 @@ def test_kwargs_flags_read_python_literals_as_timm(tmp_path: Path) -> None:
 
 
 REFUSED = [("--torchscript",), ("--model-dtype", "bfloat16"), ("--epoch-repeats", "2"), ("--recovery-interval", "10"),
-           ("--val-interval", "2"), ("--train-img-sizes", "224", "256"), ("--train-batches-per-epoch", "100"),
+           ("--train-img-sizes", "224", "256"), ("--train-batches-per-epoch", "100"),
            ("--variable-batch-loss-scale", "sqrt"), ("--naflex-loader",), ("--naflex-max-seq-len", "256"),
            ("--in-chans", "1"), ("--input-size", "1", "32", "32")]
 
@@ -183,7 +182,7 @@ def test_unsupported_timm_flag_is_refused_in_one_line(flags: tuple[str, ...], tm
 
 
 def test_unsupported_flags_at_timms_default_are_accepted(tmp_path: Path) -> None:
-    s = _settings(tmp_path, "--model-dtype", "float32", "--val-interval", "1", "--naflex-max-seq-len", "576",
+    s = _settings(tmp_path, "--model-dtype", "float32", "--naflex-max-seq-len", "576",
                   "--in-chans", "3", "--input-size", "3", "32", "32", "--local_rank", "3")
     assert s.model.input_size == (3, 32, 32) and s.run.local_rank == 3
 
@@ -524,3 +523,19 @@ def test_refused_flag_exits_2_in_one_line_leaving_nothing(run_train, image_folde
     code, out, err = run_train([str(image_folder), *FAST_ARGS, "--naflex-loader", "--output", str(tmp_path / "out")])
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--naflex-loader" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_val_interval_validates_and_checkpoints_every_nth_and_the_last_epoch(run_train, image_folder: Path,
+                                                                             tmp_path: Path) -> None:
+    """timm's --val-interval 2 over 3 epochs: epochs 1 and 2 (the last) are validated and written."""
+    from conftest import FAST_ARGS
+
+    import emakit.checkpoint as ckpt
+
+    code, out, err = run_train([str(image_folder), *FAST_ARGS, "--epochs", "3", "--val-interval", "2",
+                                "--output", str(tmp_path), "--experiment", "vi", "--warmup-epochs", "0"])
+    assert code == 0, err
+    rows = (tmp_path / "vi" / "summary.csv").read_text().strip().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["1", "2"]
+    assert int(ckpt.load_checkpoint(str(tmp_path / "vi" / "last.pth.tar"))["epoch"]) == 2

@@ -247,7 +247,6 @@ UNSUPPORTED = {
                           "(each step is below their resolution); use --amp --amp-dtype bfloat16"),
     "epoch_repeats": (0.0, "timm applies it to iterable (tfds/wds) datasets only; emakit reads folders"),
     "recovery_interval": (0, "not supported; a stop signal (Ctrl-C, SIGTERM) writes a resumable mid-epoch checkpoint"),
-    "val_interval": (1, "not supported: every epoch is validated and checkpointed (raw and EMA, one pass)"),
     "train_img_sizes": (None, "timm's scheduled-resolution loader replaces the data loader that emakit's exact "
                               "mid-epoch resume relies on"),
     "train_batch_sizes": (None, "needs --train-img-sizes, which is not supported"),

@@ -78,6 +78,11 @@ def run_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
         raise write_failed(tr.last_good, "a post-hoc EMA snapshot", averages.write_error)
     if train["stopped"]:
         _stop_mid_epoch(tr, epoch, train["progress"])
+    if (epoch + 1) % s.run.val_interval and epoch + 1 != tr.resolved.epochs:  # timm's --val-interval
+        tr.lr_scheduler.step(epoch + 1, None)
+        if tr.dist.is_main:
+            _log.info("epoch %d: trained; no validation or checkpoint (--val-interval %d)", epoch, s.run.val_interval)
+        return {}
     raw, emas, bn_recal = evaluate_raw_and_emas(tr)
     metrics = epoch_metrics(tr, epoch, train, raw, emas)
     metric = select_metric(raw, emas, s.run.eval_metric, s.ema.select)
@@ -157,8 +162,9 @@ def _stop_after_epoch(tr: Trainer, epoch: int) -> None:
     if signum is None:
         return
     last = tr.last_good[0] if tr.last_good else None
+    ended = tr.last_good[1] if tr.last_good else f"epoch {epoch}"  # older than epoch with --val-interval
     raise TrainingInterrupted(f"stopped by {signal_name(signum)} after epoch {epoch}: the resumable checkpoint is "
-                              f"{last} (end of epoch {epoch})", last, 128 + int(signum), error=False)
+                              f"{last} (end of {ended})", last, 128 + int(signum), error=False)
 
 
 # --------------------------------------------------------------------------- the run

@@ -492,7 +492,8 @@ class RunSettings:
                         help="sync BatchNorm buffers across ranks before each evaluation, raw and EMA")(
         "reduce", note="; '' = off")
     val_interval: int = Flag("--val-interval", kind=POSITIVE_INT, metavar="N",
-                             help="epochs between validation and checkpointing (timm); only 1 is supported")(1)
+                             help="epochs between validation and checkpointing, and the last epoch, as timm; a "
+                                  "stop or --resume goes back to the last checkpointed epoch")(1)
     recovery_interval: int = Flag("--recovery-interval", kind=NON_NEGATIVE_INT, metavar="N",
                                   help="timm: optimizer steps between recovery checkpoints; not supported (a stop "
                                        "signal writes a resumable mid-epoch checkpoint instead)")(0)
