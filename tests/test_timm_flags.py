@@ -139,11 +139,13 @@ def test_timm_args_yaml_reads_as_config(tmp_path: Path) -> None:
 
     values = {o["dest"]: o["default"] for o in TRAIN_OPTIONS
               if o["names"][0] not in PENDING and o["dest"] != "config"}
-    values.update(device="cpu", data_dir=str(tmp_path))  # a CPU run's args.yaml
+    values.update(device="cpu", data_dir=str(tmp_path), model_kwargs={"zero_init_last": False},  # a CPU run's
+                  opt_kwargs={"betas": [0.9, 0.95]})
     path = tmp_path / "args.yaml"
     path.write_text(yaml.safe_dump(values))
     settings = parse_settings(["--config", str(path)])
-    assert settings.schedule.decay_rate == 0.1 and dict(settings.model.kwargs) == {}
+    assert dict(settings.model.kwargs) == {"zero_init_last": False} and settings.schedule.decay_rate == 0.1
+    assert dict(settings.optim.kwargs) == {"betas": [0.9, 0.95]}
     assert settings.schedule.noise is None and settings.loaders.naflex_train_seq_lens == (128, 256, 576, 784, 1024)
 
 
