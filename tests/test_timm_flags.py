@@ -24,10 +24,11 @@ Flags parsed with timm's default and refused otherwise (one line, exit 2: ``conf
 | ``--model-dtype`` (not float32) | an EMA of float16/bfloat16 weights cannot move at decay 0.9998 |
 | ``--epoch-repeats`` | timm applies it to iterable (tfds/wds) datasets only |
 | ``--recovery-interval`` | a stop signal writes a resumable mid-epoch checkpoint instead |
-| ``--train-img-sizes`` and ``--train-*``, ``--variable-batch-loss-scale`` | timm's scheduled loader replaces the loader emakit's exact resume relies on |
+| ``--train-img-sizes``, ``--train-*``, ``--variable-batch-loss-scale`` | timm's scheduled loader replaces |
+|   | the data loader that emakit's exact mid-epoch resume relies on |
 | ``--naflex-*`` | timm's NaFlex loader replaces the loader and the input format |
 | ``--in-chans`` / ``--input-size`` C other than 3 | the loaders decode RGB images |
-| ``--kd-distill-type feature`` | its projection layer is trained outside the model (EMA, checkpoints, resume would miss it) |
+| ``--kd-distill-type feature`` | its projection layer trains outside the model: EMA, checkpoints, resume miss it |
 | ``--kd-model-name`` with ``--fsdp`` | the teacher would be a full copy on every rank beside the sharded student |
 
 Flags not known yet, each owned by another piece of work (``PENDING``): the data-source and

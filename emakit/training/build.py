@@ -26,12 +26,12 @@ from .data import (DataSplits, DeviceLoader, build_datasets, build_eval_loader, 
                    device_random_erasing, flip_labels)
 from .distributed import DistInfo
 from .engine import AmpSettings, NonfiniteGuard
-from .settings import (DataSettings, DistillSettings, EmaSettings, LossSettings, ModelSettings, OptimSettings, ParallelSettings,
-                       Resolved, RunSettings, ScheduleSettings)
+from .settings import (DataSettings, DistillSettings, EmaSettings, LossSettings, ModelSettings, OptimSettings,
+                       ParallelSettings, Resolved, RunSettings, ScheduleSettings)
 
 __all__ = ["build_model", "build_train_model", "model_factory_kwargs", "import_device_modules", "train_data_config",
-           "convert_sync_bn", "scheduled_epochs", "build_distillation", "compile_model", "check_model_name", "seed_all", "check_compile_backend", "load_data", "build_loaders",
-           "wrap_ddp", "build_ema", "build_posthoc", "build_averages", "resolve_lr", "build_optimizer",
+           "convert_sync_bn", "scheduled_epochs", "build_distillation", "compile_model", "check_model_name", "seed_all",
+           "check_compile_backend", "load_data", "build_loaders", "wrap_ddp", "build_ema", "build_posthoc", "build_averages", "resolve_lr", "build_optimizer",
            "build_scheduler", "build_guard", "build_amp", "build_losses"]
 
 _log = logging.getLogger(__name__)

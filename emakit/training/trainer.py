@@ -23,9 +23,10 @@ from emakit.checkpoint import CheckpointSaver, nonfinite_names, remove_stale_tem
 
 from . import UsageError
 from .averages import Averages
-from .build import (build_amp, build_averages, build_distillation, build_guard, build_loaders, build_losses, build_optimizer, build_scheduler,
-                    build_train_model, check_compile_backend, compile_model, convert_sync_bn, import_device_modules, load_data,
-                    resolve_lr, scheduled_epochs, seed_all, train_data_config, wrap_ddp)
+from .build import (build_amp, build_averages, build_distillation, build_guard, build_loaders, build_losses,
+                    build_optimizer, build_scheduler, build_train_model, check_compile_backend, compile_model,
+                    convert_sync_bn, import_device_modules, load_data, resolve_lr, scheduled_epochs, seed_all,
+                    train_data_config, wrap_ddp)
 from .bn import has_batchnorm
 from .data import DataSplits, DeviceLoader
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
