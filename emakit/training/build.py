@@ -31,8 +31,9 @@ from .settings import (DataSettings, DistillSettings, EmaSettings, LossSettings,
 
 __all__ = ["build_model", "build_train_model", "model_factory_kwargs", "import_device_modules", "train_data_config",
            "convert_sync_bn", "scheduled_epochs", "build_distillation", "compile_model", "check_model_name", "seed_all",
-           "check_compile_backend", "load_data", "build_loaders", "wrap_ddp", "build_ema", "build_posthoc", "build_averages", "resolve_lr", "build_optimizer",
-           "build_scheduler", "build_guard", "build_amp", "build_losses"]
+           "check_compile_backend", "load_data", "build_loaders", "wrap_ddp", "build_ema", "build_posthoc",
+           "build_averages", "resolve_lr", "build_optimizer", "build_scheduler", "build_guard", "build_amp",
+           "build_losses"]
 
 _log = logging.getLogger(__name__)
 _SCHEDULERS = "cosine, step, multistep, plateau, poly, tanh, none"  # named in --sched errors
