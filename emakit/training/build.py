@@ -8,7 +8,7 @@ import logging
 import os
 import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,12 +26,14 @@ from .data import (DataSplits, DeviceLoader, build_datasets, build_eval_loader, 
                    device_random_erasing, flip_labels)
 from .distributed import DistInfo
 from .engine import AmpSettings, NonfiniteGuard
-from .settings import (DataSettings, EmaSettings, LossSettings, OptimSettings, Resolved, RunSettings,
-                       ScheduleSettings)
+from .settings import (DataSettings, DistillSettings, EmaSettings, LossSettings, ModelSettings, OptimSettings,
+                       ParallelSettings, Resolved, RunSettings, ScheduleSettings)
 
-__all__ = ["build_model", "check_model_name", "seed_all", "check_compile_backend", "load_data", "build_loaders",
-           "wrap_ddp", "build_ema", "build_posthoc", "build_averages", "resolve_lr", "build_optimizer",
-           "build_scheduler", "build_guard", "build_amp", "build_losses"]
+__all__ = ["build_model", "build_train_model", "model_factory_kwargs", "import_device_modules", "train_data_config",
+           "convert_sync_bn", "scheduled_epochs", "build_distillation", "compile_model", "check_model_name", "seed_all",
+           "check_compile_backend", "load_data", "build_loaders", "wrap_ddp", "build_ema", "build_posthoc",
+           "build_averages", "resolve_lr", "build_optimizer", "build_scheduler", "build_guard", "build_amp",
+           "build_losses"]
 
 _log = logging.getLogger(__name__)
 _SCHEDULERS = "cosine, step, multistep, plateau, poly, tanh, none"  # named in --sched errors
@@ -53,14 +55,17 @@ def check_model_name(name: str) -> None:
 
 def build_model(name: str, num_classes: int, device: torch.device, *, drop_rate: float = 0.0,
                 drop_path_rate: float | None = None, pretrained: bool = False, pretrained_path: str | None = None,
-                channels_last: bool = False, in_chans: int | None = None, log: bool = True) -> nn.Module:
+                channels_last: bool = False, in_chans: int | None = None, log: bool = True,
+                factory_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """``timm.create_model`` moved to ``device`` (channels_last if asked), in train mode.
 
     ``pretrained``: start from the model's pretrained weights as timm does (its hub download
     and cache); ``pretrained_path``: from this local weights file instead (timm's
     ``pretrained_cfg_overlay`` ``file``). ``in_chans``: input channels when not 3 (a
-    checkpoint's training args). An unknown name, a missing file or weights that cannot be
-    fetched is a ``UsageError``. ``log``: log the parameter count (train.py).
+    checkpoint's training args). ``factory_kwargs``: more ``timm.create_model`` arguments
+    (:func:`model_factory_kwargs`: ``--gp``, ``--bn-*``, ``--drop-block``, ``--model-kwargs``,
+    ``--initial-checkpoint``). An unknown name, a missing file, weights that cannot be fetched
+    or arguments the model refuses are a ``UsageError``. ``log``: log the parameter count.
     """
     import timm
 
@@ -76,9 +81,18 @@ def build_model(name: str, num_classes: int, device: torch.device, *, drop_rate:
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(pretrained_path)})
     elif pretrained:
         kwargs["pretrained"] = True
+    kwargs.update(factory_kwargs or {})
+    initial = kwargs.get("checkpoint_path")
+    if initial and not os.path.isfile(initial):
+        raise UsageError(f"--initial-checkpoint {initial}: no such file")
     try:
         model = timm.create_model(name, **kwargs)
+    except TypeError as e:  # a keyword the model's constructor does not take
+        raise UsageError(f"timm.create_model({name!r}) refused its arguments ({one_line(e)[:300]}); check "
+                         "--model-kwargs, --gp, --bn-momentum/--bn-eps and --drop-block for this model") from None
     except Exception as e:  # the hub's and the loaders' errors have no common base
+        if initial:
+            raise UsageError(f"cannot load --initial-checkpoint {initial} into {name}: {one_line(e)[:300]}") from None
         if pretrained_path:
             raise UsageError(f"cannot load --pretrained-path {pretrained_path} into {name}: "
                              f"{one_line(e)[:300]}") from None
@@ -86,6 +100,10 @@ def build_model(name: str, num_classes: int, device: torch.device, *, drop_rate:
             raise UsageError(f"cannot get the pretrained weights of {name} ({type(e).__name__}: "
                              f"{one_line(e)[:200]}); check the network or the hub cache, or pass --pretrained-path "
                              "FILE") from None
+        if factory_kwargs and isinstance(e, (AssertionError, ValueError, KeyError, RuntimeError)):
+            raise UsageError(f"timm.create_model({name!r}) refused its arguments ({type(e).__name__}: "
+                             f"{one_line(e)[:300]}); check --model-kwargs, --gp, --bn-momentum/--bn-eps and "
+                             "--drop-block for this model") from None
         raise
     model.to(device=device)
     if channels_last:
@@ -98,11 +116,79 @@ def build_model(name: str, num_classes: int, device: torch.device, *, drop_rate:
     return model
 
 
+def model_factory_kwargs(model: ModelSettings) -> dict[str, Any]:
+    """The ``timm.create_model`` arguments of train.py's model flags beyond name, classes and
+    dropout, as timm's train.py passes them (timm drops the ones left at None)."""
+    kwargs: dict[str, Any] = {"drop_block_rate": model.drop_block_rate, "global_pool": model.global_pool,
+                              "bn_momentum": model.bn_momentum, "bn_eps": model.bn_eps}
+    if model.initial_checkpoint:
+        kwargs["checkpoint_path"] = model.initial_checkpoint
+    kwargs.update(model.kwargs)
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def build_train_model(model: ModelSettings, num_classes: int, device: torch.device) -> nn.Module:
+    """train.py's model, as timm's train.py makes it: ``--fuser`` / ``--fast-norm`` set,
+    :func:`build_model` with every factory flag, then ``--head-init-scale`` /
+    ``--head-init-bias`` and ``--grad-checkpointing``."""
+    if model.fuser:
+        from timm.utils import set_jit_fuser
+
+        set_jit_fuser(model.fuser)
+    if model.fast_norm:
+        from timm.layers import set_fast_norm
+
+        set_fast_norm()
+    net = build_model(model.name, num_classes, device, drop_rate=model.drop_rate, drop_path_rate=model.path_rate,
+                      channels_last=model.channels_last, pretrained=model.pretrained,
+                      pretrained_path=model.weights_file, factory_kwargs=model_factory_kwargs(model))
+    if model.head_init_scale is not None or model.head_init_bias is not None:
+        head = net.get_classifier()
+        with torch.no_grad():
+            if model.head_init_scale is not None:
+                head.weight.mul_(model.head_init_scale)
+                head.bias.mul_(model.head_init_scale)
+            if model.head_init_bias is not None:
+                nn.init.constant_(head.bias, model.head_init_bias)
+    if model.grad_checkpointing:
+        net.set_grad_checkpointing(enable=True)
+    return net
+
+
+def import_device_modules(modules: Sequence[str] | None) -> None:
+    """``--device-modules``: import each module (device backends register themselves)."""
+    import importlib
+
+    for name in modules or ():
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise UsageError(f"--device-modules {name}: cannot import it ({one_line(e)})") from None
+
+
+def train_data_config(model: nn.Module, data: DataSettings, model_settings: ModelSettings) -> dict[str, Any]:
+    """timm's ``resolve_data_config`` for train.py: ``--input-size`` wins over ``--img-size``,
+    then the model's defaults, as in timm."""
+    from timm.data import resolve_data_config
+
+    given = {"img_size": data.img_size, "input_size": model_settings.input_size, "crop_pct": data.crop_pct,
+             "mean": data.mean, "std": data.std, "interpolation": data.interpolation}
+    return resolve_data_config({k: v for k, v in given.items() if v not in (None, "")}, model=model)
+
+
 def seed_all(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def compile_model(model: nn.Module, settings: ModelSettings) -> nn.Module:
+    """``--torchcompile BACKEND`` (with ``--torchcompile-mode``): ``torch.compile`` of what
+    trains (after DDP, as timm does), or ``model`` unchanged."""
+    if not settings.compile_backend:
+        return model
+    return torch.compile(model, backend=settings.compile_backend, mode=settings.compile_mode)
 
 
 def check_compile_backend(backend: str | None) -> None:
@@ -149,14 +235,26 @@ def build_loaders(data: DataSettings, splits: DataSplits, data_config: dict[str,
             DeviceLoader(eval_loader, dist.device, mean, std))
 
 
-def wrap_ddp(model: nn.Module, dist: DistInfo) -> nn.Module:
-    """``DistributedDataParallel`` around ``model`` when several processes train, else ``model``."""
+def convert_sync_bn(model: nn.Module, dist: DistInfo, parallel: ParallelSettings) -> nn.Module:
+    """``--sync-bn`` with several processes: timm's ``convert_sync_batchnorm`` (BatchNorm ->
+    SyncBatchNorm), on the bare module before the EMA is made from it, as timm's train.py."""
+    if not (parallel.sync_bn and dist.distributed):
+        return model
+    from timm.layers import convert_sync_batchnorm
+
+    _log.info("converted BatchNorm to SyncBatchNorm (--sync-bn); --dist-bn is not needed")
+    return convert_sync_batchnorm(model)
+
+
+def wrap_ddp(model: nn.Module, dist: DistInfo, *, broadcast_buffers: bool = True) -> nn.Module:
+    """``DistributedDataParallel`` around ``model`` when several processes train, else ``model``;
+    ``broadcast_buffers`` False is timm's ``--no-ddp-bb``."""
     if not dist.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None  # none on CPU (gloo)
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
 
 
 # --------------------------------------------------------------------------- averages
@@ -281,39 +379,57 @@ def build_optimizer(optim: OptimSettings, model: nn.Module, lr: float, *, sharde
     """
     from timm.optim import create_optimizer_v2
 
-    kwargs: dict[str, Any] = {"momentum": optim.momentum}
+    # timm's optimizer_kwargs(args) + **args.opt_kwargs, as its train.py calls create_optimizer_v2
+    kwargs: dict[str, Any] = {"momentum": optim.momentum, "layer_decay": optim.layer_decay,
+                              "layer_decay_min_scale": optim.layer_decay_min_scale,
+                              "layer_decay_no_opt_scale": optim.layer_decay_no_opt_scale}
     if optim.eps is not None:
         kwargs["eps"] = optim.eps
     if optim.betas is not None:
         kwargs["betas"] = tuple(optim.betas)
+    kwargs.update(optim.kwargs)
     try:
-        optimizer = create_optimizer_v2(model, opt=optim.opt, lr=lr, weight_decay=optim.weight_decay,
-                                        layer_decay=optim.layer_decay, **kwargs)
-        if optim.fused and not sharded and type(optimizer) in _FUSABLE:
+        optimizer = create_optimizer_v2(model, opt=optim.opt, lr=lr, weight_decay=optim.weight_decay, **kwargs)
+        if optim.fused and not sharded and type(optimizer) in _FUSABLE and "fused" not in kwargs:
             try:
                 optimizer = create_optimizer_v2(model, opt=optim.opt, lr=lr, weight_decay=optim.weight_decay,
-                                                layer_decay=optim.layer_decay, fused=True, **kwargs)
+                                                fused=True, **kwargs)
             except RuntimeError as e:  # e.g. parameters on a device without the fused kernel
                 _log.info("optimizer: %s without its fused kernel (%s)", type(optimizer).__name__, one_line(e))
         return optimizer
+    except TypeError as e:  # an --opt-kwargs key the optimizer does not take
+        raise UsageError(f"--opt {optim.opt} --opt-kwargs: {one_line(e)[:300]}") from None
     except (AssertionError, ValueError, KeyError) as e:
         raise UsageError(f"--opt {optim.opt}: {one_line(e) or 'unknown optimizer'}") from None
 
 
 def build_scheduler(schedule: ScheduleSettings, optimizer: torch.optim.Optimizer, updates_per_epoch: int, *,
-                    eval_metric: str = "top1") -> Any:
+                    eval_metric: str = "top1", seed: int = 42) -> Any:
     """timm ``create_scheduler_v2``; stepped per epoch unless ``--sched-on-updates``.
 
     ``--sched none`` (or ``constant``) is a constant learning rate after ``--warmup-epochs``:
     timm's ``constant`` schedule, a step schedule whose decay rate is 1 (built as such, so
     it works with timm versions that lack the name). timm's own ``none`` returns no
-    scheduler at all, which would also skip the warmup.
+    scheduler at all, which would also skip the warmup. ``seed`` seeds ``--lr-noise`` (timm:
+    ``--seed``).
     """
+    return _create_scheduler(schedule, optimizer, updates_per_epoch, eval_metric=eval_metric, seed=seed)[0]
+
+
+def scheduled_epochs(schedule: ScheduleSettings) -> int:
+    """The epochs a run trains, as timm's ``create_scheduler_v2`` counts them: ``--epochs``
+    with every ``--lr-cycle-*`` cycle, ``--cooldown-epochs`` and a ``--warmup-prefix``."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return int(_create_scheduler(schedule, probe, 1)[1])
+
+
+def _create_scheduler(schedule: ScheduleSettings, optimizer: torch.optim.Optimizer, updates_per_epoch: int, *,
+                      eval_metric: str = "top1", seed: int = 42) -> tuple[Any, int]:
     from timm.scheduler import create_scheduler_v2
 
     constant = schedule.name in ("none", "constant")
     try:
-        scheduler, _ = create_scheduler_v2(
+        scheduler, num_epochs = create_scheduler_v2(
             optimizer, sched="step" if constant else schedule.name, num_epochs=schedule.epochs,
             decay_epochs=schedule.decay_epochs, decay_milestones=list(schedule.decay_milestones),
             cooldown_epochs=schedule.cooldown_epochs, patience_epochs=schedule.patience_epochs,
@@ -321,6 +437,9 @@ def build_scheduler(schedule: ScheduleSettings, optimizer: torch.optim.Optimizer
             warmup_lr=schedule.warmup_lr, warmup_epochs=schedule.warmup_epochs,
             warmup_prefix=schedule.warmup_prefix, plateau_mode="min" if eval_metric == "loss" else "max",
             step_on_epochs=not schedule.on_updates, updates_per_epoch=updates_per_epoch,
+            noise=list(schedule.noise) if schedule.noise else None, noise_pct=schedule.noise_pct,
+            noise_std=schedule.noise_std, noise_seed=seed, cycle_mul=schedule.cycle_mul,
+            cycle_decay=schedule.cycle_decay, cycle_limit=schedule.cycle_limit, k_decay=schedule.k_decay,
         )
     except (AssertionError, ValueError) as e:
         why = one_line(e).rstrip(".")
@@ -328,7 +447,7 @@ def build_scheduler(schedule: ScheduleSettings, optimizer: torch.optim.Optimizer
         raise UsageError(f"--sched {schedule.name}: {why}{hint}") from None
     if scheduler is None:
         raise UsageError(f"--sched {schedule.name}: unknown scheduler; try {_SCHEDULERS}")
-    return scheduler
+    return scheduler, num_epochs
 
 
 def build_guard(run: RunSettings) -> NonfiniteGuard:
@@ -361,10 +480,48 @@ def build_amp(run: RunSettings, device: torch.device, *, sharded: bool = False) 
     return AmpSettings(enabled=True, dtype=dtype, scaler=scaler)
 
 
-def build_losses(loss: LossSettings, num_classes: int, device: torch.device) -> tuple[Callable, Callable, Any]:
-    """(train loss, eval loss, timm Mixup or None), as timm's train.py picks them."""
+def build_distillation(distill: DistillSettings, model: nn.Module, student: nn.Module, criterion: nn.Module,
+                       device: torch.device, *, averages: Averages | None = None, verbose: bool = True) -> Any:
+    """``--kd-model-name``: timm's ``LogitDistillationTask`` / ``TokenDistillationTask`` around
+    the train loss ``criterion``, or None. The teacher is the named timm model with its
+    pretrained weights (as timm's train.py), or with ``ema`` this run's first EMA (a mean
+    teacher that follows the training). The task runs ``model`` (what trains: DDP-wrapped or
+    compiled) and is the loop's train loss (:func:`engine.train_one_epoch` calls it with the
+    inputs); ``student`` is the bare module, whose pretrained config gives the normalization."""
+    if distill.model_name is None:
+        return None
+    from timm.task import LogitDistillationTask, TokenDistillationTask
+
+    teacher: Any = distill.model_name
+    if teacher == "ema":
+        teacher = averages.members[0].module if averages is not None and averages.members else None
+        if teacher is None:
+            raise UsageError("--kd-model-name ema needs an unsharded EMA on the model's device (--model-ema)")
+    common = dict(student_model=student, teacher_model=teacher, criterion=criterion,
+                  distill_loss_weight=distill.distill_weight, task_loss_weight=distill.task_weight,
+                  temperature=distill.temperature, device=device, verbose=verbose)
+    try:
+        if distill.distill_type == "token":
+            task = TokenDistillationTask(distill_type=distill.token_type, **common)
+        else:
+            task = LogitDistillationTask(loss_type=distill.loss_type, **common)
+    except Exception as e:  # the hub's and the model factories' errors have no common base
+        raise UsageError(f"--kd-model-name {distill.model_name}: cannot build the teacher ({type(e).__name__}: "
+                         f"{one_line(e)[:200]})") from None
+    task.trainable_module = model  # the student as it trains (timm: prepare_distributed / compile)
+    if verbose:
+        _log.info("distillation: %s from %s, temperature %g, weights task %g / distillation %g",
+                  distill.distill_type, "this run's EMA" if distill.model_name == "ema" else distill.model_name,
+                  distill.temperature, task.task_loss_weight, task.distill_loss_weight)
+    return task
+
+
+def build_losses(loss: LossSettings, num_classes: int, device: torch.device, *,
+                 num_aug_splits: int = 0) -> tuple[Callable, Callable, Any]:
+    """(train loss, eval loss, timm Mixup or None), as timm's train.py picks them: JSD with
+    ``--jsd-loss``, ``--bce-loss``'s BinaryCrossEntropy with mixup/cutmix or smoothing."""
     from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     mixup_fn = None
     if loss.mixup_enabled:
@@ -372,9 +529,14 @@ def build_losses(loss: LossSettings, num_classes: int, device: torch.device) -> 
                          cutmix_minmax=list(loss.cutmix_minmax) if loss.cutmix_minmax else None,
                          prob=loss.mixup_prob, switch_prob=loss.mixup_switch_prob, mode=loss.mixup_mode,
                          label_smoothing=loss.smoothing, num_classes=num_classes)
-        train_loss: nn.Module = SoftTargetCrossEntropy()
+    bce = dict(target_threshold=loss.bce_target_thresh, sum_classes=loss.bce_sum, pos_weight=loss.bce_pos_weight)
+    if loss.jsd:
+        train_loss: nn.Module = JsdCrossEntropy(num_splits=num_aug_splits, smoothing=loss.smoothing)
+    elif mixup_fn is not None:  # smoothing is in mixup's soft targets
+        train_loss = BinaryCrossEntropy(**bce) if loss.bce else SoftTargetCrossEntropy()
     elif loss.smoothing:
-        train_loss = LabelSmoothingCrossEntropy(smoothing=loss.smoothing)
+        train_loss = (BinaryCrossEntropy(smoothing=loss.smoothing, **bce) if loss.bce
+                      else LabelSmoothingCrossEntropy(smoothing=loss.smoothing))
     else:
         train_loss = nn.CrossEntropyLoss()
     return train_loss.to(device), nn.CrossEntropyLoss().to(device), mixup_fn

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from . import UsageError, one_line
-from .kinds import CommaList, Kind, KindError, check_parsed, check_sigma_rels
+from .kinds import CommaList, Kind, KindError, Kwargs, check_parsed, check_sigma_rels, parse_kwargs
 from .kinds import Parser as _Parser
 from .options import add_flags, from_flags
 from .settings import TrainSettings
@@ -88,6 +88,10 @@ def _check_value(key: str, action: argparse.Action, value: Any) -> Any:
         if action.default is None or action.nargs == "?":
             return None
         raise UsageError(f"config key {key!r}: null is not allowed (default is {reprlib.repr(action.default)})")
+    if isinstance(action, Kwargs):  # timm's args.yaml holds a mapping; KEY=VALUE items also read
+        if not isinstance(value, (dict, list)):
+            raise UsageError(f"config key {key!r}: expected a mapping (img_size: 240), got {reprlib.repr(value)}")
+        return parse_kwargs(value, f"config key {key!r}")
     if _bool_action(action):
         if not isinstance(value, bool):
             raise UsageError(f"config key {key!r}: expected true or false, got {reprlib.repr(value)}")
@@ -213,6 +217,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--model-ema-bn-recal recalibrates the EMA's BatchNorm statistics: add --model-ema")
     _check_posthoc_args(args)
     _check_parallel_args(args)
+    _check_timm_args(args)
     if args.resume and os.path.isdir(args.resume):
         from .resume import check_resume_folder  # here, not at the top: --help stays free of the trainer
 
@@ -232,6 +237,77 @@ def _check_parallel_args(args: argparse.Namespace) -> None:
     if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
         raise UsageError("--fsdp needs a process group: launch with torchrun, e.g. torchrun --nproc_per_node=2 "
                          "train.py --fsdp ... (--nproc_per_node=1 is fine)")
+
+
+# timm train.py flags that emakit parses with timm's default and refuses otherwise: dest ->
+# (default, why). The same table is docs/TIMM_DIFFERENCES.md and tests/test_timm_flags.py.
+UNSUPPORTED = {
+    "torchscript": (False, "torch.jit is deprecated (timm deprecates --torchscript too); use --torchcompile"),
+    "model_dtype": (None, "only float32 weights: an EMA of float16/bfloat16 weights cannot move at decay 0.9998 "
+                          "(each step is below their resolution); use --amp --amp-dtype bfloat16"),
+    "epoch_repeats": (0.0, "timm applies it to iterable (tfds/wds) datasets only; emakit reads folders"),
+    "recovery_interval": (0, "not supported; a stop signal (Ctrl-C, SIGTERM) writes a resumable mid-epoch checkpoint"),
+    "train_img_sizes": (None, "timm's scheduled-resolution loader replaces the data loader that emakit's exact "
+                              "mid-epoch resume relies on"),
+    "train_batch_sizes": (None, "needs --train-img-sizes, which is not supported"),
+    "train_size_probs": (None, "needs --train-img-sizes, which is not supported"),
+    "train_size_schedule": ("constant", "needs --train-img-sizes, which is not supported"),
+    "train_size_schedule_spread": (0.65, "needs --train-img-sizes, which is not supported"),
+    "train_size_random_mix": (0.1, "needs --train-img-sizes, which is not supported"),
+    "train_batches_per_epoch": (None, "timm's fixed-length loader replaces the data loader that emakit's exact "
+                                      "mid-epoch resume relies on; an epoch is one pass over the data"),
+    "variable_batch_loss_scale": ("none", "needs --train-img-sizes, which is not supported"),
+    "naflex_loader": (False, "timm's NaFlex loader (variable patch sequences) replaces the data loader and the "
+                             "input format that emakit's loop, evaluation and resume rely on"),
+    "naflex_train_seq_lens": ([128, 256, 576, 784, 1024], "needs --naflex-loader, which is not supported"),
+    "naflex_max_seq_len": (576, "needs --naflex-loader, which is not supported"),
+    "naflex_patch_sizes": (None, "needs --naflex-loader, which is not supported"),
+    "naflex_patch_size_probs": (None, "needs --naflex-loader, which is not supported"),
+    "naflex_loss_scale": ("linear", "needs --naflex-loader, which is not supported"),
+    "naflex_patchify_channels_first": (False, "needs --naflex-loader, which is not supported"),
+}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_timm_args(args: argparse.Namespace) -> None:
+    """timm's flags that emakit refuses away from their default, and their cross-flag rules."""
+    for dest, (default, why) in UNSUPPORTED.items():
+        if getattr(args, dest) not in (default, "float32" if dest == "model_dtype" else default):
+            value = getattr(args, dest)
+            raise UsageError(f"{_flag(dest)}{'' if value is True else ' ' + _shown(value)}: {why}")
+    if args.torchscript and args.torchcompile:
+        raise UsageError("--torchscript and --torchcompile exclude each other (as in timm): give one")
+    channels = args.in_chans if args.in_chans is not None else (args.input_size[0] if args.input_size else 3)
+    if channels != 3:
+        raise UsageError(f"--in-chans/--input-size: {channels} input channels; emakit's loaders decode RGB images, "
+                         "so only 3 channels are supported")
+    if args.jsd_loss and getattr(args, "aug_splits", 0) < 2:
+        raise UsageError("--jsd-loss needs --aug-splits 2 or more (timm's JsdCrossEntropy compares the splits)")
+    _check_distill_args(args)
+
+
+def _check_distill_args(args: argparse.Namespace) -> None:
+    if args.kd_model_name is None:
+        return
+    if args.kd_distill_type == "feature":
+        raise UsageError("--kd-distill-type feature is not supported: its projection layer is trained outside the "
+                         "model, so the EMA, the checkpoints and --resume would miss it; use logit or token")
+    if args.kd_model_name == "ema" and not args.model_ema:
+        raise UsageError("--kd-model-name ema distills from this run's EMA: add --model-ema")
+    if args.kd_model_name == "ema" and (args.model_ema_force_cpu or args.fsdp):
+        raise UsageError("--kd-model-name ema needs the EMA next to the model: drop --model-ema-force-cpu / --fsdp")
+    if args.fsdp:
+        raise UsageError("--kd-model-name with --fsdp is not supported: the teacher would be a full copy on every "
+                         "rank beside the sharded student; drop --fsdp")
+    if args.kd_model_name == "ema" and args.kd_distill_type != "logit":
+        raise UsageError("--kd-model-name ema works with --kd-distill-type logit (the EMA has the student's head)")
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _check_posthoc_args(args: argparse.Namespace) -> None:

@@ -139,13 +139,21 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, opts: Tra
         dispatch_clip_grad(params, value=opts.optim.clip_grad, mode=opts.optim.clip_mode)
     if scaler is None:
         optimizer.step()
+        _synchronize(opts)
         return True
     scale_before = scaler.get_scale()
     scaler.step(optimizer)
     scaler.update()
+    _synchronize(opts)
     # GradScaler.update() lowers the scale exactly when this step found inf/nan gradients
     # and optimizer.step() was skipped (torch.amp.GradScaler docs, "skipping iterations").
     return scaler.get_scale() >= scale_before
+
+
+def _synchronize(opts: TrainOptions) -> None:
+    """``--synchronize-step``: wait for the device after each optimizer step, as timm does."""
+    if opts.run.synchronize_step and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _forward_backward(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor,
@@ -154,7 +162,10 @@ def _forward_backward(model: nn.Module, inputs: torch.Tensor, target: torch.Tens
     sync_ctx = contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
     with sync_ctx:
         with opts.amp.autocast(device):
-            loss = loss_fn(model(inputs), target)
+            if hasattr(loss_fn, "get_trainable_module"):  # a timm distillation task: it runs the model itself
+                loss = loss_fn(inputs, target)["loss"]
+            else:
+                loss = loss_fn(model(inputs), target)
         scaled = loss / accum if accum > 1 else loss
         if opts.amp.scaler is not None:
             opts.amp.scaler.scale(scaled).backward()

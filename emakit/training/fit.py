@@ -60,7 +60,8 @@ class RunState:
         """The state a run starts in: fresh, or where its ``--resume`` checkpoint left it."""
         src = tr.resume
         last = (os.path.abspath(src.path), "the checkpoint this run resumed from") if src else None
-        return cls(list(tr.summary_rows), last, src.position if src else None, signals)
+        position = src.position if src and tr.settings.schedule.start_epoch is None else None  # --start-epoch: none
+        return cls(list(tr.summary_rows), last, position, signals)
 
     def stop_signal(self) -> int | None:
         """The stop signal received by this process, if any."""
@@ -97,6 +98,11 @@ def run_epoch(tr: Trainer, run: RunState, epoch: int) -> dict[str, Any]:
         raise write_failed(run.last_good, "a post-hoc EMA snapshot", averages.write_error)
     if train["stopped"]:
         _stop_mid_epoch(tr, run, epoch, train["progress"])
+    if (epoch + 1) % s.run.val_interval and epoch + 1 != tr.resolved.epochs:  # timm's --val-interval
+        tr.lr_scheduler.step(epoch + 1, None)
+        if tr.dist.is_main:
+            _log.info("epoch %d: trained; no validation or checkpoint (--val-interval %d)", epoch, s.run.val_interval)
+        return {}
     raw, emas, bn_recal = evaluate_raw_and_emas(tr)
     metrics = epoch_metrics(tr, epoch, train, raw, emas)
     metric = metrics[f"eval_{s.run.eval_metric}"]  # what picks model_best
@@ -168,8 +174,9 @@ def _stop_after_epoch(tr: Trainer, run: RunState, epoch: int) -> None:
     if signum is None:
         return
     last = run.last_good[0] if run.last_good else None
+    ended = run.last_good[1] if run.last_good else f"epoch {epoch}"  # older than epoch with --val-interval
     raise TrainingInterrupted(f"stopped by {signal_name(signum)} after epoch {epoch}: the resumable checkpoint is "
-                              f"{last} (end of epoch {epoch})", last, 128 + int(signum), error=False)
+                              f"{last} (end of {ended})", last, 128 + int(signum), error=False)
 
 
 # --------------------------------------------------------------------------- the run
@@ -177,7 +184,7 @@ def fit(tr: Trainer, run: RunState | None = None) -> FitResult:
     """Run the epochs from ``tr.start_epoch`` (``run``: default :meth:`RunState.start`). A stop
     signal, a divergence or a failed write raises :class:`RunStopped` (see :func:`run_epoch`)."""
     run = run if run is not None else RunState.start(tr)
-    epochs = tr.settings.schedule.epochs
+    epochs = tr.resolved.epochs
     if tr.dist.is_main and tr.start_epoch >= epochs:
         _log.warning("nothing to train: the checkpoint finished epoch %d of %d; raise --epochs to continue",
                      tr.start_epoch - 1, epochs)

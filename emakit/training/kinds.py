@@ -16,11 +16,12 @@ kinds import timm only when they check a value.
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from . import UsageError, one_line
@@ -30,6 +31,7 @@ __all__ = [
     "FINITE", "POSITIVE", "NON_NEGATIVE", "PROBABILITY", "UNIT_INTERVAL", "FRACTION", "RATE", "POSITIVE_INT",
     "NON_NEGATIVE_INT", "SEED", "EVAL_INTERPOLATION", "TRAIN_INTERPOLATION", "MEAN", "STD", "check_parsed",
     "flag_name", "is_training_checkpoint", "KindError", "Parser", "parse_sigma_rels", "check_sigma_rels", "CommaList",
+    "Kwargs", "parse_kwargs",
 ]
 
 # numpy's legacy seeding takes [0, 2**32 - 1]; torch.manual_seed takes more, so numpy bounds the seed.
@@ -451,6 +453,39 @@ class CommaList:
             return self._convert([value], _clip(str(value)))
         except argparse.ArgumentTypeError as e:
             raise UsageError(f"config key {key!r}: {e}") from None
+
+
+# --------------------------------------------------------------------------- key=value lists
+def parse_kwargs(items: Iterable[Any] | Mapping[str, Any], flag: str) -> dict[str, Any]:
+    """timm's ``--model-kwargs`` / ``--opt-kwargs`` value: ``key=value`` items (or a YAML
+    mapping) -> a dict, each value read as a Python literal (``img_size=240``,
+    ``betas=(0.9,0.99)``) and otherwise kept as text, as timm's ``utils.ParseKwargs`` reads
+    it; ``UsageError`` for an item without ``=`` or a key that is not a name."""
+    pairs = list(items.items()) if isinstance(items, Mapping) else []
+    if not isinstance(items, Mapping):
+        for item in items:
+            if not item:
+                continue
+            key, sep, text = str(item).partition("=")
+            if not sep:
+                raise UsageError(f"{flag}: {_clip(str(item))!r} is not KEY=VALUE (e.g. {flag} img_size=240)")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                value = text
+            pairs.append((key, value))
+    for key, _ in pairs:
+        if not str(key).isidentifier():
+            raise UsageError(f"{flag}: key {_clip(str(key))!r} is not a keyword name (e.g. {flag} img_size=240)")
+    return {str(k): v for k, v in pairs}
+
+
+class Kwargs(argparse.Action):
+    """argparse action of a ``key=value ...`` flag (:func:`parse_kwargs`); the dest holds a dict."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, parse_kwargs(values or [], option_string or self.dest))
 
 
 # --------------------------------------------------------------------------- after parsing

@@ -23,13 +23,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
-from .kinds import EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE_INT, POSITIVE_INT, STD, CommaList, Device
+from .kinds import (EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE_INT, POSITIVE_INT, STD, CommaList, Device,
+                    Items, Kwargs)
 
 __all__ = ["Flag", "add_flags", "from_flags", "flag_fields", "MODEL", "NUM_CLASSES", "IMG_SIZE", "CROP_PCT",
            "MEAN_FLAG", "STD_FLAG", "INTERPOLATION", "BATCH_SIZE", "WORKERS", "DEVICE", "AMP_DTYPE", "CHANNELS_LAST",
-           "NO_PROGRESS"]
+           "NO_PROGRESS", "GLOBAL_POOL", "IN_CHANS", "INPUT_SIZE", "MODEL_KWARGS", "FAST_NORM", "FUSER", "MODEL_DTYPE",
+           "TORCHCOMPILE_MODE", "TORCHSCRIPT"]
 
 _META = "emakit.flag"
 
@@ -70,6 +73,8 @@ class Flag:
         flag = Flag(*self.names, **{"help": self.help, "kind": self.kind,
                                     **{k: getattr(self, k) for k in self._OPTIONS}, "note": "", **changes,
                                     "default": default})
+        if isinstance(default, dict):  # a key=value flag (kinds.Kwargs): frozen, one fresh mapping per instance
+            return dataclasses.field(default_factory=lambda: MappingProxyType(dict(default)), metadata={_META: flag})
         return dataclasses.field(default=default, metadata={_META: flag})
 
     @property
@@ -86,6 +91,8 @@ class Flag:
             return False
         if isinstance(self.default, tuple):  # a list, as argparse gives a nargs flag from the command line
             return list(self.default)
+        if isinstance(self.default, Mapping):  # a dict, as timm's key=value flags hold it
+            return dict(self.default)
         return (not self.default) if self.invert else self.default
 
     def add_to(self, group: argparse._ActionsContainer) -> None:
@@ -139,6 +146,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, title: str | None =
 
 def _value(f: dataclasses.Field, flag: Flag, flags: Mapping[str, Any]) -> Any:
     value = flags[flag.key]
+    if isinstance(value, Mapping):
+        return MappingProxyType(dict(value))
     if flag.invert:
         return not value
     if isinstance(value, list) or (value is not None and str(f.type).startswith("tuple")
@@ -185,3 +194,22 @@ CHANNELS_LAST = Flag("--channels-last", action=argparse.BooleanOptionalAction,
                      help="use the channels_last memory layout")
 NO_PROGRESS = Flag("--no-progress", action="store_true", invert=True, dest="no_progress",
                    help="no tqdm progress bars (bars only on rank 0 and a TTY)")
+# timm's model-factory flags, the same in train.py and validate.py (timm's spelling and defaults)
+GLOBAL_POOL = Flag("--gp", metavar="POOL",
+                   help="global pool type passed to timm.create_model (global_pool): avg, max, avgmax, catavgmax, "
+                        "fast, ...")
+IN_CHANS = Flag("--in-chans", kind=POSITIVE_INT, metavar="N", help="image input channels")
+INPUT_SIZE = Flag("--input-size", kind=Items(POSITIVE_INT, "3 integers C H W >= 1", (3,)), nargs=3, metavar="N",
+                  help="input dimensions C H W (e.g. 3 224 224); overrides --img-size, and C sets --in-chans")
+MODEL_KWARGS = Flag("--model-kwargs", nargs="*", action=Kwargs, metavar="KEY=VALUE",
+                    help="extra timm.create_model keyword arguments, each value a Python literal or text, e.g. "
+                         "--model-kwargs img_size=240 (a ViT at another resolution)")
+FAST_NORM = Flag("--fast-norm", action=argparse.BooleanOptionalAction,
+                 help="timm's experimental fast normalization layers (timm.layers.set_fast_norm)")
+FUSER = Flag("--fuser", metavar="NAME", help="TorchScript fuser for timm's scripted layers: te, old, nvfuser "
+                                             "(timm.utils.set_jit_fuser)")
+MODEL_DTYPE = Flag("--model-dtype", choices=("float32", "float16", "bfloat16"),
+                   help="model weights dtype without AMP")
+TORCHCOMPILE_MODE = Flag("--torchcompile-mode", metavar="MODE",
+                         help="torch.compile mode with --torchcompile: default, reduce-overhead, max-autotune, ...")
+TORCHSCRIPT = Flag("--torchscript", action=argparse.BooleanOptionalAction, help="torch.jit.script the model")

@@ -24,13 +24,15 @@ from typing import Any, ClassVar
 from emakit.schedules import parse_half_life
 
 from . import UsageError
-from .kinds import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, RATE, SEED,
-                    SEED_MAX, TRAIN_INTERPOLATION, UNIT_INTERVAL, AutoAugment, CommaList, Items, Number, OneOf)
-from .options import (AMP_DTYPE, BATCH_SIZE, CHANNELS_LAST, CROP_PCT, DEVICE, IMG_SIZE, INTERPOLATION, MEAN_FLAG,
-                      MODEL, NO_PROGRESS, NUM_CLASSES, STD_FLAG, WORKERS, Flag)
+from .kinds import (FINITE, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, RATE, SEED,
+                    SEED_MAX, TRAIN_INTERPOLATION, UNIT_INTERVAL, AutoAugment, CommaList, Items, Kwargs, Number, OneOf)
+from .options import (AMP_DTYPE, BATCH_SIZE, CHANNELS_LAST, CROP_PCT, DEVICE, FAST_NORM, FUSER, GLOBAL_POOL, IMG_SIZE,
+                      IN_CHANS, INPUT_SIZE, INTERPOLATION, MEAN_FLAG, MODEL, MODEL_DTYPE, MODEL_KWARGS, NO_PROGRESS,
+                      NUM_CLASSES, STD_FLAG, TORCHCOMPILE_MODE, TORCHSCRIPT, WORKERS, Flag)
 
 __all__ = ["AugmentConfig", "DataSettings", "ModelSettings", "EmaSettings", "PosthocSettings", "OptimSettings",
-           "ScheduleSettings", "LossSettings", "RunSettings", "ParallelSettings", "TrainSettings", "Resolved",
+           "ScheduleSettings", "LossSettings", "DistillSettings", "RunSettings", "ParallelSettings",
+           "ScheduledLoaderSettings", "TrainSettings", "Resolved",
            "DEFAULT_EMA_DECAY", "DEFAULT_POSTHOC_BUDGET"]
 
 ON_OFF = argparse.BooleanOptionalAction
@@ -44,6 +46,9 @@ SCALE = Items(FRACTION, "two numbers MIN MAX with 0 < MIN <= MAX <= 1", (2,), in
 RATIO = Items(POSITIVE, "two numbers MIN MAX with 0 < MIN <= MAX", (2,), increasing=True)
 BETAS = Items(Number(0, 1, hi_open=True), "1 to 3 numbers in [0, 1)", (1, 2, 3))
 MILESTONES = Items(NON_NEGATIVE_INT, "increasing epochs >= 0", increasing=True, strict=True)
+NOISE_RANGE = Items(NON_NEGATIVE, "1 or 2 fractions of the epochs >= 0: START [END]", (1, 2), increasing=True)
+POSITIVE_INTS = Items(POSITIVE_INT, "integers >= 1")
+WEIGHTS = Items(NON_NEGATIVE, "numbers >= 0")
 
 
 def data_root(positional: str | None, data_dir: str | None) -> str | None:
@@ -149,9 +154,51 @@ class ModelSettings:
                                             "the download")(None)
     drop_rate: float = Flag("--drop", kind=RATE, metavar="PCT", help="dropout rate in [0, 1)")(0.0)
     drop_path_rate: float | None = Flag("--drop-path", kind=RATE, metavar="PCT", help="drop-path rate in [0, 1)")(None)
+    drop_connect: float | None = Flag("--drop-connect", kind=RATE, metavar="PCT",
+                                      help="timm's deprecated name of --drop-path, used when --drop-path is not "
+                                           "given")(None)
+    drop_block_rate: float | None = Flag("--drop-block", kind=RATE, metavar="PCT",
+                                         help="DropBlock rate in [0, 1) (timm.create_model drop_block_rate)")(None)
+    initial_checkpoint: str = Flag("--initial-checkpoint", metavar="PATH",
+                                   help="load these weights into the model once it is built (timm.create_model "
+                                        "checkpoint_path: the file's model or EMA state dict); unlike --resume, "
+                                        "nothing else is restored")("")
+    global_pool: str | None = GLOBAL_POOL(None, note="= model default")
+    in_chans: int | None = IN_CHANS(None, note="= 3, or C of --input-size")
+    input_size: tuple[int, int, int] | None = INPUT_SIZE(None, note="= model default")
+    bn_momentum: float | None = Flag("--bn-momentum", kind=UNIT_INTERVAL, metavar="M",
+                                     help="BatchNorm momentum override, for the timm models that take it")(
+        None, note="= model default")
+    bn_eps: float | None = Flag("--bn-eps", kind=POSITIVE, metavar="EPS",
+                                help="BatchNorm epsilon override, for the timm models that take it")(
+        None, note="= model default")
+    kwargs: Mapping[str, Any] = MODEL_KWARGS({}, note="= none")
+    head_init_scale: float | None = Flag("--head-init-scale", kind=FINITE, metavar="SCALE",
+                                         help="multiply the classifier's initial weight and bias by SCALE")(None)
+    head_init_bias: float | None = Flag("--head-init-bias", kind=FINITE, metavar="BIAS",
+                                        help="set the classifier's initial bias to BIAS")(None)
+    grad_checkpointing: bool = Flag("--grad-checkpointing", action=ON_OFF,
+                                    help="gradient checkpointing through the model's blocks/stages (less memory, "
+                                         "one more forward)")(False)
+    fast_norm: bool = FAST_NORM(False)
+    fuser: str = FUSER("", note="= torch's")
     channels_last: bool = CHANNELS_LAST(False)
     compile_backend: str | None = Flag("--torchcompile", nargs="?", const="inductor", metavar="BACKEND",
                                        help="torch.compile the model with BACKEND")(None, note="; bare flag: inductor")
+    compile_mode: str | None = TORCHCOMPILE_MODE(None, note="= torch's default")
+    torchscript: bool = TORCHSCRIPT(False, note="; not supported: torch.jit is deprecated, use --torchcompile")
+
+    @property
+    def path_rate(self) -> float | None:
+        """The drop-path rate: ``--drop-path``, else timm's deprecated ``--drop-connect``."""
+        return self.drop_path_rate if self.drop_path_rate is not None else self.drop_connect
+
+    @property
+    def input_chans(self) -> int:
+        """Input channels as timm's train.py picks them: --in-chans, else C of --input-size, else 3."""
+        if self.in_chans is not None:
+            return self.in_chans
+        return self.input_size[0] if self.input_size else 3
 
     @property
     def weights_file(self) -> str | None:
@@ -183,6 +230,15 @@ class OptimSettings:
     clip_mode: str = Flag("--clip-mode", choices=("norm", "value", "agc"), help="gradient clipping mode")("norm")
     layer_decay: float | None = Flag("--layer-decay", kind=POSITIVE, metavar="RATE",
                                      help="layer-wise learning-rate decay > 0")(None, note="= off")
+    layer_decay_min_scale: float = Flag("--layer-decay-min-scale", kind=NON_NEGATIVE, metavar="SCALE",
+                                        help="with --layer-decay: the smallest lr scale of a layer")(0)
+    layer_decay_no_opt_scale: float | None = Flag("--layer-decay-no-opt-scale", kind=NON_NEGATIVE, metavar="SCALE",
+                                                  help="with --layer-decay: layers whose lr scale falls below this "
+                                                       "are not optimized (frozen)")(None)
+    kwargs: Mapping[str, Any] = Flag("--opt-kwargs", nargs="*", action=Kwargs, metavar="KEY=VALUE",
+                                     help="extra keyword arguments of timm's create_optimizer_v2 (the optimizer's "
+                                          "own, e.g. --opt-kwargs nesterov=False), values as Python literals")(
+        {}, note="= none")
     grad_accum_steps: int = Flag("--grad-accum-steps", kind=POSITIVE_INT, metavar="N",
                                  help="micro-batches per optimizer step")(1)
     lr: float | None = Flag("--lr", kind=POSITIVE, metavar="LR", help="learning rate > 0")(
@@ -216,9 +272,57 @@ class ScheduleSettings:
     decay_epochs: float = Flag("--decay-epochs", kind=POSITIVE, metavar="N", help="step-decay interval > 0")(90)
     decay_milestones: tuple[int, ...] = Flag("--decay-milestones", kind=MILESTONES, nargs="+", metavar="EPOCH",
                                              help="multistep decay epochs, increasing")((90, 180, 270))
-    decay_rate: float = Flag("--decay-rate", kind=POSITIVE, metavar="RATE", help="lr decay rate > 0")(0.1)
+    decay_rate: float = Flag("--decay-rate", "--dr", kind=POSITIVE, metavar="RATE", help="lr decay rate > 0")(0.1)
     patience_epochs: int = Flag("--patience-epochs", kind=NON_NEGATIVE_INT, metavar="N",
                                 help="plateau scheduler patience")(10)
+    noise: tuple[float, ...] | None = Flag("--lr-noise", kind=NOISE_RANGE, nargs="+", metavar="PCT",
+                                           help="add lr noise from START (and until END) as fractions of the epochs, "
+                                                "seeded by --seed, as timm")(None, note="= off")
+    noise_pct: float = Flag("--lr-noise-pct", kind=NON_NEGATIVE, metavar="PERCENT",
+                            help="lr noise limit (relative)")(0.67)
+    noise_std: float = Flag("--lr-noise-std", kind=NON_NEGATIVE, metavar="STDDEV", help="lr noise std-dev")(1.0)
+    cycle_mul: float = Flag("--lr-cycle-mul", kind=POSITIVE, metavar="MULT", help="lr cycle length multiplier")(1.0)
+    cycle_decay: float = Flag("--lr-cycle-decay", kind=POSITIVE, metavar="MULT",
+                              help="lr multiplier of each new cycle")(0.5)
+    cycle_limit: int = Flag("--lr-cycle-limit", kind=POSITIVE_INT, metavar="N",
+                            help="number of lr cycles; the run trains all of them (timm's scheduled epochs)")(1)
+    k_decay: float = Flag("--lr-k-decay", kind=POSITIVE, metavar="K", help="k-decay of the cosine/poly schedules")(
+        1.0)
+    start_epoch: int | None = Flag("--start-epoch", kind=NON_NEGATIVE_INT, metavar="N",
+                                   help="first epoch to train (the lr schedule starts there too); overrides the "
+                                        "--resume checkpoint's epoch")(None, note="= 0, or the resumed epoch")
+    epoch_repeats: float = Flag("--epoch-repeats", kind=NON_NEGATIVE, metavar="N",
+                                help="timm: dataset repeats per epoch of iterable (tfds/wds) datasets; not "
+                                     "supported, emakit reads folders")(0.0)
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """Knowledge distillation (timm's ``--kd-*`` flags and ``timm.task`` classes)."""
+
+    GROUP: ClassVar[str] = "Knowledge distillation parameters"
+    model_name: str | None = Flag("--kd-model-name", metavar="MODEL",
+                                  help="teacher for knowledge distillation: a timm model name (its pretrained "
+                                       "weights, as timm), or 'ema' for self-distillation from this run's own EMA "
+                                       "(a mean teacher; needs --model-ema)")(None, note="= no distillation")
+    distill_type: str = Flag("--kd-distill-type", choices=("logit", "feature", "token"),
+                             help="logit: match output logits; token: the student's distillation head "
+                                  "(DeiT-style); feature: not supported")("logit")
+    loss_type: str = Flag("--kd-loss-type", choices=("kl",), help="logit distillation loss")("kl")
+    distill_weight: float | None = Flag("--distill-loss-weight", kind=NON_NEGATIVE, metavar="W",
+                                        help="weight of the distillation loss; with only --task-loss-weight it is "
+                                             "1 - that weight")(None, note="= 1.0")
+    task_weight: float | None = Flag("--task-loss-weight", kind=NON_NEGATIVE, metavar="W",
+                                     help="weight of the classification loss")(None, note="= 1.0")
+    temperature: float = Flag("--kd-temperature", kind=POSITIVE, metavar="T",
+                              help="softmax temperature of the distillation")(4.0)
+    student_feature_dim: int | None = Flag("--kd-student-feature-dim", kind=POSITIVE_INT, metavar="N",
+                                           help="feature distillation: student feature size")(None)
+    teacher_feature_dim: int | None = Flag("--kd-teacher-feature-dim", kind=POSITIVE_INT, metavar="N",
+                                           help="feature distillation: teacher feature size")(None)
+    token_type: str = Flag("--kd-token-distill-type", choices=("soft", "hard"),
+                           help="token distillation: soft (KL with temperature) or hard (CE on the teacher's "
+                                "argmax)")("soft")
 
 
 @dataclass(frozen=True)
@@ -239,6 +343,18 @@ class LossSettings:
     mixup_mode: str = Flag("--mixup-mode", choices=("batch", "pair", "elem"), help="mixup/cutmix granularity")("batch")
     mixup_off_epoch: int = Flag("--mixup-off-epoch", kind=NON_NEGATIVE_INT, metavar="N",
                                 help="turn mixup off from this epoch, 0 = never")(0)
+    jsd: bool = Flag("--jsd-loss", action=ON_OFF,
+                     help="timm's JsdCrossEntropy (Jensen-Shannon divergence + CE) over the --aug-splits "
+                          "splits; needs --aug-splits >= 2")(False)
+    bce: bool = Flag("--bce-loss", action=ON_OFF,
+                     help="timm's BinaryCrossEntropy instead of cross-entropy (with mixup/cutmix or smoothing)")(False)
+    bce_sum: bool = Flag("--bce-sum", action=ON_OFF, help="with --bce-loss: sum over classes")(False)
+    bce_target_thresh: float | None = Flag("--bce-target-thresh", kind=UNIT_INTERVAL, metavar="T",
+                                           help="with --bce-loss: binarize soft targets at this threshold")(
+        None, note="= off")
+    bce_pos_weight: float | None = Flag("--bce-pos-weight", kind=POSITIVE, metavar="W",
+                                        help="with --bce-loss: weight of the positive class")(None)
+    distill: DistillSettings = field(default_factory=DistillSettings)
 
     @property
     def mixup_enabled(self) -> bool:
@@ -375,6 +491,19 @@ class RunSettings:
     dist_bn: str = Flag("--dist-bn", choices=("reduce", "broadcast", ""),
                         help="sync BatchNorm buffers across ranks before each evaluation, raw and EMA")(
         "reduce", note="; '' = off")
+    val_interval: int = Flag("--val-interval", kind=POSITIVE_INT, metavar="N",
+                             help="epochs between validation and checkpointing, and the last epoch, as timm; a "
+                                  "stop or --resume goes back to the last checkpointed epoch")(1)
+    recovery_interval: int = Flag("--recovery-interval", kind=NON_NEGATIVE_INT, metavar="N",
+                                  help="timm: optimizer steps between recovery checkpoints; not supported (a stop "
+                                       "signal writes a resumable mid-epoch checkpoint instead)")(0)
+    synchronize_step: bool = Flag("--synchronize-step", action=ON_OFF,
+                                  help="synchronize the device after each optimizer step (timing, debugging)")(False)
+    model_dtype: str | None = MODEL_DTYPE(None, note="= float32; only float32 is supported")
+    device_modules: tuple[str, ...] | None = Flag("--device-modules", nargs="+", metavar="MODULE",
+                                                  help="Python modules to import first, for device backends")(None)
+    local_rank: int = Flag("--local_rank", kind=int, metavar="N",
+                           help="accepted for old launchers; the rank comes from torchrun's environment")(0)
 
 
 @dataclass(frozen=True)
@@ -389,6 +518,12 @@ class ParallelSettings:
                            "--torchcompile. With --model-ema-posthoc every rank tracks its shards of the profiles and "
                            "the snapshots are gathered: on a snapshot step each profile is gathered to rank 0, which "
                            "writes the same files as without --fsdp")(False, note="= DDP")
+    sync_bn: bool = Flag("--sync-bn", action=ON_OFF,
+                         help="synchronized BatchNorm across the processes (torch SyncBatchNorm, as timm's "
+                              "convert_sync_batchnorm); --dist-bn is then not needed and is off")(False)
+    ddp_broadcast_buffers: bool = Flag("--no-ddp-bb", action="store_true", invert=True, dest="no_ddp_bb",
+                                       help="DDP does not broadcast rank 0's buffers (BatchNorm statistics) before "
+                                            "each forward")(True)
     reshard_after_forward: bool = Flag(
         "--fsdp-reshard-after-forward", action=ON_OFF,
         help="with --fsdp, free each block's gathered weights after its forward (least memory, one more all-gather "
@@ -399,6 +534,46 @@ class ParallelSettings:
              "on rank 0; dcp: last.dcp and model_best.dcp, torch.distributed.checkpoint folders every rank writes its "
              "shards into (no gather; --checkpoint-hist does not apply). Both resume on any process count, with or "
              "without --fsdp")("file")
+
+
+@dataclass(frozen=True)
+class ScheduledLoaderSettings:
+    """timm's scheduled-resolution and NaFlex loaders: parsed with timm's defaults; any other
+    value is refused (they replace the data loader that emakit's exact mid-epoch resume
+    relies on; see docs/TIMM_DIFFERENCES.md)."""
+
+    GROUP: ClassVar[str] = "Scheduled resolution and NaFlex loaders (timm; not supported)"
+    train_img_sizes: tuple[int, ...] | None = Flag("--train-img-sizes", kind=POSITIVE_INTS, nargs="+", metavar="N",
+                                                   help="per-batch square image sizes")(None)
+    train_batch_sizes: tuple[int, ...] | None = Flag("--train-batch-sizes", kind=POSITIVE_INTS, nargs="+",
+                                                     metavar="N", help="batch size of each --train-img-sizes")(None)
+    train_size_probs: tuple[float, ...] | None = Flag("--train-size-probs", kind=WEIGHTS, nargs="+", metavar="P",
+                                                      help="sampling weights of --train-img-sizes")(None)
+    train_size_schedule: str = Flag("--train-size-schedule", choices=("constant", "progressive"),
+                                    help="resolution choice schedule")("constant")
+    train_size_schedule_spread: float = Flag("--train-size-schedule-spread", kind=NON_NEGATIVE, metavar="S",
+                                             help="progressive schedule spread")(0.65)
+    train_size_random_mix: float = Flag("--train-size-random-mix", kind=UNIT_INTERVAL, metavar="F",
+                                        help="uniform random choices mixed into a progressive schedule")(0.1)
+    train_batches_per_epoch: int | None = Flag("--train-batches-per-epoch", "--train-steps-per-epoch",
+                                               kind=POSITIVE_INT, metavar="N",
+                                               help="fixed loader batches per epoch")(None, note="= inferred")
+    variable_batch_loss_scale: str = Flag("--variable-batch-loss-scale", choices=("none", "sqrt", "linear"),
+                                          help="scale gradients by the scheduled batch size")("none")
+    naflex_loader: bool = Flag("--naflex-loader", action=ON_OFF, help="timm's NaFlex loader")(False)
+    naflex_train_seq_lens: tuple[int, ...] = Flag("--naflex-train-seq-lens", kind=POSITIVE_INTS, nargs="+",
+                                                  metavar="N", help="NaFlex training sequence lengths")(
+        (128, 256, 576, 784, 1024))
+    naflex_max_seq_len: int = Flag("--naflex-max-seq-len", kind=POSITIVE_INT, metavar="N",
+                                   help="NaFlex validation sequence length")(576)
+    naflex_patch_sizes: tuple[int, ...] | None = Flag("--naflex-patch-sizes", kind=POSITIVE_INTS, nargs="+",
+                                                      metavar="N", help="NaFlex patch sizes")(None)
+    naflex_patch_size_probs: tuple[float, ...] | None = Flag("--naflex-patch-size-probs", kind=WEIGHTS, nargs="+",
+                                                             metavar="P", help="NaFlex patch size weights")(None)
+    naflex_loss_scale: str = Flag("--naflex-loss-scale", choices=("none", "sqrt", "linear"),
+                                  help="NaFlex loss scale by batch size")("linear")
+    naflex_patchify_channels_first: bool = Flag("--naflex-patchify-channels-first", action=ON_OFF,
+                                                help="NaFlex patches in C-P-P layout")(False)
 
 
 @dataclass(frozen=True)
@@ -413,6 +588,7 @@ class TrainSettings:
     ema: EmaSettings = field(default_factory=EmaSettings)
     run: RunSettings = field(default_factory=RunSettings)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    loaders: ScheduledLoaderSettings = field(default_factory=ScheduledLoaderSettings)
     flags: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
@@ -420,7 +596,7 @@ class TrainSettings:
 class Resolved:
     """Values that follow from the settings and what was found: the classes in the data, the
     learning rate after batch scaling, the optimizer steps of an epoch and of the run, the
-    model's input size."""
+    model's input size, the epochs the schedule trains."""
 
     num_classes: int
     lr: float
@@ -428,3 +604,4 @@ class Resolved:
     total_steps: int
     img_size: int
     global_batch_size: int
+    epochs: int  # the epochs trained: timm's scheduled epochs (--epochs with lr cycles, cooldown, warmup prefix)

@@ -24,17 +24,19 @@ from emakit.checkpoint import CheckpointSaver, nonfinite_names, remove_stale_tem
 
 from . import UsageError
 from .averages import Averages
-from .build import (build_amp, build_averages, build_guard, build_loaders, build_losses, build_model, build_optimizer,
-                    build_scheduler, check_compile_backend, load_data, resolve_lr, seed_all, wrap_ddp)
+from .build import (build_amp, build_averages, build_distillation, build_guard, build_loaders, build_losses,
+                    build_optimizer, build_scheduler, build_train_model, check_compile_backend, compile_model,
+                    convert_sync_bn, import_device_modules, load_data, resolve_lr, scheduled_epochs, seed_all,
+                    train_data_config, wrap_ddp)
 from .bn import has_batchnorm
-from .data import DataSplits, DeviceLoader, resolve_data_config_for
+from .data import DataSplits, DeviceLoader
 from .dcp import DcpSaver
 from .distributed import DistInfo, all_reduce_sum, gather_objects, init_distributed, shutdown_distributed
 from .engine import AmpSettings, NonfiniteGuard
 from .logs import LogSetup
 from .outputs import choose_output_dir, log_posthoc_folder, prepare_output_dir, read_summary
 from .fsdp import apply_fsdp, broadcast_buffers_before_forward
-from .resume import ResumeSource, read_resume, restore
+from .resume import ResumeSource, position_scheduler, read_resume, restore
 from .rundir import RunLock
 from .settings import Resolved, TrainSettings
 
@@ -87,40 +89,50 @@ def agree(ok: bool, dist: DistInfo) -> bool:
     return all_reduce_sum([0.0 if ok else 1.0], dist)[0] == 0.0
 
 
+def _resolved_flags(settings: TrainSettings, resolved: Resolved) -> dict[str, Any]:
+    """The parsed flags with the values resolved during the build (timm's ``args`` layout)."""
+    flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.flags.items()}
+    flags.update(num_classes=resolved.num_classes, lr=resolved.lr)
+    return flags
+
+
 def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
     data, num_classes = load_data(s.data, s.run.seed)
     resume = read_resume(s, dist.world_size)  # checked before anything is built or written
     lr = resolve_lr(s.optim, s.data.batch_size, dist.world_size)
     seed_all(s.run.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     check_compile_backend(s.model.compile_backend)
-    model_without_ddp = build_model(s.model.name, num_classes, dist.device, drop_rate=s.model.drop_rate,
-                                    drop_path_rate=s.model.drop_path_rate, channels_last=s.model.channels_last,
-                                    pretrained=s.model.pretrained, pretrained_path=s.model.weights_file)
-    data_config = resolve_data_config_for(model_without_ddp, img_size=s.data.img_size, crop_pct=s.data.crop_pct,
-                                          mean=s.data.mean, std=s.data.std, interpolation=s.data.interpolation)
+    model_without_ddp = build_train_model(s.model, num_classes, dist.device)
+    data_config = train_data_config(model_without_ddp, s.data, s.model)
+    model_without_ddp = convert_sync_bn(model_without_ddp, dist, s.parallel)
     train_loader, eval_loader = build_loaders(s.data, data, data_config, dist, seed=s.run.seed)
     model = shard_or_wrap(model_without_ddp, dist, s)
     updates_per_epoch = math.ceil(len(train_loader) / s.optim.grad_accum_steps)
+    epochs = scheduled_epochs(s.schedule)  # timm's: with lr cycles, cooldown and a warmup prefix
     resolved = Resolved(num_classes=num_classes, lr=lr, updates_per_epoch=updates_per_epoch,
-                        total_steps=updates_per_epoch * s.schedule.epochs, img_size=data_config["input_size"][-1],
-                        global_batch_size=s.data.batch_size * dist.world_size * s.optim.grad_accum_steps)
+                        total_steps=updates_per_epoch * epochs, img_size=data_config["input_size"][-1],
+                        global_batch_size=s.data.batch_size * dist.world_size * s.optim.grad_accum_steps,
+                        epochs=epochs)
     averages = build_averages(s.ema, model_without_ddp, dist, resolved, model_name=s.model.name,
                               saved_posthoc=resume.posthoc_state if resume else None)
     optimizer = build_optimizer(s.optim, model_without_ddp, lr, sharded=s.parallel.fsdp)
-    lr_scheduler = build_scheduler(s.schedule, optimizer, updates_per_epoch, eval_metric=s.run.eval_metric)
+    lr_scheduler = build_scheduler(s.schedule, optimizer, updates_per_epoch, eval_metric=s.run.eval_metric,
+                                   seed=s.run.seed)
     amp = build_amp(s.run, dist.device, sharded=s.parallel.fsdp)
     start_epoch = 0 if resume is None else restore(resume, s, resolved, model=model_without_ddp, averages=averages,
                                                    optimizer=optimizer, amp=amp, lr_scheduler=lr_scheduler)
-    if s.model.compile_backend:
-        model = torch.compile(model, backend=s.model.compile_backend)  # after DDP, as timm does
-    train_loss_fn, eval_loss_fn, mixup_fn = build_losses(s.loss, num_classes, dist.device)
+    if s.schedule.start_epoch is not None:  # timm's --start-epoch: overrides the resumed epoch, LR included
+        start_epoch = s.schedule.start_epoch
+        position_scheduler(lr_scheduler, start_epoch, updates_per_epoch, s.schedule.on_updates, None)
+    model = compile_model(model, s.model)  # after DDP, as timm does
+    train_loss_fn, eval_loss_fn, mixup_fn = build_losses(s.loss, num_classes, dist.device,
+                                                         num_aug_splits=getattr(s.data.augment, "aug_splits", 0))
+    train_loss_fn = build_distillation(s.loss.distill, model, model_without_ddp, train_loss_fn, dist.device,
+                                       averages=averages, verbose=dist.is_main) or train_loss_fn
     return dict(resolved=resolved, data=data, model=model, model_without_ddp=model_without_ddp, averages=averages,
                 optimizer=optimizer, lr_scheduler=lr_scheduler, amp=amp, train_loader=train_loader,
                 eval_loader=eval_loader, train_loss_fn=train_loss_fn, eval_loss_fn=eval_loss_fn, mixup_fn=mixup_fn,
-                start_epoch=start_epoch, resume=resume, guard=build_guard(s.run),
-                # the parsed flags with the values resolved during the build, in timm's ``args`` layout
-                flags={**{k: (list(v) if isinstance(v, tuple) else v) for k, v in s.flags.items()},
-                       "num_classes": num_classes, "lr": lr},
+                start_epoch=start_epoch, resume=resume, guard=build_guard(s.run), flags=_resolved_flags(s, resolved),
                 nonfinite_at_start=frozenset(nonfinite_names(list(model_without_ddp.state_dict().items()))))
 
 
@@ -130,7 +142,7 @@ def shard_or_wrap(model: nn.Module, dist: DistInfo, s: TrainSettings) -> nn.Modu
     compute in bfloat16 (``MixedPrecisionPolicy``) unless the model has BatchNorm layers, whose
     float32 running statistics refuse bfloat16 weights: then autocast alone, as under DDP."""
     if not s.parallel.fsdp:
-        return wrap_ddp(model, dist)
+        return wrap_ddp(model, dist, broadcast_buffers=s.parallel.ddp_broadcast_buffers)
     bf16 = s.run.amp and s.run.amp_dtype == "bfloat16"
     mp_dtype = torch.bfloat16 if bf16 and not has_batchnorm(model) else None
     blocks = apply_fsdp(model, mp_dtype=mp_dtype, reshard_after_forward=s.parallel.reshard_after_forward)
@@ -203,6 +215,7 @@ def _open_posthoc_folder(s: TrainSettings, dist: DistInfo, averages: Averages, o
 def build_trainer(settings: TrainSettings, logs: LogSetup | None = None) -> Trainer:
     """Build everything in the user's expected order; raises ``UsageError`` for bad input
     before the output folder exists. Call :func:`close_trainer` when done."""
+    import_device_modules(settings.run.device_modules)  # before the device is chosen, as timm
     dist = init_distributed(settings.run.device, always_group=settings.parallel.fsdp)
     with contextlib.ExitStack() as undo:  # on a failure: release the run folder's lock, end the process group
         undo.callback(shutdown_distributed, dist)
