@@ -45,7 +45,7 @@ from .state import (ARCH, ARGS, EPOCH, METRICS, MODEL, OPTIMIZER, POSTHOC, POSTH
 if TYPE_CHECKING:
     from timm.scheduler.scheduler import Scheduler
 
-__all__ = ["ResumeSource", "read_resume", "restore", "check_resume_folder", "load_optimizer_state"]
+__all__ = ["ResumeSource", "read_resume", "restore", "check_resume_folder", "load_optimizer_state", "position_scheduler"]
 
 _log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def restore(src: ResumeSource, settings: TrainSettings, resolved: Resolved, *, m
     (``--drop-ema``) and its weights fit the model, the optimizer state fits this optimizer
     (``--opt``, ``--layer-decay``); a changed batch is named in a warning. Then weights,
     averages, optimizer and scaler are loaded. The LR schedule is not restored: it is a
-    function of the flags and the epoch (:func:`_position_scheduler`), so ``--resume`` with a
+    function of the flags and the epoch (:func:`position_scheduler`), so ``--resume`` with a
     larger ``--epochs`` extends the cosine instead of replaying the old one (timm does the
     same); a stopped epoch continues at the LR of its step."""
     ckpt, path, run, per_epoch = src.ckpt, src.path, settings.run, resolved.updates_per_epoch
@@ -274,7 +274,7 @@ def restore(src: ResumeSource, settings: TrainSettings, resolved: Resolved, *, m
                   src.position.steps_done)
     else:
         _log.info("resumed from %s: epoch %d done, continuing at epoch %d", path, ckpt[EPOCH], start_epoch)
-    _position_scheduler(lr_scheduler, start_epoch, per_epoch, settings.schedule.on_updates,
+    position_scheduler(lr_scheduler, start_epoch, per_epoch, settings.schedule.on_updates,
                         ckpt.get(SCHEDULER) if run.restore_optimizer else None)
     if src.position is not None:  # the LR of the step the stopped epoch continues at
         lr_scheduler.step_update(num_updates=start_epoch * per_epoch + src.position.steps_done)
@@ -409,7 +409,7 @@ def _name_keyed(optimizer_state: dict[str, Any]) -> bool:
     return any(isinstance(p, str) for g in optimizer_state.get("param_groups", []) for p in g.get("params", []))
 
 
-def _position_scheduler(lr_scheduler: Scheduler, start_epoch: int, updates_per_epoch: int, on_updates: bool,
+def position_scheduler(lr_scheduler: Scheduler, start_epoch: int, updates_per_epoch: int, on_updates: bool,
                         saved_state: dict[str, Any] | None) -> None:
     """Set the LR for ``start_epoch``. Only the plateau scheduler carries state that the
     epoch number cannot rebuild (best metric, bad epochs); it is restored from the checkpoint."""
