@@ -53,13 +53,15 @@ def check_model_name(name: str) -> None:
 
 def build_model(name: str, num_classes: int, device: torch.device, *, drop_rate: float = 0.0,
                 drop_path_rate: float | None = None, pretrained: bool = False, pretrained_path: str | None = None,
-                channels_last: bool = False, in_chans: int | None = None, log: bool = True) -> nn.Module:
+                channels_last: bool = False, in_chans: int | None = None, log: bool = True,
+                model_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """``timm.create_model`` moved to ``device`` (channels_last if asked), in train mode.
 
     ``pretrained``: start from the model's pretrained weights as timm does (its hub download
     and cache); ``pretrained_path``: from this local weights file instead (timm's
     ``pretrained_cfg_overlay`` ``file``). ``in_chans``: input channels when not 3 (a
-    checkpoint's training args). An unknown name, a missing file or weights that cannot be
+    checkpoint's training args). ``model_kwargs``: more ``create_model`` arguments (timm's
+    ``--model-kwargs``). An unknown name, a missing file or weights that cannot be
     fetched is a ``UsageError``. ``log``: log the parameter count (train.py).
     """
     import timm
@@ -70,6 +72,7 @@ def build_model(name: str, num_classes: int, device: torch.device, *, drop_rate:
         kwargs["drop_path_rate"] = drop_path_rate
     if in_chans:
         kwargs["in_chans"] = in_chans
+    kwargs.update(model_kwargs or {})  # timm's --model-kwargs (and validate.py's --gp: global_pool)
     if pretrained_path:
         if not os.path.isfile(pretrained_path):
             raise UsageError(f"--pretrained-path {pretrained_path}: no such file")
@@ -78,6 +81,11 @@ def build_model(name: str, num_classes: int, device: torch.device, *, drop_rate:
         kwargs["pretrained"] = True
     try:
         model = timm.create_model(name, **kwargs)
+    except TypeError as e:
+        if model_kwargs:
+            raise UsageError(f"{name} does not take --model-kwargs {', '.join(model_kwargs)}: "
+                             f"{one_line(e)[:200]}") from None
+        raise
     except Exception as e:  # the hub's and the loaders' errors have no common base
         if pretrained_path:
             raise UsageError(f"cannot load --pretrained-path {pretrained_path} into {name}: "

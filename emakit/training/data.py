@@ -73,8 +73,11 @@ class ImageListDataset(Dataset):
     """``(image, target)`` pairs from files or in-memory PIL images, with a settable transform.
 
     ``items[i]`` is a file path or a ``PIL.Image``; a file that cannot be decoded raises
-    :class:`BadImageError` naming it.
+    :class:`BadImageError` naming it. ``img_mode``: the PIL mode every image is converted to
+    (timm's ``--input-img-mode``; ``L`` for a 1-channel model).
     """
+
+    img_mode = "RGB"
 
     def __init__(self, items: Sequence[str | Image.Image], targets: Sequence[int],
                  transform: Callable | None = None) -> None:
@@ -88,13 +91,13 @@ class ImageListDataset(Dataset):
         return len(self.items)
 
     def load(self, index: int) -> Image.Image:
-        """The RGB image at ``index``, decoded."""
+        """The image at ``index``, decoded, in ``img_mode`` (RGB unless set)."""
         item = self.items[index]
         if isinstance(item, Image.Image):
-            return item
+            return item if item.mode == self.img_mode else item.convert(self.img_mode)
         try:
             with Image.open(item) as im:
-                return im.convert("RGB")
+                return im.convert(self.img_mode)
         except _IMAGE_ERRORS as e:
             raise BadImageError(f"cannot read image {shown_path(item)}: {_reason(e)} "
                                 "(fix or delete it, or pass --skip-bad-images)") from None
@@ -399,8 +402,12 @@ def _zero_bit_posterize_is_black() -> None:
             auto_augment.NAME_TO_OP[name] = posterize
 
 
-def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: bool = False) -> tuple[Callable, Callable]:
+def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: bool = False,
+                     crop_border_pixels: int | None = None) -> tuple[Callable, Callable]:
     """(train, eval) transforms from timm's ``create_transform`` and a resolved data config.
+
+    The eval transform uses the config's ``crop_mode`` (timm's ``resolve_data_config``: the
+    flag, else the model's pretrained cfg) and ``crop_border_pixels`` (validate.py's flag).
 
     ``uint8=True`` (the GPU input path, :class:`DeviceLoader`): the transforms stop at a
     ``uint8`` tensor; normalisation and random erasing are left to the device.
@@ -419,7 +426,7 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
     eval_tf = create_transform(
         data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
         mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
-        use_prefetcher=uint8,
+        crop_mode=data_config.get("crop_mode"), crop_border_pixels=crop_border_pixels, use_prefetcher=uint8,
     )
     return train_tf, eval_tf
 

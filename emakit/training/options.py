@@ -29,7 +29,8 @@ from .kinds import EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE_INT, POSITIV
 
 __all__ = ["Flag", "add_flags", "from_flags", "flag_fields", "MODEL", "NUM_CLASSES", "IMG_SIZE", "CROP_PCT",
            "MEAN_FLAG", "STD_FLAG", "INTERPOLATION", "BATCH_SIZE", "WORKERS", "DEVICE", "AMP_DTYPE", "CHANNELS_LAST",
-           "NO_PROGRESS"]
+           "NO_PROGRESS", "KwargsAction", "MODEL_KWARGS", "GP", "IN_CHANS", "INPUT_SIZE", "MODEL_DTYPE",
+           "TORCHCOMPILE_MODE", "FAST_NORM", "FUSER", "TORCHSCRIPT"]
 
 _META = "emakit.flag"
 
@@ -185,3 +186,50 @@ CHANNELS_LAST = Flag("--channels-last", action=argparse.BooleanOptionalAction,
                      help="use the channels_last memory layout")
 NO_PROGRESS = Flag("--no-progress", action="store_true", invert=True, dest="no_progress",
                    help="no tqdm progress bars (bars only on rank 0 and a TTY)")
+
+
+# ------------------------------------------------ model flags shared by train.py and validate.py
+# (declared here by parity-v for validate.py; train.py's declarations of the same flags are the
+# parity helper's: one of the two blocks is kept when they are merged.)
+class KwargsAction(argparse.Action):
+    """timm's ``ParseKwargs``: ``KEY=VALUE`` items into a dict, each value read as a Python
+    literal (``img_size=240``, ``global_pool='avg'``), else kept as the string; the default is
+    ``{}`` as timm's. An item without ``=`` is a usage error naming it."""
+
+    def __init__(self, option_strings: Any, dest: str, default: Any = None, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, default={} if default is None else default, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        import ast
+
+        kwargs: dict[str, Any] = {}
+        for item in values or []:
+            key, sep, text = str(item).partition("=")
+            if not sep or not key.strip():
+                parser.error(f"argument {option_string}: invalid item {item!r}; give KEY=VALUE items, "
+                             "e.g. img_size=240")
+            try:
+                kwargs[key.strip()] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                kwargs[key.strip()] = text  # as timm: a plain word needs no quotes
+        setattr(namespace, self.dest, kwargs)
+
+
+MODEL_KWARGS = Flag("--model-kwargs", nargs="*", action=KwargsAction, metavar="KEY=VALUE",
+                    help="more timm.create_model keyword arguments, each value read as a Python literal, e.g. "
+                         "img_size=240 (a ViT at another image size)")
+GP = Flag("--gp", metavar="POOL", help="global pool type: fast, avg, max, avgmax, avgmaxc")
+IN_CHANS = Flag("--in-chans", kind=POSITIVE_INT, metavar="N", help="image input channels")
+INPUT_SIZE = Flag("--input-size", kind=POSITIVE_INT, nargs=3, metavar="N",
+                  help="input dimensions C H W, e.g. 3 224 224 (replaces --img-size; C sets --in-chans unless given)")
+MODEL_DTYPE = Flag("--model-dtype", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of the model's weights and inputs (not AMP; float32 with --amp)")
+TORCHCOMPILE_MODE = Flag("--torchcompile-mode",
+                         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                         help="torch.compile mode with --torchcompile")
+FAST_NORM = Flag("--fast-norm", action="store_true", help="timm's experimental fast norm layers (set_fast_norm)")
+FUSER = Flag("--fuser", metavar="NAME", help="TorchScript fuser: te, old or nvfuser; refused, as --torchscript")
+TORCHSCRIPT = Flag("--torchscript", action="store_true",
+                   help="torch.jit.script the model; refused: TorchScript is deprecated in torch and timm, use "
+                        "--torchcompile")
