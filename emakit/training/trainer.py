@@ -107,6 +107,10 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
     model_without_ddp = build_model(s.model.name, num_classes, dist.device, drop_rate=s.model.drop_rate,
                                     drop_path_rate=s.model.drop_path_rate, channels_last=s.model.channels_last,
                                     pretrained=s.model.pretrained, pretrained_path=s.model.weights_file)
+    if s.data.augment.split_bn:  # timm's --split-bn: one BatchNorm per augmentation split (before EMA / DDP)
+        from timm.layers import convert_splitbn_model
+
+        model_without_ddp = convert_splitbn_model(model_without_ddp, max(s.data.augment.aug_splits, 2)).to(dist.device)
     data_config = resolve_data_config_for(model_without_ddp, img_size=s.data.img_size, crop_pct=s.data.crop_pct,
                                           mean=s.data.mean, std=s.data.std, interpolation=s.data.interpolation)
     train_loader, eval_loader = build_loaders(s.data, data, data_config, dist, seed=s.run.seed)
@@ -213,6 +217,10 @@ def build_trainer(settings: TrainSettings, logs: LogSetup | None = None) -> Trai
         try:
             _setup_output(tr, logs)
             _open_posthoc_folder(tr)
+            if settings.data.augment.save_images and tr.dist.is_main:  # timm's --save-images (parity-v)
+                from .data import ImageSavingLoader
+
+                tr.train_loader = ImageSavingLoader(tr.train_loader, tr.output_dir, settings.run.log_interval)
         except BaseException:
             if tr.run_lock is not None:
                 tr.run_lock.release(remove_empty=True)

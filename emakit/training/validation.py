@@ -48,7 +48,7 @@ from emakit.posthoc import list_snapshots, reconstruct_many, sigma_rel_to_decay,
 from . import UsageError, one_line
 from .build import build_model as _build_model, check_model_name
 from .data import (AugmentConfig, DeviceLoader, ImageListDataset, build_eval_loader, build_transforms, class_folders,
-                   load_digits_splits, scan_split)
+                   image_mode, load_digits_splits, scan_split)
 from .distributed import DistInfo
 from .dcp import dcp_folder_to_checkpoint, is_dcp_folder, names_dcp_folder, resolve_dcp_folder
 from .engine import AmpSettings, EvalTarget, evaluate_many
@@ -266,7 +266,15 @@ def build_model(arch: str, num_classes: int | None, *, device: torch.device, cha
 
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, Any], source: str, label: str) -> None:
-    """Strict load with an error naming the file, the weight set and the first mismatching keys."""
+    """Strict load with an error naming the file, the weight set and the first mismatching keys.
+
+    The auxiliary BatchNorms of a ``--split-bn`` run (``*.aux_bn.<split>.*``, timm's
+    ``SplitBatchNorm2d``) are left out when ``model`` has none: in eval mode a split BatchNorm
+    is its main one, so the scores are those of the trained model."""
+    own = model.state_dict()
+    aux = [k for k in state_dict if ".aux_bn." in k and k not in own]
+    if aux:
+        state_dict = {k: v for k, v in state_dict.items() if k not in set(aux)}
     try:
         check_state_dict_compat(model, state_dict)
     except CheckpointError as e:
@@ -998,8 +1006,7 @@ def _make_setup(settings: ValidateSettings, dist: DistInfo, train_args: Mapping[
     if data.num_samples is not None and data.num_samples < len(dataset):
         dataset = subsample(dataset, data.num_samples, data.seed)
         description += f", {len(dataset)} of them drawn with seed {data.seed} (--num-samples)"
-    in_chans = model_in_chans(settings, train_args) or 3
-    dataset.img_mode = data.input_img_mode or ("RGB" if in_chans == 3 else "L")
+    dataset.img_mode = image_mode(data.input_img_mode, model_in_chans(settings, train_args) or 3)
     if dist.is_main:
         _log.info("data: %s", description)
     overrides = dict(data.overrides)
