@@ -173,3 +173,28 @@ def test_aug_splits_split_bn_and_save_images_train_and_validate_to_the_logged_nu
     header, row = logged[0].split(","), logged[1].split(",")
     assert record["top1"] == pytest.approx(float(row[header.index("eval_top1")]))
     assert record["loss"] == pytest.approx(float(row[header.index("eval_loss")]), rel=1e-5)
+
+
+@pytest.mark.parametrize("on_device", [False, True])  # the CPU transform, and the GPU input path (run on the CPU)
+@pytest.mark.parametrize("resplit", [False, True])
+def test_resplit_keeps_random_erasing_off_the_clean_split_only(on_device, resplit):
+    from PIL import Image
+
+    from emakit.training.data import DeviceLoader, device_random_erasing
+
+    config = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+              "crop_pct": 1.0, "crop_mode": "center"}
+    aug = AugmentConfig(aug_splits=3, resplit=resplit, re_prob=1.0, hflip=0.0, color_jitter=0.0)
+    data = ImageListDataset([Image.new("RGB", (40, 40), (100 + 20 * i, 50, 20)) for i in range(4)], [0, 1, 2, 0])
+    data.transform, _ = build_transforms(config, aug, uint8=on_device)
+    loader = build_train_loader(data, 4, DistInfo(), seed=0, augment=aug)
+    if on_device:
+        loader = DeviceLoader(loader, torch.device("cpu"), config["mean"], config["std"],
+                              random_erasing=device_random_erasing(aug, torch.device("cpu")))
+    set_epoch(loader, 0, 0)
+    x, y = next(iter(loader))
+    assert x.shape == (12, 3, 32, 32) and y.tolist() == y[:4].tolist() * 3
+    flat = x.flatten(2)
+    erased = (flat.amax(-1) - flat.amin(-1) > 1e-3).any(-1)  # a solid image stays solid unless erased
+    assert erased[4:].all()
+    assert erased[:4].any() != resplit  # the clean split: erased as timm without --resplit, not with it

@@ -365,3 +365,34 @@ def test_test_pool_and_reparam_go_through_timm(tmp_path, capsys, data, monkeypat
     # test_resnet's default size is 160: 192 > 160 applies the pooling head, which changes the numbers
     code, (plain,), _ = _run(capsys, [data, "--checkpoint", ckpt, "--img-size", "192", *flags])
     assert plain["loss"] != pytest.approx(rec["loss"], rel=1e-4)
+
+
+def test_model_dtype_input_size_and_torchcompile(tmp_path, capsys, data, val_batch, monkeypatch):
+    images, labels = val_batch
+    weights = _weights(11)
+    ckpt = _checkpoint(tmp_path / "c.pth.tar", weights)
+    flags = ["--crop-pct", "1.0", "--mean", *map(str, MEAN), "--std", *map(str, STD), "--no-progress"]
+    seen = []
+    from emakit.training import engine
+
+    real_evaluate = engine.evaluate_many
+
+    def evaluate_many(targets, *args, **kwargs):
+        seen.append({p.dtype for p in targets[0].module.parameters()})
+        return real_evaluate(targets, *args, **kwargs)
+
+    monkeypatch.setattr("emakit.training.validation.evaluate_many", evaluate_many)
+    code, (rec,), err = _run(capsys, [data, "--checkpoint", ckpt, "--model-dtype", "bfloat16", "--input-size", "3",
+                                      "32", "32", *flags])
+    assert code == 0, err
+    assert seen[-1] == {torch.bfloat16} and rec["img_size"] == 32
+    want = plain_eval(weights, images, labels)
+    assert rec["loss"] == pytest.approx(want["loss"], rel=0.05)  # bfloat16 weights and inputs
+    code, (rec,), err = _run(capsys, [data, "--checkpoint", ckpt, "--torchcompile", "eager", "--img-size", "32",
+                                      *flags])
+    assert code == 0, err
+    assert rec["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    code, _, err = _run(capsys, [data, "--checkpoint", ckpt, "--torchcompile", "nosuch", *flags])
+    assert code == 2 and "--torchcompile nosuch" in err
+    code, _, err = _run(capsys, [data, "--checkpoint", ckpt, "--amp", "--model-dtype", "float16", *flags])
+    assert code == 2 and "--amp needs float32 weights" in err

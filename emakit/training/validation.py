@@ -1177,10 +1177,11 @@ def run(settings: ValidateSettings, dist: DistInfo) -> ValidationReport:
     """Run what ``settings`` asks (checkpoint evaluation, a post-hoc sweep, or a model's
     pretrained weights); rank 0 writes the results file and any exported weights. Raises
     ``UsageError`` / ``CheckpointError``."""
-    from .build import seed_all
-
     from timm.layers import is_fast_norm, set_fast_norm
 
+    from .build import check_compile_backend, seed_all
+
+    check_compile_backend(settings.runtime.compile_backend)
     seed_all(settings.data.seed)  # timm's utils.random_seed(args.seed)
     fast_norm = is_fast_norm()
     set_fast_norm(settings.weights.fast_norm or fast_norm)  # a process-wide switch in timm: put back after
