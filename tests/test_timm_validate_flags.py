@@ -378,19 +378,20 @@ def test_model_dtype_input_size_and_torchcompile(tmp_path, capsys, data, val_bat
     real_evaluate = engine.evaluate_many
 
     def evaluate_many(targets, *args, **kwargs):
-        seen.append({p.dtype for p in targets[0].module.parameters()})
+        seen.append({p.dtype for p in targets[0].module.parameters()} | {type(targets[0].module.model).__name__})
         return real_evaluate(targets, *args, **kwargs)
 
     monkeypatch.setattr("emakit.training.validation.evaluate_many", evaluate_many)
     code, (rec,), err = _run(capsys, [data, "--checkpoint", ckpt, "--model-dtype", "bfloat16", "--input-size", "3",
                                       "32", "32", *flags])
     assert code == 0, err
-    assert seen[-1] == {torch.bfloat16} and rec["img_size"] == 32
+    assert seen[-1] == {torch.bfloat16, "ResNet"} and rec["img_size"] == 32
     want = plain_eval(weights, images, labels)
     assert rec["loss"] == pytest.approx(want["loss"], rel=0.05)  # bfloat16 weights and inputs
     code, (rec,), err = _run(capsys, [data, "--checkpoint", ckpt, "--torchcompile", "eager", "--img-size", "32",
                                       *flags])
     assert code == 0, err
+    assert "OptimizedModule" in seen[-1]  # torch.compile's wrapper
     assert rec["loss"] == pytest.approx(want["loss"], rel=1e-5)
     code, _, err = _run(capsys, [data, "--checkpoint", ckpt, "--torchcompile", "nosuch", *flags])
     assert code == 2 and "--torchcompile nosuch" in err
