@@ -397,3 +397,36 @@ def test_model_dtype_input_size_and_torchcompile(tmp_path, capsys, data, val_bat
     assert code == 2 and "--torchcompile nosuch" in err
     code, _, err = _run(capsys, [data, "--checkpoint", ckpt, "--amp", "--model-dtype", "float16", *flags])
     assert code == 2 and "--amp needs float32 weights" in err
+
+
+@pytest.mark.slow
+def test_torchrun_scores_real_labels_and_metrics_avg_over_every_rank_in_dataset_order(tmp_path, capsys, data):
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    weights = _weights(12, num_classes=10)
+    ckpt = _checkpoint(tmp_path / "c.pth.tar", weights, num_classes=10)
+    root = _imagenet_named_folder(tmp_path / "imnet", data)
+    (root / "val" / CLASSES[0] / "ILSVRC2012_val_00000001.JPEG").unlink()  # 17 images: ragged shares
+    real = [[i % 10, (i * 7) % 10] if i % 4 else [] for i in range(18)]
+    (tmp_path / "real.json").write_text(json.dumps(real[1:]))  # one list per image left, in name order
+    for i, path in enumerate(sorted((root / "val").rglob("*.JPEG"), key=lambda p: p.name)):
+        path.rename(path.with_name(f"ILSVRC2012_val_{i + 1:08d}.JPEG"))
+    flags = ["--checkpoint", ckpt, "--real-labels", tmp_path / "real.json", "--metrics-avg", "weighted",
+             *DATA_FLAGS]
+    code, single, err = _run(capsys, [root, *flags])
+    assert code == 0, err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), str(REPO / "validate.py"), str(root),
+           *map(str, flags), "-b", "4", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (multi,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    for key in ("top1", "top5", "weighted_precision", "weighted_recall", "weighted_f1_score", "samples"):
+        assert multi[key] == pytest.approx(single[0][key]), key
