@@ -289,6 +289,8 @@ class ValidateSettings:
             raise UsageError("--pretrained evaluates the model's pretrained weights; drop it, or drop --checkpoint "
                              "/ --posthoc-sigma-rel")
         if not posthoc.sigma_rels and not checkpoint and self.weights.model:
+            if self.outputs.export_ema:
+                raise UsageError("--export-ema exports a checkpoint's EMA: add --checkpoint")
             return  # timm: no checkpoint -> the model's pretrained weights
         if self.weights.pretrained:
             raise UsageError("--pretrained needs --model NAME (the model whose pretrained weights to evaluate)")
