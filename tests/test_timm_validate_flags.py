@@ -181,6 +181,9 @@ def test_pretrained_without_checkpoint_asks_timm_for_the_pretrained_weights(tmp_
     assert rec["weights"] == "pretrained"
     assert rec["top1"] == pytest.approx(plain_eval(weights, images, labels)["top1"])
     assert rec["loss"] == pytest.approx(plain_eval(weights, images, labels)["loss"], rel=1e-5)
+    asked.clear()  # timm: no --checkpoint means the pretrained weights, --pretrained or not
+    code, (implied,), err = _run(capsys, [data, "-m", "test_resnet", "--num-classes", "3", *DATA_FLAGS])
+    assert code == 0 and any(a.get("pretrained") for a in asked) and implied["top1"] == rec["top1"]
 
 
 def test_in_chans_1_reads_the_images_in_mode_L(tmp_path, capsys, data):
