@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ timm's own ``RealLabelsImagenet`` and scikit-learn, never from the code under te
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
