@@ -8,6 +8,10 @@
     python validate.py --checkpoint output/<run>/last.pth.tar --posthoc-sigma-rel 0.02,0.05,0.08,0.15 \\
         --posthoc-save best_ema.safetensors                                 # post-hoc EMA sweep
     torchrun --standalone --nproc_per_node=2 validate.py DATA --checkpoint CKPT --weights both
+    python validate.py --data-dir DATA -m resnet50 --pretrained --amp       # timm's: a model's hub weights
+    python validate.py DATA --checkpoint CKPT --valid-labels imagenet_a.txt --metrics-avg macro
+
+Every flag of timm's validate.py is accepted (docs/TIMM_DIFFERENCES.md: the few refused, and why).
 
 Prints a table per checkpoint and one JSON result line per weight set on stdout.
 Exit status: 0 done, 2 bad input or checkpoint (one line on stderr), 130 / 143 / 129

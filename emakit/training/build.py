@@ -23,7 +23,7 @@ from . import UsageError, one_line
 from .averages import Averages, PosthocTracker, auto_posthoc_every, posthoc_snapshot_cap
 from .bn import has_batchnorm
 from .data import (DataSplits, DeviceLoader, build_datasets, build_eval_loader, build_train_loader, build_transforms,
-                   device_random_erasing, flip_labels)
+                   device_random_erasing, flip_labels, image_mode)
 from .distributed import DistInfo
 from .engine import AmpSettings, NonfiniteGuard
 from .settings import (DataSettings, DistillSettings, EmaSettings, LossSettings, ModelSettings, OptimSettings,
@@ -75,6 +75,7 @@ def build_model(name: str, num_classes: int, device: torch.device, *, drop_rate:
         kwargs["drop_path_rate"] = drop_path_rate
     if in_chans:
         kwargs["in_chans"] = in_chans
+    kwargs.update(model_kwargs or {})  # timm's --model-kwargs (and validate.py's --gp: global_pool)
     if pretrained_path:
         if not os.path.isfile(pretrained_path):
             raise UsageError(f"--pretrained-path {pretrained_path}: no such file")
@@ -223,8 +224,9 @@ def build_loaders(data: DataSettings, splits: DataSplits, data_config: dict[str,
     (and random-erases) on the device."""
     on_device = dist.device.type == "cuda" and data.prefetcher  # the GPU input path
     splits.train.transform, splits.val.transform = build_transforms(data_config, data.augment, uint8=on_device)
+    splits.train.img_mode = splits.val.img_mode = image_mode(data.augment.input_img_mode, data_config["input_size"][0])
     train_loader = build_train_loader(splits.train, data.batch_size, dist, seed=seed, workers=data.workers,
-                                      pin_memory=data.pin_memory or on_device)
+                                      pin_memory=data.pin_memory or on_device, augment=data.augment)
     eval_loader = build_eval_loader(splits.val, data.eval_batch_size or data.batch_size, dist,
                                     workers=data.workers, pin_memory=data.pin_memory or on_device)
     if not on_device:

@@ -11,6 +11,7 @@ disjoint share of the validation set, so every sample is counted exactly once.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
@@ -32,7 +33,8 @@ from .settings import AugmentConfig
 __all__ = [
     "BadImageError", "DataSplits", "ImageListDataset", "DIGITS_NAME", "load_digits_splits",
     "load_image_folder", "class_folders", "scan_split", "build_datasets", "check_images", "build_transforms",
-    "ShardSampler", "ResumableSampler",
+    "ShardSampler", "ResumableSampler", "RepeatAugSampler", "AugSplitDataset", "split_collate", "ImageSavingLoader",
+    "image_mode",
     "StopSafeLoader", "build_train_loader", "build_eval_loader", "epoch_seed", "sample_seed", "SeededDataset",
     "DeviceLoader", "normalize_uint8", "device_random_erasing", "resolve_data_config_for", "set_epoch",
     "AugmentConfig", "shown_path", "flip_labels",
@@ -73,8 +75,11 @@ class ImageListDataset(Dataset):
     """``(image, target)`` pairs from files or in-memory PIL images, with a settable transform.
 
     ``items[i]`` is a file path or a ``PIL.Image``; a file that cannot be decoded raises
-    :class:`BadImageError` naming it.
+    :class:`BadImageError` naming it. ``img_mode``: the PIL mode every image is converted to
+    (timm's ``--input-img-mode``; ``L`` for a 1-channel model).
     """
+
+    img_mode = "RGB"
 
     def __init__(self, items: Sequence[str | Image.Image], targets: Sequence[int],
                  transform: Callable | None = None) -> None:
@@ -88,13 +93,13 @@ class ImageListDataset(Dataset):
         return len(self.items)
 
     def load(self, index: int) -> Image.Image:
-        """The RGB image at ``index``, decoded."""
+        """The image at ``index``, decoded, in ``img_mode`` (RGB unless set)."""
         item = self.items[index]
         if isinstance(item, Image.Image):
-            return item
+            return item if item.mode == self.img_mode else item.convert(self.img_mode)
         try:
             with Image.open(item) as im:
-                return im.convert("RGB")
+                return im.convert(self.img_mode)
         except _IMAGE_ERRORS as e:
             raise BadImageError(f"cannot read image {shown_path(item)}: {_reason(e)} "
                                 "(fix or delete it, or pass --skip-bad-images)") from None
@@ -399,27 +404,43 @@ def _zero_bit_posterize_is_black() -> None:
             auto_augment.NAME_TO_OP[name] = posterize
 
 
-def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: bool = False) -> tuple[Callable, Callable]:
+def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: bool = False,
+                     crop_border_pixels: int | None = None) -> tuple[Callable, Callable]:
     """(train, eval) transforms from timm's ``create_transform`` and a resolved data config.
+
+    The eval transform uses the config's ``crop_mode`` (timm's ``resolve_data_config``: the
+    flag, else the model's pretrained cfg) and ``crop_border_pixels`` (validate.py's flag).
 
     ``uint8=True`` (the GPU input path, :class:`DeviceLoader`): the transforms stop at a
     ``uint8`` tensor; normalisation and random erasing are left to the device.
+
+    The train transform takes every augmentation flag timm's ``create_transform`` takes
+    (``--train-crop-mode``, ``--color-jitter-prob``, ``--grayscale-prob``,
+    ``--gaussian-blur-prob``, ...). With ``--aug-splits N`` it is the tuple (base, augment,
+    final, clean final) that :class:`AugSplitDataset` applies.
     """
     from timm.data import create_transform
 
     _zero_bit_posterize_is_black()
     train_interp = data_config["interpolation"] if aug.no_aug or not aug.interpolation else aug.interpolation
-    train_tf = create_transform(
-        data_config["input_size"], is_training=True, no_aug=aug.no_aug, scale=tuple(aug.scale),
-        ratio=tuple(aug.ratio), hflip=aug.hflip, vflip=aug.vflip, color_jitter=aug.color_jitter,
-        auto_augment=aug.auto_augment, interpolation=train_interp, mean=data_config["mean"],
-        std=data_config["std"], re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count,
-        use_prefetcher=uint8,
-    )
+    train_kwargs = dict(
+        is_training=True, no_aug=aug.no_aug, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
+        vflip=aug.vflip, color_jitter=aug.color_jitter, auto_augment=aug.auto_augment, interpolation=train_interp,
+        mean=data_config["mean"], std=data_config["std"], re_prob=aug.re_prob, re_mode=aug.re_mode,
+        re_count=aug.re_count, re_num_splits=aug.re_num_splits, train_crop_mode=aug.train_crop_mode,
+        color_jitter_prob=aug.color_jitter_prob, grayscale_prob=aug.grayscale_prob,
+        gaussian_blur_prob=aug.gaussian_blur_prob, use_prefetcher=uint8, separate=aug.aug_splits > 0)
+    train_tf: Any = create_transform(data_config["input_size"], **train_kwargs)
+    if aug.aug_splits > 1:
+        # (base, augment, final, clean final): --resplit keeps random erasing off the clean split
+        # also on the CPU, where timm's per-image erasing cannot tell the splits apart
+        clean = create_transform(data_config["input_size"], **{**train_kwargs, "re_prob": 0.0})[2] \
+            if aug.resplit and aug.re_prob > 0 and not uint8 else train_tf[2]
+        train_tf = (*train_tf, clean)
     eval_tf = create_transform(
         data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
         mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
-        use_prefetcher=uint8,
+        crop_mode=data_config.get("crop_mode"), crop_border_pixels=crop_border_pixels, use_prefetcher=uint8,
     )
     return train_tf, eval_tf
 
@@ -459,6 +480,88 @@ class ResumableSampler(DistributedSampler):
         base = epoch_seed(self.seed, self.epoch)
         indices = list(super().__iter__())[start:]
         return ((i, sample_seed(base, i)) for i in indices)
+
+
+class RepeatAugSampler(ResumableSampler):
+    """timm's ``RepeatAugSampler`` (repeated augmentation, ``--aug-repeats N``), resumable
+    like :class:`ResumableSampler`: the epoch's order is a pure function of (seed, epoch), so
+    :meth:`skip` resumes mid-epoch exactly.
+
+    Each epoch shuffles the images, repeats each N times in a row (a fraction N repeats the
+    first images of the shuffle one more time, as timm), pads to a multiple of the process
+    count, gives rank r the positions ``r, r + world, ...`` and keeps the first
+    ``floor(images rounded down to 256 / world)`` of them (timm's ``selected_round=256``; a
+    dataset under 256 images is not rounded, where timm would keep none). Each copy of an
+    image gets its own augmentation seed (copy 0 the seed :class:`ResumableSampler` gives), so
+    the copies differ. timm refuses a single process; here its copies land in one batch.
+    """
+
+    SELECTED_ROUND = 256
+
+    def __init__(self, dataset: Dataset, world_size: int, rank: int, seed: int, repeats: float) -> None:
+        super().__init__(dataset, world_size, rank, seed)
+        self.repeats = float(repeats)
+        n = len(dataset)  # type: ignore[arg-type]
+        self.num_samples = math.ceil(n * self.repeats / world_size)
+        self.total_size = self.num_samples * world_size
+        rounded = n // self.SELECTED_ROUND * self.SELECTED_ROUND if n >= self.SELECTED_ROUND else n
+        self.num_selected = rounded // world_size
+
+    def __len__(self) -> int:
+        return self.num_selected
+
+    def positions(self) -> list[tuple[int, int]]:
+        """This rank's ``(index, copy)`` pairs of the epoch, in order."""
+        n = len(self.dataset)  # type: ignore[arg-type]
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=g)
+        if self.repeats.is_integer():
+            indices = torch.repeat_interleave(order, int(self.repeats)).tolist()
+        else:
+            indices = order[torch.tensor([int(i // self.repeats) for i in range(math.ceil(self.repeats * n))])].tolist()
+        indices += indices[:self.total_size - len(indices)]
+        seen: dict[int, int] = {}
+        pairs = []
+        for i in indices:
+            pairs.append((i, seen.get(i, 0)))
+            seen[i] = seen.get(i, 0) + 1
+        return pairs[self.rank:self.total_size:self.num_replicas][:self.num_selected]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        start, self._start = self._start, 0
+        base, n = epoch_seed(self.seed, self.epoch), len(self.dataset)  # type: ignore[arg-type]
+        return ((i, sample_seed(base, i + copy * n)) for i, copy in self.positions()[start:])
+
+
+class AugSplitDataset(Dataset):
+    """timm's ``AugMixDataset`` (``--aug-splits N``): item ``i`` is N versions of image ``i``
+    after the base transform (the random crop and flip): the first only finished (the clean
+    split), the others augmented (``--aa``, color jitter, ...) then finished; ``transforms``
+    is :func:`build_transforms`' tuple (base, augment, final, clean final)."""
+
+    def __init__(self, dataset: ImageListDataset, num_splits: int, transforms: Sequence[Callable]) -> None:
+        self.dataset, self.num_splits = dataset, num_splits
+        self.base, self.augment, self.final, self.clean_final = transforms
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[tuple[Any, ...], int]:
+        x = self.base(self.dataset.load(index))
+        splits = [self.clean_final(x)] + [self.final(self.augment(x)) for _ in range(self.num_splits - 1)]
+        return tuple(splits), self.dataset.targets[index]
+
+
+def split_collate(batch: Sequence[tuple[Sequence[torch.Tensor], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of :class:`AugSplitDataset` items as timm's ``fast_collate`` lays it out: split
+    0 of every image, then split 1 of every image, ...; the targets repeated to match."""
+    from torch.utils.data import default_collate
+
+    splits = len(batch[0][0])
+    images = torch.cat([default_collate([b[0][j] for b in batch]) for j in range(splits)])
+    targets = default_collate([b[1] for b in batch])
+    return images, targets.repeat(splits)
 
 
 class SeededDataset(Dataset):
@@ -525,7 +628,8 @@ class StopSafeLoader(DataLoader):
 
 
 def build_train_loader(dataset: Dataset, batch_size: int, dist: DistInfo, *, seed: int, workers: int = 0,
-                       pin_memory: bool = False, collate_fn: Callable | None = None) -> DataLoader:
+                       pin_memory: bool = False, collate_fn: Callable | None = None,
+                       augment: AugmentConfig | None = None) -> DataLoader:
     """Shuffled, sharded training loader; call :func:`set_epoch` before each epoch.
 
     The shuffle is ``DistributedSampler``'s (also for one process) with ``seed + epoch``;
@@ -533,8 +637,17 @@ def build_train_loader(dataset: Dataset, batch_size: int, dist: DistInfo, *, see
     of steps. The random augmentations of each sample are seeded from (seed, epoch, index)
     (:class:`SeededDataset`), so the ``workers`` worker processes persist across epochs
     (no start-up per epoch) and every epoch is still a pure function of (seed, epoch).
+    ``augment``: ``--aug-repeats`` (:class:`RepeatAugSampler`) and ``--aug-splits``
+    (:class:`AugSplitDataset`, :func:`split_collate`; the dataset's transform is then
+    :func:`build_transforms`' tuple).
     """
-    sampler = ResumableSampler(dataset, dist.world_size, dist.rank, seed)
+    if augment is not None and augment.aug_repeats:
+        sampler: ResumableSampler = RepeatAugSampler(dataset, dist.world_size, dist.rank, seed, augment.aug_repeats)
+    else:
+        sampler = ResumableSampler(dataset, dist.world_size, dist.rank, seed)
+    if augment is not None and augment.aug_splits > 1:
+        dataset = AugSplitDataset(dataset, augment.aug_splits, dataset.transform)  # type: ignore[attr-defined]
+        collate_fn = collate_fn or split_collate
     per_rank = len(sampler)
     if per_rank < batch_size:
         raise UsageError(f"the train split has {len(dataset)} images, {per_rank} per process: fewer than "  # type: ignore[arg-type]
@@ -650,10 +763,50 @@ class DeviceLoader:
             yield pending
 
 
+def image_mode(flag: str | None, channels: int) -> str:
+    """The PIL mode images are read in: ``--input-img-mode``, else timm's rule (RGB for 3
+    input channels, L otherwise); ``UsageError`` when the mode's bands are not the model's
+    input channels (the normalisation would fail on the first image)."""
+    mode = flag or ("RGB" if channels == 3 else "L")
+    bands = Image.getmodebands(mode)
+    if bands != channels:
+        raise UsageError(f"--input-img-mode {mode} gives {bands}-channel images but the model takes {channels} "
+                         "(--in-chans / --input-size); give a mode with as many bands")
+    return mode
+
+
+class ImageSavingLoader:
+    """timm's ``--save-images``: every batch whose index is a multiple of ``every`` (and the
+    last) is also written to ``folder/train-batch-<index>.jpg`` (torchvision's ``save_image``,
+    min-max normalised, no padding), as the loader gives it: before mixup/cutmix, which timm
+    applies first. ``len``, ``sampler``, ``generator``, ``dataset`` are the wrapped loader's,
+    so :func:`set_epoch` and a mid-epoch resume work through it."""
+
+    def __init__(self, loader: Any, folder: str, every: int) -> None:
+        self.loader, self.folder, self.every = loader, folder, max(1, int(every))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:  # sampler, generator, dataset, loader: the wrapped loader's
+        return getattr(self.__dict__["loader"], name)
+
+    def __iter__(self) -> Iterator[Any]:
+        from torchvision.utils import save_image
+
+        last = len(self.loader) - 1
+        for index, (images, target) in enumerate(self.loader):
+            if index % self.every == 0 or index == last:
+                save_image(images.float(), os.path.join(self.folder, f"train-batch-{index}.jpg"), padding=0,
+                           normalize=True)
+            yield images, target
+
+
 def device_random_erasing(aug: AugmentConfig, device: torch.device) -> Callable | None:
     """timm's ``RandomErasing`` for batches on ``device`` (None when ``aug.re_prob`` is 0)."""
     if aug.no_aug or aug.re_prob <= 0:
         return None
     from timm.data.random_erasing import RandomErasing
 
-    return RandomErasing(probability=aug.re_prob, mode=aug.re_mode, max_count=aug.re_count, device=device)
+    return RandomErasing(probability=aug.re_prob, mode=aug.re_mode, max_count=aug.re_count,
+                         num_splits=aug.re_num_splits, device=device)

@@ -97,6 +97,73 @@ class AugmentConfig:
     re_mode: str = Flag("--remode", kind=OneOf(("pixel", "rand", "const")),
                         help="random erase mode: pixel, rand or const (timm's)")("pixel")
     re_count: int = Flag("--recount", kind=POSITIVE_INT, help="random erase count >= 1")(1)
+    train_crop_mode: str | None = Flag("--train-crop-mode", choices=("rrc", "rkrc", "rkrr"),
+                                       help="training crop: rrc (random resized crop), rkrc / rkrr (resize keeping "
+                                            "the ratio, then center / random crop or pad), timm's")(
+        None, note="= rrc")
+    color_jitter_prob: float | None = Flag("--color-jitter-prob", kind=PROBABILITY, metavar="PCT",
+                                           help="probability of applying the color jitter, in [0, 1]")(
+        None, note="= always")
+    grayscale_prob: float | None = Flag("--grayscale-prob", kind=PROBABILITY, metavar="PCT",
+                                        help="probability of a random grayscale conversion, in [0, 1]")(None, note="= 0")
+    gaussian_blur_prob: float | None = Flag("--gaussian-blur-prob", kind=PROBABILITY, metavar="PCT",
+                                            help="probability of a gaussian blur, in [0, 1]")(None, note="= 0")
+    aug_repeats: float = Flag("--aug-repeats", kind=NON_NEGATIVE, metavar="N",
+                              help="repeated augmentation (timm's RepeatAugSampler, DeiT): each epoch takes about "
+                                   "1/N of the images, each N times with its own augmentation; with several "
+                                   "processes the copies go to different ranks, in one process (beyond timm, which "
+                                   "needs several) they are in the same batch. A fraction repeats some images "
+                                   "more. Epoch length: the images, rounded down to a multiple of 256 (timm's "
+                                   "rule; under 256 images: all), divided by the processes")(0.0, note="= off")
+    aug_splits: int = Flag("--aug-splits", kind=NON_NEGATIVE_INT, metavar="N",
+                           help="augmentation splits (timm's AugMixDataset): every image comes N times in the batch, "
+                                "the first clean (no --aa / color jitter), the others augmented; batches hold N x -b "
+                                "images; 0 or >= 2 (use with --jsd-loss, --split-bn)")(0, note="= off")
+    split_bn: bool = Flag("--split-bn", action="store_true",
+                          help="one BatchNorm per augmentation split while training (timm's convert_splitbn_model); "
+                               "needs --aug-splits or --resplit")(False)
+    resplit: bool = Flag("--resplit", action="store_true",
+                         help="do not random-erase the first (clean) augmentation split")(False)
+    input_img_mode: str | None = Flag("--input-img-mode", metavar="MODE",
+                                      help="PIL mode the images are converted to, e.g. RGB, L")(
+        None, note="= RGB, or L for 1 input channel")
+    save_images: bool = Flag("--save-images", action="store_true",
+                             help="save each logged training batch as train-batch-<step>.jpg in the run folder, "
+                                  "as timm")(False)
+    worker_seeding: str = Flag("--worker-seeding", choices=("all", "part"),
+                               help="timm's loader-worker seeding; emakit seeds python, numpy and torch for every "
+                                    "sample from (--seed, epoch, index) whatever the value")("all")
+    use_multi_epochs_loader: bool = Flag("--use-multi-epochs-loader", action="store_true",
+                                         help="keep the loader workers across epochs, as timm's MultiEpochsDataLoader; "
+                                              "emakit's workers always persist")(False)
+    tta: int = Flag("--tta", kind=NON_NEGATIVE_INT, metavar="N",
+                    help="timm's eval reduction factor; refused above 1 (timm averages the outputs of N consecutive, "
+                         "different validation images: no augmented copies are made)")(0)
+
+    def __post_init__(self) -> None:
+        if self.tta > 1:
+            raise UsageError(f"--tta {self.tta} is not supported: timm's train.py averages the outputs of "
+                             f"{self.tta} consecutive, different validation images (its loader makes no augmented "
+                             "copies), which mis-scores the model; drop it")
+        if 0 < self.aug_repeats < 1:
+            raise UsageError(f"--aug-repeats {self.aug_repeats:g}: use 0 (off) or a number >= 1")
+        if self.aug_splits == 1:
+            raise UsageError("--aug-splits 1: a split of 1 makes no sense (timm); use 0 (off) or >= 2")
+        if self.split_bn and self.aug_splits < 2 and not self.resplit:
+            raise UsageError("--split-bn needs --aug-splits N (N >= 2) or --resplit")
+        if self.aug_splits and self.no_aug:
+            raise UsageError("--aug-splits needs augmentation: drop --no-aug or --aug-splits")
+        if self.input_img_mode is not None:
+            from PIL import Image
+
+            if self.input_img_mode not in Image.MODES:
+                raise UsageError(f"--input-img-mode {self.input_img_mode}: not a PIL image mode; use one of "
+                                 f"{', '.join(Image.MODES)}")
+
+    @property
+    def re_num_splits(self) -> int:
+        """timm's ``re_num_splits``: with ``--resplit`` the clean split is not erased."""
+        return (self.aug_splits or 2) if self.resplit else 0
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from .build import (build_amp, build_averages, build_distillation, build_guard, 
                     convert_sync_bn, import_device_modules, load_data, resolve_lr, scheduled_epochs, seed_all,
                     train_data_config, wrap_ddp)
 from .bn import has_batchnorm
-from .data import DataSplits, DeviceLoader
+from .data import DataSplits, DeviceLoader, ImageSavingLoader
 from .dcp import DcpSaver
 from .distributed import DistInfo, all_reduce_sum, gather_objects, init_distributed, shutdown_distributed
 from .engine import AmpSettings, NonfiniteGuard
@@ -103,6 +103,10 @@ def _build_parts(s: TrainSettings, dist: DistInfo) -> dict[str, Any]:
     seed_all(s.run.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     check_compile_backend(s.model.compile_backend)
     model_without_ddp = build_train_model(s.model, num_classes, dist.device)
+    if s.data.augment.split_bn:  # timm's --split-bn: one BatchNorm per augmentation split (before EMA / DDP)
+        from timm.layers import convert_splitbn_model
+
+        model_without_ddp = convert_splitbn_model(model_without_ddp, max(s.data.augment.aug_splits, 2)).to(dist.device)
     data_config = train_data_config(model_without_ddp, s.data, s.model)
     model_without_ddp = convert_sync_bn(model_without_ddp, dist, s.parallel)
     train_loader, eval_loader = build_loaders(s.data, data, data_config, dist, seed=s.run.seed)
@@ -222,6 +226,9 @@ def build_trainer(settings: TrainSettings, logs: LogSetup | None = None) -> Trai
         parts = _build_parts(settings, dist)
         output = _setup_output(settings, dist, parts, logs, undo)
         _open_posthoc_folder(settings, dist, parts["averages"], output.get("output_dir"))
+        if settings.data.augment.save_images and dist.is_main:  # timm's --save-images
+            parts["train_loader"] = ImageSavingLoader(parts["train_loader"], output["output_dir"],
+                                                      settings.run.log_interval)
         parts["flags"] = MappingProxyType(dict(parts["flags"]))
         undo.pop_all()
         return Trainer(settings=settings, dist=dist, **parts, **output)

@@ -21,18 +21,34 @@ from typing import Any, ClassVar
 from emakit.posthoc import DTYPES
 
 from . import UsageError
-from .kinds import OutputFile, Parser, POSITIVE_INT, check_parsed, parse_sigma_rels
-from .options import (AMP_DTYPE, BATCH_SIZE, CHANNELS_LAST, CROP_PCT, DEVICE, IMG_SIZE, INTERPOLATION, MEAN_FLAG,
-                      MODEL, NO_PROGRESS, NUM_CLASSES, STD_FLAG, WORKERS, Flag, add_flags, from_flags)
+from .kinds import NON_NEGATIVE_INT, OutputFile, Parser, POSITIVE_INT, SEED, SEED_MAX, check_parsed, parse_sigma_rels
+from .options import (AMP_DTYPE, BATCH_SIZE, CHANNELS_LAST, CROP_PCT, DEVICE, FAST_NORM, FUSER, GLOBAL_POOL, IMG_SIZE, IN_CHANS,
+                      INPUT_SIZE, INTERPOLATION, MEAN_FLAG, MODEL, MODEL_DTYPE, MODEL_KWARGS, NO_PROGRESS, NUM_CLASSES,
+                      STD_FLAG, TORCHCOMPILE_MODE, TORCHSCRIPT, WORKERS, Flag, add_flags, from_flags)
 from .settings import data_root
 
-__all__ = ["CHECKPOINT_EXTENSIONS", "EVAL_DATA_KEYS", "EvalDataSettings", "WeightSettings", "RuntimeSettings",
+__all__ = ["CHECKPOINT_EXTENSIONS", "EVAL_DATA_KEYS", "REFUSED", "EvalDataSettings", "WeightSettings", "RuntimeSettings",
            "OutputSettings", "PosthocSettings", "ValidateSettings", "build_parser", "parse_args"]
 
 CHECKPOINT_EXTENSIONS = (".pth.tar", ".pth", ".pt", ".safetensors")
 # The eval-transform flags; each left out (None) defaults to the checkpoint's training value.
 EVAL_DATA_KEYS = ("img_size", "crop_pct", "mean", "std", "interpolation")
 _WEIGHTS_RE = re.compile(r"^(raw|ema|both|ema:\d+)$")
+# timm's validate.py flags that emakit parses with timm's default and refuses otherwise: (flag,
+# dest, timm's default, why). docs/TIMM_DIFFERENCES.md lists the same rows.
+REFUSED = (
+    ("--tf-preprocessing", "tf_preprocessing", False,
+     "it needs TensorFlow's image ops, which emakit does not install; drop it"),
+    ("--torchscript", "torchscript", False,
+     "TorchScript is deprecated in torch and timm; use --torchcompile"),
+    ("--fuser", "fuser", "", "it picks a TorchScript fuser, and TorchScript is refused; use --torchcompile"),
+    ("--aot-autograd", "aot_autograd", False,
+     "functorch's memory_efficient_fusion is gone from torch; use --torchcompile"),
+    ("--num-gpu", "num_gpu", 1,
+     "it means torch.nn.DataParallel; run one process per GPU with torchrun --nproc_per_node=N validate.py ..."),
+    ("--naflex-loader", "naflex_loader", False,
+     "emakit has no NaFlex (variable-resolution patch) loader; evaluate at a fixed --img-size"),
+)
 _SAVE_SUFFIXES = (".safetensors",) + tuple(e for e in CHECKPOINT_EXTENSIONS if e != ".safetensors")
 
 
@@ -62,9 +78,52 @@ class EvalDataSettings:
                    "default")
     batch_size: int = BATCH_SIZE(256, help="batch size per process; does not change the results")
     workers: int = WORKERS(0, note="= main process, as train.py; timm: 4")
+    num_samples: int | None = Flag("--num-samples", kind=POSITIVE_INT, metavar="N",
+                                   help="evaluate N samples of the split, drawn with --seed (kept in the split's "
+                                        "order); timm reads it for its iterable datasets only")(None, note="= all")
+    input_img_mode: str | None = Flag("--input-img-mode", metavar="MODE",
+                                      help="PIL mode the images are converted to, e.g. RGB, L")(
+        None, note="= RGB, or L for a 1-channel model")
+    crop_mode: str | None = Flag("--crop-mode", choices=("center", "squash", "border"),
+                                 help="eval crop: center (resize the short side, center crop), squash (resize to the "
+                                      "size, no crop) or border (fit inside, pad)")(
+        None, note="= the model's pretrained cfg, else center")
+    crop_border_pixels: int | None = Flag("--crop-border-pixels", kind=NON_NEGATIVE_INT, metavar="N",
+                                          help="crop N pixels from each image border first, as timm's "
+                                               "transform")(None)
+    use_train_size: bool = Flag("--use-train-size", action="store_true",
+                                help="the model's train input size even where its pretrained cfg has a test size")(
+        False, note="= the test size, as timm's validate.py")
+    pin_memory: bool = Flag("--pin-mem", action="store_true", help="pin CPU memory in the data loader")(False)
+    prefetcher: bool = Flag("--no-prefetcher", action="store_true", invert=True,
+                            help="on CUDA, do not use the GPU input path (uint8 batches normalised on the GPU)")(True)
+    real_labels: str | None = Flag("--real-labels", metavar="FILE",
+                                   help="ImageNet 'ReaL' labels (real.json, one list of labels per validation "
+                                        "image ILSVRC2012_val_<n>.JPEG): top-1/top-5 count a prediction right when "
+                                        "it is among the image's real labels, images without any are left out, as "
+                                        "timm's RealLabelsImagenet")(None)
+    valid_labels: str | None = Flag("--valid-labels", metavar="FILE",
+                                    help="text file of class indices, one a line: score only these outputs of the "
+                                         "model (e.g. the 200 ImageNet-A/R classes); the data's labels index this "
+                                         "list")(None)
+    seed: int = Flag("--seed", kind=SEED, metavar="S", help=f"random seed in [0, {SEED_MAX}] (--num-samples)")(42)
+    log_freq: int = Flag("--log-freq", kind=POSITIVE_INT, metavar="N",
+                         help="log a line every N batches")(10)
+    tf_preprocessing: bool = Flag("--tf-preprocessing", action="store_true",
+                                  help="timm's TensorFlow preprocessing; refused: needs TensorFlow")(False)
+    naflex_loader: bool = Flag("--naflex-loader", action="store_true",
+                               help="timm's NaFlex loader; refused: emakit has none")(False)
+    naflex_max_seq_len: int = Flag("--naflex-max-seq-len", kind=POSITIVE_INT, metavar="N",
+                                   help="NaFlex sequence length (only with --naflex-loader, which is refused)")(576)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", data_root(self.root, self.data_dir))
+        if self.input_img_mode is not None:
+            from PIL import Image
+
+            if self.input_img_mode not in Image.MODES:
+                raise UsageError(f"--input-img-mode {self.input_img_mode}: not a PIL image mode; use one of "
+                                 f"{', '.join(Image.MODES)}")
 
     @property
     def overrides(self) -> Mapping[str, Any]:
@@ -81,7 +140,11 @@ class WeightSettings:
                                   help="checkpoint file, a train.py --checkpoint-format dcp folder (last.dcp), or a "
                                        "folder: every *.pth.tar, *.pth, *.pt, *.safetensors file and *.dcp folder in "
                                        "it")(None, note="; required unless --posthoc-dir and --model are given")
-    model: str | None = MODEL(None, note="= the checkpoint's training --model / arch")
+    model: str | None = Flag("--model", "-m", metavar="MODEL", help=MODEL.help)(
+        None, note="= the checkpoint's training --model / arch")
+    pretrained: bool = Flag("--pretrained", action="store_true",
+                            help="evaluate the model's pretrained weights (timm's hub download and cache); without "
+                                 "--checkpoint and with --model this is implied, as in timm")(False)
     num_classes: int | None = NUM_CLASSES(None, note="= the checkpoint's, from its args or classifier shape")
     weights: str | None = Flag("--weights", metavar="SET",
                                help="weights to evaluate: raw, ema, both (raw and EMA side by side) or ema:N (extra "
@@ -89,6 +152,18 @@ class WeightSettings:
     use_ema: bool = Flag("--use-ema", action="store_true",
                          help="evaluate the EMA weights, as timm's flag: same as --weights ema; an error if the file "
                               "has none")(False)
+    gp: str | None = GLOBAL_POOL(None, note="= model default")
+    in_chans: int | None = IN_CHANS(None, note="= the checkpoint's training --in-chans, else --input-size's C, else 3")
+    input_size: tuple[int, int, int] | None = INPUT_SIZE(None, note="= --img-size's")
+    model_kwargs: Mapping[str, Any] | None = MODEL_KWARGS(None, note="= {}")
+    model_dtype: str | None = MODEL_DTYPE(None, note="= float32")
+    fast_norm: bool = FAST_NORM(False)
+    reparam: bool = Flag("--reparam", action="store_true",
+                         help="reparameterize the model for inference (timm's reparameterize_model: RepVGG, "
+                              "MobileOne, FastViT, ... fused branches)")(False)
+    test_pool: bool = Flag("--test-pool", action="store_true",
+                           help="test-time pooling (timm's apply_test_time_pool): the model sees the full image "
+                                "at the size of the pretrained cfg's test size, crop 1.0")(False)
 
     def __post_init__(self) -> None:
         if self.use_ema and self.weights not in (None, "ema"):
@@ -97,6 +172,9 @@ class WeightSettings:
         if not _WEIGHTS_RE.match(weights):
             raise UsageError(f"--weights {weights!r}: use raw, ema, both or ema:N")
         object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "model_kwargs", MappingProxyType(dict(self.model_kwargs or {})))
+        if self.input_size is not None:
+            object.__setattr__(self, "input_size", tuple(self.input_size))
 
     @property
     def sets(self) -> tuple[str, ...]:
@@ -114,10 +192,28 @@ class RuntimeSettings:
     amp_dtype: Any = AMP_DTYPE("float16", help="autocast dtype with --amp")
     channels_last: bool = CHANNELS_LAST(False)
     progress: bool = NO_PROGRESS(True, help="no tqdm progress bar (bars only on rank 0 and a TTY)")
+    compile_backend: str | None = Flag("--torchcompile", nargs="?", const="inductor", metavar="BACKEND",
+                                       help="torch.compile the model with BACKEND")(None, note="; bare flag: inductor")
+    compile_mode: str | None = TORCHCOMPILE_MODE(None, note="= torch's default")
+    torchscript: bool = TORCHSCRIPT(False)
+    aot_autograd: bool = Flag("--aot-autograd", action="store_true",
+                              help="functorch AOT autograd; refused: gone from torch, use --torchcompile")(False)
+    fuser: str = FUSER("")
+    num_gpu: int = Flag("--num-gpu", kind=POSITIVE_INT, metavar="N",
+                        help="GPUs for torch.nn.DataParallel; only 1: use torchrun for more")(1)
+    retry: bool = Flag("--retry", action="store_true",
+                       help="on an out-of-memory error, retry with a smaller batch (timm's decay_batch_step) until "
+                            "it fits")(False)
 
     def __post_init__(self) -> None:
         if isinstance(self.amp_dtype, str):
             object.__setattr__(self, "amp_dtype", DTYPES[self.amp_dtype])
+        scripting = [f for f, on in (("--torchscript", self.torchscript), ("--torchcompile", self.compile_backend),
+                                     ("--aot-autograd", self.aot_autograd)) if on]
+        if len(scripting) > 1:
+            raise UsageError(f"{scripting[0]} and {scripting[1]} exclude each other (as in timm); give one")
+        if self.compile_mode and not self.compile_backend:
+            raise UsageError("--torchcompile-mode needs --torchcompile")
 
 
 @dataclass(frozen=True)
@@ -131,6 +227,9 @@ class OutputSettings:
     results_format: str | None = Flag("--results-format", choices=("csv", "json"),
                                       help="format of --results-file and of the post-hoc sweep table")(
         None, note="= json if FILE ends in .json, else csv")
+    metrics_avg: str | None = Flag("--metrics-avg", choices=("micro", "macro", "weighted"),
+                                   help="also compute precision, recall and F1 score (scikit-learn) with this "
+                                        "averaging, as <avg>_precision, <avg>_recall, <avg>_f1_score (percent)")(None)
     export_ema: str | None = Flag("--export-ema", kind=OutputFile((".safetensors",)), metavar="FILE.safetensors",
                                   help="write the checkpoint's EMA weights (the --weights ema:N one if given) alone, "
                                        "unprefixed, atomically, loadable by timm's pretrained_cfg_overlay; checked "
@@ -181,6 +280,20 @@ class ValidateSettings:
 
     def __post_init__(self) -> None:
         posthoc, checkpoint = self.posthoc, self.weights.checkpoint
+        if self.runtime.amp and self.weights.model_dtype not in (None, "float32"):
+            raise UsageError(f"--amp needs float32 weights; drop --model-dtype {self.weights.model_dtype} or --amp")
+        if self.data.real_labels and self.data.valid_labels:
+            raise UsageError("--real-labels and --valid-labels exclude each other: ReaL labels index all 1000 "
+                             "ImageNet classes")
+        if self.weights.pretrained and (checkpoint or posthoc.sigma_rels):
+            raise UsageError("--pretrained evaluates the model's pretrained weights; drop it, or drop --checkpoint "
+                             "/ --posthoc-sigma-rel")
+        if not posthoc.sigma_rels and not checkpoint and self.weights.model:
+            if self.outputs.export_ema:
+                raise UsageError("--export-ema exports a checkpoint's EMA: add --checkpoint")
+            return  # timm: no checkpoint -> the model's pretrained weights
+        if self.weights.pretrained:
+            raise UsageError("--pretrained needs --model NAME (the model whose pretrained weights to evaluate)")
         if not posthoc.sigma_rels:
             for flag, value in (("--posthoc-dir", posthoc.snapshot_dir), ("--posthoc-step", posthoc.step),
                                 ("--posthoc-save", posthoc.save)):
@@ -210,4 +323,8 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "validate.py") -> 
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     check_parsed(parser, args, parser.error)
+    for flag, dest, default, why in REFUSED:
+        if getattr(args, dest) != default:
+            raise UsageError(f"{flag} is not supported: {why}")
     return from_flags(ValidateSettings, args)
+

@@ -48,7 +48,7 @@ from emakit.posthoc import list_snapshots, reconstruct_many, sigma_rel_to_decay,
 from . import UsageError, one_line
 from .build import build_model as _build_model, check_model_name
 from .data import (AugmentConfig, DeviceLoader, ImageListDataset, build_eval_loader, build_transforms, class_folders,
-                   load_digits_splits, scan_split)
+                   image_mode, load_digits_splits, scan_split)
 from .distributed import DistInfo
 from .dcp import dcp_folder_to_checkpoint, is_dcp_folder, names_dcp_folder, resolve_dcp_folder
 from .engine import AmpSettings, EvalTarget, evaluate_many
@@ -60,7 +60,8 @@ __all__ = [
     "CHECKPOINT_EXTENSIONS", "RESULT_FIELDS", "ResultRecord", "SweepRow", "ValidationReport", "EvalSetup",
     "run_checkpoints", "run_posthoc", "find_checkpoints", "resolve_arch", "resolve_num_classes", "select_weights",
     "build_model", "load_weights", "load_eval_dataset", "eval_data_config", "torchvision_eval_settings",
-    "evaluate_weights", "evaluate_weight_sets",
+    "evaluate_weights", "evaluate_weight_sets", "run_pretrained", "read_valid_labels", "subsample",
+    "real_label_accuracy", "precision_recall_f1", "model_in_chans", "model_kwargs",
     "write_results", "export_weights", "check_weights_fit", "timm_load_hint", "resolve_posthoc_dir",
     "reconstruct_profiles",
     "posthoc_equivalents", "pick_best", "save_posthoc_weights", "new_sweep_id", "read_sweep_table",
@@ -254,14 +255,26 @@ def _shape_model(arch: str, num_classes: int, in_chans: int | None) -> nn.Module
 
 
 # =========================================================================== model
-def build_model(arch: str, num_classes: int, *, device: torch.device, channels_last: bool = False,
-                in_chans: int | None = None) -> nn.Module:
-    """A fresh timm model (:func:`emakit.training.build.build_model`) in eval mode on ``device``."""
-    return _build_model(arch, num_classes, device, channels_last=channels_last, in_chans=in_chans, log=False).eval()
+def build_model(arch: str, num_classes: int | None, *, device: torch.device, channels_last: bool = False,
+                in_chans: int | None = None, model_kwargs: Mapping[str, Any] | None = None,
+                pretrained: bool = False) -> nn.Module:
+    """A fresh timm model (:func:`emakit.training.build.build_model`) in eval mode on ``device``;
+    ``model_kwargs``: timm's ``--model-kwargs`` (and ``--gp`` as ``global_pool``);
+    ``pretrained``: the model's pretrained weights (``num_classes`` None: the model's own)."""
+    return _build_model(arch, num_classes, device, channels_last=channels_last, in_chans=in_chans, log=False,
+                        factory_kwargs=dict(model_kwargs or {}), pretrained=pretrained).eval()
 
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, Any], source: str, label: str) -> None:
-    """Strict load with an error naming the file, the weight set and the first mismatching keys."""
+    """Strict load with an error naming the file, the weight set and the first mismatching keys.
+
+    The auxiliary BatchNorms of a ``--split-bn`` run (``*.aux_bn.<split>.*``, timm's
+    ``SplitBatchNorm2d``) are left out when ``model`` has none: in eval mode a split BatchNorm
+    is its main one, so the scores are those of the trained model."""
+    own = model.state_dict()
+    aux = [k for k in state_dict if ".aux_bn." in k and k not in own]
+    if aux:
+        state_dict = {k: v for k, v in state_dict.items() if k not in set(aux)}
     try:
         check_state_dict_compat(model, state_dict)
     except CheckpointError as e:
@@ -351,17 +364,25 @@ def torchvision_eval_settings(train_args: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def eval_data_config(model: nn.Module, train_args: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def eval_data_config(model: nn.Module, train_args: Mapping[str, Any], overrides: Mapping[str, Any], *,
+                     use_test_size: bool = True) -> dict[str, Any]:
     """timm ``resolve_data_config`` of the training args' image size, crop, mean, std and
-    interpolation (train.py resolves exactly these), each replaced by its flag when given."""
+    interpolation (train.py resolves exactly these), each replaced by its flag when given
+    (``overrides`` may also hold ``input_size``, ``in_chans`` and ``crop_mode``). Where
+    neither gives a size, the model's pretrained cfg's test size is used unless
+    ``use_test_size`` is False (``--use-train-size``), as timm's validate.py does."""
     from timm.data import resolve_data_config
 
     settings = {k: train_args.get(k) for k in _DATA_KEYS if train_args.get(k) not in (None, "")}
     settings.update(torchvision_eval_settings(train_args))
     if "img_size" not in overrides and isinstance(train_args.get("input_size"), (list, tuple)):
         settings["input_size"] = tuple(train_args["input_size"])  # timm's own checkpoints
+    if isinstance(train_args.get("in_chans"), int) and not isinstance(train_args["in_chans"], bool):
+        settings["in_chans"] = train_args["in_chans"]
+    if "img_size" in overrides and "input_size" not in overrides:
+        settings.pop("input_size", None)
     settings.update({k: v for k, v in overrides.items() if v not in (None, "")})
-    return resolve_data_config(settings, model=model)
+    return resolve_data_config(settings, model=model, use_test_size=use_test_size)
 
 
 # =========================================================================== evaluation
@@ -378,6 +399,20 @@ class EvalSetup:
     channels_last: bool = False
     progress: bool = False
     data_overrides: dict[str, Any] = field(default_factory=dict)
+    use_test_size: bool = True          # not --use-train-size
+    crop_border_pixels: int | None = None
+    prefetcher: bool = True             # the GPU input path on CUDA (not --no-prefetcher)
+    pin_memory: bool = False
+    model_dtype: torch.dtype | None = None
+    reparam: bool = False
+    test_pool: bool = False
+    compile_backend: str | None = None
+    compile_mode: str | None = None
+    valid_labels: list[int] | None = None
+    real_labels: str | None = None      # the real.json file
+    metrics_avg: str | None = None
+    log_freq: int = 0
+    retry: bool = False
 
 
 @dataclass
@@ -397,11 +432,17 @@ class ResultRecord:
     samples: int
     epoch: int | None = None
     posthoc: dict[str, float] | None = None  # sigma_rel, posthoc_step, decay_equiv, half_life_equiv
+    extra: dict[str, float] = field(default_factory=dict)  # --metrics-avg: <avg>_precision, _recall, _f1_score
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain dict in ``RESULT_FIELDS`` order (plus the post-hoc fields for a sweep row)."""
+        """Plain dict in ``RESULT_FIELDS`` order, the ``--metrics-avg`` scores after ``top5_err``
+        as timm places them (plus the post-hoc fields for a sweep row)."""
         values = {**vars(self), "top1_err": 100.0 - self.top1, "top5_err": 100.0 - self.top5}
-        out = {k: values[k] for k in RESULT_FIELDS}
+        out: dict[str, Any] = {}
+        for k in RESULT_FIELDS:
+            out[k] = values[k]
+            if k == "top5_err":
+                out.update(self.extra)
         out.update(self.posthoc or {})
         return out
 
@@ -418,32 +459,241 @@ def evaluate_weight_sets(models: Sequence[tuple[nn.Module, str]], setup: EvalSet
                          ) -> tuple[list[dict[str, float]], dict[str, Any]]:
     """(metrics per model, data config): every ``(model, label)`` of one architecture scored
     in one pass over ``setup.dataset`` (each image decoded once, ``evaluate_many``), with the
-    eval transform resolved from ``train_args``, the flags and the first model."""
-    data_config = eval_data_config(models[0][0], train_args, setup.data_overrides)
-    on_device = setup.dist.device.type == "cuda"  # the GPU input path, as in train.py
-    _, setup.dataset.transform = build_transforms(data_config, AugmentConfig(), uint8=on_device)
-    loader: Any = build_eval_loader(setup.dataset, setup.batch_size, setup.dist, workers=setup.workers,
-                                    pin_memory=on_device)
+    eval transform resolved from ``train_args``, the flags and the first model.
+
+    timm's validate.py steps in its order: ``--reparam`` (on a copy), the data config,
+    ``--test-pool`` (crop 1.0 when applied), ``--model-dtype``, ``--torchcompile``; then the
+    scores: ``--valid-labels`` keeps those outputs, ``--real-labels`` replaces top-1/top-5,
+    ``--metrics-avg`` adds precision/recall/F1. ``--retry``: an out-of-memory error retries
+    the pass with a smaller batch (timm's ``decay_batch_step``)."""
+    prepared = [(_prepare_model(m, setup), label) for m, label in models]
+    data_config = eval_data_config(prepared[0][0], train_args, setup.data_overrides,
+                                   use_test_size=setup.use_test_size)
+    if setup.test_pool:
+        from timm.layers import apply_test_time_pool
+
+        pooled = [apply_test_time_pool(m, data_config) for m, _ in prepared]
+        if pooled[0][1]:
+            prepared = [(m, label) for (m, _), (_, label) in zip(pooled, prepared)]
+            data_config = {**data_config, "crop_pct": 1.0}
+    prepared = [(_compile(m.to(dtype=setup.model_dtype) if setup.model_dtype else m, setup), label)
+                for m, label in prepared]
+    batch_size = setup.batch_size
+    while True:
+        try:
+            return _score(prepared, setup, data_config, batch_size), data_config
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            smaller = _retry_batch_size(e, batch_size, setup)
+            _log.warning("%s while evaluating with batch %d; retrying with batch %d", one_line(e)[:200], batch_size,
+                         smaller)
+            batch_size = smaller
+
+
+def _retry_batch_size(error: BaseException, batch_size: int, setup: EvalSetup) -> int:
+    """The next batch size of ``--retry`` after ``error``, or ``error`` raised again: only an
+    out-of-memory error is retried (timm retries any RuntimeError its check lets through;
+    a shape or code error would only fail again), one process only."""
+    from timm.utils import check_batch_size_retry, decay_batch_step
+
+    text = str(error)
+    oom = isinstance(error, torch.OutOfMemoryError) or "out of memory" in text.lower()
+    smaller = decay_batch_step(batch_size)
+    if not (setup.retry and oom and check_batch_size_retry(text) and smaller > 0):
+        raise error
+    if setup.dist.distributed:
+        raise UsageError("out of memory under torchrun; --retry works in one process: lower -b/--batch-size") \
+            from None
+    if setup.dist.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return smaller
+
+
+def _prepare_model(model: nn.Module, setup: EvalSetup) -> nn.Module:
+    """``--reparam`` (timm's ``reparameterize_model``) on a copy; the model itself otherwise.
+    A copy also when a later step changes the module (``--test-pool``, ``--model-dtype``):
+    the loaded model is kept as it is for the next checkpoint."""
+    if setup.reparam:
+        from timm.utils import reparameterize_model
+
+        return reparameterize_model(model, inplace=False)
+    if setup.test_pool or setup.model_dtype is not None:
+        return copy.deepcopy(model)
+    return model
+
+
+def _compile(model: nn.Module, setup: EvalSetup) -> nn.Module:
+    if not setup.compile_backend:
+        return model
+    torch._dynamo.reset()
+    return torch.compile(model, backend=setup.compile_backend, mode=setup.compile_mode)
+
+
+class _Scored(nn.Module):
+    """The model's output as validate.py scores it: its first element for a tuple output,
+    only the ``--valid-labels`` columns, and each sample's top-5 classes recorded (in the
+    order of the batches) for ``--real-labels`` / ``--metrics-avg``."""
+
+    def __init__(self, model: nn.Module, valid: list[int] | None, record: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.valid = None if valid is None else torch.tensor(valid, dtype=torch.long)
+        self.record = record
+        self.top: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if self.valid is not None:
+            out = out[:, self.valid.to(out.device)]
+        if self.record:
+            self.top.append(out.float().topk(min(5, out.shape[-1]), dim=-1).indices.cpu())
+        return out
+
+
+class _LoggedLoader:
+    """timm's ``--log-freq``: a log line (batch, time per batch, images/s) every N batches."""
+
+    def __init__(self, loader: Any, every: int) -> None:
+        self.loader, self.every = loader, every
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:  # batch_size, sampler, dataset: the loader's
+        return getattr(self.__dict__["loader"], name)
+
+    def __iter__(self) -> Any:
+        import time
+
+        start = last = time.perf_counter()
+        total = len(self.loader)
+        for i, (inputs, target) in enumerate(self.loader):
+            yield inputs, target
+            now = time.perf_counter()
+            if i % self.every == 0 or i == total - 1:
+                _log.info("Test: [%4d/%d]  time %.3fs (%.3fs avg, %.1f/s)", i, total, now - last,
+                          (now - start) / (i + 1), inputs.shape[0] / max(now - last, 1e-9))
+            last = now
+
+
+def _score(models: Sequence[tuple[nn.Module, str]], setup: EvalSetup, data_config: Mapping[str, Any],
+           batch_size: int) -> list[dict[str, float]]:
+    """One pass of every model over ``setup.dataset`` with ``batch_size``."""
+    on_device = setup.dist.device.type == "cuda" and setup.prefetcher  # the GPU input path, as in train.py
+    _, setup.dataset.transform = build_transforms(dict(data_config), AugmentConfig(), uint8=on_device,
+                                                  crop_border_pixels=setup.crop_border_pixels)
+    loader: Any = build_eval_loader(setup.dataset, batch_size, setup.dist, workers=setup.workers,
+                                    pin_memory=on_device or setup.pin_memory)
     if on_device:
-        loader = DeviceLoader(loader, setup.dist.device, data_config["mean"], data_config["std"])
-    targets = [EvalTarget(model, setup.dist.device, label=f" ({label})") for model, label in models]
+        loader = DeviceLoader(loader, setup.dist.device, data_config["mean"], data_config["std"],
+                              dtype=setup.model_dtype or torch.float32)
+    if setup.log_freq and setup.dist.is_main:
+        loader = _LoggedLoader(loader, setup.log_freq)
+    record = bool(setup.real_labels or setup.metrics_avg)
+    scored = [_Scored(m, setup.valid_labels, record) for m, _ in models]
+    targets = [EvalTarget(s, setup.dist.device, input_dtype=setup.model_dtype, label=f" ({label})")
+               for s, (_, label) in zip(scored, models)]
     metrics = evaluate_many(targets, loader, nn.CrossEntropyLoss(), amp=setup.amp,
                             channels_last=setup.channels_last, dist=setup.dist, progress=setup.progress)
-    return metrics, data_config
+    if record:
+        for s, m in zip(scored, metrics):
+            top = _gather_in_order(s.top, setup.dist)
+            if setup.real_labels:
+                m["top1"], m["top5"] = real_label_accuracy(setup.real_labels, setup.dataset.items, top)
+            if setup.metrics_avg:
+                m.update(precision_recall_f1(setup.dataset.targets, top[:, 0], setup.metrics_avg))
+    return metrics
+
+
+def _gather_in_order(parts: Sequence[torch.Tensor], dist: DistInfo) -> torch.Tensor:
+    """Every rank's recorded rows back in the dataset's order (rank r evaluated the samples
+    ``r, r + world, ...``, :class:`~.data.ShardSampler`)."""
+    mine = torch.cat(list(parts)) if parts else torch.zeros(0, 0, dtype=torch.long)
+    if not dist.distributed:
+        return mine
+    import torch.distributed as tdist
+
+    gathered: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(gathered, mine)
+    total = sum(len(g) for g in gathered)
+    out = torch.zeros(total, max(g.shape[1] for g in gathered), dtype=torch.long)
+    for rank, g in enumerate(gathered):
+        out[rank::dist.world_size] = g
+    return out
+
+
+def real_label_accuracy(real_json: str, items: Sequence[Any], top: torch.Tensor) -> tuple[float, float]:
+    """(top-1, top-5) against ImageNet's 'ReaL' labels by timm's ``RealLabelsImagenet``: the
+    files' base names ``ILSVRC2012_val_<n>.JPEG`` pick each image's list of real labels in
+    ``real_json``; images whose list is empty are left out. ``top``: each image's top-5
+    classes, best first, in the dataset's order."""
+    from timm.data import RealLabelsImagenet
+
+    names = [os.path.basename(str(item)) for item in items]
+    if top.shape[1] < 5:
+        raise UsageError(f"--real-labels scores the top 5 of ImageNet's classes; this model has {top.shape[1]}")
+    try:
+        real = RealLabelsImagenet(names, real_json=real_json)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--real-labels {real_json}: {one_line(e)[:200]}; give timm's real.json") from None
+    except AssertionError:
+        raise UsageError(f"--real-labels {real_json}: it lists labels for {_json_len(real_json)} images but the "
+                         f"split has {len(names)}; evaluate the whole ImageNet validation split") from None
+    # timm takes the top classes from the logits; scores that rank them the same way give the same topk
+    scores = torch.zeros(len(top), max(int(top.max()) + 1 if top.numel() else 1, top.shape[1]))
+    scores.scatter_(1, top, torch.arange(top.shape[1], 0, -1, dtype=torch.float).expand_as(top).contiguous())
+    try:
+        real.add_result(scores)
+    except KeyError as e:
+        raise UsageError(f"--real-labels {real_json}: no labels for image {e}; the images must be named "
+                         "ILSVRC2012_val_<n>.JPEG, as ImageNet's validation split") from None
+    return real.get_accuracy(k=1), real.get_accuracy(k=5)
+
+
+def _json_len(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return len(json.load(f))
+    except (OSError, ValueError, TypeError):
+        return "?"
+
+
+def precision_recall_f1(targets: Sequence[int], predictions: torch.Tensor, average: str) -> dict[str, float]:
+    """timm's ``--metrics-avg``: scikit-learn's precision, recall and F1 score of the top-1
+    predictions (``average`` micro, macro or weighted; 0 where undefined), in percent,
+    rounded to 4 decimals."""
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    y, p = list(targets), predictions.tolist()
+    return {f"{average}_precision": round(100 * precision_score(y, p, average=average, zero_division=0), 4),
+            f"{average}_recall": round(100 * recall_score(y, p, average=average, zero_division=0), 4),
+            f"{average}_f1_score": round(100 * f1_score(y, p, average=average, zero_division=0), 4)}
 
 
 def _make_record(model_name: str, source: str, label: str, model: nn.Module, metrics: Mapping[str, float],
                  data_config: Mapping[str, Any], epoch: Any = None) -> ResultRecord:
     params = sum(p.numel() for p in model.parameters())
+    extra = {k: v for k, v in metrics.items() if k.endswith(("_precision", "_recall", "_f1_score"))}
     return ResultRecord(model=model_name, checkpoint=source, weights=label, top1=metrics["top1"],
                         top5=metrics["top5"], loss=metrics["loss"], param_count=round(params / 1e6, 2),
                         img_size=int(data_config["input_size"][-1]), crop_pct=float(data_config["crop_pct"]),
                         interpolation=str(data_config["interpolation"]), samples=int(metrics["samples"]),
-                        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None)
+                        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
+                        extra=extra)
 
 
-def _check_labels(dataset: ImageListDataset, num_classes: int, source: str) -> None:
+def _check_labels(dataset: ImageListDataset, num_classes: int, source: str,
+                  valid_labels: Sequence[int] | None = None) -> None:
     top = max(dataset.targets, default=-1)
+    if valid_labels is not None:
+        bad = [i for i in valid_labels if i >= num_classes]
+        if bad:
+            raise UsageError(f"--valid-labels lists class {bad[0]} but {source} has {num_classes} outputs")
+        if top >= len(valid_labels):
+            raise UsageError(f"the data has labels up to {top} but --valid-labels keeps {len(valid_labels)} "
+                             "outputs; the data's labels index the --valid-labels list")
+        return
     if top >= num_classes:
         raise UsageError(f"the data has labels up to {top} but {source} has {num_classes} outputs; "
                          "evaluate it on the data it was trained on (or pass --num-classes)")
@@ -705,15 +955,77 @@ class ValidationReport:
     description: str = ""
 
 
+def read_valid_labels(path: str) -> list[int]:
+    """timm's ``--valid-labels`` file: one class index per line (blank lines skipped)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except OSError as e:
+        raise UsageError(f"--valid-labels {path}: {e.strerror or e}") from None
+    try:
+        labels = [int(line) for line in lines if line]
+    except ValueError:
+        bad = next(line for line in lines if line and not line.lstrip("-").isdigit())
+        raise UsageError(f"--valid-labels {path}: {bad[:40]!r} is not a class index; one integer a line") from None
+    if not labels or min(labels) < 0 or len(set(labels)) != len(labels):
+        raise UsageError(f"--valid-labels {path}: expected distinct class indices >= 0, one a line")
+    return labels
+
+
+def subsample(dataset: ImageListDataset, num_samples: int | None, seed: int) -> ImageListDataset:
+    """``--num-samples N``: N samples of ``dataset`` drawn without replacement with ``seed``,
+    in the dataset's order (all of them when N is None or not smaller)."""
+    if num_samples is None or num_samples >= len(dataset):
+        return dataset
+    g = torch.Generator().manual_seed(seed)
+    keep = sorted(torch.randperm(len(dataset), generator=g)[:num_samples].tolist())
+    return ImageListDataset([dataset.items[i] for i in keep], [dataset.targets[i] for i in keep])
+
+
+def model_in_chans(settings: ValidateSettings, train_args: Mapping[str, Any]) -> int | None:
+    """Input channels: ``--in-chans``, else ``--input-size``'s C, else the checkpoint's."""
+    wanted = settings.weights
+    if wanted.in_chans is not None:
+        return wanted.in_chans
+    if wanted.input_size is not None:
+        return wanted.input_size[0]
+    return _in_chans(train_args)
+
+
+def model_kwargs(settings: ValidateSettings) -> dict[str, Any]:
+    """``--model-kwargs`` with ``--gp`` as ``global_pool``."""
+    kwargs = dict(settings.weights.model_kwargs)
+    if settings.weights.gp is not None:
+        kwargs["global_pool"] = settings.weights.gp
+    return kwargs
+
+
 def _make_setup(settings: ValidateSettings, dist: DistInfo, train_args: Mapping[str, Any]) -> EvalSetup:
-    data, runtime = settings.data, settings.runtime
+    data, runtime, wanted = settings.data, settings.runtime, settings.weights
     dataset, description = load_eval_dataset(data.root, data.split, train_args)
+    if data.num_samples is not None and data.num_samples < len(dataset):
+        dataset = subsample(dataset, data.num_samples, data.seed)
+        description += f", {len(dataset)} of them drawn with seed {data.seed} (--num-samples)"
+    dataset.img_mode = image_mode(data.input_img_mode, model_in_chans(settings, train_args) or 3)
     if dist.is_main:
         _log.info("data: %s", description)
+    overrides = dict(data.overrides)
+    for key, value in (("input_size", wanted.input_size), ("in_chans", wanted.in_chans),
+                       ("crop_mode", data.crop_mode)):
+        if value is not None:
+            overrides[key] = value
     return EvalSetup(dataset=dataset, description=description, dist=dist, batch_size=data.batch_size,
                      workers=data.workers, amp=AmpSettings(enabled=runtime.amp, dtype=runtime.amp_dtype),
                      channels_last=runtime.channels_last, progress=dist.is_main and runtime.progress,
-                     data_overrides=dict(data.overrides))
+                     data_overrides=overrides, use_test_size=not data.use_train_size,
+                     crop_border_pixels=data.crop_border_pixels, prefetcher=data.prefetcher,
+                     pin_memory=data.pin_memory,
+                     model_dtype=getattr(torch, wanted.model_dtype) if wanted.model_dtype else None,
+                     reparam=wanted.reparam, test_pool=wanted.test_pool, compile_backend=runtime.compile_backend,
+                     compile_mode=runtime.compile_mode,
+                     valid_labels=read_valid_labels(data.valid_labels) if data.valid_labels else None,
+                     real_labels=data.real_labels or None, metrics_avg=settings.outputs.metrics_avg,
+                     log_freq=data.log_freq, retry=runtime.retry)
 
 
 class _ModelSlot:
@@ -723,13 +1035,14 @@ class _ModelSlot:
         self.key: tuple | None = None
         self.model: nn.Module | None = None
 
-    def get(self, arch: str, num_classes: int, in_chans: int | None, setup: EvalSetup) -> nn.Module:
+    def get(self, arch: str, num_classes: int, in_chans: int | None, setup: EvalSetup,
+            kwargs: Mapping[str, Any] | None = None) -> nn.Module:
         """The model for (arch, num_classes, in_chans), built on ``setup``'s device if new."""
         key = (arch, num_classes, in_chans)
         if key != self.key or self.model is None:
             self.model = None  # free the old one first
             self.model = build_model(arch, num_classes, device=setup.dist.device,
-                                     channels_last=setup.channels_last, in_chans=in_chans)
+                                     channels_last=setup.channels_last, in_chans=in_chans, model_kwargs=kwargs)
             self.key = key
         return self.model
 
@@ -751,12 +1064,12 @@ def _evaluate_checkpoint(path: str, settings: ValidateSettings, dist: DistInfo, 
     num_classes = resolve_num_classes(ckpt, chosen[0][0], arch, path, wanted.num_classes)
     train_args = _train_args(ckpt)
     setup = setup or _make_setup(settings, dist, train_args)
-    model = slot.get(arch, num_classes, _in_chans(train_args), setup)
+    model = slot.get(arch, num_classes, model_in_chans(settings, train_args), setup, model_kwargs(settings))
     # --weights both: the EMA goes into a copy of the model, so both score in one pass
     models = [model] + [copy.deepcopy(model) for _ in chosen[1:]]
     for m, (state_dict, label) in zip(models, chosen):
         load_weights(m, state_dict, path, label)
-    _check_labels(setup.dataset, num_classes, path)
+    _check_labels(setup.dataset, num_classes, path, setup.valid_labels)
     metrics, data_config = evaluate_weight_sets([(m, label) for m, (_, label) in zip(models, chosen)], setup,
                                                 train_args)
     for m, (_, label), result in zip(models, chosen, metrics):
@@ -820,12 +1133,12 @@ def run_posthoc(settings: ValidateSettings, dist: DistInfo) -> ValidationReport:
     train_args = _train_args(ref)
     setup = _make_setup(settings, dist, train_args)
     model = build_model(arch, num_classes, device=dist.device, channels_last=settings.runtime.channels_last,
-                        in_chans=_in_chans(train_args))
+                        in_chans=model_in_chans(settings, train_args), model_kwargs=model_kwargs(settings))
     report = ValidationReport(description=setup.description)
     for sigma_rel, state_dict in zip(posthoc.sigma_rels, state_dicts):
         label = f"posthoc:{sigma_rel:g}"
         load_weights(model, state_dict, snapshot_dir, label)
-        _check_labels(setup.dataset, num_classes, source)
+        _check_labels(setup.dataset, num_classes, source, setup.valid_labels)
         metrics, data_config = evaluate_weights(model, setup, train_args, label)
         record = _make_record(arch, snapshot_dir, label, model, metrics, data_config, ref.get("epoch"))
         record.posthoc = posthoc_equivalents(sigma_rel, step)
@@ -844,10 +1157,43 @@ def run_posthoc(settings: ValidateSettings, dist: DistInfo) -> ValidationReport:
     return report
 
 
+def run_pretrained(settings: ValidateSettings, dist: DistInfo) -> ValidationReport:
+    """timm's validate.py without ``--checkpoint``: the ``--model``'s pretrained weights (timm's
+    hub download and cache), ``--num-classes`` or the model's own classes."""
+    wanted = settings.weights
+    setup = _make_setup(settings, dist, {})
+    model = build_model(wanted.model, wanted.num_classes, device=dist.device,
+                        channels_last=settings.runtime.channels_last, in_chans=model_in_chans(settings, {}),
+                        model_kwargs=model_kwargs(settings), pretrained=True)
+    num_classes = int(getattr(model, "num_classes", 0) or wanted.num_classes or 0)
+    _check_labels(setup.dataset, num_classes, f"{wanted.model} (pretrained)", setup.valid_labels)
+    metrics, data_config = evaluate_weight_sets([(model, "pretrained")], setup, {})
+    report = ValidationReport(description=setup.description)
+    report.records.append(_make_record(wanted.model, "", "pretrained", model, metrics[0], data_config))
+    return report
+
+
 def run(settings: ValidateSettings, dist: DistInfo) -> ValidationReport:
-    """Run what ``settings`` asks (checkpoint evaluation or a post-hoc sweep); rank 0 writes the
-    results file and any exported weights. Raises ``UsageError`` / ``CheckpointError``."""
-    report = run_posthoc(settings, dist) if settings.posthoc.sigma_rels else run_checkpoints(settings, dist)
+    """Run what ``settings`` asks (checkpoint evaluation, a post-hoc sweep, or a model's
+    pretrained weights); rank 0 writes the results file and any exported weights. Raises
+    ``UsageError`` / ``CheckpointError``."""
+    from timm.layers import is_fast_norm, set_fast_norm
+
+    from .build import check_compile_backend, seed_all
+
+    check_compile_backend(settings.runtime.compile_backend)
+    seed_all(settings.data.seed)  # timm's utils.random_seed(args.seed)
+    fast_norm = is_fast_norm()
+    set_fast_norm(settings.weights.fast_norm or fast_norm)  # a process-wide switch in timm: put back after
+    try:
+        if settings.posthoc.sigma_rels:
+            report = run_posthoc(settings, dist)
+        elif settings.weights.checkpoint:
+            report = run_checkpoints(settings, dist)
+        else:
+            report = run_pretrained(settings, dist)
+    finally:
+        set_fast_norm(fast_norm)
     results_file = settings.outputs.results_file
     if results_file and dist.is_main:
         write_results(report.records, results_file, settings.outputs.results_format)
