@@ -75,7 +75,6 @@ def build_model(name: str, num_classes: int, device: torch.device, *, drop_rate:
         kwargs["drop_path_rate"] = drop_path_rate
     if in_chans:
         kwargs["in_chans"] = in_chans
-    kwargs.update(model_kwargs or {})  # timm's --model-kwargs (and validate.py's --gp: global_pool)
     if pretrained_path:
         if not os.path.isfile(pretrained_path):
             raise UsageError(f"--pretrained-path {pretrained_path}: no such file")

@@ -155,7 +155,7 @@ class WeightSettings:
     gp: str | None = GLOBAL_POOL(None, note="= model default")
     in_chans: int | None = IN_CHANS(None, note="= the checkpoint's training --in-chans, else --input-size's C, else 3")
     input_size: tuple[int, int, int] | None = INPUT_SIZE(None, note="= --img-size's")
-    model_kwargs: Mapping[str, Any] | None = MODEL_KWARGS(None, note="= {}")
+    model_kwargs: Mapping[str, Any] = MODEL_KWARGS({}, note="= none")
     model_dtype: str | None = MODEL_DTYPE(None, note="= float32")
     fast_norm: bool = FAST_NORM(False)
     reparam: bool = Flag("--reparam", action="store_true",
