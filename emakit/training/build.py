@@ -22,7 +22,7 @@ from emakit.posthoc import DTYPES
 from . import UsageError, one_line
 from .averages import Averages, PosthocTracker, auto_posthoc_every, posthoc_snapshot_cap
 from .bn import has_batchnorm
-from .data import (DataSplits, DeviceLoader, build_datasets, build_eval_loader, build_train_loader, build_transforms,
+from .data import (DataSplits, DeviceLoader, build_eval_loader, build_train_loader, build_transforms,
                    device_random_erasing, flip_labels)
 from .distributed import DistInfo
 from .engine import AmpSettings, NonfiniteGuard
@@ -116,8 +116,10 @@ def check_compile_backend(backend: str | None) -> None:
 def load_data(data: DataSettings, seed: int) -> tuple[DataSplits, int]:
     """The train/val datasets and the number of classes (``--num-classes`` or those found);
     ``--label-noise`` flips training labels among the classes present (seeded)."""
-    splits = build_datasets(data.path, data.train_split, data.val_split, data.skip_bad_images,
-                            threads=max(2, data.workers))
+    from .sources import build_splits  # --dataset: every source (folder, tar, torch/, hfds/, wds/, wids/, hfids/)
+
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    splits = build_splits(data, seed=seed, world_size=world)
     _log.info("data: %s", splits.description)
     num_classes = data.num_classes or len(splits.classes)
     if num_classes < len(splits.classes):
@@ -137,8 +139,10 @@ def build_loaders(data: DataSettings, splits: DataSplits, data_config: dict[str,
     (and random-erases) on the device."""
     on_device = dist.device.type == "cuda" and data.prefetcher  # the GPU input path
     splits.train.transform, splits.val.transform = build_transforms(data_config, data.augment, uint8=on_device)
-    train_loader = build_train_loader(splits.train, data.batch_size, dist, seed=seed, workers=data.workers,
-                                      pin_memory=data.pin_memory or on_device)
+    from .sources import build_stream_loader, is_stream
+
+    train_loader = (build_stream_loader if is_stream(splits.train) else build_train_loader)(
+        splits.train, data.batch_size, dist, seed=seed, workers=data.workers, pin_memory=data.pin_memory or on_device)
     eval_loader = build_eval_loader(splits.val, data.eval_batch_size or data.batch_size, dist,
                                     workers=data.workers, pin_memory=data.pin_memory or on_device)
     if not on_device:

@@ -707,7 +707,15 @@ class ValidationReport:
 
 def _make_setup(settings: ValidateSettings, dist: DistInfo, train_args: Mapping[str, Any]) -> EvalSetup:
     data, runtime = settings.data, settings.runtime
-    dataset, description = load_eval_dataset(data.root, data.split, train_args)
+    if data.dataset:  # --dataset: emakit/training/sources.py
+        from .sources import load_eval_split
+
+        dataset, description = load_eval_split(
+            data.dataset, data.root, data.split, num_samples=data.num_samples, input_key=data.input_key,
+            target_key=data.target_key, class_map=data.class_map, download=data.dataset_download,
+            trust_remote_code=data.trust_remote_code, train_args=train_args)
+    else:
+        dataset, description = load_eval_dataset(data.root, data.split, train_args)
     if dist.is_main:
         _log.info("data: %s", description)
     return EvalSetup(dataset=dataset, description=description, dist=dist, batch_size=data.batch_size,
