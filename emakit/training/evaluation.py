@@ -138,4 +138,4 @@ def log_epoch(tr: Trainer, epoch: int, m: dict[str, Any], seconds: float, img_pe
         ema += f" | best of {len(names)} EMAs: {m['ema_best']}"
     _log.info("epoch %d/%d: train loss %.4f | raw top1 %.2f top5 %.2f loss %.4f%s | lr %.4g | %.1fs, %.0f img/s",
               epoch, tr.settings.schedule.epochs - 1, m["train_loss"], m["eval_top1"], m["eval_top5"], m["eval_loss"],
-              ema, m["lr"], seconds, img_per_sec)
+              ema, m["lr"], seconds, img_per_sec, extra={"track": "epoch", "metrics": m})  # trackers.py
