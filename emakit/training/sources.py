@@ -50,7 +50,7 @@ from .data import (DataSplits, ResumableSampler, StopSafeLoader, build_datasets,
 
 __all__ = ["PREFIXES", "STREAMED", "split_prefix", "MapSource", "build_splits", "load_eval_split", "ShardStream",
            "HfStream", "StreamLoader", "build_stream_loader", "is_stream", "shard_list", "TarIndex",
-           "require"]
+           "require", "wants_sources", "pack_image_folder", "shard_bytes"]
 
 _log = logging.getLogger(__name__)
 PREFIXES = ("", "torch", "hfds", "hfids", "wds", "wids")
@@ -106,7 +106,19 @@ class MapSource(Dataset):
 
     def __init__(self, read: Callable[[int], tuple[Any, int]], length: int, targets: list[int] | None,
                  transform: Callable | None = None) -> None:
-        self.read, self.length, self.targets, self.transform = read, length, targets, transform
+        self.read, self.length, self._targets, self.transform = read, length, targets, transform
+
+    @property
+    def targets(self) -> list[int]:
+        """Every label; read once (the images' bytes are read, not decoded) when the reader
+        gives them only with the images (shards)."""
+        if self._targets is None:
+            self._targets = [int(self.read(i)[1]) for i in range(self.length)]
+        return self._targets
+
+    @targets.setter
+    def targets(self, value: list[int]) -> None:
+        self._targets = value
 
     def __len__(self) -> int:
         return self.length
@@ -116,7 +128,7 @@ class MapSource(Dataset):
         img = _rgb(raw)
         if self.transform is not None:
             img = self.transform(img)
-        return img, int(self.targets[index] if self.targets is not None else target)
+        return img, int(self._targets[index] if self._targets is not None else target)
 
 
 def _remap(targets: list[int], names: Sequence[str], class_to_idx: dict[str, int], where: str) -> list[int]:
@@ -424,19 +436,29 @@ class TarIndex(Dataset):
                         members.setdefault(key, {})[ext] = (m.offset_data, m.size)
             self.index += [(s, key, parts) for key, parts in members.items()]
         self.transform: Callable | None = None
-        self.targets = None
+        self._targets: list[int] | None = None
+
+    @property
+    def targets(self) -> list[int]:
+        """Every label, read once from the shards (images not decoded)."""
+        if self._targets is None:
+            self._targets = [self._raw(i)[1] for i in range(len(self))]
+        return self._targets
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
+    def _raw(self, i: int) -> tuple[bytes, int]:
         s, key, parts = self.index[i]
         sample: dict[str, Any] = {"__key__": key}
         with open(self.paths[s], "rb") as f:
             for ext, (offset, size) in parts.items():
                 f.seek(offset)
                 sample[ext] = f.read(size)
-        raw, target = self.keys.split(sample)
+        return self.keys.split(sample)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        raw, target = self._raw(i)
         img = _rgb(raw)
         return (self.transform(img) if self.transform is not None else img), target
 
@@ -507,18 +529,18 @@ class _Stream(IterableDataset):
         raise NotImplementedError
 
     def _shuffled(self, reader: int, readers: int) -> Iterator[tuple[bytes, int]]:
-        rng, buffer = random.Random(epoch_seed(self.seed, self.epoch, reader)), []
-        for sweep in itertools.count():
-            got = False
+        rng = random.Random(epoch_seed(self.seed, self.epoch, reader))
+        for sweep in itertools.count():  # one pass over the reader's part, then (if asked) the next
+            got, buffer = False, []
             for item in self.raw(reader, readers, self.epoch * 1_000 + sweep):
                 got = True
                 buffer.append(item)
                 if len(buffer) >= self.shuffle_buffer:
                     yield buffer.pop(rng.randrange(len(buffer)))
+            while buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
             if not got:
-                break
-        while buffer:
-            yield buffer.pop(rng.randrange(len(buffer)))
+                return
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         info = get_worker_info()
@@ -698,8 +720,8 @@ def build_splits(data: Any, *, seed: int, world_size: int = 1) -> DataSplits:
         splits = build_datasets(data.path, data.train_split, data.val_split, data.skip_bad_images,
                                 threads=max(2, data.workers))
         return _apply_class_map(splits, names, data.path or "the digits")
-    if prefix in ("wds", "wids", "hfids") and data.label_noise > 0 and prefix != "wids":
-        raise UsageError(f"--label-noise needs the labels up front; {prefix}/ streams them")
+    if prefix in STREAMED and data.label_noise > 0:
+        raise UsageError(f"--label-noise needs the labels up front; {prefix}/ streams them (use wids/ for shards)")
     if prefix == "":
         splits = _tar_splits(data)
     elif prefix == "torch":
@@ -710,9 +732,18 @@ def build_splits(data: Any, *, seed: int, world_size: int = 1) -> DataSplits:
         splits = _hfids_splits(name, data, world_size, data.workers, seed)
     else:
         splits = _shard_splits(prefix, data, world_size, data.workers, seed)
-        if data.label_noise > 0:
-            raise UsageError(f"--label-noise needs the labels up front; {prefix}/ reads them with the images")
     return _apply_class_map(splits, names, f"--dataset {data.dataset}") if names and prefix != "wds" else splits
+
+
+def wants_sources(dataset: str, root: str | None, split: str | None) -> bool:
+    """Whether validate.py reads its data here: ``--dataset`` given, or DIR holds ``<split>.tar``
+    (``val.tar`` / ``validation.tar`` without ``--split``) instead of split folders."""
+    if dataset:
+        return True
+    if not root or not os.path.isdir(root):
+        return False
+    path = _find_split(root, [split] if split else ["val", "validation"])
+    return path is not None and path.endswith(".tar")
 
 
 def load_eval_split(dataset: str, root: str | None, split: str | None, *, num_samples: int | None = None,
@@ -742,7 +773,8 @@ def load_eval_split(dataset: str, root: str | None, split: str | None, *, num_sa
     if prefix == "torch":
         ds = _torch_split(name, data, split, False)
         _check_nonempty(ds, split, dataset)
-        return MapSource(ds.__getitem__, len(ds), None), f"torch/{name} {split}: {len(ds)} images"
+        targets = [int(t) for t in getattr(ds, "targets", [])] or None
+        return MapSource(ds.__getitem__, len(ds), targets), f"torch/{name} {split}: {len(ds)} images"
     if prefix in ("hfds", "hfids"):
         datasets = require("datasets", f"--dataset {prefix}/")
         on_disk = _hf_location(name, root)
@@ -771,6 +803,9 @@ def shard_bytes(text: str) -> int:
     return budget.nbytes
 
 
+_TAR_BLOCK = 512
+
+
 def _tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644  # no clock, no owner: the same bytes every time
@@ -779,7 +814,8 @@ def _tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def pack_image_folder(src: str, out: str, shard_size: int, splits: Sequence[str] | None = None) -> list[str]:
     """Write each split of ImageFolder ``src`` (train/, val/ or validation/, ...) as WebDataset
-    shards ``out/<split>-NNNNNN.tar`` of at most ``shard_size`` bytes (one sample may exceed it),
+    shards ``out/<split>-NNNNNN.tar`` of at most ``shard_size`` bytes (a tar file is a multiple
+    of 10 KiB, its record size; a shard of one sample may exceed the size),
     each sample ``<key>.<ext>`` (the image file's bytes, unchanged) and ``<key>.cls`` (the class
     index of the train split's sorted class folders), in the folder's sorted order; then
     ``out/_info.json`` in the layout timm's wds reader reads (``splits`` -> ``num_samples``,
@@ -807,7 +843,9 @@ def pack_image_folder(src: str, out: str, shard_size: int, splits: Sequence[str]
             with open(path, "rb") as f:
                 data = f.read()
             ext = os.path.splitext(path)[1].lstrip(".").lower().replace("jpeg", "jpg")
-            if tf is None or (size + len(data) + 2048 > shard_size and lengths[-1] > 0):
+            cost = _TAR_BLOCK + -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK + 2 * _TAR_BLOCK  # image + .cls members
+            closed = -(-(size + cost + 2 * _TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+            if tf is None or (closed > shard_size and lengths[-1] > 0):
                 if tf is not None:
                     tf.close()
                     os.replace(files[-1] + ".tmp", files[-1])
@@ -818,7 +856,7 @@ def pack_image_folder(src: str, out: str, shard_size: int, splits: Sequence[str]
             key = f"{k:08d}"
             _tar_member(tf, f"{key}.{ext}", data)
             _tar_member(tf, f"{key}.cls", str(target).encode())
-            size += len(data) + 2048
+            size = tf.offset
             lengths[-1] += 1
         if tf is not None:
             tf.close()

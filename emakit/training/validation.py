@@ -707,9 +707,9 @@ class ValidationReport:
 
 def _make_setup(settings: ValidateSettings, dist: DistInfo, train_args: Mapping[str, Any]) -> EvalSetup:
     data, runtime = settings.data, settings.runtime
-    if data.dataset:  # --dataset: emakit/training/sources.py
-        from .sources import load_eval_split
+    from .sources import load_eval_split, wants_sources  # --dataset or <split>.tar: emakit/training/sources.py
 
+    if wants_sources(data.dataset, data.root, data.split):
         dataset, description = load_eval_split(
             data.dataset, data.root, data.split, num_samples=data.num_samples, input_key=data.input_key,
             target_key=data.target_key, class_map=data.class_map, download=data.dataset_download,
