@@ -436,7 +436,8 @@ class TrackerSettings:
                            help="log training and validation metrics to wandb (pip install wandb; WANDB_MODE=offline "
                                 "works without an account); a tracker that fails to start is a warning")(False)
     wandb_project: str | None = Flag("--wandb-project", metavar="NAME", help="wandb project name")(None)
-    wandb_tags: tuple[str, ...] = Flag("--wandb-tags", nargs="+", metavar="TAG", help="wandb tags")(())
+    wandb_tags: tuple[str, ...] | None = Flag("--wandb-tags", nargs="+", metavar="TAG", help="wandb tags")(
+        None, note="= none")
     wandb_resume_id: str = Flag("--wandb-resume-id", metavar="ID", help="the wandb run id to continue")("")
     log_tensorboard: str | None = Flag("--log-tensorboard", nargs="?", const="", metavar="DIR",
                                        help="write TensorBoard event files (pip install tensorboard): raw and every "

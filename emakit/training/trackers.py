@@ -76,7 +76,7 @@ class Trackers(logging.Handler):
             import wandb
 
             self.wandb = wandb.init(project=t.wandb_project or name, name=name, config=dict(settings.flags),
-                                    tags=list(t.wandb_tags) or None, dir=output_dir,
+                                    tags=list(t.wandb_tags or ()) or None, dir=output_dir,
                                     id=t.wandb_resume_id or None, resume="must" if t.wandb_resume_id else None)
             _log.info("wandb: run %s in %s", getattr(self.wandb, "id", "?"), getattr(self.wandb, "dir", output_dir))
         except Exception as e:  # noqa: BLE001 (wandb raises its own errors, network and auth ones among them)
