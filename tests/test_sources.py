@@ -52,6 +52,17 @@ def _hf_dataset(folder: Path, out: Path) -> Path:
     return out
 
 
+def _hf_parquet(saved: Path, out: Path) -> Path:
+    """The saved dataset as parquet files (4 train, 1 validation) that datasets streams (hfids/)."""
+    datasets = pytest.importorskip("datasets")
+    (out / "data").mkdir(parents=True)
+    for split, n in (("train", 4), ("validation", 1)):
+        ds = datasets.load_from_disk(str(saved))[split]
+        for i in range(n):
+            ds.shard(n, i, contiguous=True).to_parquet(str(out / "data" / f"{split}-{i:05d}-of-{n:05d}.parquet"))
+    return out
+
+
 def _wds_writer_shards(folder: Path, out: Path) -> Path:
     """Shards written by webdataset's own ShardWriter, 4 samples each, no _info.json."""
     wds = pytest.importorskip("webdataset")
@@ -75,9 +86,14 @@ def _pack(folder: Path, out: Path, size: str = "2KiB") -> list[str]:
 def sources(image_folder, tmp_path_factory):
     """Every source made once from the session's ImageFolder."""
     root = tmp_path_factory.mktemp("sources")
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(root / "hf-cache"))
+    datasets = pytest.importorskip("datasets")
+    datasets.config.HF_DATASETS_CACHE = root / "hf-cache"  # no writes to ~/.cache (read at import time)
+    datasets.config.HF_DATASETS_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
     _pack(image_folder, root / "packed")
     return {"folder": image_folder, "tars": _tar_dir(image_folder, root / "tars"),
             "hf": _hf_dataset(image_folder, root / "hf"), "packed": root / "packed",
+            "hfp": _hf_parquet(root / "hf", root / "hfp"),
             "writer": _wds_writer_shards(image_folder, root / "writer")}
 
 
@@ -88,6 +104,7 @@ def _flags(sources, kind: str) -> list[str]:
         "tar": ["--data-dir", sources["tars"]],
         "torch": ["--data-dir", sources["folder"], "--dataset", "torch/image_folder", "--val-split", "val"],
         "hfds": ["--dataset", f"hfds/{sources['hf']}"],
+        "hfids": ["--dataset", f"hfids/{sources['hfp']}", "--train-num-samples", str(N_TRAIN)],
         "wds": ["--data-dir", sources["packed"], "--dataset", "wds/packed"],
         "wids": ["--data-dir", sources["packed"], "--dataset", "wids/packed"],
         "wds-writer": ["--data-dir", sources["writer"], "--dataset", "wds/writer", "--num-classes", "3",
@@ -238,7 +255,7 @@ def _eval_flags(train_flags: list) -> list:
         if flags[i] in ("--val-split",):
             out += ["--split", flags[i + 1]]
             i += 2
-        elif flags[i] in ("--train-split", "--num-classes"):
+        elif flags[i] in ("--train-split", "--num-classes", "--train-num-samples"):
             i += 2
         else:
             out.append(flags[i])
@@ -247,7 +264,7 @@ def _eval_flags(train_flags: list) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["folder", "tar", "torch", "hfds", "wds", "wids", "wds-writer"])
+@pytest.mark.parametrize("kind", ["folder", "tar", "torch", "hfds", "hfids", "wds", "wids", "wds-writer"])
 def test_each_source_trains_an_epoch_and_validate_py_reads_it(run_train, capsys, sources, tmp_path, kind):
     flags = _flags(sources, kind)
     code, _, err = run_train([*flags, *ONE_EPOCH, "--output", tmp_path, "--experiment", "run"])
@@ -268,9 +285,9 @@ def test_each_source_trains_an_epoch_and_validate_py_reads_it(run_train, capsys,
 
 # --------------------------------------------------------------------------- slow: stop and resume
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["tar", "wids", "wds"])
+@pytest.mark.parametrize("kind", ["tar", "wids", "wds", "hfids"])
 def test_sigterm_mid_epoch_then_resume_is_bitwise_the_straight_run(run_train, sources, tmp_path, kind):
-    # map-style sources through emakit's samplers; wds/ by its rule (shard position + seed)
+    # map-style sources through emakit's samplers; the streams (wds/, hfids/) by their rule: shard position + seed
     from test_train_e2e import assert_same, load
     from test_train_signals import ARGS, COMPARED, _resume_argv, _run_signalled
 

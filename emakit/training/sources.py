@@ -621,8 +621,7 @@ class HfStream(_Stream):
     def raw(self, reader: int, readers: int, epoch: int) -> Iterator[tuple[bytes, int]]:
         part = self.ds.shard(num_shards=readers, index=reader)
         for item in part:
-            image = item[self.input_key]
-            yield (image if not isinstance(image, Image.Image) else image), int(item[self.target_key])
+            yield item[self.input_key], int(item[self.target_key])
 
 
 def _hfids_splits(name: str, data: Any, world_size: int, workers: int, seed: int) -> DataSplits:
@@ -649,6 +648,7 @@ def _hfids_splits(name: str, data: Any, world_size: int, workers: int, seed: int
         raise UsageError(f"{where}: the dataset does not say how many samples its {data.train_split} split has; "
                          "pass --train-num-samples N")
     val_source, classes = _hf_source(val, val_split, input_key, target_key, where)
+    train = train.cast_column(input_key, datasets.Image(decode=False))  # bytes, decoded (seeded) by the stream
     if feature is not None and getattr(feature, "names", None):
         classes = list(feature.names)
     stream = HfStream(train, total, input_key, target_key, seed=seed, batch_size=data.batch_size,
