@@ -17,9 +17,16 @@ wds/       WebDataset shards streamed: each reader (rank x        stream     sha
            worker) reads its own shards, in an order that is a               mid-epoch when resumed with the
            function of (seed, epoch)                                         same ranks and workers; eval
                                                                              indexed (exact)
-hfids/     Hugging Face streaming (``datasets`` IterableDataset   stream     epoch boundary: a mid-epoch
-           sharded over the readers)                                         stop restarts that epoch
+hfids/     Hugging Face streaming (``datasets`` IterableDataset   stream     as wds/: shard position + seed;
+           ``.shard()`` over the readers)                                    eval split loaded indexed
 =========  =====================================================  =========  ==============================
+
+A streamed epoch is ``samples // (processes x batch)`` batches per process; each reader
+(process x loader worker) reads its own shards, so there must be at least as many shards as
+readers. When the shards divide evenly over the readers, every sample is read once per
+epoch; otherwise a reader that runs short starts its shards over (a few samples twice).
+Resuming a stream mid-epoch needs the same processes and ``-j``: the stream is re-read and
+the samples already trained on skipped without decoding.
 
 Map-style sources go through emakit's samplers (:class:`.data.ResumableSampler`,
 :class:`.data.ShardSampler`), so everything said of a folder holds. Streamed sources go
