@@ -339,3 +339,31 @@ def test_torchrun_two_ranks_on_shards_see_every_sample_once_per_epoch(sources, t
         assert not set(per_rank[0]) & set(per_rank[1]) and len(set(per_rank[0]) | set(per_rank[1])) == N_TRAIN
     # evaluation on the indexed val shards: exact counts over the 2 ranks, every epoch, raw and EMA
     assert re.findall(r"\beval(?: \(EMA\))?: .*\((\d+) samples\)", proc.stderr) == [str(N_VAL)] * 4
+
+
+def test_class_map_sets_the_label_of_each_class_name(sources, tmp_path):
+    from emakit.training.settings import DataSettings
+    from emakit.training.sources import build_splits
+
+    names = ["cat", "ant", "bee"]
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    for data in (DataSettings(path=str(sources["folder"]), class_map=str(tmp_path / "classes.txt")),
+                 DataSettings(path=str(sources["tars"]), class_map=str(tmp_path / "classes.txt"))):
+        splits = build_splits(data, seed=0)
+        assert splits.classes == names
+        for ds in (splits.train, splits.val):
+            assert ds[0][1] in (0, 1, 2)
+            assert sorted(set(ds.targets)) == [0, 1, 2]
+            assert ds.targets.count(names.index("cat")) == len(ds) // 3
+    with pytest.raises(Exception, match=r"--class-map lacks classes of .*: bee"):
+        (tmp_path / "short.txt").write_text("cat\nant\n")
+        build_splits(DataSettings(path=str(sources["folder"]), class_map=str(tmp_path / "short.txt")), seed=0)
+
+
+@pytest.mark.slow
+def test_the_set_up_commands_work_without_the_optional_packages(run_train, image_folder, tmp_path, monkeypatch):
+    # README's two set-up commands train on a folder / the digits: none of these packages is imported
+    for package in ("webdataset", "wids", "datasets", "tensorboard", "wandb"):
+        monkeypatch.setitem(sys.modules, package, None)
+    code, _, err = run_train([image_folder, *ONE_EPOCH, "--output", tmp_path])
+    assert code == 0, err[-2000:]

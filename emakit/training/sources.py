@@ -165,6 +165,9 @@ def _apply_class_map(splits: DataSplits, names: list[str] | None, where: str) ->
     if names is None:
         return splits
     to_idx = {n: i for i, n in enumerate(names)}
+    missing = [c for c in splits.classes if c not in to_idx]
+    if missing:
+        raise UsageError(f"--class-map lacks classes of {where}: {', '.join(map(str, missing[:5]))}")
     for ds in (splits.train, splits.val):
         if ds.targets is None:
             raise UsageError(f"--class-map does not apply to {where}; give its labels in the shards")
