@@ -367,3 +367,32 @@ def test_the_set_up_commands_work_without_the_optional_packages(run_train, image
         monkeypatch.setitem(sys.modules, package, None)
     code, _, err = run_train([image_folder, *ONE_EPOCH, "--output", tmp_path])
     assert code == 0, err[-2000:]
+
+
+def _mnist_files(root: Path, n_train: int = 40, n_test: int = 20) -> Path:
+    """torchvision's MNIST raw files (idx format), written here: 8x8 noise images, labels 0-9."""
+    import numpy as np
+
+    raw, rng = root / "MNIST" / "raw", np.random.default_rng(0)
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n, dtype=np.uint8) % 10
+        images = rng.integers(0, 255, size=(n, 28, 28), dtype=np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            np.array([0x803, n, 28, 28], dtype=">i4").tobytes() + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([0x801, n], dtype=">i4").tobytes() + labels.tobytes())
+    return root
+
+
+def test_torch_mnist_reads_torchvisions_files_and_asks_for_download_when_missing(tmp_path):
+    from emakit.training import UsageError
+    from emakit.training.settings import DataSettings
+    from emakit.training.sources import build_splits
+
+    root = _mnist_files(tmp_path / "mnist")
+    splits = build_splits(DataSettings(path=str(root), dataset="torch/mnist"), seed=0)
+    assert (len(splits.train), len(splits.val), len(splits.classes)) == (40, 20, 10)
+    image, label = splits.train[3]
+    assert image.mode == "RGB" and label == 3
+    with pytest.raises(UsageError, match=r"--dataset torch/mnist in .*\(add --dataset-download to fetch it\)$"):
+        build_splits(DataSettings(path=str(tmp_path / "empty"), dataset="torch/mnist"), seed=0)
