@@ -725,8 +725,7 @@ def build_splits(data: Any, *, seed: int, world_size: int = 1) -> DataSplits:
     """
     prefix, name = split_prefix(data.dataset)
     names = _class_map(data.class_map, data.path)
-    if prefix == "" and (data.path is None or os.path.isdir(os.path.join(data.path, data.train_split))
-                         or not os.path.isdir(data.path)):
+    if prefix == "" and (data.path is None or not os.path.isfile(os.path.join(data.path, data.train_split + ".tar"))):
         splits = build_datasets(data.path, data.train_split, data.val_split, data.skip_bad_images,
                                 threads=max(2, data.workers))
         return _apply_class_map(splits, names, data.path or "the digits")
