@@ -21,7 +21,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import CLASSES, FAST_ARGS, REPO, TRAIN_PER_CLASS, VAL_PER_CLASS, subprocess_env
 
@@ -380,7 +379,8 @@ def _mnist_files(root: Path, n_train: int = 40, n_test: int = 20) -> Path:
         images = rng.integers(0, 255, size=(n, 28, 28), dtype=np.uint8)
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
             np.array([0x803, n, 28, 28], dtype=">i4").tobytes() + images.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([0x801, n], dtype=">i4").tobytes() + labels.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            np.array([0x801, n], dtype=">i4").tobytes() + labels.tobytes())
     return root
 
 
@@ -396,3 +396,23 @@ def test_torch_mnist_reads_torchvisions_files_and_asks_for_download_when_missing
     assert image.mode == "RGB" and label == 3
     with pytest.raises(UsageError, match=r"--dataset torch/mnist in .*\(add --dataset-download to fetch it\)$"):
         build_splits(DataSettings(path=str(tmp_path / "empty"), dataset="torch/mnist"), seed=0)
+
+
+@pytest.mark.parametrize("case,words", [("no folder", "is not a folder"), ("bad size", "--shard-size: "),
+                                        ("again", "already holds shards")])
+def test_pack_refuses_bad_input_in_one_line(sources, tmp_path, capsys, case, words):
+    from emakit.training.cli import main
+
+    src, out, size = sources["folder"], tmp_path / "out", "1MiB"
+    if case == "no folder":
+        src = tmp_path / "missing"
+    elif case == "bad size":
+        size = "lots"
+    else:
+        out = sources["packed"]
+    before = sorted(os.listdir(out)) if out.exists() else None
+    capsys.readouterr()
+    assert main(["pack", str(src), str(out), "--shard-size", size]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("emakit: error: ") and words in err[0], err
+    assert (sorted(os.listdir(out)) if out.exists() else None) == before

@@ -172,7 +172,7 @@ def _apply_class_map(splits: DataSplits, names: list[str] | None, where: str) ->
         if ds.targets is None:
             raise UsageError(f"--class-map does not apply to {where}; give its labels in the shards")
         ds.targets = _remap(ds.targets, splits.classes, to_idx, where)
-    return DataSplits(splits.train, splits.val, names, splits.description + f", classes from --class-map")
+    return DataSplits(splits.train, splits.val, names, splits.description + ", classes from --class-map")
 
 
 def _check_nonempty(ds: Any, split: str, where: str) -> None:
@@ -834,7 +834,8 @@ def pack_image_folder(src: str, out: str, shard_size: int, splits: Sequence[str]
 
     if not os.path.isdir(src):
         raise UsageError(f"{src} is not a folder: give an ImageFolder root with train/ and val/")
-    names = list(splits) if splits else [n for n in ("train", "val", "validation") if os.path.isdir(os.path.join(src, n))]
+    names = list(splits) if splits else [n for n in ("train", "val", "validation")
+                                         if os.path.isdir(os.path.join(src, n))]
     if "train" not in names:
         load_image_folder(src)  # its error names what is missing
     classes = load_image_folder(src).classes
