@@ -65,7 +65,11 @@ def test_tensorboard_holds_raw_and_every_ema_per_epoch_and_wandb_runs_offline(ru
             assert got == [(int(r["epoch"]), pytest.approx(float(r[column]), rel=1e-6)) for r in rows]
     steps = [e.step for e in events.Scalars("train/loss")]
     assert steps == list(range(1, 7)) and len(events.Scalars("train/lr")) == 6  # 3 steps/epoch, --log-interval 1
-    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1
+    record = offline[0].read_bytes()  # the run's records: the flags (config) and the logged keys
+    for needle in (b"test_resnet", b"top1/raw", b"top1/ema1", b"train/loss"):
+        assert needle in record, needle
 
 
 @pytest.mark.slow

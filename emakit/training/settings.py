@@ -435,7 +435,8 @@ class TrackerSettings:
     log_wandb: bool = Flag("--log-wandb", action="store_true",
                            help="log training and validation metrics to wandb (pip install wandb; WANDB_MODE=offline "
                                 "works without an account); a tracker that fails to start is a warning")(False)
-    wandb_project: str | None = Flag("--wandb-project", metavar="NAME", help="wandb project name")(None)
+    wandb_project: str | None = Flag("--wandb-project", metavar="NAME", help="wandb project name")(
+        None, note="= wandb's default project")
     wandb_tags: tuple[str, ...] | None = Flag("--wandb-tags", nargs="+", metavar="TAG", help="wandb tags")(
         None, note="= none")
     wandb_resume_id: str = Flag("--wandb-resume-id", metavar="ID", help="the wandb run id to continue")("")

@@ -75,7 +75,8 @@ class Trackers(logging.Handler):
         try:
             import wandb
 
-            self.wandb = wandb.init(project=t.wandb_project or name, name=name, config=dict(settings.flags),
+            # as timm's train.py: its project (None: wandb's default), the run folder's name, the flags
+            self.wandb = wandb.init(project=t.wandb_project, name=name, config=dict(settings.flags),
                                     tags=list(t.wandb_tags or ()) or None, dir=output_dir,
                                     id=t.wandb_resume_id or None, resume="must" if t.wandb_resume_id else None)
             _log.info("wandb: run %s in %s", getattr(self.wandb, "id", "?"), getattr(self.wandb, "dir", output_dir))
