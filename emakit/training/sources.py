@@ -169,8 +169,8 @@ def _apply_class_map(splits: DataSplits, names: list[str] | None, where: str) ->
     if missing:
         raise UsageError(f"--class-map lacks classes of {where}: {', '.join(map(str, missing[:5]))}")
     for ds in (splits.train, splits.val):
-        if ds.targets is None:
-            raise UsageError(f"--class-map does not apply to {where}; give its labels in the shards")
+        if ds.targets is None:  # a stream
+            raise UsageError(f"--class-map needs the labels up front; {where} streams them (use wids/ for shards)")
         ds.targets = _remap(ds.targets, splits.classes, to_idx, where)
     return DataSplits(splits.train, splits.val, names, splits.description + ", classes from --class-map")
 
@@ -741,7 +741,7 @@ def build_splits(data: Any, *, seed: int, world_size: int = 1) -> DataSplits:
         splits = _hfids_splits(name, data, world_size, data.workers, seed)
     else:
         splits = _shard_splits(prefix, data, world_size, data.workers, seed)
-    return _apply_class_map(splits, names, f"--dataset {data.dataset}") if names and prefix != "wds" else splits
+    return _apply_class_map(splits, names, f"--dataset {data.dataset}")
 
 
 def wants_sources(dataset: str, root: str | None, split: str | None) -> bool:
