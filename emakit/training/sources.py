@@ -23,8 +23,9 @@ hfids/     Hugging Face streaming (``datasets`` IterableDataset   stream     as 
 
 A streamed epoch is ``samples // (processes x batch)`` batches per process; each reader
 (process x loader worker) reads its own shards, so there must be at least as many shards as
-readers. When the shards divide evenly over the readers, every sample is read once per
-epoch; otherwise a reader that runs short starts its shards over (a few samples twice).
+readers. When every reader's shards hold the same number of samples, a multiple of the
+batch size, every sample is read once per epoch; otherwise a reader that runs short starts
+its shards over (a few samples twice) and one with more stops at its quota.
 Resuming a stream mid-epoch needs the same processes and ``-j``: the stream is re-read and
 the samples already trained on skipped without decoding.
 
