@@ -54,13 +54,20 @@ def _run(argv: list[str], signals: StopSignals) -> int:
         from emakit.training.outputs import describe_result
         from emakit.training.trainer import build_trainer, close_trainer
 
+        from emakit.training.trackers import check_trackers, start_trackers
+
+        check_trackers(settings.trackers)  # a missing optional package: one line, nothing written
         trainer = build_trainer(settings, logs)
         run = RunState.start(trainer, signals)
+        trackers = start_trackers(settings, trainer.output_dir, trainer.dist.is_main)
         try:
             result = fit(trainer, run)
         except BaseException:
             close_trainer(trainer)
             raise
+        finally:
+            if trackers is not None:
+                trackers.close()
         close_trainer(trainer, synchronize=True)
         if trainer.dist.is_main:
             print(describe_result(result))

@@ -22,10 +22,11 @@ from emakit.posthoc import DTYPES
 from . import UsageError, one_line
 from .averages import Averages, PosthocTracker, auto_posthoc_every, posthoc_snapshot_cap
 from .bn import has_batchnorm
-from .data import (DataSplits, DeviceLoader, build_datasets, build_eval_loader, build_train_loader, build_transforms,
+from .data import (DataSplits, DeviceLoader, build_eval_loader, build_train_loader, build_transforms,
                    device_random_erasing, flip_labels, image_mode)
 from .distributed import DistInfo
 from .engine import AmpSettings, NonfiniteGuard
+from .sources import build_stream_loader, is_stream
 from .settings import (DataSettings, DistillSettings, EmaSettings, LossSettings, ModelSettings, OptimSettings,
                        ParallelSettings, Resolved, RunSettings, ScheduleSettings)
 
@@ -202,8 +203,10 @@ def check_compile_backend(backend: str | None) -> None:
 def load_data(data: DataSettings, seed: int) -> tuple[DataSplits, int]:
     """The train/val datasets and the number of classes (``--num-classes`` or those found);
     ``--label-noise`` flips training labels among the classes present (seeded)."""
-    splits = build_datasets(data.path, data.train_split, data.val_split, data.skip_bad_images,
-                            threads=max(2, data.workers))
+    from .sources import build_splits  # --dataset: every source (folder, tar, torch/, hfds/, wds/, wids/, hfids/)
+
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    splits = build_splits(data, seed=seed, world_size=world)
     _log.info("data: %s", splits.description)
     num_classes = data.num_classes or len(splits.classes)
     if num_classes < len(splits.classes):
@@ -224,8 +227,12 @@ def build_loaders(data: DataSettings, splits: DataSplits, data_config: dict[str,
     on_device = dist.device.type == "cuda" and data.prefetcher  # the GPU input path
     splits.train.transform, splits.val.transform = build_transforms(data_config, data.augment, uint8=on_device)
     splits.train.img_mode = splits.val.img_mode = image_mode(data.augment.input_img_mode, data_config["input_size"][0])
-    train_loader = build_train_loader(splits.train, data.batch_size, dist, seed=seed, workers=data.workers,
-                                      pin_memory=data.pin_memory or on_device, augment=data.augment)
+    if is_stream(splits.train):
+        train_loader = build_stream_loader(splits.train, data.batch_size, dist, seed=seed, workers=data.workers,
+                                           pin_memory=data.pin_memory or on_device)
+    else:
+        train_loader = build_train_loader(splits.train, data.batch_size, dist, seed=seed, workers=data.workers,
+                                          pin_memory=data.pin_memory or on_device, augment=data.augment)
     eval_loader = build_eval_loader(splits.val, data.eval_batch_size or data.batch_size, dist,
                                     workers=data.workers, pin_memory=data.pin_memory or on_device)
     if not on_device:

@@ -101,7 +101,20 @@ class PlotSettings:
         None, note="= summary.png beside the CSV")
 
 
-COMMANDS = {"export": ExportSettings, "posthoc": PosthocSettings, "plot": PlotSettings}
+@dataclass(frozen=True)
+class PackSettings:
+    """``emakit pack``: an ImageFolder into WebDataset shards (emakit/training/sources.py)."""
+
+    HELP: ClassVar[str] = "write an ImageFolder as WebDataset tar shards with an _info.json (wds/, wids/)"
+    DESCRIPTION: ClassVar[str] = ("Write each split of an ImageFolder (train/, val/ or validation/) as WebDataset "
+                                  "shards OUT/<split>-NNNNNN.tar (image bytes unchanged + .cls label) and "
+                                  "OUT/_info.json, read by timm's wds reader and train.py --dataset wds/ or wids/.")
+    src: str = Flag("src", metavar="IMAGEFOLDER", help="ImageFolder root")(None)
+    out: str = Flag("out", metavar="OUT", help="new folder for the shards")(None)
+    shard_size: str = Flag("--shard-size", metavar="SIZE", help="bytes per shard: 512MiB, 1GB, ...")("512MiB")
+
+
+COMMANDS = {"export": ExportSettings, "posthoc": PosthocSettings, "plot": PlotSettings, "pack": PackSettings}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,7 +311,7 @@ def parse_command(argv: Sequence[str]) -> ExportSettings | PosthocSettings | Plo
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        raise UsageError("give a command: export, posthoc or plot (see emakit --help)")
+        raise UsageError("give a command: export, posthoc, plot or pack (see emakit --help)")
     sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
     check_parsed(sub, args, sub.error)
     if args.command == "posthoc":
@@ -312,6 +325,14 @@ def run_command(settings: ExportSettings | PosthocSettings | PlotSettings) -> li
     """Run one parsed command; returns the lines to print."""
     if isinstance(settings, PosthocSettings):
         return _cmd_posthoc(settings)
+    if isinstance(settings, PackSettings):
+        from .sources import pack_image_folder, shard_bytes
+
+        try:
+            size = shard_bytes(settings.shard_size)
+        except ValueError as e:
+            raise UsageError(f"--shard-size: {e}") from None
+        return pack_image_folder(settings.src, settings.out, size)
     return _cmd_export(settings) if isinstance(settings, ExportSettings) else _cmd_plot(settings)
 
 

@@ -193,7 +193,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     known, _ = pre.parse_known_args(argv)
     config = known.config
     given = parser.parse_args(argv)
-    if not config and given.data is None and given.data_dir is None:
+    if not config and given.data is None and given.data_dir is None and not given.dataset:  # --dataset: no preset
         config = DIGITS_PRESET
         if not os.path.isfile(config):
             raise UsageError(f"the embedded dataset's preset {config} is missing; pass --config FILE or a data path")

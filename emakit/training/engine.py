@@ -266,7 +266,7 @@ def train_one_epoch(
             lr_scheduler.step_update(num_updates=epoch * updates_per_epoch + done)
         if dist.is_main and (done == 1 or done % opts.run.log_interval == 0 or done == updates_per_epoch):
             _log.info("train %d [%d/%d] loss %.4f lr %.3e", epoch, done, updates_per_epoch,
-                      loss.item(), _mean_lr(optimizer))
+                      loss.item(), _mean_lr(optimizer), extra={"track": "train_step"})  # trackers.py
         if stopped and prog.batches < num_batches:
             break
     prog.loss_sum = loss_sum.item()

@@ -149,4 +149,4 @@ def log_epoch(tr: Trainer, epoch: int, m: dict[str, Any], seconds: float, img_pe
     _log.info("epoch %d/%d: train loss %.4f | raw top1 %.2f top5 %.2f loss %.4f%s | lr %.4g | %.1fs, %.0f img/s",
               epoch, tr.resolved.epochs - 1, m["train_loss"], m["raw_eval_top1"], m["raw_eval_top5"],
               m["raw_eval_loss"],
-              ema, m["lr"], seconds, img_per_sec)
+              ema, m["lr"], seconds, img_per_sec, extra={"track": "epoch", "metrics": m})  # trackers.py

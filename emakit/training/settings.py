@@ -33,7 +33,7 @@ from .options import (AMP_DTYPE, BATCH_SIZE, CHANNELS_LAST, CROP_PCT, DEVICE, FA
 __all__ = ["AugmentConfig", "DataSettings", "ModelSettings", "EmaSettings", "PosthocSettings", "OptimSettings",
            "ScheduleSettings", "LossSettings", "DistillSettings", "RunSettings", "ParallelSettings",
            "ScheduledLoaderSettings", "TrainSettings", "Resolved",
-           "DEFAULT_EMA_DECAY", "DEFAULT_POSTHOC_BUDGET"]
+           "DEFAULT_EMA_DECAY", "DEFAULT_POSTHOC_BUDGET", "TrackerSettings"]
 
 ON_OFF = argparse.BooleanOptionalAction
 DEFAULT_EMA_DECAY = 0.9998  # timm's --model-ema-decay default
@@ -202,6 +202,32 @@ class DataSettings:
     std: tuple[float, ...] | None = STD_FLAG(None, note="= model default")
     interpolation: str = INTERPOLATION("", note="= model default")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # ---- data sources beyond a folder tree (timm's --dataset flags; emakit/training/sources.py)
+    dataset: str = Flag("--dataset", metavar="NAME",
+                        help="dataset type + name as timm's create_dataset: '' (ImageFolder, or <split>.tar files of "
+                             "class folders), torch/NAME (torchvision: cifar10, mnist, image_folder, ...), hfds/NAME "
+                             "(Hugging Face datasets: a save_to_disk folder or a hub name in its cache), wds/NAME "
+                             "(WebDataset shards streamed: --data-dir with _info.json, or a split like "
+                             "name-{0000..0099}.tar), wids/NAME (the same shards indexed: random access, exact "
+                             "resume), hfids/NAME (Hugging Face streaming); see README 'Data sources'")("")
+    dataset_download: bool = Flag("--dataset-download", action="store_true",
+                                  help="let torch/ datasets download themselves (torchvision's download)")(False)
+    input_key: str | None = Flag("--input-key", metavar="KEY",
+                                 help="image field of hfds/, hfids/ samples (image) or extension(s) of wds/, wids/ "
+                                      "samples (jpg;png;webp)")(None, note="= the source's")
+    target_key: str | None = Flag("--target-key", metavar="KEY",
+                                  help="label field of hfds/, hfids/ samples (label); for wds/, wids/ a field of the "
+                                       "json sidecar instead of the .cls file")(None, note="= the source's")
+    class_map: str = Flag("--class-map", metavar="FILENAME",
+                          help="text file of class names, one a line (its line number is the label), as timm")("")
+    train_num_samples: int | None = Flag("--train-num-samples", kind=POSITIVE_INT, metavar="N",
+                                         help="samples in the train split of a streamed source (wds/, hfids/)")(
+        None, note="= from _info.json or the dataset's info")
+    val_num_samples: int | None = Flag("--val-num-samples", kind=POSITIVE_INT, metavar="N",
+                                       help="samples in the validation split of a streamed source")(
+        None, note="= from _info.json or the dataset's info")
+    trust_remote_code: bool = Flag("--dataset-trust-remote-code", action="store_true",
+                                   help="let a Hugging Face dataset run its own loading code (datasets < 4)")(False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", data_root(self.path, self.data_dir))
@@ -644,6 +670,25 @@ class ScheduledLoaderSettings:
 
 
 @dataclass(frozen=True)
+class TrackerSettings:
+    """Where else a run's metrics go: wandb and TensorBoard (emakit/training/trackers.py), rank 0 only."""
+
+    GROUP: ClassVar[str] = "Trackers (wandb, TensorBoard)"
+    log_wandb: bool = Flag("--log-wandb", action="store_true",
+                           help="log training and validation metrics to wandb (pip install wandb; WANDB_MODE=offline "
+                                "works without an account); a tracker that fails to start is a warning")(False)
+    wandb_project: str | None = Flag("--wandb-project", metavar="NAME", help="wandb project name")(
+        None, note="= wandb's default project")
+    wandb_tags: tuple[str, ...] | None = Flag("--wandb-tags", nargs="+", metavar="TAG", help="wandb tags")(
+        None, note="= none")
+    wandb_resume_id: str = Flag("--wandb-resume-id", metavar="ID", help="the wandb run id to continue")("")
+    log_tensorboard: str | None = Flag("--log-tensorboard", nargs="?", const="", metavar="DIR",
+                                       help="write TensorBoard event files (pip install tensorboard): raw and every "
+                                            "EMA's loss/top1/top5 per epoch, train loss and lr per --log-interval")(
+        None, note="= off; bare flag: <run folder>/tensorboard")
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     """Everything ``train.py`` was asked for; ``flags`` is the parsed flags (read-only)."""
 
@@ -656,6 +701,7 @@ class TrainSettings:
     run: RunSettings = field(default_factory=RunSettings)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
     loaders: ScheduledLoaderSettings = field(default_factory=ScheduledLoaderSettings)
+    trackers: TrackerSettings = field(default_factory=TrackerSettings)
     flags: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 

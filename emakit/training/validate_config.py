@@ -115,6 +115,19 @@ class EvalDataSettings:
                                help="timm's NaFlex loader; refused: emakit has none")(False)
     naflex_max_seq_len: int = Flag("--naflex-max-seq-len", kind=POSITIVE_INT, metavar="N",
                                    help="NaFlex sequence length (only with --naflex-loader, which is refused)")(576)
+    # ---- data sources beyond a folder tree (timm's --dataset flags; emakit/training/sources.py)
+    dataset: str = Flag("--dataset", metavar="NAME",
+                        help="dataset type + name as train.py's --dataset ('', torch/NAME, hfds/NAME, wds/NAME, "
+                             "wids/NAME, hfids/NAME); --split names its split")("")
+    dataset_download: bool = Flag("--dataset-download", action="store_true",
+                                  help="let torch/ datasets download themselves")(False)
+    class_map: str = Flag("--class-map", metavar="FILENAME", help="text file of class names, one a line")("")
+    input_key: str | None = Flag("--input-key", metavar="KEY", help="image field / extension of the samples")(
+        None, note="= the source's")
+    target_key: str | None = Flag("--target-key", metavar="KEY", help="label field of the samples")(
+        None, note="= the source's")
+    trust_remote_code: bool = Flag("--dataset-trust-remote-code", action="store_true",
+                                   help="let a Hugging Face dataset run its own loading code (datasets < 4)")(False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", data_root(self.root, self.data_dir))

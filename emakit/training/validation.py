@@ -47,6 +47,7 @@ from emakit.posthoc import list_snapshots, reconstruct_many, sigma_rel_to_decay,
 
 from . import UsageError, one_line
 from .build import build_model as _build_model, check_model_name
+from .sources import load_eval_split, wants_sources
 from .data import (AugmentConfig, DeviceLoader, ImageListDataset, build_eval_loader, build_transforms, class_folders,
                    image_mode, load_digits_splits, scan_split)
 from .distributed import DistInfo
@@ -1002,11 +1003,17 @@ def model_kwargs(settings: ValidateSettings) -> dict[str, Any]:
 
 def _make_setup(settings: ValidateSettings, dist: DistInfo, train_args: Mapping[str, Any]) -> EvalSetup:
     data, runtime, wanted = settings.data, settings.runtime, settings.weights
-    dataset, description = load_eval_dataset(data.root, data.split, train_args)
-    if data.num_samples is not None and data.num_samples < len(dataset):
-        dataset = subsample(dataset, data.num_samples, data.seed)
-        description += f", {len(dataset)} of them drawn with seed {data.seed} (--num-samples)"
-    dataset.img_mode = image_mode(data.input_img_mode, model_in_chans(settings, train_args) or 3)
+    if wants_sources(data.dataset, data.root, data.split):  # --dataset or <split>.tar: sources.py
+        dataset, description = load_eval_split(
+            data.dataset, data.root, data.split, num_samples=data.num_samples, input_key=data.input_key,
+            target_key=data.target_key, class_map=data.class_map, download=data.dataset_download,
+            trust_remote_code=data.trust_remote_code, train_args=train_args)
+    else:
+        dataset, description = load_eval_dataset(data.root, data.split, train_args)
+        if data.num_samples is not None and data.num_samples < len(dataset):
+            dataset = subsample(dataset, data.num_samples, data.seed)
+            description += f", {len(dataset)} of them drawn with seed {data.seed} (--num-samples)"
+        dataset.img_mode = image_mode(data.input_img_mode, model_in_chans(settings, train_args) or 3)
     if dist.is_main:
         _log.info("data: %s", description)
     overrides = dict(data.overrides)
