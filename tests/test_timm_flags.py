@@ -31,9 +31,7 @@ Flags parsed with timm's default and refused otherwise (one line, exit 2: ``conf
 | ``--kd-distill-type feature`` | its projection layer trains outside the model: EMA, checkpoints, resume miss it |
 | ``--kd-model-name`` with ``--fsdp`` | the teacher would be a full copy on every rank beside the sharded student |
 
-Flags not known yet, each owned by another piece of work (``PENDING``): the data-source and
-wandb flags (the data-sources work empties ``DATA_SOURCE_FLAGS``), and the augmentation flags
-and validate.py's flags (parity-v); their tests are xfail until those merge.
+No flag of timm's train.py or validate.py is unknown (the data-source and wandb flags included).
 """
 from __future__ import annotations
 
@@ -56,34 +54,23 @@ DEFAULT_DIFFERENCES = {  # flag -> why emakit's default differs (table above)
     "--device": "cuda if available, else cpu",
     "--model-ema-decay": "0.9998 unless --model-ema-half-life is given",
     "--output": "timm's '' is ./output/train; ours is ./output",
+    "--wandb-tags": "None = no tags, as timm's []; a YAML [] reads back as a config",
 }
-DATA_SOURCE_FLAGS = {  # the data-sources work (--dataset ... and wandb) adds these
-    "--dataset", "--dataset-download", "--input-key", "--target-key", "--class-map", "--train-num-samples",
-    "--val-num-samples", "--num-samples", "--dataset-trust-remote-code", "--log-wandb", "--wandb-project",
-    "--wandb-tags", "--wandb-resume-id",
+VALIDATE_DEFAULT_DIFFERENCES = {  # docs/TIMM_DIFFERENCES.md: validate.py
+    "--split": "the checkpoint's --val-split, else val/ or validation/",
+    "--model": "the checkpoint's training model (timm: dpn92)",
+    "-j": "0 = the main process, as train.py's digits preset (timm: 4)",
+    "--interpolation": "None = the checkpoint's training interpolation, else the model's (timm's '' = the model's)",
+    "--checkpoint": "None = no checkpoint: the model's pretrained weights, as timm's ''",
+    "--results-file": "None = none, as timm's ''",
+    "--results-format": "json when --results-file ends in .json, else csv",
+    "--real-labels": "None = off, as timm's ''",
+    "--valid-labels": "None = off, as timm's ''",
 }
-PARITY_V_TRAIN_FLAGS = {  # augmentation/data flags of train.py, added by parity-v
-    "--aug-repeats", "--aug-splits", "--split-bn", "--resplit", "--train-crop-mode", "--color-jitter-prob",
-    "--grayscale-prob", "--gaussian-blur-prob", "--input-img-mode", "--save-images", "--worker-seeding",
-    "--use-multi-epochs-loader", "--tta",
-}
-PARITY_V_VALIDATE_FLAGS = {  # validate.py's flags (or defaults) that parity-v adds or aligns
-    "--split", "--model", "--pretrained", "-j", "--in-chans", "--input-size", "--use-train-size", "--crop-mode",
-    "--crop-border-pixels", "--interpolation", "--gp", "--log-freq", "--checkpoint", "--num-gpu", "--test-pool",
-    "--no-prefetcher", "--pin-mem", "--model-dtype", "--tf-preprocessing", "--fuser", "--fast-norm", "--reparam",
-    "--model-kwargs", "--torchcompile-mode", "--torchscript", "--torchcompile", "--aot-autograd", "--results-file",
-    "--results-format", "--real-labels", "--valid-labels", "--retry", "--seed", "--metrics-avg", "--naflex-loader",
-    "--naflex-max-seq-len", "--input-img-mode",
-}
-PENDING = DATA_SOURCE_FLAGS | PARITY_V_TRAIN_FLAGS
 
 
-def _param(option: dict, validate: bool = False):
-    name = option["names"][0]
-    pending = PENDING | (PARITY_V_VALIDATE_FLAGS if validate else set())
-    marks = [pytest.mark.xfail(reason=f"{name}: added by the data-source/wandb work or parity-v (until they merge)")
-             ] if name in pending else []
-    return pytest.param(option, id=name, marks=marks)
+def _param(option: dict):
+    return pytest.param(option, id=option["names"][0])
 
 
 def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -121,17 +108,19 @@ def test_timm_train_option_parses_with_timms_default(option: dict, train_parser:
     _check_option(option, train_parser, DEFAULT_DIFFERENCES)
 
 
-@pytest.mark.parametrize("option", [_param(o, validate=True) for o in VALIDATE_OPTIONS])
+@pytest.mark.parametrize("option", [_param(o) for o in VALIDATE_OPTIONS])
 def test_timm_validate_option_parses_with_timms_default(option: dict) -> None:
     from emakit.training.validate_config import build_parser
 
-    _check_option(option, build_parser(), DEFAULT_DIFFERENCES)
+    _check_option(option, build_parser(), {**DEFAULT_DIFFERENCES, **VALIDATE_DEFAULT_DIFFERENCES})
 
 
-def test_unknown_train_flags_are_only_the_pending_ones(train_parser: argparse.ArgumentParser) -> None:
-    actions = _actions(train_parser)
-    unknown = {n for o in TRAIN_OPTIONS for n in o["names"] if n not in actions}
-    assert unknown <= PENDING, sorted(unknown - PENDING)
+def test_no_train_or_validate_flag_of_timm_is_unknown(train_parser: argparse.ArgumentParser) -> None:
+    from emakit.training.validate_config import build_parser
+
+    for options, parser in ((TRAIN_OPTIONS, train_parser), (VALIDATE_OPTIONS, build_parser())):
+        actions = _actions(parser)
+        assert not {n for o in options for n in o["names"] if n not in actions}
 
 
 def test_timm_args_yaml_reads_as_config(tmp_path: Path) -> None:
@@ -139,7 +128,7 @@ def test_timm_args_yaml_reads_as_config(tmp_path: Path) -> None:
     from emakit.training.config import parse_settings
 
     values = {o["dest"]: o["default"] for o in TRAIN_OPTIONS
-              if o["names"][0] not in PENDING and o["dest"] != "config"}
+              if o["dest"] != "config"}
     values.update(device="cpu", data_dir=str(tmp_path), model_kwargs={"zero_init_last": False},  # a CPU run's
                   opt_kwargs={"betas": [0.9, 0.95]})
     path = tmp_path / "args.yaml"

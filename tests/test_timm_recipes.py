@@ -75,18 +75,8 @@ SIZES = {
 TYPOS = {"/--data-dir": "--data-dir", "dyamic_img_pad=True": "dynamic_img_pad=True"}
 _SIZE_FLAGS = ("--img-size", "--input-size")
 
-# Commands that need flags not in emakit yet: recipe -> the missing flags (strict xfail).
-PENDING = {
-    "training_script.mdx:30": "validate.py --pretrained (parity-v)",
-    "training_script.mdx:80": "--aug-splits, --resplit, --split-bn (parity-v), --jsd-loss (parity)",
-    "training_script.mdx:92": "--lr-noise (parity)",
-    "changes.mdx:119": "validate.py --model-kwargs, --naflex-loader, --naflex-max-seq-len (parity-v refuses "
-                       "--naflex-loader in one line: no NaFlex loader; REFUSED)",
-    "changes.mdx:529": "validate.py --model-kwargs (parity-v)",
-    "changes.mdx:546": "validate.py --input-size, --model-kwargs (parity-v)",
-    "changes.mdx:750": "--model-kwargs (parity)",
-    "changes.mdx:751": "--model-kwargs (parity)",
-}
+# Commands that need flags not in emakit yet: recipe -> the missing flags (strict xfail). None now.
+PENDING: dict[str, str] = {}
 
 
 # Commands emakit refuses on purpose (one line, exit 2): recipe -> (flag, why, for the README).
@@ -297,7 +287,7 @@ def test_timm_validate_recipe_runs(recipe, image_folder, tmp_path, capsys, monke
 ARGS_DIR = DATA / "timm_args"  # timm's own args.yaml per seeded recipe (bench/timm_recipes.py)
 SEEDED = ("rsb_a3", "deit", "vit_finetune")
 # Seeded recipes whose flags emakit does not parse yet (strict xfail, names the flags).
-SEEDED_PENDING = {"rsb_a3": "--bce-loss, --bce-target-thresh, --aug-repeats (parity / parity-v)"}
+SEEDED_PENDING: dict[str, str] = {}
 
 
 def timm_args(name: str, data_dir: Path) -> tuple[list[str], argparse.Namespace]:
@@ -555,26 +545,6 @@ def test_amp_float16_on_the_cpu_trains_as_timm(extra, image_folder, tmp_path):
 
 
 # --------------------------------------------------------------------------- --config with timm's args.yaml
-# The keys of timm's args.yaml that emakit's train.py did not know when this was written
-# (90 of 172; the parity / parity-v / sources work adds them). Never more may be unknown.
-TIMM_KEYS_UNKNOWN_BEFORE = frozenset("""
-    aug_repeats aug_splits bce_loss bce_pos_weight bce_sum bce_target_thresh bn_eps bn_momentum class_map
-    color_jitter_prob dataset dataset_download dataset_trust_remote_code device_modules distill_loss_weight
-    drop_block drop_connect epoch_repeats fast_norm fuser gaussian_blur_prob gp grad_checkpointing grayscale_prob
-    head_init_bias head_init_scale in_chans initial_checkpoint input_img_mode input_key input_size jsd_loss
-    kd_distill_type kd_loss_type kd_model_name kd_student_feature_dim kd_teacher_feature_dim kd_temperature
-    kd_token_distill_type layer_decay_min_scale layer_decay_no_opt_scale local_rank log_wandb lr_cycle_decay
-    lr_cycle_limit lr_cycle_mul lr_k_decay lr_noise lr_noise_pct lr_noise_std model_dtype model_kwargs
-    naflex_loader naflex_loss_scale naflex_max_seq_len naflex_patch_size_probs naflex_patch_sizes
-    naflex_patchify_channels_first naflex_train_seq_lens no_ddp_bb opt_kwargs recovery_interval resplit
-    save_images split_bn start_epoch sync_bn synchronize_step target_key task_loss_weight torchcompile_mode
-    torchscript train_batch_sizes train_batches_per_epoch train_crop_mode train_img_sizes train_num_samples
-    train_size_probs train_size_random_mix train_size_schedule train_size_schedule_spread tta
-    use_multi_epochs_loader val_interval val_num_samples variable_batch_loss_scale wandb_project wandb_resume_id
-    wandb_tags worker_seeding
-""".split())
-
-
 def _unknown_keys(name: str) -> set[str]:
     import yaml
 
@@ -585,20 +555,11 @@ def _unknown_keys(name: str) -> set[str]:
 
 
 @pytest.mark.parametrize("name", SEEDED)
-def test_timm_args_yaml_has_no_key_unknown_before(name):
-    assert len(TIMM_KEYS_UNKNOWN_BEFORE) == 90
-    assert _unknown_keys(name) <= TIMM_KEYS_UNKNOWN_BEFORE
-
-
-@pytest.mark.xfail(strict=True, reason=f"{len(TIMM_KEYS_UNKNOWN_BEFORE)} keys of timm's args.yaml unknown until "
-                   "parity / parity-v / sources land (TIMM_KEYS_UNKNOWN_BEFORE)")
-@pytest.mark.parametrize("name", SEEDED)
 def test_every_key_of_timm_args_yaml_is_known(name):
     assert sorted(_unknown_keys(name)) == []
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="unknown keys of timm's args.yaml (TIMM_KEYS_UNKNOWN_BEFORE)")
 def test_train_py_config_reads_timms_args_yaml(run_train, image_folder, tmp_path):
     """``--config`` with the args.yaml timm's train.py wrote for the DeiT recipe (its keys,
     spellings and types, e.g. ``model_kwargs: {}``, ``lr_noise: null``), the data folder and

@@ -97,8 +97,12 @@ def _check_value(key: str, action: argparse.Action, value: Any) -> Any:
             raise UsageError(f"config key {key!r}: expected true or false, got {reprlib.repr(value)}")
         return value
     if action.nargs in ("+", "*") or isinstance(action.nargs, int) and action.nargs > 1:
-        if not isinstance(value, list) or (action.nargs == "+" and not value):
+        if not isinstance(value, list):
             raise UsageError(f"config key {key!r}: expected a list, got {reprlib.repr(value)}")
+        if action.nargs == "+" and not value:  # timm's args.yaml writes an unset list as []
+            if action.default is None:
+                return None
+            raise UsageError(f"config key {key!r}: expected at least one item, got []")
         return [_check_scalar(key, action, v) for v in value]
     return _check_scalar(key, action, value)
 
