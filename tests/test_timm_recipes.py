@@ -566,7 +566,8 @@ def test_train_py_config_reads_timms_args_yaml(run_train, image_folder, tmp_path
     epochs on the command line: the run is that recipe's."""
     out = tmp_path / "out"
     code, _, err = run_train(["--config", ARGS_DIR / "deit.yaml", "--data-dir", image_folder, "--epochs", "1",
-                              "--output", out, "--experiment", "run"])
+                              "--device", "cpu", "--val-split", "val", "--output", out, "--experiment", "run"])
+    # timm wrote device cuda and val_split validation: the command line wins
     assert code == 0, err[-3000:]
     import yaml
 

@@ -18,7 +18,7 @@ import argparse
 import io
 import os
 import reprlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -165,8 +165,11 @@ def _read_config(path: str) -> Any:
     return data
 
 
-def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Read a ``--config`` file: a mapping of parser dests to values, each type-checked."""
+def load_yaml_defaults(path: str, parser: argparse.ArgumentParser, overridden: Collection[str] = ()
+                       ) -> dict[str, Any]:
+    """Read a ``--config`` file: a mapping of parser dests to values, each type-checked, except
+    those of ``overridden`` dests (given on the command line, which wins: e.g. ``--device cpu``
+    over the ``device: cuda`` of an args.yaml written on a GPU machine)."""
     data = _read_config(path)
     if data is None:
         return {}
@@ -179,8 +182,24 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, 
         if dest not in actions:
             raise UsageError(f"--config {path}: unknown key {reprlib.repr(key)} (keys are flag names with _ "
                              f"for -, e.g. model_ema_decay; see train.py --help)")
-        checked[dest] = _check_value(str(key)[:100], actions[dest], value)
+        if dest not in overridden:
+            checked[dest] = _check_value(str(key)[:100], actions[dest], value)
     return checked
+
+
+class _OnlyGiven(argparse.Namespace):
+    """A namespace that claims every attribute, so argparse fills in no default: what it holds
+    after parsing is what the command line gave."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # argparse's own bookkeeping (_unrecognized_args)
+            raise AttributeError(name)
+        return None
+
+
+def _given_dests(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The dests the command line sets."""
+    return set(vars(parser.parse_known_args(argv, _OnlyGiven())[0]))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -202,7 +221,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if not os.path.isfile(config):
             raise UsageError(f"the embedded dataset's preset {config} is missing; pass --config FILE or a data path")
     if config:
-        parser.set_defaults(**load_yaml_defaults(config, parser))
+        parser.set_defaults(**load_yaml_defaults(config, parser, _given_dests(parser, argv)))
     args = parser.parse_args(argv)
     args.config = config
     check_parsed(parser, args, parser.error)
