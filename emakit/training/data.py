@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from . import UsageError, one_line
 from .distributed import DistInfo
 from .lifecycle import ignore_stop_signals, loader_workers_started
+from .photometric import apply_photometric, split_photometric
 from .settings import AugmentConfig
 
 __all__ = [
@@ -403,7 +404,10 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
     """(train, eval) transforms from timm's ``create_transform`` and a resolved data config.
 
     ``uint8=True`` (the GPU input path, :class:`DeviceLoader`): the transforms stop at a
-    ``uint8`` tensor; normalisation and random erasing are left to the device.
+    ``uint8`` tensor; normalisation and random erasing are left to the device, and so are the
+    photometric ops timm puts after the crop (ColorJitter, RandomGrayscale): the train
+    transform draws their parameters and yields ``(uint8 image, parameters)``
+    (:func:`.photometric.split_photometric`), the device applies them.
     """
     from timm.data import create_transform
 
@@ -416,6 +420,8 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
         std=data_config["std"], re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count,
         use_prefetcher=uint8,
     )
+    if uint8:
+        train_tf = split_photometric(train_tf)
     eval_tf = create_transform(
         data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
         mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
@@ -584,7 +590,11 @@ class DeviceLoader:
     ``uint8`` batches (:func:`build_transforms` with ``uint8=True``, pinned memory) whose
     batches are copied to ``device`` without blocking, normalised there
     (:func:`normalize_uint8`) and randomly erased there when ``random_erasing`` is given
-    (timm's ``RandomErasing`` built for ``device``). On CUDA the next batch is copied and
+    (timm's ``RandomErasing`` built for ``device``). Batches whose images come as
+    ``(uint8 images, parameter rows)`` (a train transform from :func:`build_transforms`
+    with ``uint8=True`` and colour jitter or grayscale) get those photometric ops applied
+    on the device first, each sample with its own drawn factors
+    (:func:`.photometric.apply_photometric`). On CUDA the next batch is copied and
     normalised on a side stream while the current one is used; batches must be consumed
     on the stream that is current when the iterator advances. On other devices it works
     the same without the side stream (used by the tests on the CPU).
@@ -618,10 +628,17 @@ class DeviceLoader:
         """The wrapped loader's generator."""
         return self.loader.generator
 
-    def _prepare(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare(self, images: Any, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        params = None
+        if isinstance(images, (tuple, list)):
+            images, params = images
         images = images.to(self.device, non_blocking=True)
         target = target.to(self.device, non_blocking=True)
-        images = normalize_uint8(images, self.mean, self.std, self.dtype)
+        if params is None:
+            images = normalize_uint8(images, self.mean, self.std, self.dtype)
+        else:  # float32 in [0, 1], the photometric ops, then the normalisation (as normalize_uint8 does it)
+            images = apply_photometric(images.to(torch.float32).div_(255), params)
+            images = images.to(self.dtype).sub_(self.mean).div_(self.std)
         if self.random_erasing is not None:
             images = self.random_erasing(images)
         return images, target
