@@ -60,14 +60,14 @@ def test_device_loader_cuda_equals_cpu():
     ds.transform = split_photometric(create_transform(32, is_training=True, color_jitter=(0.4, 0.4, 0.4, 0.1),
                                                       grayscale_prob=0.3, use_prefetcher=True))
     outs = {}
-    for dev in ("cpu", "cuda"):
+    for key, dev in (("cpu", "cpu"), ("device", CUDA.type)):
         loader = build_train_loader(ds, 8, DistInfo(), seed=1, workers=0, pin_memory=dev == "cuda")
         erasing = RandomErasing(0.5, mode="const", device=dev)
         wrapped = DeviceLoader(loader, torch.device(dev), mean, std, random_erasing=erasing)
         set_epoch(wrapped, 0, 1)
         random.seed(0)  # the erased boxes come from python's random
-        outs[dev] = [x.cpu() for x, _ in wrapped]
-    for a, b in zip(outs["cpu"], outs["cuda"]):
+        outs[key] = [x.cpu() for x, _ in wrapped]
+    for a, b in zip(outs["cpu"], outs["device"]):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=0)
     assert len(outs["cpu"]) == 2
 
@@ -128,7 +128,7 @@ def test_bf16_autocast_moves_fp32_ema():
     model, _ = _models()
     model = model.to(torch.bfloat16)
     ema = ModelEMA(model, decay=0.5, dtype=torch.float32)
-    start = {k: v.clone() for k, v in ema.state_dict().items()}
+    start = {k: v.clone() for k, v in ema.state_dict_ema().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(3):
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -137,10 +137,10 @@ def test_bf16_autocast_moves_fp32_ema():
         opt.step()
         opt.zero_grad()
         ema.update(model)
-    moved = [k for k, v in ema.state_dict().items() if v.is_floating_point() and not torch.equal(v, start[k])]
+    moved = [k for k, v in ema.state_dict_ema().items() if v.is_floating_point() and not torch.equal(v, start[k])]
     assert moved, "the float32 EMA did not move"
-    assert all(v.dtype == torch.float32 for v in ema.state_dict().values() if v.is_floating_point())
-    assert all(torch.isfinite(v).all() for v in ema.state_dict().values() if v.is_floating_point())
+    assert all(v.dtype == torch.float32 for v in ema.state_dict_ema().values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in ema.state_dict_ema().values() if v.is_floating_point())
 
 
 def test_swapped_into_is_bit_exact_on_cuda():
@@ -179,7 +179,7 @@ def test_ddp_step_over_one_process_nccl_group():
             for p in ddp.parameters():
                 p.sub_(0.1 * p.grad)
         ema.update(ddp)
-        assert list(ema.state_dict()) == list(model.state_dict())  # unprefixed keys
+        assert list(ema.state_dict_ema()) == list(model.state_dict())  # unprefixed keys
     finally:
         dist.destroy_process_group()
 
