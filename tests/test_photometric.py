@@ -158,3 +158,51 @@ def _with(transform) -> ImageListDataset:
 def test_draw_refuses_other_ops(bad):
     with pytest.raises(TypeError):
         P.DrawPhotometric([bad])
+
+
+def test_workers_0_and_2_give_the_same_batches_and_keep_the_callers_rng(image_folder):
+    """Per-sample seeds: the main process (workers 0, one RNG save/restore per batch) and two
+    worker processes give the same batches (jitter drawn on the host, applied by DeviceLoader),
+    and the caller's generators are where they were after a workers-0 epoch."""
+    import random
+
+    from emakit.training.data import build_datasets
+
+    cfg = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+           "crop_pct": 1.0}
+    batches = {}
+    for workers in (0, 2):
+        ds = build_datasets(str(image_folder)).train
+        ds.transform = build_transforms(cfg, AugmentConfig(), uint8=True)[0]
+        loader = DeviceLoader(build_train_loader(ds, 8, DistInfo(), seed=5, workers=workers), torch.device("cpu"),
+                              (0.5,) * 3, (0.5,) * 3)
+        random.seed(11), np.random.seed(11), torch.manual_seed(11)
+        set_epoch(loader, 1, 5)
+        batches[workers] = [(x, y) for x, y in loader]
+        if workers == 0:
+            assert (random.random(), np.random.rand(), torch.rand(1).item()) == _after_seed(11)
+    assert len(batches[0]) == 3
+    for (x0, y0), (x2, y2) in zip(batches[0], batches[2]):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+
+
+def _after_seed(seed: int) -> tuple:
+    import random
+
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    return random.random(), np.random.rand(), torch.rand(1).item()
+
+
+def test_main_process_saves_the_rng_once_per_batch(monkeypatch):
+    import random
+
+    from emakit.training import data as D
+
+    calls = []
+    real = random.getstate
+    monkeypatch.setattr(D.random, "getstate", lambda: calls.append(1) or real())
+    ds = _dataset()
+    ds.transform = T.PILToTensor()
+    loader = build_train_loader(ds, 8, DistInfo(), seed=0, workers=0)
+    set_epoch(loader, 0, 0)
+    assert len(list(loader)) == 2 and len(calls) == 2

@@ -1,0 +1,89 @@
+"""emakit.training.decode: evaluation's one resample of the kept centre box against timm's
+resize-then-crop, and the decoders."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from emakit.training import UsageError
+from emakit.training.data import AugmentConfig, build_transforms
+from emakit.training.decode import CenterBoxResize, check_decoder, decode, draft_scale, fuse_eval_resize
+
+
+def _image(w: int, h: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(9, 12, 3), dtype=np.uint8)
+    pixels = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.float32)
+    pixels += rng.normal(0, 8, size=pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(427, 320), (320, 427), (1024, 768), (768, 1024), (500, 333), (64, 48), (300, 300)])
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_one_resample_within_rounding_of_resize_then_crop(size, mode):
+    interp = T.InterpolationMode(mode)
+    img = _image(*size, seed=size[0])
+    ref = np.asarray(T.CenterCrop(224)(T.Resize(256, interpolation=interp)(img)), dtype=np.int16)
+    got = np.asarray(CenterBoxResize(256, (224, 224), interp)(img), dtype=np.int16)
+    diff = np.abs(ref - got)
+    assert got.shape == ref.shape
+    assert diff.max() <= 2 and diff.mean() < 0.3, (diff.max(), diff.mean())  # Pillow's between-pass rounding
+
+
+def test_eval_transform_is_fused_and_identity_stays_identity():
+    cfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+           "crop_pct": 0.875}
+    for uint8 in (False, True):
+        _, eval_tf = build_transforms(cfg, AugmentConfig(), uint8=uint8)
+        names = [type(t).__name__ for t in eval_tf.transforms]
+        assert names[0] == "CenterBoxResize" and "Resize" not in names and "CenterCrop" not in names
+    # the tests' identity eval (32 px, crop 1.0): no resample at all
+    cfg32 = dict(cfg, input_size=(3, 32, 32), crop_pct=1.0)
+    _, eval_tf = build_transforms(cfg32, AugmentConfig(), uint8=True)
+    img = _image(32, 32)
+    assert torch.equal(eval_tf(img), torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    # a crop larger than the resized image pads: the two-step path
+    pad = CenterBoxResize(20, (32, 32), T.InterpolationMode.BILINEAR)(_image(40, 30))
+    assert pad.size == (32, 32)
+
+
+def test_fixed_size_resize_is_left_alone():
+    tf = T.Compose([T.Resize((10, 20)), T.CenterCrop(8)])
+    assert fuse_eval_resize(tf) is tf
+
+
+def test_draft_scale():
+    assert draft_scale(1024, 768, 224, 224) == 2 and draft_scale(2048, 1536, 224, 224) == 4
+    assert draft_scale(320, 427, 224, 224) == 1 and draft_scale(4000, 3000, 100, 100) == 8
+
+
+def test_decoders(tmp_path):
+    path = tmp_path / "a.jpg"
+    _image(1024, 768).save(path, quality=92)
+    full, f1 = decode(str(path), "pil")
+    small, f2 = decode(str(path), "pil-draft", need=(300, 300))
+    assert full.size == (1024, 768) and f1 == 1.0
+    assert small.size == (512, 384) and f2 == 2.0
+    ref = np.asarray(full.resize((512, 384), Image.BILINEAR), dtype=np.int16)
+    assert np.abs(ref - np.asarray(small, dtype=np.int16)).mean() < 3  # DCT downscale: decoder noise
+    with pytest.raises(UsageError, match="unknown"):
+        check_decoder("nvjpeg2")
+
+
+def test_simplejpeg_missing_or_equal(tmp_path):
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        with pytest.raises(UsageError, match="pip install simplejpeg"):
+            check_decoder("simplejpeg")
+        return
+    check_decoder("simplejpeg")
+    path = tmp_path / "a.jpg"
+    _image(640, 480).save(path, quality=92)
+    pil, _ = decode(str(path), "pil")
+    sj, factor = decode(str(path), "simplejpeg")
+    assert factor == 1.0 and sj.size == pil.size
+    assert np.abs(np.asarray(pil, dtype=np.int16) - np.asarray(sj, dtype=np.int16)).mean() < 1.5
