@@ -87,3 +87,57 @@ def test_simplejpeg_missing_or_equal(tmp_path):
     sj, factor = decode(str(path), "simplejpeg")
     assert factor == 1.0 and sj.size == pil.size
     assert np.abs(np.asarray(pil, dtype=np.int16) - np.asarray(sj, dtype=np.int16)).mean() < 1.5
+
+
+def _jpeg_folder(tmp_path, size=(1024, 768), n=6):
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"{i}.jpg"
+        _image(*size, seed=i).save(p, quality=90)
+        paths.append(str(p))
+    return paths
+
+
+@pytest.mark.parametrize("decoder", ["pil-draft", "simplejpeg"])
+def test_decoder_transforms_draw_timms_crops(tmp_path, decoder):
+    """--decoder: the fused decode+crop draws the crop timm's RRC draws (same seed, same random
+    calls) and its output stays within decoder noise of timm's; eval likewise."""
+    pytest.importorskip("simplejpeg") if decoder == "simplejpeg" else None
+    import random
+
+    from emakit.training.data import ImageListDataset
+
+    cfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+           "crop_pct": 0.875}
+    paths = _jpeg_folder(tmp_path)
+    ref_tf = build_transforms(cfg, AugmentConfig(color_jitter=0.0, hflip=0.0), uint8=True)
+    fast_tf = build_transforms(cfg, AugmentConfig(color_jitter=0.0, hflip=0.0, decoder=decoder), uint8=True)
+    assert getattr(fast_tf[0], "takes_path", False) and getattr(fast_tf[1], "takes_path", False)
+    for k, (ref_t, fast_t) in enumerate(zip(ref_tf, fast_tf)):
+        ref_ds, fast_ds = ImageListDataset(paths, [0] * len(paths), ref_t), ImageListDataset(paths, [0] * len(paths), fast_t)
+        diffs = []
+        for i in range(len(paths)):
+            random.seed(i), torch.manual_seed(i)
+            a = ref_ds[i][0]
+            random.seed(i), torch.manual_seed(i)
+            b = fast_ds[i][0]
+            a, b = (x[0] if isinstance(x, tuple) else x for x in (a, b))
+            assert a.shape == b.shape == (3, 224, 224)
+            diffs.append((a.float() - b.float()).abs().mean().item())
+        assert max(diffs) < 4.0, (k, diffs)  # the same crop; a different crop differs by tens of levels
+
+
+def test_decoder_missing_is_one_line(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_simplejpeg(name, *a, **k):
+        if name == "simplejpeg":
+            raise ImportError("no")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_simplejpeg)
+    with pytest.raises(UsageError, match="--decoder simplejpeg: the simplejpeg package is not installed"):
+        build_transforms({"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3,
+                          "std": (0.5,) * 3, "crop_pct": 1.0}, AugmentConfig(decoder="simplejpeg"))

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from . import UsageError, one_line
 from .distributed import DistInfo
 from .lifecycle import ignore_stop_signals, loader_workers_started
-from .decode import fuse_eval_resize
+from .decode import fuse_eval_resize, with_decoder
 from .photometric import apply_photometric, split_photometric
 from .settings import AugmentConfig
 
@@ -102,6 +102,13 @@ class ImageListDataset(Dataset):
                                 "(fix or delete it, or pass --skip-bad-images)") from None
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        item = self.items[index]
+        if isinstance(item, str) and getattr(self.transform, "takes_path", False):  # --decoder: it decodes
+            try:
+                return self.transform(item), self.targets[index]  # type: ignore[misc]
+            except _IMAGE_ERRORS as e:
+                raise BadImageError(f"cannot read image {shown_path(item)}: {_reason(e)} "
+                                    "(fix or delete it, or pass --skip-bad-images)") from None
         img = self.load(index)
         if self.transform is not None:
             img = self.transform(img)
@@ -410,7 +417,9 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
     transform draws their parameters and yields ``(uint8 image, parameters)``
     (:func:`.photometric.split_photometric`), the device applies them. The eval transform's
     resize-then-centre-crop is one resample of the kept box (:func:`.decode.fuse_eval_resize`,
-    within Pillow's rounding of timm's output).
+    within Pillow's rounding of timm's output). ``aug.decoder`` other than pil: the first op of
+    each decodes the file itself, at a DCT scale where the crop is shrunk anyway
+    (:func:`.decode.with_decoder`).
     """
     from timm.data import create_transform
 
@@ -430,7 +439,7 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
         mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
         use_prefetcher=uint8,
     )
-    return train_tf, fuse_eval_resize(eval_tf)
+    return with_decoder(train_tf, aug.decoder), with_decoder(fuse_eval_resize(eval_tf), aug.decoder)
 
 
 class ShardSampler(Sampler[int]):

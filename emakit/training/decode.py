@@ -28,7 +28,7 @@ from torchvision.transforms import functional as F
 from . import UsageError
 
 __all__ = ["CenterBoxResize", "center_box", "fuse_eval_resize", "DECODERS", "check_decoder", "decode",
-           "draft_scale"]
+           "draft_scale", "DecodeResizedCrop", "DecodeCenterBox", "with_decoder"]
 
 DECODERS = ("pil", "pil-draft", "simplejpeg")
 _PIL_MODES = {InterpolationMode.NEAREST: Image.NEAREST, InterpolationMode.BILINEAR: Image.BILINEAR,
@@ -128,7 +128,7 @@ def decode(path: str, decoder: str = "pil", need: tuple[int, int] | None = None)
             data = f.read()
         if need is None:
             return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB")), 1.0
-        width, height, _, _ = simplejpeg.decode_jpeg_header(data)
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=need[0], min_height=need[1])
         return Image.fromarray(pixels), width / pixels.shape[1]
     with Image.open(path) as im:
@@ -139,3 +139,124 @@ def decode(path: str, decoder: str = "pil", need: tuple[int, int] | None = None)
                 im.draft("RGB", (math.ceil(im.width / scale), math.ceil(im.height / scale)))
         rgb = im.convert("RGB")
     return rgb, width / rgb.width
+
+
+# ----------------------------------------------------------------------------- decode + first resample
+def _size_only(width: int, height: int) -> Any:
+    """A zero-storage tensor of shape (1, height, width): what torchvision's ``get_image_size``
+    reads, so timm's ``get_params`` draws a crop for an image not decoded yet."""
+    import torch
+
+    return torch.empty(()).expand(1, height, width)
+
+
+class _Header:
+    """The size of an image file, read without decoding it, and its decode at a DCT scale."""
+
+    def __init__(self, path: str, decoder: str) -> None:
+        self.path, self.decoder, self.data = path, decoder, None
+        if decoder == "simplejpeg" and path.lower().endswith((".jpg", ".jpeg")):
+            import simplejpeg
+
+            with open(path, "rb") as f:
+                self.data = f.read()
+            self.height, self.width, _, _ = simplejpeg.decode_jpeg_header(self.data)
+        else:
+            with Image.open(path) as im:
+                self.width, self.height = im.size
+
+    def decode(self, scale: int) -> Image.Image:
+        """The RGB image, DCT-downscaled by ``scale`` (1, 2, 4, 8) where the format allows."""
+        if self.data is not None:
+            import simplejpeg
+
+            w, h = math.ceil(self.width / scale), math.ceil(self.height / scale)
+            return Image.fromarray(simplejpeg.decode_jpeg(self.data, colorspace="RGB", min_width=w, min_height=h))
+        with Image.open(self.path) as im:
+            if scale > 1 and im.format == "JPEG":
+                im.draft("RGB", (math.ceil(self.width / scale), math.ceil(self.height / scale)))
+            return im.convert("RGB")
+
+
+def _resample(header: _Header, box: tuple[float, float, float, float], out_w: int, out_h: int,
+              interpolation: Any) -> Image.Image:
+    scale = draft_scale(int(box[2] - box[0]), int(box[3] - box[1]), out_w, out_h)
+    img = header.decode(scale)
+    fx, fy = header.width / img.width, header.height / img.height
+    mode = _PIL_MODES[interpolation] if isinstance(interpolation, InterpolationMode) else interpolation
+    return img.resize((out_w, out_h), mode, box=(box[0] / fx, box[1] / fy, box[2] / fx, box[3] / fy))
+
+
+class DecodeResizedCrop:
+    """timm's ``RandomResizedCropAndInterpolation`` fused with the decode (``--decoder`` other
+    than pil): the crop is drawn from the file's header size with timm's own ``get_params``
+    (the same random calls), then the file is decoded at the largest DCT downscale that still
+    leaves the crop at least the output size, and the crop box resampled once. Given a decoded
+    image (in-memory datasets) it is timm's op."""
+
+    takes_path = True
+
+    def __init__(self, rrc: Any, decoder: str) -> None:
+        self.rrc, self.decoder = rrc, decoder
+
+    def __call__(self, item: Any) -> Image.Image:
+        if not isinstance(item, str):
+            return self.rrc(item if isinstance(item, Image.Image) else item)
+        import random
+
+        header = _Header(item, self.decoder)
+        i, j, h, w = self.rrc.get_params(_size_only(header.width, header.height), self.rrc.scale, self.rrc.ratio)
+        interp = self.rrc.interpolation
+        if isinstance(interp, (tuple, list)):
+            interp = random.choice(interp)
+        out_h, out_w = self.rrc.size
+        return _resample(header, (j, i, j + w, i + h), out_w, out_h, interp)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(decoder={self.decoder}, {self.rrc!r})"
+
+
+class DecodeCenterBox:
+    """:class:`CenterBoxResize` fused with the decode (``--decoder`` other than pil)."""
+
+    takes_path = True
+
+    def __init__(self, op: CenterBoxResize, decoder: str) -> None:
+        self.op, self.decoder = op, decoder
+
+    def __call__(self, item: Any) -> Image.Image:
+        if not isinstance(item, str):
+            return self.op(item)
+        header = _Header(item, self.decoder)
+        out_h, out_w = self.op.size
+        found = center_box(header.width, header.height, self.op.short, out_h, out_w)
+        if found is None:
+            return self.op(header.decode(1))
+        return _resample(header, found[0], out_w, out_h, self.op.interpolation)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(decoder={self.decoder}, {self.op!r})"
+
+
+def with_decoder(transform: Any, decoder: str) -> Any:
+    """``transform`` whose first op decodes the file itself (:class:`DecodeResizedCrop`,
+    :class:`DecodeCenterBox`) for ``decoder`` other than pil; the dataset then hands it the
+    path (``takes_path``). Unchanged for pil or when the first op is neither."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision import transforms as T
+
+    if decoder == "pil":
+        return transform
+    check_decoder(decoder)
+    steps = list(getattr(transform, "transforms", []))
+    if not steps:
+        return transform
+    if isinstance(steps[0], RandomResizedCropAndInterpolation):
+        steps[0] = DecodeResizedCrop(steps[0], decoder)
+    elif isinstance(steps[0], CenterBoxResize):
+        steps[0] = DecodeCenterBox(steps[0], decoder)
+    else:
+        return transform
+    composed = T.Compose(steps)
+    composed.takes_path = True  # type: ignore[attr-defined]
+    return composed

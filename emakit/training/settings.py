@@ -92,6 +92,10 @@ class AugmentConfig:
     re_mode: str = Flag("--remode", kind=OneOf(("pixel", "rand", "const")),
                         help="random erase mode: pixel, rand or const (timm's)")("pixel")
     re_count: int = Flag("--recount", kind=POSITIVE_INT, help="random erase count >= 1")(1)
+    decoder: str = Flag("--decoder", kind=OneOf(("pil", "pil-draft", "simplejpeg")),
+                        help="image decoder: pil (timm's), pil-draft (JPEGs decoded at a 1/2-1/8 DCT scale where "
+                             "the crop is shrunk at least that much anyway), simplejpeg (libjpeg-turbo, the same "
+                             "DCT scaling; pip install simplejpeg); opt-in, changes pixels within decoder noise")("pil")
 
 
 @dataclass(frozen=True)
