@@ -141,3 +141,45 @@ def test_decoder_missing_is_one_line(monkeypatch):
     with pytest.raises(UsageError, match="--decoder simplejpeg: the simplejpeg package is not installed"):
         build_transforms({"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3,
                           "std": (0.5,) * 3, "crop_pct": 1.0}, AugmentConfig(decoder="simplejpeg"))
+
+
+@pytest.mark.parametrize("box", [(20, 40, 280, 300), (100, 100, 90, 120), (0, 0, 320, 427), (10, 10, 150, 300),
+                                 (5, 7, 30, 40)])
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_tensor_resized_crop_within_rounding_of_pillows(box, mode):
+    import torchvision.transforms.functional as TF
+
+    from emakit.training.decode import tensor_resized_crop
+
+    img = _image(427, 320, seed=box[0])
+    interp = T.InterpolationMode(mode)
+    ref = np.asarray(TF.resized_crop(img, *box, [224, 224], interp), dtype=np.int16)
+    got = tensor_resized_crop(img, *box, (224, 224), interp)
+    assert got.dtype == torch.uint8 and got.shape == (3, 224, 224) and got.is_contiguous()
+    diff = np.abs(ref - got.permute(1, 2, 0).numpy().astype(np.int16))
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+
+
+def test_device_train_transform_uses_tensor_crop_with_timms_draws():
+    import random
+
+    cfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+           "crop_pct": 0.875}
+    ours = build_transforms(cfg, AugmentConfig(), uint8=True)[0]
+    assert type(ours.transforms[0]).__name__ == "TensorResizedCrop"
+    from timm.data import create_transform
+
+    timms = create_transform(224, is_training=True, color_jitter=0.4, interpolation="random", use_prefetcher=True)
+    host = build_transforms(cfg, AugmentConfig(auto_augment="rand-m9-mstd0.5"), uint8=True)[0]
+    assert type(host.transforms[0]).__name__ == "RandomResizedCropAndInterpolation"  # PIL ops follow: unchanged
+    for seed in range(8):
+        img = _image(427, 320, seed=seed)
+        random.seed(seed), torch.manual_seed(seed)
+        x, _ = ours(img)
+        random.seed(seed), torch.manual_seed(seed)
+        for t in timms.transforms:  # timm's without its jitter (ours applies it on the device)
+            if type(t).__name__ != "ColorJitter":
+                img_ = t(img if t is timms.transforms[0] else img_)
+            else:
+                t.get_params(t.brightness, t.contrast, t.saturation, t.hue)
+        assert (x.float() - img_.float()).abs().max() <= 2

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from . import UsageError, one_line
 from .distributed import DistInfo
 from .lifecycle import ignore_stop_signals, loader_workers_started
-from .decode import fuse_eval_resize, with_decoder
+from .decode import fuse_eval_resize, tensor_crop_for_device, with_decoder
 from .photometric import apply_photometric, split_photometric
 from .settings import AugmentConfig
 
@@ -415,7 +415,9 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
     ``uint8`` tensor; normalisation and random erasing are left to the device, and so are the
     photometric ops timm puts after the crop (ColorJitter, RandomGrayscale): the train
     transform draws their parameters and yields ``(uint8 image, parameters)``
-    (:func:`.photometric.split_photometric`), the device applies them. The eval transform's
+    (:func:`.photometric.split_photometric`), the device applies them; with nothing but
+    flips left after the random resized crop, its resample is torch's uint8 kernel
+    (:func:`.decode.tensor_crop_for_device`, within 2 levels of Pillow's). The eval transform's
     resize-then-centre-crop is one resample of the kept box (:func:`.decode.fuse_eval_resize`,
     within Pillow's rounding of timm's output). ``aug.decoder`` other than pil: the first op of
     each decodes the file itself, at a DCT scale where the crop is shrunk anyway
@@ -433,7 +435,7 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
         use_prefetcher=uint8,
     )
     if uint8:
-        train_tf = split_photometric(train_tf)
+        train_tf = tensor_crop_for_device(split_photometric(train_tf))
     eval_tf = create_transform(
         data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
         mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
