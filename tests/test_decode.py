@@ -39,7 +39,8 @@ def test_eval_transform_is_fused_and_identity_stays_identity():
     for uint8 in (False, True):
         _, eval_tf = build_transforms(cfg, AugmentConfig(), uint8=uint8)
         names = [type(t).__name__ for t in eval_tf.transforms]
-        assert names[0] == "CenterBoxResize" and "Resize" not in names and "CenterCrop" not in names
+        assert names[0] == ("TensorCenterResize" if uint8 else "CenterBoxResize")
+        assert "Resize" not in names and "CenterCrop" not in names
     # the tests' identity eval (32 px, crop 1.0): no resample at all
     cfg32 = dict(cfg, input_size=(3, 32, 32), crop_pct=1.0)
     _, eval_tf = build_transforms(cfg32, AugmentConfig(), uint8=True)
@@ -155,7 +156,7 @@ def test_tensor_resized_crop_within_rounding_of_pillows(box, mode):
     interp = T.InterpolationMode(mode)
     ref = np.asarray(TF.resized_crop(img, *box, [224, 224], interp), dtype=np.int16)
     got = tensor_resized_crop(img, *box, (224, 224), interp)
-    assert got.dtype == torch.uint8 and got.shape == (3, 224, 224) and got.is_contiguous()
+    assert got.dtype == torch.uint8 and got.shape == (3, 224, 224)
     diff = np.abs(ref - got.permute(1, 2, 0).numpy().astype(np.int16))
     assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
@@ -183,3 +184,17 @@ def test_device_train_transform_uses_tensor_crop_with_timms_draws():
             else:
                 t.get_params(t.brightness, t.contrast, t.saturation, t.hue)
         assert (x.float() - img_.float()).abs().max() <= 2
+
+
+@pytest.mark.parametrize("size", [(427, 320), (320, 427), (1024, 768), (300, 300), (64, 48)])
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_tensor_eval_resize_within_rounding_of_timms(size, mode):
+    from emakit.training.decode import TensorCenterResize
+
+    interp = T.InterpolationMode(mode)
+    img = _image(*size, seed=size[1])
+    ref = np.asarray(T.CenterCrop(224)(T.Resize(256, interpolation=interp)(img)), dtype=np.int16)
+    got = TensorCenterResize(256, (224, 224), interp)(img)
+    assert got.dtype == torch.uint8 and got.shape == (3, 224, 224)
+    diff = np.abs(ref - got.permute(1, 2, 0).numpy().astype(np.int16))
+    assert diff.max() <= 2 and diff.mean() < 0.1, (diff.max(), diff.mean())

@@ -419,7 +419,7 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
     flips left after the random resized crop, its resample is torch's uint8 kernel
     (:func:`.decode.tensor_crop_for_device`, within 2 levels of Pillow's). The eval transform's
     resize-then-centre-crop is one resample of the kept box (:func:`.decode.fuse_eval_resize`,
-    within Pillow's rounding of timm's output). ``aug.decoder`` other than pil: the first op of
+    within Pillow's rounding of timm's output), or with ``uint8`` torch's resize and the crop. ``aug.decoder`` other than pil: the first op of
     each decodes the file itself, at a DCT scale where the crop is shrunk anyway
     (:func:`.decode.with_decoder`).
     """
@@ -441,7 +441,7 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
         mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
         use_prefetcher=uint8,
     )
-    return with_decoder(train_tf, aug.decoder), with_decoder(fuse_eval_resize(eval_tf), aug.decoder)
+    return with_decoder(train_tf, aug.decoder), with_decoder(fuse_eval_resize(eval_tf, tensor=uint8), aug.decoder)
 
 
 class ShardSampler(Sampler[int]):
