@@ -36,11 +36,13 @@ def test_one_resample_within_rounding_of_resize_then_crop(size, mode):
 def test_eval_transform_is_fused_and_identity_stays_identity():
     cfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
            "crop_pct": 0.875}
-    for uint8 in (False, True):
-        _, eval_tf = build_transforms(cfg, AugmentConfig(), uint8=uint8)
-        names = [type(t).__name__ for t in eval_tf.transforms]
-        assert names[0] == ("TensorCenterResize" if uint8 else "CenterBoxResize")
-        assert "Resize" not in names and "CenterCrop" not in names
+    _, eval_tf = build_transforms(cfg, AugmentConfig(), uint8=True)  # the GPU path
+    names = [type(t).__name__ for t in eval_tf.transforms]
+    assert names[0] == "TensorCenterResize" and "Resize" not in names and "CenterCrop" not in names
+    _, eval_tf = build_transforms(cfg, AugmentConfig(), uint8=False)  # the CPU path: timm's exactly
+    assert [type(t).__name__ for t in eval_tf.transforms][:2] == ["Resize", "CenterCrop"]
+    _, eval_tf = build_transforms(cfg, AugmentConfig(decoder="pil-draft"), uint8=False)
+    assert type(eval_tf.transforms[0]).__name__ == "DecodeCenterBox"
     # the tests' identity eval (32 px, crop 1.0): no resample at all
     cfg32 = dict(cfg, input_size=(3, 32, 32), crop_pct=1.0)
     _, eval_tf = build_transforms(cfg32, AugmentConfig(), uint8=True)

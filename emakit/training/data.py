@@ -417,9 +417,9 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
     transform draws their parameters and yields ``(uint8 image, parameters)``
     (:func:`.photometric.split_photometric`), the device applies them; with nothing but
     flips left after the random resized crop, its resample is torch's uint8 kernel
-    (:func:`.decode.tensor_crop_for_device`, within 2 levels of Pillow's). The eval transform's
-    resize-then-centre-crop is one resample of the kept box (:func:`.decode.fuse_eval_resize`,
-    within Pillow's rounding of timm's output), or with ``uint8`` torch's resize and the crop. ``aug.decoder`` other than pil: the first op of
+    (:func:`.decode.tensor_crop_for_device`, within 2 levels of Pillow's), and so is the eval
+    transform's resize (:func:`.decode.fuse_eval_resize`). Without ``uint8`` (the CPU path) the
+    eval transform is timm's exactly, so validate.py on the CPU reproduces timm's figures to the bit. ``aug.decoder`` other than pil: the first op of
     each decodes the file itself, at a DCT scale where the crop is shrunk anyway
     (:func:`.decode.with_decoder`).
     """
@@ -441,7 +441,9 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
         mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
         use_prefetcher=uint8,
     )
-    return with_decoder(train_tf, aug.decoder), with_decoder(fuse_eval_resize(eval_tf, tensor=uint8), aug.decoder)
+    if uint8 or aug.decoder != "pil":  # the CPU path keeps timm's eval transform exactly (validate.py's parity)
+        eval_tf = fuse_eval_resize(eval_tf, tensor=uint8)
+    return with_decoder(train_tf, aug.decoder), with_decoder(eval_tf, aug.decoder)
 
 
 class ShardSampler(Sampler[int]):

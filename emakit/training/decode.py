@@ -6,7 +6,9 @@ resample of the source box that the crop keeps, onto the same output grid (the s
 positions and filter support as the full resize): it computes only the pixels that are kept.
 Its output differs from resize-then-crop by Pillow's uint8 rounding between its two passes
 (at most 2 levels of 255, mean under 0.3 on 320-px and 1024x768 images: tests/test_decode.py),
-so it is the default.
+so it is used where pixels may differ that much: with ``--decoder`` (opt-in). On the GPU
+input path the eval resize is :class:`TensorCenterResize` (torch's uint8 kernel, the default
+there); the CPU path keeps timm's eval transform exactly.
 
 Decoders (``--decoder``, opt-in, they change pixels within decoder noise):
 ``pil`` (the default: ``Image.open(...).convert("RGB")``, timm's), ``pil-draft`` (Pillow's
