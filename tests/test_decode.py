@@ -200,3 +200,26 @@ def test_tensor_eval_resize_within_rounding_of_timms(size, mode):
     assert got.dtype == torch.uint8 and got.shape == (3, 224, 224)
     diff = np.abs(ref - got.permute(1, 2, 0).numpy().astype(np.int16))
     assert diff.max() <= 2 and diff.mean() < 0.1, (diff.max(), diff.mean())
+
+
+def test_simplejpeg_eval_without_pil_equals_with(tmp_path):
+    """The simplejpeg eval path that skips the PIL image gives the pixels of the one through it."""
+    pytest.importorskip("simplejpeg")
+    from emakit.training.decode import DecodeCenterBox, TensorCenterResize, _Header
+
+    op = TensorCenterResize(256, (224, 224), T.InterpolationMode.BICUBIC)
+    for size in ((1024, 768), (427, 320), (320, 427)):
+        path = tmp_path / f"{size[0]}.jpg"
+        _image(*size).save(path, quality=90)
+        fast = DecodeCenterBox(op, "simplejpeg")(str(path))
+        header = _Header(str(path), "simplejpeg")
+        found = center_box_scale(header, op)
+        slow = op(header.decode(found))
+        assert torch.equal(fast, slow), size
+
+
+def center_box_scale(header, op):
+    from emakit.training.decode import center_box, draft_scale
+
+    box = center_box(header.width, header.height, op.short, *op.size)[0]
+    return draft_scale(int(box[2] - box[0]), int(box[3] - box[1]), op.size[1], op.size[0])

@@ -171,13 +171,17 @@ class _Header:
             self.image = Image.open(path)  # reads the header only; decoded (once) by decode()
             self.width, self.height = self.image.size
 
+    def decode_array(self, scale: int) -> Any:
+        """simplejpeg's decode: an (H, W, 3) uint8 array, DCT-downscaled by ``scale``."""
+        import simplejpeg
+
+        w, h = math.ceil(self.width / scale), math.ceil(self.height / scale)
+        return simplejpeg.decode_jpeg(self.data, colorspace="RGB", min_width=w, min_height=h)
+
     def decode(self, scale: int) -> Image.Image:
         """The RGB image, DCT-downscaled by ``scale`` (1, 2, 4, 8) where the format allows."""
         if self.data is not None:
-            import simplejpeg
-
-            w, h = math.ceil(self.width / scale), math.ceil(self.height / scale)
-            return Image.fromarray(simplejpeg.decode_jpeg(self.data, colorspace="RGB", min_width=w, min_height=h))
+            return Image.fromarray(self.decode_array(scale))
         im, self.image = self.image, None
         if im is None:
             raise RuntimeError("decode() called twice")
@@ -230,6 +234,13 @@ class DecodeResizedCrop:
         if isinstance(interp, (tuple, list)):
             interp = random.choice(interp)
         out_h, out_w = self.rrc.size
+        if self.tensor and interp in _TORCH_MODES and header.data is not None:  # simplejpeg: no PIL image
+            pixels = header.decode_array(draft_scale(w, h, out_w, out_h))
+            fx, fy = header.width / pixels.shape[1], header.height / pixels.shape[0]
+            top, left = int(i / fy), int(j / fx)
+            height = max(1, min(pixels.shape[0] - top, round(h / fy)))
+            width = max(1, min(pixels.shape[1] - left, round(w / fx)))
+            return _tensor_resize(torch_hwc(pixels)[:, :, top:top + height, left:left + width], self.rrc.size, interp)
         if self.tensor and interp in _TORCH_MODES:
             img = header.decode(draft_scale(w, h, out_w, out_h))
             fx, fy = header.width / img.width, header.height / img.height
@@ -268,7 +279,13 @@ class DecodeCenterBox:
         box = found[0]
         # decoded at the DCT scale the kept box allows, then the op's own resize + crop (the
         # same geometry on the smaller image, up to rounding)
-        return self.op(header.decode(draft_scale(int(box[2] - box[0]), int(box[3] - box[1]), out_w, out_h)))
+        scale = draft_scale(int(box[2] - box[0]), int(box[3] - box[1]), out_w, out_h)
+        if (header.data is not None and isinstance(self.op, TensorCenterResize)
+                and self.op.interpolation in _TORCH_MODES):  # simplejpeg: no PIL image
+            x = torch_hwc(header.decode_array(scale))
+            if center_box(x.shape[-1], x.shape[-2], self.op.short, out_h, out_w) is not None:
+                return self.op.from_tensor(x)  # an (H, W, 3) array's view: channels-last already
+        return self.op(header.decode(scale))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(decoder={self.decoder}, {self.op!r})"
@@ -310,17 +327,30 @@ def tensor_resized_crop(img: Image.Image, top: int, left: int, height: int, widt
     torch's uint8 kernel on the HWC pixels: a (3, H, W) uint8 tensor, within 2 levels of 255
     of Pillow's result (mean under 0.05: tests/test_decode.py) and 4-6x cheaper than Pillow's
     resize on one core. Modes other than bilinear/bicubic: Pillow's, then to a tensor."""
-    from torch.nn.functional import interpolate
-
     mode = _TORCH_MODES.get(interpolation)
     if mode is None:
         return F.pil_to_tensor(F.resized_crop(img, top, left, height, width, list(size), interpolation))
     crop = _hwc(img.crop((left, top, left + width, top + height)))  # Pillow clips nothing here: box inside
-    if (height, width) == tuple(size):
+    return _tensor_resize(crop, size, interpolation)
+
+
+def _tensor_resize(crop: Any, size: Sequence[int], interpolation: Any) -> Any:
+    """(1, 3, h, w) uint8 in channels-last layout (as torch's uint8 kernel wants it) -> (3, H, W);
+    the output stays in that layout (the batch's collate copies it into place anyway)."""
+    import torch
+    from torch.nn.functional import interpolate
+
+    if tuple(crop.shape[-2:]) == tuple(size):
         return crop[0]
-    # (1, 3, h, w) in channels-last layout, as torch's uint8 kernel wants it; the output stays in
-    # that layout (the batch's collate copies it into place anyway)
-    return interpolate(crop, size=list(size), mode=mode, antialias=True)[0]
+    crop = crop.contiguous(memory_format=torch.channels_last)  # a no-op unless crop is a strided view
+    return interpolate(crop, size=list(size), mode=_TORCH_MODES[interpolation], antialias=True)[0]
+
+
+def torch_hwc(pixels: Any) -> Any:
+    """An (H, W, 3) uint8 numpy array as a (1, 3, H, W) channels-last tensor (no copy)."""
+    import torch
+
+    return torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
 
 
 def _hwc(img: Image.Image) -> Any:
@@ -381,20 +411,25 @@ class TensorCenterResize(CenterBoxResize):
     crop that would pad: :class:`CenterBoxResize`, then to a tensor."""
 
     def __call__(self, img: Any) -> Any:
-        from torch.nn.functional import interpolate
-
         out_h, out_w = self.size
         mode = _TORCH_MODES.get(self.interpolation)
         found = center_box(img.width, img.height, self.short, out_h, out_w) if isinstance(img, Image.Image) else None
         if mode is None or found is None:
             out = super().__call__(img)
             return F.pil_to_tensor(out) if isinstance(out, Image.Image) else out
-        if img.width <= img.height:
-            new_w, new_h = self.short, int(self.short * img.height / img.width)
+        return self.from_tensor(_hwc(img))
+
+    def from_tensor(self, x: Any) -> Any:
+        """The same on a (1, 3, H, W) uint8 channels-last tensor (bilinear/bicubic only, no padding)."""
+        from torch.nn.functional import interpolate
+
+        out_h, out_w = self.size
+        height, width = x.shape[-2:]
+        if width <= height:
+            new_w, new_h = self.short, int(self.short * height / width)
         else:
-            new_w, new_h = int(self.short * img.width / img.height), self.short
+            new_w, new_h = int(self.short * width / height), self.short
         top, left = int(round((new_h - out_h) / 2.0)), int(round((new_w - out_w) / 2.0))
-        x = _hwc(img)
-        if (new_h, new_w) != (img.height, img.width):
-            x = interpolate(x, size=[new_h, new_w], mode=mode, antialias=True)
+        if (new_h, new_w) != (height, width):
+            x = interpolate(x, size=[new_h, new_w], mode=_TORCH_MODES[self.interpolation], antialias=True)
         return x[0, :, top:top + out_h, left:left + out_w]
