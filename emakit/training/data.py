@@ -418,10 +418,10 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
     (:func:`.photometric.split_photometric`), the device applies them; with nothing but
     flips left after the random resized crop, its resample is torch's uint8 kernel
     (:func:`.decode.tensor_crop_for_device`, within 2 levels of Pillow's), and so is the eval
-    transform's resize (:func:`.decode.fuse_eval_resize`). Without ``uint8`` (the CPU path) the
-    eval transform is timm's exactly, so validate.py on the CPU reproduces timm's figures to the bit. ``aug.decoder`` other than pil: the first op of
-    each decodes the file itself, at a DCT scale where the crop is shrunk anyway
-    (:func:`.decode.with_decoder`).
+    transform's resize (:func:`.decode.fuse_eval_resize`). Without ``uint8`` (the CPU path)
+    the eval transform is timm's exactly, so validate.py on the CPU reproduces timm's figures
+    to the bit. ``aug.decoder`` other than pil: the first op of each decodes the file itself,
+    at a DCT scale where the crop is shrunk anyway (:func:`.decode.with_decoder`).
     """
     from timm.data import create_transform
 
