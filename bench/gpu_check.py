@@ -154,14 +154,15 @@ def run_logged(cmd: list[str], log: Path, timeout: float) -> dict:
                                 cwd=str(log.parent), bufsize=1)
     except OSError as e:
         return {"rc": None, "error": str(e), "lines": []}
-    deadline = start + timeout
+    import threading
+
+    watchdog = threading.Timer(timeout, proc.kill)  # a silent hang ends too
+    watchdog.start()
     assert proc.stdout is not None
     for line in proc.stdout:
         lines.append((time.perf_counter() - start, line.rstrip("\n")))
-        if time.perf_counter() > deadline:
-            proc.kill()
-            break
     rc = proc.wait()
+    watchdog.cancel()
     log.write_text("".join(f"{t:9.3f} {s}\n" for t, s in lines))
     return {"rc": rc, "wall": time.perf_counter() - start, "lines": lines,
             "tail": "\n".join(s for _, s in lines[-15:])}
