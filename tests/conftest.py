@@ -40,6 +40,7 @@ FAST_ARGS = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "--no-prog
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end runs (train.py / validate.py / torchrun)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device, skipped without one (bench/gpu_check.sh runs them)")
     if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core (pytest -n):
         import torch                            # one compute thread each, as every child process has
 

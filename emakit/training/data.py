@@ -28,6 +28,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from . import UsageError, one_line
 from .distributed import DistInfo
 from .lifecycle import ignore_stop_signals, loader_workers_started
+from .decode import fuse_eval_resize, tensor_crop_for_device, with_decoder
+from .photometric import apply_photometric, split_photometric
 from .settings import AugmentConfig
 
 __all__ = [
@@ -105,6 +107,13 @@ class ImageListDataset(Dataset):
                                 "(fix or delete it, or pass --skip-bad-images)") from None
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        item = self.items[index]
+        if isinstance(item, str) and getattr(self.transform, "takes_path", False):  # --decoder: it decodes
+            try:
+                return self.transform(item), self.targets[index]  # type: ignore[misc]
+            except _IMAGE_ERRORS as e:
+                raise BadImageError(f"cannot read image {shown_path(item)}: {_reason(e)} "
+                                    "(fix or delete it, or pass --skip-bad-images)") from None
         img = self.load(index)
         if self.transform is not None:
             img = self.transform(img)
@@ -412,7 +421,16 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
     flag, else the model's pretrained cfg) and ``crop_border_pixels`` (validate.py's flag).
 
     ``uint8=True`` (the GPU input path, :class:`DeviceLoader`): the transforms stop at a
-    ``uint8`` tensor; normalisation and random erasing are left to the device.
+    ``uint8`` tensor; normalisation and random erasing are left to the device, and so are the
+    photometric ops timm puts after the crop (ColorJitter, RandomGrayscale): the train
+    transform draws their parameters and yields ``(uint8 image, parameters)``
+    (:func:`.photometric.split_photometric`), the device applies them; with nothing but
+    flips left after the random resized crop, its resample is torch's uint8 kernel
+    (:func:`.decode.tensor_crop_for_device`, within 2 levels of Pillow's), and so is the eval
+    transform's resize (:func:`.decode.fuse_eval_resize`). Without ``uint8`` (the CPU path)
+    the eval transform is timm's exactly, so validate.py on the CPU reproduces timm's figures
+    to the bit. ``aug.decoder`` other than pil: the first op of each decodes the file itself,
+    at a DCT scale where the crop is shrunk anyway (:func:`.decode.with_decoder`).
 
     The train transform takes every augmentation flag timm's ``create_transform`` takes
     (``--train-crop-mode``, ``--color-jitter-prob``, ``--grayscale-prob``,
@@ -437,12 +455,16 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
         clean = create_transform(data_config["input_size"], **{**train_kwargs, "re_prob": 0.0})[2] \
             if aug.resplit and aug.re_prob > 0 and not uint8 else train_tf[2]
         train_tf = (*train_tf, clean)
+    if uint8 and aug.aug_splits == 0:  # photometric ops and the crop's resample on the device
+        train_tf = tensor_crop_for_device(split_photometric(train_tf))
     eval_tf = create_transform(
         data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
         mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
         crop_mode=data_config.get("crop_mode"), crop_border_pixels=crop_border_pixels, use_prefetcher=uint8,
     )
-    return train_tf, eval_tf
+    if uint8 or aug.decoder != "pil":  # the CPU path keeps timm's eval transform exactly (validate.py's parity)
+        eval_tf = fuse_eval_resize(eval_tf, tensor=uint8)
+    return with_decoder(train_tf, aug.decoder), with_decoder(eval_tf, aug.decoder)
 
 
 class ShardSampler(Sampler[int]):
@@ -574,7 +596,9 @@ class SeededDataset(Dataset):
     workers can persist across epochs and a resumed run still sees bit-identical batches
     (also with a different ``--workers``). Outside a worker process (``workers=0``) the
     caller's generator states are restored afterwards, so the training loop's own random
-    numbers (dropout, mixup) do not depend on the data.
+    numbers (dropout, mixup) do not depend on the data: once per batch, since the loader
+    fetches a batch through :meth:`__getitems__` (saving and restoring the three states per
+    sample cost about 0.09 ms, a tenth of timm's per-core pipeline).
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -584,18 +608,24 @@ class SeededDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[Any]:
+        """The samples of ``keys`` (one batch: DataLoader calls this once per batch)."""
         if torch.utils.data.get_worker_info() is not None:
-            _seed_globals(seed)
-            return self.dataset[index]
+            return [self._load(key) for key in keys]
         saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
         try:
-            _seed_globals(seed)
-            return self.dataset[index]
+            return [self._load(key) for key in keys]
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])
             torch.random.set_rng_state(saved[2])
+
+    def _load(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        _seed_globals(seed)
+        return self.dataset[index]
 
 
 def _seed_globals(seed: int) -> None:
@@ -697,7 +727,11 @@ class DeviceLoader:
     ``uint8`` batches (:func:`build_transforms` with ``uint8=True``, pinned memory) whose
     batches are copied to ``device`` without blocking, normalised there
     (:func:`normalize_uint8`) and randomly erased there when ``random_erasing`` is given
-    (timm's ``RandomErasing`` built for ``device``). On CUDA the next batch is copied and
+    (timm's ``RandomErasing`` built for ``device``). Batches whose images come as
+    ``(uint8 images, parameter rows)`` (a train transform from :func:`build_transforms`
+    with ``uint8=True`` and colour jitter or grayscale) get those photometric ops applied
+    on the device first, each sample with its own drawn factors
+    (:func:`.photometric.apply_photometric`). On CUDA the next batch is copied and
     normalised on a side stream while the current one is used; batches must be consumed
     on the stream that is current when the iterator advances. On other devices it works
     the same without the side stream (used by the tests on the CPU).
@@ -731,10 +765,17 @@ class DeviceLoader:
         """The wrapped loader's generator."""
         return self.loader.generator
 
-    def _prepare(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare(self, images: Any, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        params = None
+        if isinstance(images, (tuple, list)):
+            images, params = images
         images = images.to(self.device, non_blocking=True)
         target = target.to(self.device, non_blocking=True)
-        images = normalize_uint8(images, self.mean, self.std, self.dtype)
+        if params is None:
+            images = normalize_uint8(images, self.mean, self.std, self.dtype)
+        else:  # float32 in [0, 1], the photometric ops, then the normalisation (as normalize_uint8 does it)
+            images = apply_photometric(images.to(torch.float32).div_(255), params)
+            images = images.to(self.dtype).sub_(self.mean).div_(self.std)
         if self.random_erasing is not None:
             images = self.random_erasing(images)
         return images, target

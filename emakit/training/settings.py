@@ -97,6 +97,10 @@ class AugmentConfig:
     re_mode: str = Flag("--remode", kind=OneOf(("pixel", "rand", "const")),
                         help="random erase mode: pixel, rand or const (timm's)")("pixel")
     re_count: int = Flag("--recount", kind=POSITIVE_INT, help="random erase count >= 1")(1)
+    decoder: str = Flag("--decoder", kind=OneOf(("pil", "pil-draft", "simplejpeg")),
+                        help="image decoder: pil (timm's), pil-draft (JPEGs decoded at a 1/2-1/8 DCT scale where "
+                             "the crop is shrunk at least that much anyway), simplejpeg (libjpeg-turbo, the same "
+                             "DCT scaling; pip install simplejpeg); opt-in, changes pixels within decoder noise")("pil")
     train_crop_mode: str | None = Flag("--train-crop-mode", choices=("rrc", "rkrc", "rkrr"),
                                        help="training crop: rrc (random resized crop), rkrc / rkrr (resize keeping "
                                             "the ratio, then center / random crop or pad), timm's")(
