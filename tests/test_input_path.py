@@ -30,7 +30,17 @@ def _epoch(loader, epoch: int) -> list[torch.Tensor]:
     return [x.clone() for x, _ in loader]
 
 
-def test_device_normalisation_of_uint8_gives_the_cpu_transforms_tensors_bit_for_bit(image_folder):
+# The GPU path resamples with torch's uint8 antialiased kernel (timm's crop draws): a few levels
+# of 255 from Pillow's output where a small crop is upscaled (up to 5 seen on these 32 px images;
+# 2 on downscaling crops, tests/test_decode.py). Bitwise equality is the CPU path's (test_validate_torchvision).
+LEVELS = 6 / 255 / min(STD) + 1e-6
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and (a - b).abs().max().item() <= LEVELS
+
+
+def test_device_normalisation_of_uint8_gives_the_cpu_transforms_tensors_within_resampling_noise(image_folder):
     data_f, data_u = _splits(image_folder, False), _splits(image_folder, True)
     mean = torch.tensor(MEAN).view(-1, 1, 1)
     std = torch.tensor(STD).view(-1, 1, 1)
@@ -39,23 +49,23 @@ def test_device_normalisation_of_uint8_gives_the_cpu_transforms_tensors_bit_for_
     for i in range(len(data_f.val)):
         expected, _ = data_f.val[i]
         got = normalize_uint8(data_u.val[i][0][None], mean, std)[0]
-        assert got.dtype == torch.float32 and torch.equal(got, expected), i
+        assert got.dtype == torch.float32 and _close(got, expected), i
 
 
-def test_device_loader_on_cpu_yields_the_cpu_loaders_batches_for_train_and_eval(image_folder):
+def test_device_loader_on_cpu_yields_the_cpu_loaders_batches_for_train_and_eval_within_resampling_noise(image_folder):
     data_f, data_u = _splits(image_folder, False), _splits(image_folder, True)
     cpu = torch.device("cpu")
     train_f = build_train_loader(data_f.train, 4, DistInfo(), seed=7)
     train_u = DeviceLoader(build_train_loader(data_u.train, 4, DistInfo(), seed=7), cpu, MEAN, STD)
     for epoch in (0, 1):
         a, b = _epoch(train_f, epoch), _epoch(train_u, epoch)
-        assert len(a) == len(b) == len(train_u) and all(torch.equal(x, y) for x, y in zip(a, b))
+        assert len(a) == len(b) == len(train_u) and all(_close(x, y) for x, y in zip(a, b))
     eval_f = build_eval_loader(data_f.val, 4, DistInfo())
     eval_u = DeviceLoader(build_eval_loader(data_u.val, 4, DistInfo()), cpu, MEAN, STD)
     pairs = list(zip(eval_f, eval_u))
     assert len(pairs) == len(eval_u) > 1
     for (xa, ya), (xb, yb) in pairs:
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert _close(xa, xb) and torch.equal(ya, yb)
 
 
 def test_device_random_erasing_erases_on_the_device_loader_only_when_asked(image_folder):

@@ -17,7 +17,8 @@ ARGS = [*FAST_ARGS, "--epochs", "2", "--log-interval", "1", "--model-ema-decay",
 def test_epoch_scalars_name_raw_and_every_ema():
     from emakit.training.trackers import epoch_scalars
 
-    row = {"epoch": 3, "train_loss": 1.0, "eval_top1": 50.0, "eval_top5": 90.0, "eval_loss": 0.7,
+    row = {"epoch": 3, "train_loss": 1.0, "eval_top1": 60.0, "eval_top5": 95.0, "eval_loss": 0.6,  # timm's: the EMA
+           "raw_eval_top1": 50.0, "raw_eval_top5": 90.0, "raw_eval_loss": 0.7,
            "ema_eval_top1": 60.0, "ema_eval_loss": 0.6, "ema1_eval_top1": 55.0, "ema_eval_top5": None, "lr": 0.1}
     assert epoch_scalars(row) == {"top1/raw": 50.0, "top5/raw": 90.0, "loss/raw": 0.7, "top1/ema": 60.0,
                                   "loss/ema": 0.6, "top1/ema1": 55.0}
@@ -58,7 +59,7 @@ def test_tensorboard_holds_raw_and_every_ema_per_epoch_and_wandb_runs_offline(ru
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for metric in ("top1", "top5", "loss"):
-        for name, column in (("raw", f"eval_{metric}"), ("ema", f"ema_eval_{metric}"),
+        for name, column in (("raw", f"raw_eval_{metric}"), ("ema", f"ema_eval_{metric}"),
                              ("ema1", f"ema1_eval_{metric}")):
             assert f"{metric}/{name}" in tags, tags
             got = [(e.step, e.value) for e in events.Scalars(f"{metric}/{name}")]

@@ -426,7 +426,7 @@ def build_transforms(data_config: dict[str, Any], aug: AugmentConfig, *, uint8: 
     transform draws their parameters and yields ``(uint8 image, parameters)``
     (:func:`.photometric.split_photometric`), the device applies them; with nothing but
     flips left after the random resized crop, its resample is torch's uint8 kernel
-    (:func:`.decode.tensor_crop_for_device`, within 2 levels of Pillow's), and so is the eval
+    (:func:`.decode.tensor_crop_for_device`, within a few levels of Pillow's: up to 5 where a small crop is upscaled), and so is the eval
     transform's resize (:func:`.decode.fuse_eval_resize`). Without ``uint8`` (the CPU path)
     the eval transform is timm's exactly, so validate.py on the CPU reproduces timm's figures
     to the bit. ``aug.decoder`` other than pil: the first op of each decodes the file itself,

@@ -324,8 +324,9 @@ _TORCH_MODES = {InterpolationMode.BILINEAR: "bilinear", InterpolationMode.BICUBI
 def tensor_resized_crop(img: Image.Image, top: int, left: int, height: int, width: int, size: Sequence[int],
                         interpolation: Any) -> Any:
     """torchvision's ``resized_crop`` of a PIL image (crop, then antialiased resize) done by
-    torch's uint8 kernel on the HWC pixels: a (3, H, W) uint8 tensor, within 2 levels of 255
-    of Pillow's result (mean under 0.05: tests/test_decode.py) and 4-6x cheaper than Pillow's
+    torch's uint8 kernel on the HWC pixels: a (3, H, W) uint8 tensor, within a few levels of
+    255 of Pillow's result (2 when shrinking, up to 5 seen when a small crop is upscaled; mean
+    under 0.05: tests/test_decode.py, test_input_path.py) and 4-6x cheaper than Pillow's
     resize on one core. Modes other than bilinear/bicubic: Pillow's, then to a tensor."""
     mode = _TORCH_MODES.get(interpolation)
     if mode is None:
@@ -406,7 +407,7 @@ def tensor_crop_for_device(transform: Any) -> Any:
 
 class TensorCenterResize(CenterBoxResize):
     """timm's eval ``Resize(short)`` + ``CenterCrop`` with the resize done by torch's uint8
-    antialiased kernel (4-6x cheaper than Pillow's on one core, within 2 levels of it): a
+    antialiased kernel (4-6x cheaper than Pillow's on one core, within a few levels of it): a
     (3, H, W) uint8 tensor, for the GPU input path. Modes other than bilinear/bicubic, and a
     crop that would pad: :class:`CenterBoxResize`, then to a tensor."""
 
