@@ -45,44 +45,17 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 from torch import nn
 
-__all__ = [
-    "atomic_write",
-    "damage_reason",
-    "refused_global",
-    "ema_checkpoint_keys",
-    "ema_indices",
-    "find_nonfinite",
-    "find_unplain",
-    "nonfinite_names",
-    "fsync_dir",
-    "is_disk_full",
-    "safe_torch_load",
-    "remove_stale_temp_files",
-    "write_text_atomic",
-    "CheckpointError",
-    "UnsafeCheckpointError",
-    "DamagedCheckpointError",
-    "CheckpointSaver",
-    "describe_nonfinite",
-    "previous_intact_checkpoint",
-    "save_torch_file",
-    "state_dict_mismatch",
-    "verify_checksum",
-    "check_state_dict_compat",
-    "describe_format",
-    "extract_state_dict",
-    "load_checkpoint",
-    "load_state_dict_strict",
-    "save_checkpoint",
-    "save_safetensors",
-    "strip_prefixes",
-]
+__all__ = ["atomic_write", "damage_reason", "refused_global", "ema_checkpoint_keys", "ema_indices", "find_nonfinite",
+           "find_unplain", "nonfinite_names", "fsync_dir", "is_disk_full", "safe_torch_load", "remove_stale_temp_files",
+           "write_text_atomic", "CheckpointError", "UnsafeCheckpointError", "DamagedCheckpointError", "CheckpointSaver",
+           "describe_nonfinite", "previous_intact_checkpoint", "save_torch_file", "state_dict_mismatch",
+           "verify_checksum", "check_state_dict_compat", "describe_format", "extract_state_dict", "load_checkpoint",
+           "load_state_dict_strict", "save_checkpoint", "save_safetensors", "strip_prefixes"]
 
 _log = logging.getLogger(__name__)
 
@@ -130,16 +103,12 @@ class DamagedCheckpointError(CheckpointError):
 # --------------------------------------------------------------------------- writing
 def fsync_dir(folder: str) -> None:
     """Make a rename in ``folder`` durable; a no-op where folders cannot be opened (Windows)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # Every temp file we create is ".<target name>.<8 hex digits>.tmp" in the target's folder;
@@ -180,11 +149,9 @@ def _reserve_temp(path: str) -> str:
     (``tempfile.mkstemp`` would leave a 0600 checkpoint behind)."""
     while True:
         tmp = _temp_name(path)
-        try:
+        with contextlib.suppress(FileExistsError):
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
-        except FileExistsError:
-            continue
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
@@ -342,13 +309,11 @@ def _collect_float_tensors(obj: Any, where: str, skip_keys: frozenset[str],
     the non-empty floating and complex ones, a DTensor's local shard)."""
     if isinstance(obj, torch.Tensor):
         out.append((where, obj))
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            if key not in skip_keys:
-                _collect_float_tensors(value, f"{where}[{key!r}]", skip_keys, out)
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            _collect_float_tensors(value, f"{where}[{i}]", skip_keys, out)
+    elif isinstance(obj, (Mapping, list, tuple)):
+        for key, value in (obj.items() if isinstance(obj, Mapping) else enumerate(obj)):
+            if isinstance(obj, Mapping) and key in skip_keys:
+                continue
+            _collect_float_tensors(value, f"{where}[{key!r}]", skip_keys, out)
 
 
 def find_unplain(obj: Any, where: str) -> tuple[str, Any] | None:
@@ -356,21 +321,15 @@ def find_unplain(obj: Any, where: str) -> tuple[str, Any] | None:
     kind = type(obj)
     if kind in _PLAIN_TENSORS or kind in _PLAIN_LEAVES:
         return None
-    if kind in _PLAIN_CONTAINERS and isinstance(obj, dict):
-        for key, value in obj.items():
-            if type(key) not in _PLAIN_LEAVES:
-                return f"{where} (key {key!r})", key
-            found = find_unplain(value, f"{where}[{key!r}]")
-            if found is not None:
-                return found
-        return None
-    if kind in _PLAIN_CONTAINERS:  # list or tuple
-        for i, value in enumerate(obj):
-            found = find_unplain(value, f"{where}[{i}]")
-            if found is not None:
-                return found
-        return None
-    return where, obj
+    if kind not in _PLAIN_CONTAINERS:
+        return where, obj
+    for key, value in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+        if isinstance(obj, dict) and type(key) not in _PLAIN_LEAVES:
+            return f"{where} (key {key!r})", key
+        found = find_unplain(value, f"{where}[{key!r}]")
+        if found is not None:
+            return found
+    return None
 
 
 # --------------------------------------------------------------------------- integrity
@@ -475,7 +434,7 @@ def verify_checksum(path: PathLike) -> bool | None:
     return h.hexdigest() == digest
 
 
-_NUMBERED_RE = re.compile(r"^checkpoint-(\d+)" + re.escape(".pth.tar") + "$")
+_NUMBERED_RE = re.compile(r"^checkpoint-(\d+)" + re.escape(_CHECKPOINT_EXT) + "$")
 
 
 def previous_intact_checkpoint(path: PathLike, limit: int = 3) -> str | None:
@@ -542,22 +501,16 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
 
 def _as_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str] | None:
     """safetensors metadata must be str -> str; non-str values are stored as JSON."""
-    if metadata is None:
-        return None
     out = {}
-    for key, value in metadata.items():
+    for key, value in (metadata or {}).items():
         if not isinstance(key, str):
             raise CheckpointError(f"safetensors metadata keys must be str, got {key!r}; convert it with str()")
-        if isinstance(value, str):
-            out[key] = value
-        else:
-            try:
-                out[key] = json.dumps(value)
-            except TypeError:
-                raise CheckpointError(
-                    f"safetensors metadata {key!r} is a {type(value).__name__}; pass a str or a JSON-serialisable value"
-                ) from None
-    return out
+        try:
+            out[key] = value if isinstance(value, str) else json.dumps(value)
+        except TypeError:
+            raise CheckpointError(f"safetensors metadata {key!r} is a {type(value).__name__}; pass a str or a "
+                                  "JSON-serialisable value") from None
+    return None if metadata is None else out
 
 
 def save_safetensors(
@@ -678,15 +631,13 @@ class _Verifier(threading.Thread):
 
     def __init__(self, path: str) -> None:
         super().__init__(daemon=True, name="emakit-checksum")
-        self.path, self.verdict, self.error = path, None, None
+        self.path, self.verdict = path, None
         self.start()
 
     def run(self) -> None:
         """Hash the file."""
-        try:
+        with contextlib.suppress(OSError):  # unreadable: torch.load reports it
             self.verdict = verify_checksum(self.path)
-        except OSError as e:  # unreadable: torch.load reports it
-            self.error = e
 
     def damaged(self) -> bool:
         """Wait for the hash; True when the file does not match its checksum."""
@@ -700,13 +651,10 @@ def safe_torch_load(path: str, map_location: Any, mmap: bool = False) -> Any:
     :class:`UnsafeCheckpointError`, a file whose bytes are damaged (truncated, corrupt, not a
     torch file, or not matching the checksum written with it) a :class:`DamagedCheckpointError`.
     A full read (not ``mmap``, which reads metadata only) checks the checksum, alongside the load."""
-    kwargs: dict[str, Any] = {"map_location": map_location, "weights_only": True}
-    if mmap:
-        kwargs["mmap"] = True
     verifier = None if mmap or not os.path.isfile(path) else _Verifier(path)
     try:
         with _namespace_allowed():
-            loaded = torch.load(path, **kwargs)
+            loaded = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:
         if verifier is not None and verifier.damaged():  # the checksum says why, whatever torch tripped over
             raise _checksum_error(path) from None
@@ -980,8 +928,7 @@ def _replace_with_link(src: str, dst: str) -> None:
     fsync_dir(folder)
 
 
-@dataclass(frozen=True)
-class _HistoryEntry:
+class _HistoryEntry(NamedTuple):
     epoch: int
     metric: float | None
 
@@ -1041,7 +988,7 @@ class CheckpointSaver:
     @property
     def history(self) -> list[tuple[int, float | None]]:
         """Kept numbered checkpoints as (epoch, metric), best first, unranked last."""
-        return [(e.epoch, e.metric) for e in self._history]
+        return list(self._history)
 
     # -- ranking
     def _better(self, a: float, b: float) -> bool:
@@ -1139,10 +1086,9 @@ class CheckpointSaver:
         from an epoch <= ``up_to_epoch``, else from the best numbered checkpoint (which
         is then re-linked as ``model_best.pth.tar``). Returns (best_metric, best_epoch).
         """
-        pattern = re.compile(r"^checkpoint-(\d+)" + re.escape(_CHECKPOINT_EXT) + "$")
         entries = []
         for name in sorted(os.listdir(self.output_dir)):
-            match = pattern.match(name)
+            match = _NUMBERED_RE.match(name)
             if not match:
                 continue
             epoch = int(match.group(1))
