@@ -492,10 +492,9 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
     if found is not None:
         where, obj = found
         kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
-        raise CheckpointError(
-            f"cannot save checkpoint {os.fspath(path)}: {where} is a {kind}, which torch.load(weights_only=True) "
-            "refuses; convert it to tensors or plain types (int, float, bool, str, list, tuple, dict) before saving"
-        )
+        raise CheckpointError(f"cannot save checkpoint {os.fspath(path)}: {where} is a {kind}, which "
+                              "torch.load(weights_only=True) refuses; convert it to tensors or plain types (int, "
+                              "float, bool, str, list, tuple, dict) before saving")
     save_torch_file(state, path)
 
 
@@ -513,9 +512,8 @@ def _as_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str] | None:
     return None if metadata is None else out
 
 
-def save_safetensors(
-    state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, Any] | None = None
-) -> None:
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike,
+                     metadata: Mapping[str, Any] | None = None) -> None:
     """Write a state dict as a ``.safetensors`` file, atomically.
 
     Every tensor is copied to its own contiguous CPU storage first: safetensors refuses
@@ -529,10 +527,8 @@ def save_safetensors(
     tensors = {}
     for key, value in state_dict.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise CheckpointError(
-                f"safetensors holds only str -> tensor entries, but {key!r} is a {type(value).__name__}; "
-                "drop it or store it in metadata"
-            )
+            raise CheckpointError(f"safetensors holds only str -> tensor entries, but {key!r} is a "
+                                  f"{type(value).__name__}; drop it or store it in metadata")
         # clone() gives each tensor its own storage sized to the tensor, so views of a
         # larger buffer and tied weights are written (and read back) independently.
         tensors[key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
@@ -561,11 +557,8 @@ def _namespace_allowed() -> Iterator[None]:
 
 # How torch words a refused global, across versions: 2.4-2.15 say "GLOBAL mod.name",
 # older ones "Unsupported class mod.name" or "unrecognized function `name`".
-_REFUSED_RES = (
-    re.compile(r"GLOBAL ([\w.]+)"),
-    re.compile(r"Unsupported class ([\w.]+)"),
-    re.compile(r"unrecognized function `?([\w.]+)"),
-)
+_REFUSED_RES = (re.compile(r"GLOBAL ([\w.]+)"), re.compile(r"Unsupported class ([\w.]+)"),
+                re.compile(r"unrecognized function `?([\w.]+)"))
 
 
 # Opcodes that only build objects from importable names (INST, OBJ, the copyreg extension
@@ -615,9 +608,8 @@ def damage_reason(error: BaseException) -> str:
     if isinstance(error, (LookupError, struct.error)):
         return "unrecognised data"
     text = str(error)
-    match = re.search(
-        r"Unsupported operand \d+|[Ii]nvalid load key[^\n]*|PytorchStreamReader[^.]*|Invalid magic number", text
-    )
+    match = re.search(r"Unsupported operand \d+|[Ii]nvalid load key[^\n]*|PytorchStreamReader[^.]*|"
+                      r"Invalid magic number", text)
     if match:
         return match.group(0).strip()
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
@@ -661,17 +653,14 @@ def safe_torch_load(path: str, map_location: Any, mmap: bool = False) -> Any:
         refused = refused_global(error) if isinstance(error, pickle.UnpicklingError) else None
         if refused is not None:
             what = f" ({refused})" if refused else ""
-            raise UnsafeCheckpointError(
-                f"refusing to load {path}: it is unsafe, it asks to import or run code{what}, which "
-                "torch.load(weights_only=True) refused, so nothing in it was run; load only files from trusted "
-                "sources, or re-save the weights from trusted code with tensors and plain types only", what
-            ) from None
+            raise UnsafeCheckpointError(f"refusing to load {path}: it is unsafe, it asks to import or run "
+                                        f"code{what}, which torch.load(weights_only=True) refused, so nothing in it "
+                                        "was run; load only files from trusted sources, or re-save the weights from "
+                                        "trusted code with tensors and plain types only", what) from None
         if _is_damage(error):
-            raise DamagedCheckpointError(
-                f"cannot read {path}: the file is truncated, corrupt or not a torch checkpoint "
-                f"({damage_reason(error)}); "
-                "re-copy it or pick another checkpoint"
-            ) from None
+            raise DamagedCheckpointError(f"cannot read {path}: the file is truncated, corrupt or not a torch "
+                                         f"checkpoint ({damage_reason(error)}); re-copy it or pick another "
+                                         "checkpoint") from None
         raise
     if verifier is not None and verifier.damaged():
         raise _checksum_error(path)
@@ -692,10 +681,8 @@ def _load_safetensors(path: str, map_location: Any) -> dict[str, Any]:
     except Exception as error:  # safetensors raises its own SafetensorError for a bad header
         if not type(error).__name__.startswith("Safetensor"):
             raise
-        raise CheckpointError(
-            f"cannot read {path}: the file is truncated or not a safetensors file ({error}); "
-            "re-copy it or pick another checkpoint"
-        ) from None
+        raise CheckpointError(f"cannot read {path}: the file is truncated or not a safetensors file ({error}); "
+                              "re-copy it or pick another checkpoint") from None
     return {"state_dict": state_dict, "format": "safetensors", "metadata": metadata}
 
 
@@ -718,9 +705,8 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
         return _load_safetensors(path, map_location)
     ckpt = safe_torch_load(path, map_location)
     if not isinstance(ckpt, dict):
-        raise CheckpointError(
-            f"{path} holds a {type(ckpt).__name__}, not a dict of weights; save a state dict or a checkpoint dict"
-        )
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a dict of weights; save a state dict or a "
+                              "checkpoint dict")
     if isinstance(ckpt.get("args"), argparse.Namespace):
         ckpt = dict(ckpt)
         ckpt["args"] = vars(ckpt["args"]).copy()
@@ -739,10 +725,9 @@ def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         while clean.startswith(_WRAPPER_PREFIXES):
             clean = clean[clean.index(".") + 1:]
         if clean in out:
-            raise CheckpointError(
-                f"state dict has both {key!r} and another key that is {clean!r} without its wrapper prefix; "
-                "the file mixes wrapped and unwrapped weights, re-save it from the bare model"
-            )
+            raise CheckpointError(f"state dict has both {key!r} and another key that is {clean!r} without its "
+                                  "wrapper prefix; the file mixes wrapped and unwrapped weights, re-save it from the "
+                                  "bare model")
         out[clean] = value
     return out
 
@@ -819,33 +804,26 @@ def extract_state_dict(ckpt: Mapping[str, Any], weights: str = "raw", source: st
         # happens to be called "model" must not be mistaken for a format key).
         key = None
         if ema_index is not None:
-            raise CheckpointError(
-                f"{name} is a bare state dict with no EMA weights (keys: {_key_list(ckpt)}); "
-                "evaluate its weights with --weights raw"
-            )
+            raise CheckpointError(f"{name} is a bare state dict with no EMA weights (keys: {_key_list(ckpt)}); "
+                                  "evaluate its weights with --weights raw")
     elif ema_index is None:
         key = next((k for k in _RAW_KEYS if _present(ckpt, k)), None)
         if key is None:
             has_ema = any(_present(ckpt, k) for k in _EMA_KEYS) or bool(ema_indices(ckpt))
             hint = "; it has EMA weights, use --weights ema" if has_ema else ""
-            raise CheckpointError(
-                f"{name} has no model weights (looked for {', '.join(_RAW_KEYS)}; top-level keys: "
-                f"{_key_list(ckpt)}){hint}"
-            )
+            raise CheckpointError(f"{name} has no model weights (looked for {', '.join(_RAW_KEYS)}; top-level keys: "
+                                  f"{_key_list(ckpt)}){hint}")
     else:
         candidates = _EMA_KEYS if ema_index == 0 else (ema_checkpoint_keys(ema_index)[0],)
         key = next((k for k in candidates if _present(ckpt, k)), None)
         if key is None:
-            raise CheckpointError(
-                f"{name} has no EMA weights for {weights!r} (looked for {', '.join(candidates)}; "
-                f"top-level keys: {_key_list(ckpt)}); evaluate the raw weights with --weights raw"
-            )
+            raise CheckpointError(f"{name} has no EMA weights for {weights!r} (looked for {', '.join(candidates)}; "
+                                  f"top-level keys: {_key_list(ckpt)}); evaluate the raw weights with --weights raw")
 
     state_dict = ckpt if key is None else ckpt[key]
     if not isinstance(state_dict, Mapping):
-        raise CheckpointError(
-            f"{name}[{key!r}] is a {type(state_dict).__name__}, not a state dict; re-save it with model.state_dict()"
-        )
+        raise CheckpointError(f"{name}[{key!r}] is a {type(state_dict).__name__}, not a state dict; re-save it with "
+                              "model.state_dict()")
     return strip_prefixes(_drop_averaged_model_counter(state_dict))
 
 
@@ -875,12 +853,9 @@ def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, Any], max_lis
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k} (checkpoint {list(v.shape)} vs model {list(expected[k].shape)})"
-        for k, v in state_dict.items()
-        if k in expected and isinstance(v, torch.Tensor) and isinstance(expected[k], torch.Tensor)
-        and v.shape != expected[k].shape
-    ]
+    mismatched = [f"{k} (checkpoint {list(v.shape)} vs model {list(expected[k].shape)})"
+                  for k, v in state_dict.items() if k in expected and isinstance(v, torch.Tensor)
+                  and isinstance(expected[k], torch.Tensor) and v.shape != expected[k].shape]
     problems = []
     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
         if keys:
@@ -896,9 +871,8 @@ def check_state_dict_compat(model: nn.Module, state_dict: Mapping[str, Any], max
     """
     problems = state_dict_mismatch(model, state_dict, max_listed)
     if problems:
-        raise CheckpointError(
-            f"checkpoint does not fit {type(model).__name__}: {problems}; check --model and --num-classes"
-        )
+        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: {problems}; check --model and "
+                              "--num-classes")
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
@@ -1111,8 +1085,6 @@ class CheckpointSaver:
         if top is not None and (self.best_metric is None or self._better(top.metric, self.best_metric)):
             self.best_metric, self.best_epoch = top.metric, top.epoch
             _replace_with_link(self.history_path(top.epoch), self.best_path)
-        _log.info(
-            "restored %d checkpoints from %s, best metric %s (epoch %s)",
-            len(self._history), self.output_dir, self.best_metric, self.best_epoch,
-        )
+        _log.info("restored %d checkpoints from %s, best metric %s (epoch %s)", len(self._history), self.output_dir,
+                  self.best_metric, self.best_epoch)
         return self.best_metric, self.best_epoch

@@ -47,13 +47,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _check_range(name: str, value: float, lo: float, hi: float, hi_open: bool = True) -> None:
-    ok = lo <= value < hi if hi_open else lo <= value <= hi
-    if not ok:
-        bracket = ")" if hi_open else "]"
-        raise ValueError(f"{name}={value!r} is outside [{lo}, {hi}{bracket}")
-
-
 def _dtensor_type() -> type | None:
     """torch's DTensor class if ``torch.distributed.tensor`` is loaded (a sharded model
     loaded it), else None: no tensor can be a DTensor then, and ``import emakit`` stays light."""
@@ -208,10 +201,6 @@ class _ShardedState:
             tensors.append(local.to(device=device, dtype=cast, copy=True))
         return names, tensors
 
-    def tensors(self) -> tuple[list[Tensor], list[Tensor]]:
-        """(parameter shards, buffers) in the model's order."""
-        return self.params, self.buffers
-
     def named(self) -> dict[str, Tensor]:
         """Every local tensor by its state-dict name."""
         return dict(zip(self.param_names + self.buffer_names, self.params + self.buffers))
@@ -309,27 +298,15 @@ class _Plan:
             )
         self.groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         self.copy_pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
-        for e, m in zip(e_params + e_bufs, m_params + m_bufs):
+        for i, (e, m) in enumerate(zip(e_params + e_bufs, m_params + m_bufs)):
             if e.shape != m.shape:
                 raise ValueError(f"EMA tensor shape {tuple(e.shape)} != model tensor shape {tuple(m.shape)}")
-        for e, m in zip(e_params, m_params):
-            self._add(e, m)
-        for e, m in zip(e_bufs, m_bufs):
-            if average_buffers:
-                self._add(e, m)
-            else:
-                self.copy_pairs[0].append(e)
-                self.copy_pairs[1].append(m)
-
-    def _add(self, e: Tensor, m: Tensor) -> None:
-        if not (e.is_floating_point() or e.is_complex()):
-            self.copy_pairs[0].append(e)
-            self.copy_pairs[1].append(m)
-            return
-        key = (e.device, e.dtype, m.device, m.dtype)
-        ema_list, model_list = self.groups.setdefault(key, ([], []))
-        ema_list.append(e)
-        model_list.append(m)
+            # parameters, and buffers unless buffers="copy", are averaged when floating (or complex)
+            averaged = (i < len(e_params) or average_buffers) and (e.is_floating_point() or e.is_complex())
+            ema_list, model_list = (self.groups.setdefault((e.device, e.dtype, m.device, m.dtype), ([], []))
+                                    if averaged else self.copy_pairs)
+            ema_list.append(e)
+            model_list.append(m)
 
 
 def _lerp_group(key: tuple, ema_list: list[Tensor], model_list: list[Tensor], weight: float) -> None:
@@ -428,7 +405,7 @@ class ModelEMA(nn.Module):
         self.global_batch_size = global_batch_size
         self.device = torch.device(device) if device is not None else None
         self.dtype = _parse_dtype(dtype)
-        self._num_updates = 0
+        self.num_updates = 0  # update() calls so far (restored by load_state_dict)
         self._swapped = False
 
         bare = unwrap_model(model)
@@ -471,27 +448,19 @@ class ModelEMA(nn.Module):
             raise ValueError(f"update_every={update_every!r} must be a positive integer (1 = every step)")
         if isinstance(update_after_step, bool) or not isinstance(update_after_step, int) or update_after_step < 0:
             raise ValueError(f"update_after_step={update_after_step!r} must be a non-negative integer")
-        _check_range("min_decay", min_decay, 0.0, 1.0)
+        if not 0.0 <= min_decay < 1.0:
+            raise ValueError(f"min_decay={min_decay!r} is outside [0.0, 1.0)")
         if buffers not in _BUFFER_MODES:
             raise ValueError(f"buffers={buffers!r} is not accepted; use 'average' or 'copy'")
         if schedule in _sched.NEEDS_TOTAL_STEPS and not (isinstance(total_steps, int) and total_steps > 0):
             raise ValueError(f"schedule={schedule!r} needs total_steps=<planned number of EMA updates>, got {total_steps!r}")
 
     # ------------------------------------------------------------------ state
-    @property
-    def num_updates(self) -> int:
-        """Number of :meth:`update` calls so far (restored by ``load_state_dict``)."""
-        return self._num_updates
-
-    @num_updates.setter
-    def num_updates(self, value: int) -> None:
-        self._num_updates = int(value)
-
     def get_extra_state(self) -> dict[str, int]:
-        return {"num_updates": self._num_updates}
+        return {"num_updates": self.num_updates}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
-        self._num_updates = int(state["num_updates"])
+        self.num_updates = int(state["num_updates"])
 
     def config(self) -> dict[str, Any]:
         """The EMA's settings as plain Python types (stored in checkpoints)."""
@@ -529,7 +498,7 @@ class ModelEMA(nn.Module):
         ``full`` and ``rank0_only`` as in :meth:`state_dict_ema` (matter for a sharded EMA only)."""
         return {
             "state_dict_ema": self.state_dict_ema(full, rank0_only),
-            "ema": {"num_updates": self._num_updates, "config": self.config()},
+            "ema": {"num_updates": self.num_updates, "config": self.config()},
         }
 
     def load_checkpoint_state(self, state_dict_ema: dict[str, Tensor], ema_meta: dict[str, Any] | None = None) -> None:
@@ -540,7 +509,7 @@ class ModelEMA(nn.Module):
         else:
             self.module.load_state_dict(_gathered(state_dict_ema))
         if ema_meta is not None:
-            self._num_updates = int(ema_meta.get("num_updates", 0))
+            self.num_updates = int(ema_meta.get("num_updates", 0))
             saved = ema_meta.get("config") or {}
             changed = {k: (saved[k], v) for k, v in self.config().items() if k in saved and saved[k] != v}
             if changed:
@@ -564,7 +533,7 @@ class ModelEMA(nn.Module):
 
     # ------------------------------------------------------------------ update
     def _ema_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
-        return self._shards.tensors() if self._shards is not None else _module_tensors(self.module)
+        return (self._shards.params, self._shards.buffers) if self._shards is not None else _module_tensors(self.module)
 
     def _plan(self, model: nn.Module, average_buffers: bool | None = None) -> _Plan:
         bare = unwrap_model(model)
@@ -602,8 +571,8 @@ class ModelEMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         """Count one optimizer step and average the model into the EMA when it is due."""
         self._check_not_swapped()
-        self._num_updates += 1
-        weight = self.weight_at(self._num_updates)
+        self.num_updates += 1
+        weight = self.weight_at(self.num_updates)
         if weight is not None:
             self._apply(model, weight)
 
@@ -645,38 +614,33 @@ class ModelEMA(nn.Module):
         pairs = list(zip(_flat(_module_tensors(bare)), _flat(self._ema_tensors())))
         reshard_fsdp(bare)
         with torch.no_grad():
-            saved = self._swap_in(pairs)
+            saved = self._swap(pairs)
         self._swapped = True
         try:
             yield bare
         finally:
             reshard_fsdp(bare)
             with torch.no_grad():
-                self._swap_out(pairs, saved)
+                self._swap(pairs, saved)
             self._swapped = False
 
     @staticmethod
-    def _swap_in(pairs: Sequence[tuple[Tensor, Tensor]]) -> dict[int, Tensor]:
-        saved: dict[int, Tensor] = {}
+    def _swap(pairs: Sequence[tuple[Tensor, Tensor]], saved: dict[int, Tensor] | None = None) -> dict[int, Tensor]:
+        """Exchange each same-dtype (model, EMA) pair. Other pairs: swapping in (``saved`` None)
+        keeps a copy of the model tensor (returned) and writes the EMA's into it; swapping out
+        writes the copy back."""
+        kept: dict[int, Tensor] = {}
         for i, (m, e) in enumerate(pairs):
             if m.dtype == e.dtype:
                 tmp = m.clone()
                 m.copy_(e)
                 e.copy_(tmp)
-            else:
-                saved[i] = m.clone()
+            elif saved is None:
+                kept[i] = m.clone()
                 m.copy_(e)
-        return saved
-
-    @staticmethod
-    def _swap_out(pairs: Sequence[tuple[Tensor, Tensor]], saved: dict[int, Tensor]) -> None:
-        for i, (m, e) in enumerate(pairs):
-            if i in saved:
+            else:
                 m.copy_(saved[i])
-            else:
-                tmp = m.clone()
-                m.copy_(e)
-                e.copy_(tmp)
+        return kept
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Forward through the averaged module (a sharded EMA has none: use :meth:`swapped_into`)."""
@@ -687,7 +651,7 @@ class ModelEMA(nn.Module):
 
     def extra_repr(self) -> str:
         src = f"half_life={self.half_life!r}" if self.half_life else f"decay={self.decay}"
-        return f"{src}, schedule={self.schedule!r}, update_every={self.update_every}, num_updates={self._num_updates}"
+        return f"{src}, schedule={self.schedule!r}, update_every={self.update_every}, num_updates={self.num_updates}"
 
 
 def reshard_fsdp(model: nn.Module) -> None:
