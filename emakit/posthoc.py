@@ -69,36 +69,12 @@ from .schedules import get_schedule
 # decay = 0.5 ** (1 / half_life), half_life = ln 0.5 / ln decay, in updates); re-exported here.
 from .schedules import decay_to_half_life, half_life_to_decay
 
-__all__ = [
-    "SIGMA_REL_MAX",
-    "DTYPES",
-    "sigma_rel_to_gamma",
-    "gamma_to_sigma_rel",
-    "power_beta",
-    "decay_to_sigma_rel",
-    "sigma_rel_to_decay",
-    "decay_to_half_life",
-    "half_life_to_decay",
-    "half_life_to_sigma_rel",
-    "sigma_rel_to_half_life",
-    "power_function_correlation",
-    "solve_posthoc_coefficients",
-    "power_profile",
-    "PowerEMA",
-    "SnapshotInfo",
-    "Footprint",
-    "PosthocBudget",
-    "human_bytes",
-    "parse_budget",
-    "model_fp32_bytes",
-    "budget_max_snapshots",
-    "SnapshotWriter",
-    "estimate_footprint",
-    "snapshot_count",
-    "list_snapshots",
-    "reconstruct",
-    "reconstruct_many",
-]
+__all__ = ["SIGMA_REL_MAX", "DTYPES", "sigma_rel_to_gamma", "gamma_to_sigma_rel", "power_beta", "decay_to_sigma_rel",
+           "sigma_rel_to_decay", "decay_to_half_life", "half_life_to_decay", "half_life_to_sigma_rel",
+           "sigma_rel_to_half_life", "power_function_correlation", "solve_posthoc_coefficients", "power_profile",
+           "PowerEMA", "SnapshotInfo", "Footprint", "PosthocBudget", "human_bytes", "parse_budget",
+           "model_fp32_bytes", "budget_max_snapshots", "SnapshotWriter", "estimate_footprint", "snapshot_count",
+           "list_snapshots", "reconstruct", "reconstruct_many"]
 
 _logger = logging.getLogger(__name__)
 
@@ -129,9 +105,7 @@ def _check_sigma_rel(sigma_rel: float, name: str = "sigma_rel") -> float:
     s = float(sigma_rel)
     # A relative tolerance lets the exact uniform average 1/sqrt(12) round-trip.
     if not (math.isfinite(s) and 0.0 < s <= SIGMA_REL_MAX * (1.0 + 1e-9)):
-        raise ValueError(
-            f"{name} must be in (0, {SIGMA_REL_MAX:.4f}] (the uniform average), got {sigma_rel!r}"
-        )
+        raise ValueError(f"{name} must be in (0, {SIGMA_REL_MAX:.4f}] (the uniform average), got {sigma_rel!r}")
     return s
 
 
@@ -146,13 +120,6 @@ def _check_step(step: int, name: str = "step") -> int:
     if isinstance(step, bool) or int(step) != step or int(step) < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {step!r}")
     return int(step)
-
-
-def _check_decay(decay: float, name: str = "decay") -> float:
-    d = float(decay)
-    if not (0.0 < d < 1.0):
-        raise ValueError(f"{name} must be in (0, 1), got {decay!r}")
-    return d
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
@@ -214,7 +181,9 @@ def decay_to_sigma_rel(decay: float, step: int) -> float:
     ``SIGMA_REL_MAX`` when the EMA is long for the run; such a width has no
     power-function equivalent.
     """
-    d = _check_decay(decay)
+    d = float(decay)
+    if not (0.0 < d < 1.0):
+        raise ValueError(f"decay must be in (0, 1), got {decay!r}")
     t = _check_step(step)
     return math.sqrt(d) / (1.0 - d) / t
 
@@ -249,10 +218,8 @@ def sigma_rel_to_half_life(sigma_rel: float, step: int) -> float:
 # --------------------------------------------------------------------------------------
 
 
-def power_function_correlation(
-    a_step: np.ndarray | float, a_gamma: np.ndarray | float,
-    b_step: np.ndarray | float, b_gamma: np.ndarray | float,
-) -> np.ndarray:
+def power_function_correlation(a_step: np.ndarray | float, a_gamma: np.ndarray | float,
+                               b_step: np.ndarray | float, b_gamma: np.ndarray | float) -> np.ndarray:
     """Inner product over [0, inf) of two power-function responses (broadcasting).
 
     With p_i(tau) = (g_i+1) tau^g_i / t_i^(g_i+1) on [0, t_i], and t_a <= t_b,
@@ -267,10 +234,8 @@ def power_function_correlation(
     return (ga + 1.0) * (gb + 1.0) / ((ga + gb + 1.0) * t_hi) * (t_lo / t_hi) ** g_hi
 
 
-def solve_posthoc_coefficients(
-    in_steps: Sequence[int], in_sigma_rels: Sequence[float] | float,
-    out_steps: Sequence[int] | int, out_sigma_rels: Sequence[float] | float,
-) -> np.ndarray:
+def solve_posthoc_coefficients(in_steps: Sequence[int], in_sigma_rels: Sequence[float] | float,
+                               out_steps: Sequence[int] | int, out_sigma_rels: Sequence[float] | float) -> np.ndarray:
     """Least-squares coefficients that combine stored profiles into requested ones.
 
     Snapshot i is the power EMA with relative width ``in_sigma_rels[i]`` at step
@@ -357,8 +322,7 @@ class PowerEMA:
                  alongside: Sequence[ModelEMA] = ()) -> None:
         if isinstance(sigma_rels, (int, float)):
             sigma_rels = (sigma_rels,)
-        self.sigma_rels: tuple[float, ...] = tuple(
-            _check_sigma_rel(s, "sigma_rels") for s in sigma_rels)
+        self.sigma_rels: tuple[float, ...] = tuple(_check_sigma_rel(s, "sigma_rels") for s in sigma_rels)
         if not self.sigma_rels:
             raise ValueError("sigma_rels must name at least one profile")
         if len({f"{s:.6f}" for s in self.sigma_rels}) != len(self.sigma_rels):
@@ -423,11 +387,8 @@ class PowerEMA:
         """Plain types and tensors only, so it loads with ``torch.load(weights_only=True)``.
         ``full`` / ``rank0_only`` as in :meth:`profile_state_dict` (they matter for a sharded
         model only: gathered profiles, *collective*, or DTensors for a DCP folder)."""
-        return {
-            "step": self.step,
-            "sigma_rels": list(self.sigma_rels),
-            "profiles": [self.profile_state_dict(k, full, rank0_only) for k in range(len(self.sigma_rels))],
-        }
+        return {"step": self.step, "sigma_rels": list(self.sigma_rels),
+                "profiles": [self.profile_state_dict(k, full, rank0_only) for k in range(len(self.sigma_rels))]}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -443,8 +404,11 @@ class PowerEMA:
         self.step = int(state["step"])
 
 
-def _model_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(key, tensor) pairs of the bare model's ``state_dict`` (tensors only, no copy)."""
+def _model_state(model: nn.Module | PowerEMA) -> list[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of the bare model's ``state_dict`` (tensors only, no copy), or of a
+    ``PowerEMA``'s first profile (this rank's shards for a sharded model)."""
+    if isinstance(model, PowerEMA):
+        return list(zip(model.keys, model.profiles[0]))
     return [(k, t) for k, t in unwrap_model(model).state_dict().items() if isinstance(t, torch.Tensor)]
 
 
@@ -511,11 +475,7 @@ def parse_budget(text: str | int | float | None) -> PosthocBudget:
 def model_fp32_bytes(model: nn.Module | PowerEMA) -> int:
     """Bytes of the model's state (parameters and persistent buffers) with every float
     tensor in float32: the unit of a ``PosthocBudget`` multiple such as ``8x``."""
-    if isinstance(model, PowerEMA):
-        live = list(model.profiles[0])
-    else:
-        live = [t for _, t in _model_state(model)]
-    return sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in live)
+    return sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for _, t in _model_state(model))
 
 
 def budget_max_snapshots(budget_bytes: int | None, bytes_per_snapshot: int) -> int | None:
@@ -562,11 +522,11 @@ class Footprint:
 
 def human_bytes(n: float) -> str:
     """``n`` bytes as ``512 B``, ``1.5 KiB``, ``42.7 MiB``, ``1.8 GiB`` (binary units)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
+    return f"{n:.1f} GiB"
 
 
 def _snapshot_name(step: int, sigma_rel: float) -> str:
@@ -599,13 +559,8 @@ def estimate_footprint(model: nn.Module | PowerEMA, n_snapshots: int, n_profiles
     """
     if isinstance(n_snapshots, bool) or int(n_snapshots) != n_snapshots or n_snapshots < 0:
         raise ValueError(f"n_snapshots must be an integer >= 0, got {n_snapshots!r}")
-    if isinstance(n_profiles, bool) or int(n_profiles) != n_profiles or n_profiles < 1:
-        raise ValueError(f"n_profiles must be an integer >= 1, got {n_profiles!r}")
-    if isinstance(model, PowerEMA):
-        live = list(zip(model.keys, model.profiles[0]))
-    else:
-        live = _model_state(model)
-    return Footprint(_file_bytes(live, dtype), int(n_profiles), int(n_snapshots))
+    _check_step(n_profiles, "n_profiles")
+    return Footprint(_file_bytes(_model_state(model), dtype), int(n_profiles), int(n_snapshots))
 
 
 def snapshot_count(total_steps: int, every: int, max_snapshots: int | None = None) -> int:
@@ -750,12 +705,10 @@ class SnapshotWriter:
 
     def prune_after(self, step: int) -> int:
         """Delete snapshots newer than ``step`` (e.g. left by a crashed run before resume)."""
-        removed = 0
-        for s in list_snapshots(self.folder, missing_ok=True):
-            if s.step > step:
-                os.remove(s.path)
-                removed += 1
-        return removed
+        stale = [s for s in list_snapshots(self.folder, missing_ok=True) if s.step > step]
+        for s in stale:
+            os.remove(s.path)
+        return len(stale)
 
     def disk_usage(self) -> int:
         """Bytes currently taken by the snapshot files in the folder."""
@@ -866,11 +819,7 @@ def reconstruct_many(snapshot_dir: str | os.PathLike, sigma_rels: Sequence[float
         raise ValueError("sigma_rel must name at least one profile")
     inputs, step = _select_inputs(snapshot_dir, step)
     # First pass reads only metadata (mmap: tensor data is not read) for the exact widths.
-    meta = []
-    for s in inputs:
-        obj = _load(s.path, mmap=True)
-        meta.append((int(obj["step"]), float(obj["sigma_rel"])))
-        del obj
+    meta = [(int(obj["step"]), float(obj["sigma_rel"])) for obj in (_load(s.path, mmap=True) for s in inputs)]
     coefs = solve_posthoc_coefficients([m[0] for m in meta], [m[1] for m in meta],
                                        step, sigma_rels)
     spread = float(np.abs(coefs).sum(axis=0).max())
