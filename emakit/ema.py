@@ -291,11 +291,9 @@ class _Plan:
                  model_tensors: tuple[list[Tensor], list[Tensor]], average_buffers: bool) -> None:
         (e_params, e_bufs), (m_params, m_bufs) = ema_tensors, model_tensors
         if len(e_params) != len(m_params) or len(e_bufs) != len(m_bufs):
-            raise ValueError(
-                "model does not have the structure the EMA was created from "
-                f"({len(m_params)} parameters/{len(m_bufs)} buffers vs {len(e_params)}/{len(e_bufs)}); "
-                "pass the same model (wrapped or not) that ModelEMA was built from"
-            )
+            raise ValueError(f"model does not have the structure the EMA was created from ({len(m_params)} "
+                             f"parameters/{len(m_bufs)} buffers vs {len(e_params)}/{len(e_bufs)}); pass the same "
+                             "model (wrapped or not) that ModelEMA was built from")
         self.groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         self.copy_pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
         for i, (e, m) in enumerate(zip(e_params + e_bufs, m_params + m_bufs)):
@@ -369,21 +367,10 @@ class ModelEMA(nn.Module):
 
     def __init__(
         self,
-        model: nn.Module,
-        *,
-        decay: float | None = None,
-        schedule: str = "constant",
-        half_life: str | None = None,
-        update_every: int = 1,
-        update_after_step: int = 0,
-        copy_first: bool = False,
-        min_decay: float = 0.0,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | str | None = None,
-        buffers: str = "average",
-        steps_per_epoch: int | None = None,
-        global_batch_size: int | None = None,
-        total_steps: int | None = None,
+        model: nn.Module, *, decay: float | None = None, schedule: str = "constant", half_life: str | None = None,
+        update_every: int = 1, update_after_step: int = 0, copy_first: bool = False, min_decay: float = 0.0,
+        device: torch.device | str | None = None, dtype: torch.dtype | str | None = None, buffers: str = "average",
+        steps_per_epoch: int | None = None, global_batch_size: int | None = None, total_steps: int | None = None,
         **schedule_kwargs: float,
     ) -> None:
         super().__init__()
@@ -426,13 +413,11 @@ class ModelEMA(nn.Module):
     @staticmethod
     def _resolve_decay(decay, half_life, steps_per_epoch, global_batch_size) -> float:
         if decay is not None and half_life is not None:
-            raise ValueError(
-                f"decay={decay!r} and half_life={half_life!r} both set the EMA time constant; give only one"
-            )
+            raise ValueError(f"decay={decay!r} and half_life={half_life!r} both set the EMA time constant; "
+                             "give only one")
         if half_life is not None:
-            batches = _sched.parse_half_life(half_life).in_batches(
-                steps_per_epoch=steps_per_epoch, global_batch_size=global_batch_size
-            )
+            batches = _sched.parse_half_life(half_life).in_batches(steps_per_epoch=steps_per_epoch,
+                                                                   global_batch_size=global_batch_size)
             return _sched.half_life_to_decay(batches)
         decay = _DEFAULT_DECAY if decay is None else decay
         if isinstance(decay, bool) or not isinstance(decay, (int, float)):
@@ -453,7 +438,8 @@ class ModelEMA(nn.Module):
         if buffers not in _BUFFER_MODES:
             raise ValueError(f"buffers={buffers!r} is not accepted; use 'average' or 'copy'")
         if schedule in _sched.NEEDS_TOTAL_STEPS and not (isinstance(total_steps, int) and total_steps > 0):
-            raise ValueError(f"schedule={schedule!r} needs total_steps=<planned number of EMA updates>, got {total_steps!r}")
+            raise ValueError(f"schedule={schedule!r} needs total_steps=<planned number of EMA updates>, "
+                             f"got {total_steps!r}")
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, int]:
@@ -464,15 +450,12 @@ class ModelEMA(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """The EMA's settings as plain Python types (stored in checkpoints)."""
-        return {
-            "decay": self.decay, "schedule": self.schedule, "half_life": self.half_life,
-            "update_every": self.update_every, "update_after_step": self.update_after_step,
-            "copy_first": self.copy_first,
-            "min_decay": self.min_decay, "buffers": self.buffers_mode,
-            "device": None if self.device is None else str(self.device),
-            "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
-            "schedule_kwargs": dict(self.schedule_kwargs), "total_steps": self.total_steps,
-        }
+        return {"decay": self.decay, "schedule": self.schedule, "half_life": self.half_life,
+                "update_every": self.update_every, "update_after_step": self.update_after_step,
+                "copy_first": self.copy_first, "min_decay": self.min_decay, "buffers": self.buffers_mode,
+                "device": None if self.device is None else str(self.device),
+                "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
+                "schedule_kwargs": dict(self.schedule_kwargs), "total_steps": self.total_steps}
 
     @property
     def sharded(self) -> bool:
@@ -496,10 +479,8 @@ class ModelEMA(nn.Module):
         """``{"state_dict_ema": <bare module state dict>, "ema": {"num_updates", "config"}}``:
         timm's key for the weights, so timm's ``load_checkpoint(..., use_ema=True)`` reads it.
         ``full`` and ``rank0_only`` as in :meth:`state_dict_ema` (matter for a sharded EMA only)."""
-        return {
-            "state_dict_ema": self.state_dict_ema(full, rank0_only),
-            "ema": {"num_updates": self.num_updates, "config": self.config()},
-        }
+        return {"state_dict_ema": self.state_dict_ema(full, rank0_only),
+                "ema": {"num_updates": self.num_updates, "config": self.config()}}
 
     def load_checkpoint_state(self, state_dict_ema: dict[str, Tensor], ema_meta: dict[str, Any] | None = None) -> None:
         """Restore weights (unprefixed keys) and, when given, the update counter. Whole tensors
