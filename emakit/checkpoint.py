@@ -708,8 +708,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a dict of weights; save a state dict or a "
                               "checkpoint dict")
     if isinstance(ckpt.get("args"), argparse.Namespace):
-        ckpt = dict(ckpt)
-        ckpt["args"] = vars(ckpt["args"]).copy()
+        ckpt = {**ckpt, "args": vars(ckpt["args"]).copy()}
     return ckpt
 
 
@@ -758,9 +757,7 @@ def _parse_weights(weights: str) -> int | None:
     match = _WEIGHTS_RE.match(str(weights))
     if match is None or (match.group(1) == "raw" and match.group(2) is not None):
         raise CheckpointError(f"unknown weights {weights!r}; use 'raw', 'ema', or 'ema:N' (N = 0, 1, ...)")
-    if match.group(1) == "raw":
-        return None
-    return int(match.group(2) or 0)
+    return None if match.group(1) == "raw" else int(match.group(2) or 0)
 
 
 def ema_checkpoint_keys(index: int) -> tuple[str, str]:
@@ -1003,9 +1000,7 @@ class CheckpointSaver:
         if epoch < 0:
             raise CheckpointError(f"epoch={epoch} must be >= 0")
         value = _as_metric(metric)
-        stored = dict(state)
-        stored["epoch"] = epoch
-        stored["metric"] = None if metric is None else float(metric)
+        stored = {**state, "epoch": epoch, "metric": None if metric is None else float(metric)}
         save_checkpoint(stored, self.last_path)
 
         # A resumed run may reach an epoch it already saved once: the new file replaces it.
@@ -1078,9 +1073,8 @@ class CheckpointSaver:
 
         self.best_metric = self.best_epoch = None
         best_meta = self._read_meta(self.best_path) if os.path.exists(self.best_path) else None
-        if best_meta is not None and best_meta[0] is not None and best_meta[1] is not None:
-            if up_to_epoch is None or best_meta[0] <= up_to_epoch:
-                self.best_epoch, self.best_metric = best_meta
+        if best_meta is not None and None not in best_meta and (up_to_epoch is None or best_meta[0] <= up_to_epoch):
+            self.best_epoch, self.best_metric = best_meta
         top = self._history[0] if self._history and self._history[0].metric is not None else None
         if top is not None and (self.best_metric is None or self._better(top.metric, self.best_metric)):
             self.best_metric, self.best_epoch = top.metric, top.epoch

@@ -152,9 +152,8 @@ def _gather_rows(names: list[str], named: dict[str, Tensor], specs: dict, keep: 
         layout.append((name, shape, c, per_row, total))
         total += c * per_row
     flat = torch.zeros(total, dtype=named[names[0]].dtype, device=device)
-    for name, shape, c, per_row, offset in layout:
-        local = named[name]
-        flat[offset:offset + local.numel()].copy_(local.reshape(-1))
+    for name, _, _, _, offset in layout:
+        flat[offset:offset + named[name].numel()].copy_(named[name].reshape(-1))
     gathered = torch.empty(world * total, dtype=flat.dtype, device=device)
     dist.all_gather_into_tensor(gathered, flat, group=mesh.get_group())
     if not keep:

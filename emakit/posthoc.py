@@ -573,10 +573,9 @@ def snapshot_count(total_steps: int, every: int, max_snapshots: int | None = Non
     """
     every = _check_step(every, "every")
     n = int(total_steps) // every
-    if max_snapshots is not None:
-        while n > max_snapshots:
-            every *= 2
-            n = int(total_steps) // every
+    while max_snapshots is not None and n > max_snapshots:
+        every *= 2
+        n = int(total_steps) // every
     return n
 
 

@@ -17,6 +17,7 @@ commands, so ``python -m emakit posthoc --equivalent ...`` needs torch alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -140,10 +141,8 @@ def _cmd_export(s: ExportSettings) -> list[str]:
 # --------------------------------------------------------------------------- posthoc
 def _half_life_updates(text: str) -> float:
     """``3466`` or ``3466ba`` -> 3466.0 updates; epochs/images need the trainer's context."""
-    try:
+    with contextlib.suppress(ValueError):
         return float(text)
-    except ValueError:
-        pass
     from emakit.schedules import parse_half_life
 
     try:
@@ -310,9 +309,8 @@ def parse_command(argv: Sequence[str]) -> ExportSettings | PosthocSettings | Plo
 
 def run_command(settings: ExportSettings | PosthocSettings | PlotSettings) -> list[str]:
     """Run one parsed command; returns the lines to print."""
-    if isinstance(settings, PosthocSettings):
-        return _cmd_posthoc(settings)
-    return _cmd_export(settings) if isinstance(settings, ExportSettings) else _cmd_plot(settings)
+    command = {ExportSettings: _cmd_export, PosthocSettings: _cmd_posthoc, PlotSettings: _cmd_plot}[type(settings)]
+    return command(settings)
 
 
 def console_main() -> NoReturn:

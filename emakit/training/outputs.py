@@ -21,7 +21,7 @@ from emakit.checkpoint import is_disk_full, write_text_atomic
 from . import UsageError, one_line
 from .averages import PosthocTracker, ema_label, ema_selector, posthoc_sweep_command
 from .config import args_to_yaml
-from .rundir import MARKER_NAME, RunLock, claim_run_folder, write_marker
+from .rundir import MARKER_NAME, RunLock, claim_run_folder, folder_write_error, write_marker
 
 __all__ = ["SUMMARY_COLUMNS", "summary_columns", "read_summary", "write_summary", "wanted_output_dir",
            "choose_output_dir", "prepare_output_dir", "FitResult", "best_in_column", "best_of_emas",
@@ -91,8 +91,7 @@ def prepare_output_dir(path: str, flags: Mapping[str, Any]) -> None:
         if marked:
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(path, MARKER_NAME))
-        raise UsageError(f"cannot write to output folder {path}: {e.strerror or e}; "
-                         "pass --output PATH with a writable folder") from None
+        raise folder_write_error(path, e) from None
 
 
 # --------------------------------------------------------------------------- summary.csv
@@ -148,26 +147,19 @@ def best_in_column(rows: list[dict[str, Any]], column: str, lower_is_better: boo
     """(best value, its epoch) of ``column`` over summary rows; ties go to the earlier epoch.
     Non-finite values (a diverged evaluation) never count."""
     scored = [(float(r[column]), int(r["epoch"])) for r in rows if r.get(column) not in (None, "")]
-    scored = [s for s in scored if math.isfinite(s[0])]
-    if not scored:
-        return None
     sign = 1.0 if lower_is_better else -1.0
-    return min(scored, key=lambda s: (sign * s[0], s[1]))
+    return min((s for s in scored if math.isfinite(s[0])), key=lambda s: (sign * s[0], s[1]), default=None)
 
 
 def best_of_emas(rows: list[dict[str, Any]], num_emas: int, eval_metric: str) -> tuple[float, int, str] | None:
     """(value, epoch, ``--weights`` selector) of the best EMA over all epochs; None for < 2 EMAs."""
     if num_emas < 2:
         return None
-    lower, found = eval_metric == "loss", []
-    for i in range(num_emas):
-        best = best_in_column(rows, f"{ema_label(i)}_eval_{eval_metric}", lower)
-        if best is not None:
-            found.append((best[0], best[1], ema_selector(i)))
-    if not found:
-        return None
+    lower = eval_metric == "loss"
+    found = [(*best, ema_selector(i)) for i in range(num_emas)
+             if (best := best_in_column(rows, f"{ema_label(i)}_eval_{eval_metric}", lower)) is not None]
     sign = 1.0 if lower else -1.0
-    return min(found, key=lambda b: (sign * b[0], b[1]))
+    return min(found, key=lambda b: (sign * b[0], b[1]), default=None)
 
 
 def fit_result(output_dir: str | None, epochs_run: int, rows: list[dict[str, Any]], num_emas: int,

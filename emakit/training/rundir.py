@@ -48,7 +48,7 @@ from . import UsageError
 
 __all__ = ["LOCK_NAME", "MARKER_NAME", "RUN_FILES", "RUN_ENTRIES", "RunLock", "LockInfo", "read_lock", "lock_holder",
            "run_entries", "check_run_files", "folder_is_ours", "claim_run_folder",
-           "write_marker"]
+           "write_marker", "folder_write_error"]
 
 _log = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ def _locked_error(folder: str, info: LockInfo | None) -> UsageError:
                       f"--experiment (if no run uses it, delete {os.path.join(folder, LOCK_NAME)})")
 
 
-def _write_error(folder: str, error: OSError) -> UsageError:
+def folder_write_error(folder: str, error: OSError) -> UsageError:
+    """The one line of a run folder that cannot be written (a full disk, a read-only folder)."""
     return UsageError(f"cannot write to output folder {folder}: {error.strerror or error}; "
                       "pass --output PATH with a writable folder")
 
@@ -173,7 +174,7 @@ class RunLock:
             self._record(self._content())
         except OSError as e:
             self.release(remove_empty=True)
-            raise _write_error(self.folder, e) from None
+            raise folder_write_error(self.folder, e) from None
         if left is not None:
             _log.warning("%s: took over the stale lock of %s (that process is gone)", self.folder, left.describe())
         return self
@@ -187,7 +188,7 @@ class RunLock:
             self.created_folder = not os.path.isdir(self.folder)
             os.makedirs(self.folder, exist_ok=True)
         except OSError as e:
-            raise _write_error(self.folder, e) from None
+            raise folder_write_error(self.folder, e) from None
         self.created_file = not os.path.lexists(self.path)
         lock = FileLock(self.path, timeout=0, thread_local=False)
         try:
@@ -196,7 +197,7 @@ class RunLock:
             raise _locked_error(self.folder, read_lock(self.folder)) from None
         except OSError as e:
             self._abandon()
-            raise _write_error(self.folder, e) from None
+            raise folder_write_error(self.folder, e) from None
         return lock
 
     def _record(self, text: str) -> None:
@@ -328,8 +329,7 @@ def claim_run_folder(wanted: str, *, resume: str | None = None, resumed_by_emaki
         raise _locked_error(wanted, holder)
     candidate = wanted
     for n in range(1, _MAX_SUFFIX):
-        found = run_entries(candidate)
-        if not found:
+        if not run_entries(candidate):
             try:
                 lock = RunLock(candidate).acquire()
             except UsageError:
