@@ -24,8 +24,8 @@ unchanged. A full read checks it first: bytes damaged after the write (a bit fli
 block) are an error naming the file and the previous intact checkpoint beside it, not a run
 that resumes from wrong numbers. Files without the comment (timm's, older ones) load unchecked.
 
-Only torch and the standard library are imported here; safetensors is imported inside
-the functions that need it.
+Only torch, the standard library and :mod:`emakit.ema` (for a DTensor's local shard) are
+imported here; safetensors is imported inside the functions that need it.
 """
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ from typing import Any, NamedTuple, Union
 
 import torch
 from torch import nn
+
+from .ema import local_shard
 
 __all__ = ["atomic_write", "damage_reason", "refused_global", "ema_checkpoint_keys", "ema_indices", "find_nonfinite",
            "find_unplain", "nonfinite_names", "fsync_dir", "is_disk_full", "safe_torch_load", "remove_stale_temp_files",
@@ -268,8 +270,6 @@ def nonfinite_names(named: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
     sync, then an exact check of the tensors of a group whose screen fails (huge finite
     values can overflow a norm). Integer tensors are never flagged; a DTensor (FSDP) is
     checked on this rank's shard (no communication)."""
-    from .ema import local_shard
-
     named = [(name, local_shard(t)) for name, t in named]  # a DTensor: this rank's shard
     named = [(name, t) for name, t in named if (t.is_floating_point() or t.is_complex()) and t.numel()]
     groups: dict[tuple[torch.device, torch.dtype | None], list[tuple[str, torch.Tensor]]] = {}
@@ -295,8 +295,6 @@ def describe_nonfinite(obj: Any, where: str = "", skip_keys: frozenset[str] = fr
     if not bad:
         return None
     first = next(t for name, t in found if name == bad[0])
-    from .ema import local_shard
-
     kind = "NaN" if bool(torch.isnan(local_shard(first)).any()) else "an infinity"
     name = re.sub(r"^\['([^']*)'\]", r"\1", bad[0])  # ['state_dict']['fc.weight'] -> state_dict['fc.weight']
     more = f" (and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
@@ -883,7 +881,6 @@ def _replace_with_link(src: str, dst: str) -> None:
     """Make ``dst`` a copy of ``src`` atomically: hard link (no bytes copied) under a temp
     name, then ``os.replace``. Safe because every write we do replaces a file with a new
     inode, never rewrites one in place, so linked names never change under each other."""
-    folder = os.path.dirname(dst)
     tmp = _temp_name(dst)
     try:
         os.link(src, tmp)
@@ -896,7 +893,7 @@ def _replace_with_link(src: str, dst: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    fsync_dir(folder)
+    fsync_dir(os.path.dirname(dst))
 
 
 class _HistoryEntry(NamedTuple):

@@ -400,9 +400,7 @@ class ModelEMA(nn.Module):
         if is_sharded(bare):  # FSDP2 cannot be deep-copied, and a full copy is what it avoids
             self._shards = _ShardedState(bare, self.device, self.dtype)
         else:
-            self.module = copy.deepcopy(bare)
-            self.module.eval()
-            self.module.requires_grad_(False)
+            self.module = copy.deepcopy(bare).eval().requires_grad_(False)
             if self.device is not None or self.dtype is not None:
                 self.module.to(device=self.device, dtype=self.dtype)
         # fail now, not mid-training, if the schedule errors

@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointError, UnsafeCheckpointError, describe_nonfinite, safe_torch_load, save_torch_file
 from .ema import ModelEMA, MultiEMA, unwrap_model
 from .schedules import get_schedule
 # One definition of the half-life <-> decay formulas for the package (Composer's convention:
@@ -529,10 +530,6 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _snapshot_name(step: int, sigma_rel: float) -> str:
-    return f"posthoc-{step:09d}-s{sigma_rel:.6f}.pt"
-
-
 # torch.save writes a zip: per tensor, a storage record aligned to 64 bytes plus local and
 # central-directory headers (~200 bytes) and the key in the pickle; the
 # fixed part is the pickle frame, metadata and zip trailer. Measured on torch 2.4-2.15;
@@ -582,8 +579,6 @@ def snapshot_count(total_steps: int, every: int, max_snapshots: int | None = Non
 def _atomic_save(obj: Any, path: str) -> None:
     """torch.save through :func:`emakit.checkpoint.save_torch_file` (temp file, fsync, replace,
     with the checksum a full read checks)."""
-    from .checkpoint import save_torch_file
-
     save_torch_file(obj, path, through_handle=True)  # the footprint estimate assumes its layout
 
 
@@ -650,7 +645,7 @@ class SnapshotWriter:
             payload = {"format": _FORMAT, "version": _VERSION, "step": int(ema.step),
                        "sigma_rel": float(sigma_rel), "gamma": float(gamma),
                        "dtype": dtype_name, "state_dict": state}
-            path = os.path.join(self.folder, _snapshot_name(ema.step, sigma_rel))
+            path = os.path.join(self.folder, f"posthoc-{ema.step:09d}-s{sigma_rel:.6f}.pt")  # see _FILE_RE
             try:
                 _atomic_save(payload, path)
             except OSError as e:
@@ -751,8 +746,6 @@ def list_snapshots(snapshot_dir: str | os.PathLike, *, missing_ok: bool = False)
 
 def _load(path: str, mmap: bool = False) -> dict[str, Any]:
     """One snapshot file; ``ValueError`` naming it if it cannot be read or is not a snapshot."""
-    from .checkpoint import CheckpointError, UnsafeCheckpointError, safe_torch_load
-
     fix = "move it out of the folder to reconstruct from the others"
     try:
         obj = safe_torch_load(path, "cpu", mmap=mmap)
@@ -783,9 +776,7 @@ def _select_inputs(snapshot_dir: str | os.PathLike, step: int | None) -> tuple[l
         raise ValueError(f"snapshot_dir {os.fspath(snapshot_dir)!r} holds no post-hoc snapshots "
                          "(files named posthoc-<step>-s<sigma_rel>.pt)")
     steps = sorted({s.step for s in snaps})
-    if step is None:
-        step = steps[-1]
-    step = _check_step(step)
+    step = _check_step(steps[-1] if step is None else step)
     if step > steps[-1]:
         raise ValueError(f"step={step} is beyond the last snapshot step {steps[-1]} "
                          f"in {os.fspath(snapshot_dir)!r}")
@@ -810,8 +801,6 @@ def reconstruct_many(snapshot_dir: str | os.PathLike, sigma_rels: Sequence[float
     ``step`` defaults to the last snapshot step and must be one of the snapshot steps.
     """
     import numpy as np
-
-    from .checkpoint import describe_nonfinite
 
     sigma_rels = [_check_sigma_rel(s, "sigma_rel") for s in sigma_rels]
     if not sigma_rels:
