@@ -640,11 +640,9 @@ class SnapshotWriter:
                 state[key] = t.to(self.dtype) if t.is_floating_point() else t.clone()
                 if self.dtype != torch.float32 and not torch.isfinite(state[key]).all() \
                         and torch.isfinite(t).all():
-                    _logger.warning("post-hoc snapshot: %s overflows %s; store float32 instead",
-                                    key, dtype_name)
-            payload = {"format": _FORMAT, "version": _VERSION, "step": int(ema.step),
-                       "sigma_rel": float(sigma_rel), "gamma": float(gamma),
-                       "dtype": dtype_name, "state_dict": state}
+                    _logger.warning("post-hoc snapshot: %s overflows %s; store float32 instead", key, dtype_name)
+            payload = {"format": _FORMAT, "version": _VERSION, "step": int(ema.step), "sigma_rel": float(sigma_rel),
+                       "gamma": float(gamma), "dtype": dtype_name, "state_dict": state}
             path = os.path.join(self.folder, f"posthoc-{ema.step:09d}-s{sigma_rel:.6f}.pt")  # see _FILE_RE
             try:
                 _atomic_save(payload, path)
@@ -808,8 +806,7 @@ def reconstruct_many(snapshot_dir: str | os.PathLike, sigma_rels: Sequence[float
     inputs, step = _select_inputs(snapshot_dir, step)
     # First pass reads only metadata (mmap: tensor data is not read) for the exact widths.
     meta = [(int(obj["step"]), float(obj["sigma_rel"])) for obj in (_load(s.path, mmap=True) for s in inputs)]
-    coefs = solve_posthoc_coefficients([m[0] for m in meta], [m[1] for m in meta],
-                                       step, sigma_rels)
+    coefs = solve_posthoc_coefficients([m[0] for m in meta], [m[1] for m in meta], step, sigma_rels)
     spread = float(np.abs(coefs).sum(axis=0).max())
     if spread > 1e3:
         # Large alternating coefficients amplify storage rounding (fp16) in the result.

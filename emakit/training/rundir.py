@@ -47,8 +47,7 @@ from emakit.checkpoint import write_text_atomic
 from . import UsageError
 
 __all__ = ["LOCK_NAME", "MARKER_NAME", "RUN_FILES", "RUN_ENTRIES", "RunLock", "LockInfo", "read_lock", "lock_holder",
-           "run_entries", "check_run_files", "folder_is_ours", "claim_run_folder",
-           "write_marker", "folder_write_error"]
+           "run_entries", "check_run_files", "folder_is_ours", "claim_run_folder", "write_marker", "folder_write_error"]
 
 _log = logging.getLogger(__name__)
 
@@ -75,17 +74,6 @@ class LockInfo:
         return f"pid {self.pid} on host {self.host}" + (f", started {self.started}" if self.started else "")
 
 
-def _parse_lock(raw: str) -> LockInfo | None:
-    """The holder named by a lock file's text; None for an empty file (no holder recorded)."""
-    if not raw.strip():
-        return None
-    try:
-        data = json.loads(raw)
-        return LockInfo(pid=int(data["pid"]), host=str(data["host"]), started=data.get("started"), raw=raw)
-    except (ValueError, KeyError, TypeError):
-        return LockInfo(pid=None, host=None, raw=raw)
-
-
 def read_lock(folder: str) -> LockInfo | None:
     """The holder recorded in the lock file of ``folder``, or None when there is no lock file
     or it names nobody (a released lock). Whether the lock is held is :func:`lock_holder`'s."""
@@ -98,7 +86,13 @@ def read_lock(folder: str) -> LockInfo | None:
     except OSError as e:
         raise UsageError(f"cannot read the run lock {path}: {e.strerror or e}; remove it if no run uses "
                          f"{folder}") from None
-    return _parse_lock(raw)
+    if not raw.strip():
+        return None  # an empty file: no holder recorded
+    try:
+        data = json.loads(raw)
+        return LockInfo(pid=int(data["pid"]), host=str(data["host"]), started=data.get("started"), raw=raw)
+    except (ValueError, KeyError, TypeError):
+        return LockInfo(pid=None, host=None, raw=raw)
 
 
 def _locked_error(folder: str, info: LockInfo | None) -> UsageError:
