@@ -740,15 +740,13 @@ class MultiEMA(nn.Module):
         return iter(self.emas)
 
     def _try_fused(self, model_list: list[Tensor], ema_lists: list[list[Tensor]], weights: list[float]) -> bool:
-        if not self._fused_ok:
-            return False
-        try:
-            _fused_lerp(model_list, ema_lists, weights)
-            return True
-        except (TypeError, RuntimeError):  # an older torch without the ScalarList overload
-            _log.info("fused multi-EMA lerp unavailable in torch %s; updating EMAs one by one", torch.__version__)
-            self._fused_ok = False
-            return False
+        if self._fused_ok:
+            try:
+                _fused_lerp(model_list, ema_lists, weights)
+            except (TypeError, RuntimeError):  # an older torch without the ScalarList overload
+                _log.info("fused multi-EMA lerp unavailable in torch %s; updating EMAs one by one", torch.__version__)
+                self._fused_ok = False
+        return self._fused_ok
 
     @property
     def num_updates(self) -> int:

@@ -23,10 +23,9 @@ from .averages import PosthocTracker, ema_label, ema_selector, posthoc_sweep_com
 from .config import args_to_yaml
 from .rundir import MARKER_NAME, RunLock, claim_run_folder, folder_write_error, write_marker
 
-__all__ = ["SUMMARY_COLUMNS", "summary_columns", "read_summary", "write_summary", "wanted_output_dir",
-           "choose_output_dir", "prepare_output_dir", "FitResult", "best_in_column", "best_of_emas",
-           "fit_result", "describe_result", "writing_output",
-           "console_logs_above_progress_bars", "report_posthoc", "log_posthoc_folder"]
+__all__ = ["SUMMARY_COLUMNS", "summary_columns", "read_summary", "write_summary", "choose_output_dir",
+           "prepare_output_dir", "FitResult", "best_in_column", "best_of_emas", "fit_result", "describe_result",
+           "writing_output", "console_logs_above_progress_bars", "report_posthoc", "log_posthoc_folder"]
 
 _log = logging.getLogger(__name__)
 
@@ -54,28 +53,21 @@ def writing_output(path: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- run folder
-def wanted_output_dir(*, output: str, experiment: str, resume: str, model_name: str, img_size: int
-                      ) -> tuple[str, bool]:
-    """(folder, named): ``<output>/<experiment>``, else the resumed checkpoint's folder, else
-    timm's ``<output>/YYYYMMDD-HHMMSS-<model>-<img size>``; ``named`` is False for the last."""
-    if experiment:
-        return os.path.join(output, experiment), True
-    if resume:
-        return os.path.dirname(os.path.abspath(resume)), True
-    from timm.models import safe_model_name
-
-    return os.path.join(output, "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"),
-                                          safe_model_name(model_name), str(img_size)])), False
-
-
 def choose_output_dir(*, output: str, experiment: str, resume: str, model_name: str, img_size: int,
                       resumed_by_emakit: bool = False) -> tuple[str, RunLock]:
-    """The run folder and its held lock, by the rules of :mod:`emakit.training.rundir`: a
-    resume continues in its checkpoint's folder when that folder is ours; otherwise a folder
+    """The run folder and its held lock, by the rules of :mod:`emakit.training.rundir`: the
+    wanted folder is ``<output>/<experiment>``, else the resumed checkpoint's folder, else
+    timm's ``<output>/YYYYMMDD-HHMMSS-<model>-<img size>`` (the only one not named by the user).
+    A resume continues in its checkpoint's folder when that folder is ours; otherwise a folder
     that holds a run is never written and the first free ``-1``, ``-2``... suffix is used."""
-    wanted, named = wanted_output_dir(output=output, experiment=experiment, resume=resume, model_name=model_name,
-                                      img_size=img_size)
-    return claim_run_folder(wanted, resume=resume or None, resumed_by_emakit=resumed_by_emakit, named=named)
+    if experiment or resume:
+        wanted = os.path.join(output, experiment) if experiment else os.path.dirname(os.path.abspath(resume))
+    else:
+        from timm.models import safe_model_name
+
+        wanted = os.path.join(output, f"{datetime.now():%Y%m%d-%H%M%S}-{safe_model_name(model_name)}-{img_size}")
+    return claim_run_folder(wanted, resume=resume or None, resumed_by_emakit=resumed_by_emakit,
+                            named=bool(experiment or resume))
 
 
 def prepare_output_dir(path: str, flags: Mapping[str, Any]) -> None:

@@ -157,12 +157,11 @@ class RunLock:
         lock = self._take()
         try:
             left = read_lock(self.folder)  # what a run that died while holding it wrote
+            if _refused_leftover(left):
+                raise _locked_error(self.folder, left)
         except UsageError:
             lock.release()
             raise
-        if _refused_leftover(left):
-            lock.release()
-            raise _locked_error(self.folder, left)
         self._lock, self.held = lock, True
         try:
             self._record(self._content())
@@ -277,10 +276,9 @@ def folder_is_ours(folder: str, resumed_by_emakit: bool) -> tuple[bool, str]:
     """(ours, why): the marker, or a pre-marker emakit folder (see the module docstring)."""
     if os.path.isfile(os.path.join(folder, MARKER_NAME)):
         return True, f"it holds emakit's {MARKER_NAME}"
-    summary = _summary_is_ours(folder)
     if not resumed_by_emakit:
         return False, "its checkpoint was not written by emakit's train.py"
-    if summary is False:
+    if _summary_is_ours(folder) is False:
         return False, "its summary.csv does not have emakit's columns"
     return True, "an emakit run folder written before run markers existed"
 
