@@ -878,22 +878,19 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
 
 # --------------------------------------------------------------------------- saver
 def _replace_with_link(src: str, dst: str) -> None:
-    """Make ``dst`` a copy of ``src`` atomically: hard link (no bytes copied) under a temp
-    name, then ``os.replace``. Safe because every write we do replaces a file with a new
-    inode, never rewrites one in place, so linked names never change under each other."""
-    tmp = _temp_name(dst)
-    try:
-        os.link(src, tmp)
-    except (OSError, NotImplementedError):  # no hard links here (some network/FAT filesystems)
-        atomic_write(dst, lambda t: shutil.copyfile(src, t))
-        return
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    fsync_dir(os.path.dirname(dst))
+    """Make ``dst`` a copy of ``src`` atomically (:func:`atomic_write`): a hard link (no bytes
+    copied) under the temp name, or a full copy where the filesystem has no hard links (some
+    network/FAT filesystems). Safe because every write we do replaces a file with a new inode,
+    never rewrites one in place, so linked names never change under each other."""
+
+    def link(tmp: str) -> None:
+        os.remove(tmp)  # the empty file atomic_write reserved: the link takes its name
+        try:
+            os.link(src, tmp)
+        except (OSError, NotImplementedError):
+            shutil.copyfile(src, tmp)
+
+    atomic_write(dst, link)
 
 
 class _HistoryEntry(NamedTuple):

@@ -118,10 +118,10 @@ def validate_schedule_kwargs(name: str, kwargs: dict[str, float]) -> None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     accepted = [n for n, p in list(params.items())[3:] if p.kind is not inspect.Parameter.VAR_POSITIONAL]
-    for key in kwargs:
-        if key not in accepted:
-            choices = ", ".join(accepted) if accepted else "none"
-            raise ValueError(f"unknown argument {key!r} for schedule {name!r}; accepted: {choices}")
+    unknown = [key for key in kwargs if key not in accepted]
+    if unknown:
+        raise ValueError(f"unknown argument {unknown[0]!r} for schedule {name!r}; accepted: "
+                         f"{', '.join(accepted) or 'none'}")
 
 
 # --------------------------------------------------------------------------- half-life
