@@ -829,16 +829,11 @@ def describe_format(ckpt: Mapping[str, Any]) -> str:
         return "unknown"
     if ckpt.get("format") == "safetensors":
         return "safetensors"
-    if _present(ckpt, "state_dict") or _present(ckpt, "state_dict_ema"):
-        # Our files carry the EMA's own counter/config next to timm's weight keys.
-        return "emakit" if isinstance(ckpt.get("ema"), Mapping) else "timm"
-    if _present(ckpt, "net") or _present(ckpt, "ema_net"):
-        return "supergradients"
-    if _present(ckpt, "model") or _present(ckpt, "model_ema"):
-        return "torchvision"
-    if _is_bare_state_dict(ckpt):
-        return "bare state_dict"
-    return "unknown"
+    for raw, ema, name in zip(_RAW_KEYS, _EMA_KEYS, ("timm", "supergradients", "torchvision")):
+        if _present(ckpt, raw) or _present(ckpt, ema):
+            # Our files carry the EMA's own counter/config next to timm's weight keys.
+            return "emakit" if name == "timm" and isinstance(ckpt.get("ema"), Mapping) else name
+    return "bare state_dict" if _is_bare_state_dict(ckpt) else "unknown"
 
 
 def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, Any], max_listed: int = 5) -> str | None:

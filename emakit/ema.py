@@ -468,9 +468,7 @@ class ModelEMA(nn.Module):
         writer holds a full copy), else DTensors over its local shards (no communication) for
         ``torch.distributed.checkpoint``.
         """
-        if self._shards is not None:
-            return self._shards.state_dict(full, rank0_only)
-        return self.module.state_dict()
+        return self._shards.state_dict(full, rank0_only) if self._shards is not None else self.module.state_dict()
 
     def checkpoint_state(self, full: bool = True, rank0_only: bool = False) -> dict[str, Any]:
         """``{"state_dict_ema": <bare module state dict>, "ema": {"num_updates", "config"}}``:

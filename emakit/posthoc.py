@@ -441,9 +441,7 @@ class PosthocBudget:
 
     def resolve(self, model_bytes: int) -> int | None:
         """The bound in bytes for a model of ``model_bytes`` float32 bytes (None: unbounded)."""
-        if self.multiple is not None:
-            return int(self.multiple * int(model_bytes))
-        return self.nbytes
+        return int(self.multiple * int(model_bytes)) if self.multiple is not None else self.nbytes
 
     def __str__(self) -> str:
         if self.unbounded:
@@ -468,9 +466,7 @@ def parse_budget(text: str | int | float | None) -> PosthocBudget:
     value, unit = float(m.group(1)), (m.group(2) or "").lower() or None
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"budget must be positive, got {text!r}")
-    if unit == "x":
-        return PosthocBudget(multiple=value)
-    return PosthocBudget(nbytes=int(value * _UNITS[unit]))
+    return PosthocBudget(multiple=value) if unit == "x" else PosthocBudget(nbytes=int(value * _UNITS[unit]))
 
 
 def model_fp32_bytes(model: nn.Module | PowerEMA) -> int:
@@ -619,9 +615,7 @@ class SnapshotWriter:
 
     def maybe_save(self, ema: PowerEMA) -> list[str]:
         """Save ``ema``'s profiles if its step is a multiple of the interval; return paths."""
-        if ema.step == 0 or ema.step % self.every:
-            return []
-        return self.save(ema)
+        return [] if ema.step == 0 or ema.step % self.every else self.save(ema)
 
     @torch.no_grad()
     def save(self, ema: PowerEMA) -> list[str]:
@@ -713,9 +707,7 @@ class SnapshotWriter:
         """
         n = snapshot_count(total_steps, self.every, self.max_snapshots)
         est = estimate_footprint(ema, n, len(ema.sigma_rels), self.dtype)
-        if self.bytes_per_file is None:
-            return est
-        return dataclasses.replace(est, bytes_per_file=self.bytes_per_file)
+        return est if self.bytes_per_file is None else dataclasses.replace(est, bytes_per_file=self.bytes_per_file)
 
 
 def list_snapshots(snapshot_dir: str | os.PathLike, *, missing_ok: bool = False) -> list[SnapshotInfo]:
