@@ -50,8 +50,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def _dtensor_type() -> type | None:
     """torch's DTensor class if ``torch.distributed.tensor`` is loaded (a sharded model
     loaded it), else None: no tensor can be a DTensor then, and ``import emakit`` stays light."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", None)
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -633,8 +632,7 @@ class ModelEMA(nn.Module):
 def reshard_fsdp(model: nn.Module) -> None:
     """Free the gathered parameters of every FSDP2 module in ``model`` (no-op for plain
     models), so the next forward gathers the shards as they are now."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
     if fsdp_module is None:
         return
     for m in model.modules():
@@ -671,8 +669,7 @@ def _fused_lerp(model_list: list[Tensor], ema_lists: list[list[Tensor]], weights
     still in cache when the next EMA reads it: measured 0.84x the time of k separate updates
     for 3 EMAs of resnet50 on CPU (splitting tensors into cache-sized chunks was slower)."""
     dst = [el[j] for j in range(len(model_list)) for el in ema_lists]
-    src = [m for m in model_list for _ in ema_lists]
-    torch._foreach_lerp_(dst, src, weights * len(model_list))
+    torch._foreach_lerp_(dst, [m for m in model_list for _ in ema_lists], weights * len(model_list))
 
 
 def _member(model: nn.Module | None, spec: ModelEMA | dict[str, Any], shared: dict[str, Any]) -> ModelEMA:

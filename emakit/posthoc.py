@@ -143,8 +143,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """
     import numpy as np
 
-    s = _check_sigma_rel(sigma_rel)
-    inv = s ** -2.0
+    inv = _check_sigma_rel(sigma_rel) ** -2.0
     # The other two roots are real negative or a complex pair with real part
     # -(7 + gamma)/2 < 0 (the roots sum to -7), so the largest real part is the one we want.
     g = float(np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv]).real.max())
@@ -167,9 +166,8 @@ def power_beta(step: int, gamma: float) -> float:
     step tau by (tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1): the integral of the
     continuous profile (gamma+1) x^gamma / t^(gamma+1) over (tau-1, tau].
     """
-    t = _check_step(step)
-    g = _check_gamma(gamma)
-    return get_schedule("power")(0.0, t - 1, None, gamma=g)  # schedules.py holds the formula
+    # schedules.py holds the formula
+    return get_schedule("power")(0.0, _check_step(step) - 1, None, gamma=_check_gamma(gamma))
 
 
 def decay_to_sigma_rel(decay: float, step: int) -> float:

@@ -113,8 +113,7 @@ def get_schedule(name: str) -> Callable[..., float]:
 
 def validate_schedule_kwargs(name: str, kwargs: dict[str, float]) -> None:
     """Raise ``ValueError`` if ``kwargs`` are not keyword arguments the schedule accepts."""
-    fn = get_schedule(name)
-    params = inspect.signature(fn).parameters
+    params = inspect.signature(get_schedule(name)).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     accepted = [n for n, p in list(params.items())[3:] if p.kind is not inspect.Parameter.VAR_POSITIONAL]

@@ -46,9 +46,8 @@ class ExportSettings:
     DESCRIPTION: ClassVar[str] = ("Write one weight set of a checkpoint, unprefixed and atomically. A .safetensors "
                                   "file loads with timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay="
                                   "dict(file=FILE, num_classes=N), num_classes=N).")
-    checkpoint: str = Flag("checkpoint", metavar="CKPT",
-                           help="checkpoint file (ours, timm, SuperGradients, torchvision) or a train.py "
-                                "--checkpoint-format dcp folder (last.dcp)")(None)
+    checkpoint: str = Flag("checkpoint", metavar="CKPT", help="checkpoint file (ours, timm, SuperGradients, "
+                           "torchvision) or a train.py --checkpoint-format dcp folder (last.dcp)")(None)
     output: str = Flag("-o", "--output", required=True, kind=OutputFile(), metavar="FILE",
                        help="output: .safetensors, or any other name for a torch.save'd bare state dict; never the "
                             "input checkpoint or another training checkpoint")(None)
@@ -220,9 +219,8 @@ def _posthoc_single(s: PosthocSettings, sigma_rel: float) -> list[str]:
     if reference or s.model:
         arch = resolve_arch(reference, s.checkpoint or snapshot_dir, s.model)
         num_classes = resolve_num_classes(reference, state_dict, arch, s.checkpoint or snapshot_dir, s.num_classes)
-    save_posthoc_weights(s.output, state_dict, sigma_rel=sigma_rel, step=step, arch=arch,
-                         num_classes=num_classes, snapshot_dir=snapshot_dir, reference=reference or None,
-                         reference_path=s.checkpoint)
+    save_posthoc_weights(s.output, state_dict, sigma_rel=sigma_rel, step=step, arch=arch, num_classes=num_classes,
+                         snapshot_dir=snapshot_dir, reference=reference or None, reference_path=s.checkpoint)
     eq = equivalent_ema(step, sigma_rel=sigma_rel)
     return [f"wrote {s.output}: post-hoc EMA sigma_rel {sigma_rel:g} at step {step} "
             f"(~ decay {eq['decay']:.6g}, half-life {eq['half_life']:.1f} updates)"]
