@@ -324,8 +324,7 @@ def find_unplain(obj: Any, where: str) -> tuple[str, Any] | None:
     for key, value in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
         if isinstance(obj, dict) and type(key) not in _PLAIN_LEAVES:
             return f"{where} (key {key!r})", key
-        found = find_unplain(value, f"{where}[{key!r}]")
-        if found is not None:
+        if (found := find_unplain(value, f"{where}[{key!r}]")) is not None:
             return found
     return None
 
@@ -486,8 +485,7 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
     """
     if type(state) not in (dict, OrderedDict):
         raise CheckpointError(f"cannot save a {type(state).__name__} as a checkpoint; pass a dict")
-    found = find_unplain(state, "state")
-    if found is not None:
+    if (found := find_unplain(state, "state")) is not None:
         where, obj = found
         kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
         raise CheckpointError(f"cannot save checkpoint {os.fspath(path)}: {where} is a {kind}, which "
@@ -570,13 +568,11 @@ def refused_global(error: BaseException) -> str | None:
     error is not about code at all (then the file is damaged or not a checkpoint)."""
     text = str(error)
     for pattern in _REFUSED_RES:
-        match = pattern.search(text)
-        if match:
+        if match := pattern.search(text):
             return match.group(1)
     if "Can only build" in text or "Can only create new object" in text:  # BUILD / NEWOBJ outside the allowlist
         return ""
-    match = re.search(r"Unsupported operand (\d+)", text)
-    if match and int(match.group(1)) in _CODE_OPCODES:
+    if (match := re.search(r"Unsupported operand (\d+)", text)) and int(match.group(1)) in _CODE_OPCODES:
         return f"pickle opcode {_CODE_OPCODES[int(match.group(1))]}"
     return None
 
@@ -859,8 +855,7 @@ def check_state_dict_compat(model: nn.Module, state_dict: Mapping[str, Any], max
 
     ``model`` is the bare module (unwrap DDP / compile first); ``state_dict`` is unprefixed.
     """
-    problems = state_dict_mismatch(model, state_dict, max_listed)
-    if problems:
+    if problems := state_dict_mismatch(model, state_dict, max_listed):
         raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: {problems}; check --model and "
                               "--num-classes")
 
@@ -1052,8 +1047,7 @@ class CheckpointSaver:
             epoch = int(match.group(1))
             if up_to_epoch is not None and epoch > up_to_epoch:
                 continue
-            meta = self._read_meta(os.path.join(self.output_dir, name))
-            if meta is not None:
+            if (meta := self._read_meta(os.path.join(self.output_dir, name))) is not None:
                 entries.append(_HistoryEntry(epoch, meta[1]))
         kept, dropped = self._prune(entries)
         for entry in dropped:  # --checkpoint-hist may be smaller than in the earlier run

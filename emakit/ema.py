@@ -486,8 +486,7 @@ class ModelEMA(nn.Module):
         if ema_meta is not None:
             self.num_updates = int(ema_meta.get("num_updates", 0))
             saved = ema_meta.get("config") or {}
-            changed = {k: (saved[k], v) for k, v in self.config().items() if k in saved and saved[k] != v}
-            if changed:
+            if changed := {k: (saved[k], v) for k, v in self.config().items() if k in saved and saved[k] != v}:
                 _log.warning("EMA settings differ from the checkpoint's (saved, now): %s", changed)
 
     # ------------------------------------------------------------------ decay
@@ -547,8 +546,7 @@ class ModelEMA(nn.Module):
         """Count one optimizer step and average the model into the EMA when it is due."""
         self._check_not_swapped()
         self.num_updates += 1
-        weight = self.weight_at(self.num_updates)
-        if weight is not None:
+        if (weight := self.weight_at(self.num_updates)) is not None:
             self._apply(model, weight)
 
     def _apply(self, model: nn.Module, weight: float) -> None:

@@ -806,8 +806,7 @@ def reconstruct_many(snapshot_dir: str | os.PathLike, sigma_rels: Sequence[float
     keys: list[str] | None = None
     for i, s in enumerate(inputs):
         sd = _load(s.path)["state_dict"]
-        problem = describe_nonfinite(sd)
-        if problem:
+        if problem := describe_nonfinite(sd):
             raise ValueError(f"snapshot {s.path}: {problem}, so every reconstruction from it would too; "
                              "move it out of the folder to reconstruct from the others")
         if keys is None:

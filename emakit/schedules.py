@@ -117,8 +117,7 @@ def validate_schedule_kwargs(name: str, kwargs: dict[str, float]) -> None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     accepted = [n for n, p in list(params.items())[3:] if p.kind is not inspect.Parameter.VAR_POSITIONAL]
-    unknown = [key for key in kwargs if key not in accepted]
-    if unknown:
+    if unknown := [key for key in kwargs if key not in accepted]:
         raise ValueError(f"unknown argument {unknown[0]!r} for schedule {name!r}; accepted: "
                          f"{', '.join(accepted) or 'none'}")
 

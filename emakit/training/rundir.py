@@ -316,8 +316,7 @@ def claim_run_folder(wanted: str, *, resume: str | None = None, resumed_by_emaki
             return wanted, RunLock(wanted).acquire()
         _log.warning("--resume %s: its folder %s is not an emakit run folder (%s); its files stay untouched",
                      resume, wanted, why)
-    holder = lock_holder(wanted) if named else None
-    if holder is not None:
+    if (holder := lock_holder(wanted) if named else None) is not None:
         raise _locked_error(wanted, holder)
     candidate = wanted
     for n in range(1, _MAX_SUFFIX):
