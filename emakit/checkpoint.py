@@ -667,9 +667,8 @@ def _load_safetensors(path: str, map_location: Any) -> dict[str, Any]:
         from safetensors.torch import load_file
     except ImportError:
         raise CheckpointError(f"reading {path} needs the safetensors package; pip install safetensors") from None
-    device = str(map_location) if map_location is not None else "cpu"
     try:
-        state_dict = load_file(path, device=device)
+        state_dict = load_file(path, device=str(map_location) if map_location is not None else "cpu")
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
     except Exception as error:  # safetensors raises its own SafetensorError for a bad header

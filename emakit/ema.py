@@ -138,8 +138,7 @@ def _gather_rows(names: list[str], named: dict[str, Tensor], specs: dict, keep: 
     mesh = specs[names[0]][0]
     world, me = mesh.size(), mesh.get_local_rank()
     device = torch.device(mesh.device_type)
-    layout = []  # (name, shape, c, per_row, offset in the flat buffer)
-    total = 0
+    layout, total = [], 0  # layout: (name, shape, c, per_row, offset in the flat buffer)
     for name in names:
         shape = specs[name][2]
         c, per_row = _rows_per_rank(shape, world)

@@ -287,9 +287,8 @@ def resume_command(argv: Sequence[str], checkpoint: str) -> str:
     if world <= 1:
         return f"python {shlex.quote(script)} {args}"
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if per_node == world:
-        return f"torchrun --standalone --nproc_per_node={per_node} {shlex.quote(script)} {args}"
-    return f"torchrun <your multi-node flags> --nproc_per_node={per_node} {shlex.quote(script)} {args}"
+    nodes = "--standalone" if per_node == world else "<your multi-node flags>"
+    return f"torchrun {nodes} --nproc_per_node={per_node} {shlex.quote(script)} {args}"
 
 
 def end_process(status: int) -> NoReturn:

@@ -116,8 +116,7 @@ def write_summary(path: str, rows: list[dict[str, Any]], columns: list[str] | No
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+    writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in columns} for row in rows)
     write_text_atomic(path, buf.getvalue())
 
 

@@ -240,9 +240,8 @@ def run_entries(folder: str) -> list[str]:
     except OSError as e:
         raise UsageError(f"cannot read output folder {folder}: {e.strerror or e}; pass --output PATH with a "
                          "readable, writable folder") from None
-    found = [n for n in RUN_ENTRIES if n in names]
-    found += sorted(n for n in names if n.startswith("checkpoint-") and n.endswith(".pth.tar"))
-    return found
+    numbered = sorted(n for n in names if n.startswith("checkpoint-") and n.endswith(".pth.tar"))
+    return [n for n in RUN_ENTRIES if n in names] + numbered
 
 
 def check_run_files(folder: str) -> None:
