@@ -309,9 +309,8 @@ def _collect_float_tensors(obj: Any, where: str, skip_keys: frozenset[str],
         out.append((where, obj))
     elif isinstance(obj, (Mapping, list, tuple)):
         for key, value in (obj.items() if isinstance(obj, Mapping) else enumerate(obj)):
-            if isinstance(obj, Mapping) and key in skip_keys:
-                continue
-            _collect_float_tensors(value, f"{where}[{key!r}]", skip_keys, out)
+            if not (isinstance(obj, Mapping) and key in skip_keys):
+                _collect_float_tensors(value, f"{where}[{key!r}]", skip_keys, out)
 
 
 def find_unplain(obj: Any, where: str) -> tuple[str, Any] | None:
@@ -347,8 +346,7 @@ _HASH_CHUNK = 1 << 20
 def _file_sha256(path: str, length: int) -> "hashlib._Hash | None":
     """SHA-256 of the first ``length`` bytes of ``path`` (None if the file is shorter); read
     into one reused buffer (no per-chunk bytes objects; both the read and the hash release the GIL)."""
-    h, buf = hashlib.sha256(), bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
+    h, view = hashlib.sha256(), memoryview(bytearray(_HASH_CHUNK))
     with open(path, "rb", buffering=0) as f:
         while length > 0:
             n = f.readinto(view[:min(_HASH_CHUNK, length)])
@@ -370,8 +368,7 @@ def _append_checksum(path: str) -> None:
         end = f.read(_EOCD_SIZE)
     if end[:4] != _EOCD_SIG or end[-2:] != b"\0\0":
         return
-    h = _file_sha256(path, size)
-    comment = _CHECKSUM_TAG + h.hexdigest().encode()  # type: ignore[union-attr]
+    comment = _CHECKSUM_TAG + _file_sha256(path, size).hexdigest().encode()  # type: ignore[union-attr]
     with open(path, "r+b") as f:
         f.seek(size - 2)
         f.write(struct.pack("<H", len(comment)) + comment)

@@ -104,8 +104,7 @@ def _row_sharded(mesh: Any, placements: Any, shape: torch.Size) -> bool:
 
 def _rows_per_rank(shape: torch.Size, world: int) -> tuple[int, int]:
     """(rows per rank ``c``, elements per row) of a row-sharded tensor."""
-    per_row = math.prod(shape[1:])
-    return -(-shape[0] // world), per_row
+    return -(-shape[0] // world), math.prod(shape[1:])
 
 
 def _buckets(names: list[str], named: dict[str, Tensor], specs: dict) -> Iterator[list[str]]:
@@ -411,9 +410,8 @@ class ModelEMA(nn.Module):
             raise ValueError(f"decay={decay!r} and half_life={half_life!r} both set the EMA time constant; "
                              "give only one")
         if half_life is not None:
-            batches = _sched.parse_half_life(half_life).in_batches(steps_per_epoch=steps_per_epoch,
-                                                                   global_batch_size=global_batch_size)
-            return _sched.half_life_to_decay(batches)
+            return _sched.half_life_to_decay(_sched.parse_half_life(half_life).in_batches(
+                steps_per_epoch=steps_per_epoch, global_batch_size=global_batch_size))
         decay = _DEFAULT_DECAY if decay is None else decay
         if isinstance(decay, bool) or not isinstance(decay, (int, float)):
             raise ValueError(f"decay={decay!r} must be a number in [0, 1), e.g. 0.9998")
