@@ -683,8 +683,7 @@ class SnapshotWriter:
             return self.every
         while -(-total // self.every) > self.max_snapshots:
             self.every *= 2
-        steps = sorted({s.step for s in list_snapshots(self.folder, missing_ok=True)})
-        self._remove_except({t for t in steps if t % self.every == 0})
+        self._remove_except({s.step for s in list_snapshots(self.folder, missing_ok=True) if s.step % self.every == 0})
         return self.every
 
     def prune_after(self, step: int) -> int:
