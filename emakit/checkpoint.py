@@ -599,9 +599,8 @@ def damage_reason(error: BaseException) -> str:
     if isinstance(error, (LookupError, struct.error)):
         return "unrecognised data"
     text = str(error)
-    match = re.search(r"Unsupported operand \d+|[Ii]nvalid load key[^\n]*|PytorchStreamReader[^.]*|"
-                      r"Invalid magic number", text)
-    if match:
+    if match := re.search(r"Unsupported operand \d+|[Ii]nvalid load key[^\n]*|PytorchStreamReader[^.]*|"
+                          r"Invalid magic number", text):
         return match.group(0).strip()
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return first[:120]

@@ -146,10 +146,6 @@ class RunLock:
         self.created_file = False  # acquire() created the lock file (likewise)
         self._lock = None  # the filelock.FileLock while held
 
-    def _content(self) -> str:
-        return json.dumps({"pid": self.pid, "host": socket.gethostname(),
-                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
-
     def acquire(self) -> RunLock:
         """Take the lock (creating the folder if needed). A held lock, another host's or an
         unreadable one -> ``UsageError``; one left by a run that died -> taken over, with a
@@ -164,7 +160,8 @@ class RunLock:
             raise
         self._lock, self.held = lock, True
         try:
-            self._record(self._content())
+            self._record(json.dumps({"pid": self.pid, "host": socket.gethostname(),
+                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
         except OSError as e:
             self.release(remove_empty=True)
             raise folder_write_error(self.folder, e) from None
