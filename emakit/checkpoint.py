@@ -24,8 +24,8 @@ unchanged. A full read checks it first: bytes damaged after the write (a bit fli
 block) are an error naming the file and the previous intact checkpoint beside it, not a run
 that resumes from wrong numbers. Files without the comment (timm's, older ones) load unchecked.
 
-Only torch and the standard library are imported here; safetensors is imported inside
-the functions that need it.
+Only torch, the standard library and :mod:`emakit.ema` (for a DTensor's local shard) are
+imported here; safetensors is imported inside the functions that need it.
 """
 from __future__ import annotations
 
@@ -45,44 +45,19 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 from torch import nn
 
-__all__ = [
-    "atomic_write",
-    "damage_reason",
-    "refused_global",
-    "ema_checkpoint_keys",
-    "ema_indices",
-    "find_nonfinite",
-    "find_unplain",
-    "nonfinite_names",
-    "fsync_dir",
-    "is_disk_full",
-    "safe_torch_load",
-    "remove_stale_temp_files",
-    "write_text_atomic",
-    "CheckpointError",
-    "UnsafeCheckpointError",
-    "DamagedCheckpointError",
-    "CheckpointSaver",
-    "describe_nonfinite",
-    "previous_intact_checkpoint",
-    "save_torch_file",
-    "state_dict_mismatch",
-    "verify_checksum",
-    "check_state_dict_compat",
-    "describe_format",
-    "extract_state_dict",
-    "load_checkpoint",
-    "load_state_dict_strict",
-    "save_checkpoint",
-    "save_safetensors",
-    "strip_prefixes",
-]
+from .ema import local_shard
+
+__all__ = ["atomic_write", "damage_reason", "refused_global", "ema_checkpoint_keys", "ema_indices", "find_nonfinite",
+           "find_unplain", "nonfinite_names", "fsync_dir", "is_disk_full", "safe_torch_load", "remove_stale_temp_files",
+           "write_text_atomic", "CheckpointError", "UnsafeCheckpointError", "DamagedCheckpointError", "CheckpointSaver",
+           "describe_nonfinite", "previous_intact_checkpoint", "save_torch_file", "state_dict_mismatch",
+           "verify_checksum", "check_state_dict_compat", "describe_format", "extract_state_dict", "load_checkpoint",
+           "load_state_dict_strict", "save_checkpoint", "save_safetensors", "strip_prefixes"]
 
 _log = logging.getLogger(__name__)
 
@@ -130,16 +105,12 @@ class DamagedCheckpointError(CheckpointError):
 # --------------------------------------------------------------------------- writing
 def fsync_dir(folder: str) -> None:
     """Make a rename in ``folder`` durable; a no-op where folders cannot be opened (Windows)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # Every temp file we create is ".<target name>.<8 hex digits>.tmp" in the target's folder;
@@ -180,11 +151,9 @@ def _reserve_temp(path: str) -> str:
     (``tempfile.mkstemp`` would leave a 0600 checkpoint behind)."""
     while True:
         tmp = _temp_name(path)
-        try:
+        with contextlib.suppress(FileExistsError):
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
-        except FileExistsError:
-            continue
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
@@ -301,8 +270,6 @@ def nonfinite_names(named: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
     sync, then an exact check of the tensors of a group whose screen fails (huge finite
     values can overflow a norm). Integer tensors are never flagged; a DTensor (FSDP) is
     checked on this rank's shard (no communication)."""
-    from .ema import local_shard
-
     named = [(name, local_shard(t)) for name, t in named]  # a DTensor: this rank's shard
     named = [(name, t) for name, t in named if (t.is_floating_point() or t.is_complex()) and t.numel()]
     groups: dict[tuple[torch.device, torch.dtype | None], list[tuple[str, torch.Tensor]]] = {}
@@ -328,8 +295,6 @@ def describe_nonfinite(obj: Any, where: str = "", skip_keys: frozenset[str] = fr
     if not bad:
         return None
     first = next(t for name, t in found if name == bad[0])
-    from .ema import local_shard
-
     kind = "NaN" if bool(torch.isnan(local_shard(first)).any()) else "an infinity"
     name = re.sub(r"^\['([^']*)'\]", r"\1", bad[0])  # ['state_dict']['fc.weight'] -> state_dict['fc.weight']
     more = f" (and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
@@ -342,13 +307,10 @@ def _collect_float_tensors(obj: Any, where: str, skip_keys: frozenset[str],
     the non-empty floating and complex ones, a DTensor's local shard)."""
     if isinstance(obj, torch.Tensor):
         out.append((where, obj))
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            if key not in skip_keys:
+    elif isinstance(obj, (Mapping, list, tuple)):
+        for key, value in (obj.items() if isinstance(obj, Mapping) else enumerate(obj)):
+            if not (isinstance(obj, Mapping) and key in skip_keys):
                 _collect_float_tensors(value, f"{where}[{key!r}]", skip_keys, out)
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            _collect_float_tensors(value, f"{where}[{i}]", skip_keys, out)
 
 
 def find_unplain(obj: Any, where: str) -> tuple[str, Any] | None:
@@ -356,21 +318,14 @@ def find_unplain(obj: Any, where: str) -> tuple[str, Any] | None:
     kind = type(obj)
     if kind in _PLAIN_TENSORS or kind in _PLAIN_LEAVES:
         return None
-    if kind in _PLAIN_CONTAINERS and isinstance(obj, dict):
-        for key, value in obj.items():
-            if type(key) not in _PLAIN_LEAVES:
-                return f"{where} (key {key!r})", key
-            found = find_unplain(value, f"{where}[{key!r}]")
-            if found is not None:
-                return found
-        return None
-    if kind in _PLAIN_CONTAINERS:  # list or tuple
-        for i, value in enumerate(obj):
-            found = find_unplain(value, f"{where}[{i}]")
-            if found is not None:
-                return found
-        return None
-    return where, obj
+    if kind not in _PLAIN_CONTAINERS:
+        return where, obj
+    for key, value in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+        if isinstance(obj, dict) and type(key) not in _PLAIN_LEAVES:
+            return f"{where} (key {key!r})", key
+        if (found := find_unplain(value, f"{where}[{key!r}]")) is not None:
+            return found
+    return None
 
 
 # --------------------------------------------------------------------------- integrity
@@ -391,8 +346,7 @@ _HASH_CHUNK = 1 << 20
 def _file_sha256(path: str, length: int) -> "hashlib._Hash | None":
     """SHA-256 of the first ``length`` bytes of ``path`` (None if the file is shorter); read
     into one reused buffer (no per-chunk bytes objects; both the read and the hash release the GIL)."""
-    h, buf = hashlib.sha256(), bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
+    h, view = hashlib.sha256(), memoryview(bytearray(_HASH_CHUNK))
     with open(path, "rb", buffering=0) as f:
         while length > 0:
             n = f.readinto(view[:min(_HASH_CHUNK, length)])
@@ -414,8 +368,7 @@ def _append_checksum(path: str) -> None:
         end = f.read(_EOCD_SIZE)
     if end[:4] != _EOCD_SIG or end[-2:] != b"\0\0":
         return
-    h = _file_sha256(path, size)
-    comment = _CHECKSUM_TAG + h.hexdigest().encode()  # type: ignore[union-attr]
+    comment = _CHECKSUM_TAG + _file_sha256(path, size).hexdigest().encode()  # type: ignore[union-attr]
     with open(path, "r+b") as f:
         f.seek(size - 2)
         f.write(struct.pack("<H", len(comment)) + comment)
@@ -475,7 +428,7 @@ def verify_checksum(path: PathLike) -> bool | None:
     return h.hexdigest() == digest
 
 
-_NUMBERED_RE = re.compile(r"^checkpoint-(\d+)" + re.escape(".pth.tar") + "$")
+_NUMBERED_RE = re.compile(r"^checkpoint-(\d+)" + re.escape(_CHECKPOINT_EXT) + "$")
 
 
 def previous_intact_checkpoint(path: PathLike, limit: int = 3) -> str | None:
@@ -529,40 +482,31 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
     """
     if type(state) not in (dict, OrderedDict):
         raise CheckpointError(f"cannot save a {type(state).__name__} as a checkpoint; pass a dict")
-    found = find_unplain(state, "state")
-    if found is not None:
+    if (found := find_unplain(state, "state")) is not None:
         where, obj = found
         kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
-        raise CheckpointError(
-            f"cannot save checkpoint {os.fspath(path)}: {where} is a {kind}, which torch.load(weights_only=True) "
-            "refuses; convert it to tensors or plain types (int, float, bool, str, list, tuple, dict) before saving"
-        )
+        raise CheckpointError(f"cannot save checkpoint {os.fspath(path)}: {where} is a {kind}, which "
+                              "torch.load(weights_only=True) refuses; convert it to tensors or plain types (int, "
+                              "float, bool, str, list, tuple, dict) before saving")
     save_torch_file(state, path)
 
 
 def _as_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str] | None:
     """safetensors metadata must be str -> str; non-str values are stored as JSON."""
-    if metadata is None:
-        return None
     out = {}
-    for key, value in metadata.items():
+    for key, value in (metadata or {}).items():
         if not isinstance(key, str):
             raise CheckpointError(f"safetensors metadata keys must be str, got {key!r}; convert it with str()")
-        if isinstance(value, str):
-            out[key] = value
-        else:
-            try:
-                out[key] = json.dumps(value)
-            except TypeError:
-                raise CheckpointError(
-                    f"safetensors metadata {key!r} is a {type(value).__name__}; pass a str or a JSON-serialisable value"
-                ) from None
-    return out
+        try:
+            out[key] = value if isinstance(value, str) else json.dumps(value)
+        except TypeError:
+            raise CheckpointError(f"safetensors metadata {key!r} is a {type(value).__name__}; pass a str or a "
+                                  "JSON-serialisable value") from None
+    return None if metadata is None else out
 
 
-def save_safetensors(
-    state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, Any] | None = None
-) -> None:
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike,
+                     metadata: Mapping[str, Any] | None = None) -> None:
     """Write a state dict as a ``.safetensors`` file, atomically.
 
     Every tensor is copied to its own contiguous CPU storage first: safetensors refuses
@@ -576,10 +520,8 @@ def save_safetensors(
     tensors = {}
     for key, value in state_dict.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise CheckpointError(
-                f"safetensors holds only str -> tensor entries, but {key!r} is a {type(value).__name__}; "
-                "drop it or store it in metadata"
-            )
+            raise CheckpointError(f"safetensors holds only str -> tensor entries, but {key!r} is a "
+                                  f"{type(value).__name__}; drop it or store it in metadata")
         # clone() gives each tensor its own storage sized to the tensor, so views of a
         # larger buffer and tied weights are written (and read back) independently.
         tensors[key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
@@ -608,11 +550,8 @@ def _namespace_allowed() -> Iterator[None]:
 
 # How torch words a refused global, across versions: 2.4-2.15 say "GLOBAL mod.name",
 # older ones "Unsupported class mod.name" or "unrecognized function `name`".
-_REFUSED_RES = (
-    re.compile(r"GLOBAL ([\w.]+)"),
-    re.compile(r"Unsupported class ([\w.]+)"),
-    re.compile(r"unrecognized function `?([\w.]+)"),
-)
+_REFUSED_RES = (re.compile(r"GLOBAL ([\w.]+)"), re.compile(r"Unsupported class ([\w.]+)"),
+                re.compile(r"unrecognized function `?([\w.]+)"))
 
 
 # Opcodes that only build objects from importable names (INST, OBJ, the copyreg extension
@@ -626,13 +565,11 @@ def refused_global(error: BaseException) -> str | None:
     error is not about code at all (then the file is damaged or not a checkpoint)."""
     text = str(error)
     for pattern in _REFUSED_RES:
-        match = pattern.search(text)
-        if match:
+        if match := pattern.search(text):
             return match.group(1)
     if "Can only build" in text or "Can only create new object" in text:  # BUILD / NEWOBJ outside the allowlist
         return ""
-    match = re.search(r"Unsupported operand (\d+)", text)
-    if match and int(match.group(1)) in _CODE_OPCODES:
+    if (match := re.search(r"Unsupported operand (\d+)", text)) and int(match.group(1)) in _CODE_OPCODES:
         return f"pickle opcode {_CODE_OPCODES[int(match.group(1))]}"
     return None
 
@@ -662,10 +599,8 @@ def damage_reason(error: BaseException) -> str:
     if isinstance(error, (LookupError, struct.error)):
         return "unrecognised data"
     text = str(error)
-    match = re.search(
-        r"Unsupported operand \d+|[Ii]nvalid load key[^\n]*|PytorchStreamReader[^.]*|Invalid magic number", text
-    )
-    if match:
+    if match := re.search(r"Unsupported operand \d+|[Ii]nvalid load key[^\n]*|PytorchStreamReader[^.]*|"
+                          r"Invalid magic number", text):
         return match.group(0).strip()
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return first[:120]
@@ -678,15 +613,13 @@ class _Verifier(threading.Thread):
 
     def __init__(self, path: str) -> None:
         super().__init__(daemon=True, name="emakit-checksum")
-        self.path, self.verdict, self.error = path, None, None
+        self.path, self.verdict = path, None
         self.start()
 
     def run(self) -> None:
         """Hash the file."""
-        try:
+        with contextlib.suppress(OSError):  # unreadable: torch.load reports it
             self.verdict = verify_checksum(self.path)
-        except OSError as e:  # unreadable: torch.load reports it
-            self.error = e
 
     def damaged(self) -> bool:
         """Wait for the hash; True when the file does not match its checksum."""
@@ -700,30 +633,24 @@ def safe_torch_load(path: str, map_location: Any, mmap: bool = False) -> Any:
     :class:`UnsafeCheckpointError`, a file whose bytes are damaged (truncated, corrupt, not a
     torch file, or not matching the checksum written with it) a :class:`DamagedCheckpointError`.
     A full read (not ``mmap``, which reads metadata only) checks the checksum, alongside the load."""
-    kwargs: dict[str, Any] = {"map_location": map_location, "weights_only": True}
-    if mmap:
-        kwargs["mmap"] = True
     verifier = None if mmap or not os.path.isfile(path) else _Verifier(path)
     try:
         with _namespace_allowed():
-            loaded = torch.load(path, **kwargs)
+            loaded = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:
         if verifier is not None and verifier.damaged():  # the checksum says why, whatever torch tripped over
             raise _checksum_error(path) from None
         refused = refused_global(error) if isinstance(error, pickle.UnpicklingError) else None
         if refused is not None:
             what = f" ({refused})" if refused else ""
-            raise UnsafeCheckpointError(
-                f"refusing to load {path}: it is unsafe, it asks to import or run code{what}, which "
-                "torch.load(weights_only=True) refused, so nothing in it was run; load only files from trusted "
-                "sources, or re-save the weights from trusted code with tensors and plain types only", what
-            ) from None
+            raise UnsafeCheckpointError(f"refusing to load {path}: it is unsafe, it asks to import or run "
+                                        f"code{what}, which torch.load(weights_only=True) refused, so nothing in it "
+                                        "was run; load only files from trusted sources, or re-save the weights from "
+                                        "trusted code with tensors and plain types only", what) from None
         if _is_damage(error):
-            raise DamagedCheckpointError(
-                f"cannot read {path}: the file is truncated, corrupt or not a torch checkpoint "
-                f"({damage_reason(error)}); "
-                "re-copy it or pick another checkpoint"
-            ) from None
+            raise DamagedCheckpointError(f"cannot read {path}: the file is truncated, corrupt or not a torch "
+                                         f"checkpoint ({damage_reason(error)}); re-copy it or pick another "
+                                         "checkpoint") from None
         raise
     if verifier is not None and verifier.damaged():
         raise _checksum_error(path)
@@ -736,18 +663,15 @@ def _load_safetensors(path: str, map_location: Any) -> dict[str, Any]:
         from safetensors.torch import load_file
     except ImportError:
         raise CheckpointError(f"reading {path} needs the safetensors package; pip install safetensors") from None
-    device = str(map_location) if map_location is not None else "cpu"
     try:
-        state_dict = load_file(path, device=device)
+        state_dict = load_file(path, device=str(map_location) if map_location is not None else "cpu")
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
     except Exception as error:  # safetensors raises its own SafetensorError for a bad header
         if not type(error).__name__.startswith("Safetensor"):
             raise
-        raise CheckpointError(
-            f"cannot read {path}: the file is truncated or not a safetensors file ({error}); "
-            "re-copy it or pick another checkpoint"
-        ) from None
+        raise CheckpointError(f"cannot read {path}: the file is truncated or not a safetensors file ({error}); "
+                              "re-copy it or pick another checkpoint") from None
     return {"state_dict": state_dict, "format": "safetensors", "metadata": metadata}
 
 
@@ -770,12 +694,10 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
         return _load_safetensors(path, map_location)
     ckpt = safe_torch_load(path, map_location)
     if not isinstance(ckpt, dict):
-        raise CheckpointError(
-            f"{path} holds a {type(ckpt).__name__}, not a dict of weights; save a state dict or a checkpoint dict"
-        )
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a dict of weights; save a state dict or a "
+                              "checkpoint dict")
     if isinstance(ckpt.get("args"), argparse.Namespace):
-        ckpt = dict(ckpt)
-        ckpt["args"] = vars(ckpt["args"]).copy()
+        ckpt = {**ckpt, "args": vars(ckpt["args"]).copy()}
     return ckpt
 
 
@@ -791,10 +713,9 @@ def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         while clean.startswith(_WRAPPER_PREFIXES):
             clean = clean[clean.index(".") + 1:]
         if clean in out:
-            raise CheckpointError(
-                f"state dict has both {key!r} and another key that is {clean!r} without its wrapper prefix; "
-                "the file mixes wrapped and unwrapped weights, re-save it from the bare model"
-            )
+            raise CheckpointError(f"state dict has both {key!r} and another key that is {clean!r} without its "
+                                  "wrapper prefix; the file mixes wrapped and unwrapped weights, re-save it from the "
+                                  "bare model")
         out[clean] = value
     return out
 
@@ -825,9 +746,7 @@ def _parse_weights(weights: str) -> int | None:
     match = _WEIGHTS_RE.match(str(weights))
     if match is None or (match.group(1) == "raw" and match.group(2) is not None):
         raise CheckpointError(f"unknown weights {weights!r}; use 'raw', 'ema', or 'ema:N' (N = 0, 1, ...)")
-    if match.group(1) == "raw":
-        return None
-    return int(match.group(2) or 0)
+    return None if match.group(1) == "raw" else int(match.group(2) or 0)
 
 
 def ema_checkpoint_keys(index: int) -> tuple[str, str]:
@@ -871,33 +790,26 @@ def extract_state_dict(ckpt: Mapping[str, Any], weights: str = "raw", source: st
         # happens to be called "model" must not be mistaken for a format key).
         key = None
         if ema_index is not None:
-            raise CheckpointError(
-                f"{name} is a bare state dict with no EMA weights (keys: {_key_list(ckpt)}); "
-                "evaluate its weights with --weights raw"
-            )
+            raise CheckpointError(f"{name} is a bare state dict with no EMA weights (keys: {_key_list(ckpt)}); "
+                                  "evaluate its weights with --weights raw")
     elif ema_index is None:
         key = next((k for k in _RAW_KEYS if _present(ckpt, k)), None)
         if key is None:
             has_ema = any(_present(ckpt, k) for k in _EMA_KEYS) or bool(ema_indices(ckpt))
             hint = "; it has EMA weights, use --weights ema" if has_ema else ""
-            raise CheckpointError(
-                f"{name} has no model weights (looked for {', '.join(_RAW_KEYS)}; top-level keys: "
-                f"{_key_list(ckpt)}){hint}"
-            )
+            raise CheckpointError(f"{name} has no model weights (looked for {', '.join(_RAW_KEYS)}; top-level keys: "
+                                  f"{_key_list(ckpt)}){hint}")
     else:
         candidates = _EMA_KEYS if ema_index == 0 else (ema_checkpoint_keys(ema_index)[0],)
         key = next((k for k in candidates if _present(ckpt, k)), None)
         if key is None:
-            raise CheckpointError(
-                f"{name} has no EMA weights for {weights!r} (looked for {', '.join(candidates)}; "
-                f"top-level keys: {_key_list(ckpt)}); evaluate the raw weights with --weights raw"
-            )
+            raise CheckpointError(f"{name} has no EMA weights for {weights!r} (looked for {', '.join(candidates)}; "
+                                  f"top-level keys: {_key_list(ckpt)}); evaluate the raw weights with --weights raw")
 
     state_dict = ckpt if key is None else ckpt[key]
     if not isinstance(state_dict, Mapping):
-        raise CheckpointError(
-            f"{name}[{key!r}] is a {type(state_dict).__name__}, not a state dict; re-save it with model.state_dict()"
-        )
+        raise CheckpointError(f"{name}[{key!r}] is a {type(state_dict).__name__}, not a state dict; re-save it with "
+                              "model.state_dict()")
     return strip_prefixes(_drop_averaged_model_counter(state_dict))
 
 
@@ -908,16 +820,11 @@ def describe_format(ckpt: Mapping[str, Any]) -> str:
         return "unknown"
     if ckpt.get("format") == "safetensors":
         return "safetensors"
-    if _present(ckpt, "state_dict") or _present(ckpt, "state_dict_ema"):
-        # Our files carry the EMA's own counter/config next to timm's weight keys.
-        return "emakit" if isinstance(ckpt.get("ema"), Mapping) else "timm"
-    if _present(ckpt, "net") or _present(ckpt, "ema_net"):
-        return "supergradients"
-    if _present(ckpt, "model") or _present(ckpt, "model_ema"):
-        return "torchvision"
-    if _is_bare_state_dict(ckpt):
-        return "bare state_dict"
-    return "unknown"
+    for raw, ema, name in zip(_RAW_KEYS, _EMA_KEYS, ("timm", "supergradients", "torchvision")):
+        if _present(ckpt, raw) or _present(ckpt, ema):
+            # Our files carry the EMA's own counter/config next to timm's weight keys.
+            return "emakit" if name == "timm" and isinstance(ckpt.get("ema"), Mapping) else name
+    return "bare state_dict" if _is_bare_state_dict(ckpt) else "unknown"
 
 
 def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, Any], max_listed: int = 5) -> str | None:
@@ -927,12 +834,9 @@ def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, Any], max_lis
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k} (checkpoint {list(v.shape)} vs model {list(expected[k].shape)})"
-        for k, v in state_dict.items()
-        if k in expected and isinstance(v, torch.Tensor) and isinstance(expected[k], torch.Tensor)
-        and v.shape != expected[k].shape
-    ]
+    mismatched = [f"{k} (checkpoint {list(v.shape)} vs model {list(expected[k].shape)})"
+                  for k, v in state_dict.items() if k in expected and isinstance(v, torch.Tensor)
+                  and isinstance(expected[k], torch.Tensor) and v.shape != expected[k].shape]
     problems = []
     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
         if keys:
@@ -946,11 +850,9 @@ def check_state_dict_compat(model: nn.Module, state_dict: Mapping[str, Any], max
 
     ``model`` is the bare module (unwrap DDP / compile first); ``state_dict`` is unprefixed.
     """
-    problems = state_dict_mismatch(model, state_dict, max_listed)
-    if problems:
-        raise CheckpointError(
-            f"checkpoint does not fit {type(model).__name__}: {problems}; check --model and --num-classes"
-        )
+    if problems := state_dict_mismatch(model, state_dict, max_listed):
+        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: {problems}; check --model and "
+                              "--num-classes")
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
@@ -961,27 +863,22 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
 
 # --------------------------------------------------------------------------- saver
 def _replace_with_link(src: str, dst: str) -> None:
-    """Make ``dst`` a copy of ``src`` atomically: hard link (no bytes copied) under a temp
-    name, then ``os.replace``. Safe because every write we do replaces a file with a new
-    inode, never rewrites one in place, so linked names never change under each other."""
-    folder = os.path.dirname(dst)
-    tmp = _temp_name(dst)
-    try:
-        os.link(src, tmp)
-    except (OSError, NotImplementedError):  # no hard links here (some network/FAT filesystems)
-        atomic_write(dst, lambda t: shutil.copyfile(src, t))
-        return
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    fsync_dir(folder)
+    """Make ``dst`` a copy of ``src`` atomically (:func:`atomic_write`): a hard link (no bytes
+    copied) under the temp name, or a full copy where the filesystem has no hard links (some
+    network/FAT filesystems). Safe because every write we do replaces a file with a new inode,
+    never rewrites one in place, so linked names never change under each other."""
+
+    def link(tmp: str) -> None:
+        os.remove(tmp)  # the empty file atomic_write reserved: the link takes its name
+        try:
+            os.link(src, tmp)
+        except (OSError, NotImplementedError):
+            shutil.copyfile(src, tmp)
+
+    atomic_write(dst, link)
 
 
-@dataclass(frozen=True)
-class _HistoryEntry:
+class _HistoryEntry(NamedTuple):
     epoch: int
     metric: float | None
 
@@ -1041,7 +938,7 @@ class CheckpointSaver:
     @property
     def history(self) -> list[tuple[int, float | None]]:
         """Kept numbered checkpoints as (epoch, metric), best first, unranked last."""
-        return [(e.epoch, e.metric) for e in self._history]
+        return list(self._history)
 
     # -- ranking
     def _better(self, a: float, b: float) -> bool:
@@ -1082,9 +979,7 @@ class CheckpointSaver:
         if epoch < 0:
             raise CheckpointError(f"epoch={epoch} must be >= 0")
         value = _as_metric(metric)
-        stored = dict(state)
-        stored["epoch"] = epoch
-        stored["metric"] = None if metric is None else float(metric)
+        stored = {**state, "epoch": epoch, "metric": None if metric is None else float(metric)}
         save_checkpoint(stored, self.last_path)
 
         # A resumed run may reach an epoch it already saved once: the new file replaces it.
@@ -1139,17 +1034,15 @@ class CheckpointSaver:
         from an epoch <= ``up_to_epoch``, else from the best numbered checkpoint (which
         is then re-linked as ``model_best.pth.tar``). Returns (best_metric, best_epoch).
         """
-        pattern = re.compile(r"^checkpoint-(\d+)" + re.escape(_CHECKPOINT_EXT) + "$")
         entries = []
         for name in sorted(os.listdir(self.output_dir)):
-            match = pattern.match(name)
+            match = _NUMBERED_RE.match(name)
             if not match:
                 continue
             epoch = int(match.group(1))
             if up_to_epoch is not None and epoch > up_to_epoch:
                 continue
-            meta = self._read_meta(os.path.join(self.output_dir, name))
-            if meta is not None:
+            if (meta := self._read_meta(os.path.join(self.output_dir, name))) is not None:
                 entries.append(_HistoryEntry(epoch, meta[1]))
         kept, dropped = self._prune(entries)
         for entry in dropped:  # --checkpoint-hist may be smaller than in the earlier run
@@ -1158,15 +1051,12 @@ class CheckpointSaver:
 
         self.best_metric = self.best_epoch = None
         best_meta = self._read_meta(self.best_path) if os.path.exists(self.best_path) else None
-        if best_meta is not None and best_meta[0] is not None and best_meta[1] is not None:
-            if up_to_epoch is None or best_meta[0] <= up_to_epoch:
-                self.best_epoch, self.best_metric = best_meta
+        if best_meta is not None and None not in best_meta and (up_to_epoch is None or best_meta[0] <= up_to_epoch):
+            self.best_epoch, self.best_metric = best_meta
         top = self._history[0] if self._history and self._history[0].metric is not None else None
         if top is not None and (self.best_metric is None or self._better(top.metric, self.best_metric)):
             self.best_metric, self.best_epoch = top.metric, top.epoch
             _replace_with_link(self.history_path(top.epoch), self.best_path)
-        _log.info(
-            "restored %d checkpoints from %s, best metric %s (epoch %s)",
-            len(self._history), self.output_dir, self.best_metric, self.best_epoch,
-        )
+        _log.info("restored %d checkpoints from %s, best metric %s (epoch %s)", len(self._history), self.output_dir,
+                  self.best_metric, self.best_epoch)
         return self.best_metric, self.best_epoch

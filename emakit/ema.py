@@ -47,18 +47,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _check_range(name: str, value: float, lo: float, hi: float, hi_open: bool = True) -> None:
-    ok = lo <= value < hi if hi_open else lo <= value <= hi
-    if not ok:
-        bracket = ")" if hi_open else "]"
-        raise ValueError(f"{name}={value!r} is outside [{lo}, {hi}{bracket}")
-
-
 def _dtensor_type() -> type | None:
     """torch's DTensor class if ``torch.distributed.tensor`` is loaded (a sharded model
     loaded it), else None: no tensor can be a DTensor then, and ``import emakit`` stays light."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", None)
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -112,8 +104,7 @@ def _row_sharded(mesh: Any, placements: Any, shape: torch.Size) -> bool:
 
 def _rows_per_rank(shape: torch.Size, world: int) -> tuple[int, int]:
     """(rows per rank ``c``, elements per row) of a row-sharded tensor."""
-    per_row = math.prod(shape[1:])
-    return -(-shape[0] // world), per_row
+    return -(-shape[0] // world), math.prod(shape[1:])
 
 
 def _buckets(names: list[str], named: dict[str, Tensor], specs: dict) -> Iterator[list[str]]:
@@ -146,8 +137,7 @@ def _gather_rows(names: list[str], named: dict[str, Tensor], specs: dict, keep: 
     mesh = specs[names[0]][0]
     world, me = mesh.size(), mesh.get_local_rank()
     device = torch.device(mesh.device_type)
-    layout = []  # (name, shape, c, per_row, offset in the flat buffer)
-    total = 0
+    layout, total = [], 0  # layout: (name, shape, c, per_row, offset in the flat buffer)
     for name in names:
         shape = specs[name][2]
         c, per_row = _rows_per_rank(shape, world)
@@ -159,9 +149,8 @@ def _gather_rows(names: list[str], named: dict[str, Tensor], specs: dict, keep: 
         layout.append((name, shape, c, per_row, total))
         total += c * per_row
     flat = torch.zeros(total, dtype=named[names[0]].dtype, device=device)
-    for name, shape, c, per_row, offset in layout:
-        local = named[name]
-        flat[offset:offset + local.numel()].copy_(local.reshape(-1))
+    for name, _, _, _, offset in layout:
+        flat[offset:offset + named[name].numel()].copy_(named[name].reshape(-1))
     gathered = torch.empty(world * total, dtype=flat.dtype, device=device)
     dist.all_gather_into_tensor(gathered, flat, group=mesh.get_group())
     if not keep:
@@ -207,10 +196,6 @@ class _ShardedState:
             names.append(name)
             tensors.append(local.to(device=device, dtype=cast, copy=True))
         return names, tensors
-
-    def tensors(self) -> tuple[list[Tensor], list[Tensor]]:
-        """(parameter shards, buffers) in the model's order."""
-        return self.params, self.buffers
 
     def named(self) -> dict[str, Tensor]:
         """Every local tensor by its state-dict name."""
@@ -302,34 +287,20 @@ class _Plan:
                  model_tensors: tuple[list[Tensor], list[Tensor]], average_buffers: bool) -> None:
         (e_params, e_bufs), (m_params, m_bufs) = ema_tensors, model_tensors
         if len(e_params) != len(m_params) or len(e_bufs) != len(m_bufs):
-            raise ValueError(
-                "model does not have the structure the EMA was created from "
-                f"({len(m_params)} parameters/{len(m_bufs)} buffers vs {len(e_params)}/{len(e_bufs)}); "
-                "pass the same model (wrapped or not) that ModelEMA was built from"
-            )
+            raise ValueError(f"model does not have the structure the EMA was created from ({len(m_params)} "
+                             f"parameters/{len(m_bufs)} buffers vs {len(e_params)}/{len(e_bufs)}); pass the same "
+                             "model (wrapped or not) that ModelEMA was built from")
         self.groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         self.copy_pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
-        for e, m in zip(e_params + e_bufs, m_params + m_bufs):
+        for i, (e, m) in enumerate(zip(e_params + e_bufs, m_params + m_bufs)):
             if e.shape != m.shape:
                 raise ValueError(f"EMA tensor shape {tuple(e.shape)} != model tensor shape {tuple(m.shape)}")
-        for e, m in zip(e_params, m_params):
-            self._add(e, m)
-        for e, m in zip(e_bufs, m_bufs):
-            if average_buffers:
-                self._add(e, m)
-            else:
-                self.copy_pairs[0].append(e)
-                self.copy_pairs[1].append(m)
-
-    def _add(self, e: Tensor, m: Tensor) -> None:
-        if not (e.is_floating_point() or e.is_complex()):
-            self.copy_pairs[0].append(e)
-            self.copy_pairs[1].append(m)
-            return
-        key = (e.device, e.dtype, m.device, m.dtype)
-        ema_list, model_list = self.groups.setdefault(key, ([], []))
-        ema_list.append(e)
-        model_list.append(m)
+            # parameters, and buffers unless buffers="copy", are averaged when floating (or complex)
+            averaged = (i < len(e_params) or average_buffers) and (e.is_floating_point() or e.is_complex())
+            ema_list, model_list = (self.groups.setdefault((e.device, e.dtype, m.device, m.dtype), ([], []))
+                                    if averaged else self.copy_pairs)
+            ema_list.append(e)
+            model_list.append(m)
 
 
 def _lerp_group(key: tuple, ema_list: list[Tensor], model_list: list[Tensor], weight: float) -> None:
@@ -392,21 +363,10 @@ class ModelEMA(nn.Module):
 
     def __init__(
         self,
-        model: nn.Module,
-        *,
-        decay: float | None = None,
-        schedule: str = "constant",
-        half_life: str | None = None,
-        update_every: int = 1,
-        update_after_step: int = 0,
-        copy_first: bool = False,
-        min_decay: float = 0.0,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | str | None = None,
-        buffers: str = "average",
-        steps_per_epoch: int | None = None,
-        global_batch_size: int | None = None,
-        total_steps: int | None = None,
+        model: nn.Module, *, decay: float | None = None, schedule: str = "constant", half_life: str | None = None,
+        update_every: int = 1, update_after_step: int = 0, copy_first: bool = False, min_decay: float = 0.0,
+        device: torch.device | str | None = None, dtype: torch.dtype | str | None = None, buffers: str = "average",
+        steps_per_epoch: int | None = None, global_batch_size: int | None = None, total_steps: int | None = None,
         **schedule_kwargs: float,
     ) -> None:
         super().__init__()
@@ -428,7 +388,7 @@ class ModelEMA(nn.Module):
         self.global_batch_size = global_batch_size
         self.device = torch.device(device) if device is not None else None
         self.dtype = _parse_dtype(dtype)
-        self._num_updates = 0
+        self.num_updates = 0  # update() calls so far (restored by load_state_dict)
         self._swapped = False
 
         bare = unwrap_model(model)
@@ -437,9 +397,7 @@ class ModelEMA(nn.Module):
         if is_sharded(bare):  # FSDP2 cannot be deep-copied, and a full copy is what it avoids
             self._shards = _ShardedState(bare, self.device, self.dtype)
         else:
-            self.module = copy.deepcopy(bare)
-            self.module.eval()
-            self.module.requires_grad_(False)
+            self.module = copy.deepcopy(bare).eval().requires_grad_(False)
             if self.device is not None or self.dtype is not None:
                 self.module.to(device=self.device, dtype=self.dtype)
         # fail now, not mid-training, if the schedule errors
@@ -449,14 +407,11 @@ class ModelEMA(nn.Module):
     @staticmethod
     def _resolve_decay(decay, half_life, steps_per_epoch, global_batch_size) -> float:
         if decay is not None and half_life is not None:
-            raise ValueError(
-                f"decay={decay!r} and half_life={half_life!r} both set the EMA time constant; give only one"
-            )
+            raise ValueError(f"decay={decay!r} and half_life={half_life!r} both set the EMA time constant; "
+                             "give only one")
         if half_life is not None:
-            batches = _sched.parse_half_life(half_life).in_batches(
-                steps_per_epoch=steps_per_epoch, global_batch_size=global_batch_size
-            )
-            return _sched.half_life_to_decay(batches)
+            return _sched.half_life_to_decay(_sched.parse_half_life(half_life).in_batches(
+                steps_per_epoch=steps_per_epoch, global_batch_size=global_batch_size))
         decay = _DEFAULT_DECAY if decay is None else decay
         if isinstance(decay, bool) or not isinstance(decay, (int, float)):
             raise ValueError(f"decay={decay!r} must be a number in [0, 1), e.g. 0.9998")
@@ -471,39 +426,29 @@ class ModelEMA(nn.Module):
             raise ValueError(f"update_every={update_every!r} must be a positive integer (1 = every step)")
         if isinstance(update_after_step, bool) or not isinstance(update_after_step, int) or update_after_step < 0:
             raise ValueError(f"update_after_step={update_after_step!r} must be a non-negative integer")
-        _check_range("min_decay", min_decay, 0.0, 1.0)
+        if not 0.0 <= min_decay < 1.0:
+            raise ValueError(f"min_decay={min_decay!r} is outside [0.0, 1.0)")
         if buffers not in _BUFFER_MODES:
             raise ValueError(f"buffers={buffers!r} is not accepted; use 'average' or 'copy'")
         if schedule in _sched.NEEDS_TOTAL_STEPS and not (isinstance(total_steps, int) and total_steps > 0):
-            raise ValueError(f"schedule={schedule!r} needs total_steps=<planned number of EMA updates>, got {total_steps!r}")
+            raise ValueError(f"schedule={schedule!r} needs total_steps=<planned number of EMA updates>, "
+                             f"got {total_steps!r}")
 
     # ------------------------------------------------------------------ state
-    @property
-    def num_updates(self) -> int:
-        """Number of :meth:`update` calls so far (restored by ``load_state_dict``)."""
-        return self._num_updates
-
-    @num_updates.setter
-    def num_updates(self, value: int) -> None:
-        self._num_updates = int(value)
-
     def get_extra_state(self) -> dict[str, int]:
-        return {"num_updates": self._num_updates}
+        return {"num_updates": self.num_updates}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
-        self._num_updates = int(state["num_updates"])
+        self.num_updates = int(state["num_updates"])
 
     def config(self) -> dict[str, Any]:
         """The EMA's settings as plain Python types (stored in checkpoints)."""
-        return {
-            "decay": self.decay, "schedule": self.schedule, "half_life": self.half_life,
-            "update_every": self.update_every, "update_after_step": self.update_after_step,
-            "copy_first": self.copy_first,
-            "min_decay": self.min_decay, "buffers": self.buffers_mode,
-            "device": None if self.device is None else str(self.device),
-            "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
-            "schedule_kwargs": dict(self.schedule_kwargs), "total_steps": self.total_steps,
-        }
+        return {"decay": self.decay, "schedule": self.schedule, "half_life": self.half_life,
+                "update_every": self.update_every, "update_after_step": self.update_after_step,
+                "copy_first": self.copy_first, "min_decay": self.min_decay, "buffers": self.buffers_mode,
+                "device": None if self.device is None else str(self.device),
+                "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
+                "schedule_kwargs": dict(self.schedule_kwargs), "total_steps": self.total_steps}
 
     @property
     def sharded(self) -> bool:
@@ -519,18 +464,14 @@ class ModelEMA(nn.Module):
         writer holds a full copy), else DTensors over its local shards (no communication) for
         ``torch.distributed.checkpoint``.
         """
-        if self._shards is not None:
-            return self._shards.state_dict(full, rank0_only)
-        return self.module.state_dict()
+        return self._shards.state_dict(full, rank0_only) if self._shards is not None else self.module.state_dict()
 
     def checkpoint_state(self, full: bool = True, rank0_only: bool = False) -> dict[str, Any]:
         """``{"state_dict_ema": <bare module state dict>, "ema": {"num_updates", "config"}}``:
         timm's key for the weights, so timm's ``load_checkpoint(..., use_ema=True)`` reads it.
         ``full`` and ``rank0_only`` as in :meth:`state_dict_ema` (matter for a sharded EMA only)."""
-        return {
-            "state_dict_ema": self.state_dict_ema(full, rank0_only),
-            "ema": {"num_updates": self._num_updates, "config": self.config()},
-        }
+        return {"state_dict_ema": self.state_dict_ema(full, rank0_only),
+                "ema": {"num_updates": self.num_updates, "config": self.config()}}
 
     def load_checkpoint_state(self, state_dict_ema: dict[str, Tensor], ema_meta: dict[str, Any] | None = None) -> None:
         """Restore weights (unprefixed keys) and, when given, the update counter. Whole tensors
@@ -540,10 +481,9 @@ class ModelEMA(nn.Module):
         else:
             self.module.load_state_dict(_gathered(state_dict_ema))
         if ema_meta is not None:
-            self._num_updates = int(ema_meta.get("num_updates", 0))
+            self.num_updates = int(ema_meta.get("num_updates", 0))
             saved = ema_meta.get("config") or {}
-            changed = {k: (saved[k], v) for k, v in self.config().items() if k in saved and saved[k] != v}
-            if changed:
+            if changed := {k: (saved[k], v) for k, v in self.config().items() if k in saved and saved[k] != v}:
                 _log.warning("EMA settings differ from the checkpoint's (saved, now): %s", changed)
 
     # ------------------------------------------------------------------ decay
@@ -564,7 +504,7 @@ class ModelEMA(nn.Module):
 
     # ------------------------------------------------------------------ update
     def _ema_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
-        return self._shards.tensors() if self._shards is not None else _module_tensors(self.module)
+        return (self._shards.params, self._shards.buffers) if self._shards is not None else _module_tensors(self.module)
 
     def _plan(self, model: nn.Module, average_buffers: bool | None = None) -> _Plan:
         bare = unwrap_model(model)
@@ -602,9 +542,8 @@ class ModelEMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         """Count one optimizer step and average the model into the EMA when it is due."""
         self._check_not_swapped()
-        self._num_updates += 1
-        weight = self.weight_at(self._num_updates)
-        if weight is not None:
+        self.num_updates += 1
+        if (weight := self.weight_at(self.num_updates)) is not None:
             self._apply(model, weight)
 
     def _apply(self, model: nn.Module, weight: float) -> None:
@@ -645,38 +584,33 @@ class ModelEMA(nn.Module):
         pairs = list(zip(_flat(_module_tensors(bare)), _flat(self._ema_tensors())))
         reshard_fsdp(bare)
         with torch.no_grad():
-            saved = self._swap_in(pairs)
+            saved = self._swap(pairs)
         self._swapped = True
         try:
             yield bare
         finally:
             reshard_fsdp(bare)
             with torch.no_grad():
-                self._swap_out(pairs, saved)
+                self._swap(pairs, saved)
             self._swapped = False
 
     @staticmethod
-    def _swap_in(pairs: Sequence[tuple[Tensor, Tensor]]) -> dict[int, Tensor]:
-        saved: dict[int, Tensor] = {}
+    def _swap(pairs: Sequence[tuple[Tensor, Tensor]], saved: dict[int, Tensor] | None = None) -> dict[int, Tensor]:
+        """Exchange each same-dtype (model, EMA) pair. Other pairs: swapping in (``saved`` None)
+        keeps a copy of the model tensor (returned) and writes the EMA's into it; swapping out
+        writes the copy back."""
+        kept: dict[int, Tensor] = {}
         for i, (m, e) in enumerate(pairs):
             if m.dtype == e.dtype:
                 tmp = m.clone()
                 m.copy_(e)
                 e.copy_(tmp)
-            else:
-                saved[i] = m.clone()
+            elif saved is None:
+                kept[i] = m.clone()
                 m.copy_(e)
-        return saved
-
-    @staticmethod
-    def _swap_out(pairs: Sequence[tuple[Tensor, Tensor]], saved: dict[int, Tensor]) -> None:
-        for i, (m, e) in enumerate(pairs):
-            if i in saved:
+            else:
                 m.copy_(saved[i])
-            else:
-                tmp = m.clone()
-                m.copy_(e)
-                e.copy_(tmp)
+        return kept
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Forward through the averaged module (a sharded EMA has none: use :meth:`swapped_into`)."""
@@ -687,14 +621,13 @@ class ModelEMA(nn.Module):
 
     def extra_repr(self) -> str:
         src = f"half_life={self.half_life!r}" if self.half_life else f"decay={self.decay}"
-        return f"{src}, schedule={self.schedule!r}, update_every={self.update_every}, num_updates={self._num_updates}"
+        return f"{src}, schedule={self.schedule!r}, update_every={self.update_every}, num_updates={self.num_updates}"
 
 
 def reshard_fsdp(model: nn.Module) -> None:
     """Free the gathered parameters of every FSDP2 module in ``model`` (no-op for plain
     models), so the next forward gathers the shards as they are now."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
     if fsdp_module is None:
         return
     for m in model.modules():
@@ -731,8 +664,7 @@ def _fused_lerp(model_list: list[Tensor], ema_lists: list[list[Tensor]], weights
     still in cache when the next EMA reads it: measured 0.84x the time of k separate updates
     for 3 EMAs of resnet50 on CPU (splitting tensors into cache-sized chunks was slower)."""
     dst = [el[j] for j in range(len(model_list)) for el in ema_lists]
-    src = [m for m in model_list for _ in ema_lists]
-    torch._foreach_lerp_(dst, src, weights * len(model_list))
+    torch._foreach_lerp_(dst, [m for m in model_list for _ in ema_lists], weights * len(model_list))
 
 
 def _member(model: nn.Module | None, spec: ModelEMA | dict[str, Any], shared: dict[str, Any]) -> ModelEMA:
@@ -798,15 +730,13 @@ class MultiEMA(nn.Module):
         return iter(self.emas)
 
     def _try_fused(self, model_list: list[Tensor], ema_lists: list[list[Tensor]], weights: list[float]) -> bool:
-        if not self._fused_ok:
-            return False
-        try:
-            _fused_lerp(model_list, ema_lists, weights)
-            return True
-        except (TypeError, RuntimeError):  # an older torch without the ScalarList overload
-            _log.info("fused multi-EMA lerp unavailable in torch %s; updating EMAs one by one", torch.__version__)
-            self._fused_ok = False
-            return False
+        if self._fused_ok:
+            try:
+                _fused_lerp(model_list, ema_lists, weights)
+            except (TypeError, RuntimeError):  # an older torch without the ScalarList overload
+                _log.info("fused multi-EMA lerp unavailable in torch %s; updating EMAs one by one", torch.__version__)
+                self._fused_ok = False
+        return self._fused_ok
 
     @property
     def num_updates(self) -> int:

@@ -63,42 +63,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointError, UnsafeCheckpointError, describe_nonfinite, safe_torch_load, save_torch_file
 from .ema import ModelEMA, MultiEMA, unwrap_model
 from .schedules import get_schedule
 # One definition of the half-life <-> decay formulas for the package (Composer's convention:
 # decay = 0.5 ** (1 / half_life), half_life = ln 0.5 / ln decay, in updates); re-exported here.
 from .schedules import decay_to_half_life, half_life_to_decay
 
-__all__ = [
-    "SIGMA_REL_MAX",
-    "DTYPES",
-    "sigma_rel_to_gamma",
-    "gamma_to_sigma_rel",
-    "power_beta",
-    "decay_to_sigma_rel",
-    "sigma_rel_to_decay",
-    "decay_to_half_life",
-    "half_life_to_decay",
-    "half_life_to_sigma_rel",
-    "sigma_rel_to_half_life",
-    "power_function_correlation",
-    "solve_posthoc_coefficients",
-    "power_profile",
-    "PowerEMA",
-    "SnapshotInfo",
-    "Footprint",
-    "PosthocBudget",
-    "human_bytes",
-    "parse_budget",
-    "model_fp32_bytes",
-    "budget_max_snapshots",
-    "SnapshotWriter",
-    "estimate_footprint",
-    "snapshot_count",
-    "list_snapshots",
-    "reconstruct",
-    "reconstruct_many",
-]
+__all__ = ["SIGMA_REL_MAX", "DTYPES", "sigma_rel_to_gamma", "gamma_to_sigma_rel", "power_beta", "decay_to_sigma_rel",
+           "sigma_rel_to_decay", "decay_to_half_life", "half_life_to_decay", "half_life_to_sigma_rel",
+           "sigma_rel_to_half_life", "power_function_correlation", "solve_posthoc_coefficients", "power_profile",
+           "PowerEMA", "SnapshotInfo", "Footprint", "PosthocBudget", "human_bytes", "parse_budget",
+           "model_fp32_bytes", "budget_max_snapshots", "SnapshotWriter", "estimate_footprint", "snapshot_count",
+           "list_snapshots", "reconstruct", "reconstruct_many"]
 
 _logger = logging.getLogger(__name__)
 
@@ -129,9 +106,7 @@ def _check_sigma_rel(sigma_rel: float, name: str = "sigma_rel") -> float:
     s = float(sigma_rel)
     # A relative tolerance lets the exact uniform average 1/sqrt(12) round-trip.
     if not (math.isfinite(s) and 0.0 < s <= SIGMA_REL_MAX * (1.0 + 1e-9)):
-        raise ValueError(
-            f"{name} must be in (0, {SIGMA_REL_MAX:.4f}] (the uniform average), got {sigma_rel!r}"
-        )
+        raise ValueError(f"{name} must be in (0, {SIGMA_REL_MAX:.4f}] (the uniform average), got {sigma_rel!r}")
     return s
 
 
@@ -146,13 +121,6 @@ def _check_step(step: int, name: str = "step") -> int:
     if isinstance(step, bool) or int(step) != step or int(step) < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {step!r}")
     return int(step)
-
-
-def _check_decay(decay: float, name: str = "decay") -> float:
-    d = float(decay)
-    if not (0.0 < d < 1.0):
-        raise ValueError(f"{name} must be in (0, 1), got {decay!r}")
-    return d
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
@@ -175,8 +143,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """
     import numpy as np
 
-    s = _check_sigma_rel(sigma_rel)
-    inv = s ** -2.0
+    inv = _check_sigma_rel(sigma_rel) ** -2.0
     # The other two roots are real negative or a complex pair with real part
     # -(7 + gamma)/2 < 0 (the roots sum to -7), so the largest real part is the one we want.
     g = float(np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv]).real.max())
@@ -199,9 +166,8 @@ def power_beta(step: int, gamma: float) -> float:
     step tau by (tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1): the integral of the
     continuous profile (gamma+1) x^gamma / t^(gamma+1) over (tau-1, tau].
     """
-    t = _check_step(step)
-    g = _check_gamma(gamma)
-    return get_schedule("power")(0.0, t - 1, None, gamma=g)  # schedules.py holds the formula
+    # schedules.py holds the formula
+    return get_schedule("power")(0.0, _check_step(step) - 1, None, gamma=_check_gamma(gamma))
 
 
 def decay_to_sigma_rel(decay: float, step: int) -> float:
@@ -214,7 +180,9 @@ def decay_to_sigma_rel(decay: float, step: int) -> float:
     ``SIGMA_REL_MAX`` when the EMA is long for the run; such a width has no
     power-function equivalent.
     """
-    d = _check_decay(decay)
+    d = float(decay)
+    if not (0.0 < d < 1.0):
+        raise ValueError(f"decay must be in (0, 1), got {decay!r}")
     t = _check_step(step)
     return math.sqrt(d) / (1.0 - d) / t
 
@@ -249,10 +217,8 @@ def sigma_rel_to_half_life(sigma_rel: float, step: int) -> float:
 # --------------------------------------------------------------------------------------
 
 
-def power_function_correlation(
-    a_step: np.ndarray | float, a_gamma: np.ndarray | float,
-    b_step: np.ndarray | float, b_gamma: np.ndarray | float,
-) -> np.ndarray:
+def power_function_correlation(a_step: np.ndarray | float, a_gamma: np.ndarray | float,
+                               b_step: np.ndarray | float, b_gamma: np.ndarray | float) -> np.ndarray:
     """Inner product over [0, inf) of two power-function responses (broadcasting).
 
     With p_i(tau) = (g_i+1) tau^g_i / t_i^(g_i+1) on [0, t_i], and t_a <= t_b,
@@ -267,10 +233,8 @@ def power_function_correlation(
     return (ga + 1.0) * (gb + 1.0) / ((ga + gb + 1.0) * t_hi) * (t_lo / t_hi) ** g_hi
 
 
-def solve_posthoc_coefficients(
-    in_steps: Sequence[int], in_sigma_rels: Sequence[float] | float,
-    out_steps: Sequence[int] | int, out_sigma_rels: Sequence[float] | float,
-) -> np.ndarray:
+def solve_posthoc_coefficients(in_steps: Sequence[int], in_sigma_rels: Sequence[float] | float,
+                               out_steps: Sequence[int] | int, out_sigma_rels: Sequence[float] | float) -> np.ndarray:
     """Least-squares coefficients that combine stored profiles into requested ones.
 
     Snapshot i is the power EMA with relative width ``in_sigma_rels[i]`` at step
@@ -357,8 +321,7 @@ class PowerEMA:
                  alongside: Sequence[ModelEMA] = ()) -> None:
         if isinstance(sigma_rels, (int, float)):
             sigma_rels = (sigma_rels,)
-        self.sigma_rels: tuple[float, ...] = tuple(
-            _check_sigma_rel(s, "sigma_rels") for s in sigma_rels)
+        self.sigma_rels: tuple[float, ...] = tuple(_check_sigma_rel(s, "sigma_rels") for s in sigma_rels)
         if not self.sigma_rels:
             raise ValueError("sigma_rels must name at least one profile")
         if len({f"{s:.6f}" for s in self.sigma_rels}) != len(self.sigma_rels):
@@ -423,11 +386,8 @@ class PowerEMA:
         """Plain types and tensors only, so it loads with ``torch.load(weights_only=True)``.
         ``full`` / ``rank0_only`` as in :meth:`profile_state_dict` (they matter for a sharded
         model only: gathered profiles, *collective*, or DTensors for a DCP folder)."""
-        return {
-            "step": self.step,
-            "sigma_rels": list(self.sigma_rels),
-            "profiles": [self.profile_state_dict(k, full, rank0_only) for k in range(len(self.sigma_rels))],
-        }
+        return {"step": self.step, "sigma_rels": list(self.sigma_rels),
+                "profiles": [self.profile_state_dict(k, full, rank0_only) for k in range(len(self.sigma_rels))]}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -443,8 +403,11 @@ class PowerEMA:
         self.step = int(state["step"])
 
 
-def _model_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(key, tensor) pairs of the bare model's ``state_dict`` (tensors only, no copy)."""
+def _model_state(model: nn.Module | PowerEMA) -> list[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of the bare model's ``state_dict`` (tensors only, no copy), or of a
+    ``PowerEMA``'s first profile (this rank's shards for a sharded model)."""
+    if isinstance(model, PowerEMA):
+        return list(zip(model.keys, model.profiles[0]))
     return [(k, t) for k, t in unwrap_model(model).state_dict().items() if isinstance(t, torch.Tensor)]
 
 
@@ -476,9 +439,7 @@ class PosthocBudget:
 
     def resolve(self, model_bytes: int) -> int | None:
         """The bound in bytes for a model of ``model_bytes`` float32 bytes (None: unbounded)."""
-        if self.multiple is not None:
-            return int(self.multiple * int(model_bytes))
-        return self.nbytes
+        return int(self.multiple * int(model_bytes)) if self.multiple is not None else self.nbytes
 
     def __str__(self) -> str:
         if self.unbounded:
@@ -503,19 +464,13 @@ def parse_budget(text: str | int | float | None) -> PosthocBudget:
     value, unit = float(m.group(1)), (m.group(2) or "").lower() or None
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"budget must be positive, got {text!r}")
-    if unit == "x":
-        return PosthocBudget(multiple=value)
-    return PosthocBudget(nbytes=int(value * _UNITS[unit]))
+    return PosthocBudget(multiple=value) if unit == "x" else PosthocBudget(nbytes=int(value * _UNITS[unit]))
 
 
 def model_fp32_bytes(model: nn.Module | PowerEMA) -> int:
     """Bytes of the model's state (parameters and persistent buffers) with every float
     tensor in float32: the unit of a ``PosthocBudget`` multiple such as ``8x``."""
-    if isinstance(model, PowerEMA):
-        live = list(model.profiles[0])
-    else:
-        live = [t for _, t in _model_state(model)]
-    return sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in live)
+    return sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for _, t in _model_state(model))
 
 
 def budget_max_snapshots(budget_bytes: int | None, bytes_per_snapshot: int) -> int | None:
@@ -562,15 +517,11 @@ class Footprint:
 
 def human_bytes(n: float) -> str:
     """``n`` bytes as ``512 B``, ``1.5 KiB``, ``42.7 MiB``, ``1.8 GiB`` (binary units)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
-def _snapshot_name(step: int, sigma_rel: float) -> str:
-    return f"posthoc-{step:09d}-s{sigma_rel:.6f}.pt"
+    return f"{n:.1f} GiB"
 
 
 # torch.save writes a zip: per tensor, a storage record aligned to 64 bytes plus local and
@@ -599,13 +550,8 @@ def estimate_footprint(model: nn.Module | PowerEMA, n_snapshots: int, n_profiles
     """
     if isinstance(n_snapshots, bool) or int(n_snapshots) != n_snapshots or n_snapshots < 0:
         raise ValueError(f"n_snapshots must be an integer >= 0, got {n_snapshots!r}")
-    if isinstance(n_profiles, bool) or int(n_profiles) != n_profiles or n_profiles < 1:
-        raise ValueError(f"n_profiles must be an integer >= 1, got {n_profiles!r}")
-    if isinstance(model, PowerEMA):
-        live = list(zip(model.keys, model.profiles[0]))
-    else:
-        live = _model_state(model)
-    return Footprint(_file_bytes(live, dtype), int(n_profiles), int(n_snapshots))
+    _check_step(n_profiles, "n_profiles")
+    return Footprint(_file_bytes(_model_state(model), dtype), int(n_profiles), int(n_snapshots))
 
 
 def snapshot_count(total_steps: int, every: int, max_snapshots: int | None = None) -> int:
@@ -618,18 +564,15 @@ def snapshot_count(total_steps: int, every: int, max_snapshots: int | None = Non
     """
     every = _check_step(every, "every")
     n = int(total_steps) // every
-    if max_snapshots is not None:
-        while n > max_snapshots:
-            every *= 2
-            n = int(total_steps) // every
+    while max_snapshots is not None and n > max_snapshots:
+        every *= 2
+        n = int(total_steps) // every
     return n
 
 
 def _atomic_save(obj: Any, path: str) -> None:
     """torch.save through :func:`emakit.checkpoint.save_torch_file` (temp file, fsync, replace,
     with the checksum a full read checks)."""
-    from .checkpoint import save_torch_file
-
     save_torch_file(obj, path, through_handle=True)  # the footprint estimate assumes its layout
 
 
@@ -670,9 +613,7 @@ class SnapshotWriter:
 
     def maybe_save(self, ema: PowerEMA) -> list[str]:
         """Save ``ema``'s profiles if its step is a multiple of the interval; return paths."""
-        if ema.step == 0 or ema.step % self.every:
-            return []
-        return self.save(ema)
+        return [] if ema.step == 0 or ema.step % self.every else self.save(ema)
 
     @torch.no_grad()
     def save(self, ema: PowerEMA) -> list[str]:
@@ -691,12 +632,10 @@ class SnapshotWriter:
                 state[key] = t.to(self.dtype) if t.is_floating_point() else t.clone()
                 if self.dtype != torch.float32 and not torch.isfinite(state[key]).all() \
                         and torch.isfinite(t).all():
-                    _logger.warning("post-hoc snapshot: %s overflows %s; store float32 instead",
-                                    key, dtype_name)
-            payload = {"format": _FORMAT, "version": _VERSION, "step": int(ema.step),
-                       "sigma_rel": float(sigma_rel), "gamma": float(gamma),
-                       "dtype": dtype_name, "state_dict": state}
-            path = os.path.join(self.folder, _snapshot_name(ema.step, sigma_rel))
+                    _logger.warning("post-hoc snapshot: %s overflows %s; store float32 instead", key, dtype_name)
+            payload = {"format": _FORMAT, "version": _VERSION, "step": int(ema.step), "sigma_rel": float(sigma_rel),
+                       "gamma": float(gamma), "dtype": dtype_name, "state_dict": state}
+            path = os.path.join(self.folder, f"posthoc-{ema.step:09d}-s{sigma_rel:.6f}.pt")  # see _FILE_RE
             try:
                 _atomic_save(payload, path)
             except OSError as e:
@@ -744,18 +683,15 @@ class SnapshotWriter:
             return self.every
         while -(-total // self.every) > self.max_snapshots:
             self.every *= 2
-        steps = sorted({s.step for s in list_snapshots(self.folder, missing_ok=True)})
-        self._remove_except({t for t in steps if t % self.every == 0})
+        self._remove_except({s.step for s in list_snapshots(self.folder, missing_ok=True) if s.step % self.every == 0})
         return self.every
 
     def prune_after(self, step: int) -> int:
         """Delete snapshots newer than ``step`` (e.g. left by a crashed run before resume)."""
-        removed = 0
-        for s in list_snapshots(self.folder, missing_ok=True):
-            if s.step > step:
-                os.remove(s.path)
-                removed += 1
-        return removed
+        stale = [s for s in list_snapshots(self.folder, missing_ok=True) if s.step > step]
+        for s in stale:
+            os.remove(s.path)
+        return len(stale)
 
     def disk_usage(self) -> int:
         """Bytes currently taken by the snapshot files in the folder."""
@@ -768,9 +704,7 @@ class SnapshotWriter:
         """
         n = snapshot_count(total_steps, self.every, self.max_snapshots)
         est = estimate_footprint(ema, n, len(ema.sigma_rels), self.dtype)
-        if self.bytes_per_file is None:
-            return est
-        return dataclasses.replace(est, bytes_per_file=self.bytes_per_file)
+        return est if self.bytes_per_file is None else dataclasses.replace(est, bytes_per_file=self.bytes_per_file)
 
 
 def list_snapshots(snapshot_dir: str | os.PathLike, *, missing_ok: bool = False) -> list[SnapshotInfo]:
@@ -799,8 +733,6 @@ def list_snapshots(snapshot_dir: str | os.PathLike, *, missing_ok: bool = False)
 
 def _load(path: str, mmap: bool = False) -> dict[str, Any]:
     """One snapshot file; ``ValueError`` naming it if it cannot be read or is not a snapshot."""
-    from .checkpoint import CheckpointError, UnsafeCheckpointError, safe_torch_load
-
     fix = "move it out of the folder to reconstruct from the others"
     try:
         obj = safe_torch_load(path, "cpu", mmap=mmap)
@@ -831,9 +763,7 @@ def _select_inputs(snapshot_dir: str | os.PathLike, step: int | None) -> tuple[l
         raise ValueError(f"snapshot_dir {os.fspath(snapshot_dir)!r} holds no post-hoc snapshots "
                          "(files named posthoc-<step>-s<sigma_rel>.pt)")
     steps = sorted({s.step for s in snaps})
-    if step is None:
-        step = steps[-1]
-    step = _check_step(step)
+    step = _check_step(steps[-1] if step is None else step)
     if step > steps[-1]:
         raise ValueError(f"step={step} is beyond the last snapshot step {steps[-1]} "
                          f"in {os.fspath(snapshot_dir)!r}")
@@ -859,20 +789,13 @@ def reconstruct_many(snapshot_dir: str | os.PathLike, sigma_rels: Sequence[float
     """
     import numpy as np
 
-    from .checkpoint import describe_nonfinite
-
     sigma_rels = [_check_sigma_rel(s, "sigma_rel") for s in sigma_rels]
     if not sigma_rels:
         raise ValueError("sigma_rel must name at least one profile")
     inputs, step = _select_inputs(snapshot_dir, step)
     # First pass reads only metadata (mmap: tensor data is not read) for the exact widths.
-    meta = []
-    for s in inputs:
-        obj = _load(s.path, mmap=True)
-        meta.append((int(obj["step"]), float(obj["sigma_rel"])))
-        del obj
-    coefs = solve_posthoc_coefficients([m[0] for m in meta], [m[1] for m in meta],
-                                       step, sigma_rels)
+    meta = [(int(obj["step"]), float(obj["sigma_rel"])) for obj in (_load(s.path, mmap=True) for s in inputs)]
+    coefs = solve_posthoc_coefficients([m[0] for m in meta], [m[1] for m in meta], step, sigma_rels)
     spread = float(np.abs(coefs).sum(axis=0).max())
     if spread > 1e3:
         # Large alternating coefficients amplify storage rounding (fp16) in the result.
@@ -882,8 +805,7 @@ def reconstruct_many(snapshot_dir: str | os.PathLike, sigma_rels: Sequence[float
     keys: list[str] | None = None
     for i, s in enumerate(inputs):
         sd = _load(s.path)["state_dict"]
-        problem = describe_nonfinite(sd)
-        if problem:
+        if problem := describe_nonfinite(sd):
             raise ValueError(f"snapshot {s.path}: {problem}, so every reconstruction from it would too; "
                              "move it out of the folder to reconstruct from the others")
         if keys is None:

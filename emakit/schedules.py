@@ -30,18 +30,8 @@ import math
 import re
 from typing import Callable, Protocol
 
-__all__ = [
-    "ScheduleFn",
-    "register_schedule",
-    "get_schedule",
-    "available_schedules",
-    "validate_schedule_kwargs",
-    "HalfLife",
-    "parse_half_life",
-    "half_life_to_decay",
-    "decay_to_half_life",
-    "scale_decay",
-]
+__all__ = ["ScheduleFn", "register_schedule", "get_schedule", "available_schedules", "validate_schedule_kwargs",
+           "HalfLife", "parse_half_life", "half_life_to_decay", "decay_to_half_life", "scale_decay"]
 
 
 class ScheduleFn(Protocol):
@@ -54,15 +44,8 @@ def _constant(decay: float, step: int, total_steps: int | None) -> float:
     return decay
 
 
-def _warmup(
-    decay: float,
-    step: int,
-    total_steps: int | None,
-    *,
-    inv_gamma: float = 1.0,
-    power: float = 2.0 / 3.0,
-    min_decay: float = 0.0,
-) -> float:
+def _warmup(decay: float, step: int, total_steps: int | None, *, inv_gamma: float = 1.0, power: float = 2.0 / 3.0,
+            min_decay: float = 0.0) -> float:
     # power=2/3 reaches 0.999 at ~31.6k steps and 0.9999 at ~1M steps; power=3/4 suits
     # shorter runs (values from @crowsonkb's EMA warmup, used by timm's ModelEmaV3).
     value = 1.0 - (1.0 + step / inv_gamma) ** -power
@@ -124,23 +107,19 @@ def get_schedule(name: str) -> Callable[..., float]:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"schedule={name!r} is unknown; accepted: {', '.join(available_schedules())} "
-            "(or add one with emakit.register_schedule(name, fn))"
-        ) from None
+        raise ValueError(f"schedule={name!r} is unknown; accepted: {', '.join(available_schedules())} "
+                         "(or add one with emakit.register_schedule(name, fn))") from None
 
 
 def validate_schedule_kwargs(name: str, kwargs: dict[str, float]) -> None:
     """Raise ``ValueError`` if ``kwargs`` are not keyword arguments the schedule accepts."""
-    fn = get_schedule(name)
-    params = inspect.signature(fn).parameters
+    params = inspect.signature(get_schedule(name)).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     accepted = [n for n, p in list(params.items())[3:] if p.kind is not inspect.Parameter.VAR_POSITIONAL]
-    for key in kwargs:
-        if key not in accepted:
-            choices = ", ".join(accepted) if accepted else "none"
-            raise ValueError(f"unknown argument {key!r} for schedule {name!r}; accepted: {choices}")
+    if unknown := [key for key in kwargs if key not in accepted]:
+        raise ValueError(f"unknown argument {unknown[0]!r} for schedule {name!r}; accepted: "
+                         f"{', '.join(accepted) or 'none'}")
 
 
 # --------------------------------------------------------------------------- half-life
@@ -169,10 +148,12 @@ class HalfLife:
             return self.value
         if self.unit == "ep":
             if not steps_per_epoch or steps_per_epoch <= 0:
-                raise ValueError(f"half_life={self.text!r} is in epochs and needs steps_per_epoch (optimizer steps per epoch)")
+                raise ValueError(f"half_life={self.text!r} is in epochs and needs steps_per_epoch (optimizer steps "
+                                 "per epoch)")
             return self.value * steps_per_epoch
         if not global_batch_size or global_batch_size <= 0:
-            raise ValueError(f"half_life={self.text!r} is in images and needs global_batch_size (images per optimizer step, all ranks)")
+            raise ValueError(f"half_life={self.text!r} is in images and needs global_batch_size (images per "
+                             "optimizer step, all ranks)")
         return self.value / global_batch_size
 
 

@@ -17,6 +17,7 @@ commands, so ``python -m emakit posthoc --equivalent ...`` needs torch alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -45,9 +46,8 @@ class ExportSettings:
     DESCRIPTION: ClassVar[str] = ("Write one weight set of a checkpoint, unprefixed and atomically. A .safetensors "
                                   "file loads with timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay="
                                   "dict(file=FILE, num_classes=N), num_classes=N).")
-    checkpoint: str = Flag("checkpoint", metavar="CKPT",
-                           help="checkpoint file (ours, timm, SuperGradients, torchvision) or a train.py "
-                                "--checkpoint-format dcp folder (last.dcp)")(None)
+    checkpoint: str = Flag("checkpoint", metavar="CKPT", help="checkpoint file (ours, timm, SuperGradients, "
+                           "torchvision) or a train.py --checkpoint-format dcp folder (last.dcp)")(None)
     output: str = Flag("-o", "--output", required=True, kind=OutputFile(), metavar="FILE",
                        help="output: .safetensors, or any other name for a torch.save'd bare state dict; never the "
                             "input checkpoint or another training checkpoint")(None)
@@ -153,10 +153,8 @@ def _cmd_export(s: ExportSettings) -> list[str]:
 # --------------------------------------------------------------------------- posthoc
 def _half_life_updates(text: str) -> float:
     """``3466`` or ``3466ba`` -> 3466.0 updates; epochs/images need the trainer's context."""
-    try:
+    with contextlib.suppress(ValueError):
         return float(text)
-    except ValueError:
-        pass
     from emakit.schedules import parse_half_life
 
     try:
@@ -234,9 +232,8 @@ def _posthoc_single(s: PosthocSettings, sigma_rel: float) -> list[str]:
     if reference or s.model:
         arch = resolve_arch(reference, s.checkpoint or snapshot_dir, s.model)
         num_classes = resolve_num_classes(reference, state_dict, arch, s.checkpoint or snapshot_dir, s.num_classes)
-    save_posthoc_weights(s.output, state_dict, sigma_rel=sigma_rel, step=step, arch=arch,
-                         num_classes=num_classes, snapshot_dir=snapshot_dir, reference=reference or None,
-                         reference_path=s.checkpoint)
+    save_posthoc_weights(s.output, state_dict, sigma_rel=sigma_rel, step=step, arch=arch, num_classes=num_classes,
+                         snapshot_dir=snapshot_dir, reference=reference or None, reference_path=s.checkpoint)
     eq = equivalent_ema(step, sigma_rel=sigma_rel)
     return [f"wrote {s.output}: post-hoc EMA sigma_rel {sigma_rel:g} at step {step} "
             f"(~ decay {eq['decay']:.6g}, half-life {eq['half_life']:.1f} updates)"]
@@ -321,19 +318,21 @@ def parse_command(argv: Sequence[str]) -> ExportSettings | PosthocSettings | Plo
     return from_flags(COMMANDS[args.command], args)
 
 
-def run_command(settings: ExportSettings | PosthocSettings | PlotSettings) -> list[str]:
+def run_command(settings: ExportSettings | PosthocSettings | PlotSettings | PackSettings) -> list[str]:
     """Run one parsed command; returns the lines to print."""
-    if isinstance(settings, PosthocSettings):
-        return _cmd_posthoc(settings)
-    if isinstance(settings, PackSettings):
-        from .sources import pack_image_folder, shard_bytes
+    command = {ExportSettings: _cmd_export, PosthocSettings: _cmd_posthoc, PlotSettings: _cmd_plot,
+               PackSettings: _cmd_pack}[type(settings)]
+    return command(settings)
 
-        try:
-            size = shard_bytes(settings.shard_size)
-        except ValueError as e:
-            raise UsageError(f"--shard-size: {e}") from None
-        return pack_image_folder(settings.src, settings.out, size)
-    return _cmd_export(settings) if isinstance(settings, ExportSettings) else _cmd_plot(settings)
+
+def _cmd_pack(settings: PackSettings) -> list[str]:
+    from .sources import pack_image_folder, shard_bytes
+
+    try:
+        size = shard_bytes(settings.shard_size)
+    except ValueError as e:
+        raise UsageError(f"--shard-size: {e}") from None
+    return pack_image_folder(settings.src, settings.out, size)
 
 
 def console_main() -> NoReturn:

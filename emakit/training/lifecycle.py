@@ -243,11 +243,8 @@ def rng_state(device: torch.device) -> dict[str, Any]:
     import torch
 
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-    }
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -290,9 +287,8 @@ def resume_command(argv: Sequence[str], checkpoint: str) -> str:
     if world <= 1:
         return f"python {shlex.quote(script)} {args}"
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if per_node == world:
-        return f"torchrun --standalone --nproc_per_node={per_node} {shlex.quote(script)} {args}"
-    return f"torchrun <your multi-node flags> --nproc_per_node={per_node} {shlex.quote(script)} {args}"
+    nodes = "--standalone" if per_node == world else "<your multi-node flags>"
+    return f"torchrun {nodes} --nproc_per_node={per_node} {shlex.quote(script)} {args}"
 
 
 def end_process(status: int) -> NoReturn:

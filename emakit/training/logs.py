@@ -14,14 +14,6 @@ import sys
 __all__ = ["LogSetup", "configure_logging"]
 
 
-def _early_records(capacity: int = 10_000) -> logging.handlers.MemoryHandler:
-    """A buffer of the records logged before a log file exists (the standard library's
-    ``MemoryHandler``): never flushed by level, only by :meth:`LogSetup.add_file`. Its target
-    until then is a ``NullHandler``, so a tool that never opens a file (validate.py) keeps at
-    most ``capacity`` records: a full buffer is dropped, not grown."""
-    return logging.handlers.MemoryHandler(capacity, flushLevel=logging.CRITICAL + 1, target=logging.NullHandler())
-
-
 class _LogFile(logging.FileHandler):
     """``train.log``: a failed write (a full disk) is reported once on stderr, then the file
     is given up, instead of a traceback for every later record."""
@@ -49,7 +41,11 @@ class LogSetup:
         self.logger = logging.getLogger("emakit")
         self.handlers: list[logging.Handler] = []
         self.old_level = self.logger.level
-        self.early = _early_records()
+        # The records logged before a log file exists: never flushed by level, only by add_file.
+        # Until then the target is a NullHandler, so a tool that never opens a file (validate.py)
+        # keeps at most 10,000 records: a full buffer is dropped, not grown.
+        self.early = logging.handlers.MemoryHandler(10_000, flushLevel=logging.CRITICAL + 1,
+                                                    target=logging.NullHandler())
         self.add(self.early, logging.INFO, "%(message)s")
 
     def add(self, handler: logging.Handler, level: int, fmt: str) -> None:

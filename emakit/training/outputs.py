@@ -21,12 +21,11 @@ from emakit.checkpoint import is_disk_full, write_text_atomic
 from . import UsageError, one_line
 from .averages import PosthocTracker, ema_label, ema_selector, posthoc_sweep_command
 from .config import args_to_yaml
-from .rundir import MARKER_NAME, RunLock, claim_run_folder, write_marker
+from .rundir import MARKER_NAME, RunLock, claim_run_folder, folder_write_error, write_marker
 
-__all__ = ["SUMMARY_COLUMNS", "summary_columns", "read_summary", "write_summary", "wanted_output_dir",
-           "choose_output_dir", "prepare_output_dir", "FitResult", "best_in_column", "best_of_emas",
-           "fit_result", "describe_result", "writing_output",
-           "console_logs_above_progress_bars", "report_posthoc", "log_posthoc_folder"]
+__all__ = ["SUMMARY_COLUMNS", "summary_columns", "read_summary", "write_summary", "choose_output_dir",
+           "prepare_output_dir", "FitResult", "best_in_column", "best_of_emas", "fit_result", "describe_result",
+           "writing_output", "console_logs_above_progress_bars", "report_posthoc", "log_posthoc_folder"]
 
 _log = logging.getLogger(__name__)
 
@@ -56,28 +55,21 @@ def writing_output(path: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- run folder
-def wanted_output_dir(*, output: str, experiment: str, resume: str, model_name: str, img_size: int
-                      ) -> tuple[str, bool]:
-    """(folder, named): ``<output>/<experiment>``, else the resumed checkpoint's folder, else
-    timm's ``<output>/YYYYMMDD-HHMMSS-<model>-<img size>``; ``named`` is False for the last."""
-    if experiment:
-        return os.path.join(output, experiment), True
-    if resume:
-        return os.path.dirname(os.path.abspath(resume)), True
-    from timm.models import safe_model_name
-
-    return os.path.join(output, "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"),
-                                          safe_model_name(model_name), str(img_size)])), False
-
-
 def choose_output_dir(*, output: str, experiment: str, resume: str, model_name: str, img_size: int,
                       resumed_by_emakit: bool = False) -> tuple[str, RunLock]:
-    """The run folder and its held lock, by the rules of :mod:`emakit.training.rundir`: a
-    resume continues in its checkpoint's folder when that folder is ours; otherwise a folder
+    """The run folder and its held lock, by the rules of :mod:`emakit.training.rundir`: the
+    wanted folder is ``<output>/<experiment>``, else the resumed checkpoint's folder, else
+    timm's ``<output>/YYYYMMDD-HHMMSS-<model>-<img size>`` (the only one not named by the user).
+    A resume continues in its checkpoint's folder when that folder is ours; otherwise a folder
     that holds a run is never written and the first free ``-1``, ``-2``... suffix is used."""
-    wanted, named = wanted_output_dir(output=output, experiment=experiment, resume=resume, model_name=model_name,
-                                      img_size=img_size)
-    return claim_run_folder(wanted, resume=resume or None, resumed_by_emakit=resumed_by_emakit, named=named)
+    if experiment or resume:
+        wanted = os.path.join(output, experiment) if experiment else os.path.dirname(os.path.abspath(resume))
+    else:
+        from timm.models import safe_model_name
+
+        wanted = os.path.join(output, f"{datetime.now():%Y%m%d-%H%M%S}-{safe_model_name(model_name)}-{img_size}")
+    return claim_run_folder(wanted, resume=resume or None, resumed_by_emakit=resumed_by_emakit,
+                            named=bool(experiment or resume))
 
 
 def prepare_output_dir(path: str, flags: Mapping[str, Any]) -> None:
@@ -93,8 +85,7 @@ def prepare_output_dir(path: str, flags: Mapping[str, Any]) -> None:
         if marked:
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(path, MARKER_NAME))
-        raise UsageError(f"cannot write to output folder {path}: {e.strerror or e}; "
-                         "pass --output PATH with a writable folder") from None
+        raise folder_write_error(path, e) from None
 
 
 # --------------------------------------------------------------------------- summary.csv
@@ -127,8 +118,7 @@ def write_summary(path: str, rows: list[dict[str, Any]], columns: list[str] | No
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+    writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in columns} for row in rows)
     write_text_atomic(path, buf.getvalue())
 
 
@@ -150,26 +140,19 @@ def best_in_column(rows: list[dict[str, Any]], column: str, lower_is_better: boo
     """(best value, its epoch) of ``column`` over summary rows; ties go to the earlier epoch.
     Non-finite values (a diverged evaluation) never count."""
     scored = [(float(r[column]), int(r["epoch"])) for r in rows if r.get(column) not in (None, "")]
-    scored = [s for s in scored if math.isfinite(s[0])]
-    if not scored:
-        return None
     sign = 1.0 if lower_is_better else -1.0
-    return min(scored, key=lambda s: (sign * s[0], s[1]))
+    return min((s for s in scored if math.isfinite(s[0])), key=lambda s: (sign * s[0], s[1]), default=None)
 
 
 def best_of_emas(rows: list[dict[str, Any]], num_emas: int, eval_metric: str) -> tuple[float, int, str] | None:
     """(value, epoch, ``--weights`` selector) of the best EMA over all epochs; None for < 2 EMAs."""
     if num_emas < 2:
         return None
-    lower, found = eval_metric == "loss", []
-    for i in range(num_emas):
-        best = best_in_column(rows, f"{ema_label(i)}_eval_{eval_metric}", lower)
-        if best is not None:
-            found.append((best[0], best[1], ema_selector(i)))
-    if not found:
-        return None
+    lower = eval_metric == "loss"
+    found = [(*best, ema_selector(i)) for i in range(num_emas)
+             if (best := best_in_column(rows, f"{ema_label(i)}_eval_{eval_metric}", lower)) is not None]
     sign = 1.0 if lower else -1.0
-    return min(found, key=lambda b: (sign * b[0], b[1]))
+    return min(found, key=lambda b: (sign * b[0], b[1]), default=None)
 
 
 def fit_result(output_dir: str | None, epochs_run: int, rows: list[dict[str, Any]], num_emas: int,

@@ -48,9 +48,8 @@ def _figure(size: tuple[int, int], panels: int):
 
 def _save(fig, out: str | os.PathLike) -> Path:
     """Write ``fig`` as a PNG at ``out``, atomically (a crash never leaves a truncated file)."""
-    out = Path(out)
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI))
-    return out
+    return Path(out)
 
 
 def _read_columns(path: str | os.PathLike) -> dict[str, list[float]]:

@@ -47,8 +47,7 @@ from emakit.checkpoint import write_text_atomic
 from . import UsageError
 
 __all__ = ["LOCK_NAME", "MARKER_NAME", "RUN_FILES", "RUN_ENTRIES", "RunLock", "LockInfo", "read_lock", "lock_holder",
-           "run_entries", "check_run_files", "folder_is_ours", "claim_run_folder",
-           "write_marker"]
+           "run_entries", "check_run_files", "folder_is_ours", "claim_run_folder", "write_marker", "folder_write_error"]
 
 _log = logging.getLogger(__name__)
 
@@ -75,17 +74,6 @@ class LockInfo:
         return f"pid {self.pid} on host {self.host}" + (f", started {self.started}" if self.started else "")
 
 
-def _parse_lock(raw: str) -> LockInfo | None:
-    """The holder named by a lock file's text; None for an empty file (no holder recorded)."""
-    if not raw.strip():
-        return None
-    try:
-        data = json.loads(raw)
-        return LockInfo(pid=int(data["pid"]), host=str(data["host"]), started=data.get("started"), raw=raw)
-    except (ValueError, KeyError, TypeError):
-        return LockInfo(pid=None, host=None, raw=raw)
-
-
 def read_lock(folder: str) -> LockInfo | None:
     """The holder recorded in the lock file of ``folder``, or None when there is no lock file
     or it names nobody (a released lock). Whether the lock is held is :func:`lock_holder`'s."""
@@ -98,7 +86,13 @@ def read_lock(folder: str) -> LockInfo | None:
     except OSError as e:
         raise UsageError(f"cannot read the run lock {path}: {e.strerror or e}; remove it if no run uses "
                          f"{folder}") from None
-    return _parse_lock(raw)
+    if not raw.strip():
+        return None  # an empty file: no holder recorded
+    try:
+        data = json.loads(raw)
+        return LockInfo(pid=int(data["pid"]), host=str(data["host"]), started=data.get("started"), raw=raw)
+    except (ValueError, KeyError, TypeError):
+        return LockInfo(pid=None, host=None, raw=raw)
 
 
 def _locked_error(folder: str, info: LockInfo | None) -> UsageError:
@@ -107,7 +101,8 @@ def _locked_error(folder: str, info: LockInfo | None) -> UsageError:
                       f"--experiment (if no run uses it, delete {os.path.join(folder, LOCK_NAME)})")
 
 
-def _write_error(folder: str, error: OSError) -> UsageError:
+def folder_write_error(folder: str, error: OSError) -> UsageError:
+    """The one line of a run folder that cannot be written (a full disk, a read-only folder)."""
     return UsageError(f"cannot write to output folder {folder}: {error.strerror or error}; "
                       "pass --output PATH with a writable folder")
 
@@ -151,10 +146,6 @@ class RunLock:
         self.created_file = False  # acquire() created the lock file (likewise)
         self._lock = None  # the filelock.FileLock while held
 
-    def _content(self) -> str:
-        return json.dumps({"pid": self.pid, "host": socket.gethostname(),
-                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
-
     def acquire(self) -> RunLock:
         """Take the lock (creating the folder if needed). A held lock, another host's or an
         unreadable one -> ``UsageError``; one left by a run that died -> taken over, with a
@@ -162,18 +153,18 @@ class RunLock:
         lock = self._take()
         try:
             left = read_lock(self.folder)  # what a run that died while holding it wrote
+            if _refused_leftover(left):
+                raise _locked_error(self.folder, left)
         except UsageError:
             lock.release()
             raise
-        if _refused_leftover(left):
-            lock.release()
-            raise _locked_error(self.folder, left)
         self._lock, self.held = lock, True
         try:
-            self._record(self._content())
+            self._record(json.dumps({"pid": self.pid, "host": socket.gethostname(),
+                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
         except OSError as e:
             self.release(remove_empty=True)
-            raise _write_error(self.folder, e) from None
+            raise folder_write_error(self.folder, e) from None
         if left is not None:
             _log.warning("%s: took over the stale lock of %s (that process is gone)", self.folder, left.describe())
         return self
@@ -187,7 +178,7 @@ class RunLock:
             self.created_folder = not os.path.isdir(self.folder)
             os.makedirs(self.folder, exist_ok=True)
         except OSError as e:
-            raise _write_error(self.folder, e) from None
+            raise folder_write_error(self.folder, e) from None
         self.created_file = not os.path.lexists(self.path)
         lock = FileLock(self.path, timeout=0, thread_local=False)
         try:
@@ -196,7 +187,7 @@ class RunLock:
             raise _locked_error(self.folder, read_lock(self.folder)) from None
         except OSError as e:
             self._abandon()
-            raise _write_error(self.folder, e) from None
+            raise folder_write_error(self.folder, e) from None
         return lock
 
     def _record(self, text: str) -> None:
@@ -246,9 +237,8 @@ def run_entries(folder: str) -> list[str]:
     except OSError as e:
         raise UsageError(f"cannot read output folder {folder}: {e.strerror or e}; pass --output PATH with a "
                          "readable, writable folder") from None
-    found = [n for n in RUN_ENTRIES if n in names]
-    found += sorted(n for n in names if n.startswith("checkpoint-") and n.endswith(".pth.tar"))
-    return found
+    numbered = sorted(n for n in names if n.startswith("checkpoint-") and n.endswith(".pth.tar"))
+    return [n for n in RUN_ENTRIES if n in names] + numbered
 
 
 def check_run_files(folder: str) -> None:
@@ -282,10 +272,9 @@ def folder_is_ours(folder: str, resumed_by_emakit: bool) -> tuple[bool, str]:
     """(ours, why): the marker, or a pre-marker emakit folder (see the module docstring)."""
     if os.path.isfile(os.path.join(folder, MARKER_NAME)):
         return True, f"it holds emakit's {MARKER_NAME}"
-    summary = _summary_is_ours(folder)
     if not resumed_by_emakit:
         return False, "its checkpoint was not written by emakit's train.py"
-    if summary is False:
+    if _summary_is_ours(folder) is False:
         return False, "its summary.csv does not have emakit's columns"
     return True, "an emakit run folder written before run markers existed"
 
@@ -323,13 +312,11 @@ def claim_run_folder(wanted: str, *, resume: str | None = None, resumed_by_emaki
             return wanted, RunLock(wanted).acquire()
         _log.warning("--resume %s: its folder %s is not an emakit run folder (%s); its files stay untouched",
                      resume, wanted, why)
-    holder = lock_holder(wanted) if named else None
-    if holder is not None:
+    if (holder := lock_holder(wanted) if named else None) is not None:
         raise _locked_error(wanted, holder)
     candidate = wanted
     for n in range(1, _MAX_SUFFIX):
-        found = run_entries(candidate)
-        if not found:
+        if not run_entries(candidate):
             try:
                 lock = RunLock(candidate).acquire()
             except UsageError:
