@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import sys
+import tempfile
 
 import pytest
 
@@ -39,6 +40,10 @@ def _offline_wandb(monkeypatch, tmp_path) -> None:
         monkeypatch.setenv(key, str(tmp_path / "wandb-home" / sub))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    tmp = tmp_path / "tmp"  # wandb leaves tmp*wandb-artifacts / -media folders in the temp folder
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
 
 
 @pytest.mark.slow

@@ -32,7 +32,8 @@ from .kinds import (EVAL_INTERPOLATION, FRACTION, MEAN, NON_NEGATIVE_INT, POSITI
 __all__ = ["Flag", "add_flags", "from_flags", "flag_fields", "MODEL", "NUM_CLASSES", "IMG_SIZE", "CROP_PCT",
            "MEAN_FLAG", "STD_FLAG", "INTERPOLATION", "BATCH_SIZE", "WORKERS", "DEVICE", "AMP_DTYPE", "CHANNELS_LAST",
            "NO_PROGRESS", "GLOBAL_POOL", "IN_CHANS", "INPUT_SIZE", "MODEL_KWARGS", "FAST_NORM", "FUSER", "MODEL_DTYPE",
-           "TORCHCOMPILE_MODE", "TORCHSCRIPT"]
+           "TORCHCOMPILE_MODE", "TORCHSCRIPT", "DATASET", "DATASET_DOWNLOAD",
+           "INPUT_KEY", "TARGET_KEY", "CLASS_MAP", "TRUST_REMOTE_CODE"]
 
 _META = "emakit.flag"
 
@@ -213,3 +214,25 @@ MODEL_DTYPE = Flag("--model-dtype", choices=("float32", "float16", "bfloat16"),
 TORCHCOMPILE_MODE = Flag("--torchcompile-mode", metavar="MODE",
                          help="torch.compile mode with --torchcompile: default, reduce-overhead, max-autotune, ...")
 TORCHSCRIPT = Flag("--torchscript", action=argparse.BooleanOptionalAction, help="torch.jit.script the model")
+
+
+# timm's data-source flags, the same in train.py and validate.py (emakit/training/sources.py)
+DATASET = Flag("--dataset", metavar="NAME",
+               help="dataset type + name as timm's create_dataset: '' (ImageFolder, or <split>.tar files of class "
+                    "folders), torch/NAME (torchvision: cifar10, mnist, image_folder, ...), hfds/NAME (Hugging Face "
+                    "datasets: a save_to_disk folder or a hub name in its cache), wds/NAME (WebDataset shards "
+                    "streamed: --data-dir with _info.json, or a split like name-{0000..0099}.tar), wids/NAME (the "
+                    "same shards indexed: random access, exact resume), hfids/NAME (Hugging Face streaming); see "
+                    "README 'Data sources'")
+DATASET_DOWNLOAD = Flag("--dataset-download", action="store_true",
+                        help="let torch/ datasets download themselves (torchvision's download)")
+INPUT_KEY = Flag("--input-key", metavar="KEY",
+                 help="image field of hfds/, hfids/ samples (image) or extension(s) of wds/, wids/ samples "
+                      "(jpg;png;webp)")
+TARGET_KEY = Flag("--target-key", metavar="KEY",
+                  help="label field of hfds/, hfids/ samples (label); for wds/, wids/ a field of the json sidecar "
+                       "instead of the .cls file")
+CLASS_MAP = Flag("--class-map", metavar="FILENAME",
+                 help="text file of class names, one a line (its line number is the label), as timm")
+TRUST_REMOTE_CODE = Flag("--dataset-trust-remote-code", action="store_true",
+                         help="let a Hugging Face dataset run its own loading code (datasets < 4)")

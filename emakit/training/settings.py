@@ -26,7 +26,8 @@ from emakit.schedules import parse_half_life
 from . import UsageError
 from .kinds import (FINITE, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, RATE, SEED,
                     SEED_MAX, TRAIN_INTERPOLATION, UNIT_INTERVAL, AutoAugment, CommaList, Items, Kwargs, Number, OneOf)
-from .options import (AMP_DTYPE, BATCH_SIZE, CHANNELS_LAST, CROP_PCT, DEVICE, FAST_NORM, FUSER, GLOBAL_POOL, IMG_SIZE,
+from .options import (AMP_DTYPE, BATCH_SIZE, CHANNELS_LAST, CLASS_MAP, CROP_PCT, DATASET, DATASET_DOWNLOAD, DEVICE,
+                      INPUT_KEY, TARGET_KEY, TRUST_REMOTE_CODE, FAST_NORM, FUSER, GLOBAL_POOL, IMG_SIZE,
                       IN_CHANS, INPUT_SIZE, INTERPOLATION, MEAN_FLAG, MODEL, MODEL_DTYPE, MODEL_KWARGS, NO_PROGRESS,
                       NUM_CLASSES, STD_FLAG, TORCHCOMPILE_MODE, TORCHSCRIPT, WORKERS, Flag)
 
@@ -207,31 +208,18 @@ class DataSettings:
     interpolation: str = INTERPOLATION("", note="= model default")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # ---- data sources beyond a folder tree (timm's --dataset flags; emakit/training/sources.py)
-    dataset: str = Flag("--dataset", metavar="NAME",
-                        help="dataset type + name as timm's create_dataset: '' (ImageFolder, or <split>.tar files of "
-                             "class folders), torch/NAME (torchvision: cifar10, mnist, image_folder, ...), hfds/NAME "
-                             "(Hugging Face datasets: a save_to_disk folder or a hub name in its cache), wds/NAME "
-                             "(WebDataset shards streamed: --data-dir with _info.json, or a split like "
-                             "name-{0000..0099}.tar), wids/NAME (the same shards indexed: random access, exact "
-                             "resume), hfids/NAME (Hugging Face streaming); see README 'Data sources'")("")
-    dataset_download: bool = Flag("--dataset-download", action="store_true",
-                                  help="let torch/ datasets download themselves (torchvision's download)")(False)
-    input_key: str | None = Flag("--input-key", metavar="KEY",
-                                 help="image field of hfds/, hfids/ samples (image) or extension(s) of wds/, wids/ "
-                                      "samples (jpg;png;webp)")(None, note="= the source's")
-    target_key: str | None = Flag("--target-key", metavar="KEY",
-                                  help="label field of hfds/, hfids/ samples (label); for wds/, wids/ a field of the "
-                                       "json sidecar instead of the .cls file")(None, note="= the source's")
-    class_map: str = Flag("--class-map", metavar="FILENAME",
-                          help="text file of class names, one a line (its line number is the label), as timm")("")
+    dataset: str = DATASET("")
+    dataset_download: bool = DATASET_DOWNLOAD(False)
+    input_key: str | None = INPUT_KEY(None, note="= the source's")
+    target_key: str | None = TARGET_KEY(None, note="= the source's")
+    class_map: str = CLASS_MAP("")
     train_num_samples: int | None = Flag("--train-num-samples", kind=POSITIVE_INT, metavar="N",
                                          help="samples in the train split of a streamed source (wds/, hfids/)")(
         None, note="= from _info.json or the dataset's info")
     val_num_samples: int | None = Flag("--val-num-samples", kind=POSITIVE_INT, metavar="N",
                                        help="samples in the validation split of a streamed source")(
         None, note="= from _info.json or the dataset's info")
-    trust_remote_code: bool = Flag("--dataset-trust-remote-code", action="store_true",
-                                   help="let a Hugging Face dataset run its own loading code (datasets < 4)")(False)
+    trust_remote_code: bool = TRUST_REMOTE_CODE(False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", data_root(self.path, self.data_dir))

@@ -22,7 +22,8 @@ from emakit.posthoc import DTYPES
 
 from . import UsageError
 from .kinds import NON_NEGATIVE_INT, OutputFile, Parser, POSITIVE_INT, SEED, SEED_MAX, check_parsed, parse_sigma_rels
-from .options import (AMP_DTYPE, BATCH_SIZE, CHANNELS_LAST, CROP_PCT, DEVICE, FAST_NORM, FUSER, GLOBAL_POOL, IMG_SIZE, IN_CHANS,
+from .options import (AMP_DTYPE, BATCH_SIZE, CHANNELS_LAST, CLASS_MAP, CROP_PCT, DATASET, DATASET_DOWNLOAD, DEVICE,
+                      INPUT_KEY, TARGET_KEY, TRUST_REMOTE_CODE, FAST_NORM, FUSER, GLOBAL_POOL, IMG_SIZE, IN_CHANS,
                       INPUT_SIZE, INTERPOLATION, MEAN_FLAG, MODEL, MODEL_DTYPE, MODEL_KWARGS, NO_PROGRESS, NUM_CLASSES,
                       STD_FLAG, TORCHCOMPILE_MODE, TORCHSCRIPT, WORKERS, Flag, add_flags, from_flags)
 from .settings import data_root
@@ -116,18 +117,12 @@ class EvalDataSettings:
     naflex_max_seq_len: int = Flag("--naflex-max-seq-len", kind=POSITIVE_INT, metavar="N",
                                    help="NaFlex sequence length (only with --naflex-loader, which is refused)")(576)
     # ---- data sources beyond a folder tree (timm's --dataset flags; emakit/training/sources.py)
-    dataset: str = Flag("--dataset", metavar="NAME",
-                        help="dataset type + name as train.py's --dataset ('', torch/NAME, hfds/NAME, wds/NAME, "
-                             "wids/NAME, hfids/NAME); --split names its split")("")
-    dataset_download: bool = Flag("--dataset-download", action="store_true",
-                                  help="let torch/ datasets download themselves")(False)
-    class_map: str = Flag("--class-map", metavar="FILENAME", help="text file of class names, one a line")("")
-    input_key: str | None = Flag("--input-key", metavar="KEY", help="image field / extension of the samples")(
-        None, note="= the source's")
-    target_key: str | None = Flag("--target-key", metavar="KEY", help="label field of the samples")(
-        None, note="= the source's")
-    trust_remote_code: bool = Flag("--dataset-trust-remote-code", action="store_true",
-                                   help="let a Hugging Face dataset run its own loading code (datasets < 4)")(False)
+    dataset: str = DATASET("")
+    dataset_download: bool = DATASET_DOWNLOAD(False)
+    class_map: str = CLASS_MAP("")
+    input_key: str | None = INPUT_KEY(None, note="= the source's")
+    target_key: str | None = TARGET_KEY(None, note="= the source's")
+    trust_remote_code: bool = TRUST_REMOTE_CODE(False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", data_root(self.root, self.data_dir))
