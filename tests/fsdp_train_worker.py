@@ -139,7 +139,7 @@ def resume(p: Parts, path, world: int = 1) -> int:
 
     s = settings("--resume", str(path))
     resolved = Resolved(num_classes=CLASSES, lr=LR, updates_per_epoch=1, total_steps=STEPS, img_size=32,
-                        global_batch_size=BATCH)
+                        global_batch_size=BATCH, epochs=s.schedule.epochs)
     return restore(read_resume(s, world), s, resolved, model=p.model, averages=p.averages, optimizer=p.opt,
                    amp=build_amp(s.run, torch.device("cpu"), sharded=is_sharded(p.model)),
                    lr_scheduler=p.scheduler) - 1

@@ -279,7 +279,7 @@ def test_each_source_trains_an_epoch_and_validate_py_reads_it(run_train, capsys,
     assert code == 0, err[-3000:]
     record = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert record["samples"] == N_VAL
-    assert record["top1"] == pytest.approx(float(got["eval_top1"]), abs=1e-6)
+    assert record["top1"] == pytest.approx(float(got["raw_eval_top1"]), abs=1e-6)
 
 
 # --------------------------------------------------------------------------- slow: stop and resume
