@@ -74,6 +74,8 @@ def test_end_process_skips_the_teardown_only_in_a_torchrun_rank(tmp_path, torchr
                       f"logging.basicConfig(filename={str(tmp_path / 'log.txt')!r}, level=logging.INFO)\n"
                       "logging.getLogger('x').info('a logged line')\n"
                       "print('a line still in stdout\\'s buffer'); sys.stderr.write('and one on stderr\\n')\n"
+                      "import tempfile\n"  # as wandb makes at import (timm imports wandb when installed)
+                      f"held = tempfile.TemporaryDirectory(dir={str(tmp_path)!r}, suffix='-library')\n"
                       "from emakit.training.lifecycle import end_process\n"
                       "end_process(7)\n")
     env = subprocess_env()
@@ -89,3 +91,4 @@ def test_end_process_skips_the_teardown_only_in_a_torchrun_rank(tmp_path, torchr
     assert "a logged line" in (tmp_path / "log.txt").read_text()
     ran = {p.name for p in marks.iterdir()}
     assert ran == (set() if torchrun_rank else {"atexit", "teardown"})
+    assert not list(tmp_path.glob("*-library"))  # a library's temporary folder is removed either way

@@ -27,12 +27,14 @@ by a signal. The scripts end with ``sys.exit(main())`` and the interpreter's nor
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import random
 import shlex
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -298,12 +300,19 @@ def end_process(status: int) -> NoReturn:
     an active exception", SIGABRT): seen in a loaded CI run, where a rank that had printed its
     one-line input error ended -6 instead of 2, and earlier in the FSDP test jobs. Such a rank
     flushes stdout, stderr and the log handlers and leaves with ``os._exit(status)``; its
-    atexit handlers do not run (every file it writes is complete before this point)."""
+    atexit handlers do not run (every file it writes is complete before this point). The
+    temporary folders libraries made (``tempfile.TemporaryDirectory``, removed at the normal
+    exit) are removed first: timm imports wandb when it is installed, and wandb makes two at
+    import, which every rank would otherwise leave in the temp folder."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         sys.exit(status)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
     logging.shutdown()
+    for obj in gc.get_objects():
+        if isinstance(obj, tempfile.TemporaryDirectory):
+            with contextlib.suppress(Exception):
+                obj.cleanup()
     os._exit(status)
 
