@@ -31,7 +31,7 @@ from . import UsageError
 
 __all__ = ["CenterBoxResize", "center_box", "fuse_eval_resize", "DECODERS", "check_decoder", "decode",
            "draft_scale", "DecodeResizedCrop", "DecodeCenterBox", "with_decoder", "tensor_resized_crop",
-           "TensorResizedCrop", "tensor_crop_for_device", "TensorCenterResize"]
+           "TensorResizedCrop", "tensor_crop_for_device", "TensorCenterResize", "draw_crop"]
 
 DECODERS = ("pil", "pil-draft", "simplejpeg")
 _PIL_MODES = {InterpolationMode.NEAREST: Image.NEAREST, InterpolationMode.BILINEAR: Image.BILINEAR,
@@ -205,73 +205,84 @@ def _resample(header: _Header, box: tuple[float, float, float, float], out_w: in
     return img.resize((out_w, out_h), mode, box=(box[0] / fx, box[1] / fy, box[2] / fx, box[3] / fy))
 
 
-class DecodeResizedCrop:
-    """timm's ``RandomResizedCropAndInterpolation`` fused with the decode (``--decoder`` other
-    than pil): the crop is drawn from the file's header size with timm's own ``get_params``
-    (the same random calls), then the file is decoded at the largest DCT downscale that still
-    leaves the crop at least the output size, and the crop box resampled once. Given a decoded
-    image (in-memory datasets) it is timm's op."""
+def draw_crop(rrc: Any, img: Any) -> tuple[int, int, int, int, Any]:
+    """timm's ``RandomResizedCropAndInterpolation`` draw, in its order: the box ``(i, j, h, w)``
+    from ``get_params`` on ``img`` (an image or anything with its ``size``), then the
+    interpolation (``random.choice`` when it holds several)."""
+    import random
+
+    i, j, h, w = rrc.get_params(img, rrc.scale, rrc.ratio)
+    interp = rrc.interpolation
+    if isinstance(interp, (tuple, list)):
+        interp = random.choice(interp)
+    return i, j, h, w, interp
+
+
+class _DecodeFirst:
+    """A first transform op ``op`` fused with the decode (``--decoder`` other than pil): given a
+    path it reads the file's header (:class:`_Header`) and :meth:`_from_header` decodes what
+    the op needs; given a decoded image (in-memory datasets) it is the op itself."""
 
     takes_path = True
 
-    def __init__(self, rrc: Any, decoder: str, tensor: bool = False) -> None:
-        self.rrc, self.decoder, self.tensor = rrc, decoder, tensor
-
-    def __call__(self, item: Any) -> Image.Image:
-        if not isinstance(item, str):
-            return self.rrc(item)
-        header = _Header(item, self.decoder)
-        try:
-            return self._crop(header)
-        finally:
-            header.close()
-
-    def _crop(self, header: "_Header") -> Any:
-        import random
-
-        i, j, h, w = self.rrc.get_params(_size_only(header.width, header.height), self.rrc.scale, self.rrc.ratio)
-        interp = self.rrc.interpolation
-        if isinstance(interp, (tuple, list)):
-            interp = random.choice(interp)
-        out_h, out_w = self.rrc.size
-        if self.tensor and interp in _TORCH_MODES and header.data is not None:  # simplejpeg: no PIL image
-            pixels = header.decode_array(draft_scale(w, h, out_w, out_h))
-            fx, fy = header.width / pixels.shape[1], header.height / pixels.shape[0]
-            top, left = int(i / fy), int(j / fx)
-            height = max(1, min(pixels.shape[0] - top, round(h / fy)))
-            width = max(1, min(pixels.shape[1] - left, round(w / fx)))
-            return _tensor_resize(torch_hwc(pixels)[:, :, top:top + height, left:left + width], self.rrc.size, interp)
-        if self.tensor and interp in _TORCH_MODES:
-            img = header.decode(draft_scale(w, h, out_w, out_h))
-            fx, fy = header.width / img.width, header.height / img.height
-            top, left = int(i / fy), int(j / fx)
-            height = max(1, min(img.height - top, round(h / fy)))
-            width = max(1, min(img.width - left, round(w / fx)))
-            return tensor_resized_crop(img, top, left, height, width, self.rrc.size, interp)
-        return _resample(header, (j, i, j + w, i + h), out_w, out_h, interp)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(decoder={self.decoder}, {self.rrc!r})"
-
-
-class DecodeCenterBox:
-    """:class:`CenterBoxResize` fused with the decode (``--decoder`` other than pil)."""
-
-    takes_path = True
-
-    def __init__(self, op: CenterBoxResize, decoder: str) -> None:
+    def __init__(self, op: Any, decoder: str) -> None:
         self.op, self.decoder = op, decoder
 
-    def __call__(self, item: Any) -> Image.Image:
+    def __call__(self, item: Any) -> Any:
         if not isinstance(item, str):
             return self.op(item)
         header = _Header(item, self.decoder)
         try:
-            return self._resize(header)
+            return self._from_header(header)
         finally:
             header.close()
 
-    def _resize(self, header: "_Header") -> Any:
+    def _from_header(self, header: _Header) -> Any:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(decoder={self.decoder}, {self.op!r})"
+
+
+def _scaled_box(i: int, j: int, h: int, w: int, header: _Header, width: int, height: int
+                ) -> tuple[int, int, int, int]:
+    """The crop ``(i, j, h, w)`` of the full-size image as (top, left, height, width) in its
+    ``width`` x ``height`` DCT-downscaled decode, kept inside it."""
+    fx, fy = header.width / width, header.height / height
+    top, left = int(i / fy), int(j / fx)
+    return top, left, max(1, min(height - top, round(h / fy))), max(1, min(width - left, round(w / fx)))
+
+
+class DecodeResizedCrop(_DecodeFirst):
+    """timm's ``RandomResizedCropAndInterpolation`` fused with the decode: the crop is drawn
+    from the file's header size with timm's own ``get_params`` (the same random calls), then
+    the file is decoded at the largest DCT downscale that still leaves the crop at least the
+    output size, and the crop box resampled once. ``tensor``: the GPU input path's uint8
+    tensor, resampled by torch's kernel (:func:`tensor_resized_crop`)."""
+
+    def __init__(self, rrc: Any, decoder: str, tensor: bool = False) -> None:
+        super().__init__(rrc, decoder)
+        self.tensor = tensor
+
+    def _from_header(self, header: _Header) -> Any:
+        i, j, h, w, interp = draw_crop(self.op, _size_only(header.width, header.height))
+        out_h, out_w = self.op.size
+        if not (self.tensor and interp in _TORCH_MODES):
+            return _resample(header, (j, i, j + w, i + h), out_w, out_h, interp)
+        scale = draft_scale(w, h, out_w, out_h)
+        if header.data is not None:  # simplejpeg: no PIL image
+            pixels = header.decode_array(scale)
+            top, left, height, width = _scaled_box(i, j, h, w, header, pixels.shape[1], pixels.shape[0])
+            return _tensor_resize(torch_hwc(pixels)[:, :, top:top + height, left:left + width], self.op.size, interp)
+        img = header.decode(scale)
+        top, left, height, width = _scaled_box(i, j, h, w, header, img.width, img.height)
+        return tensor_resized_crop(img, top, left, height, width, self.op.size, interp)
+
+
+class DecodeCenterBox(_DecodeFirst):
+    """:class:`CenterBoxResize` fused with the decode (``--decoder`` other than pil)."""
+
+    def _from_header(self, header: _Header) -> Any:
         out_h, out_w = self.op.size
         found = center_box(header.width, header.height, self.op.short, out_h, out_w)
         if found is None:
@@ -286,9 +297,6 @@ class DecodeCenterBox:
             if center_box(x.shape[-1], x.shape[-2], self.op.short, out_h, out_w) is not None:
                 return self.op.from_tensor(x)  # an (H, W, 3) array's view: channels-last already
         return self.op(header.decode(scale))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(decoder={self.decoder}, {self.op!r})"
 
 
 def with_decoder(transform: Any, decoder: str) -> Any:
@@ -373,14 +381,9 @@ class TensorResizedCrop:
         self.rrc = rrc
 
     def __call__(self, img: Any) -> Any:
-        import random
-
         if not isinstance(img, Image.Image):
             return self.rrc(img)
-        i, j, h, w = self.rrc.get_params(img, self.rrc.scale, self.rrc.ratio)
-        interp = self.rrc.interpolation
-        if isinstance(interp, (tuple, list)):
-            interp = random.choice(interp)
+        i, j, h, w, interp = draw_crop(self.rrc, img)
         return tensor_resized_crop(img, i, j, h, w, self.rrc.size, interp)
 
     def __repr__(self) -> str:
