@@ -39,13 +39,13 @@ __all__ = [
     "image_mode",
     "StopSafeLoader", "build_train_loader", "build_eval_loader", "epoch_seed", "sample_seed", "SeededDataset",
     "DeviceLoader", "normalize_uint8", "device_random_erasing", "resolve_data_config_for", "set_epoch",
-    "AugmentConfig", "shown_path", "flip_labels",
+    "AugmentConfig", "shown_path", "flip_labels", "VAL_SPLITS",
 ]
 
 _log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DIGITS_NAME = "digits (scikit-learn's bundled 8x8 handwritten digits)"
-_VAL_SPLITS = ("val", "validation")
+VAL_SPLITS = ("val", "validation")
 
 
 class BadImageError(UsageError):
@@ -247,7 +247,7 @@ def _check_classes(split_dir: str, classes: list[str], targets: list[int]) -> No
 
 
 def _find_split(root: str, name: str | None, kind: str) -> str:
-    names = [name] if name else list(_VAL_SPLITS)
+    names = [name] if name else list(VAL_SPLITS)
     for n in names:
         path = os.path.join(root, n)
         if os.path.isdir(path):

@@ -54,7 +54,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from . import UsageError, one_line
 from .data import (DataSplits, ResumableSampler, StopSafeLoader, build_datasets, epoch_seed, sample_seed,
-                   shown_path)
+                   VAL_SPLITS, shown_path)
 
 __all__ = ["PREFIXES", "STREAMED", "split_prefix", "MapSource", "build_splits", "load_eval_split", "ShardStream",
            "HfStream", "StreamLoader", "build_stream_loader", "is_stream", "shard_list", "TarIndex",
@@ -196,7 +196,7 @@ def _tar_splits(data: Any) -> DataSplits:
 
     root = data.path
     train_path = _find_split(root, [data.train_split])
-    val_path = _find_split(root, [data.val_split] if data.val_split else ["val", "validation"])
+    val_path = _find_split(root, [data.val_split] if data.val_split else list(VAL_SPLITS))
     for kind, path in (("train", train_path), ("validation", val_path)):
         if path is None:
             raise UsageError(f"{root} has no {kind} split: expected {root}/train/ or train.tar and val/ or val.tar")
@@ -752,7 +752,7 @@ def wants_sources(dataset: str, root: str | None, split: str | None) -> bool:
         return True
     if not root or not os.path.isdir(root):
         return False
-    path = _find_split(root, [split] if split else ["val", "validation"])
+    path = _find_split(root, [split] if split else list(VAL_SPLITS))
     return path is not None and path.endswith(".tar")
 
 
@@ -773,7 +773,7 @@ def load_eval_split(dataset: str, root: str | None, split: str | None, *, num_sa
                            train_num_samples=num_samples, val_num_samples=num_samples, workers=0, batch_size=1,
                            label_noise=0.0, skip_bad_images=False)
     if prefix == "":
-        path = _find_split(root or "", [split] if split else ["val", "validation"])
+        path = _find_split(root or "", [split] if split else list(VAL_SPLITS))
         if path is None or not path.endswith(".tar"):
             raise UsageError(f"{root} has no {split}.tar (give DIR for an ImageFolder without --dataset)")
         from timm.data import create_dataset
@@ -835,7 +835,7 @@ def pack_image_folder(src: str, out: str, shard_size: int, splits: Sequence[str]
 
     if not os.path.isdir(src):
         raise UsageError(f"{src} is not a folder: give an ImageFolder root with train/ and val/")
-    names = list(splits) if splits else [n for n in ("train", "val", "validation")
+    names = list(splits) if splits else [n for n in ("train", *VAL_SPLITS)
                                          if os.path.isdir(os.path.join(src, n))]
     if "train" not in names:
         load_image_folder(src)  # its error names what is missing
